@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Installs what building, mounting and testing s3mediafs need, and nothing already there:
+# fuse3 (fusermount3, mount.fuse3), a single-node Garage, and moto's S3 server in a
+# virtualenv. Safe to run again; quiet unless something is installed or fails.
+set -euo pipefail
+
+TOOLS="${S3MEDIAFS_TOOLS:-$HOME/.cache/s3mediafs-tools}"
+GARAGE_VERSION="2.5.0"
+MOTO_VERSION="5.2.1"
+GARAGE_BIN="$TOOLS/garage-$GARAGE_VERSION/bin/garage"
+MOTO_VENV="$TOOLS/moto-$MOTO_VERSION"
+
+what="${1:-all}"   # all | fuse | garage | moto
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "install-deps: need root to run: $*" >&2; exit 1; fi
+}
+
+install_fuse() {
+    if command -v fusermount3 >/dev/null && [ -e /dev/fuse ]; then return; fi
+    echo "install-deps: installing fuse3 from Debian's packages" >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 >/dev/null
+    if [ ! -e /dev/fuse ]; then
+        as_root modprobe fuse 2>/dev/null || true
+    fi
+    [ -e /dev/fuse ] || { echo "install-deps: /dev/fuse is missing; this machine cannot mount FUSE filesystems" >&2; exit 1; }
+}
+
+install_garage() {
+    if [ -x "$GARAGE_BIN" ]; then return; fi
+    echo "install-deps: building Garage $GARAGE_VERSION from crates.io (takes a while, once)" >&2
+    mkdir -p "$TOOLS"
+    local log="$TOOLS/garage-install.log"
+    if ! cargo install --locked --quiet garage --version "$GARAGE_VERSION" \
+            --no-default-features --features bundled-libs,lmdb \
+            --root "$TOOLS/garage-$GARAGE_VERSION" >"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        echo "install-deps: building Garage failed; the log is $log" >&2
+        exit 1
+    fi
+}
+
+install_moto() {
+    if [ -x "$MOTO_VENV/bin/moto_server" ]; then return; fi
+    echo "install-deps: installing moto[server] $MOTO_VERSION into $MOTO_VENV" >&2
+    mkdir -p "$TOOLS"
+    rm -rf "$MOTO_VENV"
+    python3 -m venv "$MOTO_VENV"
+    "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION" >&2
+}
+
+case "$what" in
+    all) install_fuse; install_garage; install_moto ;;
+    fuse) install_fuse ;;
+    garage) install_garage ;;
+    moto) install_moto ;;
+    *) echo "usage: $0 [all|fuse|garage|moto]" >&2; exit 2 ;;
+esac

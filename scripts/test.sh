@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every test: unit and model tests, then the integration tests against a real local
+# Garage and again against moto's S3 server. Installs what is missing first (fuse3, Garage,
+# moto) and stops the servers it started. Extra arguments go to `cargo test`
+# (e.g. `scripts/test.sh --test posix`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh all
+
+started=()
+cleanup() {
+    for s in "${started[@]}"; do scripts/s3-server.sh stop "$s" || true; done
+}
+trap cleanup EXIT
+
+echo "== building" >&2
+cargo build --quiet --tests
+
+for server in ${S3MEDIAFS_TEST_SERVERS:-garage moto}; do
+    echo "== tests against $server" >&2
+    scripts/s3-server.sh start "$server" --fresh >/dev/null
+    started+=("$server")
+    set -a
+    # shellcheck disable=SC1090
+    . "target/s3-server/$server/env"
+    set +a
+    if [ "$server" = garage ]; then
+        cargo test --quiet "$@"
+    else
+        # Unit and model tests do not touch a server; run only the integration tests again.
+        cargo test --quiet --tests --test '*' "$@"
+    fi
+    scripts/s3-server.sh stop "$server"
+done

@@ -1,0 +1,629 @@
+//! Command-line flags, `-o` mount options and credentials, validated into one `Config`.
+//!
+//! Every flag has an `-o` spelling: `--cache-dir D` is `-o cache_dir=D`, `--allow-other` is
+//! `-o allow_other`. Options that `mount(8)` and systemd pass for their own use are accepted
+//! and ignored; any other unknown option is an error.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+use crate::fs::FsOptions;
+use crate::store::StoreConfig;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "s3mediafs",
+    version,
+    about = "Mount an S3 or S3-compatible bucket as a directory.",
+    long_about = "Mount an S3 or S3-compatible bucket as a directory: one file is one object, \
+prefixes are directories. Built to hold a Matrix homeserver's media store.\n\n\
+Also usable as a mount helper: `s3mediafs BUCKET[:PREFIX] MOUNTPOINT -o opt[=val],...` \
+(what `mount -t fuse.s3mediafs` and /etc/fstab run) is the same as `s3mediafs mount \
+--background ...` with each option spelled as a flag.",
+    after_help = "Credentials are read from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, from a \
+KEY:SECRET file given with --credentials (mode 0600), or from the AWS shared credentials file \
+(~/.aws/credentials, profile from --profile or AWS_PROFILE). They never go on the command line."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Mount BUCKET[:PREFIX] at MOUNTPOINT.
+    Mount(MountArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MountArgs {
+    /// The bucket, optionally with a key prefix: `media` or `media:synapse/`. The prefix is
+    /// used verbatim (give the trailing `/` yourself), like synapse-s3-storage-provider.
+    #[arg(value_name = "BUCKET[:PREFIX]")]
+    pub source: String,
+
+    /// An existing, empty directory to mount on.
+    #[arg(value_name = "MOUNTPOINT")]
+    pub mountpoint: PathBuf,
+
+    /// Mount options, comma-separated: each flag below as `name` or `name=value`
+    /// (e.g. `-o allow_other,uid=115,endpoint=http://127.0.0.1:3900`).
+    #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
+    pub options: Vec<String>,
+
+    /// S3 endpoint URL for S3-compatible stores (Garage, MinIO, Ceph, B2, R2...).
+    /// Default: AWS S3 for the region. Also read from AWS_ENDPOINT_URL.
+    #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "URL")]
+    pub endpoint: Option<String>,
+
+    /// Region to sign requests for (Garage's default is `garage`).
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    pub region: String,
+
+    /// Bucket addressing: `path` (https://host/bucket/key), `virtual`
+    /// (https://bucket.host/key), or `auto` = path with a custom endpoint, virtual on AWS.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "path", "virtual"])]
+    pub addressing: String,
+
+    /// Profile in the AWS shared credentials file.
+    #[arg(long, env = "AWS_PROFILE")]
+    pub profile: Option<String>,
+
+    /// File holding `ACCESS_KEY:SECRET_KEY` on one line; must not be readable by group or others.
+    #[arg(long, value_name = "FILE")]
+    pub credentials: Option<PathBuf>,
+
+    /// Owner shown for every file and directory [default: the mounting user].
+    #[arg(long)]
+    pub uid: Option<u32>,
+
+    /// Group shown for every file and directory [default: the mounting user's group].
+    #[arg(long)]
+    pub gid: Option<u32>,
+
+    /// Permission bits of files, in octal.
+    #[arg(long, default_value = "0644", value_parser = parse_mode)]
+    pub file_mode: u16,
+
+    /// Permission bits of directories, in octal.
+    #[arg(long, default_value = "0755", value_parser = parse_mode)]
+    pub dir_mode: u16,
+
+    /// Let users other than the mounting one use the mount (needed when Synapse runs as its
+    /// own user and root mounts).
+    #[arg(long)]
+    pub allow_other: bool,
+
+    /// Have the kernel check permissions against uid, gid and the modes.
+    #[arg(long)]
+    pub default_permissions: bool,
+
+    /// Mount read-only (`-o ro`).
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Local directory for staged writes [default: /var/cache/s3mediafs/<bucket>-<id> as
+    /// root, else ~/.cache/s3mediafs/<bucket>-<id>].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// How long file attributes and directory listings are trusted (e.g. 1s, 500ms, 0,
+    /// forever).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub metadata_ttl: Duration,
+
+    /// How long the absence of a name is trusted.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub negative_ttl: Duration,
+
+    /// Smallest multipart part size; larger files use larger parts (S3 allows 10 000).
+    #[arg(long, default_value = "8M", value_parser = parse_size)]
+    pub part_size: u64,
+
+    /// Allow mounting over a directory that is not empty (its files are hidden meanwhile).
+    #[arg(long)]
+    pub nonempty: bool,
+
+    /// Stay in the foreground (the default for `s3mediafs mount`).
+    #[arg(short = 'f', long, conflicts_with = "background")]
+    pub foreground: bool,
+
+    /// Return once the mount is ready and keep serving it in the background (the default
+    /// in the mount-helper form).
+    #[arg(long)]
+    pub background: bool,
+
+    /// Log level: error, warn, info, debug or trace (RUST_LOG, if set, wins).
+    #[arg(long, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    pub log_level: String,
+}
+
+/// Mount options that belong to mount(8), systemd or the kernel's generic set; they mean
+/// nothing to the bucket and are accepted silently.
+const GENERIC_OPTIONS: &[&str] = &[
+    "_netdev", "nofail", "auto", "noauto", "user", "nouser", "users", "owner", "group",
+    "defaults", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "async", "sync",
+    "atime", "noatime", "relatime", "norelatime", "strictatime", "diratime", "nodiratime",
+    "lazytime", "nolazytime", "dirsync", "loop", "comment",
+];
+
+fn is_generic_option(name: &str) -> bool {
+    GENERIC_OPTIONS.contains(&name) || name.starts_with("x-") || name.starts_with("comment=")
+}
+
+/// Parses the process arguments. The mount-helper form (`s3mediafs SRC MNT -o ...`)
+/// becomes `s3mediafs mount SRC MNT --background ...`, and each `-o` option becomes its
+/// flag, so both forms share one set of rules.
+pub fn parse_args(args: Vec<OsString>) -> Result<MountArgs, clap::Error> {
+    let mut args = args;
+    let helper_form = args.get(1).is_some_and(|a| {
+        let a = a.to_string_lossy();
+        !a.starts_with('-') && a != "mount" && a != "help"
+    });
+    if helper_form {
+        args.insert(1, "mount".into());
+    }
+    let cli = Cli::try_parse_from(&args)?;
+    let Command::Mount(first) = cli.command;
+    if first.options.is_empty() && !helper_form {
+        return Ok(with_default_mode(first, false));
+    }
+    // Re-parse with the -o options spelled as flags, so they get the same validation.
+    let mut flags: Vec<OsString> = Vec::new();
+    let mut skip_next = false;
+    for (i, a) in args.iter().enumerate() {
+        if skip_next {
+            skip_next = false;
+            continue;
+        }
+        let s = a.to_string_lossy();
+        if s == "-o" {
+            skip_next = true;
+            continue;
+        }
+        if i > 0 && s.starts_with("-o") && s.len() > 2 {
+            continue;
+        }
+        flags.push(a.clone());
+    }
+    let known = known_long_flags();
+    for opt in first.options.iter().flat_map(|o| o.split(',')) {
+        let opt = opt.trim();
+        if opt.is_empty() || is_generic_option(opt.split('=').next().unwrap_or(opt)) {
+            continue;
+        }
+        let (name, value) = match opt.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (opt, None),
+        };
+        let flag = match name {
+            "ro" => "read-only".to_string(),
+            "nonempty" => "nonempty".to_string(),
+            n => n.replace('_', "-"),
+        };
+        let Some(takes_value) = known.iter().find(|(f, _)| *f == flag).map(|(_, v)| *v) else {
+            return Err(Cli::command().error(
+                clap::error::ErrorKind::UnknownArgument,
+                format!("unknown mount option '{name}'; see `s3mediafs mount --help` for the options"),
+            ));
+        };
+        match (takes_value, value) {
+            (true, Some(v)) => {
+                flags.push(format!("--{flag}").into());
+                flags.push(v.into());
+            }
+            (true, None) => {
+                return Err(Cli::command().error(
+                    clap::error::ErrorKind::InvalidValue,
+                    format!("mount option '{name}' needs a value: -o {name}=VALUE"),
+                ))
+            }
+            (false, None) => flags.push(format!("--{flag}").into()),
+            (false, Some(_)) => {
+                return Err(Cli::command().error(
+                    clap::error::ErrorKind::InvalidValue,
+                    format!("mount option '{name}' takes no value"),
+                ))
+            }
+        }
+    }
+    let cli = Cli::try_parse_from(&flags)?;
+    let Command::Mount(args) = cli.command;
+    Ok(with_default_mode(args, helper_form))
+}
+
+fn with_default_mode(mut a: MountArgs, helper_form: bool) -> MountArgs {
+    if !a.foreground && !a.background {
+        a.background = helper_form;
+        a.foreground = !helper_form;
+    }
+    a.foreground = !a.background;
+    a
+}
+
+/// Long flags of `mount`, with whether each takes a value.
+fn known_long_flags() -> Vec<(String, bool)> {
+    let cmd = Cli::command();
+    let mount = cmd.find_subcommand("mount").expect("mount subcommand").clone();
+    mount
+        .get_arguments()
+        .filter_map(|a| {
+            let long = a.get_long()?.to_string();
+            let takes = a.get_action().takes_values();
+            Some((long, takes))
+        })
+        .filter(|(l, _)| l != "help" && l != "version")
+        .collect()
+}
+
+fn parse_mode(s: &str) -> Result<u16, String> {
+    let t = s.trim_start_matches("0o");
+    u16::from_str_radix(t, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("'{s}' is not an octal permission mode like 0644"))
+}
+
+/// `500ms`, `2s`, `1m`, `1h`, a plain number of seconds, `0`, or `forever`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("'{s}' is not a duration; use e.g. 500ms, 1s, 5m, 0 or forever");
+    let s = s.trim();
+    if s == "forever" || s == "inf" {
+        return Ok(Duration::from_secs(100 * 365 * 24 * 3600));
+    }
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| err())?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(err()),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(err());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `512`, `64K`, `8M`, `2G`, `1T` (powers of 1024; a trailing `B` or `iB` is allowed).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let err = || format!("'{s}' is not a size; use e.g. 8M, 512K or 2G");
+    let t = s.trim().trim_end_matches("iB").trim_end_matches('B');
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    num.trim().parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).ok_or_else(err)
+}
+
+/// Access keys, with a `Debug` that never shows the secret.
+#[derive(Clone)]
+pub struct Credentials {
+    pub access_key: String,
+    pub secret_key: String,
+    pub session_token: Option<String>,
+    /// Where they came from, for messages.
+    pub source: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credentials {{ access_key: {:?}, from: {} }}", self.access_key, self.source)
+    }
+}
+
+/// Everything a mount needs, checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bucket: String,
+    pub prefix: String,
+    pub mountpoint: PathBuf,
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub path_style: bool,
+    pub credentials: Credentials,
+    pub allow_other: bool,
+    pub default_permissions: bool,
+    pub read_only: bool,
+    pub nonempty: bool,
+    pub cache_dir: PathBuf,
+    pub foreground: bool,
+    pub log_level: String,
+    pub fs: FsOptions,
+}
+
+impl Config {
+    pub fn from_args(a: MountArgs) -> Result<Config, String> {
+        let (bucket, prefix) = match a.source.split_once(':') {
+            Some((b, p)) => (b.to_string(), p.to_string()),
+            None => (a.source.clone(), String::new()),
+        };
+        validate_bucket(&bucket)?;
+        if prefix.starts_with('/') {
+            return Err(format!(
+                "the prefix '{prefix}' starts with '/'; S3 keys are written without a leading slash"
+            ));
+        }
+        if let Some(ep) = &a.endpoint {
+            let ok = (ep.starts_with("http://") || ep.starts_with("https://"))
+                && ep.split("://").nth(1).is_some_and(|h| !h.is_empty() && !h.starts_with('/'));
+            if !ok {
+                return Err(format!(
+                    "the endpoint '{ep}' is not a URL; give it as http://host:port or https://host"
+                ));
+            }
+        }
+        let path_style = match a.addressing.as_str() {
+            "path" => true,
+            "virtual" => false,
+            _ => a.endpoint.is_some(),
+        };
+        if a.part_size < 5 << 20 || a.part_size > 5 << 30 {
+            return Err(format!(
+                "--part-size {} is outside what S3 allows (5M to 5G)",
+                a.part_size
+            ));
+        }
+        let credentials = resolve_credentials(a.credentials.as_deref(), a.profile.as_deref())?;
+        // SAFETY: geteuid/getegid cannot fail.
+        let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let cache_dir = match a.cache_dir {
+            Some(d) => d,
+            None => default_cache_dir(&bucket, a.endpoint.as_deref(), &prefix, euid),
+        };
+        Ok(Config {
+            bucket,
+            prefix,
+            mountpoint: a.mountpoint,
+            endpoint: a.endpoint,
+            region: a.region,
+            path_style,
+            credentials,
+            allow_other: a.allow_other,
+            default_permissions: a.default_permissions,
+            read_only: a.read_only,
+            nonempty: a.nonempty,
+            cache_dir,
+            foreground: a.foreground,
+            log_level: a.log_level,
+            fs: FsOptions {
+                uid: a.uid.unwrap_or(euid),
+                gid: a.gid.unwrap_or(egid),
+                file_mode: a.file_mode,
+                dir_mode: a.dir_mode,
+                metadata_ttl: a.metadata_ttl,
+                negative_ttl: a.negative_ttl,
+                part_size: a.part_size,
+                parts_in_flight: 4,
+            },
+        })
+    }
+
+    pub fn store_config(&self) -> StoreConfig {
+        StoreConfig {
+            bucket: self.bucket.clone(),
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            path_style: self.path_style,
+            access_key: self.credentials.access_key.clone(),
+            secret_key: self.credentials.secret_key.clone(),
+            session_token: self.credentials.session_token.clone(),
+            max_attempts: 5,
+            connect_timeout: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+fn validate_bucket(b: &str) -> Result<(), String> {
+    let ok = (3..=63).contains(&b.len())
+        && b.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.' || c == '_')
+        && b.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "'{b}' is not a valid bucket name: 3 to 63 lowercase letters, digits, '.', '-' or '_'"
+        ))
+    }
+}
+
+/// 64-bit FNV-1a: a hash that stays the same across builds, for directory names.
+fn stable_hash(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0)) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    h
+}
+
+fn default_cache_dir(bucket: &str, endpoint: Option<&str>, prefix: &str, euid: u32) -> PathBuf {
+    let id = format!("{bucket}-{:08x}", stable_hash(&[endpoint.unwrap_or("aws"), bucket, prefix]) as u32);
+    if euid == 0 {
+        return PathBuf::from("/var/cache/s3mediafs").join(id);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    base.join("s3mediafs").join(id)
+}
+
+/// Credentials from, in order: `--credentials FILE`, the environment, the shared
+/// credentials file.
+fn resolve_credentials(file: Option<&Path>, profile: Option<&str>) -> Result<Credentials, String> {
+    if let Some(path) = file {
+        return read_key_file(path);
+    }
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    if let (Some(access_key), Some(secret_key)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+        return Ok(Credentials {
+            access_key,
+            secret_key,
+            session_token: env("AWS_SESSION_TOKEN"),
+            source: "the environment".into(),
+        });
+    }
+    let shared = env("AWS_SHARED_CREDENTIALS_FILE")
+        .map(PathBuf::from)
+        .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".aws/credentials")));
+    let profile = profile.unwrap_or("default");
+    if let Some(path) = shared.filter(|p| p.exists()) {
+        return read_shared_file(&path, profile);
+    }
+    Err("no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, pass \
+         --credentials FILE (a KEY:SECRET file, mode 0600), or add a profile to \
+         ~/.aws/credentials"
+        .into())
+}
+
+fn check_private(path: &Path) -> Result<std::fs::Metadata, String> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read the credentials file {}: {e}", path.display()))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "the credentials file {} can be read by other users (mode {:04o}); run `chmod 600 {}`",
+            path.display(),
+            meta.mode() & 0o7777,
+            path.display()
+        ));
+    }
+    Ok(meta)
+}
+
+fn read_key_file(path: &Path) -> Result<Credentials, String> {
+    check_private(path)?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the credentials file {}: {e}", path.display()))?;
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#'));
+    match line.and_then(|l| l.split_once(':')) {
+        Some((k, s)) if !k.is_empty() && !s.is_empty() => Ok(Credentials {
+            access_key: k.to_string(),
+            secret_key: s.to_string(),
+            session_token: None,
+            source: path.display().to_string(),
+        }),
+        _ => Err(format!(
+            "the credentials file {} must hold one line ACCESS_KEY:SECRET_KEY",
+            path.display()
+        )),
+    }
+}
+
+fn read_shared_file(path: &Path, profile: &str) -> Result<Credentials, String> {
+    check_private(path)?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut in_profile = false;
+    let (mut key, mut secret, mut token) = (None, None, None);
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') && line.ends_with(']') {
+            let name = line[1..line.len() - 1].trim();
+            in_profile = name == profile || name == format!("profile {profile}");
+            continue;
+        }
+        if !in_profile {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            let v = Some(v.trim().to_string());
+            match k.trim() {
+                "aws_access_key_id" => key = v,
+                "aws_secret_access_key" => secret = v,
+                "aws_session_token" => token = v,
+                _ => {}
+            }
+        }
+    }
+    match (key, secret) {
+        (Some(access_key), Some(secret_key)) => Ok(Credentials {
+            access_key,
+            secret_key,
+            session_token: token,
+            source: format!("{} [{profile}]", path.display()),
+        }),
+        _ => Err(format!(
+            "{} has no aws_access_key_id and aws_secret_access_key in profile [{profile}]",
+            path.display()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn helper_form_maps_options_to_flags() {
+        let a = parse_args(args(&[
+            "s3mediafs", "media:syn/", "/mnt", "-o",
+            "rw,_netdev,nofail,x-systemd.automount,allow_other,uid=115,file_mode=0640,ro,endpoint=http://127.0.0.1:3900",
+        ]))
+        .unwrap();
+        assert_eq!(a.source, "media:syn/");
+        assert!(a.allow_other && a.read_only && a.background && !a.foreground);
+        assert_eq!(a.uid, Some(115));
+        assert_eq!(a.file_mode, 0o640);
+        assert_eq!(a.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+    }
+
+    #[test]
+    fn mount_subcommand_runs_in_the_foreground() {
+        let a = parse_args(args(&["s3mediafs", "mount", "b", "/mnt"])).unwrap();
+        assert!(a.foreground && !a.background);
+        let a = parse_args(args(&["s3mediafs", "mount", "b", "/mnt", "--background"])).unwrap();
+        assert!(!a.foreground && a.background);
+    }
+
+    #[test]
+    fn unknown_and_malformed_options_are_errors() {
+        let e = parse_args(args(&["s3mediafs", "b", "/mnt", "-o", "bogus"])).unwrap_err();
+        assert!(e.to_string().contains("unknown mount option 'bogus'"), "{e}");
+        let e = parse_args(args(&["s3mediafs", "b", "/mnt", "-o", "uid"])).unwrap_err();
+        assert!(e.to_string().contains("needs a value"), "{e}");
+        let e = parse_args(args(&["s3mediafs", "b", "/mnt", "-o", "metadata_ttl=soon"])).unwrap_err();
+        assert!(e.to_string().contains("not a duration"), "{e}");
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_size("8M").unwrap(), 8 << 20);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert!(parse_size("lots").is_err());
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn bucket_names_are_checked() {
+        assert!(validate_bucket("media-store").is_ok());
+        assert!(validate_bucket("Bad_Bucket").is_err());
+        assert!(validate_bucket("ab").is_err());
+    }
+
+    #[test]
+    fn cache_dir_name_is_stable() {
+        assert_eq!(stable_hash(&["a", "b"]), stable_hash(&["a", "b"]));
+        assert_ne!(stable_hash(&["ab", ""]), stable_hash(&["a", "b"]));
+    }
+}

@@ -1,0 +1,184 @@
+//! Directory handles and listing: one delimited LIST per page of entries, merged with
+//! files that exist only locally so far, with attributes kept for the lookups that follow.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+use super::error::{FsError, FsResult};
+use super::inode::{Kind, Remote};
+use super::{names, BucketFs, Listed};
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    /// Position of the entry after this one, to resume the listing from.
+    pub next_offset: u64,
+    pub kind: Kind,
+    pub name: String,
+}
+
+struct OpenDir {
+    ino: u64,
+    path: String,
+    entries: Vec<DirEntry>,
+    seen: HashSet<String>,
+    token: Option<String>,
+    started: bool,
+    done: bool,
+}
+
+#[derive(Default)]
+pub(super) struct DirHandles {
+    map: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<OpenDir>>>>,
+    next: AtomicU64,
+}
+
+/// Entries per LIST request.
+const PAGE: i32 = 1000;
+
+/// An inode number for a listed name the kernel has not looked up: stable for the path,
+/// and never equal to one the inode table hands out (those count up from 1).
+fn listing_ino(path: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    path.hash(&mut h);
+    h.finish() | (1 << 63)
+}
+
+impl BucketFs {
+    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let path = self.dir_path(ino)?;
+        let fh = self.dirs.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let dir = OpenDir {
+            ino,
+            path,
+            entries: Vec::new(),
+            seen: HashSet::new(),
+            token: None,
+            started: false,
+            done: false,
+        };
+        self.dirs.map.lock().insert(fh, Arc::new(tokio::sync::Mutex::new(dir)));
+        Ok(fh)
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.map.lock().remove(&fh);
+    }
+
+    /// Entries from position `offset` on (0 is the start), fetching more pages as needed.
+    /// An empty result means the end of the directory.
+    pub async fn readdir(&self, fh: u64, offset: u64, max: usize) -> FsResult<Vec<DirEntry>> {
+        let dir = self.dirs.map.lock().get(&fh).cloned().ok_or(FsError::BADF)?;
+        let mut d = dir.lock().await;
+        if !d.started {
+            self.start_listing(&mut d);
+        }
+        let want = offset as usize + max.max(1);
+        while d.entries.len() < want && !d.done {
+            self.next_page(&mut d).await?;
+        }
+        let from = (offset as usize).min(d.entries.len());
+        let to = want.min(d.entries.len());
+        Ok(d.entries[from..to].to_vec())
+    }
+
+    fn start_listing(&self, d: &mut OpenDir) {
+        d.started = true;
+        let parent = {
+            let t = self.table.lock();
+            t.get(d.ino).map(|i| i.parent).unwrap_or(d.ino)
+        };
+        push(d, ".", d.ino, Kind::Dir);
+        push(d, "..", parent, Kind::Dir);
+        // Files created here and not uploaded yet are listed though the bucket lacks them.
+        let local = self.table.lock().local_children(d.ino);
+        for (name, ino, kind) in local {
+            if d.seen.insert(name.clone()) {
+                push(d, &name, ino, kind);
+            }
+        }
+    }
+
+    async fn next_page(&self, d: &mut OpenDir) -> FsResult<()> {
+        let prefix = self.keys.dir_prefix(&d.path);
+        let page = self
+            .store
+            .list(&prefix, false, d.token.take(), Some(PAGE))
+            .await
+            .map_err(|e| self.store_error("LIST", &prefix, e))?;
+        d.token = page.next_token.clone();
+        d.done = d.token.is_none();
+        let now = Instant::now();
+        let mut found: Vec<(String, Remote)> = Vec::new();
+        for o in &page.objects {
+            let name = &o.key[prefix.len()..];
+            if name.is_empty() {
+                continue; // the directory's own marker
+            }
+            if !names::listable(name) {
+                self.warn_once(&o.key, "this key cannot be shown as a path and is skipped");
+                continue;
+            }
+            found.push((
+                name.to_string(),
+                Remote { kind: Kind::File, size: o.size, mtime: o.last_modified, etag: o.etag.clone() },
+            ));
+        }
+        for p in &page.prefixes {
+            let name = &p[prefix.len()..p.len() - 1];
+            if !names::listable(name) {
+                self.warn_once(p, "this key prefix cannot be shown as a directory and is skipped");
+                continue;
+            }
+            found.push((
+                name.to_string(),
+                Remote { kind: Kind::Dir, size: 0, mtime: self.mount_time, etag: None },
+            ));
+        }
+        let mut t = self.table.lock();
+        let mut listed = self.listed.lock();
+        for (name, remote) in found {
+            let path = names::join(&d.path, &name);
+            if !d.seen.insert(name.clone()) {
+                if remote.kind == Kind::Dir {
+                    // `a` and `a/...` both exist: the directory wins.
+                    self.warn_once(&path, "both a file and a directory have this name; showing the directory");
+                    if let Some(ino) = t.child(d.ino, &name) {
+                        if t.get(ino).is_some_and(|i| i.kind == Kind::File && i.staged.is_none()) {
+                            t.detach(ino);
+                        }
+                    }
+                    listed.put(path, Listed { remote, at: now });
+                }
+                continue;
+            }
+            let ino = match t.child(d.ino, &name) {
+                Some(ino) => {
+                    let i = t.get(ino).expect("live");
+                    if i.staged.is_none() && i.kind == remote.kind {
+                        t.upsert_remote(d.ino, &name, path.clone(), &remote);
+                    }
+                    ino
+                }
+                None => {
+                    let ino = listing_ino(&path);
+                    listed.put(path, Listed { remote: remote.clone(), at: now });
+                    ino
+                }
+            };
+            push(d, &name, ino, remote.kind);
+        }
+        Ok(())
+    }
+}
+
+fn push(d: &mut OpenDir, name: &str, ino: u64, kind: Kind) {
+    let next_offset = d.entries.len() as u64 + 1;
+    d.entries.push(DirEntry { ino, next_offset, kind, name: name.to_string() });
+}

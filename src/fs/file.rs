@@ -1,0 +1,359 @@
+//! Open files: creating, reading, writing through a staged copy, truncating, and
+//! uploading the staged copy as one object when the file is flushed.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::error::{FsError, FsResult};
+use super::inode::Kind;
+use super::{names, Attr, BucketFs};
+use crate::cache::StagedFile;
+use crate::store::{upload_file, StoreError};
+
+/// How much of an object one GET fetches while a file is copied to local disk.
+const DOWNLOAD_CHUNK: u64 = 8 << 20;
+
+#[derive(Debug, Clone)]
+struct OpenFile {
+    ino: u64,
+    writable: bool,
+    /// The object version this handle reads; a changed object fails the read.
+    etag: Option<String>,
+}
+
+#[derive(Default)]
+pub(super) struct FileHandles {
+    map: Mutex<HashMap<u64, OpenFile>>,
+    next: AtomicU64,
+}
+
+impl FileHandles {
+    fn add(&self, f: OpenFile) -> u64 {
+        let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        self.map.lock().insert(fh, f);
+        fh
+    }
+
+    fn get(&self, fh: u64) -> FsResult<OpenFile> {
+        self.map.lock().get(&fh).cloned().ok_or(FsError::BADF)
+    }
+
+    fn remove(&self, fh: u64) -> FsResult<OpenFile> {
+        self.map.lock().remove(&fh).ok_or(FsError::BADF)
+    }
+}
+
+/// How a file is opened.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenMode {
+    pub write: bool,
+    pub truncate: bool,
+    pub exclusive: bool,
+}
+
+impl OpenMode {
+    pub fn from_flags(flags: i32) -> Self {
+        let acc = flags & libc::O_ACCMODE;
+        OpenMode {
+            write: acc == libc::O_WRONLY || acc == libc::O_RDWR,
+            truncate: flags & libc::O_TRUNC != 0,
+            exclusive: flags & libc::O_EXCL != 0,
+        }
+    }
+}
+
+impl BucketFs {
+    /// Creates `name` in `parent` (or opens it, if it appeared meanwhile and `O_EXCL` was
+    /// not given) and returns its attributes and a handle.
+    pub async fn create(&self, parent: u64, name: &OsStr, flags: i32) -> FsResult<(Attr, u64)> {
+        let name = names::component(name)?;
+        let mode = OpenMode::from_flags(flags);
+        let path = names::join(&self.dir_path(parent)?, name);
+        self.keys.file_key(&path)?;
+        let existing = {
+            let t = self.table.lock();
+            t.child(parent, name).filter(|ino| t.get(*ino).is_some_and(|i| !i.unlinked))
+        };
+        if let Some(ino) = existing {
+            if mode.exclusive {
+                return Err(FsError::EXIST);
+            }
+            let fh = self.open(ino, flags).await?;
+            return Ok((self.remember(ino)?, fh));
+        }
+        let staged = self.staging.create()?;
+        let ino = {
+            let mut t = self.table.lock();
+            let i = t.insert(parent, name, path.clone(), Kind::File);
+            i.staged = Some(Arc::new(staged));
+            i.dirty = true;
+            i.version = 1;
+            i.open = 1;
+            i.ino
+        };
+        self.listed.lock().pop(&path);
+        let fh = self.files.add(OpenFile { ino, writable: true, etag: None });
+        Ok((self.remember(ino)?, fh))
+    }
+
+    pub async fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
+        let mode = OpenMode::from_flags(flags);
+        let stale = {
+            let t = self.table.lock();
+            let i = t.get(ino).ok_or(FsError::NOENT)?;
+            if i.kind == Kind::Dir {
+                return Err(FsError::ISDIR);
+            }
+            !mode.write && !i.is_fresh(self.opts.metadata_ttl) && i.in_bucket && !i.unlinked
+        };
+        if stale {
+            // Close-to-open: a file changed elsewhere is seen as it is now.
+            self.getattr(ino).await?;
+        }
+        if mode.write && mode.truncate {
+            self.truncate_local(ino, 0).await?;
+        }
+        let mut t = self.table.lock();
+        let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
+        i.open += 1;
+        let etag = if i.staged.is_none() { i.etag.clone() } else { None };
+        drop(t);
+        Ok(self.files.add(OpenFile { ino, writable: mode.write, etag }))
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let h = self.files.get(fh)?;
+        let (staged, file_size, path) = {
+            let t = self.table.lock();
+            let i = t.get(h.ino).ok_or(FsError::BADF)?;
+            (i.staged.clone(), i.size, i.path.clone())
+        };
+        if let Some(staged) = staged {
+            return read_staged(&staged, offset, size).await;
+        }
+        if offset >= file_size {
+            return Ok(Bytes::new());
+        }
+        let end = file_size.min(offset + size as u64);
+        let key = self.keys.file_key(&path)?;
+        match self.store.get_range(&key, offset..end, h.etag.as_deref()).await {
+            Ok(b) => Ok(b),
+            Err(StoreError::InvalidRange) => Ok(Bytes::new()),
+            Err(StoreError::PreconditionFailed) => {
+                tracing::warn!(key, "the object was replaced while open; the read fails rather than mix versions");
+                Err(FsError::IO)
+            }
+            Err(e) => Err(self.store_error("GET", &key, e)),
+        }
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let h = self.files.get(fh)?;
+        if !h.writable {
+            return Err(FsError::BADF);
+        }
+        let staged = self.materialize(h.ino).await?;
+        let end = offset.checked_add(data.len() as u64).ok_or(FsError::FBIG)?;
+        staged.file().write_all_at(data, offset)?;
+        let mut t = self.table.lock();
+        let i = t.get_mut(h.ino).ok_or(FsError::BADF)?;
+        i.size = i.size.max(end);
+        i.mtime = SystemTime::now();
+        i.dirty = !i.unlinked;
+        i.version += 1;
+        Ok(data.len() as u32)
+    }
+
+    /// Called at every `close()`: uploads what was written, so the bucket has it when close
+    /// returns.
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        let h = self.files.get(fh)?;
+        if h.writable {
+            self.upload(h.ino).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
+        let h = self.files.get(fh)?;
+        self.upload(h.ino).await
+    }
+
+    pub async fn release(&self, fh: u64) -> FsResult<()> {
+        let h = self.files.remove(fh)?;
+        let result = if h.writable { self.upload(h.ino).await } else { Ok(()) };
+        let mut t = self.table.lock();
+        if let Some(i) = t.get_mut(h.ino) {
+            i.open = i.open.saturating_sub(1);
+            if i.open == 0 && !i.dirty {
+                i.staged = None;
+            }
+            if i.dirty && i.open == 0 {
+                let local = i.staged.as_ref().map(|s| s.path().display().to_string());
+                tracing::error!(path = %i.path, local = ?local,
+                    "a closed file could not be uploaded; the local copy is kept and the next fsync or rename retries");
+            }
+        }
+        t.maybe_drop(h.ino);
+        result
+    }
+
+    pub async fn setattr_size(&self, ino: u64, size: u64, fh: Option<u64>) -> FsResult<Attr> {
+        {
+            let t = self.table.lock();
+            let i = t.get(ino).ok_or(FsError::NOENT)?;
+            if i.kind == Kind::Dir {
+                return Err(FsError::ISDIR);
+            }
+        }
+        self.truncate_local(ino, size).await?;
+        let writer_open = fh.and_then(|fh| self.files.get(fh).ok()).is_some_and(|h| h.writable)
+            || self.files.map.lock().values().any(|h| h.ino == ino && h.writable);
+        if !writer_open {
+            // `truncate(1)` on a closed file: nobody will flush it, so upload now.
+            self.upload(ino).await?;
+            let mut t = self.table.lock();
+            if let Some(i) = t.get_mut(ino) {
+                if i.open == 0 && !i.dirty {
+                    i.staged = None;
+                }
+            }
+        }
+        self.attr(ino)
+    }
+
+    pub fn attr(&self, ino: u64) -> FsResult<Attr> {
+        let t = self.table.lock();
+        Ok(self.attr_of(t.get(ino).ok_or(FsError::NOENT)?))
+    }
+
+    async fn truncate_local(&self, ino: u64, size: u64) -> FsResult<()> {
+        let staged = if size == 0 { self.empty_staged(ino)? } else { self.materialize(ino).await? };
+        staged.file().set_len(size)?;
+        let mut t = self.table.lock();
+        let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
+        i.size = size;
+        i.mtime = SystemTime::now();
+        i.dirty = !i.unlinked;
+        i.version += 1;
+        Ok(())
+    }
+
+    /// The staged copy of `ino`, or a new empty one when there is none (the old content is
+    /// not needed because it is being truncated away).
+    fn empty_staged(&self, ino: u64) -> FsResult<Arc<StagedFile>> {
+        let mut t = self.table.lock();
+        let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
+        if let Some(s) = &i.staged {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(self.staging.create()?);
+        i.staged = Some(s.clone());
+        Ok(s)
+    }
+
+    /// The staged copy of `ino`, downloading the object into one first if needed.
+    pub(super) async fn materialize(&self, ino: u64) -> FsResult<Arc<StagedFile>> {
+        let (path, size, etag) = {
+            let t = self.table.lock();
+            let i = t.get(ino).ok_or(FsError::NOENT)?;
+            if let Some(s) = &i.staged {
+                return Ok(s.clone());
+            }
+            (i.path.clone(), i.size, i.etag.clone())
+        };
+        let staged = self.staging.create()?;
+        let key = self.keys.file_key(&path)?;
+        let mut offset = 0;
+        while offset < size {
+            let end = size.min(offset + DOWNLOAD_CHUNK);
+            let chunk = self
+                .store
+                .get_range(&key, offset..end, etag.as_deref())
+                .await
+                .map_err(|e| self.store_error("GET", &key, e))?;
+            if chunk.len() as u64 != end - offset {
+                tracing::warn!(key, "the object is shorter than its listed size");
+                return Err(FsError::IO);
+            }
+            staged.file().write_all_at(&chunk, offset)?;
+            offset = end;
+        }
+        let mut t = self.table.lock();
+        let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
+        // Another request may have staged the file meanwhile; its copy wins.
+        Ok(i.staged.get_or_insert_with(|| Arc::new(staged)).clone())
+    }
+
+    /// Uploads the staged copy of `ino` if it has changes the bucket lacks.
+    pub(super) async fn upload(&self, ino: u64) -> FsResult<()> {
+        let (staged, size, path, version) = {
+            let t = self.table.lock();
+            let i = t.get(ino).ok_or(FsError::NOENT)?;
+            match &i.staged {
+                Some(s) if i.dirty && !i.unlinked => (s.clone(), i.size, i.path.clone(), i.version),
+                _ => return Ok(()),
+            }
+        };
+        let key = self.keys.file_key(&path)?;
+        let started = Instant::now();
+        let etag = upload_file(
+            &self.store,
+            &key,
+            staged.file().clone(),
+            size,
+            self.opts.part_size,
+            self.opts.parts_in_flight,
+        )
+        .await
+        .map_err(|e| self.store_error("PUT", &key, e))?;
+        tracing::debug!(key, size, elapsed_ms = started.elapsed().as_millis() as u64, "uploaded");
+        let stale = {
+            let mut t = self.table.lock();
+            match t.get_mut(ino) {
+                Some(i) if i.path == path && !i.unlinked => {
+                    i.in_bucket = true;
+                    i.validated = Instant::now();
+                    if i.version == version {
+                        i.dirty = false;
+                        i.etag = etag;
+                    }
+                    false
+                }
+                _ => true,
+            }
+        };
+        if stale {
+            // Renamed or removed during the upload: the object just written is stale.
+            self.store.delete(&key).await.map_err(|e| self.store_error("DELETE", &key, e))?;
+        }
+        Ok(())
+    }
+}
+
+async fn read_staged(staged: &Arc<StagedFile>, offset: u64, size: u32) -> FsResult<Bytes> {
+    let file = staged.file().clone();
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; size as usize];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match file.read_at(&mut buf[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(FsError::from(e)),
+            }
+        }
+        buf.truncate(filled);
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(|_| FsError::IO)?
+}

@@ -1,0 +1,249 @@
+//! The inode table: every file and directory the kernel currently knows, by inode number
+//! and by (parent, name), with the attributes last seen and the local state of files
+//! being written.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::cache::StagedFile;
+
+pub const ROOT: u64 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+}
+
+/// What the bucket says about a path.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub etag: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Inode {
+    pub ino: u64,
+    pub parent: u64,
+    pub name: String,
+    /// Path relative to the mount root ("" for the root).
+    pub path: String,
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub etag: Option<String>,
+    /// When the attributes were last confirmed by the bucket (or made here).
+    pub validated: Instant,
+    /// References the kernel holds (lookups minus forgets).
+    pub lookups: u64,
+    /// Open file handles.
+    pub open: u32,
+    /// The local copy of a file being written, or kept for handles of an unlinked file.
+    pub staged: Option<Arc<StagedFile>>,
+    /// The local copy has changes the bucket does not have yet.
+    pub dirty: bool,
+    /// Bumped by every change to the local copy, so an upload knows whether it saw the last.
+    pub version: u64,
+    /// An object for this file exists in the bucket.
+    pub in_bucket: bool,
+    /// Removed from its directory; kept alive only by open handles and kernel references.
+    pub unlinked: bool,
+}
+
+impl Inode {
+    pub fn is_fresh(&self, ttl: Duration) -> bool {
+        self.staged.is_some() || self.validated.elapsed() < ttl
+    }
+}
+
+pub struct InodeTable {
+    inodes: HashMap<u64, Inode>,
+    /// Directory inode -> name -> child inode.
+    children: HashMap<u64, HashMap<String, u64>>,
+    next_ino: u64,
+}
+
+impl InodeTable {
+    pub fn new(mount_time: SystemTime) -> Self {
+        let root = Inode {
+            ino: ROOT,
+            parent: ROOT,
+            name: String::new(),
+            path: String::new(),
+            kind: Kind::Dir,
+            size: 0,
+            mtime: mount_time,
+            etag: None,
+            validated: Instant::now(),
+            lookups: 1,
+            open: 0,
+            staged: None,
+            dirty: false,
+            version: 0,
+            in_bucket: true,
+            unlinked: false,
+        };
+        InodeTable { inodes: HashMap::from([(ROOT, root)]), children: HashMap::new(), next_ino: 2 }
+    }
+
+    pub fn get(&self, ino: u64) -> Option<&Inode> {
+        self.inodes.get(&ino)
+    }
+
+    pub fn get_mut(&mut self, ino: u64) -> Option<&mut Inode> {
+        self.inodes.get_mut(&ino)
+    }
+
+    pub fn child(&self, parent: u64, name: &str) -> Option<u64> {
+        self.children.get(&parent)?.get(name).copied()
+    }
+
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
+        self.inodes.len()
+    }
+
+    /// Inodes under directory `parent` that exist only locally so far.
+    pub fn local_children(&self, parent: u64) -> Vec<(String, u64, Kind)> {
+        let Some(names) = self.children.get(&parent) else { return Vec::new() };
+        names
+            .iter()
+            .filter_map(|(name, ino)| {
+                let i = self.inodes.get(ino)?;
+                (!i.in_bucket).then(|| (name.clone(), *ino, i.kind))
+            })
+            .collect()
+    }
+
+    /// Adds a new inode under `parent`, replacing whatever that name pointed to.
+    pub fn insert(&mut self, parent: u64, name: &str, path: String, kind: Kind) -> &mut Inode {
+        if let Some(old) = self.child(parent, name) {
+            self.detach(old);
+        }
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        let now = SystemTime::now();
+        self.inodes.insert(
+            ino,
+            Inode {
+                ino,
+                parent,
+                name: name.to_string(),
+                path,
+                kind,
+                size: 0,
+                mtime: now,
+                etag: None,
+                validated: Instant::now(),
+                lookups: 0,
+                open: 0,
+                staged: None,
+                dirty: false,
+                version: 0,
+                in_bucket: false,
+                unlinked: false,
+            },
+        );
+        self.link(parent, name, ino);
+        self.inodes.get_mut(&ino).expect("just inserted")
+    }
+
+    /// Records what the bucket says about `parent/name`; local changes not yet uploaded win
+    /// over it. Returns the inode number.
+    pub fn upsert_remote(&mut self, parent: u64, name: &str, path: String, remote: &Remote) -> u64 {
+        if let Some(ino) = self.child(parent, name) {
+            let i = self.inodes.get_mut(&ino).expect("child points at a live inode");
+            if i.staged.is_some() {
+                return ino;
+            }
+            if i.kind == remote.kind {
+                i.size = remote.size;
+                i.mtime = remote.mtime;
+                i.etag = remote.etag.clone();
+                i.validated = Instant::now();
+                i.in_bucket = true;
+                return ino;
+            }
+        }
+        let i = self.insert(parent, name, path, remote.kind);
+        i.size = remote.size;
+        i.mtime = remote.mtime;
+        i.etag = remote.etag.clone();
+        i.in_bucket = true;
+        i.ino
+    }
+
+    /// Removes `ino` from its directory. The inode lives on while the kernel or an open
+    /// handle refers to it.
+    pub fn detach(&mut self, ino: u64) {
+        let Some(i) = self.inodes.get_mut(&ino) else { return };
+        i.unlinked = true;
+        i.dirty = false;
+        let (parent, name) = (i.parent, i.name.clone());
+        self.unlink(parent, &name, ino);
+        self.maybe_drop(ino);
+    }
+
+    /// Moves a file to a new parent and name (the rename itself is done in the bucket).
+    pub fn reparent(&mut self, ino: u64, parent: u64, name: &str, path: String) {
+        if let Some(old) = self.child(parent, name) {
+            if old != ino {
+                self.detach(old);
+            }
+        }
+        let Some(i) = self.inodes.get_mut(&ino) else { return };
+        let (old_parent, old_name) = (i.parent, i.name.clone());
+        i.parent = parent;
+        i.name = name.to_string();
+        i.path = path;
+        self.unlink(old_parent, &old_name, ino);
+        self.link(parent, name, ino);
+    }
+
+    /// The kernel dropped `n` references.
+    pub fn forget(&mut self, ino: u64, n: u64) {
+        if let Some(i) = self.inodes.get_mut(&ino) {
+            i.lookups = i.lookups.saturating_sub(n);
+        }
+        self.maybe_drop(ino);
+    }
+
+    /// Frees an inode nobody refers to any more.
+    pub fn maybe_drop(&mut self, ino: u64) {
+        let Some(i) = self.inodes.get(&ino) else { return };
+        if ino == ROOT || i.lookups > 0 || i.open > 0 || i.dirty {
+            return;
+        }
+        // A directory stays while any child of it is still known.
+        if self.children.get(&ino).is_some_and(|c| !c.is_empty()) {
+            return;
+        }
+        let (parent, name) = (i.parent, i.name.clone());
+        self.unlink(parent, &name, ino);
+        self.children.remove(&ino);
+        self.inodes.remove(&ino);
+        // The parent may have been waiting for its last child to go.
+        if parent != ino && self.inodes.get(&parent).is_some_and(|p| p.lookups == 0) {
+            self.maybe_drop(parent);
+        }
+    }
+
+    fn link(&mut self, parent: u64, name: &str, ino: u64) {
+        self.children.entry(parent).or_default().insert(name.to_string(), ino);
+    }
+
+    fn unlink(&mut self, parent: u64, name: &str, ino: u64) {
+        if let Some(names) = self.children.get_mut(&parent) {
+            if names.get(name) == Some(&ino) {
+                names.remove(name);
+                if names.is_empty() {
+                    self.children.remove(&parent);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,518 @@
+//! Filesystem semantics over an object store, independent of FUSE: lookups, directories
+//! implied by key prefixes, file handles backed by staged copies, and the errnos POSIX
+//! callers expect. `crate::fuse` only translates kernel requests into calls on `BucketFs`.
+
+mod dir;
+mod error;
+mod file;
+mod inode;
+pub mod names;
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use lru::LruCache;
+use parking_lot::Mutex;
+
+use crate::cache::StagingArea;
+use crate::store::{ObjectStore, StoreError};
+
+pub use dir::DirEntry;
+pub use error::{FsError, FsResult};
+pub use inode::{Kind, ROOT};
+use inode::{InodeTable, Remote};
+use names::KeyMap;
+
+/// Settings of the filesystem layer.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    pub uid: u32,
+    pub gid: u32,
+    pub file_mode: u16,
+    pub dir_mode: u16,
+    /// How long attributes and listings are trusted before asking the bucket again.
+    pub metadata_ttl: Duration,
+    /// How long the kernel may remember that a name does not exist.
+    pub negative_ttl: Duration,
+    /// Smallest multipart part size; larger files use larger parts.
+    pub part_size: u64,
+    /// Part uploads in flight per file.
+    pub parts_in_flight: usize,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            uid: 0,
+            gid: 0,
+            file_mode: 0o644,
+            dir_mode: 0o755,
+            metadata_ttl: Duration::from_secs(1),
+            negative_ttl: Duration::from_millis(500),
+            part_size: 8 << 20,
+            parts_in_flight: 4,
+        }
+    }
+}
+
+/// Attributes of one file or directory, as `stat` shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Attributes learnt from a listing, for names the kernel has not looked up yet.
+#[derive(Debug, Clone)]
+struct Listed {
+    remote: Remote,
+    at: Instant,
+}
+
+/// Most names remembered from listings between a `readdir` and the lookups that follow.
+const LISTED_CAPACITY: usize = 100_000;
+/// Most distinct keys warned about once.
+const WARNED_CAPACITY: usize = 10_000;
+
+pub struct BucketFs {
+    store: Arc<dyn ObjectStore>,
+    keys: KeyMap,
+    opts: FsOptions,
+    table: Mutex<InodeTable>,
+    listed: Mutex<LruCache<String, Listed>>,
+    staging: StagingArea,
+    files: file::FileHandles,
+    dirs: dir::DirHandles,
+    warned: Mutex<HashSet<String>>,
+    mount_time: SystemTime,
+}
+
+impl BucketFs {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        staging: StagingArea,
+        opts: FsOptions,
+    ) -> Self {
+        let mount_time = SystemTime::now();
+        BucketFs {
+            store,
+            keys: KeyMap::new(prefix),
+            opts,
+            table: Mutex::new(InodeTable::new(mount_time)),
+            listed: Mutex::new(LruCache::new(NonZeroUsize::new(LISTED_CAPACITY).unwrap())),
+            staging,
+            files: Default::default(),
+            dirs: Default::default(),
+            warned: Mutex::new(HashSet::new()),
+            mount_time,
+        }
+    }
+
+    pub fn options(&self) -> &FsOptions {
+        &self.opts
+    }
+
+    /// Number of inodes currently held.
+    pub fn inode_count(&self) -> usize {
+        self.table.lock().len()
+    }
+
+    fn attr_of(&self, i: &inode::Inode) -> Attr {
+        Attr {
+            ino: i.ino,
+            kind: i.kind,
+            size: if i.kind == Kind::File { i.size } else { 0 },
+            mtime: if i.kind == Kind::Dir && i.mtime == SystemTime::UNIX_EPOCH {
+                self.mount_time
+            } else {
+                i.mtime
+            },
+            perm: if i.kind == Kind::File { self.opts.file_mode } else { self.opts.dir_mode },
+            uid: self.opts.uid,
+            gid: self.opts.gid,
+        }
+    }
+
+    /// Logs a problem with one key once per mount, however often it is met.
+    fn warn_once(&self, key: &str, what: &str) {
+        let mut warned = self.warned.lock();
+        if warned.len() < WARNED_CAPACITY && warned.insert(key.to_string()) {
+            tracing::warn!(key, "{what}");
+        }
+    }
+
+    /// The path of a directory inode, checking it is one.
+    fn dir_path(&self, ino: u64) -> FsResult<String> {
+        let t = self.table.lock();
+        let i = t.get(ino).ok_or(FsError::NOENT)?;
+        if i.kind != Kind::Dir {
+            return Err(FsError::NOTDIR);
+        }
+        if i.unlinked {
+            return Err(FsError::NOENT);
+        }
+        Ok(i.path.clone())
+    }
+
+    /// Asks the bucket what `path` is: a directory if any key lies under `path/`, else a
+    /// file if the key `path` exists. Both requests go out at once.
+    async fn resolve(&self, path: &str) -> FsResult<Option<Remote>> {
+        let key = self.keys.file_key(path)?;
+        let dir_prefix = self.keys.dir_prefix(path);
+        let (head, list) =
+            tokio::join!(self.store.head(&key), self.store.list(&dir_prefix, false, None, Some(1)));
+        let list = list.map_err(|e| self.store_error("LIST", &dir_prefix, e))?;
+        let is_dir = !list.objects.is_empty() || !list.prefixes.is_empty();
+        match head {
+            Ok(meta) if is_dir => {
+                self.warn_once(&key, "both a file and a directory have this name; showing the directory");
+                let _ = meta;
+                Ok(Some(self.dir_remote(&list)))
+            }
+            Ok(meta) => Ok(Some(Remote {
+                kind: Kind::File,
+                size: meta.size,
+                mtime: meta.last_modified,
+                etag: meta.etag,
+            })),
+            Err(StoreError::NotFound) if is_dir => Ok(Some(self.dir_remote(&list))),
+            Err(StoreError::NotFound) => Ok(None),
+            Err(e) => Err(self.store_error("HEAD", &key, e)),
+        }
+    }
+
+    fn dir_remote(&self, list: &crate::store::ListPage) -> Remote {
+        // A marker object's date is the directory's; an implied directory has none.
+        let mtime = list
+            .objects
+            .first()
+            .map(|o| o.last_modified)
+            .unwrap_or(self.mount_time);
+        Remote { kind: Kind::Dir, size: 0, mtime, etag: None }
+    }
+
+    /// Logs a store failure once, in one line, and turns it into an errno.
+    fn store_error(&self, op: &str, key: &str, e: StoreError) -> FsError {
+        match e {
+            StoreError::NotFound => {}
+            _ => tracing::warn!(op, key, error = %e, "request to the object store failed"),
+        }
+        FsError::from(e)
+    }
+
+    /// Finds `name` in directory `parent`: from the inode table or a recent listing when
+    /// fresh, else from the bucket. Does not take a kernel reference.
+    async fn find(&self, parent: u64, name: &str) -> FsResult<Option<u64>> {
+        let path = names::join(&self.dir_path(parent)?, name);
+        self.keys.file_key(&path)?;
+        let ttl = self.opts.metadata_ttl;
+        {
+            let mut t = self.table.lock();
+            if let Some(ino) = t.child(parent, name) {
+                let i = t.get(ino).expect("child is live");
+                if i.is_fresh(ttl) || i.open > 0 && i.kind == Kind::File && !i.in_bucket {
+                    return Ok(Some(ino));
+                }
+            }
+            let mut listed = self.listed.lock();
+            if let Some(l) = listed.get(&path) {
+                if l.at.elapsed() < ttl {
+                    let remote = l.remote.clone();
+                    return Ok(Some(t.upsert_remote(parent, name, path, &remote)));
+                }
+                listed.pop(&path);
+            }
+        }
+        let remote = self.resolve(&path).await?;
+        let mut t = self.table.lock();
+        // A local file created while the bucket was asked wins over the bucket's answer.
+        if let Some(ino) = t.child(parent, name) {
+            let i = t.get(ino).expect("child is live");
+            if i.staged.is_some() || (!i.in_bucket && i.kind == Kind::File) {
+                return Ok(Some(ino));
+            }
+        }
+        match remote {
+            Some(r) => Ok(Some(t.upsert_remote(parent, name, path, &r))),
+            None => {
+                if let Some(ino) = t.child(parent, name) {
+                    t.detach(ino);
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Takes a kernel reference on `ino` and returns its attributes.
+    fn remember(&self, ino: u64) -> FsResult<Attr> {
+        let mut t = self.table.lock();
+        let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
+        i.lookups += 1;
+        let i = t.get(ino).expect("live");
+        Ok(self.attr_of(i))
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
+        let name = names::component(name)?;
+        match self.find(parent, name).await? {
+            Some(ino) => self.remember(ino),
+            None => Err(FsError::NOENT),
+        }
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.table.lock().forget(ino, n);
+    }
+
+    pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let path = {
+            let t = self.table.lock();
+            let i = t.get(ino).ok_or(FsError::NOENT)?;
+            if i.kind == Kind::Dir
+                || i.is_fresh(self.opts.metadata_ttl)
+                || i.unlinked
+                || !i.in_bucket
+            {
+                return Ok(self.attr_of(i));
+            }
+            i.path.clone()
+        };
+        let key = self.keys.file_key(&path)?;
+        match self.store.head(&key).await {
+            Ok(meta) => {
+                let mut t = self.table.lock();
+                let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
+                if i.staged.is_none() && i.path == path {
+                    i.size = meta.size;
+                    i.mtime = meta.last_modified;
+                    i.etag = meta.etag;
+                    i.validated = Instant::now();
+                }
+                Ok(self.attr_of(t.get(ino).expect("live")))
+            }
+            Err(StoreError::NotFound) => {
+                let mut t = self.table.lock();
+                if t.get(ino).is_some_and(|i| i.staged.is_none() && i.path == path) {
+                    t.detach(ino);
+                }
+                Err(FsError::NOENT)
+            }
+            Err(e) => Err(self.store_error("HEAD", &key, e)),
+        }
+    }
+
+    pub async fn mkdir(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
+        let name = names::component(name)?;
+        if self.find(parent, name).await?.is_some() {
+            return Err(FsError::EXIST);
+        }
+        let path = names::join(&self.dir_path(parent)?, name);
+        let marker = self.keys.dir_prefix(&path);
+        if marker.len() > names::MAX_KEY {
+            return Err(FsError::NAMETOOLONG);
+        }
+        self.store
+            .put(&marker, bytes::Bytes::new())
+            .await
+            .map_err(|e| self.store_error("PUT", &marker, e))?;
+        let ino = {
+            let mut t = self.table.lock();
+            let i = t.insert(parent, name, path, Kind::Dir);
+            i.in_bucket = true;
+            i.ino
+        };
+        self.remember(ino)
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let name = names::component(name)?;
+        let ino = self.find(parent, name).await?.ok_or(FsError::NOENT)?;
+        let (path, in_bucket, needs_copy) = {
+            let t = self.table.lock();
+            let i = t.get(ino).ok_or(FsError::NOENT)?;
+            if i.kind == Kind::Dir {
+                return Err(FsError::ISDIR);
+            }
+            (i.path.clone(), i.in_bucket, i.open > 0 && i.staged.is_none() && i.in_bucket)
+        };
+        if needs_copy {
+            // Open handles keep reading the content after the object is gone.
+            self.materialize(ino).await?;
+        }
+        if in_bucket {
+            let key = self.keys.file_key(&path)?;
+            self.store.delete(&key).await.map_err(|e| self.store_error("DELETE", &key, e))?;
+        }
+        {
+            let mut t = self.table.lock();
+            if t.child(parent, name) == Some(ino) {
+                t.detach(ino);
+            }
+        }
+        self.listed.lock().pop(&path);
+        self.keep_dir(parent).await
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let name = names::component(name)?;
+        let ino = self.find(parent, name).await?.ok_or(FsError::NOENT)?;
+        let path = {
+            let t = self.table.lock();
+            let i = t.get(ino).ok_or(FsError::NOENT)?;
+            if i.kind != Kind::Dir {
+                return Err(FsError::NOTDIR);
+            }
+            if !t.local_children(ino).is_empty() {
+                return Err(FsError::NOTEMPTY);
+            }
+            i.path.clone()
+        };
+        let marker = self.keys.dir_prefix(&path);
+        let page = self
+            .store
+            .list(&marker, true, None, Some(2))
+            .await
+            .map_err(|e| self.store_error("LIST", &marker, e))?;
+        if page.objects.iter().any(|o| o.key != marker) {
+            return Err(FsError::NOTEMPTY);
+        }
+        if !page.objects.is_empty() {
+            self.store.delete(&marker).await.map_err(|e| self.store_error("DELETE", &marker, e))?;
+        }
+        {
+            let mut t = self.table.lock();
+            if t.child(parent, name) == Some(ino) {
+                t.detach(ino);
+            }
+        }
+        self.listed.lock().pop(&path);
+        self.keep_dir(parent).await
+    }
+
+    /// After its last entry went away, a directory that exists only by implication would
+    /// vanish from the bucket; POSIX keeps it, so it gets a marker.
+    async fn keep_dir(&self, dir: u64) -> FsResult<()> {
+        let path = {
+            let t = self.table.lock();
+            match t.get(dir) {
+                Some(i) if dir != ROOT && !i.unlinked => i.path.clone(),
+                _ => return Ok(()),
+            }
+        };
+        let marker = self.keys.dir_prefix(&path);
+        let page = self
+            .store
+            .list(&marker, true, None, Some(1))
+            .await
+            .map_err(|e| self.store_error("LIST", &marker, e))?;
+        if page.objects.is_empty() {
+            self.store
+                .put(&marker, bytes::Bytes::new())
+                .await
+                .map_err(|e| self.store_error("PUT", &marker, e))?;
+        }
+        Ok(())
+    }
+
+    /// Renames a file: a server-side copy and a delete, or only a local move while the file
+    /// has not been uploaded yet. Directories cannot be renamed (EXDEV, so `mv` copies).
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        no_replace: bool,
+    ) -> FsResult<()> {
+        let name = names::component(name)?;
+        let new_name = names::component(new_name)?;
+        let ino = self.find(parent, name).await?.ok_or(FsError::NOENT)?;
+        let target = self.find(new_parent, new_name).await?;
+        let new_path = names::join(&self.dir_path(new_parent)?, new_name);
+        let new_key = self.keys.file_key(&new_path)?;
+        if target == Some(ino) {
+            return Ok(());
+        }
+        if let Some(t_ino) = target {
+            if no_replace {
+                return Err(FsError::EXIST);
+            }
+            let t = self.table.lock();
+            if t.get(t_ino).is_some_and(|i| i.kind == Kind::Dir) {
+                return Err(FsError::ISDIR);
+            }
+        }
+        let (old_path, kind, in_bucket, dirty, open) = {
+            let t = self.table.lock();
+            let i = t.get(ino).ok_or(FsError::NOENT)?;
+            (i.path.clone(), i.kind, i.in_bucket, i.dirty, i.open)
+        };
+        if kind == Kind::Dir {
+            return Err(FsError::XDEV);
+        }
+        let old_key = self.keys.file_key(&old_path)?;
+        if in_bucket && !dirty {
+            self.store
+                .copy(&old_key, &new_key)
+                .await
+                .map_err(|e| self.store_error("COPY", &old_key, e))?;
+        }
+        if in_bucket {
+            self.store.delete(&old_key).await.map_err(|e| self.store_error("DELETE", &old_key, e))?;
+        }
+        {
+            let mut t = self.table.lock();
+            t.reparent(ino, new_parent, new_name, new_path.clone());
+            if let Some(i) = t.get_mut(ino) {
+                // A dirty file reaches its new key with its next upload.
+                i.in_bucket = in_bucket && !dirty;
+                i.validated = Instant::now();
+            }
+        }
+        {
+            let mut listed = self.listed.lock();
+            listed.pop(&old_path);
+            listed.pop(&new_path);
+        }
+        if dirty && open == 0 {
+            self.upload(ino).await?;
+        }
+        if parent != new_parent {
+            self.keep_dir(parent).await?;
+        }
+        Ok(())
+    }
+
+    pub fn statfs(&self) -> StatFs {
+        StatFs {
+            blocks: 1 << 40,
+            bfree: 1 << 40,
+            bavail: 1 << 40,
+            files: 1 << 32,
+            ffree: 1 << 32,
+            bsize: 4096,
+            namelen: names::MAX_NAME as u32,
+        }
+    }
+}
+
+/// What `statfs` reports: a bucket has no fixed size, so the figures are large constants.
+#[derive(Debug, Clone, Copy)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}

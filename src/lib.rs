@@ -1,0 +1,13 @@
+//! s3mediafs: mount an S3 or S3-compatible bucket as a directory, built to hold a Matrix
+//! homeserver's media store.
+//!
+//! Layers, from the kernel down: `fuse` (translation only) -> `fs` (filesystem semantics,
+//! FUSE-agnostic) -> `store` (the object store trait, S3 and in-memory) and `cache` (the local
+//! cache directory). `config` validates options; `mount` runs the mount's lifecycle.
+
+pub mod cache;
+pub mod config;
+pub mod fs;
+pub mod fuse;
+pub mod mount;
+pub mod store;

@@ -1,0 +1,295 @@
+//! Mount lifecycle: checks before mounting (mountpoint, cache directory, bucket), running
+//! in the foreground or detaching once the mount is ready, and unmounting on a signal.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{MountOption, SessionACL};
+
+use crate::cache::{CacheLock, StagingArea};
+use crate::config::Config;
+use crate::fs::BucketFs;
+use crate::fuse::FuseAdapter;
+use crate::store::{ObjectStore, S3Store, StoreError};
+
+/// Set in the environment of the process that serves a background mount.
+pub const DAEMON_ENV: &str = "S3MEDIAFS_DAEMON_CHILD";
+const READY_LINE: &str = "S3MEDIAFS-READY";
+
+/// Mounts and serves until unmounted. Errors are sentences for the user.
+pub fn run(cfg: Config) -> Result<(), String> {
+    if !cfg.foreground {
+        return detach();
+    }
+    check_mountpoint(&cfg.mountpoint, cfg.nonempty)?;
+    let _lock = prepare_cache_dir(&cfg.cache_dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .thread_name("s3mediafs-worker")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    check_bucket(&rt, &cfg)?;
+
+    let store: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&cfg.store_config()));
+    let staging = StagingArea::open(&cfg.cache_dir)
+        .map_err(|e| format!("cannot use the cache directory {}: {e}", cfg.cache_dir.display()))?;
+    let fs = Arc::new(BucketFs::new(store, &cfg.prefix, staging, cfg.fs.clone()));
+    let adapter = FuseAdapter::new(fs, rt.handle().clone());
+
+    let source = if cfg.prefix.is_empty() {
+        cfg.bucket.clone()
+    } else {
+        format!("{}:{}", cfg.bucket, cfg.prefix)
+    };
+    let mut options = vec![
+        MountOption::FSName(source.clone()),
+        MountOption::Subtype("s3mediafs".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::NoAtime,
+    ];
+    if cfg.read_only {
+        options.push(MountOption::RO);
+    }
+    if cfg.default_permissions {
+        options.push(MountOption::DefaultPermissions);
+    }
+    let mut fuse_cfg = fuser::Config::default();
+    fuse_cfg.mount_options = options;
+    fuse_cfg.acl = if cfg.allow_other { SessionACL::All } else { SessionACL::Owner };
+    fuse_cfg.n_threads = Some(4);
+
+    let mut session = fuser::Session::new(adapter, &cfg.mountpoint, &fuse_cfg)
+        .map_err(|e| mount_error(&cfg, e))?;
+    let mut unmounter = session.unmount_callable();
+    let mountpoint = cfg.mountpoint.clone();
+    rt.spawn(async move {
+        let reason = wait_for_signal().await;
+        tracing::info!(mountpoint = %mountpoint.display(), "{reason}: unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::warn!(error = %e, "unmount failed (is the mount busy?); detaching it lazily");
+            lazy_unmount(&mountpoint);
+        }
+    });
+    tracing::info!(
+        source, mountpoint = %cfg.mountpoint.display(), endpoint = cfg.endpoint.as_deref().unwrap_or("AWS"),
+        cache_dir = %cfg.cache_dir.display(), "mounted"
+    );
+    signal_ready();
+    let result = session.run();
+    tracing::info!(mountpoint = %cfg.mountpoint.display(), "unmounted");
+    rt.shutdown_timeout(Duration::from_secs(5));
+    result.map_err(|e| format!("the FUSE session ended with an error: {e}"))
+}
+
+/// Starts this program again as the serving process, and returns once it reports the mount
+/// ready, or with its error.
+fn detach() -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .env(DAEMON_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    // SAFETY: setsid is async-signal-safe; it detaches the server from the terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start the mount process: {e}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        match line {
+            Ok(l) if l.trim() == READY_LINE => return Ok(()),
+            Ok(_) => continue,
+            Err(_) => break,
+        }
+    }
+    let status = child.wait().map_err(|e| format!("lost the mount process: {e}"))?;
+    Err(format!("the mount failed ({status})"))
+}
+
+/// Tells a waiting parent that the mount is up, then lets go of its pipe.
+fn signal_ready() {
+    if std::env::var_os(DAEMON_ENV).is_none() {
+        return;
+    }
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{READY_LINE}");
+    let _ = out.flush();
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 onto stdout with a valid descriptor.
+        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+    }
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM received",
+        _ = int.recv() => "SIGINT received",
+        _ = hup.recv() => "SIGHUP received",
+    }
+}
+
+fn lazy_unmount(mountpoint: &Path) {
+    let status = Command::new("fusermount3").arg("-uz").arg(mountpoint).status();
+    if !status.is_ok_and(|s| s.success()) {
+        if let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a valid C string path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+fn mount_error(cfg: &Config, e: std::io::Error) -> String {
+    let mp = cfg.mountpoint.display();
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => format!(
+            "mounting on {mp} was not permitted ({e}). Mount as root, or install fuse3 so the \
+             setuid fusermount3 helper can mount for you; with allow_other as a normal user, \
+             enable user_allow_other in /etc/fuse.conf"
+        ),
+        Some(libc::ENOENT) if e.to_string().contains("fusermount") => format!(
+            "cannot mount {mp}: fusermount3 was not found. Install fuse3 (apt-get install fuse3)"
+        ),
+        Some(libc::ENODEV) => format!(
+            "cannot mount {mp}: the kernel has no FUSE support (/dev/fuse is missing); \
+             load it with `modprobe fuse`"
+        ),
+        _ => format!("cannot mount {mp}: {e}"),
+    }
+}
+
+/// The mountpoint must exist, be a directory, not be mounted already and, unless
+/// `nonempty`, be empty.
+pub fn check_mountpoint(p: &Path, nonempty: bool) -> Result<(), String> {
+    let shown = p.display();
+    let meta = match std::fs::metadata(p) {
+        Ok(m) => m,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(format!(
+                "{shown} is a dead FUSE mount (transport endpoint is not connected); \
+                 clear it with `fusermount3 -u {shown}` (or `umount -l {shown}`) and mount again"
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("the mountpoint {shown} does not exist; create it with `mkdir -p {shown}`"))
+        }
+        Err(e) => return Err(format!("cannot use the mountpoint {shown}: {e}")),
+    };
+    if !meta.is_dir() {
+        return Err(format!("the mountpoint {shown} is not a directory"));
+    }
+    let canonical = std::fs::canonicalize(p).map_err(|e| format!("cannot resolve {shown}: {e}"))?;
+    if let Some((fstype, source)) = mounted_at(&canonical) {
+        return Err(format!(
+            "{shown} is already a mount point ({fstype} from {source}); unmount it first or \
+             choose another directory"
+        ));
+    }
+    if !nonempty {
+        let mut entries = std::fs::read_dir(p).map_err(|e| format!("cannot read {shown}: {e}"))?;
+        if entries.next().is_some() {
+            return Err(format!(
+                "the mountpoint {shown} is not empty, and mounting would hide its files; \
+                 empty it, or pass -o nonempty if that is intended"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The type and source of the mount at exactly `path`, if there is one.
+fn mounted_at(path: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_string_lossy();
+    info.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let mp = unescape_mountinfo(fields.get(4)?);
+        if mp != want {
+            return None;
+        }
+        let sep = fields.iter().position(|f| *f == "-")?;
+        Some((fields.get(sep + 1)?.to_string(), unescape_mountinfo(fields.get(sep + 2)?)))
+    })
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() + 0 && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Creates the cache directory (mode 0700) and locks it for this mount.
+fn prepare_cache_dir(dir: &PathBuf) -> Result<CacheLock, String> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create the cache directory {}: {e}; choose another with --cache-dir", dir.display()))?;
+    CacheLock::acquire(dir)
+}
+
+/// One cheap request that proves the endpoint answers, the credentials work and the bucket
+/// exists.
+fn check_bucket(rt: &tokio::runtime::Runtime, cfg: &Config) -> Result<(), String> {
+    let mut sc = cfg.store_config();
+    sc.max_attempts = 2;
+    sc.attempt_timeout = Duration::from_secs(10);
+    let store = S3Store::new(&sc);
+    let endpoint = cfg.endpoint.clone().unwrap_or_else(|| format!("AWS S3 ({})", cfg.region));
+    let b = &cfg.bucket;
+    let r = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), store.list(&cfg.prefix, false, None, Some(1))).await
+    });
+    match r {
+        Ok(Ok(_)) => Ok(()),
+        Err(_) => Err(format!(
+            "the S3 endpoint {endpoint} did not answer within 30 s; check --endpoint and the network"
+        )),
+        Ok(Err(e)) => Err(match e {
+            StoreError::Unreachable(d) => format!(
+                "cannot reach the S3 endpoint ({d}); check --endpoint and that the server is running"
+            ),
+            StoreError::BadCredentials(m) => format!(
+                "the S3 endpoint {endpoint} rejected the credentials from {} ({m}); check the \
+                 access key and secret",
+                cfg.credentials.source
+            ),
+            StoreError::AccessDenied(m) => format!(
+                "access to bucket '{b}' was denied ({m}); check that the key may list, read and \
+                 write it"
+            ),
+            StoreError::NoSuchBucket(_) | StoreError::NotFound => format!(
+                "the bucket '{b}' does not exist at {endpoint}; create it first, or check the \
+                 name and --region"
+            ),
+            other => format!("checking the bucket '{b}' at {endpoint} failed: {other}"),
+        }),
+    }
+}

@@ -1,0 +1,224 @@
+//! An object store that keeps everything in memory, with the same listing and error
+//! semantics as S3. Used by unit and model tests of the filesystem layer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+
+use super::{ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult};
+
+#[derive(Clone)]
+struct Object {
+    data: Bytes,
+    etag: String,
+    modified: SystemTime,
+}
+
+#[derive(Default)]
+pub struct MemoryStore {
+    objects: Mutex<BTreeMap<String, Object>>,
+    uploads: Mutex<HashMap<String, BTreeMap<i32, Bytes>>>,
+    next_etag: AtomicU64,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// All keys currently stored, in order.
+    pub fn keys(&self) -> Vec<String> {
+        self.objects.lock().keys().cloned().collect()
+    }
+
+    /// The bytes of one object, if present.
+    pub fn object(&self, key: &str) -> Option<Bytes> {
+        self.objects.lock().get(key).map(|o| o.data.clone())
+    }
+
+    /// Multipart uploads started and neither completed nor aborted.
+    pub fn open_uploads(&self) -> usize {
+        self.uploads.lock().len()
+    }
+
+    fn store(&self, key: &str, data: Bytes) -> String {
+        let etag = format!("\"m{}\"", self.next_etag.fetch_add(1, Ordering::Relaxed));
+        let object = Object { data, etag: etag.clone(), modified: SystemTime::now() };
+        self.objects.lock().insert(key.to_string(), object);
+        etag
+    }
+
+    fn meta(key: &str, o: &Object) -> ObjectMeta {
+        ObjectMeta {
+            key: key.to_string(),
+            size: o.data.len() as u64,
+            etag: Some(o.etag.clone()),
+            last_modified: o.modified,
+        }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for MemoryStore {
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        let objects = self.objects.lock();
+        objects.get(key).map(|o| Self::meta(key, o)).ok_or(StoreError::NotFound)
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_match: Option<&str>,
+    ) -> StoreResult<Bytes> {
+        let objects = self.objects.lock();
+        let o = objects.get(key).ok_or(StoreError::NotFound)?;
+        if if_match.is_some_and(|etag| etag != o.etag) {
+            return Err(StoreError::PreconditionFailed);
+        }
+        let len = o.data.len() as u64;
+        if range.start >= len && len > 0 {
+            return Err(StoreError::InvalidRange);
+        }
+        let end = range.end.min(len);
+        Ok(o.data.slice(range.start.min(end) as usize..end as usize))
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        recursive: bool,
+        token: Option<String>,
+        max_keys: Option<i32>,
+    ) -> StoreResult<ListPage> {
+        use std::ops::Bound;
+        let max = max_keys.unwrap_or(1000).clamp(1, 1000) as usize;
+        let objects = self.objects.lock();
+        let mut page = ListPage::default();
+        // The token is the last entry returned: an object key, or a common prefix whose
+        // keys must all be skipped.
+        let lower = match &token {
+            Some(t) => Bound::Excluded(t.clone()),
+            None => Bound::Included(prefix.to_string()),
+        };
+        let mut skip_prefix: Option<String> = token.filter(|t| t.ends_with('/'));
+        let mut last = None;
+        for (key, o) in objects.range((lower, Bound::Unbounded)) {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if skip_prefix.as_deref().is_some_and(|p| key.starts_with(p)) {
+                continue;
+            }
+            if page.objects.len() + page.prefixes.len() == max {
+                page.next_token = last;
+                break;
+            }
+            let rest = &key[prefix.len()..];
+            match rest.find('/') {
+                Some(i) if !recursive => {
+                    let p = format!("{}{}", prefix, &rest[..=i]);
+                    page.prefixes.push(p.clone());
+                    skip_prefix = Some(p.clone());
+                    last = Some(p);
+                }
+                _ => {
+                    page.objects.push(Self::meta(key, o));
+                    last = Some(key.clone());
+                }
+            }
+        }
+        Ok(page)
+    }
+
+    async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>> {
+        Ok(Some(self.store(key, body)))
+    }
+
+    async fn create_multipart(&self, key: &str) -> StoreResult<String> {
+        let id = format!("{key}#{}", self.next_etag.fetch_add(1, Ordering::Relaxed));
+        self.uploads.lock().insert(id.clone(), BTreeMap::new());
+        Ok(id)
+    }
+
+    async fn upload_part(
+        &self,
+        _key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: Bytes,
+    ) -> StoreResult<String> {
+        let mut uploads = self.uploads.lock();
+        let parts = uploads.get_mut(upload_id).ok_or(StoreError::NotFound)?;
+        parts.insert(part_number, body);
+        Ok(format!("\"p{part_number}\""))
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<(i32, String)>,
+    ) -> StoreResult<Option<String>> {
+        let stored = self.uploads.lock().remove(upload_id).ok_or(StoreError::NotFound)?;
+        let mut data = BytesMut::new();
+        for (n, _) in parts {
+            let part = stored.get(&n).ok_or_else(|| StoreError::Other(format!("part {n} missing")))?;
+            data.extend_from_slice(part);
+        }
+        Ok(Some(self.store(key, data.freeze())))
+    }
+
+    async fn abort_multipart(&self, _key: &str, upload_id: &str) -> StoreResult<()> {
+        self.uploads.lock().remove(upload_id);
+        Ok(())
+    }
+
+    async fn copy(&self, from: &str, to: &str) -> StoreResult<()> {
+        let data = self.objects.lock().get(from).map(|o| o.data.clone()).ok_or(StoreError::NotFound)?;
+        self.store(to, data);
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.objects.lock().remove(key);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    #[test]
+    fn delimited_listing_pages_through_files_and_prefixes() {
+        let s = MemoryStore::new();
+        block_on(async {
+            for k in ["p/a", "p/b/1", "p/b/2", "p/c", "p/d/x", "q/z"] {
+                s.put(k, Bytes::from_static(b"x")).await.unwrap();
+            }
+            let mut names = Vec::new();
+            let mut token = None;
+            loop {
+                let page = s.list("p/", false, token, Some(2)).await.unwrap();
+                names.extend(page.objects.iter().map(|o| o.key.clone()));
+                names.extend(page.prefixes.iter().cloned());
+                token = page.next_token;
+                if token.is_none() {
+                    break;
+                }
+            }
+            names.sort();
+            assert_eq!(names, ["p/a", "p/b/", "p/c", "p/d/"]);
+        });
+    }
+}

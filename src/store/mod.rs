@@ -1,0 +1,128 @@
+//! The object store seen by the filesystem: a small async trait over the S3 operations the
+//! mount needs, with one implementation that talks to a real S3 endpoint (`s3.rs`) and one
+//! that keeps objects in memory for fast unit and model tests (`memory.rs`).
+
+mod memory;
+mod s3;
+mod upload;
+
+use std::ops::Range;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use memory::MemoryStore;
+pub use s3::{S3Store, StoreConfig};
+pub use upload::{part_size_for, upload_file, MAX_PARTS};
+
+/// What the store knows about one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+    pub etag: Option<String>,
+    pub last_modified: SystemTime,
+}
+
+/// One page of a delimited listing.
+#[derive(Debug, Clone, Default)]
+pub struct ListPage {
+    /// Objects directly under the prefix (their keys contain no delimiter past the prefix).
+    pub objects: Vec<ObjectMeta>,
+    /// Common prefixes ("subdirectories"), each ending with the delimiter.
+    pub prefixes: Vec<String>,
+    /// Token for the next page, if the listing was truncated.
+    pub next_token: Option<String>,
+}
+
+/// Why a store operation failed, in terms the filesystem can act on.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    #[error("no such object")]
+    NotFound,
+    #[error("the object changed while it was being read")]
+    PreconditionFailed,
+    #[error("the requested range is outside the object")]
+    InvalidRange,
+    #[error("the bucket {0:?} does not exist")]
+    NoSuchBucket(String),
+    #[error("access denied: {0}")]
+    AccessDenied(String),
+    #[error("the credentials were rejected: {0}")]
+    BadCredentials(String),
+    #[error("cannot reach the endpoint: {0}")]
+    Unreachable(String),
+    #[error("the store answered with a body shorter than announced ({got} of {expected} bytes)")]
+    Truncated { expected: u64, got: u64 },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl StoreError {
+    /// The errno a filesystem caller should see for this failure.
+    pub fn errno(&self) -> i32 {
+        match self {
+            StoreError::NotFound | StoreError::NoSuchBucket(_) => libc::ENOENT,
+            StoreError::AccessDenied(_) | StoreError::BadCredentials(_) => libc::EACCES,
+            _ => libc::EIO,
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The operations the filesystem performs on a bucket. Keys are full object keys (the mount
+/// prefix already applied).
+#[async_trait]
+pub trait ObjectStore: Send + Sync + 'static {
+    /// Metadata of one object, or `NotFound`.
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta>;
+
+    /// Bytes `range` of the object. With `if_match`, fails with `PreconditionFailed` when the
+    /// object's ETag is no longer that one. A range past the end is clipped by the store.
+    async fn get_range(&self, key: &str, range: Range<u64>, if_match: Option<&str>)
+        -> StoreResult<Bytes>;
+
+    /// One page of the listing of `prefix` with delimiter `/` (or no delimiter when
+    /// `recursive`), at most `max_keys` entries.
+    async fn list(
+        &self,
+        prefix: &str,
+        recursive: bool,
+        token: Option<String>,
+        max_keys: Option<i32>,
+    ) -> StoreResult<ListPage>;
+
+    /// Store `body` as the whole object; returns its ETag.
+    async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>>;
+
+    /// Start a multipart upload; returns its upload id.
+    async fn create_multipart(&self, key: &str) -> StoreResult<String>;
+
+    /// Upload part `part_number` (1-based); returns the part's ETag.
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: Bytes,
+    ) -> StoreResult<String>;
+
+    /// Assemble the parts, in order; returns the object's ETag.
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<(i32, String)>,
+    ) -> StoreResult<Option<String>>;
+
+    /// Give up a multipart upload and free its parts.
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()>;
+
+    /// Server-side copy of a whole object.
+    async fn copy(&self, from: &str, to: &str) -> StoreResult<()>;
+
+    /// Delete an object; deleting a missing key succeeds.
+    async fn delete(&self, key: &str) -> StoreResult<()>;
+}

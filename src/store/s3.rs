@@ -1,0 +1,417 @@
+//! The object store backed by a real S3 or S3-compatible endpoint, through aws-sdk-s3.
+//! Retries with backoff and timeouts come from the SDK's standard retry mode; this module
+//! turns the SDK's errors into `StoreError`s that say what went wrong.
+
+use std::fmt;
+use std::ops::Range;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::Client;
+use bytes::Bytes;
+
+use super::{ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult};
+
+/// Everything needed to talk to one bucket.
+#[derive(Clone)]
+pub struct StoreConfig {
+    pub bucket: String,
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub path_style: bool,
+    pub access_key: String,
+    pub secret_key: String,
+    pub session_token: Option<String>,
+    /// How many times a request is tried in all before its error is returned.
+    pub max_attempts: u32,
+    pub connect_timeout: Duration,
+    /// Limit on one attempt of one request (a whole part upload or ranged GET).
+    pub attempt_timeout: Duration,
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The secret and the session token never appear in logs or panics.
+        f.debug_struct("StoreConfig")
+            .field("bucket", &self.bucket)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("path_style", &self.path_style)
+            .field("access_key", &self.access_key)
+            .finish_non_exhaustive()
+    }
+}
+
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    endpoint: String,
+}
+
+impl S3Store {
+    pub fn new(cfg: &StoreConfig) -> Self {
+        let creds = Credentials::new(
+            cfg.access_key.clone(),
+            cfg.secret_key.clone(),
+            cfg.session_token.clone(),
+            None,
+            "s3mediafs",
+        );
+        let mut b = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(cfg.region.clone()))
+            .credentials_provider(creds)
+            .force_path_style(cfg.path_style)
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(cfg.max_attempts.max(1))
+                    .with_initial_backoff(Duration::from_millis(100))
+                    .with_max_backoff(Duration::from_secs(5)),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(cfg.connect_timeout)
+                    .operation_attempt_timeout(cfg.attempt_timeout)
+                    .build(),
+            )
+            // Many S3-compatible stores reject or mishandle the newer default checksums.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        if let Some(ep) = &cfg.endpoint {
+            b = b.endpoint_url(ep.clone());
+        }
+        S3Store {
+            client: Client::from_conf(b.build()),
+            bucket: cfg.bucket.clone(),
+            endpoint: cfg.endpoint.clone().unwrap_or_else(|| format!("AWS S3 ({})", cfg.region)),
+        }
+    }
+
+    fn map_err<E>(&self, op: &str, key: &str, err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let status = err.raw_response().map(|r| r.status().as_u16());
+        let code = err.code().unwrap_or_default().to_string();
+        let message = err.message().unwrap_or_default().to_string();
+        match &err {
+            SdkError::DispatchFailure(d) => {
+                let detail = d
+                    .as_connector_error()
+                    .map(|c| source_chain(c))
+                    .unwrap_or_else(|| format!("{err:?}"));
+                return StoreError::Unreachable(format!("{}: {detail}", self.endpoint));
+            }
+            SdkError::TimeoutError(_) => {
+                return StoreError::Unreachable(format!("{}: the request timed out", self.endpoint));
+            }
+            _ => {}
+        }
+        match (status, code.as_str()) {
+            (_, "NoSuchBucket") => StoreError::NoSuchBucket(self.bucket.clone()),
+            (_, "NoSuchKey") | (Some(404), _) => StoreError::NotFound,
+            (_, "PreconditionFailed") | (Some(412), _) => StoreError::PreconditionFailed,
+            (_, "InvalidRange") | (Some(416), _) => StoreError::InvalidRange,
+            (_, "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "InvalidToken" | "ExpiredToken") => {
+                StoreError::BadCredentials(if message.is_empty() { code } else { message })
+            }
+            (_, "AuthorizationHeaderMalformed" | "PermanentRedirect") | (Some(301), _) => {
+                StoreError::Other(format!(
+                    "the bucket is in another region than the one configured ({code}: {message})"
+                ))
+            }
+            (Some(403), _) => StoreError::AccessDenied(if message.is_empty() {
+                format!("{op} {key:?} was refused")
+            } else {
+                message
+            }),
+            _ => StoreError::Other(format!(
+                "{op} {key:?} failed: {}{}{}",
+                status.map(|s| format!("HTTP {s} ")).unwrap_or_default(),
+                code,
+                if message.is_empty() { String::new() } else { format!(": {message}") }
+            )),
+        }
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let s_str = s.to_string();
+        if !out.contains(&s_str) {
+            out.push_str(": ");
+            out.push_str(&s_str);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+fn to_system_time(t: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
+    t.and_then(|t| SystemTime::try_from(*t).ok()).unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// Percent-encodes a key for the `x-amz-copy-source` header, keeping `/`.
+fn encode_copy_source(bucket: &str, key: &str) -> String {
+    let mut out = String::with_capacity(bucket.len() + key.len() + 8);
+    out.push_str(bucket);
+    out.push('/');
+    for b in key.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        let r = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| self.map_err("HEAD", key, e))?;
+        Ok(ObjectMeta {
+            key: key.to_string(),
+            size: r.content_length().unwrap_or(0).max(0) as u64,
+            etag: r.e_tag().map(str::to_string),
+            last_modified: to_system_time(r.last_modified()),
+        })
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_match: Option<&str>,
+    ) -> StoreResult<Bytes> {
+        if range.end <= range.start {
+            return Ok(Bytes::new());
+        }
+        let r = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range(format!("bytes={}-{}", range.start, range.end - 1))
+            .set_if_match(if_match.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| self.map_err("GET", key, e))?;
+        let expected = r.content_length().map(|l| l.max(0) as u64);
+        let body = r
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::Other(format!("GET {key:?}: reading the body failed: {e}")))?
+            .into_bytes();
+        if let Some(expected) = expected {
+            if body.len() as u64 != expected {
+                return Err(StoreError::Truncated { expected, got: body.len() as u64 });
+            }
+        }
+        Ok(body)
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        recursive: bool,
+        token: Option<String>,
+        max_keys: Option<i32>,
+    ) -> StoreResult<ListPage> {
+        let mut req = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .set_continuation_token(token)
+            .set_max_keys(max_keys);
+        if !recursive {
+            req = req.delimiter("/");
+        }
+        let r = req.send().await.map_err(|e| self.map_err("LIST", prefix, e))?;
+        let objects = r
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                Some(ObjectMeta {
+                    key: o.key()?.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: o.e_tag().map(str::to_string),
+                    last_modified: to_system_time(o.last_modified()),
+                })
+            })
+            .collect();
+        let prefixes = r
+            .common_prefixes()
+            .iter()
+            .filter_map(|p| p.prefix().map(str::to_string))
+            .collect();
+        let next_token = if r.is_truncated().unwrap_or(false) {
+            r.next_continuation_token().map(str::to_string)
+        } else {
+            None
+        };
+        Ok(ListPage { objects, prefixes, next_token })
+    }
+
+    async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>> {
+        let len = body.len() as i64;
+        let r = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_length(len)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| self.map_err("PUT", key, e))?;
+        Ok(r.e_tag().map(str::to_string))
+    }
+
+    async fn create_multipart(&self, key: &str) -> StoreResult<String> {
+        let r = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| self.map_err("CreateMultipartUpload", key, e))?;
+        r.upload_id()
+            .map(str::to_string)
+            .ok_or_else(|| StoreError::Other("the store returned no upload id".into()))
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: Bytes,
+    ) -> StoreResult<String> {
+        let len = body.len() as i64;
+        let r = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(part_number)
+            .content_length(len)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| self.map_err("UploadPart", key, e))?;
+        r.e_tag()
+            .map(str::to_string)
+            .ok_or_else(|| StoreError::Other("the store returned no part ETag".into()))
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<(i32, String)>,
+    ) -> StoreResult<Option<String>> {
+        let parts = parts
+            .into_iter()
+            .map(|(n, etag)| CompletedPart::builder().part_number(n).e_tag(etag).build())
+            .collect();
+        let r = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .send()
+            .await
+            .map_err(|e| self.map_err("CompleteMultipartUpload", key, e))?;
+        Ok(r.e_tag().map(str::to_string))
+    }
+
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map_err(|e| self.map_err("AbortMultipartUpload", key, e))?;
+        Ok(())
+    }
+
+    async fn copy(&self, from: &str, to: &str) -> StoreResult<()> {
+        self.client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(to)
+            .copy_source(encode_copy_source(&self.bucket, from))
+            .send()
+            .await
+            .map_err(|e| self.map_err("COPY", from, e))?;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        match self.client.delete_object().bucket(&self.bucket).key(key).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => match self.map_err("DELETE", key, e) {
+                StoreError::NotFound => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_source_keeps_slashes_and_escapes_the_rest() {
+        assert_eq!(
+            encode_copy_source("b", "remote_content/[::1]:8448/a b+%"),
+            "b/remote_content/%5B%3A%3A1%5D%3A8448/a%20b%2B%25"
+        );
+    }
+
+    #[test]
+    fn debug_output_hides_the_secret() {
+        let cfg = StoreConfig {
+            bucket: "b".into(),
+            endpoint: None,
+            region: "r".into(),
+            path_style: true,
+            access_key: "AKIDEXAMPLE".into(),
+            secret_key: "very-secret-value".into(),
+            session_token: Some("token-value".into()),
+            max_attempts: 3,
+            connect_timeout: Duration::from_secs(1),
+            attempt_timeout: Duration::from_secs(1),
+        };
+        let s = format!("{cfg:?}");
+        assert!(!s.contains("very-secret-value") && !s.contains("token-value"), "{s}");
+    }
+}

@@ -1,0 +1,135 @@
+//! Uploading a local file as one object: a single PUT when it fits in one part, otherwise a
+//! multipart upload with a few parts in flight. A failed multipart upload is aborted so no
+//! orphaned parts are left to bill.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::task::JoinSet;
+
+use super::{ObjectStore, StoreError, StoreResult};
+
+/// S3 allows at most this many parts in one upload.
+pub const MAX_PARTS: u64 = 10_000;
+
+/// The part size for an object of `size` bytes: `base`, grown in whole MiB so that the
+/// object fits in `MAX_PARTS` parts.
+pub fn part_size_for(size: u64, base: u64) -> u64 {
+    const MIB: u64 = 1 << 20;
+    let needed = size.div_ceil(MAX_PARTS);
+    base.max(needed.div_ceil(MIB) * MIB)
+}
+
+async fn read_part(file: Arc<File>, offset: u64, len: usize) -> StoreResult<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset).map(|_| Bytes::from(buf))
+    })
+    .await
+    .map_err(|e| StoreError::Other(format!("reading the staged file failed: {e}")))?
+    .map_err(|e| StoreError::Other(format!("reading the staged file failed: {e}")))
+}
+
+/// Uploads the first `size` bytes of `file` as `key`; returns the new ETag.
+pub async fn upload_file(
+    store: &Arc<dyn ObjectStore>,
+    key: &str,
+    file: Arc<File>,
+    size: u64,
+    base_part_size: u64,
+    parts_in_flight: usize,
+) -> StoreResult<Option<String>> {
+    let part_size = part_size_for(size, base_part_size);
+    if size <= part_size {
+        let body = read_part(file, 0, size as usize).await?;
+        return store.put(key, body).await;
+    }
+    let upload_id = store.create_multipart(key).await?;
+    let result = upload_parts(store, key, &upload_id, file, size, part_size, parts_in_flight).await;
+    match result {
+        Ok(parts) => match store.complete_multipart(key, &upload_id, parts).await {
+            Ok(etag) => Ok(etag),
+            Err(e) => {
+                let _ = store.abort_multipart(key, &upload_id).await;
+                Err(e)
+            }
+        },
+        Err(e) => {
+            if let Err(abort) = store.abort_multipart(key, &upload_id).await {
+                tracing::warn!(key, error = %abort, "could not abort a failed multipart upload");
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn upload_parts(
+    store: &Arc<dyn ObjectStore>,
+    key: &str,
+    upload_id: &str,
+    file: Arc<File>,
+    size: u64,
+    part_size: u64,
+    parts_in_flight: usize,
+) -> StoreResult<Vec<(i32, String)>> {
+    let count = size.div_ceil(part_size);
+    let mut parts = Vec::with_capacity(count as usize);
+    let mut tasks = JoinSet::new();
+    let mut next = 0u64;
+    loop {
+        while next < count && tasks.len() < parts_in_flight.max(1) {
+            let offset = next * part_size;
+            let len = part_size.min(size - offset) as usize;
+            let number = next as i32 + 1;
+            let (store, key, id, file) =
+                (store.clone(), key.to_string(), upload_id.to_string(), file.clone());
+            tasks.spawn(async move {
+                let body = read_part(file, offset, len).await?;
+                let etag = store.upload_part(&key, &id, number, body).await?;
+                Ok::<_, StoreError>((number, etag))
+            });
+            next += 1;
+        }
+        match tasks.join_next().await {
+            Some(Ok(Ok(part))) => parts.push(part),
+            Some(Ok(Err(e))) => return Err(e),
+            Some(Err(e)) => return Err(StoreError::Other(format!("part upload task failed: {e}"))),
+            None => break,
+        }
+    }
+    parts.sort_by_key(|(n, _)| *n);
+    Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+    use std::io::Write;
+
+    #[test]
+    fn part_size_grows_to_fit_ten_thousand_parts() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(part_size_for(1, 8 * MIB), 8 * MIB);
+        assert_eq!(part_size_for(80_000 * MIB, 8 * MIB), 8 * MIB);
+        let five_tib = 5u64 << 40;
+        let p = part_size_for(five_tib, 8 * MIB);
+        assert!(p % MIB == 0 && five_tib.div_ceil(p) <= MAX_PARTS, "{p}");
+    }
+
+    #[test]
+    fn multipart_upload_reassembles_the_file() {
+        let mem = Arc::new(MemoryStore::new());
+        let store: Arc<dyn ObjectStore> = mem.clone();
+        let mut f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..(3 * 1024 * 1024 + 17)).map(|i| (i % 251) as u8).collect();
+        f.write_all(&data).unwrap();
+        let f = Arc::new(f);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(upload_file(&store, "k", f, data.len() as u64, 1 << 20, 3)).unwrap();
+        assert_eq!(mem.object("k").unwrap().as_ref(), &data[..]);
+        assert_eq!(mem.open_uploads(), 0);
+    }
+}

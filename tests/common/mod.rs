@@ -1,0 +1,303 @@
+//! Test harness: mounts the real `s3mediafs` binary with FUSE against the real S3 server
+//! that `scripts/test.sh` started (its settings come from S3MEDIAFS_TEST_* variables), each
+//! test under its own key prefix, and talks to the bucket directly for checks.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use s3mediafs::store::{ObjectStore, S3Store, StoreConfig};
+use sha2::{Digest, Sha256};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_s3mediafs");
+
+#[derive(Clone, Debug)]
+pub struct S3Env {
+    pub backend: String,
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+impl S3Env {
+    pub fn get() -> S3Env {
+        let var = |k: &str| {
+            std::env::var(k).unwrap_or_else(|_| {
+                panic!("{k} is not set: run the tests with scripts/test.sh, which starts a local S3 server")
+            })
+        };
+        S3Env {
+            backend: var("S3MEDIAFS_TEST_BACKEND"),
+            endpoint: var("S3MEDIAFS_TEST_ENDPOINT"),
+            region: var("S3MEDIAFS_TEST_REGION"),
+            bucket: var("S3MEDIAFS_TEST_BUCKET"),
+            access_key: var("S3MEDIAFS_TEST_ACCESS_KEY"),
+            secret_key: var("S3MEDIAFS_TEST_SECRET_KEY"),
+        }
+    }
+
+    /// Whether the server checks request signatures (moto does not by default).
+    pub fn checks_credentials(&self) -> bool {
+        self.backend != "moto"
+    }
+
+    /// Arguments that point a mount at this server.
+    pub fn mount_args(&self) -> Vec<String> {
+        vec!["--endpoint".into(), self.endpoint.clone(), "--region".into(), self.region.clone()]
+    }
+}
+
+/// A prefix no other test uses.
+pub fn unique_prefix(name: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("t/{name}-{}-{nanos:x}-{}/", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Direct access to the test bucket, bypassing the mount.
+pub struct Bucket {
+    pub store: Arc<dyn ObjectStore>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Bucket {
+    pub fn new(env: &S3Env) -> Bucket {
+        let store = S3Store::new(&StoreConfig {
+            bucket: env.bucket.clone(),
+            endpoint: Some(env.endpoint.clone()),
+            region: env.region.clone(),
+            path_style: true,
+            access_key: env.access_key.clone(),
+            secret_key: env.secret_key.clone(),
+            session_token: None,
+            max_attempts: 3,
+            connect_timeout: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(120),
+        });
+        Bucket { store: Arc::new(store), rt: tokio::runtime::Runtime::new().unwrap() }
+    }
+
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.rt.block_on(async {
+            let meta = match self.store.head(key).await {
+                Ok(m) => m,
+                Err(s3mediafs::store::StoreError::NotFound) => return None,
+                Err(e) => panic!("HEAD {key}: {e}"),
+            };
+            if meta.size == 0 {
+                return Some(Vec::new());
+            }
+            Some(self.store.get_range(key, 0..meta.size, None).await.expect("GET").to_vec())
+        })
+    }
+
+    pub fn put(&self, key: &str, data: &[u8]) {
+        self.rt
+            .block_on(self.store.put(key, bytes::Bytes::copy_from_slice(data)))
+            .unwrap_or_else(|e| panic!("PUT {key}: {e}"));
+    }
+
+    /// Every key under `prefix`, sorted.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        self.rt.block_on(async {
+            let mut out = Vec::new();
+            let mut token = None;
+            loop {
+                let page = self.store.list(prefix, true, token, None).await.expect("LIST");
+                out.extend(page.objects.into_iter().map(|o| o.key));
+                token = page.next_token;
+                if token.is_none() {
+                    break;
+                }
+            }
+            out.sort();
+            out
+        })
+    }
+}
+
+/// A running mount of `bucket:prefix`, unmounted when dropped.
+pub struct TestMount {
+    pub env: S3Env,
+    pub prefix: String,
+    pub dir: tempfile::TempDir,
+    pub mnt: PathBuf,
+    pub cache: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestMount {
+    /// Mounts a fresh prefix named after the test.
+    pub fn new(name: &str) -> TestMount {
+        Self::with_args(name, &[])
+    }
+
+    pub fn with_args(name: &str, extra: &[&str]) -> TestMount {
+        let env = S3Env::get();
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("mnt");
+        let cache = dir.path().join("cache");
+        std::fs::create_dir(&mnt).unwrap();
+        let mut m = TestMount { env, prefix: unique_prefix(name), dir, mnt, cache, child: None };
+        m.start(extra);
+        m
+    }
+
+    pub fn source(&self) -> String {
+        format!("{}:{}", self.env.bucket, self.prefix)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("mount.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts (or restarts) the mount process and waits until the mount is in place.
+    pub fn start(&mut self, extra: &[&str]) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mount")
+            .arg(self.source())
+            .arg(&self.mnt)
+            .args(self.env.mount_args())
+            .arg("--cache-dir")
+            .arg(&self.cache)
+            .arg("--log-level")
+            .arg("debug")
+            .args(extra)
+            .env("AWS_ACCESS_KEY_ID", &self.env.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", &self.env.secret_key)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let mut child = cmd.spawn().expect("start s3mediafs");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mounted(&self.mnt) {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("s3mediafs exited before mounting ({status}):\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "mount did not appear in 30 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn key(&self, rel: &str) -> String {
+        format!("{}{}", self.prefix, rel)
+    }
+
+    /// Unmounts and waits for the mount process to exit; returns its exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if is_mounted(&self.mnt) {
+                let _ = Command::new("fusermount3").arg("-u").arg(&self.mnt).stderr(Stdio::null()).status();
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = Command::new("fusermount3").arg("-uz").arg(&self.mnt).status();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGKILL to the mount process, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("fusermount3").arg("-uz").arg(&self.mnt).stderr(Stdio::null()).status();
+    }
+}
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Whether something is mounted exactly at `path`.
+pub fn is_mounted(path: &Path) -> bool {
+    let want = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let want = want.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+/// Runs the binary to completion (up to 60 s) and returns its exit code and stderr.
+pub fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_ENDPOINT_URL")
+        .env("HOME", "/nonexistent")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            return (status.code().unwrap_or(-1), err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("s3mediafs {args:?} did not finish in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(data))
+}
+
+/// Deterministic pseudo-random bytes (xorshift), cheap enough for hundreds of MiB.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
+    match r {
+        Ok(v) => panic!("expected an error, got Ok({v:?})"),
+        Err(e) => e.raw_os_error().unwrap_or_else(|| panic!("no errno in {e}")),
+    }
+}
