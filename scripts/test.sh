@@ -29,7 +29,7 @@ for server in ${S3MEDIAFS_TEST_SERVERS:-garage moto}; do
         cargo test --quiet "$@"
     else
         # Unit and model tests do not touch a server; run only the integration tests again.
-        cargo test --quiet --tests --test '*' "$@"
+        cargo test --quiet --test '*' "$@"
     fi
     scripts/s3-server.sh stop "$server"
 done

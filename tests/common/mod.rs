@@ -139,12 +139,17 @@ impl TestMount {
     }
 
     pub fn with_args(name: &str, extra: &[&str]) -> TestMount {
+        Self::with_prefix(unique_prefix(name), extra)
+    }
+
+    /// Mounts `prefix` (which may already hold objects).
+    pub fn with_prefix(prefix: String, extra: &[&str]) -> TestMount {
         let env = S3Env::get();
         let dir = tempfile::tempdir().unwrap();
         let mnt = dir.path().join("mnt");
         let cache = dir.path().join("cache");
         std::fs::create_dir(&mnt).unwrap();
-        let mut m = TestMount { env, prefix: unique_prefix(name), dir, mnt, cache, child: None };
+        let mut m = TestMount { env, prefix, dir, mnt, cache, child: None };
         m.start(extra);
         m
     }
@@ -233,6 +238,14 @@ impl TestMount {
 impl Drop for TestMount {
     fn drop(&mut self) {
         self.stop();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- last lines of the mount log ---");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 

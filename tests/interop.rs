@@ -1,0 +1,106 @@
+//! Buckets written by other tools mount as they are, and what the mount writes is plain
+//! objects other tools can read.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+
+use common::*;
+
+fn names(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn objects_put_directly_appear_as_files_and_directories() {
+    let env = S3Env::get();
+    let bucket = Bucket::new(&env);
+    let prefix = unique_prefix("interop");
+    // What `aws s3 sync` or synapse-s3-storage-provider leave: nested keys, no markers.
+    let objects: Vec<(&str, Vec<u8>)> = vec![
+        ("local_content/ab/cd/efghijklmnopqrstuvwx", pseudo_random(70_000, 1)),
+        ("local_content/ab/cd/zzzzzzzzzzzzzzzzzzzz", pseudo_random(3, 2)),
+        ("local_thumbnails/ab/cd/efghijklmnopqrstuvwx/32-32-image-jpeg-crop", pseudo_random(680, 3)),
+        ("remote_content/matrix.org/Xy/Zw/aaaaaaaaaaaaaaaaaaaa", pseudo_random(1, 4)),
+        ("top.bin", Vec::new()),
+    ];
+    for (k, v) in &objects {
+        bucket.put(&format!("{prefix}{k}"), v);
+    }
+    // Keys that cannot be paths, and a name that is both a file and a directory.
+    for bad in ["bad//double", "dots/./x", "dots/../y", "clash"] {
+        bucket.put(&format!("{prefix}{bad}"), b"skipped");
+    }
+    bucket.put(&format!("{prefix}clash/inner"), b"inner");
+
+    let m = TestMount::with_prefix(prefix, &[]);
+    assert_eq!(
+        names(&m.mnt),
+        ["bad", "clash", "dots", "local_content", "local_thumbnails", "remote_content", "top.bin"]
+    );
+    for (k, v) in &objects {
+        let meta = fs::metadata(m.path(k)).unwrap();
+        assert!(meta.is_file(), "{k}");
+        assert_eq!(meta.len(), v.len() as u64, "{k}");
+        assert_eq!(&fs::read(m.path(k)).unwrap(), v, "{k}");
+    }
+    assert!(fs::metadata(m.path("local_content/ab")).unwrap().is_dir());
+    assert_eq!(names(&m.path("local_content/ab/cd")), ["efghijklmnopqrstuvwx", "zzzzzzzzzzzzzzzzzzzz"]);
+    // `ls -l` sizes come from the listing.
+    let sizes: Vec<u64> = fs::read_dir(m.path("local_content/ab/cd"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().size())
+        .collect();
+    assert_eq!(sizes.iter().sum::<u64>(), 70_003);
+    // The directory wins over the file of the same name.
+    assert!(fs::metadata(m.path("clash")).unwrap().is_dir());
+    assert_eq!(fs::read(m.path("clash/inner")).unwrap(), b"inner");
+    // Unpathable keys are skipped, not fatal: their valid neighbours still show.
+    assert_eq!(names(&m.path("bad")), Vec::<String>::new());
+    assert_eq!(names(&m.path("dots")), Vec::<String>::new());
+    assert!(m.log().contains("cannot be shown as a directory"), "{}", m.log());
+}
+
+#[test]
+fn files_written_through_the_mount_are_plain_objects() {
+    let m = TestMount::new("plain");
+    let bucket = Bucket::new(&m.env);
+    fs::create_dir_all(m.path("local_content/AB/CD")).unwrap();
+    let data = pseudo_random(200_000, 9);
+    fs::write(m.path("local_content/AB/CD/efghijklmnopqrstuvwx"), &data).unwrap();
+    fs::write(m.path("top"), b"t").unwrap();
+    let keys: BTreeSet<String> = bucket.keys(&m.prefix).into_iter().collect();
+    let want: BTreeSet<String> = [
+        "local_content/",
+        "local_content/AB/",
+        "local_content/AB/CD/",
+        "local_content/AB/CD/efghijklmnopqrstuvwx",
+        "top",
+    ]
+    .iter()
+    .map(|k| m.key(k))
+    .collect();
+    assert_eq!(keys, want, "only the files and the markers of directories made with mkdir");
+    assert_eq!(bucket.get(&m.key("local_content/AB/CD/efghijklmnopqrstuvwx")), Some(data));
+    assert_eq!(bucket.get(&m.key("local_content/AB/CD/")), Some(Vec::new()), "markers are empty");
+}
+
+#[test]
+fn empty_directories_survive_a_remount() {
+    let mut m = TestMount::new("remount");
+    fs::create_dir_all(m.path("a/b/c")).unwrap();
+    fs::create_dir(m.path("lonely")).unwrap();
+    fs::write(m.path("a/file"), b"kept").unwrap();
+    assert!(m.stop().unwrap().success(), "{}", m.log());
+    assert!(!is_mounted(&m.mnt));
+    m.start(&[]);
+    assert!(fs::metadata(m.path("a/b/c")).unwrap().is_dir());
+    assert!(fs::metadata(m.path("lonely")).unwrap().is_dir());
+    assert_eq!(names(&m.path("a")), ["b", "file"]);
+    assert_eq!(fs::read(m.path("a/file")).unwrap(), b"kept");
+}

@@ -1,0 +1,235 @@
+//! POSIX behaviour through a real mount: the errnos callers rely on, files unlinked while
+//! open, overwrite, truncate, random writes, append, rename, and names S3 keys allow.
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+
+use common::*;
+
+#[test]
+fn errnos_match_a_local_filesystem() {
+    let m = TestMount::new("errnos");
+    fs::create_dir(m.path("d")).unwrap();
+    fs::write(m.path("d/f"), b"x").unwrap();
+    fs::write(m.path("file"), b"y").unwrap();
+
+    assert_eq!(errno(fs::create_dir(m.path("d"))), libc::EEXIST);
+    assert_eq!(errno(fs::metadata(m.path("missing"))), libc::ENOENT);
+    assert_eq!(errno(fs::metadata(m.path("missing/deeper"))), libc::ENOENT);
+    assert_eq!(errno(File::open(m.path("missing"))), libc::ENOENT);
+    assert_eq!(errno(fs::remove_dir(m.path("d"))), libc::ENOTEMPTY);
+    assert_eq!(errno(fs::remove_dir(m.path("missing"))), libc::ENOENT);
+    assert_eq!(errno(fs::remove_file(m.path("missing"))), libc::ENOENT);
+    assert_eq!(errno(File::create(m.path("d"))), libc::EISDIR);
+    assert_eq!(errno(fs::remove_file(m.path("d"))), libc::EISDIR);
+    assert_eq!(errno(fs::remove_dir(m.path("file"))), libc::ENOTDIR);
+    assert_eq!(errno(fs::create_dir(m.path("file/sub"))), libc::ENOTDIR);
+    assert_eq!(errno(File::create(m.path("file/sub"))), libc::ENOTDIR);
+    assert_eq!(errno(fs::read_dir(m.path("file"))), libc::ENOTDIR);
+
+    let long = "n".repeat(256);
+    assert_eq!(errno(File::create(m.path(&long))), libc::ENAMETOOLONG);
+    assert_eq!(errno(fs::create_dir(m.path(&long))), libc::ENAMETOOLONG);
+    File::create(m.path(&"n".repeat(255))).unwrap();
+}
+
+#[test]
+fn keys_longer_than_s3_allows_are_refused_before_any_request() {
+    // A long prefix stands in for deep directories: S3 keys end at 1024 bytes.
+    let prefix = format!("{}{}/", unique_prefix("longkey"), "p".repeat(880));
+    let m = TestMount::with_prefix(prefix.clone(), &[]);
+    let room = 1024 - prefix.len();
+    assert_eq!(errno(File::create(m.path(&"n".repeat(room + 1)))), libc::ENAMETOOLONG);
+    assert_eq!(errno(fs::create_dir(m.path(&"d".repeat(room)))), libc::ENAMETOOLONG);
+    assert_eq!(errno(fs::metadata(m.path(&"n".repeat(room + 1)))), libc::ENAMETOOLONG);
+    assert!(Bucket::new(&m.env).keys(&prefix).is_empty());
+}
+
+#[test]
+fn unlinked_file_stays_readable_through_open_handles() {
+    let m = TestMount::new("unlinked");
+    let data = pseudo_random(300_000, 7);
+    fs::write(m.path("f"), &data).unwrap();
+    let mut reader = File::open(m.path("f")).unwrap();
+    let mut first = vec![0u8; 1000];
+    reader.read_exact(&mut first).unwrap();
+    fs::remove_file(m.path("f")).unwrap();
+    assert_eq!(errno(fs::metadata(m.path("f"))), libc::ENOENT);
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).unwrap();
+    assert_eq!([first, rest].concat(), data);
+    assert_eq!(Bucket::new(&m.env).get(&m.key("f")), None);
+
+    // The same for a file unlinked while it is still being written.
+    let mut w = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.path("g")).unwrap();
+    w.write_all(b"written before unlink").unwrap();
+    fs::remove_file(m.path("g")).unwrap();
+    w.seek(SeekFrom::Start(0)).unwrap();
+    let mut s = String::new();
+    w.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "written before unlink");
+    drop(w);
+    assert_eq!(Bucket::new(&m.env).get(&m.key("g")), None, "an unlinked file must not be uploaded");
+}
+
+#[test]
+fn overwrite_truncate_append_and_random_writes() {
+    let m = TestMount::new("rewrite");
+    let bucket = Bucket::new(&m.env);
+
+    fs::write(m.path("o"), b"a rather long first version").unwrap();
+    fs::write(m.path("o"), b"short").unwrap();
+    assert_eq!(fs::read(m.path("o")).unwrap(), b"short");
+    assert_eq!(bucket.get(&m.key("o")).unwrap(), b"short");
+
+    // Random writes, out of order and with a hole, against a local model.
+    let mut model = vec![0u8; 0];
+    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.path("r")).unwrap();
+    for (off, len, seed) in [(100_000u64, 5000usize, 1u64), (0, 300, 2), (50, 70_000, 3), (200_000, 10, 4)] {
+        let chunk = pseudo_random(len, seed);
+        f.write_all_at(&chunk, off).unwrap();
+        let end = off as usize + len;
+        if model.len() < end {
+            model.resize(end, 0);
+        }
+        model[off as usize..end].copy_from_slice(&chunk);
+    }
+    let mut back = vec![0u8; model.len()];
+    f.read_exact_at(&mut back, 0).unwrap();
+    assert_eq!(back, model);
+    // Truncate through the open handle, shorter then longer.
+    f.set_len(150_000).unwrap();
+    model.truncate(150_000);
+    f.set_len(160_000).unwrap();
+    model.resize(160_000, 0);
+    drop(f);
+    assert_eq!(fs::metadata(m.path("r")).unwrap().len(), 160_000);
+    assert_eq!(sha256(&fs::read(m.path("r")).unwrap()), sha256(&model));
+    assert_eq!(sha256(&bucket.get(&m.key("r")).unwrap()), sha256(&model));
+
+    // Random write into an existing object (no O_TRUNC): the rest is kept.
+    let f = OpenOptions::new().write(true).open(m.path("r")).unwrap();
+    f.write_all_at(b"PATCH", 10).unwrap();
+    drop(f);
+    model[10..15].copy_from_slice(b"PATCH");
+    assert_eq!(sha256(&bucket.get(&m.key("r")).unwrap()), sha256(&model));
+
+    // truncate(2) on a closed file.
+    let c = std::ffi::CString::new(m.path("r").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::truncate(c.as_ptr(), 1000) }, 0);
+    model.truncate(1000);
+    assert_eq!(fs::read(m.path("r")).unwrap(), model);
+    assert_eq!(bucket.get(&m.key("r")).unwrap(), model);
+
+    // Append.
+    fs::write(m.path("log"), b"one\n").unwrap();
+    let mut a = OpenOptions::new().append(true).open(m.path("log")).unwrap();
+    a.write_all(b"two\n").unwrap();
+    drop(a);
+    assert_eq!(fs::read(m.path("log")).unwrap(), b"one\ntwo\n");
+    assert_eq!(bucket.get(&m.key("log")).unwrap(), b"one\ntwo\n");
+
+    // An empty file is an empty object.
+    File::create(m.path("empty")).unwrap();
+    assert_eq!(fs::metadata(m.path("empty")).unwrap().len(), 0);
+    assert_eq!(bucket.get(&m.key("empty")).unwrap(), b"");
+}
+
+#[test]
+fn rename_moves_the_object() {
+    let m = TestMount::new("rename");
+    let bucket = Bucket::new(&m.env);
+    fs::create_dir_all(m.path("a")).unwrap();
+    fs::create_dir_all(m.path("b")).unwrap();
+    let data = pseudo_random(123_456, 5);
+    fs::write(m.path("a/src"), &data).unwrap();
+    fs::rename(m.path("a/src"), m.path("b/dst")).unwrap();
+    assert_eq!(errno(fs::metadata(m.path("a/src"))), libc::ENOENT);
+    assert_eq!(fs::read(m.path("b/dst")).unwrap(), data);
+    assert_eq!(bucket.get(&m.key("a/src")), None);
+    assert_eq!(bucket.get(&m.key("b/dst")), Some(data.clone()));
+    assert!(fs::metadata(m.path("a")).unwrap().is_dir(), "the emptied directory stays");
+
+    // Over an existing file.
+    fs::write(m.path("b/other"), b"old").unwrap();
+    fs::rename(m.path("b/dst"), m.path("b/other")).unwrap();
+    assert_eq!(fs::read(m.path("b/other")).unwrap(), data);
+    assert_eq!(bucket.get(&m.key("b/other")), Some(data));
+
+    // The temp-file-and-rename pattern of many tools, while the file is still open.
+    let mut t = File::create(m.path("b/.tmp")).unwrap();
+    t.write_all(b"atomic").unwrap();
+    t.flush().unwrap();
+    fs::rename(m.path("b/.tmp"), m.path("b/final")).unwrap();
+    drop(t);
+    assert_eq!(fs::read(m.path("b/final")).unwrap(), b"atomic");
+    assert_eq!(bucket.get(&m.key("b/final")).unwrap(), b"atomic");
+    assert_eq!(bucket.get(&m.key("b/.tmp")), None);
+
+    assert_eq!(errno(fs::rename(m.path("missing"), m.path("x"))), libc::ENOENT);
+    assert_eq!(errno(fs::rename(m.path("b/final"), m.path("a"))), libc::EISDIR);
+    // Directories are not renamed in place; `mv` falls back to copying on EXDEV.
+    assert_eq!(errno(fs::rename(m.path("a"), m.path("c"))), libc::EXDEV);
+}
+
+#[test]
+fn metadata_changes_are_accepted_and_modes_are_mount_wide() {
+    let m = TestMount::with_args("modes", &["--file-mode", "0640", "--dir-mode", "0750"]);
+    fs::create_dir(m.path("d")).unwrap();
+    fs::write(m.path("d/f"), b"x").unwrap();
+    assert_eq!(fs::metadata(m.path("d")).unwrap().permissions().mode() & 0o7777, 0o750);
+    assert_eq!(fs::metadata(m.path("d/f")).unwrap().permissions().mode() & 0o7777, 0o640);
+    // cp -a / rsync -a set modes and times; that must succeed.
+    fs::set_permissions(m.path("d/f"), fs::Permissions::from_mode(0o600)).unwrap();
+    let f = File::options().write(true).open(m.path("d/f")).unwrap();
+    f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+    drop(f);
+    assert_eq!(fs::read(m.path("d/f")).unwrap(), b"x");
+    let status = std::process::Command::new("cp").arg("-a").arg(m.path("d")).arg(m.path("copy")).status().unwrap();
+    assert!(status.success());
+    assert_eq!(fs::read(m.path("copy/f")).unwrap(), b"x");
+}
+
+#[test]
+fn names_with_odd_characters_round_trip() {
+    let m = TestMount::new("names");
+    let bucket = Bucket::new(&m.env);
+    let names = ["a b", "x:y", "[::1]:8448", "100%", "a+b", "ünïcødé ✓", "semi;colon", "q?u#e&r=y"];
+    for (i, n) in names.iter().enumerate() {
+        fs::create_dir_all(m.path(&format!("dir {n}"))).unwrap();
+        let rel = format!("dir {n}/{n}");
+        fs::write(m.path(&rel), format!("content {i}")).unwrap();
+        assert_eq!(bucket.get(&m.key(&rel)).unwrap(), format!("content {i}").as_bytes(), "{rel}");
+        assert_eq!(fs::read_to_string(m.path(&rel)).unwrap(), format!("content {i}"));
+    }
+    let mut listed: Vec<String> = fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    listed.sort();
+    let mut want: Vec<String> = names.iter().map(|n| format!("dir {n}")).collect();
+    want.sort();
+    assert_eq!(listed, want);
+    // Renames and deletes work on them too.
+    fs::rename(m.path("dir 100%/100%"), m.path("dir a+b/moved ✓")).unwrap();
+    assert_eq!(bucket.get(&m.key("dir a+b/moved ✓")).unwrap(), b"content 3");
+    fs::remove_dir_all(m.path("dir [::1]:8448")).unwrap();
+    assert!(bucket.keys(&m.key("dir [::1]:8448/")).is_empty());
+}
+
+#[test]
+fn fsync_and_statfs_answer() {
+    let m = TestMount::new("fsync");
+    let mut f = File::create(m.path("f")).unwrap();
+    f.write_all(b"synced").unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(Bucket::new(&m.env).get(&m.key("f")).unwrap(), b"synced");
+    drop(f);
+    let c = std::ffi::CString::new(m.mnt.to_str().unwrap()).unwrap();
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    assert!(st.f_bavail > 0 && st.f_namemax == 255);
+}
