@@ -128,6 +128,13 @@ impl S3Store {
                     "the bucket is in another region than the one configured ({code}: {message})"
                 ))
             }
+            // Some stores (Garage) answer a bad signature or an unknown key with a bare 403.
+            (Some(403), _)
+                if message.to_ascii_lowercase().contains("signature")
+                    || message.to_ascii_lowercase().contains("no such key") =>
+            {
+                StoreError::BadCredentials(message)
+            }
             (Some(403), _) => StoreError::AccessDenied(if message.is_empty() {
                 format!("{op} {key:?} was refused")
             } else {

@@ -3,7 +3,6 @@
 //! test under its own key prefix, and talks to the bucket directly for checks.
 #![allow(dead_code)]
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -261,6 +260,8 @@ pub fn is_mounted(path: &Path) -> bool {
 
 /// Runs the binary to completion (up to 60 s) and returns its exit code and stderr.
 pub fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
+    // stderr goes to a file: a detached mount process keeps it open after the command ends.
+    let err_file = tempfile::NamedTempFile::new().unwrap();
     let mut cmd = Command::new(BIN);
     cmd.args(args)
         .env_remove("AWS_ACCESS_KEY_ID")
@@ -270,7 +271,7 @@ pub fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
         .env("HOME", "/nonexistent")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stderr(err_file.reopen().unwrap());
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -278,8 +279,7 @@ pub fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            let err = std::fs::read_to_string(err_file.path()).unwrap();
             return (status.code().unwrap_or(-1), err);
         }
         if Instant::now() > deadline {
