@@ -320,7 +320,7 @@ impl BucketFs {
             match t.get_mut(ino) {
                 Some(i) if i.path == path && !i.unlinked => {
                     i.in_bucket = true;
-                    i.validated = Instant::now();
+                    i.validated = Some(Instant::now());
                     if i.version == version {
                         i.dirty = false;
                         i.etag = etag;

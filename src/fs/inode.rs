@@ -36,8 +36,9 @@ pub struct Inode {
     pub size: u64,
     pub mtime: SystemTime,
     pub etag: Option<String>,
-    /// When the attributes were last confirmed by the bucket (or made here).
-    pub validated: Instant,
+    /// When the attributes were last confirmed by the bucket (or made here); None when
+    /// they must be asked for again.
+    pub validated: Option<Instant>,
     /// References the kernel holds (lookups minus forgets).
     pub lookups: u64,
     /// Open file handles.
@@ -56,7 +57,7 @@ pub struct Inode {
 
 impl Inode {
     pub fn is_fresh(&self, ttl: Duration) -> bool {
-        self.staged.is_some() || self.validated.elapsed() < ttl
+        self.staged.is_some() || self.validated.is_some_and(|v| v.elapsed() < ttl)
     }
 }
 
@@ -78,7 +79,7 @@ impl InodeTable {
             size: 0,
             mtime: mount_time,
             etag: None,
-            validated: Instant::now(),
+            validated: Some(Instant::now()),
             lookups: 1,
             open: 0,
             staged: None,
@@ -138,7 +139,7 @@ impl InodeTable {
                 size: 0,
                 mtime: now,
                 etag: None,
-                validated: Instant::now(),
+                validated: Some(Instant::now()),
                 lookups: 0,
                 open: 0,
                 staged: None,
@@ -164,7 +165,7 @@ impl InodeTable {
                 i.size = remote.size;
                 i.mtime = remote.mtime;
                 i.etag = remote.etag.clone();
-                i.validated = Instant::now();
+                i.validated = Some(Instant::now());
                 i.in_bucket = true;
                 return ino;
             }

@@ -295,7 +295,7 @@ impl BucketFs {
                     i.size = meta.size;
                     i.mtime = meta.last_modified;
                     i.etag = meta.etag;
-                    i.validated = Instant::now();
+                    i.validated = Some(Instant::now());
                 }
                 Ok(self.attr_of(t.get(ino).expect("live")))
             }
@@ -436,6 +436,9 @@ impl BucketFs {
         let name = names::component(name)?;
         let new_name = names::component(new_name)?;
         let ino = self.find(parent, name).await?.ok_or(FsError::NOENT)?;
+        if self.table.lock().get(ino).is_some_and(|i| i.kind == Kind::Dir) {
+            return Err(FsError::XDEV);
+        }
         let target = self.find(new_parent, new_name).await?;
         let new_path = names::join(&self.dir_path(new_parent)?, new_name);
         let new_key = self.keys.file_key(&new_path)?;
@@ -456,12 +459,12 @@ impl BucketFs {
             let i = t.get(ino).ok_or(FsError::NOENT)?;
             (i.path.clone(), i.kind, i.in_bucket, i.dirty, i.open)
         };
-        if kind == Kind::Dir {
-            return Err(FsError::XDEV);
-        }
+        debug_assert_eq!(kind, Kind::File);
         let old_key = self.keys.file_key(&old_path)?;
+        let mut new_etag = None;
         if in_bucket && !dirty {
-            self.store
+            new_etag = self
+                .store
                 .copy(&old_key, &new_key)
                 .await
                 .map_err(|e| self.store_error("COPY", &old_key, e))?;
@@ -475,7 +478,19 @@ impl BucketFs {
             if let Some(i) = t.get_mut(ino) {
                 // A dirty file reaches its new key with its next upload.
                 i.in_bucket = in_bucket && !dirty;
-                i.validated = Instant::now();
+                if i.in_bucket {
+                    // The copy is a new object: without its ETag, ask the bucket next time.
+                    match new_etag {
+                        Some(etag) => {
+                            i.etag = Some(etag);
+                            i.validated = Some(Instant::now());
+                        }
+                        None => {
+                            i.etag = None;
+                            i.validated = None;
+                        }
+                    }
+                }
             }
         }
         {

@@ -179,10 +179,9 @@ impl ObjectStore for MemoryStore {
         Ok(())
     }
 
-    async fn copy(&self, from: &str, to: &str) -> StoreResult<()> {
+    async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<String>> {
         let data = self.objects.lock().get(from).map(|o| o.data.clone()).ok_or(StoreError::NotFound)?;
-        self.store(to, data);
-        Ok(())
+        Ok(Some(self.store(to, data)))
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {

@@ -120,8 +120,8 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Give up a multipart upload and free its parts.
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()>;
 
-    /// Server-side copy of a whole object.
-    async fn copy(&self, from: &str, to: &str) -> StoreResult<()>;
+    /// Server-side copy of a whole object; returns the new object's ETag.
+    async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<String>>;
 
     /// Delete an object; deleting a missing key succeeds.
     async fn delete(&self, key: &str) -> StoreResult<()>;

@@ -369,8 +369,9 @@ impl ObjectStore for S3Store {
         Ok(())
     }
 
-    async fn copy(&self, from: &str, to: &str) -> StoreResult<()> {
-        self.client
+    async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<String>> {
+        let r = self
+            .client
             .copy_object()
             .bucket(&self.bucket)
             .key(to)
@@ -378,7 +379,7 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| self.map_err("COPY", from, e))?;
-        Ok(())
+        Ok(r.copy_object_result().and_then(|c| c.e_tag()).map(str::to_string))
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
