@@ -47,6 +47,10 @@ install_moto() {
     echo "install-deps: installing moto[server] $MOTO_VERSION into $MOTO_VENV" >&2
     mkdir -p "$TOOLS"
     rm -rf "$MOTO_VENV"
+    if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    fi
     python3 -m venv "$MOTO_VENV"
     "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION" >&2
 }

@@ -43,6 +43,13 @@ fn errno(e: FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+fn reply_empty(reply: ReplyEmpty, result: Result<(), FsError>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
 fn file_attr(a: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
@@ -171,20 +178,14 @@ impl fuser::Filesystem for FuseAdapter {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
         self.spawn(|fs| async move {
-            match fs.unlink(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(e)),
-            }
+            reply_empty(reply, fs.unlink(parent.0, &name).await)
         });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
         self.spawn(|fs| async move {
-            match fs.rmdir(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(e)),
-            }
+            reply_empty(reply, fs.rmdir(parent.0, &name).await)
         });
     }
 
@@ -205,10 +206,7 @@ impl fuser::Filesystem for FuseAdapter {
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let (name, newname) = (name.to_owned(), newname.to_owned());
         self.spawn(|fs| async move {
-            match fs.rename(parent.0, &name, newparent.0, &newname, no_replace).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(e)),
-            }
+            reply_empty(reply, fs.rename(parent.0, &name, newparent.0, &newname, no_replace).await)
         });
     }
 
@@ -263,10 +261,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lo: LockOwner, reply: ReplyEmpty) {
         self.spawn(|fs| async move {
-            match fs.flush(fh.0).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(e)),
-            }
+            reply_empty(reply, fs.flush(fh.0).await)
         });
     }
 
@@ -281,19 +276,13 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.spawn(|fs| async move {
-            match fs.release(fh.0).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(e)),
-            }
+            reply_empty(reply, fs.release(fh.0).await)
         });
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         self.spawn(|fs| async move {
-            match fs.fsync(fh.0).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(e)),
-            }
+            reply_empty(reply, fs.fsync(fh.0).await)
         });
     }
 

@@ -233,9 +233,9 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() + 0 && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+            out.push(v as u8);
             i += 4;
         } else {
             out.push(b[i]);
@@ -291,5 +291,18 @@ fn check_bucket(rt: &tokio::runtime::Runtime, cfg: &Config) -> Result<(), String
             ),
             other => format!("checking the bucket '{b}' at {endpoint} failed: {other}"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape_mountinfo("/x\\134y\\011"), "/x\\y\t");
+        assert_eq!(unescape_mountinfo("/odd\\777"), "/odd\u{fffd}");
+        assert_eq!(unescape_mountinfo("/trailing\\04"), "/trailing\\04");
     }
 }

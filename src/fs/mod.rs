@@ -352,14 +352,7 @@ impl BucketFs {
             let key = self.keys.file_key(&path)?;
             self.store.delete(&key).await.map_err(|e| self.store_error("DELETE", &key, e))?;
         }
-        {
-            let mut t = self.table.lock();
-            if t.child(parent, name) == Some(ino) {
-                t.detach(ino);
-            }
-        }
-        self.listed.lock().pop(&path);
-        self.keep_dir(parent).await
+        self.removed(parent, name, ino, &path).await
     }
 
     pub async fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
@@ -388,13 +381,18 @@ impl BucketFs {
         if !page.objects.is_empty() {
             self.store.delete(&marker).await.map_err(|e| self.store_error("DELETE", &marker, e))?;
         }
+        self.removed(parent, name, ino, &path).await
+    }
+
+    /// Forgets `parent/name` after its object or marker was deleted, keeping `parent`.
+    async fn removed(&self, parent: u64, name: &str, ino: u64, path: &str) -> FsResult<()> {
         {
             let mut t = self.table.lock();
             if t.child(parent, name) == Some(ino) {
                 t.detach(ino);
             }
         }
-        self.listed.lock().pop(&path);
+        self.listed.lock().pop(path);
         self.keep_dir(parent).await
     }
 
