@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::fs::FsOptions;
+use crate::writeback::WritebackOptions;
 use crate::store::StoreConfig;
 
 #[derive(Parser, Debug)]
@@ -124,6 +125,21 @@ pub struct MountArgs {
     /// Smallest multipart part size; larger files use larger parts (S3 allows 10 000).
     #[arg(long, default_value = "8M", value_parser = parse_size)]
     pub part_size: u64,
+
+    /// `writeback`: close() returns once the file is fsynced and journaled in the cache
+    /// directory, and it is uploaded in the background. `writethrough`: close() returns once
+    /// the file is in the bucket.
+    #[arg(long, default_value = "writeback", value_parser = ["writeback", "writethrough"])]
+    pub write_mode: String,
+
+    /// Bytes of closed files waiting for upload above which writers wait for uploads.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub max_dirty: u64,
+
+    /// How long unmounting waits for pending uploads; what is left stays journaled and is
+    /// uploaded by the next mount with the same cache directory.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 
     /// Allow mounting over a directory that is not empty (its files are hidden meanwhile).
     #[arg(long)]
@@ -342,6 +358,8 @@ pub struct Config {
     pub foreground: bool,
     pub log_level: String,
     pub fs: FsOptions,
+    pub writeback: WritebackOptions,
+    pub drain_timeout: Duration,
 }
 
 impl Config {
@@ -407,7 +425,15 @@ impl Config {
                 negative_ttl: a.negative_ttl,
                 part_size: a.part_size,
                 parts_in_flight: 4,
+                write_through: a.write_mode == "writethrough",
             },
+            writeback: WritebackOptions {
+                workers: 8,
+                part_size: a.part_size,
+                parts_in_flight: 4,
+                max_dirty: a.max_dirty,
+            },
+            drain_timeout: a.drain_timeout,
         })
     }
 

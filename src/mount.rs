@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use fuser::{MountOption, SessionACL};
 
-use crate::cache::{CacheLock, StagingArea};
+use crate::cache::{CacheLock, Journal, StagingArea};
 use crate::config::Config;
 use crate::fs::BucketFs;
 use crate::fuse::FuseAdapter;
 use crate::store::{ObjectStore, S3Store, StoreError};
+use crate::writeback::WritebackQueue;
 
 /// Set in the environment of the process that serves a background mount.
 pub const DAEMON_ENV: &str = "S3MEDIAFS_DAEMON_CHILD";
@@ -37,9 +38,20 @@ pub fn run(cfg: Config) -> Result<(), String> {
     check_bucket(&rt, &cfg)?;
 
     let store: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&cfg.store_config()));
-    let staging = StagingArea::open(&cfg.cache_dir)
-        .map_err(|e| format!("cannot use the cache directory {}: {e}", cfg.cache_dir.display()))?;
-    let fs = Arc::new(BucketFs::new(store, &cfg.prefix, staging, cfg.fs.clone()));
+    let cache_err = |e: std::io::Error| format!("cannot use the cache directory {}: {e}", cfg.cache_dir.display());
+    let staging = StagingArea::open(&cfg.cache_dir).map_err(cache_err)?;
+    // Changes journaled by an earlier run are queued before anything is served, so nothing
+    // can shadow them.
+    let (journal, replay) = Journal::open(&cfg.cache_dir).map_err(cache_err)?;
+    if replay.dropped_bytes > 0 {
+        tracing::warn!(bytes = replay.dropped_bytes, "the journal ended with a torn record (a crash while writing it); it was dropped");
+    }
+    let writeback = WritebackQueue::new(store.clone(), journal, replay, cfg.writeback.clone());
+    {
+        let _rt = rt.enter();
+        writeback.start();
+    }
+    let fs = Arc::new(BucketFs::new(store, &cfg.prefix, staging, writeback.clone(), cfg.fs.clone()));
     let adapter = FuseAdapter::new(fs, rt.handle().clone());
 
     let source = if cfg.prefix.is_empty() {
@@ -83,6 +95,15 @@ pub fn run(cfg: Config) -> Result<(), String> {
     );
     signal_ready();
     let result = session.run();
+    let pending = writeback.pending();
+    if pending > 0 {
+        tracing::info!(pending, timeout_s = cfg.drain_timeout.as_secs(), "unmounted; uploading what is pending");
+    }
+    let left = rt.block_on(writeback.drain(cfg.drain_timeout));
+    if left > 0 {
+        tracing::warn!(left, cache_dir = %cfg.cache_dir.display(),
+            "changes not yet in the bucket stay journaled; the next mount with this cache directory uploads them");
+    }
     tracing::info!(mountpoint = %cfg.mountpoint.display(), "unmounted");
     rt.shutdown_timeout(Duration::from_secs(5));
     result.map_err(|e| format!("the FUSE session ended with an error: {e}"))

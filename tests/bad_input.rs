@@ -196,6 +196,7 @@ fn helper_form_detaches_once_mounted_and_help_explains() {
     // The helper returned only once the mount was there.
     assert!(is_mounted(std::path::Path::new(&mnt)));
     std::fs::write(format!("{mnt}/hello"), b"from the helper form").unwrap();
+    std::fs::File::open(&mnt).unwrap().sync_all().unwrap();
     assert_eq!(Bucket::new(&env).get(&format!("{prefix}hello")).unwrap(), b"from the helper form");
     let st = std::process::Command::new("fusermount3").arg("-u").arg(&mnt).status().unwrap();
     assert!(st.success());

@@ -69,12 +69,11 @@ fn objects_put_directly_appear_as_files_and_directories() {
 #[test]
 fn files_written_through_the_mount_are_plain_objects() {
     let m = TestMount::new("plain");
-    let bucket = Bucket::new(&m.env);
     fs::create_dir_all(m.path("local_content/AB/CD")).unwrap();
     let data = pseudo_random(200_000, 9);
     fs::write(m.path("local_content/AB/CD/efghijklmnopqrstuvwx"), &data).unwrap();
     fs::write(m.path("top"), b"t").unwrap();
-    let keys: BTreeSet<String> = bucket.keys(&m.prefix).into_iter().collect();
+    let keys: BTreeSet<String> = m.keys("").into_iter().collect();
     let want: BTreeSet<String> = [
         "local_content/",
         "local_content/AB/",
@@ -86,8 +85,8 @@ fn files_written_through_the_mount_are_plain_objects() {
     .map(|k| m.key(k))
     .collect();
     assert_eq!(keys, want, "only the files and the markers of directories made with mkdir");
-    assert_eq!(bucket.get(&m.key("local_content/AB/CD/efghijklmnopqrstuvwx")), Some(data));
-    assert_eq!(bucket.get(&m.key("local_content/AB/CD/")), Some(Vec::new()), "markers are empty");
+    assert_eq!(m.object("local_content/AB/CD/efghijklmnopqrstuvwx"), Some(data));
+    assert_eq!(m.object("local_content/AB/CD/"), Some(Vec::new()), "markers are empty");
 }
 
 #[test]

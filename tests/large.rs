@@ -31,6 +31,6 @@ fn hundred_mib_file_round_trips_with_the_same_sha256() {
         h.update(&buf[..n]);
     }
     assert_eq!(format!("{:x}", h.finalize()), want, "read back through the mount");
-    let object = Bucket::new(&m.env).get(&m.key("big.mp4")).unwrap();
+    let object = m.object("big.mp4").unwrap();
     assert_eq!(sha256(&object), want, "the object in the bucket");
 }

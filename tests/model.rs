@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use s3mediafs::cache::StagingArea;
+use s3mediafs::cache::{Journal, StagingArea};
 use s3mediafs::fs::{BucketFs, FsOptions, Kind, ROOT};
 use s3mediafs::store::{MemoryStore, ObjectStore};
+use s3mediafs::writeback::{WritebackOptions, WritebackQueue};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -21,7 +22,10 @@ enum Op {
     Rmdir(String),
     Rename(String, String),
     List(String),
+    /// Unmount cleanly (pending uploads drain) and mount again.
     Remount,
+    /// Stop dead, as on SIGKILL (pending uploads stay in the journal), and mount again.
+    Crash,
 }
 
 fn path() -> impl Strategy<Value = String> {
@@ -40,6 +44,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (path(), path()).prop_map(|(a, b)| Op::Rename(a, b)),
         2 => prop::sample::select(vec!["", "a", "b", "a/b", "c"]).prop_map(|p| Op::List(p.to_string())),
         1 => Just(Op::Remount),
+        1 => Just(Op::Crash),
     ]
 }
 
@@ -191,7 +196,7 @@ impl Model {
                     .collect();
                 names_outcome(names)
             }
-            Op::Remount => Ok(vec![]),
+            Op::Remount | Op::Crash => Ok(vec![]),
         }
     }
 }
@@ -201,24 +206,52 @@ impl Model {
 struct FsUnderTest {
     store: Arc<MemoryStore>,
     fs: BucketFs,
+    queue: Arc<WritebackQueue>,
     rt: tokio::runtime::Runtime,
     cache: tempfile::TempDir,
     ttl: Duration,
 }
 
-fn new_fs(store: &Arc<MemoryStore>, cache: &std::path::Path, ttl: Duration) -> BucketFs {
+/// A filesystem over `store` with its own runtime, so that dropping the runtime stops its
+/// background uploads dead, as a crash would.
+fn instance(store: &Arc<MemoryStore>, cache: &std::path::Path, ttl: Duration) -> (BucketFs, Arc<WritebackQueue>, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let opts = FsOptions { metadata_ttl: ttl, part_size: 5 << 20, ..FsOptions::default() };
-    let store: Arc<dyn ObjectStore> = store.clone();
-    BucketFs::new(store, "pre/", StagingArea::open(cache).unwrap(), opts)
+    let dyn_store: Arc<dyn ObjectStore> = store.clone();
+    let (journal, replay) = Journal::open(cache).unwrap();
+    let queue = WritebackQueue::new(dyn_store.clone(), journal, replay, WritebackOptions::default());
+    {
+        let _g = rt.enter();
+        queue.start();
+    }
+    let fs = BucketFs::new(dyn_store, "pre/", StagingArea::open(cache).unwrap(), queue.clone(), opts);
+    (fs, queue, rt)
 }
 
 impl FsUnderTest {
     fn new(ttl: Duration) -> Self {
         let store = Arc::new(MemoryStore::new());
         let cache = tempfile::tempdir().unwrap();
-        let fs = new_fs(&store, cache.path(), ttl);
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        FsUnderTest { store, fs, rt, cache, ttl }
+        let (fs, queue, rt) = instance(&store, cache.path(), ttl);
+        FsUnderTest { store, fs, queue, rt, cache, ttl }
+    }
+
+    fn restart(&mut self, clean: bool) {
+        if clean {
+            let left = self.rt.block_on(self.queue.drain(Duration::from_secs(30)));
+            assert_eq!(left, 0, "uploads left after a clean unmount");
+        }
+        let (fs, queue, rt) = instance(&self.store, self.cache.path(), self.ttl);
+        // The old runtime goes down with whatever it was doing.
+        let old = std::mem::replace(&mut self.rt, rt);
+        self.fs = fs;
+        self.queue = queue;
+        drop(old);
+    }
+
+    /// Uploads everything pending.
+    fn settle(&self) {
+        assert_eq!(self.rt.block_on(self.queue.drain(Duration::from_secs(30))), 0);
     }
 
     /// Walks `path` from the root as the kernel would, one lookup per component.
@@ -265,9 +298,16 @@ impl FsUnderTest {
     }
 
     fn apply(&mut self, op: &Op) -> Outcome {
-        if let Op::Remount = op {
-            self.fs = new_fs(&self.store, self.cache.path(), self.ttl);
-            return Ok(vec![]);
+        match op {
+            Op::Remount => {
+                self.restart(true);
+                return Ok(vec![]);
+            }
+            Op::Crash => {
+                self.restart(false);
+                return Ok(vec![]);
+            }
+            _ => {}
         }
         let fs = &self.fs;
         self.rt.block_on(async move {
@@ -351,7 +391,7 @@ impl FsUnderTest {
                     fs.releasedir(fh);
                     names_outcome(names)
                 }
-                Op::Remount => unreachable!(),
+                Op::Remount | Op::Crash => unreachable!(),
             }
         })
     }
@@ -381,7 +421,7 @@ fn local_apply(root: &std::path::Path, op: &Op) -> Option<Outcome> {
         Op::List(p) => std::fs::read_dir(root.join(p)).map_err(errno).and_then(|rd| {
             names_outcome(rd.map(|e| e.unwrap().file_name().into_string().unwrap()).collect())
         }),
-        Op::Remount => Ok(vec![]),
+        Op::Remount | Op::Crash => Ok(vec![]),
     })
 }
 
@@ -401,7 +441,9 @@ fn run(ops: Vec<Op>, ttl: Duration) -> Result<(), TestCaseError> {
             }
         }
     }
-    // Every file the model holds is exactly one object with exactly its bytes.
+    // Once uploads are done, every file the model holds is exactly one object with exactly
+    // its bytes.
+    fs.settle();
     let mut files: Vec<(String, Vec<u8>)> = model
         .nodes
         .iter()

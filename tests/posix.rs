@@ -61,7 +61,7 @@ fn unlinked_file_stays_readable_through_open_handles() {
     let mut rest = Vec::new();
     reader.read_to_end(&mut rest).unwrap();
     assert_eq!([first, rest].concat(), data);
-    assert_eq!(Bucket::new(&m.env).get(&m.key("f")), None);
+    assert_eq!(m.object("f"), None);
 
     // The same for a file unlinked while it is still being written.
     let mut w = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.path("g")).unwrap();
@@ -72,18 +72,17 @@ fn unlinked_file_stays_readable_through_open_handles() {
     w.read_to_string(&mut s).unwrap();
     assert_eq!(s, "written before unlink");
     drop(w);
-    assert_eq!(Bucket::new(&m.env).get(&m.key("g")), None, "an unlinked file must not be uploaded");
+    assert_eq!(m.object("g"), None, "an unlinked file must not be uploaded");
 }
 
 #[test]
 fn overwrite_truncate_append_and_random_writes() {
     let m = TestMount::new("rewrite");
-    let bucket = Bucket::new(&m.env);
 
     fs::write(m.path("o"), b"a rather long first version").unwrap();
     fs::write(m.path("o"), b"short").unwrap();
     assert_eq!(fs::read(m.path("o")).unwrap(), b"short");
-    assert_eq!(bucket.get(&m.key("o")).unwrap(), b"short");
+    assert_eq!(m.object("o").unwrap(), b"short");
 
     // Random writes, out of order and with a hole, against a local model.
     let mut model = vec![0u8; 0];
@@ -108,21 +107,21 @@ fn overwrite_truncate_append_and_random_writes() {
     drop(f);
     assert_eq!(fs::metadata(m.path("r")).unwrap().len(), 160_000);
     assert_eq!(sha256(&fs::read(m.path("r")).unwrap()), sha256(&model));
-    assert_eq!(sha256(&bucket.get(&m.key("r")).unwrap()), sha256(&model));
+    assert_eq!(sha256(&m.object("r").unwrap()), sha256(&model));
 
     // Random write into an existing object (no O_TRUNC): the rest is kept.
     let f = OpenOptions::new().write(true).open(m.path("r")).unwrap();
     f.write_all_at(b"PATCH", 10).unwrap();
     drop(f);
     model[10..15].copy_from_slice(b"PATCH");
-    assert_eq!(sha256(&bucket.get(&m.key("r")).unwrap()), sha256(&model));
+    assert_eq!(sha256(&m.object("r").unwrap()), sha256(&model));
 
     // truncate(2) on a closed file.
     let c = std::ffi::CString::new(m.path("r").to_str().unwrap()).unwrap();
     assert_eq!(unsafe { libc::truncate(c.as_ptr(), 1000) }, 0);
     model.truncate(1000);
     assert_eq!(fs::read(m.path("r")).unwrap(), model);
-    assert_eq!(bucket.get(&m.key("r")).unwrap(), model);
+    assert_eq!(m.object("r").unwrap(), model);
 
     // Append.
     fs::write(m.path("log"), b"one\n").unwrap();
@@ -130,18 +129,17 @@ fn overwrite_truncate_append_and_random_writes() {
     a.write_all(b"two\n").unwrap();
     drop(a);
     assert_eq!(fs::read(m.path("log")).unwrap(), b"one\ntwo\n");
-    assert_eq!(bucket.get(&m.key("log")).unwrap(), b"one\ntwo\n");
+    assert_eq!(m.object("log").unwrap(), b"one\ntwo\n");
 
     // An empty file is an empty object.
     File::create(m.path("empty")).unwrap();
     assert_eq!(fs::metadata(m.path("empty")).unwrap().len(), 0);
-    assert_eq!(bucket.get(&m.key("empty")).unwrap(), b"");
+    assert_eq!(m.object("empty").unwrap(), b"");
 }
 
 #[test]
 fn rename_moves_the_object() {
     let m = TestMount::new("rename");
-    let bucket = Bucket::new(&m.env);
     fs::create_dir_all(m.path("a")).unwrap();
     fs::create_dir_all(m.path("b")).unwrap();
     let data = pseudo_random(123_456, 5);
@@ -149,15 +147,15 @@ fn rename_moves_the_object() {
     fs::rename(m.path("a/src"), m.path("b/dst")).unwrap();
     assert_eq!(errno(fs::metadata(m.path("a/src"))), libc::ENOENT);
     assert_eq!(fs::read(m.path("b/dst")).unwrap(), data);
-    assert_eq!(bucket.get(&m.key("a/src")), None);
-    assert_eq!(bucket.get(&m.key("b/dst")), Some(data.clone()));
+    assert_eq!(m.object("a/src"), None);
+    assert_eq!(m.object("b/dst"), Some(data.clone()));
     assert!(fs::metadata(m.path("a")).unwrap().is_dir(), "the emptied directory stays");
 
     // Over an existing file.
     fs::write(m.path("b/other"), b"old").unwrap();
     fs::rename(m.path("b/dst"), m.path("b/other")).unwrap();
     assert_eq!(fs::read(m.path("b/other")).unwrap(), data);
-    assert_eq!(bucket.get(&m.key("b/other")), Some(data));
+    assert_eq!(m.object("b/other"), Some(data));
 
     // The temp-file-and-rename pattern of many tools, while the file is still open.
     let mut t = File::create(m.path("b/.tmp")).unwrap();
@@ -166,8 +164,8 @@ fn rename_moves_the_object() {
     fs::rename(m.path("b/.tmp"), m.path("b/final")).unwrap();
     drop(t);
     assert_eq!(fs::read(m.path("b/final")).unwrap(), b"atomic");
-    assert_eq!(bucket.get(&m.key("b/final")).unwrap(), b"atomic");
-    assert_eq!(bucket.get(&m.key("b/.tmp")), None);
+    assert_eq!(m.object("b/final").unwrap(), b"atomic");
+    assert_eq!(m.object("b/.tmp"), None);
 
     assert_eq!(errno(fs::rename(m.path("missing"), m.path("x"))), libc::ENOENT);
     assert_eq!(errno(fs::rename(m.path("b/final"), m.path("a"))), libc::EISDIR);
@@ -196,13 +194,12 @@ fn metadata_changes_are_accepted_and_modes_are_mount_wide() {
 #[test]
 fn names_with_odd_characters_round_trip() {
     let m = TestMount::new("names");
-    let bucket = Bucket::new(&m.env);
     let names = ["a b", "x:y", "[::1]:8448", "100%", "a+b", "ünïcødé ✓", "semi;colon", "q?u#e&r=y"];
     for (i, n) in names.iter().enumerate() {
         fs::create_dir_all(m.path(&format!("dir {n}"))).unwrap();
         let rel = format!("dir {n}/{n}");
         fs::write(m.path(&rel), format!("content {i}")).unwrap();
-        assert_eq!(bucket.get(&m.key(&rel)).unwrap(), format!("content {i}").as_bytes(), "{rel}");
+        assert_eq!(m.object(&rel).unwrap(), format!("content {i}").as_bytes(), "{rel}");
         assert_eq!(fs::read_to_string(m.path(&rel)).unwrap(), format!("content {i}"));
     }
     let mut listed: Vec<String> = fs::read_dir(&m.mnt)
@@ -215,9 +212,9 @@ fn names_with_odd_characters_round_trip() {
     assert_eq!(listed, want);
     // Renames and deletes work on them too.
     fs::rename(m.path("dir 100%/100%"), m.path("dir a+b/moved ✓")).unwrap();
-    assert_eq!(bucket.get(&m.key("dir a+b/moved ✓")).unwrap(), b"content 3");
+    assert_eq!(m.object("dir a+b/moved ✓").unwrap(), b"content 3");
     fs::remove_dir_all(m.path("dir [::1]:8448")).unwrap();
-    assert!(bucket.keys(&m.key("dir [::1]:8448/")).is_empty());
+    assert!(m.keys("dir [::1]:8448/").is_empty());
 }
 
 #[test]

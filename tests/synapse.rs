@@ -14,7 +14,6 @@ const MEDIA_ID: &str = "CBQfJFgaUGgsMXPpckCwGXRY";
 #[test]
 fn upload_thumbnail_download_and_delete_like_synapse() {
     let m = TestMount::new("synapse");
-    let bucket = Bucket::new(&m.env);
     let rel = format!("local_content/{}/{}/{}", &MEDIA_ID[0..2], &MEDIA_ID[2..4], &MEDIA_ID[4..]);
     let original = m.path(&rel);
 
@@ -98,8 +97,8 @@ fn upload_thumbnail_download_and_delete_like_synapse() {
     }
 
     // What the bucket holds: plain objects at exactly the relative paths.
-    assert_eq!(bucket.get(&m.key(&rel)).as_deref(), Some(&content[..]));
-    assert_eq!(bucket.get(&m.key(&format!("{thumb_dir}/800-600-image-jpeg-scale"))), Some(new_thumb));
+    assert_eq!(m.object(&rel).as_deref(), Some(&content[..]));
+    assert_eq!(m.object(&format!("{thumb_dir}/800-600-image-jpeg-scale")), Some(new_thumb));
 
     // Admin delete: unlink the original, rmtree the thumbnail directory.
     fs::remove_file(&original).unwrap();
@@ -107,7 +106,7 @@ fn upload_thumbnail_download_and_delete_like_synapse() {
     fs::remove_dir_all(m.path(&thumb_dir)).unwrap();
     assert_eq!(errno(fs::metadata(m.path(&thumb_dir))), libc::ENOENT);
     assert_eq!(errno(fs::metadata(&original)), libc::ENOENT);
-    let left = bucket.keys(&m.key(""));
+    let left = m.keys("");
     assert!(
         !left.iter().any(|k| k.contains(&MEDIA_ID[4..])),
         "deleted media still in the bucket: {left:?}"
@@ -140,14 +139,12 @@ fn url_cache_expiry_rmdir_chain() {
     fs::remove_dir(m.path("url_cache")).unwrap();
     fs::remove_dir(m.path("url_cache_thumbnails")).unwrap();
     assert!(fs::read_dir(&m.mnt).unwrap().next().is_none());
-    let bucket = Bucket::new(&m.env);
-    assert_eq!(bucket.keys(&m.key("")), Vec::<String>::new());
+    assert_eq!(m.keys(""), Vec::<String>::new());
 }
 
 #[test]
 fn remote_media_with_federation_server_names() {
     let m = TestMount::new("remote");
-    let bucket = Bucket::new(&m.env);
     for server in ["matrix.org", "example.com:8448", "[::1]:8448"] {
         let rel = format!("remote_content/{server}/ab/cd/efghijklmnopqrstuvwx");
         fs::create_dir_all(m.path(&rel).parent().unwrap()).unwrap();
@@ -159,7 +156,7 @@ fn remote_media_with_federation_server_names() {
         }
         drop(f);
         assert_eq!(fs::read(m.path(&rel)).unwrap(), data);
-        assert_eq!(bucket.get(&m.key(&rel)), Some(data));
+        assert_eq!(m.object(&rel), Some(data));
     }
     let mut servers: Vec<String> = fs::read_dir(m.path("remote_content"))
         .unwrap()

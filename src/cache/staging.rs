@@ -1,12 +1,17 @@
 //! Staged files: the local copy of a file while it is written. Random writes, truncation
-//! and appends happen here; the whole file is uploaded as one object.
+//! and appends happen here. When the file is closed its copy is sealed: fsynced, moved
+//! next to the journal and never changed again, until its upload is done.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::journal::sync_dir;
 
 pub struct StagingArea {
     dir: PathBuf,
@@ -14,7 +19,8 @@ pub struct StagingArea {
 }
 
 impl StagingArea {
-    /// Opens `cache_dir/staging`, removing copies a previous run left behind.
+    /// Opens `cache_dir/staging`, removing copies a previous run left behind: files that
+    /// were never closed, so never acknowledged.
     pub fn open(cache_dir: &Path) -> io::Result<Self> {
         let dir = cache_dir.join("staging");
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
@@ -26,44 +32,113 @@ impl StagingArea {
             }
         }
         if stale > 0 {
-            tracing::info!(count = stale, dir = %dir.display(), "removed staged copies left by an earlier run");
+            tracing::info!(count = stale, dir = %dir.display(), "removed copies of files that were open for writing when the last run ended");
         }
         Ok(StagingArea { dir, seq: AtomicU64::new(0) })
     }
 
+    fn new_path(&self) -> PathBuf {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.dir.join(format!("{n:016x}"))
+    }
+
     /// A new, empty staged file.
     pub fn create(&self) -> io::Result<StagedFile> {
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.join(format!("{n:016x}"));
+        let path = self.new_path();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        Ok(StagedFile { path, file: Arc::new(file) })
+        Ok(StagedFile::new(path, file, false))
+    }
+
+    /// A new staged file with the content of `src` (to change a sealed file).
+    pub fn create_copy(&self, src: &StagedFile) -> io::Result<StagedFile> {
+        let staged = self.create()?;
+        let mut from = File::open(src.path())?;
+        let mut to: &File = staged.file();
+        io::copy(&mut from, &mut to)?;
+        Ok(staged)
     }
 }
 
-/// One staged file; removed from disk when dropped.
-#[derive(Debug)]
+/// One staged or sealed file. An unsealed file is removed when dropped; a sealed one only
+/// once its upload is done, so a crash or an unmount keeps it for the journal.
 pub struct StagedFile {
-    path: PathBuf,
+    path: Mutex<PathBuf>,
     file: Arc<File>,
+    sealed: AtomicBool,
+    done: AtomicBool,
+}
+
+impl std::fmt::Debug for StagedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StagedFile({})", self.path().display())
+    }
 }
 
 impl StagedFile {
+    fn new(path: PathBuf, file: File, sealed: bool) -> Self {
+        StagedFile {
+            path: Mutex::new(path),
+            file: Arc::new(file),
+            sealed: AtomicBool::new(sealed),
+            done: AtomicBool::new(false),
+        }
+    }
+
+    /// A sealed file found by the journal's replay.
+    pub fn open_sealed(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).open(path)?;
+        Ok(StagedFile::new(path.to_path_buf(), file, true))
+    }
+
     pub fn file(&self) -> &Arc<File> {
         &self.file
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn path(&self) -> PathBuf {
+        self.path.lock().clone()
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        self.sealed.load(Ordering::Acquire)
+    }
+
+    /// Makes the content durable under `dest`; from now on it never changes.
+    pub fn seal(&self, dest: &Path) -> io::Result<()> {
+        self.file.sync_data()?;
+        let mut path = self.path.lock();
+        std::fs::rename(&*path, dest)?;
+        if let Some(dir) = dest.parent() {
+            sync_dir(dir)?;
+        }
+        *path = dest.to_path_buf();
+        self.sealed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// A second sealed file with the same content under `dest` (a hard link).
+    pub fn link_sealed(&self, dest: &Path) -> io::Result<StagedFile> {
+        std::fs::hard_link(self.path(), dest)?;
+        if let Some(dir) = dest.parent() {
+            sync_dir(dir)?;
+        }
+        StagedFile::open_sealed(dest)
+    }
+
+    /// The change that carried this file is in the bucket: the file may go.
+    pub fn finish(&self) {
+        self.done.store(true, Ordering::Release);
     }
 }
 
 impl Drop for StagedFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if !self.sealed.load(Ordering::Acquire) || self.done.load(Ordering::Acquire) {
+            let _ = std::fs::remove_file(self.path.get_mut());
+        }
     }
 }

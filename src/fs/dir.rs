@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 use super::error::{FsError, FsResult};
 use super::inode::{Kind, Remote};
 use super::{names, BucketFs, Listed};
+use crate::writeback::Pending;
 
 /// One entry of a directory listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +29,8 @@ struct OpenDir {
     path: String,
     entries: Vec<DirEntry>,
     seen: HashSet<String>,
+    /// Names whose objects are being deleted (directories with a trailing `/`).
+    deleted: HashSet<String>,
     token: Option<String>,
     started: bool,
     done: bool,
@@ -59,12 +62,22 @@ impl BucketFs {
             path,
             entries: Vec::new(),
             seen: HashSet::new(),
+            deleted: HashSet::new(),
             token: None,
             started: false,
             done: false,
         };
         self.dirs.map.lock().insert(fh, Arc::new(tokio::sync::Mutex::new(dir)));
         Ok(fh)
+    }
+
+    /// `fsync` on a directory: returns once every change made under it is in the bucket.
+    pub async fn fsyncdir(&self, ino: u64) -> FsResult<()> {
+        let prefix = self.keys.dir_prefix(&self.dir_path(ino)?);
+        self.writeback.settle_under(&prefix).await.map_err(|e| {
+            tracing::warn!(prefix, error = %e.0, "changes under this directory are not in the bucket yet; they stay queued");
+            FsError::from(e.0)
+        })
     }
 
     pub fn releasedir(&self, fh: u64) {
@@ -96,11 +109,40 @@ impl BucketFs {
         };
         push(d, ".", d.ino, Kind::Dir);
         push(d, "..", parent, Kind::Dir);
-        // Files created here and not uploaded yet are listed though the bucket lacks them.
+        // Files created here and not committed yet are listed though the bucket lacks them.
         let local = self.table.lock().local_children(d.ino);
         for (name, ino, kind) in local {
             if d.seen.insert(name.clone()) {
                 push(d, &name, ino, kind);
+            }
+        }
+        // So are changes still waiting in the write-back queue; deletions hide names.
+        let prefix = self.keys.dir_prefix(&d.path);
+        let mut pending = self.writeback.under(&prefix);
+        pending.sort_by(|a, b| a.0.cmp(&b.0));
+        for (key, p) in pending {
+            let rest = &key[prefix.len()..];
+            let (name, kind) = match rest.find('/') {
+                Some(0) => continue,
+                Some(i) => (&rest[..i], Kind::Dir),
+                None if rest.is_empty() => continue,
+                None => (rest, Kind::File),
+            };
+            if !names::listable(name) {
+                continue;
+            }
+            if matches!(p, Pending::Delete) {
+                // A file being deleted; or a directory whose marker is, which rmdir found
+                // empty (anything added since is a pending change of its own, listed here).
+                if kind == Kind::File || rest.len() == name.len() + 1 {
+                    d.deleted.insert(if kind == Kind::File { name.to_string() } else { format!("{name}/") });
+                }
+                continue;
+            }
+            if d.seen.insert(name.to_string()) {
+                let path = names::join(&d.path, name);
+                let ino = self.table.lock().child(d.ino, name).unwrap_or_else(|| listing_ino(&path));
+                push(d, name, ino, kind);
             }
         }
     }
@@ -125,6 +167,9 @@ impl BucketFs {
                 self.warn_once(&o.key, "this key cannot be shown as a path and is skipped");
                 continue;
             }
+            if d.deleted.contains(name) {
+                continue;
+            }
             found.push((
                 name.to_string(),
                 Remote { kind: Kind::File, size: o.size, mtime: o.last_modified, etag: o.etag.clone() },
@@ -134,6 +179,9 @@ impl BucketFs {
             let name = &p[prefix.len()..p.len() - 1];
             if !names::listable(name) {
                 self.warn_once(p, "this key prefix cannot be shown as a directory and is skipped");
+                continue;
+            }
+            if d.deleted.contains(&p[prefix.len()..]) {
                 continue;
             }
             found.push((

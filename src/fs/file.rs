@@ -15,7 +15,8 @@ use super::error::{FsError, FsResult};
 use super::inode::Kind;
 use super::{names, Attr, BucketFs};
 use crate::cache::StagedFile;
-use crate::store::{upload_file, StoreError};
+use crate::store::StoreError;
+use crate::writeback::Pending;
 
 /// How much of an object one GET fetches while a file is copied to local disk.
 const DOWNLOAD_CHUNK: u64 = 8 << 20;
@@ -135,14 +136,19 @@ impl BucketFs {
             let i = t.get(h.ino).ok_or(FsError::BADF)?;
             (i.staged.clone(), i.size, i.path.clone())
         };
-        if let Some(staged) = staged {
-            return read_staged(&staged, offset, size).await;
+        let key = self.keys.file_key(&path)?;
+        // A file on its way to the bucket is read from its local copy.
+        let local = staged.or_else(|| match self.writeback.lookup(&key) {
+            Some(Pending::Upload { file, .. }) => Some(file),
+            _ => None,
+        });
+        if let Some(local) = local {
+            return read_staged(&local, offset, size).await;
         }
         if offset >= file_size {
             return Ok(Bytes::new());
         }
         let end = file_size.min(offset + size as u64);
-        let key = self.keys.file_key(&path)?;
         match self.store.get_range(&key, offset..end, h.etag.as_deref()).await {
             Ok(b) => Ok(b),
             Err(StoreError::InvalidRange) => Ok(Bytes::new()),
@@ -159,6 +165,8 @@ impl BucketFs {
         if !h.writable {
             return Err(FsError::BADF);
         }
+        // Backpressure: wait while too many closed files wait for upload.
+        self.writeback.reserve().await;
         let staged = self.materialize(h.ino).await?;
         let end = offset.checked_add(data.len() as u64).ok_or(FsError::FBIG)?;
         staged.file().write_all_at(data, offset)?;
@@ -171,24 +179,44 @@ impl BucketFs {
         Ok(data.len() as u32)
     }
 
-    /// Called at every `close()`: uploads what was written, so the bucket has it when close
-    /// returns.
+    /// Called at every `close()`: commits what was written (durable on local disk and
+    /// queued for upload), or with write-through, waits until the bucket has it.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         let h = self.files.get(fh)?;
         if h.writable {
-            self.upload(h.ino).await?;
+            let seq = self.commit_file(h.ino).await?;
+            if let (Some(seq), true) = (seq, self.opts.write_through) {
+                self.wait_uploaded(h.ino, seq).await?;
+            }
         }
         Ok(())
     }
 
+    /// Returns once the file's current content is a complete object in the bucket.
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         let h = self.files.get(fh)?;
-        self.upload(h.ino).await
+        self.commit_file(h.ino).await?;
+        let key = {
+            let t = self.table.lock();
+            self.keys.file_key(&t.get(h.ino).ok_or(FsError::BADF)?.path)?
+        };
+        match self.writeback.latest_seq(&key) {
+            Some(seq) => self.wait_uploaded(h.ino, seq).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn wait_uploaded(&self, ino: u64, seq: u64) -> FsResult<()> {
+        self.writeback.wait(seq).await.map_err(|e| {
+            let path = self.table.lock().get(ino).map(|i| i.path.clone()).unwrap_or_default();
+            tracing::warn!(path, error = %e.0, "the upload is not done yet; it stays queued and is retried");
+            FsError::from(e.0)
+        })
     }
 
     pub async fn release(&self, fh: u64) -> FsResult<()> {
         let h = self.files.remove(fh)?;
-        let result = if h.writable { self.upload(h.ino).await } else { Ok(()) };
+        let result = if h.writable { self.commit_file(h.ino).await.map(|_| ()) } else { Ok(()) };
         let mut t = self.table.lock();
         if let Some(i) = t.get_mut(h.ino) {
             i.open = i.open.saturating_sub(1);
@@ -198,7 +226,7 @@ impl BucketFs {
             if i.dirty && i.open == 0 {
                 let local = i.staged.as_ref().map(|s| s.path().display().to_string());
                 tracing::error!(path = %i.path, local = ?local,
-                    "a closed file could not be uploaded; the local copy is kept and the next fsync or rename retries");
+                    "a closed file could not be committed to the cache directory; the next fsync or rename retries");
             }
         }
         t.maybe_drop(h.ino);
@@ -217,8 +245,8 @@ impl BucketFs {
         let writer_open = fh.and_then(|fh| self.files.get(fh).ok()).is_some_and(|h| h.writable)
             || self.files.map.lock().values().any(|h| h.ino == ino && h.writable);
         if !writer_open {
-            // `truncate(1)` on a closed file: nobody will flush it, so upload now.
-            self.upload(ino).await?;
+            // `truncate(1)` on a closed file: nobody will flush it, so commit now.
+            self.commit_file(ino).await?;
             let mut t = self.table.lock();
             if let Some(i) = t.get_mut(ino) {
                 if i.open == 0 && !i.dirty {
@@ -251,7 +279,7 @@ impl BucketFs {
     fn empty_staged(&self, ino: u64) -> FsResult<Arc<StagedFile>> {
         let mut t = self.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
-        if let Some(s) = &i.staged {
+        if let Some(s) = i.staged.as_ref().filter(|s| !s.is_sealed()) {
             return Ok(s.clone());
         }
         let s = Arc::new(self.staging.create()?);
@@ -259,26 +287,49 @@ impl BucketFs {
         Ok(s)
     }
 
-    /// The staged copy of `ino`, downloading the object into one first if needed.
+    /// A writable staged copy of `ino`: the current one, a copy of a sealed one (sealed
+    /// copies never change), or the object downloaded into a new one.
     pub(super) async fn materialize(&self, ino: u64) -> FsResult<Arc<StagedFile>> {
-        let (path, size, etag) = {
+        let (path, size, etag, sealed) = {
             let t = self.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;
-            if let Some(s) = &i.staged {
-                return Ok(s.clone());
+            match &i.staged {
+                Some(s) if !s.is_sealed() => return Ok(s.clone()),
+                other => (i.path.clone(), i.size, i.etag.clone(), other.clone()),
             }
-            (i.path.clone(), i.size, i.etag.clone())
         };
-        let staged = self.staging.create()?;
         let key = self.keys.file_key(&path)?;
+        let sealed = sealed.or_else(|| match self.writeback.lookup(&key) {
+            Some(Pending::Upload { file, .. }) => Some(file),
+            _ => None,
+        });
+        let staged = match sealed {
+            Some(src) => self.staging.create_copy(&src)?,
+            None => self.download(&key, size, etag.as_deref()).await?,
+        };
+        let mut t = self.table.lock();
+        let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
+        // Another request may have made a writable copy meanwhile; it wins.
+        match &i.staged {
+            Some(s) if !s.is_sealed() => Ok(s.clone()),
+            _ => {
+                let s = Arc::new(staged);
+                i.staged = Some(s.clone());
+                Ok(s)
+            }
+        }
+    }
+
+    async fn download(&self, key: &str, size: u64, etag: Option<&str>) -> FsResult<StagedFile> {
+        let staged = self.staging.create()?;
         let mut offset = 0;
         while offset < size {
             let end = size.min(offset + DOWNLOAD_CHUNK);
             let chunk = self
                 .store
-                .get_range(&key, offset..end, etag.as_deref())
+                .get_range(key, offset..end, etag)
                 .await
-                .map_err(|e| self.store_error("GET", &key, e))?;
+                .map_err(|e| self.store_error("GET", key, e))?;
             if chunk.len() as u64 != end - offset {
                 tracing::warn!(key, "the object is shorter than its listed size");
                 return Err(FsError::IO);
@@ -286,55 +337,32 @@ impl BucketFs {
             staged.file().write_all_at(&chunk, offset)?;
             offset = end;
         }
-        let mut t = self.table.lock();
-        let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
-        // Another request may have staged the file meanwhile; its copy wins.
-        Ok(i.staged.get_or_insert_with(|| Arc::new(staged)).clone())
+        Ok(staged)
     }
 
-    /// Uploads the staged copy of `ino` if it has changes the bucket lacks.
-    pub(super) async fn upload(&self, ino: u64) -> FsResult<()> {
+    /// Commits the staged copy of `ino` if it has changes: seals it (fsynced, immutable),
+    /// journals it and queues its upload. Returns the queued change.
+    pub(super) async fn commit_file(&self, ino: u64) -> FsResult<Option<u64>> {
         let (staged, size, path, version) = {
             let t = self.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;
             match &i.staged {
                 Some(s) if i.dirty && !i.unlinked => (s.clone(), i.size, i.path.clone(), i.version),
-                _ => return Ok(()),
+                _ => return Ok(None),
             }
         };
         let key = self.keys.file_key(&path)?;
-        let started = Instant::now();
-        let etag = upload_file(
-            &self.store,
-            &key,
-            staged.file().clone(),
-            size,
-            self.opts.part_size,
-            self.opts.parts_in_flight,
-        )
-        .await
-        .map_err(|e| self.store_error("PUT", &key, e))?;
-        tracing::debug!(key, size, elapsed_ms = started.elapsed().as_millis() as u64, "uploaded");
-        let stale = {
-            let mut t = self.table.lock();
-            match t.get_mut(ino) {
-                Some(i) if i.path == path && !i.unlinked => {
-                    i.in_bucket = true;
-                    i.validated = Some(Instant::now());
-                    if i.version == version {
-                        i.dirty = false;
-                        i.etag = etag;
-                    }
-                    false
-                }
-                _ => true,
+        let seq = self.queue(self.writeback.upload(&key, staged, size))?;
+        let mut t = self.table.lock();
+        if let Some(i) = t.get_mut(ino) {
+            i.in_bucket = true;
+            i.etag = None;
+            i.validated = Some(Instant::now());
+            if i.version == version {
+                i.dirty = false;
             }
-        };
-        if stale {
-            // Renamed or removed during the upload: the object just written is stale.
-            self.store.delete(&key).await.map_err(|e| self.store_error("DELETE", &key, e))?;
         }
-        Ok(())
+        Ok(Some(seq))
     }
 }
 

@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 
 use crate::cache::StagingArea;
 use crate::store::{ObjectStore, StoreError};
+use crate::writeback::{Pending, WritebackQueue};
 
 pub use dir::DirEntry;
 pub use error::{FsError, FsResult};
@@ -41,6 +42,9 @@ pub struct FsOptions {
     pub part_size: u64,
     /// Part uploads in flight per file.
     pub parts_in_flight: usize,
+    /// `close()` waits until the file is in the bucket, instead of returning once it is
+    /// journaled on local disk.
+    pub write_through: bool,
 }
 
 impl Default for FsOptions {
@@ -54,6 +58,7 @@ impl Default for FsOptions {
             negative_ttl: Duration::from_millis(500),
             part_size: 8 << 20,
             parts_in_flight: 4,
+            write_through: false,
         }
     }
 }
@@ -79,6 +84,8 @@ struct Listed {
 
 /// Most names remembered from listings between a `readdir` and the lookups that follow.
 const LISTED_CAPACITY: usize = 100_000;
+/// Keys a lookup lists to tell whether a directory exists.
+const DIR_PROBE: i32 = 10;
 /// Most distinct keys warned about once.
 const WARNED_CAPACITY: usize = 10_000;
 
@@ -89,6 +96,7 @@ pub struct BucketFs {
     table: Mutex<InodeTable>,
     listed: Mutex<LruCache<String, Listed>>,
     staging: StagingArea,
+    writeback: Arc<WritebackQueue>,
     files: file::FileHandles,
     dirs: dir::DirHandles,
     warned: Mutex<HashSet<String>>,
@@ -100,6 +108,7 @@ impl BucketFs {
         store: Arc<dyn ObjectStore>,
         prefix: &str,
         staging: StagingArea,
+        writeback: Arc<WritebackQueue>,
         opts: FsOptions,
     ) -> Self {
         let mount_time = SystemTime::now();
@@ -110,6 +119,7 @@ impl BucketFs {
             table: Mutex::new(InodeTable::new(mount_time)),
             listed: Mutex::new(LruCache::new(NonZeroUsize::new(LISTED_CAPACITY).unwrap())),
             staging,
+            writeback,
             files: Default::default(),
             dirs: Default::default(),
             warned: Mutex::new(HashSet::new()),
@@ -163,19 +173,38 @@ impl BucketFs {
         Ok(i.path.clone())
     }
 
-    /// Asks the bucket what `path` is: a directory if any key lies under `path/`, else a
-    /// file if the key `path` exists. Both requests go out at once.
+    /// What `path` is: the write-back queue's pending changes first, then the bucket: a
+    /// directory if any live key lies under `path/`, else a file if the key `path` exists.
+    /// Both requests go out at once.
     async fn resolve(&self, path: &str) -> FsResult<Option<Remote>> {
         let key = self.keys.file_key(path)?;
         let dir_prefix = self.keys.dir_prefix(path);
+        let file_pending = self.writeback.lookup(&key);
+        if let Some(Pending::Upload { size, .. }) = file_pending {
+            return Ok(Some(Remote { kind: Kind::File, size, mtime: SystemTime::now(), etag: None }));
+        }
+        let under = self.writeback.under(&dir_prefix);
+        if under.iter().any(|(_, p)| !matches!(p, Pending::Delete)) {
+            return Ok(Some(Remote { kind: Kind::Dir, size: 0, mtime: self.mount_time, etag: None }));
+        }
+        let deleted: HashSet<String> = under.into_iter().map(|(k, _)| k).collect();
+        let file_deleted = matches!(file_pending, Some(Pending::Delete));
+        let head = async {
+            if file_deleted {
+                Err(StoreError::NotFound)
+            } else {
+                self.store.head(&key).await
+            }
+        };
         let (head, list) =
-            tokio::join!(self.store.head(&key), self.store.list(&dir_prefix, false, None, Some(1)));
+            tokio::join!(head, self.store.list(&dir_prefix, true, None, Some(DIR_PROBE)));
         let list = list.map_err(|e| self.store_error("LIST", &dir_prefix, e))?;
-        let is_dir = !list.objects.is_empty() || !list.prefixes.is_empty();
+        // Keys being deleted do not make a directory, unless there may be more than we saw.
+        let is_dir = list.objects.iter().any(|o| !deleted.contains(&o.key))
+            || (list.next_token.is_some() && !list.objects.is_empty());
         match head {
-            Ok(meta) if is_dir => {
+            Ok(_) if is_dir => {
                 self.warn_once(&key, "both a file and a directory have this name; showing the directory");
-                let _ = meta;
                 Ok(Some(self.dir_remote(&list)))
             }
             Ok(meta) => Ok(Some(Remote {
@@ -191,10 +220,11 @@ impl BucketFs {
     }
 
     fn dir_remote(&self, list: &crate::store::ListPage) -> Remote {
-        // A marker object's date is the directory's; an implied directory has none.
+        // A marker object's date is the directory's; an implied directory shows the mount's.
         let mtime = list
             .objects
             .first()
+            .filter(|o| o.key.ends_with('/'))
             .map(|o| o.last_modified)
             .unwrap_or(self.mount_time);
         Remote { kind: Kind::Dir, size: 0, mtime, etag: None }
@@ -287,7 +317,19 @@ impl BucketFs {
             i.path.clone()
         };
         let key = self.keys.file_key(&path)?;
-        match self.store.head(&key).await {
+        let head = match self.writeback.lookup(&key) {
+            Some(Pending::Upload { size, .. }) => {
+                let mut t = self.table.lock();
+                let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
+                if i.staged.is_none() {
+                    i.size = size;
+                }
+                return Ok(self.attr_of(i));
+            }
+            Some(Pending::Delete) => Err(StoreError::NotFound),
+            _ => self.store.head(&key).await,
+        };
+        match head {
             Ok(meta) => {
                 let mut t = self.table.lock();
                 let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
@@ -320,10 +362,7 @@ impl BucketFs {
         if marker.len() > names::MAX_KEY {
             return Err(FsError::NAMETOOLONG);
         }
-        self.store
-            .put(&marker, bytes::Bytes::new())
-            .await
-            .map_err(|e| self.store_error("PUT", &marker, e))?;
+        self.queue(self.writeback.marker(&marker))?;
         let ino = {
             let mut t = self.table.lock();
             let i = t.insert(parent, name, path, Kind::Dir);
@@ -349,8 +388,7 @@ impl BucketFs {
             self.materialize(ino).await?;
         }
         if in_bucket {
-            let key = self.keys.file_key(&path)?;
-            self.store.delete(&key).await.map_err(|e| self.store_error("DELETE", &key, e))?;
+            self.queue(self.writeback.delete(&self.keys.file_key(&path)?))?;
         }
         self.removed(parent, name, ino, &path).await
     }
@@ -370,17 +408,10 @@ impl BucketFs {
             i.path.clone()
         };
         let marker = self.keys.dir_prefix(&path);
-        let page = self
-            .store
-            .list(&marker, true, None, Some(2))
-            .await
-            .map_err(|e| self.store_error("LIST", &marker, e))?;
-        if page.objects.iter().any(|o| o.key != marker) {
+        if !self.dir_is_empty(&marker).await? {
             return Err(FsError::NOTEMPTY);
         }
-        if !page.objects.is_empty() {
-            self.store.delete(&marker).await.map_err(|e| self.store_error("DELETE", &marker, e))?;
-        }
+        self.queue(self.writeback.delete(&marker))?;
         self.removed(parent, name, ino, &path).await
     }
 
@@ -396,8 +427,38 @@ impl BucketFs {
         self.keep_dir(parent).await
     }
 
-    /// After its last entry went away, a directory that exists only by implication would
-    /// vanish from the bucket; POSIX keeps it, so it gets a marker.
+    /// Whether nothing but its own marker lies under directory prefix `marker`, counting
+    /// changes still in the write-back queue.
+    async fn dir_is_empty(&self, marker: &str) -> FsResult<bool> {
+        let mut deleted = HashSet::new();
+        for (key, p) in self.writeback.under(marker) {
+            match p {
+                Pending::Delete => {
+                    deleted.insert(key);
+                }
+                _ if key == marker => {}
+                _ => return Ok(false),
+            }
+        }
+        let mut token = None;
+        loop {
+            let page = self
+                .store
+                .list(marker, true, token, Some(100))
+                .await
+                .map_err(|e| self.store_error("LIST", marker, e))?;
+            if page.objects.iter().any(|o| o.key != marker && !deleted.contains(&o.key)) {
+                return Ok(false);
+            }
+            token = page.next_token;
+            if token.is_none() {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// After an entry went away, the directory it was in must stay (POSIX), though in the
+    /// bucket it may exist only by implication: it gets a marker, in the background.
     async fn keep_dir(&self, dir: u64) -> FsResult<()> {
         let path = {
             let t = self.table.lock();
@@ -406,19 +467,16 @@ impl BucketFs {
                 _ => return Ok(()),
             }
         };
-        let marker = self.keys.dir_prefix(&path);
-        let page = self
-            .store
-            .list(&marker, true, None, Some(1))
-            .await
-            .map_err(|e| self.store_error("LIST", &marker, e))?;
-        if page.objects.is_empty() {
-            self.store
-                .put(&marker, bytes::Bytes::new())
-                .await
-                .map_err(|e| self.store_error("PUT", &marker, e))?;
-        }
+        self.queue(self.writeback.marker(&self.keys.dir_prefix(&path)))?;
         Ok(())
+    }
+
+    /// Turns a failure to journal a change into an errno, with one log line.
+    fn queue(&self, r: std::io::Result<u64>) -> FsResult<u64> {
+        r.map_err(|e| {
+            tracing::error!(error = %e, "cannot journal a change in the cache directory");
+            FsError::from(e)
+        })
     }
 
     /// Renames a file: a server-side copy and a delete, or only a local move while the file
@@ -452,41 +510,52 @@ impl BucketFs {
                 return Err(FsError::ISDIR);
             }
         }
-        let (old_path, kind, in_bucket, dirty, open) = {
+        let (old_path, in_bucket, dirty, open, size, local) = {
             let t = self.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;
-            (i.path.clone(), i.kind, i.in_bucket, i.dirty, i.open)
+            (i.path.clone(), i.in_bucket, i.dirty, i.open, i.size, i.staged.clone())
         };
-        debug_assert_eq!(kind, Kind::File);
         let old_key = self.keys.file_key(&old_path)?;
-        let mut new_etag = None;
-        if in_bucket && !dirty {
-            new_etag = self
+        // A sealed copy of the content, in the inode or still waiting in the queue.
+        let sealed = local.filter(|s| s.is_sealed()).or_else(|| match self.writeback.lookup(&old_key) {
+            Some(Pending::Upload { file, .. }) => Some(file),
+            _ => None,
+        });
+        // The new object's ETag: Some(..) when known, None when it must be asked for.
+        let mut new_etag: Option<Option<String>> = Some(None);
+        if dirty {
+            // The content is still being written: its next commit goes to the new key.
+        } else if let Some(file) = &sealed {
+            self.queue(self.writeback.upload_copy(&new_key, file, size))?;
+        } else if in_bucket {
+            // Only in the bucket: a server-side copy, once changes to either key have landed.
+            for key in [&old_key, &new_key] {
+                self.writeback.settle(key).await.map_err(|e| self.store_error("COPY", key, e.0))?;
+            }
+            let etag = self
                 .store
                 .copy(&old_key, &new_key)
                 .await
                 .map_err(|e| self.store_error("COPY", &old_key, e))?;
+            new_etag = etag.map(Some);
         }
         if in_bucket {
-            self.store.delete(&old_key).await.map_err(|e| self.store_error("DELETE", &old_key, e))?;
+            self.queue(self.writeback.delete(&old_key))?;
         }
         {
             let mut t = self.table.lock();
             t.reparent(ino, new_parent, new_name, new_path.clone());
             if let Some(i) = t.get_mut(ino) {
-                // A dirty file reaches its new key with its next upload.
-                i.in_bucket = in_bucket && !dirty;
-                if i.in_bucket {
-                    // The copy is a new object: without its ETag, ask the bucket next time.
-                    match new_etag {
-                        Some(etag) => {
-                            i.etag = Some(etag);
-                            i.validated = Some(Instant::now());
-                        }
-                        None => {
-                            i.etag = None;
-                            i.validated = None;
-                        }
+                i.in_bucket = !dirty && (in_bucket || sealed.is_some());
+                match new_etag {
+                    Some(etag) => {
+                        i.etag = etag;
+                        i.validated = Some(Instant::now());
+                    }
+                    None => {
+                        // A copy whose ETag the store did not say: ask next time.
+                        i.etag = None;
+                        i.validated = None;
                     }
                 }
             }
@@ -497,7 +566,7 @@ impl BucketFs {
             listed.pop(&new_path);
         }
         if dirty && open == 0 {
-            self.upload(ino).await?;
+            self.commit_file(ino).await?;
         }
         if parent != new_parent {
             self.keep_dir(parent).await?;

@@ -3,6 +3,7 @@
 //! test under its own key prefix, and talks to the bucket directly for checks.
 #![allow(dead_code)]
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -194,6 +195,24 @@ impl TestMount {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.child = Some(child);
+    }
+
+    /// Returns once every change made through the mount is in the bucket (fsync on the
+    /// mount's root directory).
+    pub fn sync(&self) {
+        File::open(&self.mnt).unwrap().sync_all().unwrap();
+    }
+
+    /// The object at `rel` under the mount's prefix, once pending changes are uploaded.
+    pub fn object(&self, rel: &str) -> Option<Vec<u8>> {
+        self.sync();
+        Bucket::new(&self.env).get(&self.key(rel))
+    }
+
+    /// Every key under `rel` (full keys), once pending changes are uploaded.
+    pub fn keys(&self, rel: &str) -> Vec<String> {
+        self.sync();
+        Bucket::new(&self.env).keys(&self.key(rel))
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {

@@ -1,0 +1,492 @@
+//! The write-back queue: carries changes acknowledged to callers (uploads of closed files,
+//! deletes, directory markers) to the bucket in the background, and answers for them until
+//! they are there.
+//!
+//! Every change is journaled (fsynced) before it is queued, so it survives a crash; a newer
+//! change to a key supersedes an older one still waiting, and changes to one key run one at
+//! a time in order, so the bucket always ends with the last state. Failed requests are
+//! retried with backoff for as long as it takes; nothing is dropped silently.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::cache::{Change, Journal, Replay, StagedFile};
+use crate::store::{upload_file, ObjectStore, StoreError};
+
+/// What the queue says about a key while a change to it is pending.
+#[derive(Debug, Clone)]
+pub enum Pending {
+    /// A file of this size is on its way; its content is in the sealed file.
+    Upload { size: u64, file: Arc<StagedFile> },
+    /// The key is being deleted.
+    Delete,
+    /// A directory marker is being stored.
+    Marker,
+}
+
+#[derive(Debug, Clone)]
+pub struct WritebackOptions {
+    /// Changes carried out at once.
+    pub workers: usize,
+    pub part_size: u64,
+    pub parts_in_flight: usize,
+    /// Bytes of closed files waiting for upload above which writers wait.
+    pub max_dirty: u64,
+}
+
+impl Default for WritebackOptions {
+    fn default() -> Self {
+        WritebackOptions { workers: 8, part_size: 8 << 20, parts_in_flight: 4, max_dirty: 1 << 30 }
+    }
+}
+
+struct Op {
+    change: Change,
+    file: Option<Arc<StagedFile>>,
+    started: bool,
+    attempts: u32,
+    last_error: Option<StoreError>,
+}
+
+#[derive(Default)]
+struct State {
+    next_seq: u64,
+    ops: BTreeMap<u64, Op>,
+    /// The newest change of each key with one pending.
+    latest: HashMap<String, u64>,
+    in_flight: HashSet<String>,
+    /// Bytes of uploads pending.
+    dirty_bytes: u64,
+    closed: bool,
+}
+
+pub struct WritebackQueue {
+    store: Arc<dyn ObjectStore>,
+    journal: Journal,
+    opts: WritebackOptions,
+    state: Mutex<State>,
+    /// Work was queued, or a key became free.
+    work: Notify,
+    /// A change finished or failed an attempt.
+    progress: Notify,
+}
+
+/// A change `fsync` or a write-through `close` waits for failed; it stays queued.
+#[derive(Debug, Clone)]
+pub struct WaitError(pub StoreError);
+
+impl WritebackQueue {
+    /// A queue over `journal`, with the changes its replay found queued again.
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        journal: Journal,
+        replay: Replay,
+        opts: WritebackOptions,
+    ) -> Arc<Self> {
+        let q = Arc::new(WritebackQueue {
+            store,
+            journal,
+            opts,
+            state: Mutex::new(State { next_seq: replay.next_seq.max(1), ..State::default() }),
+            work: Notify::new(),
+            progress: Notify::new(),
+        });
+        let mut restored = 0;
+        for (seq, change) in replay.pending {
+            let file = match &change {
+                Change::Upload { .. } => match StagedFile::open_sealed(&q.journal.pending_path(seq)) {
+                    Ok(f) => Some(Arc::new(f)),
+                    Err(e) => {
+                        tracing::error!(key = change.key(), error = %e, "cannot open a journaled upload's data");
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            q.insert(seq, change, file);
+            restored += 1;
+        }
+        if restored > 0 {
+            tracing::info!(changes = restored, "resuming changes journaled by an earlier run");
+        }
+        q
+    }
+
+    /// Starts the workers on the current runtime.
+    pub fn start(self: &Arc<Self>) {
+        for _ in 0..self.opts.workers.max(1) {
+            let q = self.clone();
+            tokio::spawn(async move { q.worker().await });
+        }
+    }
+
+    fn insert(&self, seq: u64, change: Change, file: Option<Arc<StagedFile>>) {
+        let mut s = self.state.lock();
+        Self::insert_locked(&mut s, seq, change, file);
+        drop(s);
+        self.wake();
+    }
+
+    fn insert_locked(s: &mut State, seq: u64, change: Change, file: Option<Arc<StagedFile>>) {
+        if let Change::Upload { size, .. } = &change {
+            s.dirty_bytes += size;
+        }
+        s.latest.insert(change.key().to_string(), seq);
+        s.ops.insert(seq, Op { change, file, started: false, attempts: 0, last_error: None });
+    }
+
+    fn wake(&self) {
+        self.work.notify_waiters();
+        self.work.notify_one();
+    }
+
+    fn next_seq(&self) -> u64 {
+        let mut s = self.state.lock();
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        seq
+    }
+
+    /// Journals change `seq` and queues it. Both happen under the state lock, so a journal
+    /// reset (which needs an empty queue) can never erase a record just written.
+    fn commit(&self, seq: u64, change: Change, file: Option<Arc<StagedFile>>) -> io::Result<u64> {
+        let mut s = self.state.lock();
+        self.journal.record(seq, &change)?;
+        Self::insert_locked(&mut s, seq, change, file);
+        drop(s);
+        self.wake();
+        Ok(seq)
+    }
+
+    /// Journals `change` and queues it; returns its sequence number.
+    fn submit(&self, change: Change, file: Option<Arc<StagedFile>>) -> io::Result<u64> {
+        let seq = self.next_seq();
+        if let Some(f) = &file {
+            if !f.is_sealed() {
+                f.seal(&self.journal.pending_path(seq))?;
+            }
+        }
+        self.commit(seq, change, file)
+    }
+
+    /// Queues the upload of a closed file's staged copy, sealing it.
+    pub fn upload(&self, key: &str, file: Arc<StagedFile>, size: u64) -> io::Result<u64> {
+        self.submit(Change::Upload { key: key.to_string(), size }, Some(file))
+    }
+
+    /// Queues an upload of the content of an already sealed file under another key.
+    pub fn upload_copy(&self, key: &str, from: &StagedFile, size: u64) -> io::Result<u64> {
+        let seq = self.next_seq();
+        let file = Arc::new(from.link_sealed(&self.journal.pending_path(seq))?);
+        self.commit(seq, Change::Upload { key: key.to_string(), size }, Some(file))
+    }
+
+    pub fn delete(&self, key: &str) -> io::Result<u64> {
+        self.submit(Change::Delete { key: key.to_string() }, None)
+    }
+
+    pub fn marker(&self, key: &str) -> io::Result<u64> {
+        self.submit(Change::Marker { key: key.to_string() }, None)
+    }
+
+    /// The pending change of `key`, if any.
+    pub fn lookup(&self, key: &str) -> Option<Pending> {
+        let s = self.state.lock();
+        let seq = s.latest.get(key)?;
+        Some(Self::view(s.ops.get(seq)?))
+    }
+
+    /// Pending changes of keys under `prefix`.
+    pub fn under(&self, prefix: &str) -> Vec<(String, Pending)> {
+        let s = self.state.lock();
+        s.latest
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .filter_map(|(k, seq)| Some((k.clone(), Self::view(s.ops.get(seq)?))))
+            .collect()
+    }
+
+    fn view(op: &Op) -> Pending {
+        match (&op.change, &op.file) {
+            (Change::Upload { size, .. }, Some(file)) => Pending::Upload { size: *size, file: file.clone() },
+            (Change::Delete { .. }, _) => Pending::Delete,
+            _ => Pending::Marker,
+        }
+    }
+
+    /// The newest pending change of `key`.
+    pub fn latest_seq(&self, key: &str) -> Option<u64> {
+        self.state.lock().latest.get(key).copied()
+    }
+
+    /// Number of changes not yet in the bucket.
+    pub fn pending(&self) -> usize {
+        self.state.lock().ops.len()
+    }
+
+    pub fn dirty_bytes(&self) -> u64 {
+        self.state.lock().dirty_bytes
+    }
+
+    /// Waits until change `seq` is in the bucket (or superseded). Returns its error once it
+    /// has failed a few attempts; it stays queued and keeps being retried.
+    pub async fn wait(&self, seq: u64) -> Result<(), WaitError> {
+        loop {
+            let notified = self.progress.notified();
+            {
+                let s = self.state.lock();
+                match s.ops.get(&seq) {
+                    None => return Ok(()),
+                    Some(op) if op.attempts >= 3 => {
+                        return Err(WaitError(op.last_error.clone().unwrap_or(StoreError::Other("upload failed".into()))))
+                    }
+                    Some(_) => {}
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits until nothing is pending for `key`.
+    pub async fn settle(&self, key: &str) -> Result<(), WaitError> {
+        while let Some(seq) = self.latest_seq(key) {
+            self.wait(seq).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every change pending now under `prefix` is in the bucket.
+    pub async fn settle_under(&self, prefix: &str) -> Result<(), WaitError> {
+        let seqs: Vec<u64> = {
+            let s = self.state.lock();
+            s.ops.iter().filter(|(_, o)| o.change.key().starts_with(prefix)).map(|(q, _)| *q).collect()
+        };
+        for seq in seqs {
+            self.wait(seq).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits while uploads waiting in the queue exceed the dirty budget.
+    pub async fn reserve(&self) {
+        loop {
+            let notified = self.progress.notified();
+            {
+                let s = self.state.lock();
+                if s.dirty_bytes <= self.opts.max_dirty || s.closed {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits until every change is in the bucket or `timeout` passes; returns how many are
+    /// left. The workers stop taking new work afterwards.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.progress.notified();
+            let left = self.pending();
+            if left == 0 || Instant::now() >= deadline {
+                self.state.lock().closed = true;
+                self.work.notify_waiters();
+                return left;
+            }
+            let _ = tokio::time::timeout_at(deadline.into(), notified).await;
+        }
+    }
+
+    /// Picks the oldest change whose key has nothing in flight; drops superseded ones.
+    fn next_op(&self) -> Option<(u64, Change, Option<Arc<StagedFile>>)> {
+        let mut superseded = Vec::new();
+        let picked = {
+            let mut s = self.state.lock();
+            let mut picked = None;
+            let seqs: Vec<u64> = s.ops.iter().filter(|(_, o)| !o.started).map(|(q, _)| *q).collect();
+            for seq in seqs {
+                let key = s.ops[&seq].change.key().to_string();
+                if s.latest.get(&key) != Some(&seq) {
+                    let op = s.ops.remove(&seq).expect("listed");
+                    if let Change::Upload { size, .. } = op.change {
+                        s.dirty_bytes -= size;
+                    }
+                    superseded.push((seq, op.file));
+                    continue;
+                }
+                if s.in_flight.contains(&key) {
+                    continue;
+                }
+                s.in_flight.insert(key);
+                let op = s.ops.get_mut(&seq).expect("listed");
+                op.started = true;
+                picked = Some((seq, op.change.clone(), op.file.clone()));
+                break;
+            }
+            picked
+        };
+        for (seq, file) in superseded {
+            self.finish_record(seq, file.as_deref());
+        }
+        if !self.state.lock().ops.is_empty() || picked.is_some() {
+            self.progress.notify_waiters();
+        }
+        picked
+    }
+
+    fn finish_record(&self, seq: u64, file: Option<&StagedFile>) {
+        if let Err(e) = self.journal.done(seq) {
+            tracing::error!(error = %e, "cannot write the journal; the change will be done again after a restart");
+        }
+        if let Some(f) = file {
+            f.finish();
+        }
+    }
+
+    async fn worker(self: Arc<Self>) {
+        loop {
+            let notified = self.work.notified();
+            if self.state.lock().closed {
+                return;
+            }
+            let Some((seq, change, file)) = self.next_op() else {
+                notified.await;
+                continue;
+            };
+            self.carry_out(seq, &change, file.as_deref()).await;
+            {
+                let mut s = self.state.lock();
+                s.in_flight.remove(change.key());
+                if let Some(op) = s.ops.remove(&seq) {
+                    if let Change::Upload { size, .. } = op.change {
+                        s.dirty_bytes -= size;
+                    }
+                }
+                if s.latest.get(change.key()) == Some(&seq) {
+                    s.latest.remove(change.key());
+                }
+                self.finish_record(seq, file.as_deref());
+                if s.ops.is_empty() {
+                    // Nothing pending: the journal can start over.
+                    if let Err(e) = self.journal.reset() {
+                        tracing::warn!(error = %e, "cannot reset the journal");
+                    }
+                }
+            }
+            self.progress.notify_waiters();
+            self.work.notify_waiters();
+        }
+    }
+
+    /// Carries out one change, retrying until it succeeds.
+    async fn carry_out(&self, seq: u64, change: &Change, file: Option<&StagedFile>) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let started = Instant::now();
+            let result = match (change, file) {
+                (Change::Upload { key, size }, Some(f)) => upload_file(
+                    &self.store,
+                    key,
+                    f.file().clone(),
+                    *size,
+                    self.opts.part_size,
+                    self.opts.parts_in_flight,
+                )
+                .await
+                .map(|_| ()),
+                (Change::Upload { .. }, None) => Ok(()),
+                (Change::Delete { key }, _) => self.store.delete(key).await,
+                (Change::Marker { key }, _) => self.store.put(key, bytes::Bytes::new()).await.map(|_| ()),
+            };
+            match result {
+                Ok(()) => {
+                    tracing::debug!(key = change.key(), seq, elapsed_ms = started.elapsed().as_millis() as u64, "change carried out");
+                    return;
+                }
+                Err(e) => {
+                    let attempts = {
+                        let mut s = self.state.lock();
+                        let op = s.ops.get_mut(&seq).expect("in flight");
+                        op.attempts += 1;
+                        op.last_error = Some(e.clone());
+                        op.attempts
+                    };
+                    self.progress.notify_waiters();
+                    if attempts == 1 || attempts % 10 == 0 {
+                        tracing::warn!(key = change.key(), attempts, error = %e, retry_in_ms = backoff.as_millis() as u64,
+                            "a change could not be carried out; retrying");
+                    }
+                    // Jitter spreads the retries of many changes.
+                    let jitter = Duration::from_millis((seq * 7919 % 100) + 1);
+                    tokio::time::sleep(backoff + jitter).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::StagingArea;
+    use crate::store::MemoryStore;
+    use std::os::unix::fs::FileExt;
+
+    fn setup(dir: &std::path::Path) -> (Arc<MemoryStore>, Arc<WritebackQueue>, StagingArea) {
+        let mem = Arc::new(MemoryStore::new());
+        let (journal, replay) = Journal::open(dir).unwrap();
+        let q = WritebackQueue::new(mem.clone(), journal, replay, WritebackOptions::default());
+        (mem, q, StagingArea::open(dir).unwrap())
+    }
+
+    fn staged(area: &StagingArea, data: &[u8]) -> Arc<StagedFile> {
+        let f = area.create().unwrap();
+        f.file().write_all_at(data, 0).unwrap();
+        Arc::new(f)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_last_change_of_a_key_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mem, q, area) = setup(dir.path());
+        let a = q.upload("k", staged(&area, b"first"), 5).unwrap();
+        let b = q.upload("k", staged(&area, b"second"), 6).unwrap();
+        let c = q.delete("k").unwrap();
+        let d = q.upload("k2", staged(&area, b"kept"), 4).unwrap();
+        q.start();
+        for s in [a, b, c, d] {
+            q.wait(s).await.unwrap();
+        }
+        assert_eq!(mem.object("k"), None);
+        assert_eq!(mem.object("k2").unwrap().as_ref(), b"kept");
+        assert_eq!(q.pending(), 0);
+        assert_eq!(q.dirty_bytes(), 0);
+        // Finished uploads leave no data behind.
+        assert_eq!(std::fs::read_dir(dir.path().join("pending")).unwrap().count(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn journaled_changes_resume_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_mem, q, area) = setup(dir.path());
+            q.upload("a/b", staged(&area, b"payload"), 7).unwrap();
+            q.marker("a/").unwrap();
+            // Not started: as if the process died here.
+            assert!(q.lookup("a/b").is_some());
+        }
+        let (mem, q, _area) = setup(dir.path());
+        assert!(matches!(q.lookup("a/b"), Some(Pending::Upload { size: 7, .. })));
+        q.start();
+        let left = q.drain(Duration::from_secs(10)).await;
+        assert_eq!(left, 0);
+        assert_eq!(mem.object("a/b").unwrap().as_ref(), b"payload");
+        assert_eq!(mem.object("a/").unwrap().len(), 0);
+    }
+}
