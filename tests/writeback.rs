@@ -1,0 +1,117 @@
+//! Write-back ordering: whatever happens to a file while its upload waits or runs, the
+//! bucket ends with exactly its last state; and write-through makes close() wait.
+
+mod common;
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+
+use common::*;
+
+#[test]
+fn unlink_during_an_inflight_multipart_upload_leaves_nothing() {
+    let m = TestMount::new("unlink-inflight");
+    let data = pseudo_random(40 << 20, 1);
+    fs::write(m.path("video.mp4"), &data).unwrap();
+    // The upload (five 8 MiB parts) is under way or queued; delete the file now.
+    fs::remove_file(m.path("video.mp4")).unwrap();
+    assert_eq!(errno(fs::metadata(m.path("video.mp4"))), libc::ENOENT);
+    assert_eq!(m.object("video.mp4"), None, "a deleted file must not reappear");
+    assert_eq!(m.keys(""), Vec::<String>::new());
+}
+
+#[test]
+fn the_last_version_wins_over_pending_uploads() {
+    let m = TestMount::new("overwrite-pending");
+    fs::write(m.path("thumb"), pseudo_random(12 << 20, 2)).unwrap();
+    fs::write(m.path("thumb"), b"second").unwrap();
+    let mut f = File::options().write(true).open(m.path("thumb")).unwrap();
+    f.write_all_at(b"S", 0).unwrap();
+    drop(f);
+    assert_eq!(fs::read(m.path("thumb")).unwrap(), b"Second");
+    assert_eq!(m.object("thumb").unwrap(), b"Second");
+
+    // Truncate a file whose upload is pending.
+    fs::write(m.path("t"), pseudo_random(3 << 20, 3)).unwrap();
+    let c = std::ffi::CString::new(m.path("t").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::truncate(c.as_ptr(), 10) }, 0);
+    assert_eq!(fs::metadata(m.path("t")).unwrap().len(), 10);
+    assert_eq!(m.object("t").unwrap(), pseudo_random(3 << 20, 3)[..10].to_vec());
+}
+
+#[test]
+fn rename_of_a_pending_file_moves_the_upload() {
+    let m = TestMount::new("rename-pending");
+    let data = pseudo_random(9 << 20, 4);
+    fs::write(m.path("a"), &data).unwrap();
+    fs::rename(m.path("a"), m.path("b")).unwrap();
+    assert_eq!(fs::read(m.path("b")).unwrap(), data);
+    assert_eq!(m.object("a"), None);
+    assert_eq!(sha256(&m.object("b").unwrap()), sha256(&data));
+    // And back again, over an existing file.
+    fs::write(m.path("c"), b"old").unwrap();
+    fs::rename(m.path("b"), m.path("c")).unwrap();
+    assert_eq!(m.keys(""), vec![m.key("c")]);
+    assert_eq!(sha256(&m.object("c").unwrap()), sha256(&data));
+}
+
+#[test]
+fn mkdir_and_rmdir_go_through_the_queue() {
+    let m = TestMount::new("dirs-pending");
+    fs::create_dir(m.path("d")).unwrap();
+    fs::remove_dir(m.path("d")).unwrap();
+    fs::create_dir_all(m.path("e/f")).unwrap();
+    fs::write(m.path("e/f/x"), b"x").unwrap();
+    assert_eq!(errno(fs::remove_dir(m.path("e/f"))), libc::ENOTEMPTY);
+    assert_eq!(errno(fs::remove_dir(m.path("e"))), libc::ENOTEMPTY);
+    fs::remove_file(m.path("e/f/x")).unwrap();
+    fs::remove_dir(m.path("e/f")).unwrap();
+    let mut names: Vec<String> = fs::read_dir(&m.mnt).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["e"]);
+    assert_eq!(m.keys(""), vec![m.key("e/")]);
+}
+
+#[test]
+fn files_are_readable_and_listed_while_their_upload_waits() {
+    let m = TestMount::new("read-pending");
+    fs::create_dir_all(m.path("local_content/ab/cd")).unwrap();
+    let mut expected = Vec::new();
+    for i in 0..20u64 {
+        let rel = format!("local_content/ab/cd/file{i:02}");
+        let data = pseudo_random(100_000 + i as usize * 1000, i);
+        fs::write(m.path(&rel), &data).unwrap();
+        // stat and read straight after close, as Synapse does.
+        assert_eq!(fs::metadata(m.path(&rel)).unwrap().len(), data.len() as u64);
+        assert_eq!(fs::read(m.path(&rel)).unwrap(), data);
+        expected.push(format!("file{i:02}"));
+    }
+    let mut listed: Vec<String> = fs::read_dir(m.path("local_content/ab/cd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, expected);
+}
+
+#[test]
+fn write_through_close_returns_once_the_object_is_in_the_bucket() {
+    let m = TestMount::with_args("writethrough", &["--write-mode", "writethrough"]);
+    let data = pseudo_random(10 << 20, 5);
+    fs::write(m.path("f"), &data).unwrap();
+    // No sync: close() itself waited.
+    let direct = Bucket::new(&m.env).get(&m.key("f")).expect("in the bucket when close returned");
+    assert_eq!(sha256(&direct), sha256(&data));
+}
+
+#[test]
+fn fsync_returns_once_the_object_is_in_the_bucket() {
+    let m = TestMount::new("fsync-wb");
+    let data = pseudo_random(17 << 20, 6);
+    let mut f = File::create(m.path("f")).unwrap();
+    f.write_all(&data).unwrap();
+    f.sync_all().unwrap();
+    let direct = Bucket::new(&m.env).get(&m.key("f")).expect("in the bucket when fsync returned");
+    assert_eq!(sha256(&direct), sha256(&data));
+}
