@@ -26,7 +26,7 @@ fn the_last_version_wins_over_pending_uploads() {
     let m = TestMount::new("overwrite-pending");
     fs::write(m.path("thumb"), pseudo_random(12 << 20, 2)).unwrap();
     fs::write(m.path("thumb"), b"second").unwrap();
-    let mut f = File::options().write(true).open(m.path("thumb")).unwrap();
+    let f = File::options().write(true).open(m.path("thumb")).unwrap();
     f.write_all_at(b"S", 0).unwrap();
     drop(f);
     assert_eq!(fs::read(m.path("thumb")).unwrap(), b"Second");

@@ -20,6 +20,8 @@ impl FsError {
     pub const XDEV: FsError = FsError(libc::EXDEV);
     pub const NOTTY: FsError = FsError(libc::ENOTTY);
     pub const FBIG: FsError = FsError(libc::EFBIG);
+    /// The store is unreachable; used inside the filesystem layer, never returned to callers.
+    pub(crate) const OFFLINE: FsError = FsError(libc::EHOSTUNREACH);
 
     pub fn errno(self) -> i32 {
         self.0

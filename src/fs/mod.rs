@@ -101,7 +101,12 @@ pub struct BucketFs {
     dirs: dir::DirHandles,
     warned: Mutex<HashSet<String>>,
     mount_time: SystemTime,
+    /// Until when lookups answer from local knowledge because the store is unreachable.
+    offline_until: Mutex<Option<Instant>>,
 }
+
+/// How long lookups stop asking an unreachable store before trying it again.
+const OFFLINE_GRACE: Duration = Duration::from_secs(5);
 
 impl BucketFs {
     pub fn new(
@@ -124,6 +129,7 @@ impl BucketFs {
             dirs: Default::default(),
             warned: Mutex::new(HashSet::new()),
             mount_time,
+            offline_until: Mutex::new(None),
         }
     }
 
@@ -198,6 +204,12 @@ impl BucketFs {
         };
         let (head, list) =
             tokio::join!(head, self.store.list(&dir_prefix, true, None, Some(DIR_PROBE)));
+        for e in [head.as_ref().err(), list.as_ref().err()].into_iter().flatten() {
+            if matches!(e, StoreError::Unreachable(_)) {
+                self.go_offline(e);
+                return Err(FsError::OFFLINE);
+            }
+        }
         let list = list.map_err(|e| self.store_error("LIST", &dir_prefix, e))?;
         // Keys being deleted do not make a directory, unless there may be more than we saw.
         let is_dir = list.objects.iter().any(|o| !deleted.contains(&o.key))
@@ -228,6 +240,21 @@ impl BucketFs {
             .map(|o| o.last_modified)
             .unwrap_or(self.mount_time);
         Remote { kind: Kind::Dir, size: 0, mtime, etag: None }
+    }
+
+    fn is_offline(&self) -> bool {
+        self.offline_until.lock().is_some_and(|t| Instant::now() < t)
+    }
+
+    /// The store did not answer: for a while, lookups answer from what is known locally
+    /// (names not known locally read as absent), while uploads keep retrying.
+    fn go_offline(&self, e: &StoreError) {
+        let mut until = self.offline_until.lock();
+        if until.is_none_or(|t| Instant::now() >= t) {
+            tracing::warn!(error = %e, grace_s = OFFLINE_GRACE.as_secs(),
+                "the object store is unreachable; lookups answer from local knowledge and writes are kept locally until it is back");
+        }
+        *until = Some(Instant::now() + OFFLINE_GRACE);
     }
 
     /// Logs a store failure once, in one line, and turns it into an errno.
@@ -262,7 +289,19 @@ impl BucketFs {
                 listed.pop(&path);
             }
         }
-        let remote = self.resolve(&path).await?;
+        let remote = if self.is_offline() { Err(FsError::OFFLINE) } else { self.resolve(&path).await };
+        let remote = match remote {
+            Err(FsError::OFFLINE) => {
+                // Known names keep their last attributes; pending changes were already
+                // consulted by `resolve`; anything else reads as absent.
+                if let Some(Pending::Upload { size, .. }) = self.writeback.lookup(&self.keys.file_key(&path)?) {
+                    Some(Remote { kind: Kind::File, size, mtime: SystemTime::now(), etag: None })
+                } else {
+                    return Ok(self.table.lock().child(parent, name));
+                }
+            }
+            other => other?,
+        };
         let mut t = self.table.lock();
         // A local file created while the bucket was asked wins over the bucket's answer.
         if let Some(ino) = t.child(parent, name) {
@@ -327,8 +366,13 @@ impl BucketFs {
                 return Ok(self.attr_of(i));
             }
             Some(Pending::Delete) => Err(StoreError::NotFound),
+            _ if self.is_offline() => return self.attr(ino),
             _ => self.store.head(&key).await,
         };
+        if let Err(e @ StoreError::Unreachable(_)) = &head {
+            self.go_offline(e);
+            return self.attr(ino);
+        }
         match head {
             Ok(meta) => {
                 let mut t = self.table.lock();

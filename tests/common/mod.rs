@@ -3,6 +3,8 @@
 //! test under its own key prefix, and talks to the bucket directly for checks.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -142,9 +144,19 @@ impl TestMount {
         Self::with_prefix(unique_prefix(name), extra)
     }
 
+    /// Mounts a fresh prefix through another endpoint (a proxy) to the test server.
+    pub fn via(name: &str, endpoint: &str, extra: &[&str]) -> TestMount {
+        let mut env = S3Env::get();
+        env.endpoint = endpoint.to_string();
+        Self::build(env, unique_prefix(name), extra)
+    }
+
     /// Mounts `prefix` (which may already hold objects).
     pub fn with_prefix(prefix: String, extra: &[&str]) -> TestMount {
-        let env = S3Env::get();
+        Self::build(S3Env::get(), prefix, extra)
+    }
+
+    fn build(env: S3Env, prefix: String, extra: &[&str]) -> TestMount {
         let dir = tempfile::tempdir().unwrap();
         let mnt = dir.path().join("mnt");
         let cache = dir.path().join("cache");
@@ -206,13 +218,13 @@ impl TestMount {
     /// The object at `rel` under the mount's prefix, once pending changes are uploaded.
     pub fn object(&self, rel: &str) -> Option<Vec<u8>> {
         self.sync();
-        Bucket::new(&self.env).get(&self.key(rel))
+        Bucket::new(&S3Env::get()).get(&self.key(rel))
     }
 
     /// Every key under `rel` (full keys), once pending changes are uploaded.
     pub fn keys(&self, rel: &str) -> Vec<String> {
         self.sync();
-        Bucket::new(&self.env).keys(&self.key(rel))
+        Bucket::new(&S3Env::get()).keys(&self.key(rel))
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -239,6 +251,20 @@ impl TestMount {
                 let _ = Command::new("fusermount3").arg("-uz").arg(&self.mnt).status();
                 return child.wait().ok();
             }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM to the mount process and waits (up to 120 s) for it to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no exit 120 s after SIGTERM:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
