@@ -51,7 +51,12 @@ struct Op {
     started: bool,
     attempts: u32,
     last_error: Option<StoreError>,
+    /// When the change first failed, if it has.
+    failing_since: Option<Instant>,
 }
+
+/// How long `fsync` waits on a change that keeps failing before it reports the error.
+const WAIT_PATIENCE: Duration = Duration::from_secs(30);
 
 #[derive(Default)]
 struct State {
@@ -137,7 +142,7 @@ impl WritebackQueue {
             s.dirty_bytes += size;
         }
         s.latest.insert(change.key().to_string(), seq);
-        s.ops.insert(seq, Op { change, file, started: false, attempts: 0, last_error: None });
+        s.ops.insert(seq, Op { change, file, started: false, attempts: 0, last_error: None, failing_since: None });
     }
 
     fn wake(&self) {
@@ -234,7 +239,7 @@ impl WritebackQueue {
     }
 
     /// Waits until change `seq` is in the bucket (or superseded). Returns its error once it
-    /// has failed a few attempts; it stays queued and keeps being retried.
+    /// has kept failing for a while; it stays queued and keeps being retried.
     pub async fn wait(&self, seq: u64) -> Result<(), WaitError> {
         loop {
             let notified = self.progress.notified();
@@ -242,7 +247,7 @@ impl WritebackQueue {
                 let s = self.state.lock();
                 match s.ops.get(&seq) {
                     None => return Ok(()),
-                    Some(op) if op.attempts >= 3 => {
+                    Some(op) if op.failing_since.is_some_and(|t| t.elapsed() >= WAIT_PATIENCE) => {
                         return Err(WaitError(op.last_error.clone().unwrap_or(StoreError::Other("upload failed".into()))))
                     }
                     Some(_) => {}
@@ -414,6 +419,7 @@ impl WritebackQueue {
                         let op = s.ops.get_mut(&seq).expect("in flight");
                         op.attempts += 1;
                         op.last_error = Some(e.clone());
+                        op.failing_since.get_or_insert_with(Instant::now);
                         op.attempts
                     };
                     self.progress.notify_waiters();

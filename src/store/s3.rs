@@ -140,6 +140,11 @@ impl S3Store {
             } else {
                 message
             }),
+            _ if code.is_empty() && message.is_empty() => StoreError::Other(format!(
+                "{op} {key:?} failed: {}{}",
+                status.map(|s| format!("HTTP {s}: ")).unwrap_or_default(),
+                aws_sdk_s3::error::DisplayErrorContext(&err)
+            )),
             _ => StoreError::Other(format!(
                 "{op} {key:?} failed: {}{}{}",
                 status.map(|s| format!("HTTP {s} ")).unwrap_or_default(),

@@ -49,13 +49,24 @@ pub async fn upload_file(
     let upload_id = store.create_multipart(key).await?;
     let result = upload_parts(store, key, &upload_id, file, size, part_size, parts_in_flight).await;
     match result {
-        Ok(parts) => match store.complete_multipart(key, &upload_id, parts).await {
-            Ok(etag) => Ok(etag),
-            Err(e) => {
-                let _ = store.abort_multipart(key, &upload_id).await;
-                Err(e)
+        Ok(parts) => {
+            let expected = multipart_etag(&parts);
+            match store.complete_multipart(key, &upload_id, parts).await {
+                Ok(etag) => Ok(etag),
+                Err(e) => {
+                    // Some servers complete the upload but answer in a form the client cannot
+                    // read: the object itself says whether it is the one just assembled.
+                    if let (Some(expected), Ok(meta)) = (expected, store.head(key).await) {
+                        if meta.size == size && meta.etag.as_deref().map(|t| t.trim_matches('"')) == Some(&expected) {
+                            tracing::debug!(key, error = %e, "the upload completed though its answer could not be read");
+                            return Ok(meta.etag);
+                        }
+                    }
+                    let _ = store.abort_multipart(key, &upload_id).await;
+                    Err(e)
+                }
             }
-        },
+        }
         Err(e) => {
             if let Err(abort) = store.abort_multipart(key, &upload_id).await {
                 tracing::warn!(key, error = %abort, "could not abort a failed multipart upload");
@@ -63,6 +74,25 @@ pub async fn upload_file(
             Err(e)
         }
     }
+}
+
+/// The ETag S3 gives an object assembled from parts with these ETags: the MD5 of the
+/// parts' MD5s, then `-` and the number of parts. None when a part ETag is not an MD5.
+fn multipart_etag(parts: &[(i32, String)]) -> Option<String> {
+    use md5::{Digest, Md5};
+    let mut h = Md5::new();
+    for (_, etag) in parts {
+        let hex = etag.trim_matches('"');
+        if hex.len() != 32 {
+            return None;
+        }
+        for i in (0..32).step_by(2) {
+            h.update([u8::from_str_radix(&hex[i..i + 2], 16).ok()?]);
+        }
+    }
+    let digest = h.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Some(format!("{hex}-{}", parts.len()))
 }
 
 async fn upload_parts(
@@ -117,6 +147,26 @@ mod tests {
         let five_tib = 5u64 << 40;
         let p = part_size_for(five_tib, 8 * MIB);
         assert!(p % MIB == 0 && five_tib.div_ceil(p) <= MAX_PARTS, "{p}");
+    }
+
+    #[test]
+    fn multipart_etag_follows_s3s_rule() {
+        // Two parts whose MD5s are those of "a" and "b".
+        let parts = vec![
+            (1, "\"0cc175b9c0f1b6a831c399e269772661\"".to_string()),
+            (2, "\"92eb5ffee6ae2fec3ad71c777531578f\"".to_string()),
+        ];
+        let mut h = md5::Md5::new();
+        use md5::Digest;
+        h.update(hex_bytes("0cc175b9c0f1b6a831c399e269772661"));
+        h.update(hex_bytes("92eb5ffee6ae2fec3ad71c777531578f"));
+        let want: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(multipart_etag(&parts).unwrap(), format!("{want}-2"));
+        assert_eq!(multipart_etag(&[(1, "\"not-md5\"".into())]), None);
+    }
+
+    fn hex_bytes(s: &str) -> Vec<u8> {
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
     #[test]
