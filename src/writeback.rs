@@ -7,7 +7,7 @@
 //! a time in order, so the bucket always ends with the last state. Failed requests are
 //! retried with backoff for as long as it takes; nothing is dropped silently.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,8 +62,8 @@ const WAIT_PATIENCE: Duration = Duration::from_secs(30);
 struct State {
     next_seq: u64,
     ops: BTreeMap<u64, Op>,
-    /// The newest change of each key with one pending.
-    latest: HashMap<String, u64>,
+    /// The newest change of each key with one pending, ordered for prefix scans.
+    latest: BTreeMap<String, u64>,
     in_flight: HashSet<String>,
     /// Bytes of uploads pending.
     dirty_bytes: u64,
@@ -210,8 +210,8 @@ impl WritebackQueue {
     pub fn under(&self, prefix: &str) -> Vec<(String, Pending)> {
         let s = self.state.lock();
         s.latest
-            .iter()
-            .filter(|(k, _)| k.starts_with(prefix))
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
             .filter_map(|(k, seq)| Some((k.clone(), Self::view(s.ops.get(seq)?))))
             .collect()
     }
@@ -376,6 +376,8 @@ impl WritebackQueue {
                     s.latest.remove(change.key());
                 }
                 self.finish_record(seq, file.as_deref());
+                // Release the data before anyone can see the change gone.
+                drop(file);
                 if s.ops.is_empty() {
                     // Nothing pending: the journal can start over.
                     if let Err(e) = self.journal.reset() {
@@ -391,7 +393,13 @@ impl WritebackQueue {
     /// Carries out one change, retrying until it succeeds.
     async fn carry_out(&self, seq: u64, change: &Change, file: Option<&StagedFile>) {
         let mut backoff = Duration::from_millis(200);
+        let mut first = true;
         loop {
+            if !first && self.state.lock().latest.get(change.key()) != Some(&seq) {
+                tracing::debug!(key = change.key(), seq, "a failing change was superseded; dropping it");
+                return;
+            }
+            first = false;
             let started = Instant::now();
             let result = match (change, file) {
                 (Change::Upload { key, size }, Some(f)) => upload_file(
@@ -427,9 +435,20 @@ impl WritebackQueue {
                         tracing::warn!(key = change.key(), attempts, error = %e, retry_in_ms = backoff.as_millis() as u64,
                             "a change could not be carried out; retrying");
                     }
-                    // Jitter spreads the retries of many changes.
+                    // Jitter spreads the retries of many changes. A newer change of the key
+                    // cuts the wait short; other activity does not.
                     let jitter = Duration::from_millis((seq * 7919 % 100) + 1);
-                    tokio::time::sleep(backoff + jitter).await;
+                    let deadline = tokio::time::Instant::now() + backoff + jitter;
+                    loop {
+                        let notified = self.work.notified();
+                        // A newer change of this key decides its final state.
+                        if self.state.lock().latest.get(change.key()) != Some(&seq) {
+                            break;
+                        }
+                        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                            break;
+                        }
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
             }

@@ -117,3 +117,45 @@ fn sigterm_uploads_what_is_pending_before_exiting() {
         assert_eq!(bucket.get(&m.key(rel)).map(|d| sha256(&d)), Some(sha256(data)), "{rel}");
     }
 }
+
+#[test]
+fn a_full_cache_disk_fails_the_write_with_enospc_and_harms_nothing_committed() {
+    let env = S3Env::get();
+    // A cache directory on a 16 MiB tmpfs, and uploads slowed so files wait there.
+    let proxy = Proxy::start(&server_addr(&env));
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("small");
+    fs::create_dir(&cache).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&cache)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting a tmpfs for the cache needs root");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(cache.clone());
+    let cache_s = cache.to_str().unwrap().to_string();
+    let m = TestMount::via("enospc", &proxy.endpoint(), &["--cache-dir", &cache_s]);
+
+    let kept = pseudo_random(2 << 20, 1);
+    fs::write(m.path("kept"), &kept).unwrap();
+    proxy.down();
+    let big = pseudo_random(32 << 20, 2);
+    let err = fs::write(m.path("too-big"), &big).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    // What was committed before is intact and readable, and the mount still works.
+    assert_eq!(fs::read(m.path("kept")).unwrap(), kept);
+    // The partial file is committed at close like on any disk; deleting it frees the space
+    // once its upload is dropped in favour of the delete.
+    fs::remove_file(m.path("too-big")).unwrap();
+    proxy.up();
+    m.sync();
+    fs::write(m.path("after"), b"still writable").unwrap();
+    assert_eq!(m.object("kept"), Some(kept));
+    assert_eq!(m.object("after").unwrap(), b"still writable");
+}
