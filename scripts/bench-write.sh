@@ -14,6 +14,7 @@ command -v s3fs >/dev/null || missing+=(s3fs)
 command -v rclone >/dev/null || missing+=(rclone)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "bench: installing ${missing[*]} from Debian's packages" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 echo "== building s3mediafs (release)" >&2
