@@ -103,6 +103,8 @@ class Rclone(Client):
                    RCLONE_CONFIG_BENCH_ACCESS_KEY_ID=KEY, RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY=SECRET,
                    RCLONE_CONFIG_BENCH_ENDPOINT=ENDPOINT, RCLONE_CONFIG_BENCH_REGION=REGION,
                    RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE="true")
+        # rclone 1.60 fails on a custom CA bundle; the local server speaks plain http.
+        env.pop("AWS_CA_BUNDLE", None)
         self.proc = subprocess.Popen(
             ["rclone", "mount", f"bench:{BUCKET}/{prefix.rstrip('/')}", str(self.mnt),
              "--vfs-cache-mode", "full", "--cache-dir", str(self.work / "cache")],

@@ -53,6 +53,9 @@ pub struct Inode {
     pub in_bucket: bool,
     /// Removed from its directory; kept alive only by open handles and kernel references.
     pub unlinked: bool,
+    /// For a directory this mount created: when. Until the metadata TTL passes, everything
+    /// in it is known here, so lookups of other names need not ask the bucket.
+    pub created_here: Option<Instant>,
 }
 
 impl Inode {
@@ -87,6 +90,7 @@ impl InodeTable {
             version: 0,
             in_bucket: true,
             unlinked: false,
+            created_here: None,
         };
         InodeTable { inodes: HashMap::from([(ROOT, root)]), children: HashMap::new(), next_ino: 2 }
     }
@@ -147,6 +151,7 @@ impl InodeTable {
                 version: 0,
                 in_bucket: false,
                 unlinked: false,
+                created_here: None,
             },
         );
         self.link(parent, name, ino);

@@ -185,13 +185,9 @@ impl BucketFs {
     async fn resolve(&self, path: &str) -> FsResult<Option<Remote>> {
         let key = self.keys.file_key(path)?;
         let dir_prefix = self.keys.dir_prefix(path);
-        let file_pending = self.writeback.lookup(&key);
-        if let Some(Pending::Upload { size, .. }) = file_pending {
-            return Ok(Some(Remote { kind: Kind::File, size, mtime: SystemTime::now(), etag: None }));
-        }
-        let under = self.writeback.under(&dir_prefix);
-        if under.iter().any(|(_, p)| !matches!(p, Pending::Delete)) {
-            return Ok(Some(Remote { kind: Kind::Dir, size: 0, mtime: self.mount_time, etag: None }));
+        let (pending, file_pending, under) = self.resolve_pending(&key, &dir_prefix);
+        if pending.is_some() {
+            return Ok(pending);
         }
         let deleted: HashSet<String> = under.into_iter().map(|(k, _)| k).collect();
         let file_deleted = matches!(file_pending, Some(Pending::Delete));
@@ -229,6 +225,22 @@ impl BucketFs {
             Err(StoreError::NotFound) => Ok(None),
             Err(e) => Err(self.store_error("HEAD", &key, e)),
         }
+    }
+
+    /// What the write-back queue alone says `key` (a file) or `dir_prefix` (a directory)
+    /// is; also returns the pending changes it looked at, for `resolve`.
+    fn resolve_pending(&self, key: &str, dir_prefix: &str) -> (Option<Remote>, Option<Pending>, Vec<(String, Pending)>) {
+        let file_pending = self.writeback.lookup(key);
+        if let Some(Pending::Upload { size, .. }) = &file_pending {
+            let r = Remote { kind: Kind::File, size: *size, mtime: SystemTime::now(), etag: None };
+            return (Some(r), file_pending, Vec::new());
+        }
+        let under = self.writeback.under(dir_prefix);
+        if under.iter().any(|(_, p)| !matches!(p, Pending::Delete)) {
+            let r = Remote { kind: Kind::Dir, size: 0, mtime: self.mount_time, etag: None };
+            return (Some(r), file_pending, under);
+        }
+        (None, file_pending, under)
     }
 
     fn dir_remote(&self, list: &crate::store::ListPage) -> Remote {
@@ -287,6 +299,15 @@ impl BucketFs {
                     return Ok(Some(t.upsert_remote(parent, name, path, &remote)));
                 }
                 listed.pop(&path);
+            }
+            // In a directory made here moments ago, only this mount's changes exist.
+            let made_here = t.get(parent).and_then(|p| p.created_here).is_some_and(|at| at.elapsed() < ttl);
+            if made_here {
+                let key = self.keys.file_key(&path)?;
+                return Ok(match self.resolve_pending(&key, &self.keys.dir_prefix(&path)).0 {
+                    Some(r) => Some(t.upsert_remote(parent, name, path, &r)),
+                    None => t.child(parent, name),
+                });
             }
         }
         let remote = if self.is_offline() { Err(FsError::OFFLINE) } else { self.resolve(&path).await };
@@ -411,6 +432,8 @@ impl BucketFs {
             let mut t = self.table.lock();
             let i = t.insert(parent, name, path, Kind::Dir);
             i.in_bucket = true;
+            // `find` just said nothing had this name: the directory starts out empty.
+            i.created_here = Some(Instant::now());
             i.ino
         };
         self.remember(ino)
