@@ -423,8 +423,6 @@ impl Config {
                 dir_mode: a.dir_mode,
                 metadata_ttl: a.metadata_ttl,
                 negative_ttl: a.negative_ttl,
-                part_size: a.part_size,
-                parts_in_flight: 4,
                 write_through: a.write_mode == "writethrough",
             },
             writeback: WritebackOptions {

@@ -216,7 +216,7 @@ struct FsUnderTest {
 /// background uploads dead, as a crash would.
 fn instance(store: &Arc<MemoryStore>, cache: &std::path::Path, ttl: Duration) -> (BucketFs, Arc<WritebackQueue>, tokio::runtime::Runtime) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let opts = FsOptions { metadata_ttl: ttl, part_size: 5 << 20, ..FsOptions::default() };
+    let opts = FsOptions { metadata_ttl: ttl, ..FsOptions::default() };
     let dyn_store: Arc<dyn ObjectStore> = store.clone();
     let (journal, replay) = Journal::open(cache).unwrap();
     let queue = WritebackQueue::new(dyn_store.clone(), journal, replay, WritebackOptions::default());

@@ -38,10 +38,6 @@ pub struct FsOptions {
     pub metadata_ttl: Duration,
     /// How long the kernel may remember that a name does not exist.
     pub negative_ttl: Duration,
-    /// Smallest multipart part size; larger files use larger parts.
-    pub part_size: u64,
-    /// Part uploads in flight per file.
-    pub parts_in_flight: usize,
     /// `close()` waits until the file is in the bucket, instead of returning once it is
     /// journaled on local disk.
     pub write_through: bool,
@@ -56,8 +52,6 @@ impl Default for FsOptions {
             dir_mode: 0o755,
             metadata_ttl: Duration::from_secs(1),
             negative_ttl: Duration::from_millis(500),
-            part_size: 8 << 20,
-            parts_in_flight: 4,
             write_through: false,
         }
     }
