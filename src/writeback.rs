@@ -206,6 +206,14 @@ impl WritebackQueue {
         Some(Self::view(s.ops.get(seq)?))
     }
 
+    /// The sealed local copy of `key` while its upload is pending.
+    pub fn pending_upload(&self, key: &str) -> Option<Arc<StagedFile>> {
+        match self.lookup(key)? {
+            Pending::Upload { file, .. } => Some(file),
+            _ => None,
+        }
+    }
+
     /// Pending changes of keys under `prefix`.
     pub fn under(&self, prefix: &str) -> Vec<(String, Pending)> {
         let s = self.state.lock();

@@ -16,7 +16,6 @@ use super::inode::Kind;
 use super::{names, Attr, BucketFs};
 use crate::cache::StagedFile;
 use crate::store::StoreError;
-use crate::writeback::Pending;
 
 /// How much of an object one GET fetches while a file is copied to local disk.
 const DOWNLOAD_CHUNK: u64 = 8 << 20;
@@ -138,10 +137,7 @@ impl BucketFs {
         };
         let key = self.keys.file_key(&path)?;
         // A file on its way to the bucket is read from its local copy.
-        let local = staged.or_else(|| match self.writeback.lookup(&key) {
-            Some(Pending::Upload { file, .. }) => Some(file),
-            _ => None,
-        });
+        let local = staged.or_else(|| self.writeback.pending_upload(&key));
         if let Some(local) = local {
             return read_staged(&local, offset, size).await;
         }
@@ -299,10 +295,7 @@ impl BucketFs {
             }
         };
         let key = self.keys.file_key(&path)?;
-        let sealed = sealed.or_else(|| match self.writeback.lookup(&key) {
-            Some(Pending::Upload { file, .. }) => Some(file),
-            _ => None,
-        });
+        let sealed = sealed.or_else(|| self.writeback.pending_upload(&key));
         let staged = match sealed {
             Some(src) => self.staging.create_copy(&src)?,
             None => self.download(&key, size, etag.as_deref()).await?,

@@ -297,24 +297,12 @@ impl BucketFs {
             // In a directory made here moments ago, only this mount's changes exist.
             let made_here = t.get(parent).and_then(|p| p.created_here).is_some_and(|at| at.elapsed() < ttl);
             if made_here {
-                let key = self.keys.file_key(&path)?;
-                return Ok(match self.resolve_pending(&key, &self.keys.dir_prefix(&path)).0 {
-                    Some(r) => Some(t.upsert_remote(parent, name, path, &r)),
-                    None => t.child(parent, name),
-                });
+                return self.find_locally(&mut t, parent, name, path);
             }
         }
         let remote = if self.is_offline() { Err(FsError::OFFLINE) } else { self.resolve(&path).await };
         let remote = match remote {
-            Err(FsError::OFFLINE) => {
-                // Known names keep their last attributes; pending changes were already
-                // consulted by `resolve`; anything else reads as absent.
-                if let Some(Pending::Upload { size, .. }) = self.writeback.lookup(&self.keys.file_key(&path)?) {
-                    Some(Remote { kind: Kind::File, size, mtime: SystemTime::now(), etag: None })
-                } else {
-                    return Ok(self.table.lock().child(parent, name));
-                }
-            }
+            Err(FsError::OFFLINE) => return self.find_locally(&mut self.table.lock(), parent, name, path),
             other => other?,
         };
         let mut t = self.table.lock();
@@ -334,6 +322,16 @@ impl BucketFs {
                 Ok(None)
             }
         }
+    }
+
+    /// Finds `name` without asking the bucket: pending changes answer, known names keep
+    /// their last attributes, anything else reads as absent.
+    fn find_locally(&self, t: &mut InodeTable, parent: u64, name: &str, path: String) -> FsResult<Option<u64>> {
+        let key = self.keys.file_key(&path)?;
+        Ok(match self.resolve_pending(&key, &self.keys.dir_prefix(&path)).0 {
+            Some(r) => Some(t.upsert_remote(parent, name, path, &r)),
+            None => t.child(parent, name),
+        })
     }
 
     /// Takes a kernel reference on `ino` and returns its attributes.
@@ -578,10 +576,7 @@ impl BucketFs {
         };
         let old_key = self.keys.file_key(&old_path)?;
         // A sealed copy of the content, in the inode or still waiting in the queue.
-        let sealed = local.filter(|s| s.is_sealed()).or_else(|| match self.writeback.lookup(&old_key) {
-            Some(Pending::Upload { file, .. }) => Some(file),
-            _ => None,
-        });
+        let sealed = local.filter(|s| s.is_sealed()).or_else(|| self.writeback.pending_upload(&old_key));
         // The new object's ETag: Some(..) when known, None when it must be asked for.
         let mut new_etag: Option<Option<String>> = Some(None);
         if dirty {
