@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
+use crate::cache::{CacheLimits, MinFree};
 use crate::fs::FsOptions;
+use crate::readahead::ReadaheadOptions;
 use crate::writeback::WritebackOptions;
 use crate::store::StoreConfig;
 
@@ -132,9 +134,34 @@ pub struct MountArgs {
     #[arg(long, default_value = "writeback", value_parser = ["writeback", "writethrough"])]
     pub write_mode: String,
 
-    /// Bytes of closed files waiting for upload above which writers wait for uploads.
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
-    pub max_dirty: u64,
+    /// Bytes of closed files waiting for upload above which writers wait for uploads
+    /// [default: half of --cache-size, at most 1G].
+    #[arg(long, value_parser = parse_size)]
+    pub max_dirty: Option<u64>,
+
+    /// Most local disk the cache directory uses: cached blocks of read files plus files
+    /// being written or waiting for upload. Never exceeded: clean blocks are evicted first
+    /// (least recently used), and blocks that do not fit are not cached.
+    #[arg(long, default_value = "10G", value_parser = parse_size)]
+    pub cache_size: u64,
+
+    /// Free space the cache filesystem keeps: a share (`5%`) or a size (`2G`). Clean blocks
+    /// are evicted, or not cached, to keep it.
+    #[arg(long, default_value = "5%", value_parser = parse_min_free)]
+    pub cache_min_free: MinFree,
+
+    /// Size of the blocks read data is fetched and cached in.
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    pub block_size: u64,
+
+    /// Largest readahead window of a sequential reader (it starts at one block and doubles
+    /// while reads stay sequential; random reads collapse it).
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    pub max_readahead: u64,
+
+    /// Memory for read data in flight and read buffers, shared by all open files.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub max_memory: u64,
 
     /// How long unmounting waits for pending uploads; what is left stays journaled and is
     /// uploaded by the next mount with the same cache directory.
@@ -324,6 +351,20 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     num.trim().parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).ok_or_else(err)
 }
 
+/// `5%` or a size like `2G`.
+pub fn parse_min_free(s: &str) -> Result<MinFree, String> {
+    match s.trim().strip_suffix('%') {
+        Some(p) => p
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|p| (0.0..=90.0).contains(p))
+            .map(MinFree::Percent)
+            .ok_or_else(|| format!("'{s}' is not a share of the disk; use e.g. 5% (0% to 90%)")),
+        None => parse_size(s).map(MinFree::Bytes).map_err(|_| format!("'{s}' is neither a share like 5% nor a size like 2G")),
+    }
+}
+
 /// Access keys, with a `Debug` that never shows the secret.
 #[derive(Clone)]
 pub struct Credentials {
@@ -359,6 +400,8 @@ pub struct Config {
     pub log_level: String,
     pub fs: FsOptions,
     pub writeback: WritebackOptions,
+    pub cache: CacheLimits,
+    pub readahead: ReadaheadOptions,
     pub drain_timeout: Duration,
 }
 
@@ -392,6 +435,35 @@ impl Config {
             return Err(format!(
                 "--part-size {} is outside what S3 allows (5M to 5G)",
                 a.part_size
+            ));
+        }
+        if !a.block_size.is_power_of_two() || !(64 << 10..=16 << 20).contains(&a.block_size) {
+            return Err(format!(
+                "--block-size {} must be a power of two from 64K to 16M (e.g. 1M)",
+                a.block_size
+            ));
+        }
+        if a.cache_size < 16 * a.block_size {
+            return Err(format!(
+                "--cache-size {} is too small; give at least 16 blocks ({} bytes with --block-size {})",
+                a.cache_size,
+                16 * a.block_size,
+                a.block_size
+            ));
+        }
+        let max_dirty = a.max_dirty.unwrap_or((a.cache_size / 2).min(1 << 30));
+        if max_dirty > a.cache_size {
+            return Err(format!(
+                "--max-dirty {max_dirty} is larger than --cache-size {}; files waiting for upload live in the cache directory",
+                a.cache_size
+            ));
+        }
+        if a.max_memory < 8 * a.block_size {
+            return Err(format!(
+                "--max-memory {} is too small; give at least 8 blocks ({} bytes with --block-size {})",
+                a.max_memory,
+                8 * a.block_size,
+                a.block_size
             ));
         }
         let credentials = resolve_credentials(a.credentials.as_deref(), a.profile.as_deref())?;
@@ -429,7 +501,14 @@ impl Config {
                 workers: 8,
                 part_size: a.part_size,
                 parts_in_flight: 4,
-                max_dirty: a.max_dirty,
+                max_dirty,
+            },
+            cache: CacheLimits { max_bytes: a.cache_size, min_free: a.cache_min_free, block_size: a.block_size },
+            readahead: ReadaheadOptions {
+                initial_window: a.block_size,
+                max_window: a.max_readahead,
+                max_memory: a.max_memory,
+                ..ReadaheadOptions::default()
             },
             drain_timeout: a.drain_timeout,
         })

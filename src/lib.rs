@@ -10,5 +10,6 @@ pub mod config;
 pub mod fs;
 pub mod fuse;
 pub mod mount;
+pub mod readahead;
 pub mod store;
 pub mod writeback;

@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use fuser::{MountOption, SessionACL};
 
-use crate::cache::{CacheLock, Journal, StagingArea};
+use crate::cache::{BlockCache, CacheLock, Journal, StagedBytes, StagingArea};
 use crate::config::Config;
 use crate::fs::BucketFs;
 use crate::fuse::FuseAdapter;
+use crate::readahead::Readahead;
 use crate::store::{ObjectStore, S3Store, StoreError};
 use crate::writeback::WritebackQueue;
 
@@ -39,19 +40,22 @@ pub fn run(cfg: Config) -> Result<(), String> {
 
     let store: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&cfg.store_config()));
     let cache_err = |e: std::io::Error| format!("cannot use the cache directory {}: {e}", cfg.cache_dir.display());
-    let staging = StagingArea::open(&cfg.cache_dir).map_err(cache_err)?;
+    let staged = Arc::new(StagedBytes::default());
+    let blocks = Arc::new(BlockCache::open(&cfg.cache_dir, cfg.cache, staged.clone()).map_err(cache_err)?);
+    let staging = StagingArea::open(&cfg.cache_dir, staged).map_err(cache_err)?;
     // Changes journaled by an earlier run are queued before anything is served, so nothing
     // can shadow them.
     let (journal, replay) = Journal::open(&cfg.cache_dir).map_err(cache_err)?;
     if replay.dropped_bytes > 0 {
         tracing::warn!(bytes = replay.dropped_bytes, "the journal ended with a torn record (a crash while writing it); it was dropped");
     }
-    let writeback = WritebackQueue::new(store.clone(), journal, replay, cfg.writeback.clone());
+    let writeback = WritebackQueue::new(store.clone(), journal, replay, cfg.writeback.clone(), blocks.clone());
     {
         let _rt = rt.enter();
         writeback.start();
     }
-    let fs = Arc::new(BucketFs::new(store, &cfg.prefix, staging, writeback.clone(), cfg.fs.clone()));
+    let readahead = Readahead::new(store.clone(), blocks, cfg.readahead.clone());
+    let fs = Arc::new(BucketFs::new(store, &cfg.prefix, staging, writeback.clone(), readahead, cfg.fs.clone()));
     let adapter = FuseAdapter::new(fs, rt.handle().clone());
 
     let source = if cfg.prefix.is_empty() {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::cache::{Change, Journal, Replay, StagedFile};
+use crate::cache::{BlockCache, Change, Journal, Replay, StagedFile};
 use crate::store::{upload_file, ObjectStore, StoreError};
 
 /// What the queue says about a key while a change to it is pending.
@@ -70,9 +70,14 @@ struct State {
     closed: bool,
 }
 
+/// Largest uploaded file whose content is kept in the block cache afterwards.
+const ADOPT_MAX: u64 = 64 << 20;
+
 pub struct WritebackQueue {
     store: Arc<dyn ObjectStore>,
     journal: Journal,
+    /// Files this mount uploaded are cached here, so reading them back needs no request.
+    blocks: Arc<BlockCache>,
     opts: WritebackOptions,
     state: Mutex<State>,
     /// Work was queued, or a key became free.
@@ -92,10 +97,12 @@ impl WritebackQueue {
         journal: Journal,
         replay: Replay,
         opts: WritebackOptions,
+        blocks: Arc<BlockCache>,
     ) -> Arc<Self> {
         let q = Arc::new(WritebackQueue {
             store,
             journal,
+            blocks,
             opts,
             state: Mutex::new(State { next_seq: replay.next_seq.max(1), ..State::default() }),
             work: Notify::new(),
@@ -104,7 +111,7 @@ impl WritebackQueue {
         let mut restored = 0;
         for (seq, change) in replay.pending {
             let file = match &change {
-                Change::Upload { .. } => match StagedFile::open_sealed(&q.journal.pending_path(seq)) {
+                Change::Upload { .. } => match StagedFile::open_sealed(&q.journal.pending_path(seq), q.blocks.staged_bytes()) {
                     Ok(f) => Some(Arc::new(f)),
                     Err(e) => {
                         tracing::error!(key = change.key(), error = %e, "cannot open a journaled upload's data");
@@ -371,7 +378,8 @@ impl WritebackQueue {
                 notified.await;
                 continue;
             };
-            self.carry_out(seq, &change, file.as_deref()).await;
+            let etag = self.carry_out(seq, &change, file.as_deref()).await;
+            self.keep_uploaded(&change, etag, file.as_ref()).await;
             {
                 let mut s = self.state.lock();
                 s.in_flight.remove(change.key());
@@ -398,14 +406,29 @@ impl WritebackQueue {
         }
     }
 
-    /// Carries out one change, retrying until it succeeds.
-    async fn carry_out(&self, seq: u64, change: &Change, file: Option<&StagedFile>) {
+    /// After a change reached the bucket: the content of an uploaded file moves into the
+    /// block cache (small enough files), and a deleted key's last ETag is forgotten.
+    async fn keep_uploaded(&self, change: &Change, etag: Option<String>, file: Option<&Arc<StagedFile>>) {
+        match (change, etag, file) {
+            (Change::Upload { key, size }, Some(etag), Some(file))
+                if *size <= ADOPT_MAX.min(self.blocks.limits().max_bytes / 4) =>
+            {
+                let (blocks, key, file, size) = (self.blocks.clone(), key.clone(), file.file().clone(), *size);
+                let _ = tokio::task::spawn_blocking(move || blocks.adopt(&key, &etag, &file, size)).await;
+            }
+            (change, _, _) => self.blocks.forget_key(change.key()),
+        }
+    }
+
+    /// Carries out one change, retrying until it succeeds. Returns the ETag of an uploaded
+    /// object, when the store gave one.
+    async fn carry_out(&self, seq: u64, change: &Change, file: Option<&StagedFile>) -> Option<String> {
         let mut backoff = Duration::from_millis(200);
         let mut first = true;
         loop {
             if !first && self.state.lock().latest.get(change.key()) != Some(&seq) {
                 tracing::debug!(key = change.key(), seq, "a failing change was superseded; dropping it");
-                return;
+                return None;
             }
             first = false;
             let started = Instant::now();
@@ -418,16 +441,15 @@ impl WritebackQueue {
                     self.opts.part_size,
                     self.opts.parts_in_flight,
                 )
-                .await
-                .map(|_| ()),
-                (Change::Upload { .. }, None) => Ok(()),
-                (Change::Delete { key }, _) => self.store.delete(key).await,
-                (Change::Marker { key }, _) => self.store.put(key, bytes::Bytes::new()).await.map(|_| ()),
+                .await,
+                (Change::Upload { .. }, None) => Ok(None),
+                (Change::Delete { key }, _) => self.store.delete(key).await.map(|_| None),
+                (Change::Marker { key }, _) => self.store.put(key, bytes::Bytes::new()).await.map(|_| None),
             };
             match result {
-                Ok(()) => {
+                Ok(etag) => {
                     tracing::debug!(key = change.key(), seq, elapsed_ms = started.elapsed().as_millis() as u64, "change carried out");
-                    return;
+                    return etag;
                 }
                 Err(e) => {
                     let attempts = {
@@ -467,27 +489,29 @@ impl WritebackQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::StagingArea;
+    use crate::cache::{CacheLimits, MinFree, ObjectId, BlockId, StagedBytes, StagingArea};
     use crate::store::MemoryStore;
-    use std::os::unix::fs::FileExt;
 
-    fn setup(dir: &std::path::Path) -> (Arc<MemoryStore>, Arc<WritebackQueue>, StagingArea) {
+    fn setup(dir: &std::path::Path) -> (Arc<MemoryStore>, Arc<WritebackQueue>, StagingArea, Arc<BlockCache>) {
         let mem = Arc::new(MemoryStore::new());
         let (journal, replay) = Journal::open(dir).unwrap();
-        let q = WritebackQueue::new(mem.clone(), journal, replay, WritebackOptions::default());
-        (mem, q, StagingArea::open(dir).unwrap())
+        let staged = Arc::new(StagedBytes::default());
+        let limits = CacheLimits { max_bytes: 1 << 30, min_free: MinFree::Bytes(0), block_size: 1 << 20 };
+        let blocks = Arc::new(BlockCache::open(dir, limits, staged.clone()).unwrap());
+        let q = WritebackQueue::new(mem.clone(), journal, replay, WritebackOptions::default(), blocks.clone());
+        (mem, q, StagingArea::open(dir, staged).unwrap(), blocks)
     }
 
     fn staged(area: &StagingArea, data: &[u8]) -> Arc<StagedFile> {
         let f = area.create().unwrap();
-        f.file().write_all_at(data, 0).unwrap();
+        f.write_at(data, 0).unwrap();
         Arc::new(f)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_last_change_of_a_key_wins() {
         let dir = tempfile::tempdir().unwrap();
-        let (mem, q, area) = setup(dir.path());
+        let (mem, q, area, blocks) = setup(dir.path());
         let a = q.upload("k", staged(&area, b"first"), 5).unwrap();
         let b = q.upload("k", staged(&area, b"second"), 6).unwrap();
         let c = q.delete("k").unwrap();
@@ -500,21 +524,26 @@ mod tests {
         assert_eq!(mem.object("k2").unwrap().as_ref(), b"kept");
         assert_eq!(q.pending(), 0);
         assert_eq!(q.dirty_bytes(), 0);
-        // Finished uploads leave no data behind.
+        // Finished uploads leave no data behind, and their content is in the block cache.
         assert_eq!(std::fs::read_dir(dir.path().join("pending")).unwrap().count(), 0);
+        assert_eq!(area.bytes(), 0);
+        let etag = blocks.known_etag("k2").unwrap();
+        let id = BlockId { object: ObjectId::new("k2", &etag), index: 0 };
+        assert_eq!(blocks.get(&id, 4).unwrap().as_ref(), b"kept");
+        assert_eq!(blocks.known_etag("k"), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn journaled_changes_resume_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (_mem, q, area) = setup(dir.path());
+            let (_mem, q, area, _) = setup(dir.path());
             q.upload("a/b", staged(&area, b"payload"), 7).unwrap();
             q.marker("a/").unwrap();
             // Not started: as if the process died here.
             assert!(q.lookup("a/b").is_some());
         }
-        let (mem, q, _area) = setup(dir.path());
+        let (mem, q, _area, _) = setup(dir.path());
         assert!(matches!(q.lookup("a/b"), Some(Pending::Upload { size: 7, .. })));
         q.start();
         let left = q.drain(Duration::from_secs(10)).await;

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use s3mediafs::cache::{Journal, StagingArea};
+use s3mediafs::cache::{BlockCache, CacheLimits, Journal, MinFree, StagedBytes, StagingArea};
 use s3mediafs::fs::{BucketFs, FsOptions, Kind, ROOT};
+use s3mediafs::readahead::{Readahead, ReadaheadOptions};
 use s3mediafs::store::{MemoryStore, ObjectStore};
 use s3mediafs::writeback::{WritebackOptions, WritebackQueue};
 
@@ -218,13 +219,20 @@ fn instance(store: &Arc<MemoryStore>, cache: &std::path::Path, ttl: Duration) ->
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let opts = FsOptions { metadata_ttl: ttl, ..FsOptions::default() };
     let dyn_store: Arc<dyn ObjectStore> = store.clone();
+    // Tiny blocks and a small cache, so reads cross blocks and blocks are evicted.
+    let staged = Arc::new(StagedBytes::default());
+    let limits = CacheLimits { max_bytes: 128 << 10, min_free: MinFree::Bytes(0), block_size: 8 };
+    let blocks = Arc::new(BlockCache::open(cache, limits, staged.clone()).unwrap());
     let (journal, replay) = Journal::open(cache).unwrap();
-    let queue = WritebackQueue::new(dyn_store.clone(), journal, replay, WritebackOptions::default());
+    let queue = WritebackQueue::new(dyn_store.clone(), journal, replay, WritebackOptions::default(), blocks.clone());
     {
         let _g = rt.enter();
         queue.start();
     }
-    let fs = BucketFs::new(dyn_store, "pre/", StagingArea::open(cache).unwrap(), queue.clone(), opts);
+    let ra_opts = ReadaheadOptions { initial_window: 8, max_window: 64, max_memory: 64 << 10, blocks_per_request: 3 };
+    let readahead = Readahead::new(dyn_store.clone(), blocks, ra_opts);
+    let staging = StagingArea::open(cache, staged).unwrap();
+    let fs = BucketFs::new(dyn_store, "pre/", staging, queue.clone(), readahead, opts);
     (fs, queue, rt)
 }
 

@@ -11,17 +11,20 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::blocks::{allocated, StagedBytes};
 use super::journal::sync_dir;
 
 pub struct StagingArea {
     dir: PathBuf,
     seq: AtomicU64,
+    bytes: Arc<StagedBytes>,
 }
 
 impl StagingArea {
     /// Opens `cache_dir/staging`, removing copies a previous run left behind: files that
     /// were never closed, so never acknowledged.
-    pub fn open(cache_dir: &Path) -> io::Result<Self> {
+    /// The space staged files take is added to `bytes`.
+    pub fn open(cache_dir: &Path, bytes: Arc<StagedBytes>) -> io::Result<Self> {
         let dir = cache_dir.join("staging");
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
         let mut stale = 0;
@@ -34,7 +37,7 @@ impl StagingArea {
         if stale > 0 {
             tracing::info!(count = stale, dir = %dir.display(), "removed copies of files that were open for writing when the last run ended");
         }
-        Ok(StagingArea { dir, seq: AtomicU64::new(0) })
+        Ok(StagingArea { dir, seq: AtomicU64::new(0), bytes })
     }
 
     fn new_path(&self) -> PathBuf {
@@ -51,7 +54,12 @@ impl StagingArea {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        Ok(StagedFile::new(path, file, false))
+        Ok(StagedFile::new(path, file, false, self.bytes.clone()))
+    }
+
+    /// Bytes all staged and sealed files take on disk.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.get()
     }
 
     /// A new staged file with the content of `src` (to change a sealed file).
@@ -59,7 +67,8 @@ impl StagingArea {
         let staged = self.create()?;
         let mut from = File::open(src.path())?;
         let mut to: &File = staged.file();
-        io::copy(&mut from, &mut to)?;
+        let len = io::copy(&mut from, &mut to)?;
+        staged.grew_to(len);
         Ok(staged)
     }
 }
@@ -71,6 +80,9 @@ pub struct StagedFile {
     file: Arc<File>,
     sealed: AtomicBool,
     done: AtomicBool,
+    /// Disk space counted for this file in `counter`.
+    accounted: AtomicU64,
+    counter: Arc<StagedBytes>,
 }
 
 impl std::fmt::Debug for StagedFile {
@@ -80,19 +92,60 @@ impl std::fmt::Debug for StagedFile {
 }
 
 impl StagedFile {
-    fn new(path: PathBuf, file: File, sealed: bool) -> Self {
+    fn new(path: PathBuf, file: File, sealed: bool, counter: Arc<StagedBytes>) -> Self {
         StagedFile {
             path: Mutex::new(path),
             file: Arc::new(file),
             sealed: AtomicBool::new(sealed),
             done: AtomicBool::new(false),
+            accounted: AtomicU64::new(0),
+            counter,
         }
     }
 
     /// A sealed file found by the journal's replay.
-    pub fn open_sealed(path: &Path) -> io::Result<Self> {
+    pub fn open_sealed(path: &Path, counter: &Arc<StagedBytes>) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).open(path)?;
-        Ok(StagedFile::new(path.to_path_buf(), file, true))
+        let len = file.metadata()?.len();
+        let f = StagedFile::new(path.to_path_buf(), file, true, counter.clone());
+        f.set_accounted(len);
+        Ok(f)
+    }
+
+    /// Writes `data` at `offset`.
+    pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(data, offset)?;
+        self.grew_to(offset + data.len() as u64);
+        Ok(())
+    }
+
+    /// Truncates or extends the file to `len` bytes.
+    pub fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)?;
+        self.set_accounted(len);
+        Ok(())
+    }
+
+    /// Space this file takes on disk, as counted.
+    pub fn accounted(&self) -> u64 {
+        self.accounted.load(Ordering::Relaxed)
+    }
+
+    fn grew_to(&self, len: u64) {
+        if allocated(len) > self.accounted() {
+            self.set_accounted(len);
+        }
+    }
+
+    fn set_accounted(&self, len: u64) {
+        let new = allocated(len);
+        let old = self.accounted.swap(new, Ordering::Relaxed);
+        if new > old {
+            self.counter.add(new - old);
+        } else {
+            self.counter.sub(old - new);
+        }
     }
 
     pub fn file(&self) -> &Arc<File> {
@@ -126,7 +179,7 @@ impl StagedFile {
         if let Some(dir) = dest.parent() {
             sync_dir(dir)?;
         }
-        StagedFile::open_sealed(dest)
+        StagedFile::open_sealed(dest, &self.counter)
     }
 
     /// The change that carried this file is in the bucket: the file may go.
@@ -137,6 +190,7 @@ impl StagedFile {
 
 impl Drop for StagedFile {
     fn drop(&mut self) {
+        self.counter.sub(*self.accounted.get_mut());
         if !self.sealed.load(Ordering::Acquire) || self.done.load(Ordering::Acquire) {
             let _ = std::fs::remove_file(self.path.get_mut());
         }

@@ -20,6 +20,7 @@ impl FsError {
     pub const XDEV: FsError = FsError(libc::EXDEV);
     pub const NOTTY: FsError = FsError(libc::ENOTTY);
     pub const FBIG: FsError = FsError(libc::EFBIG);
+    pub const NOSPC: FsError = FsError(libc::ENOSPC);
     /// The store is unreachable; used inside the filesystem layer, never returned to callers.
     pub(crate) const OFFLINE: FsError = FsError(libc::EHOSTUNREACH);
 

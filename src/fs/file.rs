@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -14,38 +14,48 @@ use parking_lot::Mutex;
 use super::error::{FsError, FsResult};
 use super::inode::Kind;
 use super::{names, Attr, BucketFs};
-use crate::cache::StagedFile;
+use crate::cache::{allocated, StagedFile};
+use crate::readahead::{ObjectRef, ReadStream};
 use crate::store::StoreError;
 
 /// How much of an object one GET fetches while a file is copied to local disk.
 const DOWNLOAD_CHUNK: u64 = 8 << 20;
 
-#[derive(Debug, Clone)]
 struct OpenFile {
     ino: u64,
     writable: bool,
-    /// The object version this handle reads; a changed object fails the read.
+    /// The object version this handle reads, with its size; a changed object fails the
+    /// read rather than mix versions.
     etag: Option<String>,
+    size: u64,
+    /// Access pattern and readahead of reads from the bucket, made at the first one.
+    stream: OnceLock<Arc<ReadStream>>,
+}
+
+impl OpenFile {
+    fn new(ino: u64, writable: bool, etag: Option<String>, size: u64) -> Self {
+        OpenFile { ino, writable, etag, size, stream: OnceLock::new() }
+    }
 }
 
 #[derive(Default)]
 pub(super) struct FileHandles {
-    map: Mutex<HashMap<u64, OpenFile>>,
+    map: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next: AtomicU64,
 }
 
 impl FileHandles {
     fn add(&self, f: OpenFile) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        self.map.lock().insert(fh, f);
+        self.map.lock().insert(fh, Arc::new(f));
         fh
     }
 
-    fn get(&self, fh: u64) -> FsResult<OpenFile> {
+    fn get(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
         self.map.lock().get(&fh).cloned().ok_or(FsError::BADF)
     }
 
-    fn remove(&self, fh: u64) -> FsResult<OpenFile> {
+    fn remove(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
         self.map.lock().remove(&fh).ok_or(FsError::BADF)
     }
 }
@@ -99,7 +109,7 @@ impl BucketFs {
             i.ino
         };
         self.listed.lock().pop(&path);
-        let fh = self.files.add(OpenFile { ino, writable: true, etag: None });
+        let fh = self.files.add(OpenFile::new(ino, true, None, 0));
         Ok((self.remember(ino)?, fh))
     }
 
@@ -124,8 +134,9 @@ impl BucketFs {
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
         i.open += 1;
         let etag = if i.staged.is_none() { i.etag.clone() } else { None };
+        let size = i.size;
         drop(t);
-        Ok(self.files.add(OpenFile { ino, writable: mode.write, etag }))
+        Ok(self.files.add(OpenFile::new(ino, mode.write, etag, size)))
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
@@ -141,11 +152,21 @@ impl BucketFs {
         if let Some(local) = local {
             return read_staged(&local, offset, size).await;
         }
-        if offset >= file_size {
-            return Ok(Bytes::new());
-        }
-        let end = file_size.min(offset + size as u64);
-        match self.store.get_range(&key, offset..end, h.etag.as_deref()).await {
+        // The version this handle opened; or one this mount uploaded since.
+        let version = match &h.etag {
+            Some(etag) => Some((etag.clone(), h.size)),
+            None => self.blocks().known_etag(&key).map(|etag| (etag, file_size)),
+        };
+        let result = match version {
+            Some((etag, object_size)) => {
+                let stream = h
+                    .stream
+                    .get_or_init(|| Arc::new(ReadStream::new(ObjectRef::new(key.clone(), etag, object_size))));
+                self.readahead.read(stream, offset, size).await
+            }
+            None => self.readahead.read_uncached(&key, file_size, offset, size).await,
+        };
+        match result {
             Ok(b) => Ok(b),
             Err(StoreError::InvalidRange) => Ok(Bytes::new()),
             Err(StoreError::PreconditionFailed) => {
@@ -165,7 +186,8 @@ impl BucketFs {
         self.writeback.reserve().await;
         let staged = self.materialize(h.ino).await?;
         let end = offset.checked_add(data.len() as u64).ok_or(FsError::FBIG)?;
-        staged.file().write_all_at(data, offset)?;
+        self.room_for_staged(h.ino, &staged, end)?;
+        staged.write_at(data, offset)?;
         let mut t = self.table.lock();
         let i = t.get_mut(h.ino).ok_or(FsError::BADF)?;
         i.size = i.size.max(end);
@@ -260,7 +282,8 @@ impl BucketFs {
 
     async fn truncate_local(&self, ino: u64, size: u64) -> FsResult<()> {
         let staged = if size == 0 { self.empty_staged(ino)? } else { self.materialize(ino).await? };
-        staged.file().set_len(size)?;
+        self.room_for_staged(ino, &staged, size)?;
+        staged.set_len(size)?;
         let mut t = self.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
         i.size = size;
@@ -327,10 +350,25 @@ impl BucketFs {
                 tracing::warn!(key, "the object is shorter than its listed size");
                 return Err(FsError::IO);
             }
-            staged.file().write_all_at(&chunk, offset)?;
+            staged.write_at(&chunk, offset)?;
             offset = end;
         }
         Ok(staged)
+    }
+
+    /// Makes room in the cache directory for `staged` to grow to `len` bytes, evicting
+    /// clean blocks; fails with ENOSPC when staged files alone would pass `--cache-size`.
+    fn room_for_staged(&self, ino: u64, staged: &StagedFile, len: u64) -> FsResult<()> {
+        let growth = allocated(len).saturating_sub(staged.accounted());
+        if growth == 0 || self.blocks().fit_staged(growth) {
+            return Ok(());
+        }
+        let path = self.table.lock().get(ino).map(|i| i.path.clone()).unwrap_or_default();
+        self.warn_once(
+            &path,
+            "the files being written no longer fit in --cache-size; the write fails with ENOSPC (raise --cache-size)",
+        );
+        Err(FsError::NOSPC)
     }
 
     /// Commits the staged copy of `ino` if it has changes: seals it (fsynced, immutable),

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 use lru::LruCache;
 use parking_lot::Mutex;
 
-use crate::cache::StagingArea;
+use crate::cache::{BlockCache, StagingArea};
+use crate::readahead::Readahead;
 use crate::store::{ObjectStore, StoreError};
 use crate::writeback::{Pending, WritebackQueue};
 
@@ -91,6 +92,7 @@ pub struct BucketFs {
     listed: Mutex<LruCache<String, Listed>>,
     staging: StagingArea,
     writeback: Arc<WritebackQueue>,
+    readahead: Arc<Readahead>,
     files: file::FileHandles,
     dirs: dir::DirHandles,
     warned: Mutex<HashSet<String>>,
@@ -108,6 +110,7 @@ impl BucketFs {
         prefix: &str,
         staging: StagingArea,
         writeback: Arc<WritebackQueue>,
+        readahead: Arc<Readahead>,
         opts: FsOptions,
     ) -> Self {
         let mount_time = SystemTime::now();
@@ -119,6 +122,7 @@ impl BucketFs {
             listed: Mutex::new(LruCache::new(NonZeroUsize::new(LISTED_CAPACITY).unwrap())),
             staging,
             writeback,
+            readahead,
             files: Default::default(),
             dirs: Default::default(),
             warned: Mutex::new(HashSet::new()),
@@ -129,6 +133,10 @@ impl BucketFs {
 
     pub fn options(&self) -> &FsOptions {
         &self.opts
+    }
+
+    fn blocks(&self) -> &Arc<BlockCache> {
+        self.readahead.blocks()
     }
 
     /// Number of inodes currently held.

@@ -1,0 +1,507 @@
+//! Reading objects through the block cache, with readahead for sequential readers.
+//!
+//! Each open handle has a `ReadStream` that watches its access pattern. While reads follow
+//! each other, a window ahead of the reader (starting at `initial_window`, doubling with
+//! each new block up to `max_window`) is fetched with concurrent ranged GETs into the block
+//! cache. A read outside the window collapses it to nothing, so a thumbnailer seeking
+//! through an image costs one block-sized GET per seek and no wasted megabytes.
+//!
+//! Memory is bounded by one budget (`max_memory`) shared by all handles: data in flight and
+//! each handle's current block take from it; prefetching stops when it is spent, and a
+//! handle that cannot get room for its current block reads it from disk each time.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::cache::{BlockCache, BlockId, ObjectId};
+use crate::store::{ObjectStore, StoreError, StoreResult};
+
+#[derive(Debug, Clone)]
+pub struct ReadaheadOptions {
+    /// Readahead after the first sequential reads.
+    pub initial_window: u64,
+    /// Largest readahead window.
+    pub max_window: u64,
+    /// Memory for data in flight and buffered blocks, across all handles.
+    pub max_memory: u64,
+    /// Most blocks one GET fetches while reading ahead.
+    pub blocks_per_request: u64,
+}
+
+impl Default for ReadaheadOptions {
+    fn default() -> Self {
+        ReadaheadOptions { initial_window: 1 << 20, max_window: 32 << 20, max_memory: 64 << 20, blocks_per_request: 4 }
+    }
+}
+
+/// The object version a handle reads.
+#[derive(Debug, Clone)]
+pub struct ObjectRef {
+    pub key: String,
+    pub etag: String,
+    pub size: u64,
+    id: ObjectId,
+}
+
+impl ObjectRef {
+    pub fn new(key: String, etag: String, size: u64) -> Self {
+        let id = ObjectId::new(&key, &etag);
+        ObjectRef { key, etag, size, id }
+    }
+}
+
+/// The read state of one open handle.
+pub struct ReadStream {
+    object: ObjectRef,
+    state: Mutex<StreamState>,
+}
+
+#[derive(Default)]
+struct StreamState {
+    /// Where the next sequential read starts.
+    next: u64,
+    /// The last block read.
+    last_block: Option<u64>,
+    /// Current readahead window in bytes (0: not reading ahead).
+    window: u64,
+    /// Blocks before this one have been asked for ahead of the reader.
+    ahead_to: u64,
+    current: Option<Buffered>,
+}
+
+struct Buffered {
+    index: u64,
+    data: Bytes,
+    _memory: OwnedSemaphorePermit,
+}
+
+impl ReadStream {
+    pub fn new(object: ObjectRef) -> Self {
+        ReadStream { object, state: Mutex::new(StreamState::default()) }
+    }
+
+    pub fn object(&self) -> &ObjectRef {
+        &self.object
+    }
+
+    /// Current readahead window, for tests and status.
+    pub fn window(&self) -> u64 {
+        self.state.lock().window
+    }
+}
+
+type Fetched = Option<StoreResult<Bytes>>;
+
+enum Claim {
+    /// Someone else is fetching the block; wait for it here.
+    Wait(watch::Receiver<Fetched>),
+    /// The caller fetches the block and publishes it here.
+    Fetch(watch::Sender<Fetched>),
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReadStats {
+    pub requests: u64,
+    pub bytes: u64,
+}
+
+pub struct Readahead {
+    store: Arc<dyn ObjectStore>,
+    blocks: Arc<BlockCache>,
+    opts: ReadaheadOptions,
+    /// The memory budget, in KiB: half for data in flight, half for handles' buffers, so
+    /// buffers held by idle handles can never stall a fetch.
+    fetch_memory: Arc<Semaphore>,
+    buffer_memory: Arc<Semaphore>,
+    inflight: Mutex<HashMap<BlockId, watch::Receiver<Fetched>>>,
+    stats: Mutex<ReadStats>,
+}
+
+fn kib(bytes: u64) -> u32 {
+    bytes.div_ceil(1024).min(u32::MAX as u64) as u32
+}
+
+impl Readahead {
+    pub fn new(store: Arc<dyn ObjectStore>, blocks: Arc<BlockCache>, mut opts: ReadaheadOptions) -> Arc<Self> {
+        let bs = blocks.block_size();
+        // Reading further ahead than the cache can hold would evict blocks before they
+        // are read.
+        opts.max_window = opts.max_window.min(blocks.limits().max_bytes / 4).max(bs);
+        opts.initial_window = opts.initial_window.clamp(bs, opts.max_window);
+        opts.blocks_per_request = opts.blocks_per_request.max(1);
+        let half = (kib(opts.max_memory) / 2).max(kib(bs)) as usize;
+        let (fetch_memory, buffer_memory) = (Arc::new(Semaphore::new(half)), Arc::new(Semaphore::new(half)));
+        Arc::new(Readahead { store, blocks, opts, fetch_memory, buffer_memory, inflight: Mutex::new(HashMap::new()), stats: Default::default() })
+    }
+
+    pub fn blocks(&self) -> &Arc<BlockCache> {
+        &self.blocks
+    }
+
+    pub fn stats(&self) -> ReadStats {
+        *self.stats.lock()
+    }
+
+    /// Memory in use for data in flight and buffered blocks.
+    pub fn memory_used(&self) -> u64 {
+        let half = (kib(self.opts.max_memory) / 2).max(kib(self.blocks.block_size())) as u64;
+        let free = (self.fetch_memory.available_permits() + self.buffer_memory.available_permits()) as u64;
+        (2 * half - free) * 1024
+    }
+
+    fn block_len(&self, object: &ObjectRef, index: u64) -> u64 {
+        let bs = self.blocks.block_size();
+        bs.min(object.size.saturating_sub(index * bs))
+    }
+
+    /// Reads up to `len` bytes at `offset` of the stream's object.
+    pub async fn read(self: &Arc<Self>, stream: &ReadStream, offset: u64, len: u32) -> StoreResult<Bytes> {
+        let object = &stream.object;
+        if offset >= object.size || len == 0 {
+            return Ok(Bytes::new());
+        }
+        let bs = self.blocks.block_size();
+        let end = object.size.min(offset + len as u64);
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let ahead = self.plan(stream, offset, end, first, last);
+        if let Some(blocks) = ahead {
+            self.read_ahead(stream, blocks);
+        }
+        if first == last {
+            let data = self.block(stream, first).await?;
+            let from = (offset - first * bs) as usize;
+            let to = ((end - first * bs) as usize).min(data.len());
+            return Ok(data.slice(from.min(to)..to));
+        }
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        for index in first..=last {
+            let data = self.block(stream, index).await?;
+            let start = index * bs;
+            let from = offset.saturating_sub(start) as usize;
+            let to = ((end - start) as usize).min(data.len());
+            out.extend_from_slice(&data[from.min(to)..to]);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Updates the stream's access pattern; returns the blocks to read ahead, if any.
+    fn plan(&self, stream: &ReadStream, offset: u64, end: u64, first: u64, last: u64) -> Option<Range<u64>> {
+        let bs = self.blocks.block_size();
+        let mut st = stream.state.lock();
+        // Reads that overlap, trail by up to a block (the kernel reorders parallel reads)
+        // or land inside the window count as sequential.
+        let sequential = offset + bs >= st.next && offset <= st.next + st.window.max(bs);
+        if sequential {
+            if st.last_block.is_none_or(|b| first > b) {
+                st.window = if st.window == 0 { self.opts.initial_window } else { (st.window * 2).min(self.opts.max_window) };
+            }
+        } else {
+            st.window = 0;
+            st.ahead_to = 0;
+        }
+        st.next = end;
+        st.last_block = Some(last);
+        if st.window == 0 {
+            return None;
+        }
+        // Read ahead in large steps: only once less than half the window is left.
+        if st.ahead_to > last + 1 && (st.ahead_to - last - 1) * bs >= st.window / 2 {
+            return None;
+        }
+        let until = stream.object.size.min(end + st.window);
+        let to = until.div_ceil(bs);
+        let from = st.ahead_to.max(last + 1);
+        if from >= to {
+            return None;
+        }
+        st.ahead_to = to;
+        Some(from..to)
+    }
+
+    /// Starts fetching the missing blocks of `range` in the background, a few blocks per
+    /// request, while memory allows.
+    fn read_ahead(self: &Arc<Self>, stream: &ReadStream, range: Range<u64>) {
+        let object = &stream.object;
+        let mut index = range.start;
+        while index < range.end {
+            let mut run: Vec<(u64, watch::Sender<Fetched>)> = Vec::new();
+            let mut bytes = 0;
+            while index < range.end && (run.len() as u64) < self.opts.blocks_per_request {
+                let id = BlockId { object: object.id, index };
+                if self.blocks.contains(&id) {
+                    index += 1;
+                    if run.is_empty() {
+                        continue;
+                    }
+                    break;
+                }
+                match self.claim(id) {
+                    Claim::Fetch(tx) => {
+                        bytes += self.block_len(object, index);
+                        run.push((index, tx));
+                        index += 1;
+                    }
+                    Claim::Wait(_) => {
+                        index += 1;
+                        if run.is_empty() {
+                            continue;
+                        }
+                        break;
+                    }
+                }
+            }
+            if run.is_empty() {
+                continue;
+            }
+            let Ok(permit) = self.fetch_memory.clone().try_acquire_many_owned(kib(bytes)) else {
+                // Out of memory budget: give the claims back and read ahead later.
+                let first = run[0].0;
+                self.unclaim(object, &run);
+                let mut st = stream.state.lock();
+                st.ahead_to = st.ahead_to.min(first);
+                return;
+            };
+            let me = self.clone();
+            let object = object.clone();
+            tokio::spawn(async move { me.fetch_run(&object, run, permit).await });
+        }
+    }
+
+    fn claim(&self, id: BlockId) -> Claim {
+        let mut inflight = self.inflight.lock();
+        if let Some(rx) = inflight.get(&id) {
+            return Claim::Wait(rx.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        inflight.insert(id, rx);
+        Claim::Fetch(tx)
+    }
+
+    fn unclaim(&self, object: &ObjectRef, run: &[(u64, watch::Sender<Fetched>)]) {
+        let mut inflight = self.inflight.lock();
+        for (index, _) in run {
+            inflight.remove(&BlockId { object: object.id, index: *index });
+        }
+    }
+
+    /// Fetches consecutive blocks with one GET, hands them to whoever waits, caches them.
+    async fn fetch_run(&self, object: &ObjectRef, run: Vec<(u64, watch::Sender<Fetched>)>, permit: OwnedSemaphorePermit) {
+        let bs = self.blocks.block_size();
+        let first = run[0].0;
+        let start = first * bs;
+        let end = object.size.min((first + run.len() as u64) * bs);
+        let result = self.store.get_range(&object.key, start..end, Some(&object.etag)).await;
+        {
+            let mut s = self.stats.lock();
+            s.requests += 1;
+            s.bytes += result.as_ref().map(|b| b.len() as u64).unwrap_or(0);
+        }
+        let result = result.and_then(|data| {
+            if data.len() as u64 == end - start {
+                Ok(data)
+            } else {
+                Err(StoreError::Truncated { expected: end - start, got: data.len() as u64 })
+            }
+        });
+        match result {
+            Ok(data) => {
+                let mut pieces = Vec::with_capacity(run.len());
+                for (index, tx) in &run {
+                    let from = ((index - first) * bs) as usize;
+                    let to = (from + bs as usize).min(data.len());
+                    let piece = data.slice(from..to);
+                    tx.send_replace(Some(Ok(piece.clone())));
+                    pieces.push((*index, piece));
+                }
+                let blocks = self.blocks.clone();
+                let id = object.id;
+                let _ = tokio::task::spawn_blocking(move || {
+                    for (index, piece) in pieces {
+                        blocks.put(BlockId { object: id, index }, &piece);
+                    }
+                })
+                .await;
+            }
+            Err(e) => {
+                for (_, tx) in &run {
+                    tx.send_replace(Some(Err(e.clone())));
+                }
+            }
+        }
+        self.unclaim(object, &run);
+        drop(permit);
+    }
+
+    /// Block `index` of the stream's object: from the handle's buffer, the block cache, a
+    /// fetch in flight, or a new GET.
+    async fn block(self: &Arc<Self>, stream: &ReadStream, index: u64) -> StoreResult<Bytes> {
+        if let Some(b) = stream.state.lock().current.as_ref().filter(|b| b.index == index) {
+            return Ok(b.data.clone());
+        }
+        let object = &stream.object;
+        let id = BlockId { object: object.id, index };
+        let len = self.block_len(object, index) as usize;
+        loop {
+            let claim = {
+                let waiting = self.inflight.lock().get(&id).cloned();
+                match waiting {
+                    Some(rx) => Claim::Wait(rx),
+                    None => {
+                        let blocks = self.blocks.clone();
+                        let cached = tokio::task::spawn_blocking(move || blocks.get(&id, len))
+                            .await
+                            .map_err(|e| StoreError::Other(format!("reading the block cache failed: {e}")))?;
+                        if let Some(data) = cached {
+                            self.keep_current(stream, index, data.clone());
+                            return Ok(data);
+                        }
+                        self.claim(id)
+                    }
+                }
+            };
+            match claim {
+                Claim::Wait(mut rx) => match rx.wait_for(|v| v.is_some()).await {
+                    Ok(v) => {
+                        let data = v.clone().expect("waited for a value")?;
+                        // A slice of a larger request would pin all of it.
+                        let data = Bytes::copy_from_slice(&data);
+                        self.keep_current(stream, index, data.clone());
+                        return Ok(data);
+                    }
+                    // The fetch was given up; try again.
+                    Err(_) => continue,
+                },
+                Claim::Fetch(tx) => {
+                    let permit = self
+                        .fetch_memory
+                        .clone()
+                        .acquire_many_owned(kib(len as u64))
+                        .await
+                        .map_err(|_| StoreError::Other("the read budget was closed".into()))?;
+                    let mut rx = tx.subscribe();
+                    self.fetch_run(object, vec![(index, tx)], permit).await;
+                    let data = rx.borrow_and_update().clone().expect("published")?;
+                    self.keep_current(stream, index, data.clone());
+                    return Ok(data);
+                }
+            }
+        }
+    }
+
+    /// Keeps `data` as the handle's current block while the memory budget allows.
+    fn keep_current(&self, stream: &ReadStream, index: u64, data: Bytes) {
+        let mut st = stream.state.lock();
+        st.current = None;
+        if let Ok(permit) = self.buffer_memory.clone().try_acquire_many_owned(kib(data.len() as u64)) {
+            st.current = Some(Buffered { index, data, _memory: permit });
+        }
+    }
+
+    /// Reads an object version whose ETag is unknown, straight from the store.
+    pub async fn read_uncached(&self, key: &str, size: u64, offset: u64, len: u32) -> StoreResult<Bytes> {
+        if offset >= size {
+            return Ok(Bytes::new());
+        }
+        let end = size.min(offset + len as u64);
+        let data = self.store.get_range(key, offset..end, None).await?;
+        let mut s = self.stats.lock();
+        s.requests += 1;
+        s.bytes += data.len() as u64;
+        Ok(data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{CacheLimits, MinFree};
+    use crate::store::MemoryStore;
+
+    async fn setup(size: usize, cache: u64) -> (tempfile::TempDir, Arc<Readahead>, Vec<u8>, ObjectRef) {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Arc::new(MemoryStore::new());
+        let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+        let etag = mem.put("obj", Bytes::from(data.clone())).await.unwrap().unwrap();
+        let limits = CacheLimits { max_bytes: cache, min_free: MinFree::Bytes(0), block_size: 64 << 10 };
+        let blocks = Arc::new(BlockCache::open(dir.path(), limits, Default::default()).unwrap());
+        let opts = ReadaheadOptions { initial_window: 64 << 10, max_window: 1 << 20, max_memory: 4 << 20, blocks_per_request: 4 };
+        let ra = Readahead::new(mem, blocks, opts);
+        (dir, ra, data, ObjectRef::new("obj".into(), etag, size as u64))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sequential_reads_return_the_bytes_and_read_ahead() {
+        let (_d, ra, data, obj) = setup(3 << 20 | 12345, 64 << 20).await;
+        let s = ReadStream::new(obj.clone());
+        let mut got = Vec::new();
+        while (got.len() as u64) < obj.size {
+            let b = ra.read(&s, got.len() as u64, 16 << 10).await.unwrap();
+            assert!(!b.is_empty());
+            got.extend_from_slice(&b);
+        }
+        assert_eq!(got, data);
+        assert_eq!(s.window(), 1 << 20);
+        // Read ahead in requests of several blocks, not one GET per block.
+        assert!(ra.stats().requests < obj.size / (64 << 10) / 2, "{:?}", ra.stats());
+        // A second pass costs nothing.
+        let before = ra.stats().requests;
+        let s2 = ReadStream::new(obj.clone());
+        let all = ra.read(&s2, 0, obj.size as u32).await.unwrap();
+        assert_eq!(all.as_ref(), &data[..]);
+        assert_eq!(ra.stats().requests, before);
+        assert_eq!(ra.read(&s2, obj.size, 10).await.unwrap().len(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn random_reads_fetch_one_block_each() {
+        let (_d, ra, data, obj) = setup(8 << 20, 64 << 20).await;
+        let s = ReadStream::new(obj.clone());
+        let offsets = [5_000_000u64, 123, 7_000_000, 2_000_000, 6_500_000, 4_000_000];
+        for &o in &offsets {
+            let b = ra.read(&s, o, 4096).await.unwrap();
+            assert_eq!(b.as_ref(), &data[o as usize..o as usize + 4096]);
+        }
+        let stats = ra.stats();
+        assert!(stats.bytes <= offsets.len() as u64 * (64 << 10) * 2, "{stats:?}");
+        assert_eq!(s.window(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replaced_object_fails_instead_of_mixing() {
+        let (_d, ra, _data, obj) = setup(1 << 20, 64 << 20).await;
+        ra.store.put("obj", Bytes::from_static(b"new")).await.unwrap();
+        let s = ReadStream::new(obj);
+        assert_eq!(ra.read(&s, 0, 10).await.unwrap_err(), StoreError::PreconditionFailed);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory_stays_within_budget_with_many_readers() {
+        let (_d, ra, data, obj) = setup(4 << 20, 64 << 20).await;
+        let mut tasks = Vec::new();
+        for r in 0..16u64 {
+            let (ra, obj) = (ra.clone(), obj.clone());
+            tasks.push(tokio::spawn(async move {
+                let s = ReadStream::new(obj.clone());
+                let mut got = Vec::new();
+                let mut off = r * 4096;
+                while off < obj.size {
+                    let b = ra.read(&s, off, 32 << 10).await.unwrap();
+                    assert!(ra.memory_used() <= 4 << 20);
+                    got.extend_from_slice(&b);
+                    off += b.len() as u64;
+                }
+                (r, got)
+            }));
+        }
+        for t in tasks {
+            let (r, got) = t.await.unwrap();
+            assert_eq!(got, &data[(r * 4096) as usize..]);
+        }
+    }
+}
