@@ -159,6 +159,10 @@ pub struct MountArgs {
     #[arg(long, default_value = "32M", value_parser = parse_size)]
     pub max_readahead: u64,
 
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9108), at /metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Memory for read data in flight and read buffers, shared by all open files.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub max_memory: u64,
@@ -402,6 +406,7 @@ pub struct Config {
     pub writeback: WritebackOptions,
     pub cache: CacheLimits,
     pub readahead: ReadaheadOptions,
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub drain_timeout: Duration,
 }
 
@@ -510,6 +515,7 @@ impl Config {
                 max_memory: a.max_memory,
                 ..ReadaheadOptions::default()
             },
+            metrics_addr: a.metrics_addr,
             drain_timeout: a.drain_timeout,
         })
     }

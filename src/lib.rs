@@ -9,6 +9,7 @@ pub mod cache;
 pub mod config;
 pub mod fs;
 pub mod fuse;
+pub mod metrics;
 pub mod mount;
 pub mod readahead;
 pub mod store;

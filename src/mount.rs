@@ -15,8 +15,9 @@ use crate::cache::{BlockCache, CacheLock, Journal, StagedBytes, StagingArea};
 use crate::config::Config;
 use crate::fs::BucketFs;
 use crate::fuse::FuseAdapter;
+use crate::metrics::{Metrics, StateReading};
 use crate::readahead::Readahead;
-use crate::store::{ObjectStore, S3Store, StoreError};
+use crate::store::{MeteredStore, ObjectStore, S3Store, StoreError};
 use crate::writeback::WritebackQueue;
 
 /// Set in the environment of the process that serves a background mount.
@@ -37,8 +38,16 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     check_bucket(&rt, &cfg)?;
+    let metrics_listener = match cfg.metrics_addr {
+        Some(addr) => Some(std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|_| l)).map_err(|e| {
+            format!("cannot serve metrics on {addr}: {e}; choose another --metrics-addr")
+        })?),
+        None => None,
+    };
 
-    let store: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&cfg.store_config()));
+    let metrics = Metrics::new();
+    let s3: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&cfg.store_config()));
+    let store: Arc<dyn ObjectStore> = Arc::new(MeteredStore::new(s3, metrics.store()));
     let cache_err = |e: std::io::Error| format!("cannot use the cache directory {}: {e}", cfg.cache_dir.display());
     let staged = Arc::new(StagedBytes::default());
     let blocks = Arc::new(BlockCache::open(&cfg.cache_dir, cfg.cache, staged.clone()).map_err(cache_err)?);
@@ -54,8 +63,33 @@ pub fn run(cfg: Config) -> Result<(), String> {
         let _rt = rt.enter();
         writeback.start();
     }
-    let readahead = Readahead::new(store.clone(), blocks, cfg.readahead.clone());
-    let fs = Arc::new(BucketFs::new(store, &cfg.prefix, staging, writeback.clone(), readahead, cfg.fs.clone()));
+    let readahead = Readahead::new(store.clone(), blocks.clone(), cfg.readahead.clone());
+    let fs = Arc::new(BucketFs::new(store, &cfg.prefix, staging, writeback.clone(), readahead.clone(), cfg.fs.clone()));
+    {
+        let (writeback, fs) = (writeback.clone(), fs.clone());
+        metrics.set_source(Box::new(move || {
+            let b = blocks.stats();
+            StateReading {
+                cache_bytes: blocks.bytes(),
+                staged_bytes: blocks.staged_bytes().get(),
+                dirty_bytes: writeback.dirty_bytes(),
+                pending_changes: writeback.pending() as u64,
+                read_memory_bytes: readahead.memory_used(),
+                cache_hits: b.hits,
+                cache_misses: b.misses,
+                cache_evictions: b.evicted,
+                cache_skipped: b.skipped,
+                cache_corrupt: b.corrupt,
+                inodes: fs.inode_count() as u64,
+            }
+        }));
+    }
+    if let Some(listener) = metrics_listener {
+        let _rt = rt.enter();
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| format!("cannot serve metrics: {e}"))?;
+        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving metrics at /metrics");
+        rt.spawn(metrics.clone().serve(listener));
+    }
     let adapter = FuseAdapter::new(fs, rt.handle().clone());
 
     let source = if cfg.prefix.is_empty() {

@@ -3,6 +3,7 @@
 //! that keeps objects in memory for fast unit and model tests (`memory.rs`).
 
 mod memory;
+mod metered;
 mod s3;
 mod upload;
 
@@ -13,6 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use memory::MemoryStore;
+pub use metered::MeteredStore;
 pub use s3::{S3Store, StoreConfig};
 pub use upload::{part_size_for, upload_file, MAX_PARTS};
 

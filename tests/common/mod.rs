@@ -105,6 +105,17 @@ impl Bucket {
             .unwrap_or_else(|e| panic!("PUT {key}: {e}"));
     }
 
+    /// Stores a large object the way other tools do, with a multipart upload.
+    pub fn put_large(&self, key: &str, data: &[u8]) {
+        use std::io::Write;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(data).unwrap();
+        let file = Arc::new(f);
+        self.rt
+            .block_on(s3mediafs::store::upload_file(&self.store, key, file, data.len() as u64, 16 << 20, 4))
+            .unwrap_or_else(|e| panic!("multipart upload of {key}: {e}"));
+    }
+
     /// Every key under `prefix`, sorted.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
         self.rt.block_on(async {
@@ -131,6 +142,8 @@ pub struct TestMount {
     pub dir: tempfile::TempDir,
     pub mnt: PathBuf,
     pub cache: PathBuf,
+    /// Where the mount serves its metrics.
+    pub metrics_port: u16,
     child: Option<Child>,
 }
 
@@ -161,7 +174,8 @@ impl TestMount {
         let mnt = dir.path().join("mnt");
         let cache = dir.path().join("cache");
         std::fs::create_dir(&mnt).unwrap();
-        let mut m = TestMount { env, prefix, dir, mnt, cache, child: None };
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut m = TestMount { env, prefix, dir, mnt, cache, metrics_port, child: None };
         m.start(extra);
         m
     }
@@ -189,6 +203,8 @@ impl TestMount {
             .args(if extra.contains(&"--cache-dir") { vec![] } else { vec!["--cache-dir".into(), self.cache.clone()] })
             .arg("--log-level")
             .arg("debug")
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{}", self.metrics_port))
             .args(extra)
             .env("AWS_ACCESS_KEY_ID", &self.env.access_key)
             .env("AWS_SECRET_ACCESS_KEY", &self.env.secret_key)
@@ -206,6 +222,41 @@ impl TestMount {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.child = Some(child);
+    }
+
+    /// The sum of the metric series whose text starts with `series`, e.g.
+    /// `s3mediafs_requests_total{op="get"` (every outcome) or `s3mediafs_cache_hits_total`.
+    pub fn metric(&self, series: &str) -> u64 {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("connect to the metrics port");
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        let mut text = String::new();
+        conn.read_to_string(&mut text).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        text.lines()
+            .filter(|l| l.starts_with(series))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    /// Requests of one kind (`get`, `head`, `list`, `put`...) the mount has sent.
+    pub fn requests(&self, op: &str) -> u64 {
+        self.metric(&format!("s3mediafs_requests_total{{op=\"{op}\""))
+    }
+
+    /// Resident and peak resident memory of the mount process, in bytes.
+    pub fn memory(&self) -> (u64, u64) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .unwrap()
+                * 1024
+        };
+        (field("VmRSS:"), field("VmHWM:"))
     }
 
     /// Returns once every change made through the mount is in the bucket (fsync on the

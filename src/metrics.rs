@@ -1,0 +1,200 @@
+//! Prometheus metrics: requests to the store by operation and outcome, bytes moved, and the
+//! state of the cache, the write-back queue and the read buffers, served as OpenMetrics
+//! text on `--metrics-addr`.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// What the store layer counts.
+#[derive(Clone, Default)]
+pub struct StoreMetrics {
+    requests: Family<Labels, Counter>,
+    bytes_down: Counter,
+    bytes_up: Counter,
+}
+
+impl StoreMetrics {
+    pub fn request(&self, op: &'static str, outcome: &'static str) {
+        self.requests.get_or_create(&vec![("op", op), ("outcome", outcome)]).inc();
+    }
+
+    pub fn downloaded(&self, n: u64) {
+        self.bytes_down.inc_by(n);
+    }
+
+    pub fn uploaded(&self, n: u64) {
+        self.bytes_up.inc_by(n);
+    }
+}
+
+/// A reading of the mount's state, taken at each scrape.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StateReading {
+    pub cache_bytes: u64,
+    pub staged_bytes: u64,
+    pub dirty_bytes: u64,
+    pub pending_changes: u64,
+    pub read_memory_bytes: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub cache_evictions: u64,
+    pub cache_skipped: u64,
+    pub cache_corrupt: u64,
+    pub inodes: u64,
+}
+
+pub type StateSource = Box<dyn Fn() -> StateReading + Send + Sync>;
+
+struct StateMetrics {
+    cache_bytes: Gauge,
+    staged_bytes: Gauge,
+    dirty_bytes: Gauge,
+    pending_changes: Gauge,
+    read_memory_bytes: Gauge,
+    inodes: Gauge,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    cache_evictions: Counter,
+    cache_skipped: Counter,
+    cache_corrupt: Counter,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    store: StoreMetrics,
+    state: StateMetrics,
+    source: parking_lot::Mutex<Option<StateSource>>,
+}
+
+fn catch_up(c: &Counter, value: u64) {
+    c.inc_by(value.saturating_sub(c.get()));
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("s3mediafs");
+        let store = StoreMetrics::default();
+        registry.register("requests", "Requests to the object store, by operation and outcome", store.requests.clone());
+        registry.register("downloaded_bytes", "Bytes read from the object store", store.bytes_down.clone());
+        registry.register("uploaded_bytes", "Bytes written to the object store", store.bytes_up.clone());
+        let state = StateMetrics {
+            cache_bytes: Gauge::default(),
+            staged_bytes: Gauge::default(),
+            dirty_bytes: Gauge::default(),
+            pending_changes: Gauge::default(),
+            read_memory_bytes: Gauge::default(),
+            inodes: Gauge::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            cache_evictions: Counter::default(),
+            cache_skipped: Counter::default(),
+            cache_corrupt: Counter::default(),
+        };
+        registry.register("cache_block_bytes", "Disk space held by cached blocks", state.cache_bytes.clone());
+        registry.register("cache_staged_bytes", "Disk space held by files being written or waiting for upload", state.staged_bytes.clone());
+        registry.register("dirty_bytes", "Bytes of closed files waiting for upload", state.dirty_bytes.clone());
+        registry.register("pending_changes", "Changes (uploads, deletes, directories) not yet in the bucket", state.pending_changes.clone());
+        registry.register("read_memory_bytes", "Memory held by reads in flight and read buffers", state.read_memory_bytes.clone());
+        registry.register("inodes", "Files and directories the mount holds in memory", state.inodes.clone());
+        registry.register("cache_hits", "Blocks read from the block cache", state.cache_hits.clone());
+        registry.register("cache_misses", "Blocks not found in the block cache", state.cache_misses.clone());
+        registry.register("cache_evictions", "Blocks evicted to make room", state.cache_evictions.clone());
+        registry.register("cache_skipped", "Blocks not cached for lack of room", state.cache_skipped.clone());
+        registry.register("cache_corrupt", "Cached blocks found damaged and dropped", state.cache_corrupt.clone());
+        Arc::new(Metrics { registry, store, state, source: parking_lot::Mutex::new(None) })
+    }
+
+    pub fn store(&self) -> StoreMetrics {
+        self.store.clone()
+    }
+
+    /// Where the state gauges are read from at each scrape.
+    pub fn set_source(&self, source: StateSource) {
+        *self.source.lock() = Some(source);
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub fn render(&self) -> String {
+        if let Some(source) = self.source.lock().as_ref() {
+            let r = source();
+            let s = &self.state;
+            s.cache_bytes.set(r.cache_bytes as i64);
+            s.staged_bytes.set(r.staged_bytes as i64);
+            s.dirty_bytes.set(r.dirty_bytes as i64);
+            s.pending_changes.set(r.pending_changes as i64);
+            s.read_memory_bytes.set(r.read_memory_bytes as i64);
+            s.inodes.set(r.inodes as i64);
+            catch_up(&s.cache_hits, r.cache_hits);
+            catch_up(&s.cache_misses, r.cache_misses);
+            catch_up(&s.cache_evictions, r.cache_evictions);
+            catch_up(&s.cache_skipped, r.cache_skipped);
+            catch_up(&s.cache_corrupt, r.cache_corrupt);
+        }
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Serves `GET /metrics` on `listener` until the runtime stops.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else { continue };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::with_capacity(1024);
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 << 10 {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
+                let (status, body) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
+                    ("200 OK", me.render())
+                } else {
+                    ("404 Not Found", "only /metrics is served here\n".to_string())
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn.write_all(body.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_requests_and_state() {
+        let m = Metrics::new();
+        m.store().request("get", "ok");
+        m.store().request("get", "ok");
+        m.store().request("head", "not_found");
+        m.store().downloaded(10);
+        m.set_source(Box::new(|| StateReading { cache_bytes: 4096, cache_hits: 3, ..Default::default() }));
+        let text = m.render();
+        assert!(text.contains("s3mediafs_requests_total{op=\"get\",outcome=\"ok\"} 2"), "{text}");
+        assert!(text.contains("s3mediafs_requests_total{op=\"head\",outcome=\"not_found\"} 1"), "{text}");
+        assert!(text.contains("s3mediafs_downloaded_bytes_total 10"), "{text}");
+        assert!(text.contains("s3mediafs_cache_block_bytes 4096"), "{text}");
+        assert!(text.contains("s3mediafs_cache_hits_total 3"), "{text}");
+        // Rendering again does not count twice.
+        assert!(m.render().contains("s3mediafs_cache_hits_total 3"));
+    }
+}

@@ -1,0 +1,267 @@
+//! The read path through a real mount: bytes at any offset, large sequential reads, several
+//! readers at once, replaced objects, the block cache's size cap and what readahead fetches.
+
+mod common;
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+const MIB: u64 = 1 << 20;
+
+/// Reads `path` front to back in `chunk`-sized reads; returns the sha256.
+fn sha256_of_file(path: &Path, chunk: usize) -> (String, u64) {
+    let mut f = File::open(path).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; chunk];
+    let mut total = 0;
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        h.update(&buf[..n]);
+    }
+    (format!("{:x}", h.finalize()), total)
+}
+
+/// Small deterministic generator for offsets.
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Disk space used by everything under `dir`, as `du` counts it.
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    for e in entries.flatten() {
+        let Ok(meta) = e.metadata() else { continue };
+        total += meta.blocks() * 512;
+        if meta.is_dir() {
+            total += disk_usage(&e.path());
+        }
+    }
+    total
+}
+
+#[test]
+fn random_reads_over_a_64_mib_object_return_the_source_bytes() {
+    let env = S3Env::get();
+    let prefix = unique_prefix("read-random");
+    let data = pseudo_random(64 << 20, 7);
+    Bucket::new(&env).put_large(&format!("{prefix}video.mp4"), &data);
+    let m = TestMount::with_prefix(prefix, &[]);
+    let f = File::open(m.path("video.mp4")).unwrap();
+    let mut rng = Rng(99);
+    for i in 0..400 {
+        let len = 1 + rng.below(if i % 4 == 0 { 3 * MIB } else { 70_000 }) as usize;
+        let offset = rng.below(data.len() as u64 + 1000);
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            let n = f.read_at(&mut buf[got..], offset + got as u64).unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        let start = (offset as usize).min(data.len());
+        let end = (offset as usize + len).min(data.len());
+        assert_eq!(got, end - start, "read of {len} at {offset}");
+        assert!(buf[..got] == data[start..end], "bytes of the read of {len} at {offset}");
+    }
+}
+
+#[test]
+fn a_300_mib_object_reads_sequentially_with_the_right_sha256_and_bounded_memory() {
+    let env = S3Env::get();
+    let prefix = unique_prefix("read-seq");
+    let data = pseudo_random(300 << 20, 11);
+    let want = sha256(&data);
+    Bucket::new(&env).put_large(&format!("{prefix}movie.mkv"), &data);
+    drop(data);
+    let m = TestMount::with_prefix(prefix, &["--cache-size", "64M"]);
+    // Synapse streams media in 16 KiB reads.
+    let (got, len) = sha256_of_file(&m.path("movie.mkv"), 16 << 10);
+    assert_eq!(len, 300 << 20);
+    assert_eq!(got, want);
+    let (_, peak) = m.memory();
+    assert!(peak < 256 * MIB, "peak RSS of the mount {} MiB", peak / MIB);
+    // Read ahead in requests of several blocks, not one request per FUSE read.
+    let gets = m.requests("get");
+    assert!(gets < 300, "{gets} GETs for 300 MiB");
+}
+
+#[test]
+fn concurrent_readers_of_the_same_and_different_objects_get_their_bytes() {
+    let env = S3Env::get();
+    let prefix = unique_prefix("read-concurrent");
+    let bucket = Bucket::new(&env);
+    let objects: Vec<Vec<u8>> = (0..3).map(|i| pseudo_random(24 << 20 | (i * 4097), 100 + i as u64)).collect();
+    for (i, o) in objects.iter().enumerate() {
+        bucket.put_large(&format!("{prefix}o{i}"), o);
+    }
+    let m = TestMount::with_prefix(prefix, &["--max-memory", "16M"]);
+    let want: Vec<String> = objects.iter().map(|o| sha256(o)).collect();
+    std::thread::scope(|s| {
+        for reader in 0..6usize {
+            let (m, want) = (&m, &want);
+            s.spawn(move || {
+                let i = reader % 3;
+                let chunk = [4096, 16 << 10, 128 << 10, 1 << 20, 7000, 64 << 10][reader];
+                let (got, _) = sha256_of_file(&m.path(&format!("o{i}")), chunk);
+                assert_eq!(got, want[i], "reader {reader} of o{i}");
+            });
+        }
+    });
+}
+
+#[test]
+fn an_object_replaced_behind_the_mount_is_read_new_after_the_ttl_never_mixed() {
+    let env = S3Env::get();
+    let prefix = unique_prefix("read-replaced");
+    let bucket = Bucket::new(&env);
+    let key = format!("{prefix}avatar.png");
+    let old = pseudo_random(12 << 20, 1);
+    let new = pseudo_random(9 << 20 | 123, 2);
+    bucket.put_large(&key, &old);
+    let m = TestMount::with_prefix(prefix, &["--metadata-ttl", "300ms"]);
+    // Read it once so its blocks are cached, and keep one handle open halfway.
+    assert_eq!(sha256_of_file(&m.path("avatar.png"), 64 << 10).0, sha256(&old));
+    let early = File::open(m.path("avatar.png")).unwrap();
+    let mut head = vec![0u8; 1 << 20];
+    early.read_exact_at(&mut head, 0).unwrap();
+    assert!(head == old[..1 << 20]);
+
+    bucket.put_large(&key, &new);
+    std::thread::sleep(Duration::from_millis(600)); // past the metadata TTL
+
+    // The handle opened before reads old bytes until its end or an error (EIO, or an
+    // early end once the kernel learns the new size); never new bytes.
+    let mut offset = 1 << 20;
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        match early.read_at(&mut buf, offset) {
+            Ok(0) => break,
+            Ok(n) => {
+                assert!(buf[..n] == old[offset as usize..offset as usize + n], "old bytes at {offset}");
+                offset += n as u64;
+            }
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+                break;
+            }
+        }
+    }
+    drop(early);
+
+    // A fresh open reads the new object whole, not cached old blocks.
+    let mut f = File::open(m.path("avatar.png")).unwrap();
+    let mut got = Vec::new();
+    f.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), new.len());
+    assert!(got == new, "a fresh open reads the new object");
+    assert_eq!(std::fs::metadata(m.path("avatar.png")).unwrap().len(), new.len() as u64);
+}
+
+#[test]
+fn the_cache_directory_stays_under_cache_size_and_hot_files_need_no_gets() {
+    let env = S3Env::get();
+    let prefix = unique_prefix("read-cap");
+    let bucket = Bucket::new(&env);
+    let cold: Vec<Vec<u8>> = (0..25).map(|i| pseudo_random(8 << 20, 500 + i)).collect();
+    for (i, o) in cold.iter().enumerate() {
+        bucket.put_large(&format!("{prefix}cold/{i}"), o);
+    }
+    let hot: Vec<Vec<u8>> = (0..4).map(|i| pseudo_random(700_000, 900 + i)).collect();
+    for (i, o) in hot.iter().enumerate() {
+        bucket.put(&format!("{prefix}hot/{i}"), o);
+    }
+    let m = TestMount::with_prefix(prefix, &["--cache-size", "32M"]);
+    let cap = 32 * MIB;
+    let done = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let samples = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (done, peak, samples, cache) = (done.clone(), peak.clone(), samples.clone(), m.cache.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                peak.fetch_max(disk_usage(&cache), Ordering::Relaxed);
+                samples.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    for (i, o) in cold.iter().enumerate() {
+        let (got, _) = sha256_of_file(&m.path(&format!("cold/{i}")), 128 << 10);
+        assert_eq!(got, sha256(o), "cold/{i}");
+    }
+    done.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(samples.load(Ordering::Relaxed) > 10);
+    assert!(peak <= cap, "the cache directory reached {} bytes with --cache-size 32M", peak);
+    assert!(m.metric("s3mediafs_cache_evictions_total") > 0, "200 MiB through a 32 MiB cache evicts");
+
+    // A small hot set is read twice: the second time from the block cache alone.
+    for (i, o) in hot.iter().enumerate() {
+        assert!(std::fs::read(m.path(&format!("hot/{i}"))).unwrap() == *o);
+    }
+    let gets = m.requests("get");
+    let hits = m.metric("s3mediafs_cache_hits_total");
+    for (i, o) in hot.iter().enumerate() {
+        assert!(std::fs::read(m.path(&format!("hot/{i}"))).unwrap() == *o);
+    }
+    assert_eq!(m.requests("get"), gets, "re-reading cached files sends no GET");
+    assert!(m.metric("s3mediafs_cache_hits_total") > hits, "the re-reads were served by the block cache");
+    assert!(disk_usage(&m.cache) <= cap);
+}
+
+#[test]
+fn random_4k_reads_on_a_cold_256_mib_object_fetch_about_one_block_each() {
+    let env = S3Env::get();
+    let prefix = unique_prefix("read-sparse");
+    let data = pseudo_random(256 << 20, 77);
+    Bucket::new(&env).put_large(&format!("{prefix}anim.gif"), &data);
+    let m = TestMount::with_prefix(prefix, &[]);
+    let f = File::open(m.path("anim.gif")).unwrap();
+    let before = m.metric("s3mediafs_downloaded_bytes_total");
+    let mut rng = Rng(1234);
+    let n = 40u64;
+    for _ in 0..n {
+        // Far apart, as a decoder seeking through frames.
+        let offset = rng.below(data.len() as u64 - 4096);
+        let mut buf = vec![0u8; 4096];
+        f.read_exact_at(&mut buf, offset).unwrap();
+        assert!(buf == data[offset as usize..offset as usize + 4096]);
+    }
+    let fetched = m.metric("s3mediafs_downloaded_bytes_total") - before;
+    assert!(fetched <= 3 * n * MIB, "{n} random 4 KiB reads fetched {} MiB", fetched / MIB);
+}
+
+#[test]
+fn files_written_here_are_read_back_without_gets() {
+    let m = TestMount::new("read-own");
+    let data = pseudo_random(5 << 20 | 17, 3);
+    std::fs::write(m.path("upload.jpg"), &data).unwrap();
+    assert!(std::fs::read(m.path("upload.jpg")).unwrap() == data, "read while the upload is pending");
+    m.sync();
+    assert!(std::fs::read(m.path("upload.jpg")).unwrap() == data, "read after the upload");
+    assert_eq!(m.requests("get"), 0);
+    assert!(m.requests("put") + m.requests("upload_part") > 0);
+}
