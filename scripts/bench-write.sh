@@ -6,17 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/install-deps.sh fuse
-scripts/install-deps.sh garage
-scripts/install-deps.sh moto   # its virtualenv has boto3, used to watch the bucket
-missing=()
-command -v s3fs >/dev/null || missing+=(s3fs)
-command -v rclone >/dev/null || missing+=(rclone)
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "bench: installing ${missing[*]} from Debian's packages" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+scripts/install-deps.sh bench
 echo "== building s3mediafs (release)" >&2
 cargo build --release --quiet
 
@@ -27,4 +17,4 @@ trap 'scripts/s3-server.sh stop garage' EXIT
 set -a
 . "$S3MEDIAFS_STATE/garage/env"
 set +a
-"${S3MEDIAFS_TOOLS:-$HOME/.cache/s3mediafs-tools}/moto-5.2.1/bin/python" scripts/bench_write.py "$@"
+"${S3MEDIAFS_TOOLS:-$HOME/.cache/s3mediafs-tools}/bench-venv-1/bin/python" scripts/bench_write.py "$@"

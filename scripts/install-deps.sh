@@ -9,8 +9,9 @@ GARAGE_VERSION="2.5.0"
 MOTO_VERSION="5.2.1"
 GARAGE_BIN="$TOOLS/garage-$GARAGE_VERSION/bin/garage"
 MOTO_VENV="$TOOLS/moto-$MOTO_VERSION"
+BENCH_VENV="$TOOLS/bench-venv-1"
 
-what="${1:-all}"   # all | fuse | garage | moto
+what="${1:-all}"   # all | fuse | garage | moto | bench
 
 as_root() {
     if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
@@ -47,12 +48,34 @@ install_moto() {
     echo "install-deps: installing moto[server] $MOTO_VERSION into $MOTO_VENV" >&2
     mkdir -p "$TOOLS"
     rm -rf "$MOTO_VENV"
+    ensure_venv_support
+    python3 -m venv "$MOTO_VENV"
+    "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION" >&2
+}
+
+ensure_venv_support() {
     if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
         as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
     fi
-    python3 -m venv "$MOTO_VENV"
-    "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION" >&2
+}
+
+# The benchmarks' peers (s3fs, rclone from Debian) and their Python driver's packages.
+install_bench() {
+    local missing=()
+    command -v s3fs >/dev/null || missing+=(s3fs)
+    command -v rclone >/dev/null || missing+=(rclone)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "install-deps: installing ${missing[*]} from Debian's packages" >&2
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    if [ -x "$BENCH_VENV/bin/python" ] && "$BENCH_VENV/bin/python" -c 'import boto3, matplotlib' 2>/dev/null; then return; fi
+    echo "install-deps: installing boto3 and matplotlib into $BENCH_VENV" >&2
+    ensure_venv_support
+    rm -rf "$BENCH_VENV"
+    python3 -m venv "$BENCH_VENV"
+    "$BENCH_VENV/bin/pip" install -q --disable-pip-version-check "boto3==1.44.5" "matplotlib==3.10.8" >&2
 }
 
 case "$what" in
@@ -60,5 +83,6 @@ case "$what" in
     fuse) install_fuse ;;
     garage) install_garage ;;
     moto) install_moto ;;
-    *) echo "usage: $0 [all|fuse|garage|moto]" >&2; exit 2 ;;
+    bench) install_fuse; install_garage; install_bench ;;
+    *) echo "usage: $0 [all|fuse|garage|moto|bench]" >&2; exit 2 ;;
 esac

@@ -1,0 +1,249 @@
+"""Read and small-file benchmark driver (run by scripts/bench.sh, which starts the server).
+
+Runs the same workloads on s3mediafs, s3fs and rclone mount (--vfs-cache-mode full), and on
+a raw client with no FUSE (parallel ranged GETs and PUTs with boto3), against one local S3
+server; prints a Markdown table with ratios and writes it, with a PNG chart, to
+bench/results/."""
+import argparse, concurrent.futures, datetime, os, pathlib, shutil, statistics, subprocess, sys, tempfile, time
+
+from bench_common import BUCKET, ENDPOINT, ROOT, Rclone, S3fs, S3mediafs, s3
+
+MIB = 1 << 20
+THREADS = 8
+
+
+def drop_page_cache():
+    subprocess.run(["sync"], check=True)
+    pathlib.Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def read_all(path, chunk=MIB):
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return n
+            n += len(b)
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def upload_fixture(prefix, big_mib, ttfb_files):
+    """The objects every client reads: one big file and a few smaller ones for first-byte
+    latency, uploaded once with boto3's multipart transfer."""
+    from boto3.s3.transfer import TransferConfig
+    cfg = TransferConfig(multipart_chunksize=16 * MIB, max_concurrency=THREADS)
+    src = pathlib.Path(tempfile.mkdtemp(prefix="s3mediafs-bench-src-"))
+    big = src / "big.bin"
+    with open(big, "wb") as f:
+        for _ in range(big_mib):
+            f.write(os.urandom(MIB))
+    s3.upload_file(str(big), BUCKET, prefix + "data/big.bin", Config=cfg)
+    for i in range(ttfb_files):
+        s3.put_object(Bucket=BUCKET, Key=f"{prefix}data/ttfb-{i}.bin", Body=os.urandom(8 * MIB))
+    return big
+
+
+def local_disk_read(big):
+    drop_page_cache()
+    secs, n = timed(lambda: read_all(big))
+    return n / MIB / secs
+
+
+def small_file_workloads(root, n):
+    """Synapse-style creation of n x 64 KiB files, then stat of every file, find, reading
+    them all, and deleting them. Returns seconds per phase."""
+    data = os.urandom(64 << 10)
+    paths = []
+    for i in range(n):
+        mid = f"{i:024d}"
+        paths.append(root / "local_content" / mid[:2] / mid[20:22] / mid[22:24] / mid[4:])
+    out = {}
+
+    def create():
+        for p in paths:
+            os.makedirs(p.parent, exist_ok=True)
+            with open(p, "wb") as f:
+                f.write(data)
+    out["create"] = timed(create)[0]
+    drop_page_cache()
+    out["stat"] = timed(lambda: [os.stat(p) for p in paths])[0]
+    drop_page_cache()
+
+    def find():
+        return sum(len(files) for _, _, files in os.walk(root / "local_content"))
+    secs, found = timed(find)
+    if found != n:
+        sys.exit(f"bench: find saw {found} of {n} files")
+    out["find"] = secs
+    drop_page_cache()
+    out["read"] = timed(lambda: [read_all(p) for p in paths])[0]
+    out["delete"] = timed(lambda: [os.unlink(p) for p in paths])[0]
+    return out
+
+
+def run_client(client, prefix, args):
+    r = {}
+    client.mount(prefix)
+    try:
+        mnt = client.mnt
+        drop_page_cache()
+        ttfb = []
+        for i in range(args.ttfb_files):
+            def first_byte():
+                with open(mnt / "data" / f"ttfb-{i}.bin", "rb", buffering=0) as f:
+                    return f.read(16 << 10)
+            ttfb.append(timed(first_byte)[0])
+        r["ttfb_ms"] = statistics.median(ttfb) * 1000
+        drop_page_cache()
+        secs, n = timed(lambda: read_all(mnt / "data" / "big.bin"))
+        r["cold_mbs"] = n / MIB / secs
+        drop_page_cache()
+        secs, n = timed(lambda: read_all(mnt / "data" / "big.bin"))
+        r["warm_mbs"] = n / MIB / secs
+        small = small_file_workloads(mnt / f"small-{client.name}", args.files)
+        for k, v in small.items():
+            r[f"{k}_fps"] = args.files / v
+        r["rss_mib"] = client.peak_rss_mib()
+    finally:
+        client.unmount()
+    return r
+
+
+def run_raw(prefix, args):
+    """The same work with no FUSE: boto3 with THREADS parallel requests."""
+    r = {}
+    key = prefix + "data/big.bin"
+    size = s3.head_object(Bucket=BUCKET, Key=key)["ContentLength"]
+    ttfb = []
+    for i in range(args.ttfb_files):
+        ttfb.append(timed(lambda: s3.get_object(Bucket=BUCKET, Key=f"{prefix}data/ttfb-{i}.bin", Range="bytes=0-16383")["Body"].read())[0])
+    r["ttfb_ms"] = statistics.median(ttfb) * 1000
+    ranges = [(o, min(size, o + 8 * MIB) - 1) for o in range(0, size, 8 * MIB)]
+
+    def get(rg):
+        return len(s3.get_object(Bucket=BUCKET, Key=key, Range=f"bytes={rg[0]}-{rg[1]}")["Body"].read())
+    with concurrent.futures.ThreadPoolExecutor(THREADS) as ex:
+        secs, got = timed(lambda: sum(ex.map(get, ranges)))
+        r["cold_mbs"] = got / MIB / secs
+        secs, got = timed(lambda: sum(ex.map(get, ranges)))
+        r["warm_mbs"] = got / MIB / secs
+        data = os.urandom(64 << 10)
+        keys = [f"{prefix}small-raw/{i:024d}" for i in range(args.files)]
+        phases = {
+            "create": lambda: list(ex.map(lambda k: s3.put_object(Bucket=BUCKET, Key=k, Body=data), keys)),
+            "stat": lambda: list(ex.map(lambda k: s3.head_object(Bucket=BUCKET, Key=k), keys)),
+            "find": lambda: list(s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{prefix}small-raw/")),
+            "read": lambda: list(ex.map(lambda k: s3.get_object(Bucket=BUCKET, Key=k)["Body"].read(), keys)),
+            "delete": lambda: [s3.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
+                               for i in range(0, len(keys), 1000)],
+        }
+        for name, fn in phases.items():
+            r[f"{name}_fps"] = args.files / timed(fn)[0]
+    r["rss_mib"] = None
+    return r
+
+
+ROWS = [
+    ("cold_mbs", "cold sequential read of the big file (MB/s)", True),
+    ("warm_mbs", "warm re-read (MB/s)", True),
+    ("ttfb_ms", "time to first 16 KiB of a cold file (ms)", False),
+    ("create_fps", "create 64 KiB files (files/s)", True),
+    ("stat_fps", "stat every file (files/s)", True),
+    ("find_fps", "find (files/s)", True),
+    ("read_fps", "read every file (files/s)", True),
+    ("delete_fps", "delete every file (files/s)", True),
+    ("rss_mib", "peak RSS of the FUSE process (MiB)", False),
+]
+
+
+def fmt(v):
+    if v is None:
+        return "n/a"
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def ratio(ours, theirs, higher_better):
+    if ours is None or theirs is None or ours == 0 or theirs == 0:
+        return "n/a"
+    return f"{(ours / theirs if higher_better else theirs / ours):.2f}x"
+
+
+def chart(results, dest):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(results)
+    fig, axes = plt.subplots(3, 3, figsize=(15, 11))
+    for ax, (key, label, _) in zip(axes.flat, ROWS):
+        vals = [results[n].get(key) or 0 for n in names]
+        bars = ax.bar(range(len(names)), vals, color=["#2b7bba", "#999999", "#bbbbbb", "#555555"][:len(names)])
+        ax.set_title(label, fontsize=10)
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        for b, v in zip(bars, vals):
+            ax.annotate(fmt(v), (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+    fig.suptitle("s3mediafs vs peers on one local S3 server (higher is better, except latency and RSS)")
+    fig.tight_layout()
+    fig.savefig(dest, dpi=80)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--big-mib", type=int, default=1024)
+    ap.add_argument("--files", type=int, default=2000)
+    ap.add_argument("--ttfb-files", type=int, default=5)
+    ap.add_argument("--clients", default="s3mediafs,s3fs,rclone-full,raw")
+    a = ap.parse_args()
+    prefix = f"bench/read-{int(time.time())}/"
+    work = pathlib.Path(tempfile.mkdtemp(prefix="s3mediafs-bench-"))
+    print(f"== uploading {a.big_mib} MiB of fixtures", file=sys.stderr)
+    big = upload_fixture(prefix, a.big_mib, a.ttfb_files)
+    local = local_disk_read(big)
+    shutil.rmtree(big.parent)
+    makers = {
+        "s3mediafs": lambda: S3mediafs("s3mediafs", work / "s3mediafs"),
+        "s3fs": lambda: S3fs("s3fs", work / "s3fs"),
+        "rclone-full": lambda: Rclone("rclone-full", work / "rclone"),
+    }
+    results = {}
+    for name in a.clients.split(","):
+        print(f"== {name}", file=sys.stderr)
+        results[name] = run_raw(prefix, a) if name == "raw" else run_client(makers[name](), prefix, a)
+        shutil.rmtree(work / name, ignore_errors=True)
+    names = list(results)
+    lines = [f"# Read and small-file benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
+             f"One local S3 server at {ENDPOINT}; a {a.big_mib} MiB file read cold (page cache dropped, empty client cache) "
+             f"and again warm (page cache dropped, client cache kept); {a.files} x 64 KiB files in Synapse's layout. "
+             f"`raw` is boto3 with {THREADS} parallel requests and no FUSE. A local-disk read of the same file ran at "
+             f"{local:.0f} MB/s.", "",
+             "| workload | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for key, label, _ in ROWS:
+        lines.append(f"| {label} | " + " | ".join(fmt(results[n].get(key)) for n in names) + " |")
+    if "s3mediafs" in results:
+        ours = results["s3mediafs"]
+        others = [n for n in names if n != "s3mediafs"]
+        lines += ["", "s3mediafs relative to each (above 1 = s3mediafs better):", "",
+                  "| workload | " + " | ".join(f"vs {n}" for n in others) + " |", "|---" * (len(others) + 1) + "|"]
+        for key, label, hb in ROWS:
+            lines.append(f"| {label} | " + " | ".join(ratio(ours.get(key), results[n].get(key), hb) for n in others) + " |")
+        lines += ["", f"Warm re-read vs local disk: {ours['warm_mbs'] / local:.2f}x (target 0.8x)."]
+        if "raw" in results:
+            lines.append(f"Cold read vs raw: {ours['cold_mbs'] / results['raw']['cold_mbs']:.2f}x (target 0.9x).")
+    stamp = datetime.date.today()
+    dest = ROOT / "bench/results" / f"read-{stamp}.md"
+    png = dest.with_suffix(".png")
+    lines += ["", f"![chart]({png.name})"]
+    out = "\n".join(lines) + "\n"
+    print(out)
+    dest.write_text(out)
+    chart(results, png)
+    print(f"written to {dest.relative_to(ROOT)} and {png.relative_to(ROOT)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

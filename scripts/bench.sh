@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Read and small-file benchmark: cold sequential read, warm re-read and time to first byte
+# of large media, then 2000 x 64 KiB files created, stat'ed, found, read and deleted, on
+# s3mediafs, s3fs (use_path_request_style), rclone mount (--vfs-cache-mode full) and a raw
+# boto3 client with no FUSE, all against the same local Garage. Drops the page cache between
+# cold runs (needs root). Prints a table with ratios and writes it with a PNG chart to
+# bench/results/. Usage: scripts/bench.sh [--big-mib N] [--files N] [--clients a,b,...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh bench
+echo "== building s3mediafs (release)" >&2
+cargo build --release --quiet
+
+export S3MEDIAFS_STATE="$PWD/target/bench-server"
+export S3MEDIAFS_GARAGE_PORT="${S3MEDIAFS_GARAGE_PORT:-3910}"
+scripts/s3-server.sh start garage --fresh >/dev/null
+trap 'scripts/s3-server.sh stop garage' EXIT
+set -a
+. "$S3MEDIAFS_STATE/garage/env"
+set +a
+"${S3MEDIAFS_TOOLS:-$HOME/.cache/s3mediafs-tools}/bench-venv-1/bin/python" scripts/bench.py "$@"
