@@ -228,6 +228,15 @@ impl Readahead {
     /// request, while memory allows.
     fn read_ahead(self: &Arc<Self>, stream: &ReadStream, range: Range<u64>) {
         let object = &stream.object;
+        let cached: Vec<BlockId> = range
+            .clone()
+            .map(|index| BlockId { object: object.id, index })
+            .filter(|id| self.blocks.contains(id))
+            .collect();
+        if !cached.is_empty() {
+            let blocks = self.blocks.clone();
+            tokio::task::spawn_blocking(move || blocks.prefetch(&cached));
+        }
         let mut index = range.start;
         while index < range.end {
             let mut run: Vec<(u64, watch::Sender<Fetched>)> = Vec::new();

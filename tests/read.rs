@@ -265,3 +265,19 @@ fn files_written_here_are_read_back_without_gets() {
     assert_eq!(m.requests("get"), 0);
     assert!(m.requests("put") + m.requests("upload_part") > 0);
 }
+
+#[test]
+fn cached_blocks_survive_a_remount() {
+    let env = S3Env::get();
+    let prefix = unique_prefix("read-remount");
+    let data = pseudo_random(6 << 20 | 5, 8);
+    Bucket::new(&env).put_large(&format!("{prefix}clip.webm"), &data);
+    let mut m = TestMount::with_prefix(prefix, &[]);
+    assert!(std::fs::read(m.path("clip.webm")).unwrap() == data);
+    assert!(m.requests("get") > 0);
+    m.stop();
+    m.start(&[]);
+    assert!(std::fs::read(m.path("clip.webm")).unwrap() == data);
+    assert_eq!(m.requests("get"), 0, "the blocks cached before the remount were used");
+    assert!(m.metric("s3mediafs_cache_hits_total") > 0);
+}

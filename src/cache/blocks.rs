@@ -248,6 +248,18 @@ impl BlockCache {
         }
     }
 
+    /// Asks the kernel to start reading cached blocks `ids` from disk, for a reader that
+    /// will want them soon.
+    pub fn prefetch(&self, ids: &[BlockId]) {
+        use std::os::unix::io::AsRawFd;
+        for id in ids {
+            if let Ok(f) = File::open(self.path(id)) {
+                // SAFETY: a valid open descriptor; the advice has no memory effects.
+                unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+            }
+        }
+    }
+
     /// Caches `data` as block `id`, making room first. Returns false when the block could
     /// not be cached (no room, or a write error); nothing is then left behind.
     pub fn put(&self, id: BlockId, data: &[u8]) -> bool {
