@@ -126,17 +126,19 @@ impl BlockCache {
         let dir = cache_dir.join("blocks");
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
         let mut found: Vec<(SystemTime, BlockId, u64)> = Vec::new();
+        // Files may vanish while this runs (a block being replaced); they are skipped.
         for sub in std::fs::read_dir(&dir)? {
-            let sub = sub?;
-            if !sub.file_type()?.is_dir() {
+            let Ok(sub) = sub else { continue };
+            if !sub.file_type().is_ok_and(|t| t.is_dir()) {
                 let _ = std::fs::remove_file(sub.path());
                 continue;
             }
-            for entry in std::fs::read_dir(sub.path())? {
-                let entry = entry?;
+            let Ok(entries) = std::fs::read_dir(sub.path()) else { continue };
+            for entry in entries {
+                let Ok(entry) = entry else { continue };
                 let name = entry.file_name();
                 let parsed = name.to_str().and_then(parse_name);
-                let meta = entry.metadata()?;
+                let Ok(meta) = entry.metadata() else { continue };
                 match parsed {
                     Some(id) if meta.is_file() => {
                         found.push((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), id, allocated(meta.len())))
