@@ -15,8 +15,8 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use crate::cache::{CacheLimits, MinFree};
 use crate::fs::FsOptions;
 use crate::readahead::ReadaheadOptions;
-use crate::writeback::WritebackOptions;
 use crate::store::StoreConfig;
+use crate::writeback::WritebackOptions;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -193,10 +193,37 @@ pub struct MountArgs {
 /// Mount options that belong to mount(8), systemd or the kernel's generic set; they mean
 /// nothing to the bucket and are accepted silently.
 const GENERIC_OPTIONS: &[&str] = &[
-    "_netdev", "nofail", "auto", "noauto", "user", "nouser", "users", "owner", "group",
-    "defaults", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "async", "sync",
-    "atime", "noatime", "relatime", "norelatime", "strictatime", "diratime", "nodiratime",
-    "lazytime", "nolazytime", "dirsync", "loop", "comment",
+    "_netdev",
+    "nofail",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "owner",
+    "group",
+    "defaults",
+    "rw",
+    "dev",
+    "nodev",
+    "suid",
+    "nosuid",
+    "exec",
+    "noexec",
+    "async",
+    "sync",
+    "atime",
+    "noatime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "diratime",
+    "nodiratime",
+    "lazytime",
+    "nolazytime",
+    "dirsync",
+    "loop",
+    "comment",
 ];
 
 fn is_generic_option(name: &str) -> bool {
@@ -256,7 +283,9 @@ pub fn parse_args(args: Vec<OsString>) -> Result<MountArgs, clap::Error> {
         let Some(takes_value) = known.iter().find(|(f, _)| *f == flag).map(|(_, v)| *v) else {
             return Err(Cli::command().error(
                 clap::error::ErrorKind::UnknownArgument,
-                format!("unknown mount option '{name}'; see `s3mediafs mount --help` for the options"),
+                format!(
+                    "unknown mount option '{name}'; see `s3mediafs mount --help` for the options"
+                ),
             ));
         };
         match (takes_value, value) {
@@ -296,7 +325,10 @@ fn with_default_mode(mut a: MountArgs, helper_form: bool) -> MountArgs {
 /// Long flags of `mount`, with whether each takes a value.
 fn known_long_flags() -> Vec<(String, bool)> {
     let cmd = Cli::command();
-    let mount = cmd.find_subcommand("mount").expect("mount subcommand").clone();
+    let mount = cmd
+        .find_subcommand("mount")
+        .expect("mount subcommand")
+        .clone();
     mount
         .get_arguments()
         .filter_map(|a| {
@@ -352,7 +384,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
         _ => (t, 1),
     };
-    num.trim().parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).ok_or_else(err)
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(err)
 }
 
 /// `5%` or a size like `2G`.
@@ -365,7 +401,9 @@ pub fn parse_min_free(s: &str) -> Result<MinFree, String> {
             .filter(|p| (0.0..=90.0).contains(p))
             .map(MinFree::Percent)
             .ok_or_else(|| format!("'{s}' is not a share of the disk; use e.g. 5% (0% to 90%)")),
-        None => parse_size(s).map(MinFree::Bytes).map_err(|_| format!("'{s}' is neither a share like 5% nor a size like 2G")),
+        None => parse_size(s)
+            .map(MinFree::Bytes)
+            .map_err(|_| format!("'{s}' is neither a share like 5% nor a size like 2G")),
     }
 }
 
@@ -381,7 +419,11 @@ pub struct Credentials {
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Credentials {{ access_key: {:?}, from: {} }}", self.access_key, self.source)
+        write!(
+            f,
+            "Credentials {{ access_key: {:?}, from: {} }}",
+            self.access_key, self.source
+        )
     }
 }
 
@@ -424,7 +466,10 @@ impl Config {
         }
         if let Some(ep) = &a.endpoint {
             let ok = (ep.starts_with("http://") || ep.starts_with("https://"))
-                && ep.split("://").nth(1).is_some_and(|h| !h.is_empty() && !h.starts_with('/'));
+                && ep
+                    .split("://")
+                    .nth(1)
+                    .is_some_and(|h| !h.is_empty() && !h.starts_with('/'));
             if !ok {
                 return Err(format!(
                     "the endpoint '{ep}' is not a URL; give it as http://host:port or https://host"
@@ -508,7 +553,11 @@ impl Config {
                 parts_in_flight: 4,
                 max_dirty,
             },
-            cache: CacheLimits { max_bytes: a.cache_size, min_free: a.cache_min_free, block_size: a.block_size },
+            cache: CacheLimits {
+                max_bytes: a.cache_size,
+                min_free: a.cache_min_free,
+                block_size: a.block_size,
+            },
             readahead: ReadaheadOptions {
                 initial_window: a.block_size,
                 max_window: a.max_readahead,
@@ -538,7 +587,9 @@ impl Config {
 
 fn validate_bucket(b: &str) -> Result<(), String> {
     let ok = (3..=63).contains(&b.len())
-        && b.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.' || c == '_')
+        && b.chars().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.' || c == '_'
+        })
         && b.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
     if ok {
         Ok(())
@@ -562,7 +613,10 @@ fn stable_hash(parts: &[&str]) -> u64 {
 }
 
 fn default_cache_dir(bucket: &str, endpoint: Option<&str>, prefix: &str, euid: u32) -> PathBuf {
-    let id = format!("{bucket}-{:08x}", stable_hash(&[endpoint.unwrap_or("aws"), bucket, prefix]) as u32);
+    let id = format!(
+        "{bucket}-{:08x}",
+        stable_hash(&[endpoint.unwrap_or("aws"), bucket, prefix]) as u32
+    );
     if euid == 0 {
         return PathBuf::from("/var/cache/s3mediafs").join(id);
     }
@@ -580,7 +634,9 @@ fn resolve_credentials(file: Option<&Path>, profile: Option<&str>) -> Result<Cre
         return read_key_file(path);
     }
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    if let (Some(access_key), Some(secret_key)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+    if let (Some(access_key), Some(secret_key)) =
+        (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"))
+    {
         return Ok(Credentials {
             access_key,
             secret_key,
@@ -595,10 +651,12 @@ fn resolve_credentials(file: Option<&Path>, profile: Option<&str>) -> Result<Cre
     if let Some(path) = shared.filter(|p| p.exists()) {
         return read_shared_file(&path, profile);
     }
-    Err("no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, pass \
+    Err(
+        "no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, pass \
          --credentials FILE (a KEY:SECRET file, mode 0600), or add a profile to \
          ~/.aws/credentials"
-        .into())
+            .into(),
+    )
 }
 
 fn check_private(path: &Path) -> Result<std::fs::Metadata, String> {
@@ -619,7 +677,10 @@ fn read_key_file(path: &Path) -> Result<Credentials, String> {
     check_private(path)?;
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read the credentials file {}: {e}", path.display()))?;
-    let line = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#'));
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'));
     match line.and_then(|l| l.split_once(':')) {
         Some((k, s)) if !k.is_empty() && !s.is_empty() => Ok(Credentials {
             access_key: k.to_string(),
@@ -706,10 +767,14 @@ mod tests {
     #[test]
     fn unknown_and_malformed_options_are_errors() {
         let e = parse_args(args(&["s3mediafs", "b", "/mnt", "-o", "bogus"])).unwrap_err();
-        assert!(e.to_string().contains("unknown mount option 'bogus'"), "{e}");
+        assert!(
+            e.to_string().contains("unknown mount option 'bogus'"),
+            "{e}"
+        );
         let e = parse_args(args(&["s3mediafs", "b", "/mnt", "-o", "uid"])).unwrap_err();
         assert!(e.to_string().contains("needs a value"), "{e}");
-        let e = parse_args(args(&["s3mediafs", "b", "/mnt", "-o", "metadata_ttl=soon"])).unwrap_err();
+        let e =
+            parse_args(args(&["s3mediafs", "b", "/mnt", "-o", "metadata_ttl=soon"])).unwrap_err();
         assert!(e.to_string().contains("not a duration"), "{e}");
     }
 

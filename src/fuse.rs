@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
-    IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs,
-    ReplyWrite, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite,
+    Request, TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
 
@@ -28,7 +28,12 @@ impl FuseAdapter {
     pub fn new(fs: Arc<BucketFs>, rt: Handle) -> Self {
         let ttl = fs.options().metadata_ttl;
         let negative_ttl = fs.options().negative_ttl;
-        FuseAdapter { fs, rt, ttl, negative_ttl }
+        FuseAdapter {
+            fs,
+            rt,
+            ttl,
+            negative_ttl,
+        }
     }
 
     fn spawn<F>(&self, f: impl FnOnce(Arc<BucketFs>) -> F)
@@ -177,16 +182,12 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.spawn(|fs| async move {
-            reply_empty(reply, fs.unlink(parent.0, &name).await)
-        });
+        self.spawn(|fs| async move { reply_empty(reply, fs.unlink(parent.0, &name).await) });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.spawn(|fs| async move {
-            reply_empty(reply, fs.rmdir(parent.0, &name).await)
-        });
+        self.spawn(|fs| async move { reply_empty(reply, fs.rmdir(parent.0, &name).await) });
     }
 
     fn rename(
@@ -199,14 +200,20 @@ impl fuser::Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        if flags.contains(RenameFlags::RENAME_EXCHANGE) || flags.contains(RenameFlags::RENAME_WHITEOUT) {
+        if flags.contains(RenameFlags::RENAME_EXCHANGE)
+            || flags.contains(RenameFlags::RENAME_WHITEOUT)
+        {
             reply.error(Errno::EINVAL);
             return;
         }
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let (name, newname) = (name.to_owned(), newname.to_owned());
         self.spawn(|fs| async move {
-            reply_empty(reply, fs.rename(parent.0, &name, newparent.0, &newname, no_replace).await)
+            reply_empty(
+                reply,
+                fs.rename(parent.0, &name, newparent.0, &newname, no_replace)
+                    .await,
+            )
         });
     }
 
@@ -259,10 +266,15 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lo: LockOwner, reply: ReplyEmpty) {
-        self.spawn(|fs| async move {
-            reply_empty(reply, fs.flush(fh.0).await)
-        });
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|fs| async move { reply_empty(reply, fs.flush(fh.0).await) });
     }
 
     fn release(
@@ -275,15 +287,18 @@ impl fuser::Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|fs| async move {
-            reply_empty(reply, fs.release(fh.0).await)
-        });
+        self.spawn(|fs| async move { reply_empty(reply, fs.release(fh.0).await) });
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.spawn(|fs| async move {
-            reply_empty(reply, fs.fsync(fh.0).await)
-        });
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|fs| async move { reply_empty(reply, fs.fsync(fh.0).await) });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -332,13 +347,22 @@ impl fuser::Filesystem for FuseAdapter {
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _ds: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _ds: bool,
+        reply: ReplyEmpty,
+    ) {
         self.spawn(|fs| async move { reply_empty(reply, fs.fsyncdir(ino.0).await) });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let s = self.fs.statfs();
-        reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize);
+        reply.statfs(
+            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+        );
     }
 
     fn create(
@@ -354,9 +378,13 @@ impl fuser::Filesystem for FuseAdapter {
         let (name, ttl) = (name.to_owned(), self.ttl);
         self.spawn(|fs| async move {
             match fs.create(parent.0, &name, flags).await {
-                Ok((a, fh)) => {
-                    reply.created(&ttl, &file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
-                }
+                Ok((a, fh)) => reply.created(
+                    &ttl,
+                    &file_attr(&a),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
                 Err(e) => reply.error(errno(e)),
             }
         });
@@ -367,7 +395,14 @@ impl fuser::Filesystem for FuseAdapter {
         reply.ok();
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
         // Objects carry no extended attributes; ENOTSUP tells the kernel to stop asking.
         reply.error(Errno::from_i32(libc::ENOTSUP));
     }

@@ -24,7 +24,9 @@ pub struct StoreMetrics {
 
 impl StoreMetrics {
     pub fn request(&self, op: &'static str, outcome: &'static str) {
-        self.requests.get_or_create(&vec![("op", op), ("outcome", outcome)]).inc();
+        self.requests
+            .get_or_create(&vec![("op", op), ("outcome", outcome)])
+            .inc();
     }
 
     pub fn downloaded(&self, n: u64) {
@@ -50,6 +52,7 @@ pub struct StateReading {
     pub cache_skipped: u64,
     pub cache_corrupt: u64,
     pub inodes: u64,
+    pub listed_names: u64,
 }
 
 pub type StateSource = Box<dyn Fn() -> StateReading + Send + Sync>;
@@ -61,6 +64,7 @@ struct StateMetrics {
     pending_changes: Gauge,
     read_memory_bytes: Gauge,
     inodes: Gauge,
+    listed_names: Gauge,
     cache_hits: Counter,
     cache_misses: Counter,
     cache_evictions: Counter,
@@ -83,9 +87,21 @@ impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("s3mediafs");
         let store = StoreMetrics::default();
-        registry.register("requests", "Requests to the object store, by operation and outcome", store.requests.clone());
-        registry.register("downloaded_bytes", "Bytes read from the object store", store.bytes_down.clone());
-        registry.register("uploaded_bytes", "Bytes written to the object store", store.bytes_up.clone());
+        registry.register(
+            "requests",
+            "Requests to the object store, by operation and outcome",
+            store.requests.clone(),
+        );
+        registry.register(
+            "downloaded_bytes",
+            "Bytes read from the object store",
+            store.bytes_down.clone(),
+        );
+        registry.register(
+            "uploaded_bytes",
+            "Bytes written to the object store",
+            store.bytes_up.clone(),
+        );
         let state = StateMetrics {
             cache_bytes: Gauge::default(),
             staged_bytes: Gauge::default(),
@@ -93,24 +109,79 @@ impl Metrics {
             pending_changes: Gauge::default(),
             read_memory_bytes: Gauge::default(),
             inodes: Gauge::default(),
+            listed_names: Gauge::default(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             cache_evictions: Counter::default(),
             cache_skipped: Counter::default(),
             cache_corrupt: Counter::default(),
         };
-        registry.register("cache_block_bytes", "Disk space held by cached blocks", state.cache_bytes.clone());
-        registry.register("cache_staged_bytes", "Disk space held by files being written or waiting for upload", state.staged_bytes.clone());
-        registry.register("dirty_bytes", "Bytes of closed files waiting for upload", state.dirty_bytes.clone());
-        registry.register("pending_changes", "Changes (uploads, deletes, directories) not yet in the bucket", state.pending_changes.clone());
-        registry.register("read_memory_bytes", "Memory held by reads in flight and read buffers", state.read_memory_bytes.clone());
-        registry.register("inodes", "Files and directories the mount holds in memory", state.inodes.clone());
-        registry.register("cache_hits", "Blocks read from the block cache", state.cache_hits.clone());
-        registry.register("cache_misses", "Blocks not found in the block cache", state.cache_misses.clone());
-        registry.register("cache_evictions", "Blocks evicted to make room", state.cache_evictions.clone());
-        registry.register("cache_skipped", "Blocks not cached for lack of room", state.cache_skipped.clone());
-        registry.register("cache_corrupt", "Cached blocks found damaged and dropped", state.cache_corrupt.clone());
-        Arc::new(Metrics { registry, store, state, source: parking_lot::Mutex::new(None) })
+        registry.register(
+            "cache_block_bytes",
+            "Disk space held by cached blocks",
+            state.cache_bytes.clone(),
+        );
+        registry.register(
+            "cache_staged_bytes",
+            "Disk space held by files being written or waiting for upload",
+            state.staged_bytes.clone(),
+        );
+        registry.register(
+            "dirty_bytes",
+            "Bytes of closed files waiting for upload",
+            state.dirty_bytes.clone(),
+        );
+        registry.register(
+            "pending_changes",
+            "Changes (uploads, deletes, directories) not yet in the bucket",
+            state.pending_changes.clone(),
+        );
+        registry.register(
+            "read_memory_bytes",
+            "Memory held by reads in flight and read buffers",
+            state.read_memory_bytes.clone(),
+        );
+        registry.register(
+            "inodes",
+            "Files and directories the mount holds in memory",
+            state.inodes.clone(),
+        );
+        registry.register(
+            "listed_names",
+            "Names remembered from directory listings for the metadata TTL",
+            state.listed_names.clone(),
+        );
+        registry.register(
+            "cache_hits",
+            "Blocks read from the block cache",
+            state.cache_hits.clone(),
+        );
+        registry.register(
+            "cache_misses",
+            "Blocks not found in the block cache",
+            state.cache_misses.clone(),
+        );
+        registry.register(
+            "cache_evictions",
+            "Blocks evicted to make room",
+            state.cache_evictions.clone(),
+        );
+        registry.register(
+            "cache_skipped",
+            "Blocks not cached for lack of room",
+            state.cache_skipped.clone(),
+        );
+        registry.register(
+            "cache_corrupt",
+            "Cached blocks found damaged and dropped",
+            state.cache_corrupt.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            store,
+            state,
+            source: parking_lot::Mutex::new(None),
+        })
     }
 
     pub fn store(&self) -> StoreMetrics {
@@ -133,6 +204,7 @@ impl Metrics {
             s.pending_changes.set(r.pending_changes as i64);
             s.read_memory_bytes.set(r.read_memory_bytes as i64);
             s.inodes.set(r.inodes as i64);
+            s.listed_names.set(r.listed_names as i64);
             catch_up(&s.cache_hits, r.cache_hits);
             catch_up(&s.cache_misses, r.cache_misses);
             catch_up(&s.cache_evictions, r.cache_evictions);
@@ -147,7 +219,9 @@ impl Metrics {
     /// Serves `GET /metrics` on `listener` until the runtime stops.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let Ok((mut conn, _)) = listener.accept().await else { continue };
+            let Ok((mut conn, _)) = listener.accept().await else {
+                continue;
+            };
             let me = self.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::with_capacity(1024);
@@ -159,11 +233,15 @@ impl Metrics {
                     }
                 }
                 let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
-                let (status, body) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
-                    ("200 OK", me.render())
-                } else {
-                    ("404 Not Found", "only /metrics is served here\n".to_string())
-                };
+                let (status, body) =
+                    if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
+                        ("200 OK", me.render())
+                    } else {
+                        (
+                            "404 Not Found",
+                            "only /metrics is served here\n".to_string(),
+                        )
+                    };
                 let head = format!(
                     "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     body.len()
@@ -187,11 +265,24 @@ mod tests {
         m.store().request("get", "ok");
         m.store().request("head", "not_found");
         m.store().downloaded(10);
-        m.set_source(Box::new(|| StateReading { cache_bytes: 4096, cache_hits: 3, ..Default::default() }));
+        m.set_source(Box::new(|| StateReading {
+            cache_bytes: 4096,
+            cache_hits: 3,
+            ..Default::default()
+        }));
         let text = m.render();
-        assert!(text.contains("s3mediafs_requests_total{op=\"get\",outcome=\"ok\"} 2"), "{text}");
-        assert!(text.contains("s3mediafs_requests_total{op=\"head\",outcome=\"not_found\"} 1"), "{text}");
-        assert!(text.contains("s3mediafs_downloaded_bytes_total 10"), "{text}");
+        assert!(
+            text.contains("s3mediafs_requests_total{op=\"get\",outcome=\"ok\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("s3mediafs_requests_total{op=\"head\",outcome=\"not_found\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("s3mediafs_downloaded_bytes_total 10"),
+            "{text}"
+        );
         assert!(text.contains("s3mediafs_cache_block_bytes 4096"), "{text}");
         assert!(text.contains("s3mediafs_cache_hits_total 3"), "{text}");
         // Rendering again does not count twice.

@@ -39,32 +39,58 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     check_bucket(&rt, &cfg)?;
     let metrics_listener = match cfg.metrics_addr {
-        Some(addr) => Some(std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|_| l)).map_err(|e| {
-            format!("cannot serve metrics on {addr}: {e}; choose another --metrics-addr")
-        })?),
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|_| l))
+                .map_err(|e| {
+                    format!("cannot serve metrics on {addr}: {e}; choose another --metrics-addr")
+                })?,
+        ),
         None => None,
     };
 
     let metrics = Metrics::new();
     let s3: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&cfg.store_config()));
     let store: Arc<dyn ObjectStore> = Arc::new(MeteredStore::new(s3, metrics.store()));
-    let cache_err = |e: std::io::Error| format!("cannot use the cache directory {}: {e}", cfg.cache_dir.display());
+    let cache_err = |e: std::io::Error| {
+        format!(
+            "cannot use the cache directory {}: {e}",
+            cfg.cache_dir.display()
+        )
+    };
     let staged = Arc::new(StagedBytes::default());
-    let blocks = Arc::new(BlockCache::open(&cfg.cache_dir, cfg.cache, staged.clone()).map_err(cache_err)?);
+    let blocks =
+        Arc::new(BlockCache::open(&cfg.cache_dir, cfg.cache, staged.clone()).map_err(cache_err)?);
     let staging = StagingArea::open(&cfg.cache_dir, staged).map_err(cache_err)?;
     // Changes journaled by an earlier run are queued before anything is served, so nothing
     // can shadow them.
     let (journal, replay) = Journal::open(&cfg.cache_dir).map_err(cache_err)?;
     if replay.dropped_bytes > 0 {
-        tracing::warn!(bytes = replay.dropped_bytes, "the journal ended with a torn record (a crash while writing it); it was dropped");
+        tracing::warn!(
+            bytes = replay.dropped_bytes,
+            "the journal ended with a torn record (a crash while writing it); it was dropped"
+        );
     }
-    let writeback = WritebackQueue::new(store.clone(), journal, replay, cfg.writeback.clone(), blocks.clone());
+    let writeback = WritebackQueue::new(
+        store.clone(),
+        journal,
+        replay,
+        cfg.writeback.clone(),
+        blocks.clone(),
+    );
     {
         let _rt = rt.enter();
         writeback.start();
     }
     let readahead = Readahead::new(store.clone(), blocks.clone(), cfg.readahead.clone());
-    let fs = Arc::new(BucketFs::new(store, &cfg.prefix, staging, writeback.clone(), readahead.clone(), cfg.fs.clone()));
+    let fs = Arc::new(BucketFs::new(
+        store,
+        &cfg.prefix,
+        staging,
+        writeback.clone(),
+        readahead.clone(),
+        cfg.fs.clone(),
+    ));
     {
         let (writeback, fs) = (writeback.clone(), fs.clone());
         metrics.set_source(Box::new(move || {
@@ -81,12 +107,14 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 cache_skipped: b.skipped,
                 cache_corrupt: b.corrupt,
                 inodes: fs.inode_count() as u64,
+                listed_names: fs.listed_names() as u64,
             }
         }));
     }
     if let Some(listener) = metrics_listener {
         let _rt = rt.enter();
-        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| format!("cannot serve metrics: {e}"))?;
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| format!("cannot serve metrics: {e}"))?;
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving metrics at /metrics");
         rt.spawn(metrics.clone().serve(listener));
     }
@@ -112,7 +140,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
     }
     let mut fuse_cfg = fuser::Config::default();
     fuse_cfg.mount_options = options;
-    fuse_cfg.acl = if cfg.allow_other { SessionACL::All } else { SessionACL::Owner };
+    fuse_cfg.acl = if cfg.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
     fuse_cfg.n_threads = Some(4);
 
     let mut session = fuser::Session::new(adapter, &cfg.mountpoint, &fuse_cfg)
@@ -135,7 +167,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let result = session.run();
     let pending = writeback.pending();
     if pending > 0 {
-        tracing::info!(pending, timeout_s = cfg.drain_timeout.as_secs(), "unmounted; uploading what is pending");
+        tracing::info!(
+            pending,
+            timeout_s = cfg.drain_timeout.as_secs(),
+            "unmounted; uploading what is pending"
+        );
     }
     let left = rt.block_on(writeback.drain(cfg.drain_timeout));
     if left > 0 {
@@ -164,7 +200,9 @@ fn detach() -> Result<(), String> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start the mount process: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the mount process: {e}"))?;
     let stdout = child.stdout.take().expect("piped");
     for line in BufReader::new(stdout).lines() {
         match line {
@@ -173,7 +211,9 @@ fn detach() -> Result<(), String> {
             Err(_) => break,
         }
     }
-    let status = child.wait().map_err(|e| format!("lost the mount process: {e}"))?;
+    let status = child
+        .wait()
+        .map_err(|e| format!("lost the mount process: {e}"))?;
     Err(format!("the mount failed ({status})"))
 }
 
@@ -205,7 +245,10 @@ async fn wait_for_signal() -> &'static str {
 }
 
 fn lazy_unmount(mountpoint: &Path) {
-    let status = Command::new("fusermount3").arg("-uz").arg(mountpoint).status();
+    let status = Command::new("fusermount3")
+        .arg("-uz")
+        .arg(mountpoint)
+        .status();
     if !status.is_ok_and(|s| s.success()) {
         if let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) {
             // SAFETY: a valid C string path.
@@ -246,7 +289,9 @@ pub fn check_mountpoint(p: &Path, nonempty: bool) -> Result<(), String> {
             ))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!("the mountpoint {shown} does not exist; create it with `mkdir -p {shown}`"))
+            return Err(format!(
+                "the mountpoint {shown} does not exist; create it with `mkdir -p {shown}`"
+            ))
         }
         Err(e) => return Err(format!("cannot use the mountpoint {shown}: {e}")),
     };
@@ -283,7 +328,10 @@ fn mounted_at(path: &Path) -> Option<(String, String)> {
             return None;
         }
         let sep = fields.iter().position(|f| *f == "-")?;
-        Some((fields.get(sep + 1)?.to_string(), unescape_mountinfo(fields.get(sep + 2)?)))
+        Some((
+            fields.get(sep + 1)?.to_string(),
+            unescape_mountinfo(fields.get(sep + 2)?),
+        ))
     })
 }
 
@@ -292,8 +340,13 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
             out.push(v as u8);
             i += 4;
         } else {
@@ -310,7 +363,12 @@ fn prepare_cache_dir(dir: &PathBuf) -> Result<CacheLock, String> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| format!("cannot create the cache directory {}: {e}; choose another with --cache-dir", dir.display()))?;
+        .map_err(|e| {
+            format!(
+                "cannot create the cache directory {}: {e}; choose another with --cache-dir",
+                dir.display()
+            )
+        })?;
     CacheLock::acquire(dir)
 }
 
@@ -321,10 +379,17 @@ fn check_bucket(rt: &tokio::runtime::Runtime, cfg: &Config) -> Result<(), String
     sc.max_attempts = 2;
     sc.attempt_timeout = Duration::from_secs(10);
     let store = S3Store::new(&sc);
-    let endpoint = cfg.endpoint.clone().unwrap_or_else(|| format!("AWS S3 ({})", cfg.region));
+    let endpoint = cfg
+        .endpoint
+        .clone()
+        .unwrap_or_else(|| format!("AWS S3 ({})", cfg.region));
     let b = &cfg.bucket;
     let r = rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(30), store.list(&cfg.prefix, false, None, Some(1))).await
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            store.list(&cfg.prefix, false, None, Some(1)),
+        )
+        .await
     });
     match r {
         Ok(Ok(_)) => Ok(()),

@@ -35,7 +35,12 @@ pub struct ReadaheadOptions {
 
 impl Default for ReadaheadOptions {
     fn default() -> Self {
-        ReadaheadOptions { initial_window: 1 << 20, max_window: 32 << 20, max_memory: 64 << 20, blocks_per_request: 4 }
+        ReadaheadOptions {
+            initial_window: 1 << 20,
+            max_window: 32 << 20,
+            max_memory: 64 << 20,
+            blocks_per_request: 4,
+        }
     }
 }
 
@@ -51,7 +56,12 @@ pub struct ObjectRef {
 impl ObjectRef {
     pub fn new(key: String, etag: String, size: u64) -> Self {
         let id = ObjectId::new(&key, &etag);
-        ObjectRef { key, etag, size, id }
+        ObjectRef {
+            key,
+            etag,
+            size,
+            id,
+        }
     }
 }
 
@@ -82,7 +92,10 @@ struct Buffered {
 
 impl ReadStream {
     pub fn new(object: ObjectRef) -> Self {
-        ReadStream { object, state: Mutex::new(StreamState::default()) }
+        ReadStream {
+            object,
+            state: Mutex::new(StreamState::default()),
+        }
     }
 
     pub fn object(&self) -> &ObjectRef {
@@ -128,7 +141,11 @@ fn kib(bytes: u64) -> u32 {
 }
 
 impl Readahead {
-    pub fn new(store: Arc<dyn ObjectStore>, blocks: Arc<BlockCache>, mut opts: ReadaheadOptions) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        blocks: Arc<BlockCache>,
+        mut opts: ReadaheadOptions,
+    ) -> Arc<Self> {
         let bs = blocks.block_size();
         // Reading further ahead than the cache can hold would evict blocks before they
         // are read.
@@ -136,8 +153,19 @@ impl Readahead {
         opts.initial_window = opts.initial_window.clamp(bs, opts.max_window);
         opts.blocks_per_request = opts.blocks_per_request.max(1);
         let half = (kib(opts.max_memory) / 2).max(kib(bs)) as usize;
-        let (fetch_memory, buffer_memory) = (Arc::new(Semaphore::new(half)), Arc::new(Semaphore::new(half)));
-        Arc::new(Readahead { store, blocks, opts, fetch_memory, buffer_memory, inflight: Mutex::new(HashMap::new()), stats: Default::default() })
+        let (fetch_memory, buffer_memory) = (
+            Arc::new(Semaphore::new(half)),
+            Arc::new(Semaphore::new(half)),
+        );
+        Arc::new(Readahead {
+            store,
+            blocks,
+            opts,
+            fetch_memory,
+            buffer_memory,
+            inflight: Mutex::new(HashMap::new()),
+            stats: Default::default(),
+        })
     }
 
     pub fn blocks(&self) -> &Arc<BlockCache> {
@@ -151,7 +179,8 @@ impl Readahead {
     /// Memory in use for data in flight and buffered blocks.
     pub fn memory_used(&self) -> u64 {
         let half = (kib(self.opts.max_memory) / 2).max(kib(self.blocks.block_size())) as u64;
-        let free = (self.fetch_memory.available_permits() + self.buffer_memory.available_permits()) as u64;
+        let free =
+            (self.fetch_memory.available_permits() + self.buffer_memory.available_permits()) as u64;
         (2 * half - free) * 1024
     }
 
@@ -161,7 +190,12 @@ impl Readahead {
     }
 
     /// Reads up to `len` bytes at `offset` of the stream's object.
-    pub async fn read(self: &Arc<Self>, stream: &ReadStream, offset: u64, len: u32) -> StoreResult<Bytes> {
+    pub async fn read(
+        self: &Arc<Self>,
+        stream: &ReadStream,
+        offset: u64,
+        len: u32,
+    ) -> StoreResult<Bytes> {
         let object = &stream.object;
         if offset >= object.size || len == 0 {
             return Ok(Bytes::new());
@@ -191,7 +225,14 @@ impl Readahead {
     }
 
     /// Updates the stream's access pattern; returns the blocks to read ahead, if any.
-    fn plan(&self, stream: &ReadStream, offset: u64, end: u64, first: u64, last: u64) -> Option<Range<u64>> {
+    fn plan(
+        &self,
+        stream: &ReadStream,
+        offset: u64,
+        end: u64,
+        first: u64,
+        last: u64,
+    ) -> Option<Range<u64>> {
         let bs = self.blocks.block_size();
         let mut st = stream.state.lock();
         // Reads that overlap, trail by up to a block (the kernel reorders parallel reads)
@@ -199,7 +240,11 @@ impl Readahead {
         let sequential = offset + bs >= st.next && offset <= st.next + st.window.max(bs);
         if sequential {
             if st.last_block.is_none_or(|b| first > b) {
-                st.window = if st.window == 0 { self.opts.initial_window } else { (st.window * 2).min(self.opts.max_window) };
+                st.window = if st.window == 0 {
+                    self.opts.initial_window
+                } else {
+                    (st.window * 2).min(self.opts.max_window)
+                };
             }
         } else {
             st.window = 0;
@@ -230,7 +275,10 @@ impl Readahead {
         let object = &stream.object;
         let cached: Vec<BlockId> = range
             .clone()
-            .map(|index| BlockId { object: object.id, index })
+            .map(|index| BlockId {
+                object: object.id,
+                index,
+            })
             .filter(|id| self.blocks.contains(id))
             .collect();
         if !cached.is_empty() {
@@ -242,7 +290,10 @@ impl Readahead {
             let mut run: Vec<(u64, watch::Sender<Fetched>)> = Vec::new();
             let mut bytes = 0;
             while index < range.end && (run.len() as u64) < self.opts.blocks_per_request {
-                let id = BlockId { object: object.id, index };
+                let id = BlockId {
+                    object: object.id,
+                    index,
+                };
                 if self.blocks.contains(&id) {
                     index += 1;
                     if run.is_empty() {
@@ -295,17 +346,28 @@ impl Readahead {
     fn unclaim(&self, object: &ObjectRef, run: &[(u64, watch::Sender<Fetched>)]) {
         let mut inflight = self.inflight.lock();
         for (index, _) in run {
-            inflight.remove(&BlockId { object: object.id, index: *index });
+            inflight.remove(&BlockId {
+                object: object.id,
+                index: *index,
+            });
         }
     }
 
     /// Fetches consecutive blocks with one GET, hands them to whoever waits, caches them.
-    async fn fetch_run(&self, object: &ObjectRef, run: Vec<(u64, watch::Sender<Fetched>)>, permit: OwnedSemaphorePermit) {
+    async fn fetch_run(
+        &self,
+        object: &ObjectRef,
+        run: Vec<(u64, watch::Sender<Fetched>)>,
+        permit: OwnedSemaphorePermit,
+    ) {
         let bs = self.blocks.block_size();
         let first = run[0].0;
         let start = first * bs;
         let end = object.size.min((first + run.len() as u64) * bs);
-        let result = self.store.get_range(&object.key, start..end, Some(&object.etag)).await;
+        let result = self
+            .store
+            .get_range(&object.key, start..end, Some(&object.etag))
+            .await;
         {
             let mut s = self.stats.lock();
             s.requests += 1;
@@ -315,7 +377,10 @@ impl Readahead {
             if data.len() as u64 == end - start {
                 Ok(data)
             } else {
-                Err(StoreError::Truncated { expected: end - start, got: data.len() as u64 })
+                Err(StoreError::Truncated {
+                    expected: end - start,
+                    got: data.len() as u64,
+                })
             }
         });
         match result {
@@ -350,11 +415,20 @@ impl Readahead {
     /// Block `index` of the stream's object: from the handle's buffer, the block cache, a
     /// fetch in flight, or a new GET.
     async fn block(self: &Arc<Self>, stream: &ReadStream, index: u64) -> StoreResult<Bytes> {
-        if let Some(b) = stream.state.lock().current.as_ref().filter(|b| b.index == index) {
+        if let Some(b) = stream
+            .state
+            .lock()
+            .current
+            .as_ref()
+            .filter(|b| b.index == index)
+        {
             return Ok(b.data.clone());
         }
         let object = &stream.object;
-        let id = BlockId { object: object.id, index };
+        let id = BlockId {
+            object: object.id,
+            index,
+        };
         let len = self.block_len(object, index) as usize;
         loop {
             let claim = {
@@ -365,7 +439,9 @@ impl Readahead {
                         let blocks = self.blocks.clone();
                         let cached = tokio::task::spawn_blocking(move || blocks.get(&id, len))
                             .await
-                            .map_err(|e| StoreError::Other(format!("reading the block cache failed: {e}")))?;
+                            .map_err(|e| {
+                                StoreError::Other(format!("reading the block cache failed: {e}"))
+                            })?;
                         if let Some(data) = cached {
                             self.keep_current(stream, index, data.clone());
                             return Ok(data);
@@ -407,13 +483,27 @@ impl Readahead {
     fn keep_current(&self, stream: &ReadStream, index: u64, data: Bytes) {
         let mut st = stream.state.lock();
         st.current = None;
-        if let Ok(permit) = self.buffer_memory.clone().try_acquire_many_owned(kib(data.len() as u64)) {
-            st.current = Some(Buffered { index, data, _memory: permit });
+        if let Ok(permit) = self
+            .buffer_memory
+            .clone()
+            .try_acquire_many_owned(kib(data.len() as u64))
+        {
+            st.current = Some(Buffered {
+                index,
+                data,
+                _memory: permit,
+            });
         }
     }
 
     /// Reads an object version whose ETag is unknown, straight from the store.
-    pub async fn read_uncached(&self, key: &str, size: u64, offset: u64, len: u32) -> StoreResult<Bytes> {
+    pub async fn read_uncached(
+        &self,
+        key: &str,
+        size: u64,
+        offset: u64,
+        len: u32,
+    ) -> StoreResult<Bytes> {
         if offset >= size {
             return Ok(Bytes::new());
         }
@@ -432,16 +522,37 @@ mod tests {
     use crate::cache::{CacheLimits, MinFree};
     use crate::store::MemoryStore;
 
-    async fn setup(size: usize, cache: u64) -> (tempfile::TempDir, Arc<Readahead>, Vec<u8>, ObjectRef) {
+    async fn setup(
+        size: usize,
+        cache: u64,
+    ) -> (tempfile::TempDir, Arc<Readahead>, Vec<u8>, ObjectRef) {
         let dir = tempfile::tempdir().unwrap();
         let mem = Arc::new(MemoryStore::new());
         let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
-        let etag = mem.put("obj", Bytes::from(data.clone())).await.unwrap().unwrap();
-        let limits = CacheLimits { max_bytes: cache, min_free: MinFree::Bytes(0), block_size: 64 << 10 };
+        let etag = mem
+            .put("obj", Bytes::from(data.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+        let limits = CacheLimits {
+            max_bytes: cache,
+            min_free: MinFree::Bytes(0),
+            block_size: 64 << 10,
+        };
         let blocks = Arc::new(BlockCache::open(dir.path(), limits, Default::default()).unwrap());
-        let opts = ReadaheadOptions { initial_window: 64 << 10, max_window: 1 << 20, max_memory: 4 << 20, blocks_per_request: 4 };
+        let opts = ReadaheadOptions {
+            initial_window: 64 << 10,
+            max_window: 1 << 20,
+            max_memory: 4 << 20,
+            blocks_per_request: 4,
+        };
         let ra = Readahead::new(mem, blocks, opts);
-        (dir, ra, data, ObjectRef::new("obj".into(), etag, size as u64))
+        (
+            dir,
+            ra,
+            data,
+            ObjectRef::new("obj".into(), etag, size as u64),
+        )
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,7 +568,11 @@ mod tests {
         assert_eq!(got, data);
         assert_eq!(s.window(), 1 << 20);
         // Read ahead in requests of several blocks, not one GET per block.
-        assert!(ra.stats().requests < obj.size / (64 << 10) / 2, "{:?}", ra.stats());
+        assert!(
+            ra.stats().requests < obj.size / (64 << 10) / 2,
+            "{:?}",
+            ra.stats()
+        );
         // A second pass costs nothing.
         let before = ra.stats().requests;
         let s2 = ReadStream::new(obj.clone());
@@ -471,22 +586,38 @@ mod tests {
     async fn random_reads_fetch_one_block_each() {
         let (_d, ra, data, obj) = setup(8 << 20, 64 << 20).await;
         let s = ReadStream::new(obj.clone());
-        let offsets = [5_000_000u64, 123, 7_000_000, 2_000_000, 6_500_000, 4_000_000];
+        let offsets = [
+            5_000_000u64,
+            123,
+            7_000_000,
+            2_000_000,
+            6_500_000,
+            4_000_000,
+        ];
         for &o in &offsets {
             let b = ra.read(&s, o, 4096).await.unwrap();
             assert_eq!(b.as_ref(), &data[o as usize..o as usize + 4096]);
         }
         let stats = ra.stats();
-        assert!(stats.bytes <= offsets.len() as u64 * (64 << 10) * 2, "{stats:?}");
+        assert!(
+            stats.bytes <= offsets.len() as u64 * (64 << 10) * 2,
+            "{stats:?}"
+        );
         assert_eq!(s.window(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_replaced_object_fails_instead_of_mixing() {
         let (_d, ra, _data, obj) = setup(1 << 20, 64 << 20).await;
-        ra.store.put("obj", Bytes::from_static(b"new")).await.unwrap();
+        ra.store
+            .put("obj", Bytes::from_static(b"new"))
+            .await
+            .unwrap();
         let s = ReadStream::new(obj);
-        assert_eq!(ra.read(&s, 0, 10).await.unwrap_err(), StoreError::PreconditionFailed);
+        assert_eq!(
+            ra.read(&s, 0, 10).await.unwrap_err(),
+            StoreError::PreconditionFailed
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

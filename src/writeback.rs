@@ -41,7 +41,12 @@ pub struct WritebackOptions {
 
 impl Default for WritebackOptions {
     fn default() -> Self {
-        WritebackOptions { workers: 8, part_size: 8 << 20, parts_in_flight: 4, max_dirty: 1 << 30 }
+        WritebackOptions {
+            workers: 8,
+            part_size: 8 << 20,
+            parts_in_flight: 4,
+            max_dirty: 1 << 30,
+        }
     }
 }
 
@@ -104,14 +109,20 @@ impl WritebackQueue {
             journal,
             blocks,
             opts,
-            state: Mutex::new(State { next_seq: replay.next_seq.max(1), ..State::default() }),
+            state: Mutex::new(State {
+                next_seq: replay.next_seq.max(1),
+                ..State::default()
+            }),
             work: Notify::new(),
             progress: Notify::new(),
         });
         let mut restored = 0;
         for (seq, change) in replay.pending {
             let file = match &change {
-                Change::Upload { .. } => match StagedFile::open_sealed(&q.journal.pending_path(seq), q.blocks.staged_bytes()) {
+                Change::Upload { .. } => match StagedFile::open_sealed(
+                    &q.journal.pending_path(seq),
+                    q.blocks.staged_bytes(),
+                ) {
                     Ok(f) => Some(Arc::new(f)),
                     Err(e) => {
                         tracing::error!(key = change.key(), error = %e, "cannot open a journaled upload's data");
@@ -124,7 +135,10 @@ impl WritebackQueue {
             restored += 1;
         }
         if restored > 0 {
-            tracing::info!(changes = restored, "resuming changes journaled by an earlier run");
+            tracing::info!(
+                changes = restored,
+                "resuming changes journaled by an earlier run"
+            );
         }
         q
     }
@@ -149,7 +163,17 @@ impl WritebackQueue {
             s.dirty_bytes += size;
         }
         s.latest.insert(change.key().to_string(), seq);
-        s.ops.insert(seq, Op { change, file, started: false, attempts: 0, last_error: None, failing_since: None });
+        s.ops.insert(
+            seq,
+            Op {
+                change,
+                file,
+                started: false,
+                attempts: 0,
+                last_error: None,
+                failing_since: None,
+            },
+        );
     }
 
     fn wake(&self) {
@@ -188,22 +212,45 @@ impl WritebackQueue {
 
     /// Queues the upload of a closed file's staged copy, sealing it.
     pub fn upload(&self, key: &str, file: Arc<StagedFile>, size: u64) -> io::Result<u64> {
-        self.submit(Change::Upload { key: key.to_string(), size }, Some(file))
+        self.submit(
+            Change::Upload {
+                key: key.to_string(),
+                size,
+            },
+            Some(file),
+        )
     }
 
     /// Queues an upload of the content of an already sealed file under another key.
     pub fn upload_copy(&self, key: &str, from: &StagedFile, size: u64) -> io::Result<u64> {
         let seq = self.next_seq();
         let file = Arc::new(from.link_sealed(&self.journal.pending_path(seq))?);
-        self.commit(seq, Change::Upload { key: key.to_string(), size }, Some(file))
+        self.commit(
+            seq,
+            Change::Upload {
+                key: key.to_string(),
+                size,
+            },
+            Some(file),
+        )
     }
 
     pub fn delete(&self, key: &str) -> io::Result<u64> {
-        self.submit(Change::Delete { key: key.to_string() }, None)
+        self.submit(
+            Change::Delete {
+                key: key.to_string(),
+            },
+            None,
+        )
     }
 
     pub fn marker(&self, key: &str) -> io::Result<u64> {
-        self.submit(Change::Marker { key: key.to_string() }, None)
+        self.submit(
+            Change::Marker {
+                key: key.to_string(),
+            },
+            None,
+        )
     }
 
     /// The pending change of `key`, if any.
@@ -233,7 +280,10 @@ impl WritebackQueue {
 
     fn view(op: &Op) -> Pending {
         match (&op.change, &op.file) {
-            (Change::Upload { size, .. }, Some(file)) => Pending::Upload { size: *size, file: file.clone() },
+            (Change::Upload { size, .. }, Some(file)) => Pending::Upload {
+                size: *size,
+                file: file.clone(),
+            },
             (Change::Delete { .. }, _) => Pending::Delete,
             _ => Pending::Marker,
         }
@@ -262,8 +312,16 @@ impl WritebackQueue {
                 let s = self.state.lock();
                 match s.ops.get(&seq) {
                     None => return Ok(()),
-                    Some(op) if op.failing_since.is_some_and(|t| t.elapsed() >= WAIT_PATIENCE) => {
-                        return Err(WaitError(op.last_error.clone().unwrap_or(StoreError::Other("upload failed".into()))))
+                    Some(op)
+                        if op
+                            .failing_since
+                            .is_some_and(|t| t.elapsed() >= WAIT_PATIENCE) =>
+                    {
+                        return Err(WaitError(
+                            op.last_error
+                                .clone()
+                                .unwrap_or(StoreError::Other("upload failed".into())),
+                        ))
                     }
                     Some(_) => {}
                 }
@@ -284,7 +342,11 @@ impl WritebackQueue {
     pub async fn settle_under(&self, prefix: &str) -> Result<(), WaitError> {
         let seqs: Vec<u64> = {
             let s = self.state.lock();
-            s.ops.iter().filter(|(_, o)| o.change.key().starts_with(prefix)).map(|(q, _)| *q).collect()
+            s.ops
+                .iter()
+                .filter(|(_, o)| o.change.key().starts_with(prefix))
+                .map(|(q, _)| *q)
+                .collect()
         };
         for seq in seqs {
             self.wait(seq).await?;
@@ -328,7 +390,12 @@ impl WritebackQueue {
         let picked = {
             let mut s = self.state.lock();
             let mut picked = None;
-            let seqs: Vec<u64> = s.ops.iter().filter(|(_, o)| !o.started).map(|(q, _)| *q).collect();
+            let seqs: Vec<u64> = s
+                .ops
+                .iter()
+                .filter(|(_, o)| !o.started)
+                .map(|(q, _)| *q)
+                .collect();
             for seq in seqs {
                 let key = s.ops[&seq].change.key().to_string();
                 if s.latest.get(&key) != Some(&seq) {
@@ -408,13 +475,20 @@ impl WritebackQueue {
 
     /// After a change reached the bucket: the content of an uploaded file moves into the
     /// block cache (small enough files), and a deleted key's last ETag is forgotten.
-    async fn keep_uploaded(&self, change: &Change, etag: Option<String>, file: Option<&Arc<StagedFile>>) {
+    async fn keep_uploaded(
+        &self,
+        change: &Change,
+        etag: Option<String>,
+        file: Option<&Arc<StagedFile>>,
+    ) {
         match (change, etag, file) {
             (Change::Upload { key, size }, Some(etag), Some(file))
                 if *size <= ADOPT_MAX.min(self.blocks.limits().max_bytes / 4) =>
             {
-                let (blocks, key, file, size) = (self.blocks.clone(), key.clone(), file.file().clone(), *size);
-                let _ = tokio::task::spawn_blocking(move || blocks.adopt(&key, &etag, &file, size)).await;
+                let (blocks, key, file, size) =
+                    (self.blocks.clone(), key.clone(), file.file().clone(), *size);
+                let _ = tokio::task::spawn_blocking(move || blocks.adopt(&key, &etag, &file, size))
+                    .await;
             }
             (change, _, _) => self.blocks.forget_key(change.key()),
         }
@@ -422,33 +496,51 @@ impl WritebackQueue {
 
     /// Carries out one change, retrying until it succeeds. Returns the ETag of an uploaded
     /// object, when the store gave one.
-    async fn carry_out(&self, seq: u64, change: &Change, file: Option<&StagedFile>) -> Option<String> {
+    async fn carry_out(
+        &self,
+        seq: u64,
+        change: &Change,
+        file: Option<&StagedFile>,
+    ) -> Option<String> {
         let mut backoff = Duration::from_millis(200);
         let mut first = true;
         loop {
             if !first && self.state.lock().latest.get(change.key()) != Some(&seq) {
-                tracing::debug!(key = change.key(), seq, "a failing change was superseded; dropping it");
+                tracing::debug!(
+                    key = change.key(),
+                    seq,
+                    "a failing change was superseded; dropping it"
+                );
                 return None;
             }
             first = false;
             let started = Instant::now();
             let result = match (change, file) {
-                (Change::Upload { key, size }, Some(f)) => upload_file(
-                    &self.store,
-                    key,
-                    f.file().clone(),
-                    *size,
-                    self.opts.part_size,
-                    self.opts.parts_in_flight,
-                )
-                .await,
+                (Change::Upload { key, size }, Some(f)) => {
+                    upload_file(
+                        &self.store,
+                        key,
+                        f.file().clone(),
+                        *size,
+                        self.opts.part_size,
+                        self.opts.parts_in_flight,
+                    )
+                    .await
+                }
                 (Change::Upload { .. }, None) => Ok(None),
                 (Change::Delete { key }, _) => self.store.delete(key).await.map(|_| None),
-                (Change::Marker { key }, _) => self.store.put(key, bytes::Bytes::new()).await.map(|_| None),
+                (Change::Marker { key }, _) => {
+                    self.store.put(key, bytes::Bytes::new()).await.map(|_| None)
+                }
             };
             match result {
                 Ok(etag) => {
-                    tracing::debug!(key = change.key(), seq, elapsed_ms = started.elapsed().as_millis() as u64, "change carried out");
+                    tracing::debug!(
+                        key = change.key(),
+                        seq,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "change carried out"
+                    );
                     return etag;
                 }
                 Err(e) => {
@@ -489,16 +581,33 @@ impl WritebackQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::{CacheLimits, MinFree, ObjectId, BlockId, StagedBytes, StagingArea};
+    use crate::cache::{BlockId, CacheLimits, MinFree, ObjectId, StagedBytes, StagingArea};
     use crate::store::MemoryStore;
 
-    fn setup(dir: &std::path::Path) -> (Arc<MemoryStore>, Arc<WritebackQueue>, StagingArea, Arc<BlockCache>) {
+    fn setup(
+        dir: &std::path::Path,
+    ) -> (
+        Arc<MemoryStore>,
+        Arc<WritebackQueue>,
+        StagingArea,
+        Arc<BlockCache>,
+    ) {
         let mem = Arc::new(MemoryStore::new());
         let (journal, replay) = Journal::open(dir).unwrap();
         let staged = Arc::new(StagedBytes::default());
-        let limits = CacheLimits { max_bytes: 1 << 30, min_free: MinFree::Bytes(0), block_size: 1 << 20 };
+        let limits = CacheLimits {
+            max_bytes: 1 << 30,
+            min_free: MinFree::Bytes(0),
+            block_size: 1 << 20,
+        };
         let blocks = Arc::new(BlockCache::open(dir, limits, staged.clone()).unwrap());
-        let q = WritebackQueue::new(mem.clone(), journal, replay, WritebackOptions::default(), blocks.clone());
+        let q = WritebackQueue::new(
+            mem.clone(),
+            journal,
+            replay,
+            WritebackOptions::default(),
+            blocks.clone(),
+        );
         (mem, q, StagingArea::open(dir, staged).unwrap(), blocks)
     }
 
@@ -525,10 +634,18 @@ mod tests {
         assert_eq!(q.pending(), 0);
         assert_eq!(q.dirty_bytes(), 0);
         // Finished uploads leave no data behind, and their content is in the block cache.
-        assert_eq!(std::fs::read_dir(dir.path().join("pending")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("pending"))
+                .unwrap()
+                .count(),
+            0
+        );
         assert_eq!(area.bytes(), 0);
         let etag = blocks.known_etag("k2").unwrap();
-        let id = BlockId { object: ObjectId::new("k2", &etag), index: 0 };
+        let id = BlockId {
+            object: ObjectId::new("k2", &etag),
+            index: 0,
+        };
         assert_eq!(blocks.get(&id, 4).unwrap().as_ref(), b"kept");
         assert_eq!(blocks.known_etag("k"), None);
     }
@@ -544,7 +661,10 @@ mod tests {
             assert!(q.lookup("a/b").is_some());
         }
         let (mem, q, _area, _) = setup(dir.path());
-        assert!(matches!(q.lookup("a/b"), Some(Pending::Upload { size: 7, .. })));
+        assert!(matches!(
+            q.lookup("a/b"),
+            Some(Pending::Upload { size: 7, .. })
+        ));
         q.start();
         let left = q.drain(Duration::from_secs(10)).await;
         assert_eq!(left, 0);

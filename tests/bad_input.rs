@@ -27,7 +27,14 @@ impl Case {
     }
 
     /// Runs `s3mediafs mount SOURCE MNT` with the test server's settings plus `extra`.
-    fn mount(&self, env: &S3Env, source: &str, mnt: &str, extra: &[&str], creds: (&str, &str)) -> (i32, String) {
+    fn mount(
+        &self,
+        env: &S3Env,
+        source: &str,
+        mnt: &str,
+        extra: &[&str],
+        creds: (&str, &str),
+    ) -> (i32, String) {
         let cache = self.cache();
         let mut args = vec!["mount", source, mnt, "--cache-dir", &cache];
         let base = env.mount_args();
@@ -38,8 +45,17 @@ impl Case {
             }
         }
         args.extend_from_slice(extra);
-        let (code, err) = run_cli(&args, &[("AWS_ACCESS_KEY_ID", creds.0), ("AWS_SECRET_ACCESS_KEY", creds.1)]);
-        assert!(!is_mounted(std::path::Path::new(mnt)), "left a mount behind: {err}");
+        let (code, err) = run_cli(
+            &args,
+            &[
+                ("AWS_ACCESS_KEY_ID", creds.0),
+                ("AWS_SECRET_ACCESS_KEY", creds.1),
+            ],
+        );
+        assert!(
+            !is_mounted(std::path::Path::new(mnt)),
+            "left a mount behind: {err}"
+        );
         (code, err)
     }
 }
@@ -54,7 +70,10 @@ fn missing_bucket_is_named() {
     let c = Case::new();
     let (code, err) = c.mount(&env, "no-such-bucket-here", &c.mnt(), &[], creds(&env));
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("the bucket 'no-such-bucket-here' does not exist"), "{err}");
+    assert!(
+        err.contains("the bucket 'no-such-bucket-here' does not exist"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -66,11 +85,26 @@ fn wrong_secret_is_reported_as_rejected_credentials() {
         return;
     }
     let c = Case::new();
-    let (code, err) = c.mount(&env, &env.bucket, &c.mnt(), &[], (&env.access_key, "wrong-secret"));
+    let (code, err) = c.mount(
+        &env,
+        &env.bucket,
+        &c.mnt(),
+        &[],
+        (&env.access_key, "wrong-secret"),
+    );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("rejected the credentials"), "{err}");
-    assert!(!err.contains("wrong-secret"), "the secret must not be printed: {err}");
-    let (code, err) = c.mount(&env, &env.bucket, &c.mnt(), &[], ("GK000000000000000000000000", "x"));
+    assert!(
+        !err.contains("wrong-secret"),
+        "the secret must not be printed: {err}"
+    );
+    let (code, err) = c.mount(
+        &env,
+        &env.bucket,
+        &c.mnt(),
+        &[],
+        ("GK000000000000000000000000", "x"),
+    );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("rejected the credentials"), "{err}");
 }
@@ -79,8 +113,13 @@ fn wrong_secret_is_reported_as_rejected_credentials() {
 fn unreachable_endpoint_is_reported() {
     let env = S3Env::get();
     let c = Case::new();
-    let (code, err) =
-        c.mount(&env, &env.bucket, &c.mnt(), &["--endpoint", "http://127.0.0.1:9"], creds(&env));
+    let (code, err) = c.mount(
+        &env,
+        &env.bucket,
+        &c.mnt(),
+        &["--endpoint", "http://127.0.0.1:9"],
+        creds(&env),
+    );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("cannot reach the S3 endpoint"), "{err}");
 }
@@ -99,7 +138,13 @@ fn bad_options_are_usage_errors() {
     let (code, err) = run_cli(&[&env.bucket, &mnt, "-o", "file_mode=999"], &[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not an octal permission mode"), "{err}");
-    let (code, err) = c.mount(&env, &env.bucket, &mnt, &["--endpoint", "not a url"], creds(&env));
+    let (code, err) = c.mount(
+        &env,
+        &env.bucket,
+        &mnt,
+        &["--endpoint", "not a url"],
+        creds(&env),
+    );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("is not a URL"), "{err}");
     let (code, err) = c.mount(&env, "Bad_Bucket!", &mnt, &[], creds(&env));
@@ -112,7 +157,10 @@ fn no_credentials_or_an_open_credentials_file_are_refused() {
     let env = S3Env::get();
     let c = Case::new();
     let mnt = c.mnt();
-    let (code, err) = run_cli(&["mount", &env.bucket, &mnt, "--endpoint", &env.endpoint], &[]);
+    let (code, err) = run_cli(
+        &["mount", &env.bucket, &mnt, "--endpoint", &env.endpoint],
+        &[],
+    );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no credentials found"), "{err}");
 
@@ -120,9 +168,23 @@ fn no_credentials_or_an_open_credentials_file_are_refused() {
     std::fs::write(&file, format!("{}:{}\n", env.access_key, env.secret_key)).unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let f = file.to_str().unwrap();
-    let (code, err) = run_cli(&["mount", &env.bucket, &mnt, "--endpoint", &env.endpoint, "--credentials", f], &[]);
+    let (code, err) = run_cli(
+        &[
+            "mount",
+            &env.bucket,
+            &mnt,
+            "--endpoint",
+            &env.endpoint,
+            "--credentials",
+            f,
+        ],
+        &[],
+    );
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("can be read by other users") && err.contains("chmod 600"), "{err}");
+    assert!(
+        err.contains("can be read by other users") && err.contains("chmod 600"),
+        "{err}"
+    );
     assert!(!err.contains(&env.secret_key), "{err}");
 }
 
@@ -133,7 +195,10 @@ fn unusable_mountpoints_are_explained() {
     let missing = c.dir.path().join("nope").to_str().unwrap().to_string();
     let (code, err) = c.mount(&env, &env.bucket, &missing, &[], creds(&env));
     assert_eq!(code, 1);
-    assert!(err.contains("does not exist; create it with `mkdir -p"), "{err}");
+    assert!(
+        err.contains("does not exist; create it with `mkdir -p"),
+        "{err}"
+    );
 
     let file = c.dir.path().join("file");
     std::fs::write(&file, b"x").unwrap();
@@ -144,7 +209,10 @@ fn unusable_mountpoints_are_explained() {
     std::fs::write(c.dir.path().join("mnt/occupant"), b"x").unwrap();
     let (code, err) = c.mount(&env, &env.bucket, &c.mnt(), &[], creds(&env));
     assert_eq!(code, 1);
-    assert!(err.contains("is not empty") && err.contains("nonempty"), "{err}");
+    assert!(
+        err.contains("is not empty") && err.contains("nonempty"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -154,8 +222,21 @@ fn busy_mountpoint_and_shared_cache_dir_are_refused() {
     let mnt = m.mnt.to_str().unwrap().to_string();
     let other_cache = m.dir.path().join("cache2").to_str().unwrap().to_string();
     let (code, err) = run_cli(
-        &["mount", &m.source(), &mnt, "--endpoint", &env.endpoint, "--region", &env.region, "--cache-dir", &other_cache],
-        &[("AWS_ACCESS_KEY_ID", &env.access_key), ("AWS_SECRET_ACCESS_KEY", &env.secret_key)],
+        &[
+            "mount",
+            &m.source(),
+            &mnt,
+            "--endpoint",
+            &env.endpoint,
+            "--region",
+            &env.region,
+            "--cache-dir",
+            &other_cache,
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", &env.access_key),
+            ("AWS_SECRET_ACCESS_KEY", &env.secret_key),
+        ],
     );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("is already a mount point"), "{err}");
@@ -164,11 +245,27 @@ fn busy_mountpoint_and_shared_cache_dir_are_refused() {
     let other_mnt = other.path().to_str().unwrap();
     let cache = m.cache.to_str().unwrap();
     let (code, err) = run_cli(
-        &["mount", &m.source(), other_mnt, "--endpoint", &env.endpoint, "--region", &env.region, "--cache-dir", cache],
-        &[("AWS_ACCESS_KEY_ID", &env.access_key), ("AWS_SECRET_ACCESS_KEY", &env.secret_key)],
+        &[
+            "mount",
+            &m.source(),
+            other_mnt,
+            "--endpoint",
+            &env.endpoint,
+            "--region",
+            &env.region,
+            "--cache-dir",
+            cache,
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", &env.access_key),
+            ("AWS_SECRET_ACCESS_KEY", &env.secret_key),
+        ],
     );
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("is in use by another s3mediafs mount"), "{err}");
+    assert!(
+        err.contains("is in use by another s3mediafs mount"),
+        "{err}"
+    );
     assert!(!is_mounted(other.path()));
     // The first mount is unharmed.
     std::fs::write(m.path("still"), b"works").unwrap();
@@ -190,23 +287,46 @@ fn helper_form_detaches_once_mounted_and_help_explains() {
     );
     let (code, err) = run_cli(
         &[&source, &mnt, "-o", &opts],
-        &[("AWS_ACCESS_KEY_ID", &env.access_key), ("AWS_SECRET_ACCESS_KEY", &env.secret_key)],
+        &[
+            ("AWS_ACCESS_KEY_ID", &env.access_key),
+            ("AWS_SECRET_ACCESS_KEY", &env.secret_key),
+        ],
     );
     assert_eq!(code, 0, "{err}");
     // The helper returned only once the mount was there.
     assert!(is_mounted(std::path::Path::new(&mnt)));
     std::fs::write(format!("{mnt}/hello"), b"from the helper form").unwrap();
     std::fs::File::open(&mnt).unwrap().sync_all().unwrap();
-    assert_eq!(Bucket::new(&env).get(&format!("{prefix}hello")).unwrap(), b"from the helper form");
-    let st = std::process::Command::new("fusermount3").arg("-u").arg(&mnt).status().unwrap();
+    assert_eq!(
+        Bucket::new(&env).get(&format!("{prefix}hello")).unwrap(),
+        b"from the helper form"
+    );
+    let st = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(&mnt)
+        .status()
+        .unwrap();
     assert!(st.success());
 
     let (code, help) = {
-        let out = std::process::Command::new(BIN).args(["mount", "--help"]).output().unwrap();
-        (out.status.code().unwrap(), String::from_utf8(out.stdout).unwrap())
+        let out = std::process::Command::new(BIN)
+            .args(["mount", "--help"])
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8(out.stdout).unwrap(),
+        )
     };
     assert_eq!(code, 0);
-    for flag in ["--endpoint", "--cache-dir", "--allow-other", "--metadata-ttl", "[default: 1s]", "-o <OPTIONS>"] {
+    for flag in [
+        "--endpoint",
+        "--cache-dir",
+        "--allow-other",
+        "--metadata-ttl",
+        "[default: 1s]",
+        "-o <OPTIONS>",
+    ] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }
 }

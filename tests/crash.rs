@@ -14,10 +14,22 @@ use common::*;
 
 /// A Synapse-shaped path for file `i`, with a size from 1 KiB to 20 MiB.
 fn media(i: u64) -> (String, usize) {
-    let id: String = pseudo_random(24, i).iter().map(|b| (b'a' + b % 26) as char).collect();
-    let kind = if i % 3 == 0 { "local_thumbnails" } else { "local_content" };
+    let id: String = pseudo_random(24, i)
+        .iter()
+        .map(|b| (b'a' + b % 26) as char)
+        .collect();
+    let kind = if i % 3 == 0 {
+        "local_thumbnails"
+    } else {
+        "local_content"
+    };
     let rel = if kind == "local_thumbnails" {
-        format!("{kind}/{}/{}/{}/320-240-image-jpeg-scale", &id[0..2], &id[2..4], &id[4..])
+        format!(
+            "{kind}/{}/{}/{}/320-240-image-jpeg-scale",
+            &id[0..2],
+            &id[2..4],
+            &id[4..]
+        )
     } else {
         format!("{kind}/{}/{}/{}", &id[0..2], &id[2..4], &id[4..])
     };
@@ -89,20 +101,46 @@ fn files_closed_before_a_sigkill_are_all_in_the_bucket_after_remount() {
     assert!(recorded.len() >= 520);
 
     let bucket = Bucket::new(&m.env);
-    let missing_at_kill = recorded.keys().filter(|rel| bucket.get(&m.key(rel)).is_none()).count();
-    eprintln!("{} files acknowledged, {missing_at_kill} not yet in the bucket when the mount was killed", recorded.len());
-    assert!(missing_at_kill > 0, "the kill came after every upload finished, so recovery went untested:\n{}", m.log().lines().rev().take(30).collect::<Vec<_>>().join("\n"));
+    let missing_at_kill = recorded
+        .keys()
+        .filter(|rel| bucket.get(&m.key(rel)).is_none())
+        .count();
+    eprintln!(
+        "{} files acknowledged, {missing_at_kill} not yet in the bucket when the mount was killed",
+        recorded.len()
+    );
+    assert!(
+        missing_at_kill > 0,
+        "the kill came after every upload finished, so recovery went untested:\n{}",
+        m.log()
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 
     // Remount with the same cache directory: the journal is replayed first.
     m.start(&[]);
     for (rel, sha) in recorded.iter().take(50) {
         // The mount shows them at once, before the uploads finish.
-        assert_eq!(&sha256(&std::fs::read(m.path(rel)).unwrap()), sha, "{rel} through the mount");
+        assert_eq!(
+            &sha256(&std::fs::read(m.path(rel)).unwrap()),
+            sha,
+            "{rel} through the mount"
+        );
     }
     m.sync();
     for (rel, sha) in &recorded {
-        let data = bucket.get(&m.key(rel)).unwrap_or_else(|| panic!("{rel} was acknowledged but is not in the bucket"));
+        let data = bucket
+            .get(&m.key(rel))
+            .unwrap_or_else(|| panic!("{rel} was acknowledged but is not in the bucket"));
         assert_eq!(&sha256(&data), sha, "{rel} in the bucket");
     }
-    assert!(m.log().contains("resuming changes journaled by an earlier run"), "{}", m.log());
+    assert!(
+        m.log()
+            .contains("resuming changes journaled by an earlier run"),
+        "{}",
+        m.log()
+    );
 }

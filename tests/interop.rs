@@ -10,8 +10,10 @@ use std::os::unix::fs::MetadataExt;
 use common::*;
 
 fn names(dir: &std::path::Path) -> Vec<String> {
-    let mut v: Vec<String> =
-        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     v.sort();
     v
 }
@@ -23,10 +25,22 @@ fn objects_put_directly_appear_as_files_and_directories() {
     let prefix = unique_prefix("interop");
     // What `aws s3 sync` or synapse-s3-storage-provider leave: nested keys, no markers.
     let objects: Vec<(&str, Vec<u8>)> = vec![
-        ("local_content/ab/cd/efghijklmnopqrstuvwx", pseudo_random(70_000, 1)),
-        ("local_content/ab/cd/zzzzzzzzzzzzzzzzzzzz", pseudo_random(3, 2)),
-        ("local_thumbnails/ab/cd/efghijklmnopqrstuvwx/32-32-image-jpeg-crop", pseudo_random(680, 3)),
-        ("remote_content/matrix.org/Xy/Zw/aaaaaaaaaaaaaaaaaaaa", pseudo_random(1, 4)),
+        (
+            "local_content/ab/cd/efghijklmnopqrstuvwx",
+            pseudo_random(70_000, 1),
+        ),
+        (
+            "local_content/ab/cd/zzzzzzzzzzzzzzzzzzzz",
+            pseudo_random(3, 2),
+        ),
+        (
+            "local_thumbnails/ab/cd/efghijklmnopqrstuvwx/32-32-image-jpeg-crop",
+            pseudo_random(680, 3),
+        ),
+        (
+            "remote_content/matrix.org/Xy/Zw/aaaaaaaaaaaaaaaaaaaa",
+            pseudo_random(1, 4),
+        ),
         ("top.bin", Vec::new()),
     ];
     for (k, v) in &objects {
@@ -41,7 +55,15 @@ fn objects_put_directly_appear_as_files_and_directories() {
     let m = TestMount::with_prefix(prefix, &[]);
     assert_eq!(
         names(&m.mnt),
-        ["bad", "clash", "dots", "local_content", "local_thumbnails", "remote_content", "top.bin"]
+        [
+            "bad",
+            "clash",
+            "dots",
+            "local_content",
+            "local_thumbnails",
+            "remote_content",
+            "top.bin"
+        ]
     );
     for (k, v) in &objects {
         let meta = fs::metadata(m.path(k)).unwrap();
@@ -50,7 +72,10 @@ fn objects_put_directly_appear_as_files_and_directories() {
         assert_eq!(&fs::read(m.path(k)).unwrap(), v, "{k}");
     }
     assert!(fs::metadata(m.path("local_content/ab")).unwrap().is_dir());
-    assert_eq!(names(&m.path("local_content/ab/cd")), ["efghijklmnopqrstuvwx", "zzzzzzzzzzzzzzzzzzzz"]);
+    assert_eq!(
+        names(&m.path("local_content/ab/cd")),
+        ["efghijklmnopqrstuvwx", "zzzzzzzzzzzzzzzzzzzz"]
+    );
     // `ls -l` sizes come from the listing.
     let sizes: Vec<u64> = fs::read_dir(m.path("local_content/ab/cd"))
         .unwrap()
@@ -63,7 +88,11 @@ fn objects_put_directly_appear_as_files_and_directories() {
     // Unpathable keys are skipped, not fatal: their valid neighbours still show.
     assert_eq!(names(&m.path("bad")), Vec::<String>::new());
     assert_eq!(names(&m.path("dots")), Vec::<String>::new());
-    assert!(m.log().contains("cannot be shown as a directory"), "{}", m.log());
+    assert!(
+        m.log().contains("cannot be shown as a directory"),
+        "{}",
+        m.log()
+    );
 }
 
 #[test]
@@ -84,9 +113,19 @@ fn files_written_through_the_mount_are_plain_objects() {
     .iter()
     .map(|k| m.key(k))
     .collect();
-    assert_eq!(keys, want, "only the files and the markers of directories made with mkdir");
-    assert_eq!(m.object("local_content/AB/CD/efghijklmnopqrstuvwx"), Some(data));
-    assert_eq!(m.object("local_content/AB/CD/"), Some(Vec::new()), "markers are empty");
+    assert_eq!(
+        keys, want,
+        "only the files and the markers of directories made with mkdir"
+    );
+    assert_eq!(
+        m.object("local_content/AB/CD/efghijklmnopqrstuvwx"),
+        Some(data)
+    );
+    assert_eq!(
+        m.object("local_content/AB/CD/"),
+        Some(Vec::new()),
+        "markers are empty"
+    );
 }
 
 #[test]

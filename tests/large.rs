@@ -19,7 +19,10 @@ fn hundred_mib_file_round_trips_with_the_same_sha256() {
             f.write_all(chunk).unwrap();
         }
     }
-    assert_eq!(std::fs::metadata(m.path("big.mp4")).unwrap().len(), 100 << 20);
+    assert_eq!(
+        std::fs::metadata(m.path("big.mp4")).unwrap().len(),
+        100 << 20
+    );
     let mut h = Sha256::new();
     let mut f = File::open(m.path("big.mp4")).unwrap();
     let mut buf = vec![0u8; 1 << 20];
@@ -30,7 +33,11 @@ fn hundred_mib_file_round_trips_with_the_same_sha256() {
         }
         h.update(&buf[..n]);
     }
-    assert_eq!(format!("{:x}", h.finalize()), want, "read back through the mount");
+    assert_eq!(
+        format!("{:x}", h.finalize()),
+        want,
+        "read back through the mount"
+    );
     let object = m.object("big.mp4").unwrap();
     assert_eq!(sha256(&object), want, "the object in the bucket");
 }

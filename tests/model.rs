@@ -17,7 +17,11 @@ use s3mediafs::writeback::{WritebackOptions, WritebackQueue};
 #[derive(Debug, Clone)]
 enum Op {
     Mkdir(String),
-    Write { path: String, data: Vec<u8>, truncate: bool },
+    Write {
+        path: String,
+        data: Vec<u8>,
+        truncate: bool,
+    },
     Read(String),
     Unlink(String),
     Rmdir(String),
@@ -103,7 +107,11 @@ impl Model {
                 self.nodes.insert(p.clone(), Node::Dir);
                 Ok(vec![])
             }
-            Op::Write { path, data, truncate } => {
+            Op::Write {
+                path,
+                data,
+                truncate,
+            } => {
                 self.walk(path)?;
                 match self.nodes.get_mut(path) {
                     Some(Node::Dir) => Err(libc::EISDIR),
@@ -215,21 +223,46 @@ struct FsUnderTest {
 
 /// A filesystem over `store` with its own runtime, so that dropping the runtime stops its
 /// background uploads dead, as a crash would.
-fn instance(store: &Arc<MemoryStore>, cache: &std::path::Path, ttl: Duration) -> (BucketFs, Arc<WritebackQueue>, tokio::runtime::Runtime) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let opts = FsOptions { metadata_ttl: ttl, ..FsOptions::default() };
+fn instance(
+    store: &Arc<MemoryStore>,
+    cache: &std::path::Path,
+    ttl: Duration,
+) -> (BucketFs, Arc<WritebackQueue>, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let opts = FsOptions {
+        metadata_ttl: ttl,
+        ..FsOptions::default()
+    };
     let dyn_store: Arc<dyn ObjectStore> = store.clone();
     // Tiny blocks and a small cache, so reads cross blocks and blocks are evicted.
     let staged = Arc::new(StagedBytes::default());
-    let limits = CacheLimits { max_bytes: 128 << 10, min_free: MinFree::Bytes(0), block_size: 8 };
+    let limits = CacheLimits {
+        max_bytes: 128 << 10,
+        min_free: MinFree::Bytes(0),
+        block_size: 8,
+    };
     let blocks = Arc::new(BlockCache::open(cache, limits, staged.clone()).unwrap());
     let (journal, replay) = Journal::open(cache).unwrap();
-    let queue = WritebackQueue::new(dyn_store.clone(), journal, replay, WritebackOptions::default(), blocks.clone());
+    let queue = WritebackQueue::new(
+        dyn_store.clone(),
+        journal,
+        replay,
+        WritebackOptions::default(),
+        blocks.clone(),
+    );
     {
         let _g = rt.enter();
         queue.start();
     }
-    let ra_opts = ReadaheadOptions { initial_window: 8, max_window: 64, max_memory: 64 << 10, blocks_per_request: 3 };
+    let ra_opts = ReadaheadOptions {
+        initial_window: 8,
+        max_window: 64,
+        max_memory: 64 << 10,
+        blocks_per_request: 3,
+    };
     let readahead = Readahead::new(dyn_store.clone(), blocks, ra_opts);
     let staging = StagingArea::open(cache, staged).unwrap();
     let fs = BucketFs::new(dyn_store, "pre/", staging, queue.clone(), readahead, opts);
@@ -241,7 +274,14 @@ impl FsUnderTest {
         let store = Arc::new(MemoryStore::new());
         let cache = tempfile::tempdir().unwrap();
         let (fs, queue, rt) = instance(&store, cache.path(), ttl);
-        FsUnderTest { store, fs, queue, rt, cache, ttl }
+        FsUnderTest {
+            store,
+            fs,
+            queue,
+            rt,
+            cache,
+            ttl,
+        }
     }
 
     fn restart(&mut self, clean: bool) {
@@ -259,7 +299,10 @@ impl FsUnderTest {
 
     /// Uploads everything pending.
     fn settle(&self) {
-        assert_eq!(self.rt.block_on(self.queue.drain(Duration::from_secs(30))), 0);
+        assert_eq!(
+            self.rt.block_on(self.queue.drain(Duration::from_secs(30))),
+            0
+        );
     }
 
     /// Walks `path` from the root as the kernel would, one lookup per component.
@@ -273,7 +316,10 @@ impl FsUnderTest {
             if kind != Kind::Dir {
                 return Err(libc::ENOTDIR);
             }
-            let a = fs.lookup(ino, OsStr::new(part)).await.map_err(|e| e.errno())?;
+            let a = fs
+                .lookup(ino, OsStr::new(part))
+                .await
+                .map_err(|e| e.errno())?;
             ino = a.ino;
             kind = a.kind;
         }
@@ -295,7 +341,10 @@ impl FsUnderTest {
         let fh = fs.open(ino, libc::O_RDONLY).await.map_err(|e| e.errno())?;
         let mut out = Vec::new();
         loop {
-            let chunk = fs.read(fh, out.len() as u64, 7).await.map_err(|e| e.errno())?;
+            let chunk = fs
+                .read(fh, out.len() as u64, 7)
+                .await
+                .map_err(|e| e.errno())?;
             if chunk.is_empty() {
                 break;
             }
@@ -326,7 +375,11 @@ impl FsUnderTest {
                     fs.mkdir(parent, Self::name(p)).await.map_err(e)?;
                     Ok(vec![])
                 }
-                Op::Write { path, data, truncate } => {
+                Op::Write {
+                    path,
+                    data,
+                    truncate,
+                } => {
                     let parent = Self::parent(fs, path).await?;
                     let fh = match fs.lookup(parent, Self::name(path)).await {
                         Ok(a) if a.kind == Kind::Dir => return Err(libc::EISDIR),
@@ -335,7 +388,10 @@ impl FsUnderTest {
                             fs.open(a.ino, flags).await.map_err(e)?
                         }
                         Err(err) if err.errno() == libc::ENOENT => {
-                            fs.create(parent, Self::name(path), libc::O_WRONLY | libc::O_CREAT).await.map_err(e)?.1
+                            fs.create(parent, Self::name(path), libc::O_WRONLY | libc::O_CREAT)
+                                .await
+                                .map_err(e)?
+                                .1
                         }
                         Err(err) => return Err(err.errno()),
                     };
@@ -379,7 +435,9 @@ impl FsUnderTest {
                         Ok((_, Kind::Dir)) if src_kind == Kind::File => return Err(libc::EISDIR),
                         _ => {}
                     }
-                    fs.rename(pa, Self::name(a), pb, Self::name(b), false).await.map_err(e)?;
+                    fs.rename(pa, Self::name(a), pb, Self::name(b), false)
+                        .await
+                        .map_err(e)?;
                     Ok(vec![])
                 }
                 Op::List(p) => {
@@ -394,7 +452,12 @@ impl FsUnderTest {
                         let batch = fs.readdir(fh, offset, 2).await.map_err(e)?;
                         let Some(last) = batch.last() else { break };
                         offset = last.next_offset;
-                        names.extend(batch.into_iter().map(|d| d.name).filter(|n| n != "." && n != ".."));
+                        names.extend(
+                            batch
+                                .into_iter()
+                                .map(|d| d.name)
+                                .filter(|n| n != "." && n != ".."),
+                        );
                     }
                     fs.releasedir(fh);
                     names_outcome(names)
@@ -411,8 +474,14 @@ fn local_apply(root: &std::path::Path, op: &Op) -> Option<Outcome> {
     use std::io::Write;
     let errno = |e: std::io::Error| e.raw_os_error().unwrap();
     Some(match op {
-        Op::Mkdir(p) => std::fs::create_dir(root.join(p)).map(|_| vec![]).map_err(errno),
-        Op::Write { path, data, truncate } => std::fs::OpenOptions::new()
+        Op::Mkdir(p) => std::fs::create_dir(root.join(p))
+            .map(|_| vec![])
+            .map_err(errno),
+        Op::Write {
+            path,
+            data,
+            truncate,
+        } => std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(*truncate)
@@ -421,14 +490,25 @@ fn local_apply(root: &std::path::Path, op: &Op) -> Option<Outcome> {
             .map(|_| vec![])
             .map_err(errno),
         Op::Read(p) => std::fs::read(root.join(p)).map_err(errno),
-        Op::Unlink(p) => std::fs::remove_file(root.join(p)).map(|_| vec![]).map_err(errno),
-        Op::Rmdir(p) => std::fs::remove_dir(root.join(p)).map(|_| vec![]).map_err(errno),
+        Op::Unlink(p) => std::fs::remove_file(root.join(p))
+            .map(|_| vec![])
+            .map_err(errno),
+        Op::Rmdir(p) => std::fs::remove_dir(root.join(p))
+            .map(|_| vec![])
+            .map_err(errno),
         // A local disk renames directories, which the mount declines: not comparable.
         Op::Rename(a, _) if root.join(a).is_dir() => return None,
-        Op::Rename(a, b) => std::fs::rename(root.join(a), root.join(b)).map(|_| vec![]).map_err(errno),
-        Op::List(p) => std::fs::read_dir(root.join(p)).map_err(errno).and_then(|rd| {
-            names_outcome(rd.map(|e| e.unwrap().file_name().into_string().unwrap()).collect())
-        }),
+        Op::Rename(a, b) => std::fs::rename(root.join(a), root.join(b))
+            .map(|_| vec![])
+            .map_err(errno),
+        Op::List(p) => std::fs::read_dir(root.join(p))
+            .map_err(errno)
+            .and_then(|rd| {
+                names_outcome(
+                    rd.map(|e| e.unwrap().file_name().into_string().unwrap())
+                        .collect(),
+                )
+            }),
         Op::Remount | Op::Crash => Ok(vec![]),
     })
 }

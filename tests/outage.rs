@@ -12,7 +12,10 @@ use common::proxy::Proxy;
 use common::*;
 
 fn server_addr(env: &S3Env) -> String {
-    env.endpoint.trim_start_matches("http://").trim_end_matches('/').to_string()
+    env.endpoint
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
 }
 
 #[test]
@@ -42,21 +45,35 @@ fn writes_and_reads_work_while_the_store_is_down_and_upload_when_it_is_back() {
     written.push((thumb.to_string(), b"thumbnail".to_vec()));
     let bucket = Bucket::new(&env);
     for (rel, _) in &written {
-        assert_eq!(bucket.get(&m.key(rel)), None, "{rel} cannot be in the bucket during the outage");
+        assert_eq!(
+            bucket.get(&m.key(rel)),
+            None,
+            "{rel} cannot be in the bucket during the outage"
+        );
     }
-    assert!(m.log().contains("the object store is unreachable"), "{}", m.log());
+    assert!(
+        m.log().contains("the object store is unreachable"),
+        "{}",
+        m.log()
+    );
 
     proxy.up();
     m.sync();
     for (rel, data) in &written {
-        assert_eq!(bucket.get(&m.key(rel)).as_deref(), Some(&data[..]), "{rel} after the outage");
+        assert_eq!(
+            bucket.get(&m.key(rel)).as_deref(),
+            Some(&data[..]),
+            "{rel} after the outage"
+        );
     }
 }
 
 /// Bytes of files under `dir`, leaving out the clean block cache (bounded on its own by
 /// --cache-size).
 fn dir_size(dir: &Path) -> u64 {
-    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
     entries
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name() != "blocks")
@@ -95,10 +112,17 @@ fn writers_wait_when_the_dirty_budget_is_full() {
     let peak = peak.load(Ordering::Relaxed);
     // The budget, plus the file being written and the one that crossed the line.
     let bound = (4 << 20) + 2 * FILE as u64 + 64 * 1024;
-    assert!(peak <= bound, "the cache directory reached {peak} bytes, over {bound}");
+    assert!(
+        peak <= bound,
+        "the cache directory reached {peak} bytes, over {bound}"
+    );
     assert!(peak > 0);
     for i in 0..16u64 {
-        assert_eq!(m.object(&format!("f{i}")).map(|d| sha256(&d)), Some(sha256(&pseudo_random(FILE, i))), "f{i}");
+        assert_eq!(
+            m.object(&format!("f{i}")).map(|d| sha256(&d)),
+            Some(sha256(&pseudo_random(FILE, i))),
+            "f{i}"
+        );
     }
 }
 
@@ -108,7 +132,9 @@ fn sigterm_uploads_what_is_pending_before_exiting() {
     let proxy = Proxy::start(&server_addr(&env));
     proxy.throttle(16 << 20);
     let mut m = TestMount::via("drain", &proxy.endpoint(), &[]);
-    let files: Vec<(String, Vec<u8>)> = (0..3u64).map(|i| (format!("v{i}.mp4"), pseudo_random(8 << 20, i))).collect();
+    let files: Vec<(String, Vec<u8>)> = (0..3u64)
+        .map(|i| (format!("v{i}.mp4"), pseudo_random(8 << 20, i)))
+        .collect();
     for (rel, data) in &files {
         fs::write(m.path(rel), data).unwrap();
     }
@@ -117,7 +143,11 @@ fn sigterm_uploads_what_is_pending_before_exiting() {
     assert!(!is_mounted(&m.mnt));
     let bucket = Bucket::new(&env);
     for (rel, data) in &files {
-        assert_eq!(bucket.get(&m.key(rel)).map(|d| sha256(&d)), Some(sha256(data)), "{rel}");
+        assert_eq!(
+            bucket.get(&m.key(rel)).map(|d| sha256(&d)),
+            Some(sha256(data)),
+            "{rel}"
+        );
     }
 }
 
@@ -138,7 +168,10 @@ fn a_full_cache_disk_fails_the_write_with_enospc_and_harms_nothing_committed() {
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
         }
     }
     let _guard = Unmount(cache.clone());

@@ -42,9 +42,18 @@ fn keys_longer_than_s3_allows_are_refused_before_any_request() {
     let prefix = format!("{}{}/", unique_prefix("longkey"), "p".repeat(880));
     let m = TestMount::with_prefix(prefix.clone(), &[]);
     let room = 1024 - prefix.len();
-    assert_eq!(errno(File::create(m.path(&"n".repeat(room + 1)))), libc::ENAMETOOLONG);
-    assert_eq!(errno(fs::create_dir(m.path(&"d".repeat(room)))), libc::ENAMETOOLONG);
-    assert_eq!(errno(fs::metadata(m.path(&"n".repeat(room + 1)))), libc::ENAMETOOLONG);
+    assert_eq!(
+        errno(File::create(m.path(&"n".repeat(room + 1)))),
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(
+        errno(fs::create_dir(m.path(&"d".repeat(room)))),
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(
+        errno(fs::metadata(m.path(&"n".repeat(room + 1)))),
+        libc::ENAMETOOLONG
+    );
     assert!(Bucket::new(&m.env).keys(&prefix).is_empty());
 }
 
@@ -64,7 +73,13 @@ fn unlinked_file_stays_readable_through_open_handles() {
     assert_eq!(m.object("f"), None);
 
     // The same for a file unlinked while it is still being written.
-    let mut w = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.path("g")).unwrap();
+    let mut w = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.path("g"))
+        .unwrap();
     w.write_all(b"written before unlink").unwrap();
     fs::remove_file(m.path("g")).unwrap();
     w.seek(SeekFrom::Start(0)).unwrap();
@@ -86,8 +101,19 @@ fn overwrite_truncate_append_and_random_writes() {
 
     // Random writes, out of order and with a hole, against a local model.
     let mut model = vec![0u8; 0];
-    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.path("r")).unwrap();
-    for (off, len, seed) in [(100_000u64, 5000usize, 1u64), (0, 300, 2), (50, 70_000, 3), (200_000, 10, 4)] {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.path("r"))
+        .unwrap();
+    for (off, len, seed) in [
+        (100_000u64, 5000usize, 1u64),
+        (0, 300, 2),
+        (50, 70_000, 3),
+        (200_000, 10, 4),
+    ] {
         let chunk = pseudo_random(len, seed);
         f.write_all_at(&chunk, off).unwrap();
         let end = off as usize + len;
@@ -149,7 +175,10 @@ fn rename_moves_the_object() {
     assert_eq!(fs::read(m.path("b/dst")).unwrap(), data);
     assert_eq!(m.object("a/src"), None);
     assert_eq!(m.object("b/dst"), Some(data.clone()));
-    assert!(fs::metadata(m.path("a")).unwrap().is_dir(), "the emptied directory stays");
+    assert!(
+        fs::metadata(m.path("a")).unwrap().is_dir(),
+        "the emptied directory stays"
+    );
 
     // Over an existing file.
     fs::write(m.path("b/other"), b"old").unwrap();
@@ -167,8 +196,14 @@ fn rename_moves_the_object() {
     assert_eq!(m.object("b/final").unwrap(), b"atomic");
     assert_eq!(m.object("b/.tmp"), None);
 
-    assert_eq!(errno(fs::rename(m.path("missing"), m.path("x"))), libc::ENOENT);
-    assert_eq!(errno(fs::rename(m.path("b/final"), m.path("a"))), libc::EISDIR);
+    assert_eq!(
+        errno(fs::rename(m.path("missing"), m.path("x"))),
+        libc::ENOENT
+    );
+    assert_eq!(
+        errno(fs::rename(m.path("b/final"), m.path("a"))),
+        libc::EISDIR
+    );
     // Directories are not renamed in place; `mv` falls back to copying on EXDEV.
     assert_eq!(errno(fs::rename(m.path("a"), m.path("c"))), libc::EXDEV);
 }
@@ -178,15 +213,26 @@ fn metadata_changes_are_accepted_and_modes_are_mount_wide() {
     let m = TestMount::with_args("modes", &["--file-mode", "0640", "--dir-mode", "0750"]);
     fs::create_dir(m.path("d")).unwrap();
     fs::write(m.path("d/f"), b"x").unwrap();
-    assert_eq!(fs::metadata(m.path("d")).unwrap().permissions().mode() & 0o7777, 0o750);
-    assert_eq!(fs::metadata(m.path("d/f")).unwrap().permissions().mode() & 0o7777, 0o640);
+    assert_eq!(
+        fs::metadata(m.path("d")).unwrap().permissions().mode() & 0o7777,
+        0o750
+    );
+    assert_eq!(
+        fs::metadata(m.path("d/f")).unwrap().permissions().mode() & 0o7777,
+        0o640
+    );
     // cp -a / rsync -a set modes and times; that must succeed.
     fs::set_permissions(m.path("d/f"), fs::Permissions::from_mode(0o600)).unwrap();
     let f = File::options().write(true).open(m.path("d/f")).unwrap();
     f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
     drop(f);
     assert_eq!(fs::read(m.path("d/f")).unwrap(), b"x");
-    let status = std::process::Command::new("cp").arg("-a").arg(m.path("d")).arg(m.path("copy")).status().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(m.path("d"))
+        .arg(m.path("copy"))
+        .status()
+        .unwrap();
     assert!(status.success());
     assert_eq!(fs::read(m.path("copy/f")).unwrap(), b"x");
 }
@@ -194,13 +240,29 @@ fn metadata_changes_are_accepted_and_modes_are_mount_wide() {
 #[test]
 fn names_with_odd_characters_round_trip() {
     let m = TestMount::new("names");
-    let names = ["a b", "x:y", "[::1]:8448", "100%", "a+b", "ünïcødé ✓", "semi;colon", "q?u#e&r=y"];
+    let names = [
+        "a b",
+        "x:y",
+        "[::1]:8448",
+        "100%",
+        "a+b",
+        "ünïcødé ✓",
+        "semi;colon",
+        "q?u#e&r=y",
+    ];
     for (i, n) in names.iter().enumerate() {
         fs::create_dir_all(m.path(&format!("dir {n}"))).unwrap();
         let rel = format!("dir {n}/{n}");
         fs::write(m.path(&rel), format!("content {i}")).unwrap();
-        assert_eq!(m.object(&rel).unwrap(), format!("content {i}").as_bytes(), "{rel}");
-        assert_eq!(fs::read_to_string(m.path(&rel)).unwrap(), format!("content {i}"));
+        assert_eq!(
+            m.object(&rel).unwrap(),
+            format!("content {i}").as_bytes(),
+            "{rel}"
+        );
+        assert_eq!(
+            fs::read_to_string(m.path(&rel)).unwrap(),
+            format!("content {i}")
+        );
     }
     let mut listed: Vec<String> = fs::read_dir(&m.mnt)
         .unwrap()

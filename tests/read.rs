@@ -48,7 +48,9 @@ impl Rng {
 fn disk_usage(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     for e in entries.flatten() {
         let Ok(meta) = e.metadata() else { continue };
         total += meta.blocks() * 512;
@@ -83,7 +85,10 @@ fn random_reads_over_a_64_mib_object_return_the_source_bytes() {
         let start = (offset as usize).min(data.len());
         let end = (offset as usize + len).min(data.len());
         assert_eq!(got, end - start, "read of {len} at {offset}");
-        assert!(buf[..got] == data[start..end], "bytes of the read of {len} at {offset}");
+        assert!(
+            buf[..got] == data[start..end],
+            "bytes of the read of {len} at {offset}"
+        );
     }
 }
 
@@ -112,7 +117,9 @@ fn concurrent_readers_of_the_same_and_different_objects_get_their_bytes() {
     let env = S3Env::get();
     let prefix = unique_prefix("read-concurrent");
     let bucket = Bucket::new(&env);
-    let objects: Vec<Vec<u8>> = (0..3).map(|i| pseudo_random(24 << 20 | (i * 4097), 100 + i as u64)).collect();
+    let objects: Vec<Vec<u8>> = (0..3)
+        .map(|i| pseudo_random(24 << 20 | (i * 4097), 100 + i as u64))
+        .collect();
     for (i, o) in objects.iter().enumerate() {
         bucket.put_large(&format!("{prefix}o{i}"), o);
     }
@@ -142,7 +149,10 @@ fn an_object_replaced_behind_the_mount_is_read_new_after_the_ttl_never_mixed() {
     bucket.put_large(&key, &old);
     let m = TestMount::with_prefix(prefix, &["--metadata-ttl", "300ms"]);
     // Read it once so its blocks are cached, and keep one handle open halfway.
-    assert_eq!(sha256_of_file(&m.path("avatar.png"), 64 << 10).0, sha256(&old));
+    assert_eq!(
+        sha256_of_file(&m.path("avatar.png"), 64 << 10).0,
+        sha256(&old)
+    );
     let early = File::open(m.path("avatar.png")).unwrap();
     let mut head = vec![0u8; 1 << 20];
     early.read_exact_at(&mut head, 0).unwrap();
@@ -159,7 +169,10 @@ fn an_object_replaced_behind_the_mount_is_read_new_after_the_ttl_never_mixed() {
         match early.read_at(&mut buf, offset) {
             Ok(0) => break,
             Ok(n) => {
-                assert!(buf[..n] == old[offset as usize..offset as usize + n], "old bytes at {offset}");
+                assert!(
+                    buf[..n] == old[offset as usize..offset as usize + n],
+                    "old bytes at {offset}"
+                );
                 offset += n as u64;
             }
             Err(e) => {
@@ -176,7 +189,10 @@ fn an_object_replaced_behind_the_mount_is_read_new_after_the_ttl_never_mixed() {
     f.read_to_end(&mut got).unwrap();
     assert_eq!(got.len(), new.len());
     assert!(got == new, "a fresh open reads the new object");
-    assert_eq!(std::fs::metadata(m.path("avatar.png")).unwrap().len(), new.len() as u64);
+    assert_eq!(
+        std::fs::metadata(m.path("avatar.png")).unwrap().len(),
+        new.len() as u64
+    );
 }
 
 #[test]
@@ -198,7 +214,8 @@ fn the_cache_directory_stays_under_cache_size_and_hot_files_need_no_gets() {
     let peak = Arc::new(AtomicU64::new(0));
     let samples = Arc::new(AtomicU64::new(0));
     let sampler = {
-        let (done, peak, samples, cache) = (done.clone(), peak.clone(), samples.clone(), m.cache.clone());
+        let (done, peak, samples, cache) =
+            (done.clone(), peak.clone(), samples.clone(), m.cache.clone());
         std::thread::spawn(move || {
             while !done.load(Ordering::Relaxed) {
                 peak.fetch_max(disk_usage(&cache), Ordering::Relaxed);
@@ -215,8 +232,15 @@ fn the_cache_directory_stays_under_cache_size_and_hot_files_need_no_gets() {
     sampler.join().unwrap();
     let peak = peak.load(Ordering::Relaxed);
     assert!(samples.load(Ordering::Relaxed) > 10);
-    assert!(peak <= cap, "the cache directory reached {} bytes with --cache-size 32M", peak);
-    assert!(m.metric("s3mediafs_cache_evictions_total") > 0, "200 MiB through a 32 MiB cache evicts");
+    assert!(
+        peak <= cap,
+        "the cache directory reached {} bytes with --cache-size 32M",
+        peak
+    );
+    assert!(
+        m.metric("s3mediafs_cache_evictions_total") > 0,
+        "200 MiB through a 32 MiB cache evicts"
+    );
 
     // A small hot set is read twice: the second time from the block cache alone.
     for (i, o) in hot.iter().enumerate() {
@@ -227,8 +251,15 @@ fn the_cache_directory_stays_under_cache_size_and_hot_files_need_no_gets() {
     for (i, o) in hot.iter().enumerate() {
         assert!(std::fs::read(m.path(&format!("hot/{i}"))).unwrap() == *o);
     }
-    assert_eq!(m.requests("get"), gets, "re-reading cached files sends no GET");
-    assert!(m.metric("s3mediafs_cache_hits_total") > hits, "the re-reads were served by the block cache");
+    assert_eq!(
+        m.requests("get"),
+        gets,
+        "re-reading cached files sends no GET"
+    );
+    assert!(
+        m.metric("s3mediafs_cache_hits_total") > hits,
+        "the re-reads were served by the block cache"
+    );
     assert!(disk_usage(&m.cache) <= cap);
 }
 
@@ -251,7 +282,11 @@ fn random_4k_reads_on_a_cold_256_mib_object_fetch_about_one_block_each() {
         assert!(buf == data[offset as usize..offset as usize + 4096]);
     }
     let fetched = m.metric("s3mediafs_downloaded_bytes_total") - before;
-    assert!(fetched <= 3 * n * MIB, "{n} random 4 KiB reads fetched {} MiB", fetched / MIB);
+    assert!(
+        fetched <= 3 * n * MIB,
+        "{n} random 4 KiB reads fetched {} MiB",
+        fetched / MIB
+    );
 }
 
 #[test]
@@ -259,9 +294,15 @@ fn files_written_here_are_read_back_without_gets() {
     let m = TestMount::new("read-own");
     let data = pseudo_random(5 << 20 | 17, 3);
     std::fs::write(m.path("upload.jpg"), &data).unwrap();
-    assert!(std::fs::read(m.path("upload.jpg")).unwrap() == data, "read while the upload is pending");
+    assert!(
+        std::fs::read(m.path("upload.jpg")).unwrap() == data,
+        "read while the upload is pending"
+    );
     m.sync();
-    assert!(std::fs::read(m.path("upload.jpg")).unwrap() == data, "read after the upload");
+    assert!(
+        std::fs::read(m.path("upload.jpg")).unwrap() == data,
+        "read after the upload"
+    );
     assert_eq!(m.requests("get"), 0);
     assert!(m.requests("put") + m.requests("upload_part") > 0);
 }
@@ -278,6 +319,10 @@ fn cached_blocks_survive_a_remount() {
     m.stop();
     m.start(&[]);
     assert!(std::fs::read(m.path("clip.webm")).unwrap() == data);
-    assert_eq!(m.requests("get"), 0, "the blocks cached before the remount were used");
+    assert_eq!(
+        m.requests("get"),
+        0,
+        "the blocks cached before the remount were used"
+    );
     assert!(m.metric("s3mediafs_cache_hits_total") > 0);
 }

@@ -14,23 +14,42 @@ const MEDIA_ID: &str = "CBQfJFgaUGgsMXPpckCwGXRY";
 #[test]
 fn upload_thumbnail_download_and_delete_like_synapse() {
     let m = TestMount::new("synapse");
-    let rel = format!("local_content/{}/{}/{}", &MEDIA_ID[0..2], &MEDIA_ID[2..4], &MEDIA_ID[4..]);
+    let rel = format!(
+        "local_content/{}/{}/{}",
+        &MEDIA_ID[0..2],
+        &MEDIA_ID[2..4],
+        &MEDIA_ID[4..]
+    );
     let original = m.path(&rel);
 
     // os.makedirs(dirname, exist_ok=True): stat up the tree, mkdir top-down.
-    assert_eq!(errno(fs::metadata(m.path("local_content/CB"))), libc::ENOENT);
+    assert_eq!(
+        errno(fs::metadata(m.path("local_content/CB"))),
+        libc::ENOENT
+    );
     fs::create_dir_all(original.parent().unwrap()).unwrap();
     fs::create_dir_all(original.parent().unwrap()).unwrap();
-    assert_eq!(errno(fs::create_dir(original.parent().unwrap())), libc::EEXIST);
+    assert_eq!(
+        errno(fs::create_dir(original.parent().unwrap())),
+        libc::EEXIST
+    );
 
     // open(path, "wb"), 64 KiB writes from the thread pool, the tail at close().
     let content = pseudo_random(8 * 65536 + 5499, 1);
     {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&original).unwrap();
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&original)
+            .unwrap();
         // Python probes isatty() on every open.
         let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::TCGETS, [0u8; 64].as_mut_ptr()) };
         assert_eq!(rc, -1);
-        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENOTTY));
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOTTY)
+        );
         assert_eq!(f.stream_position().unwrap(), 0);
         for chunk in content.chunks(65536) {
             f.write_all(chunk).unwrap();
@@ -58,7 +77,12 @@ fn upload_thumbnail_download_and_delete_like_synapse() {
     }
 
     // Thumbnails: single small writes flushed explicitly, in a per-media directory.
-    let thumb_dir = format!("local_thumbnails/{}/{}/{}", &MEDIA_ID[0..2], &MEDIA_ID[2..4], &MEDIA_ID[4..]);
+    let thumb_dir = format!(
+        "local_thumbnails/{}/{}/{}",
+        &MEDIA_ID[0..2],
+        &MEDIA_ID[2..4],
+        &MEDIA_ID[4..]
+    );
     fs::create_dir_all(m.path(&thumb_dir)).unwrap();
     let thumbs = [
         ("32-32-image-jpeg-crop", 680usize),
@@ -98,7 +122,10 @@ fn upload_thumbnail_download_and_delete_like_synapse() {
 
     // What the bucket holds: plain objects at exactly the relative paths.
     assert_eq!(m.object(&rel).as_deref(), Some(&content[..]));
-    assert_eq!(m.object(&format!("{thumb_dir}/800-600-image-jpeg-scale")), Some(new_thumb));
+    assert_eq!(
+        m.object(&format!("{thumb_dir}/800-600-image-jpeg-scale")),
+        Some(new_thumb)
+    );
 
     // Admin delete: unlink the original, rmtree the thumbnail directory.
     fs::remove_file(&original).unwrap();
@@ -112,8 +139,12 @@ fn upload_thumbnail_download_and_delete_like_synapse() {
         "deleted media still in the bucket: {left:?}"
     );
     // The fan-out directories stay, as on a local disk.
-    assert!(fs::metadata(m.path("local_content/CB/Qf")).unwrap().is_dir());
-    assert!(fs::metadata(m.path("local_thumbnails/CB/Qf")).unwrap().is_dir());
+    assert!(fs::metadata(m.path("local_content/CB/Qf"))
+        .unwrap()
+        .is_dir());
+    assert!(fs::metadata(m.path("local_thumbnails/CB/Qf"))
+        .unwrap()
+        .is_dir());
 }
 
 #[test]
@@ -133,7 +164,10 @@ fn url_cache_expiry_rmdir_chain() {
     fs::remove_file(day.join("aaaaaaaaaaaaaaaa")).unwrap();
     fs::remove_dir(&day).unwrap();
     assert_eq!(errno(fs::remove_dir(&day)), libc::ENOENT);
-    assert_eq!(errno(fs::remove_dir(m.path("url_cache_thumbnails/2026-11-22"))), libc::ENOTEMPTY);
+    assert_eq!(
+        errno(fs::remove_dir(m.path("url_cache_thumbnails/2026-11-22"))),
+        libc::ENOTEMPTY
+    );
     fs::remove_dir_all(&thumbs).unwrap();
     fs::remove_dir(m.path("url_cache_thumbnails/2026-11-22")).unwrap();
     fs::remove_dir(m.path("url_cache")).unwrap();

@@ -17,7 +17,11 @@ fn unlink_during_an_inflight_multipart_upload_leaves_nothing() {
     // The upload (five 8 MiB parts) is under way or queued; delete the file now.
     fs::remove_file(m.path("video.mp4")).unwrap();
     assert_eq!(errno(fs::metadata(m.path("video.mp4"))), libc::ENOENT);
-    assert_eq!(m.object("video.mp4"), None, "a deleted file must not reappear");
+    assert_eq!(
+        m.object("video.mp4"),
+        None,
+        "a deleted file must not reappear"
+    );
     assert_eq!(m.keys(""), Vec::<String>::new());
 }
 
@@ -37,7 +41,10 @@ fn the_last_version_wins_over_pending_uploads() {
     let c = std::ffi::CString::new(m.path("t").to_str().unwrap()).unwrap();
     assert_eq!(unsafe { libc::truncate(c.as_ptr(), 10) }, 0);
     assert_eq!(fs::metadata(m.path("t")).unwrap().len(), 10);
-    assert_eq!(m.object("t").unwrap(), pseudo_random(3 << 20, 3)[..10].to_vec());
+    assert_eq!(
+        m.object("t").unwrap(),
+        pseudo_random(3 << 20, 3)[..10].to_vec()
+    );
 }
 
 #[test]
@@ -67,7 +74,10 @@ fn mkdir_and_rmdir_go_through_the_queue() {
     assert_eq!(errno(fs::remove_dir(m.path("e"))), libc::ENOTEMPTY);
     fs::remove_file(m.path("e/f/x")).unwrap();
     fs::remove_dir(m.path("e/f")).unwrap();
-    let mut names: Vec<String> = fs::read_dir(&m.mnt).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> = fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
     assert_eq!(names, ["e"]);
     assert_eq!(m.keys(""), vec![m.key("e/")]);
@@ -101,7 +111,9 @@ fn write_through_close_returns_once_the_object_is_in_the_bucket() {
     let data = pseudo_random(10 << 20, 5);
     fs::write(m.path("f"), &data).unwrap();
     // No sync: close() itself waited.
-    let direct = Bucket::new(&m.env).get(&m.key("f")).expect("in the bucket when close returned");
+    let direct = Bucket::new(&m.env)
+        .get(&m.key("f"))
+        .expect("in the bucket when close returned");
     assert_eq!(sha256(&direct), sha256(&data));
 }
 
@@ -112,6 +124,8 @@ fn fsync_returns_once_the_object_is_in_the_bucket() {
     let mut f = File::create(m.path("f")).unwrap();
     f.write_all(&data).unwrap();
     f.sync_all().unwrap();
-    let direct = Bucket::new(&m.env).get(&m.key("f")).expect("in the bucket when fsync returned");
+    let direct = Bucket::new(&m.env)
+        .get(&m.key("f"))
+        .expect("in the bucket when fsync returned");
     assert_eq!(sha256(&direct), sha256(&data));
 }

@@ -81,7 +81,11 @@ impl StagedBytes {
     }
 
     pub fn sub(&self, n: u64) {
-        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(n)));
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
     }
 }
 
@@ -122,9 +126,16 @@ pub struct BlockCache {
 impl BlockCache {
     /// Opens `cache_dir/blocks`, indexing the blocks an earlier run left (oldest first) and
     /// evicting what no longer fits the limits.
-    pub fn open(cache_dir: &Path, limits: CacheLimits, staged: Arc<StagedBytes>) -> io::Result<Self> {
+    pub fn open(
+        cache_dir: &Path,
+        limits: CacheLimits,
+        staged: Arc<StagedBytes>,
+    ) -> io::Result<Self> {
         let dir = cache_dir.join("blocks");
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
         let mut found: Vec<(SystemTime, BlockId, u64)> = Vec::new();
         // Files may vanish while this runs (a block being replaced); they are skipped.
         for sub in std::fs::read_dir(&dir)? {
@@ -133,16 +144,20 @@ impl BlockCache {
                 let _ = std::fs::remove_file(sub.path());
                 continue;
             }
-            let Ok(entries) = std::fs::read_dir(sub.path()) else { continue };
+            let Ok(entries) = std::fs::read_dir(sub.path()) else {
+                continue;
+            };
             for entry in entries {
                 let Ok(entry) = entry else { continue };
                 let name = entry.file_name();
                 let parsed = name.to_str().and_then(parse_name);
                 let Ok(meta) = entry.metadata() else { continue };
                 match parsed {
-                    Some(id) if meta.is_file() => {
-                        found.push((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), id, allocated(meta.len())))
-                    }
+                    Some(id) if meta.is_file() => found.push((
+                        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                        id,
+                        allocated(meta.len()),
+                    )),
                     // Unfinished writes and strangers.
                     _ => {
                         let _ = std::fs::remove_file(entry.path());
@@ -151,7 +166,10 @@ impl BlockCache {
             }
         }
         found.sort_by_key(|(t, _, _)| *t);
-        let mut index = Index { lru: LruCache::unbounded(), bytes: 0 };
+        let mut index = Index {
+            lru: LruCache::unbounded(),
+            bytes: 0,
+        };
         for (_, id, size) in &found {
             index.lru.put(*id, *size);
             index.bytes += size;
@@ -166,13 +184,19 @@ impl BlockCache {
             tmp_seq: AtomicU64::new(0),
         };
         if !found.is_empty() {
-            tracing::info!(blocks = found.len(), bytes = cache.bytes(), "block cache kept from the last run");
+            tracing::info!(
+                blocks = found.len(),
+                bytes = cache.bytes(),
+                "block cache kept from the last run"
+            );
         }
         let victims = {
             let mut idx = cache.index.lock();
             let mut victims = Vec::new();
             while idx.bytes + cache.staged.get() > limits.max_bytes {
-                let Some((id, size)) = idx.lru.pop_lru() else { break };
+                let Some((id, size)) = idx.lru.pop_lru() else {
+                    break;
+                };
                 idx.bytes -= size;
                 victims.push(id);
             }
@@ -312,7 +336,9 @@ impl BlockCache {
         let mut freed = 0;
         let mut victims = Vec::new();
         while freed < need {
-            let Some((vid, size)) = idx.lru.pop_lru() else { break };
+            let Some((vid, size)) = idx.lru.pop_lru() else {
+                break;
+            };
             freed += size;
             victims.push(vid);
         }
@@ -336,7 +362,9 @@ impl BlockCache {
             let mut idx = self.index.lock();
             let mut victims = Vec::new();
             while idx.bytes + staged > self.limits.max_bytes {
-                let Some((id, size)) = idx.lru.pop_lru() else { break };
+                let Some((id, size)) = idx.lru.pop_lru() else {
+                    break;
+                };
                 idx.bytes -= size;
                 victims.push(id);
             }
@@ -350,7 +378,9 @@ impl BlockCache {
     /// How many bytes must be freed so that writing `cost` more keeps the minimum free
     /// space on the cache filesystem.
     fn free_space_shortfall(&self, cost: u64) -> u64 {
-        let Some((avail, total)) = fs_space(&self.dir) else { return 0 };
+        let Some((avail, total)) = fs_space(&self.dir) else {
+            return 0;
+        };
         let min_free = match self.limits.min_free {
             MinFree::Bytes(b) => b,
             MinFree::Percent(p) => (total as f64 * p / 100.0) as u64,
@@ -367,12 +397,24 @@ impl BlockCache {
     fn write_block(&self, id: &BlockId, data: &[u8]) -> io::Result<()> {
         let path = self.path(id);
         let parent = path.parent().expect("block paths have a parent");
-        let tmp = parent.join(format!(".tmp-{}", self.tmp_seq.fetch_add(1, Ordering::Relaxed)));
-        let open = |p: &Path| OpenOptions::new().write(true).create_new(true).mode(0o600).open(p);
+        let tmp = parent.join(format!(
+            ".tmp-{}",
+            self.tmp_seq.fetch_add(1, Ordering::Relaxed)
+        ));
+        let open = |p: &Path| {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(p)
+        };
         let mut f = match open(&tmp) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent)?;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(parent)?;
                 open(&tmp)?
             }
             Err(e) => return Err(e),
@@ -394,14 +436,18 @@ impl BlockCache {
     /// so reading it back needs no request.
     pub fn adopt(&self, key: &str, etag: &str, file: &File, size: u64) {
         use std::os::unix::fs::FileExt;
-        self.known_etags.lock().put(key.to_string(), etag.to_string());
+        self.known_etags
+            .lock()
+            .put(key.to_string(), etag.to_string());
         let object = ObjectId::new(key, etag);
         let bs = self.limits.block_size;
         let mut buf = vec![0u8; bs as usize];
         let mut index = 0;
         while index * bs < size {
             let len = bs.min(size - index * bs) as usize;
-            if file.read_exact_at(&mut buf[..len], index * bs).is_err() || !self.put(BlockId { object, index }, &buf[..len]) {
+            if file.read_exact_at(&mut buf[..len], index * bs).is_err()
+                || !self.put(BlockId { object, index }, &buf[..len])
+            {
                 return;
             }
             index += 1;
@@ -444,7 +490,9 @@ fn parse_name(name: &str) -> Option<BlockId> {
 fn read_block(path: &Path, len: usize) -> io::Result<Bytes> {
     let mut f = File::open(path)?;
     let mut buf = Vec::with_capacity(HEADER + len);
-    Read::by_ref(&mut f).take((HEADER + len + 1) as u64).read_to_end(&mut buf)?;
+    Read::by_ref(&mut f)
+        .take((HEADER + len + 1) as u64)
+        .read_to_end(&mut buf)?;
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     if buf.len() != HEADER + len || &buf[..4] != MAGIC {
         return Err(bad("wrong size or header"));
@@ -475,11 +523,18 @@ mod tests {
     use super::*;
 
     fn limits(max: u64) -> CacheLimits {
-        CacheLimits { max_bytes: max, min_free: MinFree::Bytes(0), block_size: 64 << 10 }
+        CacheLimits {
+            max_bytes: max,
+            min_free: MinFree::Bytes(0),
+            block_size: 64 << 10,
+        }
     }
 
     fn id(n: u64) -> BlockId {
-        BlockId { object: ObjectId::new("k", "e"), index: n }
+        BlockId {
+            object: ObjectId::new("k", "e"),
+            index: n,
+        }
     }
 
     fn dir_bytes(dir: &Path) -> u64 {

@@ -79,7 +79,9 @@ fn decode_all(data: &[u8]) -> (Vec<Record>, usize) {
         }
         let seq = u64::from_le_bytes(p[1..9].try_into().unwrap());
         let size = u64::from_le_bytes(p[9..17].try_into().unwrap());
-        let Ok(key) = std::str::from_utf8(&p[17..]).map(str::to_string) else { break };
+        let Ok(key) = std::str::from_utf8(&p[17..]).map(str::to_string) else {
+            break;
+        };
         let r = match p[0] {
             UPLOAD => Record::Change(seq, Change::Upload { key, size }),
             DELETE => Record::Change(seq, Change::Delete { key }),
@@ -115,7 +117,10 @@ impl Journal {
     pub fn open(cache_dir: &Path) -> io::Result<(Journal, Replay)> {
         let path = cache_dir.join("journal");
         let pending_dir = cache_dir.join("pending");
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&pending_dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&pending_dir)?;
         let mut data = Vec::new();
         match File::open(&path) {
             Ok(mut f) => {
@@ -138,7 +143,11 @@ impl Journal {
                 }
             }
         }
-        let mut replay = Replay { pending: Vec::new(), next_seq, dropped_bytes: data.len() - used };
+        let mut replay = Replay {
+            pending: Vec::new(),
+            next_seq,
+            dropped_bytes: data.len() - used,
+        };
         for (seq, c) in changes {
             if let Change::Upload { size, .. } = &c {
                 let file = pending_dir.join(pending_name(seq));
@@ -154,8 +163,11 @@ impl Journal {
             replay.pending.push((seq, c));
         }
         // Data files no pending change refers to are left from finished uploads.
-        let keep: std::collections::HashSet<String> =
-            replay.pending.iter().map(|(seq, _)| pending_name(*seq)).collect();
+        let keep: std::collections::HashSet<String> = replay
+            .pending
+            .iter()
+            .map(|(seq, _)| pending_name(*seq))
+            .collect();
         for entry in std::fs::read_dir(&pending_dir)? {
             let entry = entry?;
             if !keep.contains(entry.file_name().to_string_lossy().as_ref()) {
@@ -165,7 +177,12 @@ impl Journal {
         // Rewrite the journal with only what is pending.
         let tmp = cache_dir.join("journal.new");
         {
-            let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
             let mut buf = Vec::new();
             for (seq, c) in &replay.pending {
                 buf.extend_from_slice(&encode(&Record::Change(*seq, c.clone())));
@@ -176,7 +193,14 @@ impl Journal {
         std::fs::rename(&tmp, &path)?;
         sync_dir(cache_dir)?;
         let file = OpenOptions::new().append(true).open(&path)?;
-        Ok((Journal { path, pending_dir, file: Mutex::new(file) }, replay))
+        Ok((
+            Journal {
+                path,
+                pending_dir,
+                file: Mutex::new(file),
+            },
+            replay,
+        ))
     }
 
     /// Where the data of upload `seq` lives.
@@ -236,8 +260,21 @@ mod tests {
             let (j, r) = Journal::open(dir.path()).unwrap();
             assert!(r.pending.is_empty());
             std::fs::write(j.pending_path(1), b"abc").unwrap();
-            j.record(1, &Change::Upload { key: "a/b".into(), size: 3 }).unwrap();
-            j.record(2, &Change::Delete { key: "x y:[1]".into() }).unwrap();
+            j.record(
+                1,
+                &Change::Upload {
+                    key: "a/b".into(),
+                    size: 3,
+                },
+            )
+            .unwrap();
+            j.record(
+                2,
+                &Change::Delete {
+                    key: "x y:[1]".into(),
+                },
+            )
+            .unwrap();
             j.record(3, &Change::Marker { key: "d/".into() }).unwrap();
             j.done(2).unwrap();
             j.record(4, &Change::Delete { key: "torn".into() }).unwrap();
@@ -245,20 +282,34 @@ mod tests {
         // A crash in the middle of the last append.
         let path = dir.path().join("journal");
         let len = std::fs::metadata(&path).unwrap().len();
-        OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 3).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
         std::fs::write(dir.path().join("pending").join(pending_name(99)), b"orphan").unwrap();
 
         let (j, r) = Journal::open(dir.path()).unwrap();
         assert_eq!(
             r.pending,
             vec![
-                (1, Change::Upload { key: "a/b".into(), size: 3 }),
+                (
+                    1,
+                    Change::Upload {
+                        key: "a/b".into(),
+                        size: 3
+                    }
+                ),
                 (3, Change::Marker { key: "d/".into() }),
             ]
         );
         assert!(r.dropped_bytes > 0);
         assert_eq!(r.next_seq, 4);
-        assert!(!dir.path().join("pending").join(pending_name(99)).exists(), "orphans are removed");
+        assert!(
+            !dir.path().join("pending").join(pending_name(99)).exists(),
+            "orphans are removed"
+        );
         assert!(j.pending_path(1).exists());
         // The compacted journal replays the same way.
         drop(j);
@@ -273,7 +324,14 @@ mod tests {
         {
             let (j, _) = Journal::open(dir.path()).unwrap();
             std::fs::write(j.pending_path(1), b"short").unwrap();
-            j.record(1, &Change::Upload { key: "k".into(), size: 100 }).unwrap();
+            j.record(
+                1,
+                &Change::Upload {
+                    key: "k".into(),
+                    size: 100,
+                },
+            )
+            .unwrap();
         }
         let (_, r) = Journal::open(dir.path()).unwrap();
         assert!(r.pending.is_empty());

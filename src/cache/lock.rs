@@ -40,9 +40,10 @@ impl CacheLock {
                 format!("cannot lock {}: {err}", path.display())
             });
         }
-        file.set_len(0).and_then(|_| file.rewind()).and_then(|_| {
-            write!(file, "{}", std::process::id())
-        }).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        file.set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| write!(file, "{}", std::process::id()))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         Ok(CacheLock { _file: file })
     }
 }

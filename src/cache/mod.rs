@@ -7,7 +7,9 @@ mod journal;
 mod lock;
 mod staging;
 
-pub use blocks::{allocated, BlockCache, BlockId, BlockStats, CacheLimits, MinFree, ObjectId, StagedBytes};
+pub use blocks::{
+    allocated, BlockCache, BlockId, BlockStats, CacheLimits, MinFree, ObjectId, StagedBytes,
+};
 pub use journal::{sync_dir, Change, Journal, Replay};
 pub use lock::CacheLock;
 pub use staging::{StagedFile, StagingArea};

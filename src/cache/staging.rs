@@ -26,7 +26,10 @@ impl StagingArea {
     /// The space staged files take is added to `bytes`.
     pub fn open(cache_dir: &Path, bytes: Arc<StagedBytes>) -> io::Result<Self> {
         let dir = cache_dir.join("staging");
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
         let mut stale = 0;
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
@@ -37,7 +40,11 @@ impl StagingArea {
         if stale > 0 {
             tracing::info!(count = stale, dir = %dir.display(), "removed copies of files that were open for writing when the last run ended");
         }
-        Ok(StagingArea { dir, seq: AtomicU64::new(0), bytes })
+        Ok(StagingArea {
+            dir,
+            seq: AtomicU64::new(0),
+            bytes,
+        })
     }
 
     fn new_path(&self) -> PathBuf {

@@ -1,7 +1,8 @@
-//! Directory handles and listing: one delimited LIST per page of entries, merged with
-//! files that exist only locally so far, with attributes kept for the lookups that follow.
+//! Directory handles and listing: one delimited LIST per page of entries, streamed to the
+//! kernel (a handle holds one page, however large the directory), merged with files that
+//! exist only locally so far, and recorded in the listing cache for the lookups that follow.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,7 +12,8 @@ use parking_lot::Mutex;
 
 use super::error::{FsError, FsResult};
 use super::inode::{Kind, Remote};
-use super::{names, BucketFs, Listed};
+use super::listing::ListingId;
+use super::{names, BucketFs};
 use crate::writeback::Pending;
 
 /// One entry of a directory listing.
@@ -27,13 +29,56 @@ pub struct DirEntry {
 struct OpenDir {
     ino: u64,
     path: String,
-    entries: Vec<DirEntry>,
-    seen: HashSet<String>,
+    /// Entries from position `base` on that the kernel has not consumed yet.
+    entries: VecDeque<DirEntry>,
+    base: u64,
+    /// Positions handed out so far.
+    count: u64,
+    /// Hashes of the names listed so far, so that no name is listed twice.
+    seen: HashSet<u64>,
     /// Names whose objects are being deleted (directories with a trailing `/`).
     deleted: HashSet<String>,
     token: Option<String>,
     started: bool,
     done: bool,
+    /// The listing being recorded for later lookups, and when it began.
+    recording: Option<(ListingId, Instant)>,
+}
+
+impl OpenDir {
+    fn new(ino: u64, path: String) -> Self {
+        OpenDir {
+            ino,
+            path,
+            entries: VecDeque::new(),
+            base: 0,
+            count: 0,
+            seen: HashSet::new(),
+            deleted: HashSet::new(),
+            token: None,
+            started: false,
+            done: false,
+            recording: None,
+        }
+    }
+
+    /// Forgets entries before position `offset`, which the kernel has consumed.
+    fn consume_to(&mut self, offset: u64) {
+        while self.base < offset && self.entries.pop_front().is_some() {
+            self.base += 1;
+        }
+    }
+
+    /// Whether the name was listed already; marks it listed.
+    fn first_time(&mut self, name: &str) -> bool {
+        self.seen.insert(name_hash(name))
+    }
+}
+
+fn name_hash(name: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    h.finish()
 }
 
 #[derive(Default)]
@@ -57,17 +102,11 @@ impl BucketFs {
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
         let path = self.dir_path(ino)?;
         let fh = self.dirs.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let dir = OpenDir {
-            ino,
-            path,
-            entries: Vec::new(),
-            seen: HashSet::new(),
-            deleted: HashSet::new(),
-            token: None,
-            started: false,
-            done: false,
-        };
-        self.dirs.map.lock().insert(fh, Arc::new(tokio::sync::Mutex::new(dir)));
+        let dir = OpenDir::new(ino, path);
+        self.dirs
+            .map
+            .lock()
+            .insert(fh, Arc::new(tokio::sync::Mutex::new(dir)));
         Ok(fh)
     }
 
@@ -85,20 +124,29 @@ impl BucketFs {
     }
 
     /// Entries from position `offset` on (0 is the start), fetching more pages as needed.
-    /// An empty result means the end of the directory.
+    /// An empty result means the end of the directory. Going back to a position already
+    /// consumed (`rewinddir`) lists the directory again.
     pub async fn readdir(&self, fh: u64, offset: u64, max: usize) -> FsResult<Vec<DirEntry>> {
-        let dir = self.dirs.map.lock().get(&fh).cloned().ok_or(FsError::BADF)?;
+        let dir = self
+            .dirs
+            .map
+            .lock()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BADF)?;
         let mut d = dir.lock().await;
-        if !d.started {
+        if !d.started || offset < d.base {
+            let (ino, path) = (d.ino, std::mem::take(&mut d.path));
+            *d = OpenDir::new(ino, path);
             self.start_listing(&mut d);
         }
-        let want = offset as usize + max.max(1);
-        while d.entries.len() < want && !d.done {
+        let want = offset + max.max(1) as u64;
+        d.consume_to(offset);
+        while d.base + (d.entries.len() as u64) < want && !d.done {
             self.next_page(&mut d).await?;
+            d.consume_to(offset);
         }
-        let from = (offset as usize).min(d.entries.len());
-        let to = want.min(d.entries.len());
-        Ok(d.entries[from..to].to_vec())
+        Ok(d.entries.iter().take(max).cloned().collect())
     }
 
     fn start_listing(&self, d: &mut OpenDir) {
@@ -112,7 +160,7 @@ impl BucketFs {
         // Files created here and not committed yet are listed though the bucket lacks them.
         let local = self.table.lock().local_children(d.ino);
         for (name, ino, kind) in local {
-            if d.seen.insert(name.clone()) {
+            if d.first_time(&name) {
                 push(d, &name, ino, kind);
             }
         }
@@ -135,13 +183,21 @@ impl BucketFs {
                 // A file being deleted; or a directory whose marker is, which rmdir found
                 // empty (anything added since is a pending change of its own, listed here).
                 if kind == Kind::File || rest.len() == name.len() + 1 {
-                    d.deleted.insert(if kind == Kind::File { name.to_string() } else { format!("{name}/") });
+                    d.deleted.insert(if kind == Kind::File {
+                        name.to_string()
+                    } else {
+                        format!("{name}/")
+                    });
                 }
                 continue;
             }
-            if d.seen.insert(name.to_string()) {
+            if d.first_time(name) {
                 let path = names::join(&d.path, name);
-                let ino = self.table.lock().child(d.ino, name).unwrap_or_else(|| listing_ino(&path));
+                let ino = self
+                    .table
+                    .lock()
+                    .child(d.ino, name)
+                    .unwrap_or_else(|| listing_ino(&path));
                 push(d, name, ino, kind);
             }
         }
@@ -149,6 +205,7 @@ impl BucketFs {
 
     async fn next_page(&self, d: &mut OpenDir) -> FsResult<()> {
         let prefix = self.keys.dir_prefix(&d.path);
+        let (id, began) = *d.recording.get_or_insert_with(|| self.listing.begin());
         let page = self
             .store
             .list(&prefix, false, d.token.take(), Some(PAGE))
@@ -156,7 +213,6 @@ impl BucketFs {
             .map_err(|e| self.store_error("LIST", &prefix, e))?;
         d.token = page.next_token.clone();
         d.done = d.token.is_none();
-        let now = Instant::now();
         let mut found: Vec<(String, Remote)> = Vec::new();
         for o in &page.objects {
             let name = &o.key[prefix.len()..];
@@ -172,13 +228,21 @@ impl BucketFs {
             }
             found.push((
                 name.to_string(),
-                Remote { kind: Kind::File, size: o.size, mtime: o.last_modified, etag: o.etag.clone() },
+                Remote {
+                    kind: Kind::File,
+                    size: o.size,
+                    mtime: o.last_modified,
+                    etag: o.etag.clone(),
+                },
             ));
         }
         for p in &page.prefixes {
             let name = &p[prefix.len()..p.len() - 1];
             if !names::listable(name) {
-                self.warn_once(p, "this key prefix cannot be shown as a directory and is skipped");
+                self.warn_once(
+                    p,
+                    "this key prefix cannot be shown as a directory and is skipped",
+                );
                 continue;
             }
             if d.deleted.contains(&p[prefix.len()..]) {
@@ -186,23 +250,40 @@ impl BucketFs {
             }
             found.push((
                 name.to_string(),
-                Remote { kind: Kind::Dir, size: 0, mtime: self.mount_time, etag: None },
+                Remote {
+                    kind: Kind::Dir,
+                    size: 0,
+                    mtime: self.mount_time,
+                    etag: None,
+                },
             ));
         }
+        // Objects and prefixes come in two sorted runs: merge them so `a` and `a/` meet.
+        found.sort_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then((a.1.kind == Kind::Dir).cmp(&(b.1.kind == Kind::Dir)))
+        });
+        self.listing.add_page(&d.path, id, began, found.clone());
+        if d.done {
+            self.listing.finish(&d.path, id);
+        }
         let mut t = self.table.lock();
-        let mut listed = self.listed.lock();
         for (name, remote) in found {
             let path = names::join(&d.path, &name);
-            if !d.seen.insert(name.clone()) {
+            if !d.first_time(&name) {
                 if remote.kind == Kind::Dir {
                     // `a` and `a/...` both exist: the directory wins.
-                    self.warn_once(&path, "both a file and a directory have this name; showing the directory");
+                    self.warn_once(
+                        &path,
+                        "both a file and a directory have this name; showing the directory",
+                    );
                     if let Some(ino) = t.child(d.ino, &name) {
-                        if t.get(ino).is_some_and(|i| i.kind == Kind::File && i.staged.is_none()) {
+                        if t.get(ino)
+                            .is_some_and(|i| i.kind == Kind::File && i.staged.is_none())
+                        {
                             t.detach(ino);
                         }
                     }
-                    listed.put(path, Listed { remote, at: now });
                 }
                 continue;
             }
@@ -210,15 +291,11 @@ impl BucketFs {
                 Some(ino) => {
                     let i = t.get(ino).expect("live");
                     if i.staged.is_none() && i.kind == remote.kind {
-                        t.upsert_remote(d.ino, &name, path.clone(), &remote);
+                        t.upsert_remote(d.ino, &name, path.clone(), &remote, began);
                     }
                     ino
                 }
-                None => {
-                    let ino = listing_ino(&path);
-                    listed.put(path, Listed { remote: remote.clone(), at: now });
-                    ino
-                }
+                None => listing_ino(&path),
             };
             push(d, &name, ino, remote.kind);
         }
@@ -227,6 +304,11 @@ impl BucketFs {
 }
 
 fn push(d: &mut OpenDir, name: &str, ino: u64, kind: Kind) {
-    let next_offset = d.entries.len() as u64 + 1;
-    d.entries.push(DirEntry { ino, next_offset, kind, name: name.to_string() });
+    d.count += 1;
+    d.entries.push_back(DirEntry {
+        ino,
+        next_offset: d.count,
+        kind,
+        name: name.to_string(),
+    });
 }

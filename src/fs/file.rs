@@ -12,7 +12,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::error::{FsError, FsResult};
-use super::inode::Kind;
+use super::inode::{Kind, Remote};
 use super::{names, Attr, BucketFs};
 use crate::cache::{allocated, StagedFile};
 use crate::readahead::{ObjectRef, ReadStream};
@@ -34,7 +34,13 @@ struct OpenFile {
 
 impl OpenFile {
     fn new(ino: u64, writable: bool, etag: Option<String>, size: u64) -> Self {
-        OpenFile { ino, writable, etag, size, stream: OnceLock::new() }
+        OpenFile {
+            ino,
+            writable,
+            etag,
+            size,
+            stream: OnceLock::new(),
+        }
     }
 }
 
@@ -89,7 +95,8 @@ impl BucketFs {
         self.keys.file_key(&path)?;
         let existing = {
             let t = self.table.lock();
-            t.child(parent, name).filter(|ino| t.get(*ino).is_some_and(|i| !i.unlinked))
+            t.child(parent, name)
+                .filter(|ino| t.get(*ino).is_some_and(|i| !i.unlinked))
         };
         if let Some(ino) = existing {
             if mode.exclusive {
@@ -108,7 +115,15 @@ impl BucketFs {
             i.open = 1;
             i.ino
         };
-        self.listed.lock().pop(&path);
+        self.note_present(
+            &path,
+            &Remote {
+                kind: Kind::File,
+                size: 0,
+                mtime: SystemTime::now(),
+                etag: None,
+            },
+        );
         let fh = self.files.add(OpenFile::new(ino, true, None, 0));
         Ok((self.remember(ino)?, fh))
     }
@@ -133,7 +148,11 @@ impl BucketFs {
         let mut t = self.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
         i.open += 1;
-        let etag = if i.staged.is_none() { i.etag.clone() } else { None };
+        let etag = if i.staged.is_none() {
+            i.etag.clone()
+        } else {
+            None
+        };
         let size = i.size;
         drop(t);
         Ok(self.files.add(OpenFile::new(ino, mode.write, etag, size)))
@@ -159,18 +178,29 @@ impl BucketFs {
         };
         let result = match version {
             Some((etag, object_size)) => {
-                let stream = h
-                    .stream
-                    .get_or_init(|| Arc::new(ReadStream::new(ObjectRef::new(key.clone(), etag, object_size))));
+                let stream = h.stream.get_or_init(|| {
+                    Arc::new(ReadStream::new(ObjectRef::new(
+                        key.clone(),
+                        etag,
+                        object_size,
+                    )))
+                });
                 self.readahead.read(stream, offset, size).await
             }
-            None => self.readahead.read_uncached(&key, file_size, offset, size).await,
+            None => {
+                self.readahead
+                    .read_uncached(&key, file_size, offset, size)
+                    .await
+            }
         };
         match result {
             Ok(b) => Ok(b),
             Err(StoreError::InvalidRange) => Ok(Bytes::new()),
             Err(StoreError::PreconditionFailed) => {
-                tracing::warn!(key, "the object was replaced while open; the read fails rather than mix versions");
+                tracing::warn!(
+                    key,
+                    "the object was replaced while open; the read fails rather than mix versions"
+                );
                 Err(FsError::IO)
             }
             Err(e) => Err(self.store_error("GET", &key, e)),
@@ -216,7 +246,8 @@ impl BucketFs {
         self.commit_file(h.ino).await?;
         let key = {
             let t = self.table.lock();
-            self.keys.file_key(&t.get(h.ino).ok_or(FsError::BADF)?.path)?
+            self.keys
+                .file_key(&t.get(h.ino).ok_or(FsError::BADF)?.path)?
         };
         match self.writeback.latest_seq(&key) {
             Some(seq) => self.wait_uploaded(h.ino, seq).await,
@@ -234,7 +265,11 @@ impl BucketFs {
 
     pub async fn release(&self, fh: u64) -> FsResult<()> {
         let h = self.files.remove(fh)?;
-        let result = if h.writable { self.commit_file(h.ino).await.map(|_| ()) } else { Ok(()) };
+        let result = if h.writable {
+            self.commit_file(h.ino).await.map(|_| ())
+        } else {
+            Ok(())
+        };
         let mut t = self.table.lock();
         if let Some(i) = t.get_mut(h.ino) {
             i.open = i.open.saturating_sub(1);
@@ -260,8 +295,15 @@ impl BucketFs {
             }
         }
         self.truncate_local(ino, size).await?;
-        let writer_open = fh.and_then(|fh| self.files.get(fh).ok()).is_some_and(|h| h.writable)
-            || self.files.map.lock().values().any(|h| h.ino == ino && h.writable);
+        let writer_open = fh
+            .and_then(|fh| self.files.get(fh).ok())
+            .is_some_and(|h| h.writable)
+            || self
+                .files
+                .map
+                .lock()
+                .values()
+                .any(|h| h.ino == ino && h.writable);
         if !writer_open {
             // `truncate(1)` on a closed file: nobody will flush it, so commit now.
             self.commit_file(ino).await?;
@@ -281,7 +323,11 @@ impl BucketFs {
     }
 
     async fn truncate_local(&self, ino: u64, size: u64) -> FsResult<()> {
-        let staged = if size == 0 { self.empty_staged(ino)? } else { self.materialize(ino).await? };
+        let staged = if size == 0 {
+            self.empty_staged(ino)?
+        } else {
+            self.materialize(ino).await?
+        };
         self.room_for_staged(ino, &staged, size)?;
         staged.set_len(size)?;
         let mut t = self.table.lock();
@@ -363,7 +409,12 @@ impl BucketFs {
         if growth == 0 || self.blocks().fit_staged(growth) {
             return Ok(());
         }
-        let path = self.table.lock().get(ino).map(|i| i.path.clone()).unwrap_or_default();
+        let path = self
+            .table
+            .lock()
+            .get(ino)
+            .map(|i| i.path.clone())
+            .unwrap_or_default();
         self.warn_once(
             &path,
             "the files being written no longer fit in --cache-size; the write fails with ENOSPC (raise --cache-size)",
@@ -384,6 +435,15 @@ impl BucketFs {
         };
         let key = self.keys.file_key(&path)?;
         let seq = self.queue(self.writeback.upload(&key, staged, size))?;
+        self.note_present(
+            &path,
+            &Remote {
+                kind: Kind::File,
+                size,
+                mtime: SystemTime::now(),
+                etag: None,
+            },
+        );
         let mut t = self.table.lock();
         if let Some(i) = t.get_mut(ino) {
             i.in_bucket = true;

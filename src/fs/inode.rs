@@ -53,9 +53,6 @@ pub struct Inode {
     pub in_bucket: bool,
     /// Removed from its directory; kept alive only by open handles and kernel references.
     pub unlinked: bool,
-    /// For a directory this mount created: when. Until the metadata TTL passes, everything
-    /// in it is known here, so lookups of other names need not ask the bucket.
-    pub created_here: Option<Instant>,
 }
 
 impl Inode {
@@ -90,9 +87,12 @@ impl InodeTable {
             version: 0,
             in_bucket: true,
             unlinked: false,
-            created_here: None,
         };
-        InodeTable { inodes: HashMap::from([(ROOT, root)]), children: HashMap::new(), next_ino: 2 }
+        InodeTable {
+            inodes: HashMap::from([(ROOT, root)]),
+            children: HashMap::new(),
+            next_ino: 2,
+        }
     }
 
     pub fn get(&self, ino: u64) -> Option<&Inode> {
@@ -114,7 +114,9 @@ impl InodeTable {
 
     /// Inodes under directory `parent` that exist only locally so far.
     pub fn local_children(&self, parent: u64) -> Vec<(String, u64, Kind)> {
-        let Some(names) = self.children.get(&parent) else { return Vec::new() };
+        let Some(names) = self.children.get(&parent) else {
+            return Vec::new();
+        };
         names
             .iter()
             .filter_map(|(name, ino)| {
@@ -151,18 +153,27 @@ impl InodeTable {
                 version: 0,
                 in_bucket: false,
                 unlinked: false,
-                created_here: None,
             },
         );
         self.link(parent, name, ino);
         self.inodes.get_mut(&ino).expect("just inserted")
     }
 
-    /// Records what the bucket says about `parent/name`; local changes not yet uploaded win
-    /// over it. Returns the inode number.
-    pub fn upsert_remote(&mut self, parent: u64, name: &str, path: String, remote: &Remote) -> u64 {
+    /// Records what the bucket said about `parent/name` at time `seen`; local changes not yet
+    /// uploaded win over it. Returns the inode number.
+    pub fn upsert_remote(
+        &mut self,
+        parent: u64,
+        name: &str,
+        path: String,
+        remote: &Remote,
+        seen: Instant,
+    ) -> u64 {
         if let Some(ino) = self.child(parent, name) {
-            let i = self.inodes.get_mut(&ino).expect("child points at a live inode");
+            let i = self
+                .inodes
+                .get_mut(&ino)
+                .expect("child points at a live inode");
             if i.staged.is_some() {
                 return ino;
             }
@@ -170,12 +181,13 @@ impl InodeTable {
                 i.size = remote.size;
                 i.mtime = remote.mtime;
                 i.etag = remote.etag.clone();
-                i.validated = Some(Instant::now());
+                i.validated = Some(seen);
                 i.in_bucket = true;
                 return ino;
             }
         }
         let i = self.insert(parent, name, path, remote.kind);
+        i.validated = Some(seen);
         i.size = remote.size;
         i.mtime = remote.mtime;
         i.etag = remote.etag.clone();
@@ -186,7 +198,9 @@ impl InodeTable {
     /// Removes `ino` from its directory. The inode lives on while the kernel or an open
     /// handle refers to it.
     pub fn detach(&mut self, ino: u64) {
-        let Some(i) = self.inodes.get_mut(&ino) else { return };
+        let Some(i) = self.inodes.get_mut(&ino) else {
+            return;
+        };
         i.unlinked = true;
         i.dirty = false;
         let (parent, name) = (i.parent, i.name.clone());
@@ -201,7 +215,9 @@ impl InodeTable {
                 self.detach(old);
             }
         }
-        let Some(i) = self.inodes.get_mut(&ino) else { return };
+        let Some(i) = self.inodes.get_mut(&ino) else {
+            return;
+        };
         let (old_parent, old_name) = (i.parent, i.name.clone());
         i.parent = parent;
         i.name = name.to_string();
@@ -220,7 +236,9 @@ impl InodeTable {
 
     /// Frees an inode nobody refers to any more.
     pub fn maybe_drop(&mut self, ino: u64) {
-        let Some(i) = self.inodes.get(&ino) else { return };
+        let Some(i) = self.inodes.get(&ino) else {
+            return;
+        };
         if ino == ROOT || i.lookups > 0 || i.open > 0 || i.dirty {
             return;
         }
@@ -239,7 +257,10 @@ impl InodeTable {
     }
 
     fn link(&mut self, parent: u64, name: &str, ino: u64) {
-        self.children.entry(parent).or_default().insert(name.to_string(), ino);
+        self.children
+            .entry(parent)
+            .or_default()
+            .insert(name.to_string(), ino);
     }
 
     fn unlink(&mut self, parent: u64, name: &str, ino: u64) {

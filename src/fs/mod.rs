@@ -6,15 +6,14 @@ mod dir;
 mod error;
 mod file;
 mod inode;
+mod listing;
 pub mod names;
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use lru::LruCache;
 use parking_lot::Mutex;
 
 use crate::cache::{BlockCache, StagingArea};
@@ -24,8 +23,9 @@ use crate::writeback::{Pending, WritebackQueue};
 
 pub use dir::DirEntry;
 pub use error::{FsError, FsResult};
-pub use inode::{Kind, ROOT};
 use inode::{InodeTable, Remote};
+pub use inode::{Kind, ROOT};
+use listing::{Answer, ListingCache};
 use names::KeyMap;
 
 /// Settings of the filesystem layer.
@@ -70,15 +70,15 @@ pub struct Attr {
     pub gid: u32,
 }
 
-/// Attributes learnt from a listing, for names the kernel has not looked up yet.
-#[derive(Debug, Clone)]
-struct Listed {
-    remote: Remote,
-    at: Instant,
+/// What pending changes say about a name.
+enum PendingAnswer {
+    Present(Remote),
+    Deleted,
+    Nothing,
 }
 
-/// Most names remembered from listings between a `readdir` and the lookups that follow.
-const LISTED_CAPACITY: usize = 100_000;
+/// Most names remembered from listings (about 160 bytes each) for the metadata TTL.
+const LISTED_NAMES: usize = 200_000;
 /// Keys a lookup lists to tell whether a directory exists.
 const DIR_PROBE: i32 = 10;
 /// Most distinct keys warned about once.
@@ -89,7 +89,7 @@ pub struct BucketFs {
     keys: KeyMap,
     opts: FsOptions,
     table: Mutex<InodeTable>,
-    listed: Mutex<LruCache<String, Listed>>,
+    listing: ListingCache,
     staging: StagingArea,
     writeback: Arc<WritebackQueue>,
     readahead: Arc<Readahead>,
@@ -114,12 +114,13 @@ impl BucketFs {
         opts: FsOptions,
     ) -> Self {
         let mount_time = SystemTime::now();
+        let listing = ListingCache::new(opts.metadata_ttl, opts.negative_ttl, LISTED_NAMES);
         BucketFs {
             store,
             keys: KeyMap::new(prefix),
             opts,
             table: Mutex::new(InodeTable::new(mount_time)),
-            listed: Mutex::new(LruCache::new(NonZeroUsize::new(LISTED_CAPACITY).unwrap())),
+            listing,
             staging,
             writeback,
             readahead,
@@ -139,6 +140,11 @@ impl BucketFs {
         self.readahead.blocks()
     }
 
+    /// Names remembered from directory listings.
+    pub fn listed_names(&self) -> usize {
+        self.listing.len()
+    }
+
     /// Number of inodes currently held.
     pub fn inode_count(&self) -> usize {
         self.table.lock().len()
@@ -154,7 +160,11 @@ impl BucketFs {
             } else {
                 i.mtime
             },
-            perm: if i.kind == Kind::File { self.opts.file_mode } else { self.opts.dir_mode },
+            perm: if i.kind == Kind::File {
+                self.opts.file_mode
+            } else {
+                self.opts.dir_mode
+            },
             uid: self.opts.uid,
             gid: self.opts.gid,
         }
@@ -200,9 +210,14 @@ impl BucketFs {
                 self.store.head(&key).await
             }
         };
-        let (head, list) =
-            tokio::join!(head, self.store.list(&dir_prefix, true, None, Some(DIR_PROBE)));
-        for e in [head.as_ref().err(), list.as_ref().err()].into_iter().flatten() {
+        let (head, list) = tokio::join!(
+            head,
+            self.store.list(&dir_prefix, true, None, Some(DIR_PROBE))
+        );
+        for e in [head.as_ref().err(), list.as_ref().err()]
+            .into_iter()
+            .flatten()
+        {
             if matches!(e, StoreError::Unreachable(_)) {
                 self.go_offline(e);
                 return Err(FsError::OFFLINE);
@@ -214,7 +229,10 @@ impl BucketFs {
             || (list.next_token.is_some() && !list.objects.is_empty());
         match head {
             Ok(_) if is_dir => {
-                self.warn_once(&key, "both a file and a directory have this name; showing the directory");
+                self.warn_once(
+                    &key,
+                    "both a file and a directory have this name; showing the directory",
+                );
                 Ok(Some(self.dir_remote(&list)))
             }
             Ok(meta) => Ok(Some(Remote {
@@ -231,15 +249,29 @@ impl BucketFs {
 
     /// What the write-back queue alone says `key` (a file) or `dir_prefix` (a directory)
     /// is; also returns the pending changes it looked at, for `resolve`.
-    fn resolve_pending(&self, key: &str, dir_prefix: &str) -> (Option<Remote>, Option<Pending>, Vec<(String, Pending)>) {
+    fn resolve_pending(
+        &self,
+        key: &str,
+        dir_prefix: &str,
+    ) -> (Option<Remote>, Option<Pending>, Vec<(String, Pending)>) {
         let file_pending = self.writeback.lookup(key);
         if let Some(Pending::Upload { size, .. }) = &file_pending {
-            let r = Remote { kind: Kind::File, size: *size, mtime: SystemTime::now(), etag: None };
+            let r = Remote {
+                kind: Kind::File,
+                size: *size,
+                mtime: SystemTime::now(),
+                etag: None,
+            };
             return (Some(r), file_pending, Vec::new());
         }
         let under = self.writeback.under(dir_prefix);
         if under.iter().any(|(_, p)| !matches!(p, Pending::Delete)) {
-            let r = Remote { kind: Kind::Dir, size: 0, mtime: self.mount_time, etag: None };
+            let r = Remote {
+                kind: Kind::Dir,
+                size: 0,
+                mtime: self.mount_time,
+                etag: None,
+            };
             return (Some(r), file_pending, under);
         }
         (None, file_pending, under)
@@ -253,11 +285,18 @@ impl BucketFs {
             .filter(|o| o.key.ends_with('/'))
             .map(|o| o.last_modified)
             .unwrap_or(self.mount_time);
-        Remote { kind: Kind::Dir, size: 0, mtime, etag: None }
+        Remote {
+            kind: Kind::Dir,
+            size: 0,
+            mtime,
+            etag: None,
+        }
     }
 
     fn is_offline(&self) -> bool {
-        self.offline_until.lock().is_some_and(|t| Instant::now() < t)
+        self.offline_until
+            .lock()
+            .is_some_and(|t| Instant::now() < t)
     }
 
     /// The store did not answer: for a while, lookups answer from what is known locally
@@ -280,37 +319,49 @@ impl BucketFs {
         FsError::from(e)
     }
 
-    /// Finds `name` in directory `parent`: from the inode table or a recent listing when
-    /// fresh, else from the bucket. Does not take a kernel reference.
+    /// Finds `name` in directory `parent`: from the inode table or a fresh listing when
+    /// possible, else from the bucket. Does not take a kernel reference.
     async fn find(&self, parent: u64, name: &str) -> FsResult<Option<u64>> {
-        let path = names::join(&self.dir_path(parent)?, name);
+        let dir = self.dir_path(parent)?;
+        let path = names::join(&dir, name);
         self.keys.file_key(&path)?;
         let ttl = self.opts.metadata_ttl;
         {
-            let mut t = self.table.lock();
+            let t = self.table.lock();
             if let Some(ino) = t.child(parent, name) {
                 let i = t.get(ino).expect("child is live");
                 if i.is_fresh(ttl) || i.open > 0 && i.kind == Kind::File && !i.in_bucket {
                     return Ok(Some(ino));
                 }
             }
-            let mut listed = self.listed.lock();
-            if let Some(l) = listed.get(&path) {
-                if l.at.elapsed() < ttl {
-                    let remote = l.remote.clone();
-                    return Ok(Some(t.upsert_remote(parent, name, path, &remote)));
-                }
-                listed.pop(&path);
-            }
-            // In a directory made here moments ago, only this mount's changes exist.
-            let made_here = t.get(parent).and_then(|p| p.created_here).is_some_and(|at| at.elapsed() < ttl);
-            if made_here {
-                return self.find_locally(&mut t, parent, name, path);
-            }
         }
-        let remote = if self.is_offline() { Err(FsError::OFFLINE) } else { self.resolve(&path).await };
+        match self.listing.lookup(&dir, name, &path) {
+            Answer::Present(remote, at) => {
+                let mut t = self.table.lock();
+                return Ok(match self.pending_answer(&path)? {
+                    PendingAnswer::Present(r) => {
+                        Some(t.upsert_remote(parent, name, path, &r, Instant::now()))
+                    }
+                    PendingAnswer::Deleted if remote.kind == Kind::File => {
+                        self.absent(&mut t, parent, name)
+                    }
+                    _ => Some(t.upsert_remote(parent, name, path, &remote, at)),
+                });
+            }
+            Answer::Absent => {
+                return self.find_locally(&mut self.table.lock(), parent, name, path, true)
+            }
+            Answer::Unknown => {}
+        }
+        let remote = if self.is_offline() {
+            Err(FsError::OFFLINE)
+        } else {
+            self.resolve(&path).await
+        };
         let remote = match remote {
-            Err(FsError::OFFLINE) => return self.find_locally(&mut self.table.lock(), parent, name, path),
+            Err(FsError::OFFLINE) => {
+                return self.find_locally(&mut self.table.lock(), parent, name, path, false)
+            }
             other => other?,
         };
         let mut t = self.table.lock();
@@ -322,24 +373,75 @@ impl BucketFs {
             }
         }
         match remote {
-            Some(r) => Ok(Some(t.upsert_remote(parent, name, path, &r))),
+            Some(r) => Ok(Some(t.upsert_remote(
+                parent,
+                name,
+                path,
+                &r,
+                Instant::now(),
+            ))),
             None => {
-                if let Some(ino) = t.child(parent, name) {
-                    t.detach(ino);
-                }
-                Ok(None)
+                self.listing.note_absent(&path);
+                Ok(self.absent(&mut t, parent, name))
             }
         }
     }
 
-    /// Finds `name` without asking the bucket: pending changes answer, known names keep
-    /// their last attributes, anything else reads as absent.
-    fn find_locally(&self, t: &mut InodeTable, parent: u64, name: &str, path: String) -> FsResult<Option<u64>> {
-        let key = self.keys.file_key(&path)?;
-        Ok(match self.resolve_pending(&key, &self.keys.dir_prefix(&path)).0 {
-            Some(r) => Some(t.upsert_remote(parent, name, path, &r)),
-            None => t.child(parent, name),
-        })
+    /// `parent/name` does not exist in the bucket: forgets what the table knew of it.
+    fn absent(&self, t: &mut InodeTable, parent: u64, name: &str) -> Option<u64> {
+        if let Some(ino) = t.child(parent, name) {
+            t.detach(ino);
+        }
+        None
+    }
+
+    /// What the write-back queue says about `path`, for answers taken from a listing.
+    fn pending_answer(&self, path: &str) -> FsResult<PendingAnswer> {
+        let key = self.keys.file_key(path)?;
+        Ok(
+            match self.resolve_pending(&key, &self.keys.dir_prefix(path)) {
+                (Some(r), _, _) => PendingAnswer::Present(r),
+                (None, Some(Pending::Delete), _) => PendingAnswer::Deleted,
+                _ => PendingAnswer::Nothing,
+            },
+        )
+    }
+
+    /// Finds `name` without asking the bucket: pending changes answer, and names that exist
+    /// only locally stay. Other names the table knows stay too, unless `bucket_lacks_it`
+    /// (a fresh complete listing says so); anything else reads as absent.
+    fn find_locally(
+        &self,
+        t: &mut InodeTable,
+        parent: u64,
+        name: &str,
+        path: String,
+        bucket_lacks_it: bool,
+    ) -> FsResult<Option<u64>> {
+        if let PendingAnswer::Present(r) = self.pending_answer(&path)? {
+            return Ok(Some(t.upsert_remote(
+                parent,
+                name,
+                path,
+                &r,
+                Instant::now(),
+            )));
+        }
+        let Some(ino) = t.child(parent, name) else {
+            return Ok(None);
+        };
+        let i = t.get(ino).expect("child is live");
+        let local_only = i.staged.is_some() || !i.in_bucket;
+        if bucket_lacks_it && !local_only {
+            return Ok(self.absent(t, parent, name));
+        }
+        Ok(Some(ino))
+    }
+
+    /// Records in the listing of its directory that this mount made `path` what `remote` says.
+    fn note_present(&self, path: &str, remote: &Remote) {
+        let (dir, name) = names::split(path);
+        self.listing.note_present(dir, name, path, remote);
     }
 
     /// Takes a kernel reference on `ino` and returns its attributes.
@@ -388,7 +490,24 @@ impl BucketFs {
             }
             Some(Pending::Delete) => Err(StoreError::NotFound),
             _ if self.is_offline() => return self.attr(ino),
-            _ => self.store.head(&key).await,
+            _ => {
+                // A fresh listing of the directory knows the file too.
+                let (dir, name) = names::split(&path);
+                if let Answer::Present(r, at) = self.listing.lookup(dir, name, &path) {
+                    if r.kind == Kind::File {
+                        let mut t = self.table.lock();
+                        let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
+                        if i.staged.is_none() && i.path == path {
+                            i.size = r.size;
+                            i.mtime = r.mtime;
+                            i.etag = r.etag;
+                            i.validated = Some(at);
+                        }
+                        return Ok(self.attr_of(i));
+                    }
+                }
+                self.store.head(&key).await
+            }
         };
         if let Err(e @ StoreError::Unreachable(_)) = &head {
             self.go_offline(e);
@@ -408,7 +527,9 @@ impl BucketFs {
             }
             Err(StoreError::NotFound) => {
                 let mut t = self.table.lock();
-                if t.get(ino).is_some_and(|i| i.staged.is_none() && i.path == path) {
+                if t.get(ino)
+                    .is_some_and(|i| i.staged.is_none() && i.path == path)
+                {
                     t.detach(ino);
                 }
                 Err(FsError::NOENT)
@@ -428,12 +549,19 @@ impl BucketFs {
             return Err(FsError::NAMETOOLONG);
         }
         self.queue(self.writeback.marker(&marker))?;
+        // `find` just said nothing had this name: the directory starts out empty.
+        self.listing.created_dir(&path);
+        let remote = Remote {
+            kind: Kind::Dir,
+            size: 0,
+            mtime: SystemTime::now(),
+            etag: None,
+        };
+        self.note_present(&path, &remote);
         let ino = {
             let mut t = self.table.lock();
             let i = t.insert(parent, name, path, Kind::Dir);
             i.in_bucket = true;
-            // `find` just said nothing had this name: the directory starts out empty.
-            i.created_here = Some(Instant::now());
             i.ino
         };
         self.remember(ino)
@@ -448,7 +576,11 @@ impl BucketFs {
             if i.kind == Kind::Dir {
                 return Err(FsError::ISDIR);
             }
-            (i.path.clone(), i.in_bucket, i.open > 0 && i.staged.is_none() && i.in_bucket)
+            (
+                i.path.clone(),
+                i.in_bucket,
+                i.open > 0 && i.staged.is_none() && i.in_bucket,
+            )
         };
         if needs_copy {
             // Open handles keep reading the content after the object is gone.
@@ -479,6 +611,7 @@ impl BucketFs {
             return Err(FsError::NOTEMPTY);
         }
         self.queue(self.writeback.delete(&marker))?;
+        self.listing.forget_dir(&path);
         self.removed(parent, name, ino, &path).await
     }
 
@@ -490,7 +623,8 @@ impl BucketFs {
                 t.detach(ino);
             }
         }
-        self.listed.lock().pop(path);
+        let (dir, _) = names::split(path);
+        self.listing.note_removed(dir, name, path);
         self.keep_dir(parent).await
     }
 
@@ -514,7 +648,11 @@ impl BucketFs {
                 .list(marker, true, token, Some(100))
                 .await
                 .map_err(|e| self.store_error("LIST", marker, e))?;
-            if page.objects.iter().any(|o| o.key != marker && !deleted.contains(&o.key)) {
+            if page
+                .objects
+                .iter()
+                .any(|o| o.key != marker && !deleted.contains(&o.key))
+            {
                 return Ok(false);
             }
             token = page.next_token;
@@ -559,7 +697,12 @@ impl BucketFs {
         let name = names::component(name)?;
         let new_name = names::component(new_name)?;
         let ino = self.find(parent, name).await?.ok_or(FsError::NOENT)?;
-        if self.table.lock().get(ino).is_some_and(|i| i.kind == Kind::Dir) {
+        if self
+            .table
+            .lock()
+            .get(ino)
+            .is_some_and(|i| i.kind == Kind::Dir)
+        {
             return Err(FsError::XDEV);
         }
         let target = self.find(new_parent, new_name).await?;
@@ -580,11 +723,20 @@ impl BucketFs {
         let (old_path, in_bucket, dirty, open, size, local) = {
             let t = self.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;
-            (i.path.clone(), i.in_bucket, i.dirty, i.open, i.size, i.staged.clone())
+            (
+                i.path.clone(),
+                i.in_bucket,
+                i.dirty,
+                i.open,
+                i.size,
+                i.staged.clone(),
+            )
         };
         let old_key = self.keys.file_key(&old_path)?;
         // A sealed copy of the content, in the inode or still waiting in the queue.
-        let sealed = local.filter(|s| s.is_sealed()).or_else(|| self.writeback.pending_upload(&old_key));
+        let sealed = local
+            .filter(|s| s.is_sealed())
+            .or_else(|| self.writeback.pending_upload(&old_key));
         // The new object's ETag: Some(..) when known, None when it must be asked for.
         let mut new_etag: Option<Option<String>> = Some(None);
         if dirty {
@@ -594,7 +746,10 @@ impl BucketFs {
         } else if in_bucket {
             // Only in the bucket: a server-side copy, once changes to either key have landed.
             for key in [&old_key, &new_key] {
-                self.writeback.settle(key).await.map_err(|e| self.store_error("COPY", key, e.0))?;
+                self.writeback
+                    .settle(key)
+                    .await
+                    .map_err(|e| self.store_error("COPY", key, e.0))?;
             }
             let etag = self
                 .store
@@ -606,6 +761,7 @@ impl BucketFs {
         if in_bucket {
             self.queue(self.writeback.delete(&old_key))?;
         }
+        let noted_etag = new_etag.clone().flatten();
         {
             let mut t = self.table.lock();
             t.reparent(ino, new_parent, new_name, new_path.clone());
@@ -625,9 +781,15 @@ impl BucketFs {
             }
         }
         {
-            let mut listed = self.listed.lock();
-            listed.pop(&old_path);
-            listed.pop(&new_path);
+            let (old_dir, old_name) = names::split(&old_path);
+            self.listing.note_removed(old_dir, old_name, &old_path);
+            let remote = Remote {
+                kind: Kind::File,
+                size,
+                mtime: SystemTime::now(),
+                etag: noted_etag,
+            };
+            self.note_present(&new_path, &remote);
         }
         if dirty && open == 0 {
             self.commit_file(ino).await?;

@@ -52,7 +52,9 @@ pub struct KeyMap {
 
 impl KeyMap {
     pub fn new(prefix: &str) -> Self {
-        KeyMap { prefix: prefix.to_string() }
+        KeyMap {
+            prefix: prefix.to_string(),
+        }
     }
 
     pub fn prefix(&self) -> &str {
@@ -82,7 +84,11 @@ impl KeyMap {
 /// Whether a name found in the bucket can be shown as a directory entry. Keys such as
 /// `a//b`, or with `.` or `..` components, or components over 255 bytes, cannot be a path.
 pub fn listable(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && name.len() <= MAX_NAME && !name.contains('\0')
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name.len() <= MAX_NAME
+        && !name.contains('\0')
 }
 
 #[cfg(test)]
@@ -92,8 +98,10 @@ mod tests {
     #[test]
     fn keys_follow_the_prefix_verbatim() {
         let m = KeyMap::new("media/");
-        assert_eq!(m.file_key("remote_content/[::1]:8448/ab/cd/x").unwrap(),
-                   "media/remote_content/[::1]:8448/ab/cd/x");
+        assert_eq!(
+            m.file_key("remote_content/[::1]:8448/ab/cd/x").unwrap(),
+            "media/remote_content/[::1]:8448/ab/cd/x"
+        );
         assert_eq!(m.dir_prefix(""), "media/");
         assert_eq!(m.dir_prefix("a/b"), "media/a/b/");
         assert_eq!(split("a/b/c"), ("a/b", "c"));

@@ -48,7 +48,11 @@ impl MemoryStore {
 
     fn store(&self, key: &str, data: Bytes) -> String {
         let etag = format!("\"m{}\"", self.next_etag.fetch_add(1, Ordering::Relaxed));
-        let object = Object { data, etag: etag.clone(), modified: SystemTime::now() };
+        let object = Object {
+            data,
+            etag: etag.clone(),
+            modified: SystemTime::now(),
+        };
         self.objects.lock().insert(key.to_string(), object);
         etag
     }
@@ -67,7 +71,10 @@ impl MemoryStore {
 impl ObjectStore for MemoryStore {
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
         let objects = self.objects.lock();
-        objects.get(key).map(|o| Self::meta(key, o)).ok_or(StoreError::NotFound)
+        objects
+            .get(key)
+            .map(|o| Self::meta(key, o))
+            .ok_or(StoreError::NotFound)
     }
 
     async fn get_range(
@@ -165,10 +172,16 @@ impl ObjectStore for MemoryStore {
         upload_id: &str,
         parts: Vec<(i32, String)>,
     ) -> StoreResult<Option<String>> {
-        let stored = self.uploads.lock().remove(upload_id).ok_or(StoreError::NotFound)?;
+        let stored = self
+            .uploads
+            .lock()
+            .remove(upload_id)
+            .ok_or(StoreError::NotFound)?;
         let mut data = BytesMut::new();
         for (n, _) in parts {
-            let part = stored.get(&n).ok_or_else(|| StoreError::Other(format!("part {n} missing")))?;
+            let part = stored
+                .get(&n)
+                .ok_or_else(|| StoreError::Other(format!("part {n} missing")))?;
             data.extend_from_slice(part);
         }
         Ok(Some(self.store(key, data.freeze())))
@@ -180,7 +193,12 @@ impl ObjectStore for MemoryStore {
     }
 
     async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<String>> {
-        let data = self.objects.lock().get(from).map(|o| o.data.clone()).ok_or(StoreError::NotFound)?;
+        let data = self
+            .objects
+            .lock()
+            .get(from)
+            .map(|o| o.data.clone())
+            .ok_or(StoreError::NotFound)?;
         Ok(Some(self.store(to, data)))
     }
 
@@ -195,7 +213,10 @@ mod tests {
     use super::*;
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
     }
 
     #[test]

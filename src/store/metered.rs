@@ -41,7 +41,12 @@ impl ObjectStore for MeteredStore {
         r
     }
 
-    async fn get_range(&self, key: &str, range: Range<u64>, if_match: Option<&str>) -> StoreResult<Bytes> {
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_match: Option<&str>,
+    ) -> StoreResult<Bytes> {
         let r = self.inner.get_range(key, range, if_match).await;
         self.count("get", &r);
         if let Ok(b) = &r {
@@ -50,7 +55,13 @@ impl ObjectStore for MeteredStore {
         r
     }
 
-    async fn list(&self, prefix: &str, recursive: bool, token: Option<String>, max_keys: Option<i32>) -> StoreResult<ListPage> {
+    async fn list(
+        &self,
+        prefix: &str,
+        recursive: bool,
+        token: Option<String>,
+        max_keys: Option<i32>,
+    ) -> StoreResult<ListPage> {
         let r = self.inner.list(prefix, recursive, token, max_keys).await;
         self.count("list", &r);
         r
@@ -72,9 +83,18 @@ impl ObjectStore for MeteredStore {
         r
     }
 
-    async fn upload_part(&self, key: &str, upload_id: &str, part_number: i32, body: Bytes) -> StoreResult<String> {
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: Bytes,
+    ) -> StoreResult<String> {
         let len = body.len() as u64;
-        let r = self.inner.upload_part(key, upload_id, part_number, body).await;
+        let r = self
+            .inner
+            .upload_part(key, upload_id, part_number, body)
+            .await;
         self.count("upload_part", &r);
         if r.is_ok() {
             self.metrics.uploaded(len);
@@ -82,7 +102,12 @@ impl ObjectStore for MeteredStore {
         r
     }
 
-    async fn complete_multipart(&self, key: &str, upload_id: &str, parts: Vec<(i32, String)>) -> StoreResult<Option<String>> {
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<(i32, String)>,
+    ) -> StoreResult<Option<String>> {
         let r = self.inner.complete_multipart(key, upload_id, parts).await;
         self.count("complete_multipart", &r);
         r

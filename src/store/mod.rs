@@ -83,8 +83,12 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Bytes `range` of the object. With `if_match`, fails with `PreconditionFailed` when the
     /// object's ETag is no longer that one. A range past the end is clipped by the store.
-    async fn get_range(&self, key: &str, range: Range<u64>, if_match: Option<&str>)
-        -> StoreResult<Bytes>;
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_match: Option<&str>,
+    ) -> StoreResult<Bytes>;
 
     /// One page of the listing of `prefix` with delimiter `/` (or no delimiter when
     /// `recursive`), at most `max_keys` entries.

@@ -91,11 +91,50 @@ impl S3Store {
         S3Store {
             client: Client::from_conf(b.build()),
             bucket: cfg.bucket.clone(),
-            endpoint: cfg.endpoint.clone().unwrap_or_else(|| format!("AWS S3 ({})", cfg.region)),
+            endpoint: cfg
+                .endpoint
+                .clone()
+                .unwrap_or_else(|| format!("AWS S3 ({})", cfg.region)),
         }
     }
 
-    fn map_err<E>(&self, op: &str, key: &str, err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> StoreError
+    /// Deletes up to 1000 keys in one request (DeleteObjects); missing keys are not an
+    /// error. Returns the keys the store refused to delete.
+    pub async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<String>> {
+        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let objects = keys
+            .iter()
+            .map(|k| ObjectIdentifier::builder().key(k).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        let delete = Delete::builder()
+            .set_objects(Some(objects))
+            .quiet(true)
+            .build()
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        let r = self
+            .client
+            .delete_objects()
+            .bucket(&self.bucket)
+            .delete(delete)
+            .send()
+            .await
+            .map_err(|e| self.map_err("DeleteObjects", &keys[0], e))?;
+        Ok(r.errors()
+            .iter()
+            .filter_map(|e| e.key().map(str::to_string))
+            .collect())
+    }
+
+    fn map_err<E>(
+        &self,
+        op: &str,
+        key: &str,
+        err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> StoreError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
@@ -111,7 +150,10 @@ impl S3Store {
                 return StoreError::Unreachable(format!("{}: {detail}", self.endpoint));
             }
             SdkError::TimeoutError(_) => {
-                return StoreError::Unreachable(format!("{}: the request timed out", self.endpoint));
+                return StoreError::Unreachable(format!(
+                    "{}: the request timed out",
+                    self.endpoint
+                ));
             }
             _ => {}
         }
@@ -120,9 +162,10 @@ impl S3Store {
             (_, "NoSuchKey") | (Some(404), _) => StoreError::NotFound,
             (_, "PreconditionFailed") | (Some(412), _) => StoreError::PreconditionFailed,
             (_, "InvalidRange") | (Some(416), _) => StoreError::InvalidRange,
-            (_, "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "InvalidToken" | "ExpiredToken") => {
-                StoreError::BadCredentials(if message.is_empty() { code } else { message })
-            }
+            (
+                _,
+                "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "InvalidToken" | "ExpiredToken",
+            ) => StoreError::BadCredentials(if message.is_empty() { code } else { message }),
             (_, "AuthorizationHeaderMalformed" | "PermanentRedirect") | (Some(301), _) => {
                 StoreError::Other(format!(
                     "the bucket is in another region than the one configured ({code}: {message})"
@@ -149,7 +192,11 @@ impl S3Store {
                 "{op} {key:?} failed: {}{}{}",
                 status.map(|s| format!("HTTP {s} ")).unwrap_or_default(),
                 code,
-                if message.is_empty() { String::new() } else { format!(": {message}") }
+                if message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {message}")
+                }
             )),
         }
     }
@@ -170,7 +217,8 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn to_system_time(t: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
-    t.and_then(|t| SystemTime::try_from(*t).ok()).unwrap_or(SystemTime::UNIX_EPOCH)
+    t.and_then(|t| SystemTime::try_from(*t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 /// Percent-encodes a key for the `x-amz-copy-source` header, keeping `/`.
@@ -236,7 +284,10 @@ impl ObjectStore for S3Store {
             .into_bytes();
         if let Some(expected) = expected {
             if body.len() as u64 != expected {
-                return Err(StoreError::Truncated { expected, got: body.len() as u64 });
+                return Err(StoreError::Truncated {
+                    expected,
+                    got: body.len() as u64,
+                });
             }
         }
         Ok(body)
@@ -259,7 +310,10 @@ impl ObjectStore for S3Store {
         if !recursive {
             req = req.delimiter("/");
         }
-        let r = req.send().await.map_err(|e| self.map_err("LIST", prefix, e))?;
+        let r = req
+            .send()
+            .await
+            .map_err(|e| self.map_err("LIST", prefix, e))?;
         let objects = r
             .contents()
             .iter()
@@ -282,7 +336,11 @@ impl ObjectStore for S3Store {
         } else {
             None
         };
-        Ok(ListPage { objects, prefixes, next_token })
+        Ok(ListPage {
+            objects,
+            prefixes,
+            next_token,
+        })
     }
 
     async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>> {
@@ -355,7 +413,11 @@ impl ObjectStore for S3Store {
             .bucket(&self.bucket)
             .key(key)
             .upload_id(upload_id)
-            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
             .send()
             .await
             .map_err(|e| self.map_err("CompleteMultipartUpload", key, e))?;
@@ -384,11 +446,20 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| self.map_err("COPY", from, e))?;
-        Ok(r.copy_object_result().and_then(|c| c.e_tag()).map(str::to_string))
+        Ok(r.copy_object_result()
+            .and_then(|c| c.e_tag())
+            .map(str::to_string))
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
-        match self.client.delete_object().bucket(&self.bucket).key(key).send().await {
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) => match self.map_err("DELETE", key, e) {
                 StoreError::NotFound => Ok(()),
@@ -425,6 +496,9 @@ mod tests {
             attempt_timeout: Duration::from_secs(1),
         };
         let s = format!("{cfg:?}");
-        assert!(!s.contains("very-secret-value") && !s.contains("token-value"), "{s}");
+        assert!(
+            !s.contains("very-secret-value") && !s.contains("token-value"),
+            "{s}"
+        );
     }
 }

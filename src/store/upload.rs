@@ -25,7 +25,8 @@ pub fn part_size_for(size: u64, base: u64) -> u64 {
 async fn read_part(file: Arc<File>, offset: u64, len: usize) -> StoreResult<Bytes> {
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, offset).map(|_| Bytes::from(buf))
+        file.read_exact_at(&mut buf, offset)
+            .map(|_| Bytes::from(buf))
     })
     .await
     .map_err(|e| StoreError::Other(format!("reading the staged file failed: {e}")))?
@@ -47,7 +48,16 @@ pub async fn upload_file(
         return store.put(key, body).await;
     }
     let upload_id = store.create_multipart(key).await?;
-    let result = upload_parts(store, key, &upload_id, file, size, part_size, parts_in_flight).await;
+    let result = upload_parts(
+        store,
+        key,
+        &upload_id,
+        file,
+        size,
+        part_size,
+        parts_in_flight,
+    )
+    .await;
     match result {
         Ok(parts) => {
             let expected = multipart_etag(&parts);
@@ -57,7 +67,9 @@ pub async fn upload_file(
                     // Some servers complete the upload but answer in a form the client cannot
                     // read: the object itself says whether it is the one just assembled.
                     if let (Some(expected), Ok(meta)) = (expected, store.head(key).await) {
-                        if meta.size == size && meta.etag.as_deref().map(|t| t.trim_matches('"')) == Some(&expected) {
+                        if meta.size == size
+                            && meta.etag.as_deref().map(|t| t.trim_matches('"')) == Some(&expected)
+                        {
                             tracing::debug!(key, error = %e, "the upload completed though its answer could not be read");
                             return Ok(meta.etag);
                         }
@@ -113,8 +125,12 @@ async fn upload_parts(
             let offset = next * part_size;
             let len = part_size.min(size - offset) as usize;
             let number = next as i32 + 1;
-            let (store, key, id, file) =
-                (store.clone(), key.to_string(), upload_id.to_string(), file.clone());
+            let (store, key, id, file) = (
+                store.clone(),
+                key.to_string(),
+                upload_id.to_string(),
+                file.clone(),
+            );
             tasks.spawn(async move {
                 let body = read_part(file, offset, len).await?;
                 let etag = store.upload_part(&key, &id, number, body).await?;
@@ -166,7 +182,10 @@ mod tests {
     }
 
     fn hex_bytes(s: &str) -> Vec<u8> {
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     #[test]
@@ -174,11 +193,14 @@ mod tests {
         let mem = Arc::new(MemoryStore::new());
         let store: Arc<dyn ObjectStore> = mem.clone();
         let mut f = tempfile::tempfile().unwrap();
-        let data: Vec<u8> = (0..(3 * 1024 * 1024 + 17)).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..(3 * 1024 * 1024 + 17))
+            .map(|i| (i % 251) as u8)
+            .collect();
         f.write_all(&data).unwrap();
         let f = Arc::new(f);
         let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(upload_file(&store, "k", f, data.len() as u64, 1 << 20, 3)).unwrap();
+        rt.block_on(upload_file(&store, "k", f, data.len() as u64, 1 << 20, 3))
+            .unwrap();
         assert_eq!(mem.object("k").unwrap().as_ref(), &data[..]);
         assert_eq!(mem.open_uploads(), 0);
     }

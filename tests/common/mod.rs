@@ -51,20 +51,33 @@ impl S3Env {
 
     /// Arguments that point a mount at this server.
     pub fn mount_args(&self) -> Vec<String> {
-        vec!["--endpoint".into(), self.endpoint.clone(), "--region".into(), self.region.clone()]
+        vec![
+            "--endpoint".into(),
+            self.endpoint.clone(),
+            "--region".into(),
+            self.region.clone(),
+        ]
     }
 }
 
 /// A prefix no other test uses.
 pub fn unique_prefix(name: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("t/{name}-{}-{nanos:x}-{}/", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "t/{name}-{}-{nanos:x}-{}/",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Direct access to the test bucket, bypassing the mount.
 pub struct Bucket {
     pub store: Arc<dyn ObjectStore>,
+    s3: Arc<S3Store>,
     rt: tokio::runtime::Runtime,
 }
 
@@ -82,7 +95,57 @@ impl Bucket {
             connect_timeout: Duration::from_secs(5),
             attempt_timeout: Duration::from_secs(120),
         });
-        Bucket { store: Arc::new(store), rt: tokio::runtime::Runtime::new().unwrap() }
+        let s3 = Arc::new(store);
+        Bucket {
+            store: s3.clone(),
+            s3,
+            rt: tokio::runtime::Runtime::new().unwrap(),
+        }
+    }
+
+    /// Stores `data` under every key in `keys`, many requests at a time.
+    pub fn put_many(&self, keys: &[String], data: &[u8]) {
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let keys = Arc::new(keys.to_vec());
+        let body = bytes::Bytes::copy_from_slice(data);
+        self.rt.block_on(async {
+            let mut workers = tokio::task::JoinSet::new();
+            for _ in 0..32 {
+                let (next, keys, body, store) =
+                    (next.clone(), keys.clone(), body.clone(), self.store.clone());
+                workers.spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(key) = keys.get(i) else { return };
+                        store
+                            .put(key, body.clone())
+                            .await
+                            .unwrap_or_else(|e| panic!("PUT {key}: {e}"));
+                    }
+                });
+            }
+            while let Some(r) = workers.join_next().await {
+                r.unwrap();
+            }
+        });
+    }
+
+    /// Deletes every key under `prefix`, a thousand per request.
+    pub fn delete_prefix(&self, prefix: &str) {
+        let keys = self.keys(prefix);
+        self.rt.block_on(async {
+            for chunk in keys.chunks(1000) {
+                let refused = self
+                    .s3
+                    .delete_batch(chunk)
+                    .await
+                    .unwrap_or_else(|e| panic!("DeleteObjects: {e}"));
+                assert!(
+                    refused.is_empty(),
+                    "the store refused to delete {refused:?}"
+                );
+            }
+        });
     }
 
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
@@ -95,7 +158,13 @@ impl Bucket {
             if meta.size == 0 {
                 return Some(Vec::new());
             }
-            Some(self.store.get_range(key, 0..meta.size, None).await.expect("GET").to_vec())
+            Some(
+                self.store
+                    .get_range(key, 0..meta.size, None)
+                    .await
+                    .expect("GET")
+                    .to_vec(),
+            )
         })
     }
 
@@ -112,7 +181,14 @@ impl Bucket {
         f.write_all(data).unwrap();
         let file = Arc::new(f);
         self.rt
-            .block_on(s3mediafs::store::upload_file(&self.store, key, file, data.len() as u64, 16 << 20, 4))
+            .block_on(s3mediafs::store::upload_file(
+                &self.store,
+                key,
+                file,
+                data.len() as u64,
+                16 << 20,
+                4,
+            ))
             .unwrap_or_else(|e| panic!("multipart upload of {key}: {e}"));
     }
 
@@ -122,7 +198,11 @@ impl Bucket {
             let mut out = Vec::new();
             let mut token = None;
             loop {
-                let page = self.store.list(prefix, true, token, None).await.expect("LIST");
+                let page = self
+                    .store
+                    .list(prefix, true, token, None)
+                    .await
+                    .expect("LIST");
                 out.extend(page.objects.into_iter().map(|o| o.key));
                 token = page.next_token;
                 if token.is_none() {
@@ -174,8 +254,20 @@ impl TestMount {
         let mnt = dir.path().join("mnt");
         let cache = dir.path().join("cache");
         std::fs::create_dir(&mnt).unwrap();
-        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut m = TestMount { env, prefix, dir, mnt, cache, metrics_port, child: None };
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut m = TestMount {
+            env,
+            prefix,
+            dir,
+            mnt,
+            cache,
+            metrics_port,
+            child: None,
+        };
         m.start(extra);
         m
     }
@@ -194,13 +286,21 @@ impl TestMount {
 
     /// Starts (or restarts) the mount process and waits until the mount is in place.
     pub fn start(&mut self, extra: &[&str]) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
         let mut cmd = Command::new(BIN);
         cmd.arg("mount")
             .arg(self.source())
             .arg(&self.mnt)
             .args(self.env.mount_args())
-            .args(if extra.contains(&"--cache-dir") { vec![] } else { vec!["--cache-dir".into(), self.cache.clone()] })
+            .args(if extra.contains(&"--cache-dir") {
+                vec![]
+            } else {
+                vec!["--cache-dir".into(), self.cache.clone()]
+            })
             .arg("--log-level")
             .arg("debug")
             .arg("--metrics-addr")
@@ -216,9 +316,16 @@ impl TestMount {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !is_mounted(&self.mnt) {
             if let Some(status) = child.try_wait().unwrap() {
-                panic!("s3mediafs exited before mounting ({status}):\n{}", self.log());
+                panic!(
+                    "s3mediafs exited before mounting ({status}):\n{}",
+                    self.log()
+                );
             }
-            assert!(Instant::now() < deadline, "mount did not appear in 30 s:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "mount did not appear in 30 s:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         self.child = Some(child);
@@ -228,8 +335,10 @@ impl TestMount {
     /// `s3mediafs_requests_total{op="get"` (every outcome) or `s3mediafs_cache_hits_total`.
     pub fn metric(&self, series: &str) -> u64 {
         use std::io::{Read, Write};
-        let mut conn = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("connect to the metrics port");
-        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
+            .expect("connect to the metrics port");
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .unwrap();
         let mut text = String::new();
         conn.read_to_string(&mut text).unwrap();
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
@@ -291,14 +400,21 @@ impl TestMount {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if is_mounted(&self.mnt) {
-                let _ = Command::new("fusermount3").arg("-u").arg(&self.mnt).stderr(Stdio::null()).status();
+                let _ = Command::new("fusermount3")
+                    .arg("-u")
+                    .arg(&self.mnt)
+                    .stderr(Stdio::null())
+                    .status();
             }
             if let Some(status) = child.try_wait().unwrap() {
                 return Some(status);
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                let _ = Command::new("fusermount3").arg("-uz").arg(&self.mnt).status();
+                let _ = Command::new("fusermount3")
+                    .arg("-uz")
+                    .arg(&self.mnt)
+                    .status();
                 return child.wait().ok();
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -314,7 +430,11 @@ impl TestMount {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "no exit 120 s after SIGTERM:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "no exit 120 s after SIGTERM:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -325,7 +445,11 @@ impl TestMount {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = Command::new("fusermount3").arg("-uz").arg(&self.mnt).stderr(Stdio::null()).status();
+        let _ = Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -406,6 +530,8 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 pub fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
     match r {
         Ok(v) => panic!("expected an error, got Ok({v:?})"),
-        Err(e) => e.raw_os_error().unwrap_or_else(|| panic!("no errno in {e}")),
+        Err(e) => e
+            .raw_os_error()
+            .unwrap_or_else(|| panic!("no errno in {e}")),
     }
 }

@@ -28,8 +28,13 @@ impl Proxy {
             open: Arc::default(),
             stop: Arc::new(AtomicBool::new(false)),
         };
-        let (up, delay, open, stop, target) =
-            (p.up.clone(), p.delay_us.clone(), p.open.clone(), p.stop.clone(), target.to_string());
+        let (up, delay, open, stop, target) = (
+            p.up.clone(),
+            p.delay_us.clone(),
+            p.open.clone(),
+            p.stop.clone(),
+            target.to_string(),
+        );
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 if stop.load(Ordering::Relaxed) {
@@ -49,7 +54,11 @@ impl Proxy {
                     o.push(client.try_clone().unwrap());
                     o.push(server.try_clone().unwrap());
                 }
-                pipe(client.try_clone().unwrap(), server.try_clone().unwrap(), delay.clone());
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    delay.clone(),
+                );
                 pipe(server, client, Arc::new(AtomicU64::new(0)));
             }
         });
@@ -74,7 +83,8 @@ impl Proxy {
 
     /// Slows traffic towards the server to about `bytes_per_sec`.
     pub fn throttle(&self, bytes_per_sec: u64) {
-        self.delay_us.store(65_536 * 1_000_000 / bytes_per_sec.max(1), Ordering::Relaxed);
+        self.delay_us
+            .store(65_536 * 1_000_000 / bytes_per_sec.max(1), Ordering::Relaxed);
     }
 }
 

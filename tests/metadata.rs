@@ -1,0 +1,372 @@
+//! Metadata at scale through a real mount: what `ls -l` and `stat` cost in requests, answers
+//! from fresh listings, a directory of 100 000 entries, memory after a walk of a
+//! Synapse-shaped tree, and what one mount sees of another's changes.
+
+mod common;
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIB: usize = 1 << 20;
+
+/// Runs a command, checks it succeeded, returns its standard output.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect()
+}
+
+#[test]
+fn ls_l_of_2000_files_costs_a_few_lists_and_no_head() {
+    let m = TestMount::with_args("lsl", &["--metadata-ttl", "30s"]);
+    let bucket = Bucket::new(&m.env);
+    let keys: Vec<String> = (0..2000)
+        .map(|i| m.key(&format!("d/f{i:04}.png")))
+        .collect();
+    bucket.put_many(&keys, b"0123456789");
+    let dir = m.path("d");
+    assert!(dir.is_dir());
+
+    let (lists, heads) = (m.requests("list"), m.requests("head"));
+    let text = run(Command::new("ls").arg("-l").arg(&dir));
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("total")).collect();
+    assert_eq!(lines.len(), 2000, "{text}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.starts_with("-rw") && l.contains(" 10 ")),
+        "{text}"
+    );
+    let list_cost = m.requests("list") - lists;
+    assert!(
+        list_cost <= 3,
+        "ls -l of 2000 files sent {list_cost} LIST requests"
+    );
+    assert_eq!(m.requests("head") - heads, 0, "ls -l sent HEAD requests");
+
+    // Within the TTL, stat and lookups of missing names are answered without a request.
+    let before = (m.requests("list"), m.requests("head"), m.requests("get"));
+    for i in (0..2000).step_by(97) {
+        assert_eq!(
+            fs::metadata(dir.join(format!("f{i:04}.png")))
+                .unwrap()
+                .len(),
+            10
+        );
+    }
+    for i in 0..50 {
+        assert_eq!(
+            errno(fs::metadata(dir.join(format!("missing{i}.png")))),
+            libc::ENOENT
+        );
+    }
+    assert_eq!(
+        (m.requests("list"), m.requests("head"), m.requests("get")),
+        before
+    );
+}
+
+#[test]
+fn with_a_zero_ttl_every_stat_asks_the_bucket() {
+    let m = TestMount::with_args("ttl0", &["--metadata-ttl", "0", "--negative-ttl", "0"]);
+    fs::write(m.path("f"), b"abc").unwrap();
+    m.sync();
+    let heads = m.requests("head");
+    for _ in 0..3 {
+        assert_eq!(fs::metadata(m.path("f")).unwrap().len(), 3);
+    }
+    assert!(
+        m.requests("head") - heads >= 3,
+        "stat with a zero TTL answered from memory"
+    );
+    // A name created behind the mount's back is seen at once.
+    Bucket::new(&m.env).put(&m.key("g"), b"12345");
+    assert_eq!(fs::metadata(m.path("g")).unwrap().len(), 5);
+}
+
+/// Tests over 100 000 and 20 000 objects. They need a server whose LIST does not cost time in
+/// proportion to the whole bucket, so scripts/test.sh runs them against Garage only.
+mod scale {
+    use super::*;
+
+    #[test]
+    fn a_directory_of_100000_entries_lists_completely_with_bounded_memory() {
+        let m = TestMount::new("big");
+        let bucket = Bucket::new(&m.env);
+        let names: Vec<String> = (0..100_000u32)
+            .map(|i| format!("{:02x}-{i:06}", i.wrapping_mul(2_654_435_761) >> 24))
+            .collect();
+        let keys: Vec<String> = names.iter().map(|n| m.key(&format!("big/{n}"))).collect();
+        bucket.put_many(&keys, b"x");
+        let (rss_before, _) = m.memory();
+
+        // Another client adds names while the listing runs: no name twice, none of the old ones
+        // missing, nothing else.
+        let added: Vec<String> = (0..300).map(|i| format!("zz-new-{i:03}")).collect();
+        let added_keys: Vec<String> = added.iter().map(|n| m.key(&format!("big/{n}"))).collect();
+        let adder = {
+            let env = m.env.clone();
+            std::thread::spawn(move || Bucket::new(&env).put_many(&added_keys, b"y"))
+        };
+        let listed = names_in(&m.path("big"));
+        adder.join().unwrap();
+        let set: HashSet<&String> = listed.iter().collect();
+        assert_eq!(set.len(), listed.len(), "a name was listed twice");
+        let missing = names.iter().filter(|n| !set.contains(n)).count();
+        assert_eq!(missing, 0, "{missing} names were not listed");
+        let known: HashSet<&String> = names.iter().chain(added.iter()).collect();
+        let strays: Vec<&String> = listed
+            .iter()
+            .filter(|n| !known.contains(n))
+            .take(5)
+            .collect();
+        assert!(strays.is_empty(), "listed names nobody created: {strays:?}");
+
+        // Listed again once the additions are in: exactly everything.
+        let mut again = names_in(&m.path("big"));
+        again.sort();
+        let mut want: Vec<String> = names.iter().chain(added.iter()).cloned().collect();
+        want.sort();
+        assert!(
+            again == want,
+            "the second listing differs ({} names, {} expected)",
+            again.len(),
+            want.len()
+        );
+
+        let (rss, hwm) = m.memory();
+        eprintln!(
+            "100 000-entry directory: RSS {} MiB before, {} MiB after, peak {} MiB; {} names remembered",
+            rss_before >> 20,
+            rss >> 20,
+            hwm >> 20,
+            m.metric("s3mediafs_listed_names")
+        );
+        assert!(
+            hwm < 160 << 20,
+            "peak RSS {} MiB listing a 100 000-entry directory",
+            hwm >> 20
+        );
+        let prefix = m.prefix.clone();
+        drop(m);
+        bucket.delete_prefix(&prefix);
+    }
+
+    /// Keys of a media store shaped like Synapse's: content under two levels of hash prefix,
+    /// and thumbnails in a directory per media id (one in four media has thumbnails).
+    fn synapse_tree(n: usize) -> Vec<String> {
+        let mut keys = Vec::with_capacity(n);
+        let mut i: u64 = 0;
+        while keys.len() < n {
+            let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let (a, b, rest) = (h >> 60, (h >> 56) & 0xf, h & 0xffff_ffff);
+            keys.push(format!("local_content/a{a:x}/b{b:x}/{rest:08x}"));
+            if i % 4 == 0 {
+                for t in [
+                    "32-32-image-png-crop",
+                    "96-96-image-png-crop",
+                    "320-240-image-jpeg-scale",
+                ] {
+                    if keys.len() < n {
+                        keys.push(format!("local_thumbnails/a{a:x}/b{b:x}/{rest:08x}/{t}"));
+                    }
+                }
+            }
+            i += 1;
+        }
+        keys
+    }
+
+    /// Every directory the keys imply, the root included.
+    fn dirs_of(keys: &[String]) -> usize {
+        let mut dirs = HashSet::from([String::new()]);
+        for k in keys {
+            let mut end = 0;
+            while let Some(i) = k[end..].find('/') {
+                end += i + 1;
+                dirs.insert(k[..end].to_string());
+            }
+        }
+        dirs.len()
+    }
+
+    #[test]
+    fn walking_20000_files_then_dropping_caches_frees_their_inodes() {
+        let m = TestMount::new("walk");
+        let bucket = Bucket::new(&m.env);
+        let rel = synapse_tree(20_000);
+        let keys: Vec<String> = rel.iter().map(|k| m.key(k)).collect();
+        bucket.put_many(&keys, b"media!");
+        let (rss_start, _) = m.memory();
+        let lists = m.requests("list");
+        let heads = m.requests("head");
+
+        let found = run(Command::new("find").arg(&m.mnt).arg("-type").arg("f"));
+        assert_eq!(found.lines().count(), 20_000);
+        let dirs = dirs_of(&rel) as u64;
+        let list_cost = m.requests("list") - lists;
+        // One LIST per directory (each holds well under a page), and a few to spare.
+        assert!(
+            list_cost <= dirs + dirs / 10,
+            "find over {dirs} directories sent {list_cost} LIST requests"
+        );
+        eprintln!(
+            "find over {dirs} directories: {list_cost} LIST, {} HEAD",
+            m.requests("head") - heads
+        );
+
+        // `du` stats every file, so the kernel holds an inode for each.
+        let du = run(Command::new("du").arg("-s").arg("-b").arg(&m.mnt));
+        let total: u64 = du.split_whitespace().next().unwrap().parse().unwrap();
+        assert!(total >= 20_000 * 6, "du -sb said {total}");
+        let held = m.metric("s3mediafs_inodes");
+        let (rss_walked, _) = m.memory();
+        assert!(
+            held >= 20_000,
+            "only {held} inodes held after stat of 20 000 files"
+        );
+        let per_inode = rss_walked.saturating_sub(rss_start) / held;
+        eprintln!(
+            "{held} inodes held: RSS {} MiB -> {} MiB, about {per_inode} bytes each",
+            rss_start >> 20,
+            rss_walked >> 20
+        );
+        assert!(per_inode < 4096, "{per_inode} bytes of RSS per inode");
+
+        // Once the kernel forgets them, so does the mount.
+        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = m.metric("s3mediafs_inodes");
+            if left < 100 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{left} inodes still held 30 s after the kernel dropped its caches"
+            );
+            fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // A second walk does not grow the mount's memory much past the first.
+        run(Command::new("du").arg("-s").arg("-b").arg(&m.mnt));
+        let (rss_again, _) = m.memory();
+        assert!(
+            rss_again < rss_walked + (32 << 20),
+            "RSS grew from {} to {} MiB on a second walk",
+            rss_walked >> 20,
+            rss_again >> 20
+        );
+        let prefix = m.prefix.clone();
+        drop(m);
+        bucket.delete_prefix(&prefix);
+    }
+}
+
+#[test]
+fn a_second_mount_sees_writes_replacements_and_deletes_after_the_ttl() {
+    let a = TestMount::new("two");
+    let b = TestMount::with_prefix(a.prefix.clone(), &[]);
+    let ttl = Duration::from_millis(1200); // the default metadata TTL, and a margin
+    fs::create_dir(a.path("media")).unwrap();
+    a.sync();
+    assert!(b.path("media").is_dir());
+    assert_eq!(errno(fs::metadata(b.path("media/f"))), libc::ENOENT);
+
+    let v1 = pseudo_random(3 * MIB + 11, 1);
+    fs::write(a.path("media/f"), &v1).unwrap();
+    a.sync();
+    std::thread::sleep(ttl);
+    assert!(
+        fs::read(b.path("media/f")).unwrap() == v1,
+        "B read other bytes than A wrote"
+    );
+
+    // Replaced on A: B, whose block cache holds the old version, reads only the new one.
+    let v2 = pseudo_random(2 * MIB + 5, 2);
+    fs::write(a.path("media/f"), &v2).unwrap();
+    a.sync();
+    std::thread::sleep(ttl);
+    assert!(
+        fs::read(b.path("media/f")).unwrap() == v2,
+        "B read stale or mixed bytes after a replace"
+    );
+
+    // Deleted on A while B has it open: new lookups on B fail with ENOENT, and the open
+    // handle either reads the version it opened or fails; never other bytes.
+    let mut h = File::open(b.path("media/f")).unwrap();
+    let mut head = vec![0u8; 4096];
+    h.read_exact(&mut head).unwrap();
+    assert!(head == v2[..4096]);
+    fs::remove_file(a.path("media/f")).unwrap();
+    a.sync();
+    std::thread::sleep(ttl);
+    assert_eq!(errno(fs::metadata(b.path("media/f"))), libc::ENOENT);
+    assert!(!names_in(&b.path("media")).contains(&"f".to_string()));
+    let mut rest = Vec::new();
+    match h.read_to_end(&mut rest) {
+        Ok(_) => assert!(
+            rest == v2[4096..],
+            "the open handle read other bytes after a delete"
+        ),
+        Err(e) => assert!(
+            matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ENOENT)),
+            "{e}"
+        ),
+    }
+}
+
+#[test]
+fn concurrent_writes_of_one_path_from_two_mounts_end_as_one_whole_object() {
+    let a = TestMount::new("race");
+    let b = TestMount::with_prefix(a.prefix.clone(), &[]);
+    let bucket = Bucket::new(&a.env);
+    fs::create_dir_all(a.path("thumbnails")).unwrap();
+    a.sync();
+    fs::create_dir_all(b.path("thumbnails")).unwrap();
+    for round in 0..4 {
+        let rel = format!("thumbnails/32-32-image-png-crop-{round}");
+        // One side's file is large enough for a multipart upload.
+        let big = round % 2 == 0;
+        let da = pseudo_random(if big { 12 * MIB + 3 } else { 300_000 }, 10 + round);
+        let db = pseudo_random(if big { 200_000 } else { 9 * MIB + 7 }, 20 + round);
+        let writer = |path: std::path::PathBuf, data: Vec<u8>| {
+            std::thread::spawn(move || {
+                let mut f = File::create(path).unwrap();
+                for chunk in data.chunks(64 << 10) {
+                    f.write_all(chunk).unwrap();
+                }
+            })
+        };
+        let (ta, tb) = (
+            writer(a.path(&rel), da.clone()),
+            writer(b.path(&rel), db.clone()),
+        );
+        ta.join().unwrap();
+        tb.join().unwrap();
+        a.sync();
+        b.sync();
+        let got = bucket.get(&a.key(&rel)).expect("the object exists");
+        assert!(
+            got == da || got == db,
+            "round {round}: the object ({} bytes) is neither writer's file",
+            got.len()
+        );
+    }
+}
