@@ -1,9 +1,10 @@
-"""Read and small-file benchmark driver (run by scripts/bench.sh, which starts the server).
+"""Benchmark driver (run by scripts/bench.sh, which starts the server).
 
 Runs the same workloads on s3mediafs, s3fs and rclone mount (--vfs-cache-mode full), and on
 a raw client with no FUSE (parallel ranged GETs and PUTs with boto3), against one local S3
 server; prints a Markdown table with ratios and writes it, with a PNG chart, to
-bench/results/."""
+bench/results/. Two sections: `read` (large media and small files) and `tree` (metadata over a
+Synapse-shaped tree, in bench_tree.py)."""
 import argparse, concurrent.futures, datetime, os, pathlib, shutil, statistics, subprocess, sys, tempfile, time
 
 from bench_common import BUCKET, ENDPOINT, ROOT, Rclone, S3fs, S3mediafs, s3
@@ -192,28 +193,16 @@ def chart(results, dest):
     fig.savefig(dest, dpi=80)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--big-mib", type=int, default=1024)
-    ap.add_argument("--files", type=int, default=2000)
-    ap.add_argument("--ttfb-files", type=int, default=5)
-    ap.add_argument("--clients", default="s3mediafs,s3fs,rclone-full,raw")
-    a = ap.parse_args()
+def read_section(a, work, makers):
     prefix = f"bench/read-{int(time.time())}/"
-    work = pathlib.Path(tempfile.mkdtemp(prefix="s3mediafs-bench-"))
     print(f"== uploading {a.big_mib} MiB of fixtures", file=sys.stderr)
     big = upload_fixture(prefix, a.big_mib, a.ttfb_files)
     local = local_disk_read(big)
     shutil.rmtree(big.parent)
-    makers = {
-        "s3mediafs": lambda: S3mediafs("s3mediafs", work / "s3mediafs"),
-        "s3fs": lambda: S3fs("s3fs", work / "s3fs"),
-        "rclone-full": lambda: Rclone("rclone-full", work / "rclone"),
-    }
     results = {}
     for name in a.clients.split(","):
-        print(f"== {name}", file=sys.stderr)
-        results[name] = run_raw(prefix, a) if name == "raw" else run_client(makers[name](), prefix, a)
+        print(f"== read: {name}", file=sys.stderr)
+        results[name] = run_raw(prefix, a) if name == "raw" else run_client(makers[name](None), prefix, a)
         shutil.rmtree(work / name, ignore_errors=True)
     names = list(results)
     lines = [f"# Read and small-file benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
@@ -234,15 +223,62 @@ def main():
         lines += ["", f"Warm re-read vs local disk: {ours['warm_mbs'] / local:.2f}x (target 0.8x)."]
         if "raw" in results:
             lines.append(f"Cold read vs raw: {ours['cold_mbs'] / results['raw']['cold_mbs']:.2f}x (target 0.9x).")
-    stamp = datetime.date.today()
-    dest = ROOT / "bench/results" / f"read-{stamp}.md"
+    write_result("read", lines, lambda png: chart(results, png))
+
+
+def tree_section(a, work, makers):
+    import bench_tree
+    prefix = f"bench/tree-{int(time.time())}/"
+    keys = bench_tree.synapse_tree(a.tree_files)
+    dirs = {k[:i] for k in keys for i in range(len(k)) if k[i] == "/"}
+    print(f"== uploading a tree of {len(keys)} files", file=sys.stderr)
+    bench_tree.upload_tree(prefix, keys)
+    results = {}
+    try:
+        for name in a.clients.split(","):
+            if name == "raw":
+                continue
+            print(f"== tree: {name}", file=sys.stderr)
+            results[name] = bench_tree.run_client(lambda ep: makers[name](ep), prefix, keys, drop_page_cache)
+            shutil.rmtree(work / name, ignore_errors=True)
+    finally:
+        bench_tree.delete_tree(prefix, keys)
+    lines = [f"# Metadata benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", ""]
+    lines += bench_tree.report(results, len(keys), len(dirs) + 1)
+    write_result("tree", lines, lambda png: bench_tree.chart(results, png))
+
+
+def write_result(kind, lines, draw):
+    dest = ROOT / "bench/results" / f"{kind}-{datetime.date.today()}.md"
     png = dest.with_suffix(".png")
     lines += ["", f"![chart]({png.name})"]
     out = "\n".join(lines) + "\n"
     print(out)
     dest.write_text(out)
-    chart(results, png)
+    draw(png)
     print(f"written to {dest.relative_to(ROOT)} and {png.relative_to(ROOT)}", file=sys.stderr)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default="read,tree", help="read, tree or both")
+    ap.add_argument("--big-mib", type=int, default=1024)
+    ap.add_argument("--files", type=int, default=2000)
+    ap.add_argument("--ttfb-files", type=int, default=5)
+    ap.add_argument("--tree-files", type=int, default=10000)
+    ap.add_argument("--clients", default="s3mediafs,s3fs,rclone-full,raw")
+    a = ap.parse_args()
+    work = pathlib.Path(tempfile.mkdtemp(prefix="s3mediafs-bench-"))
+    makers = {
+        "s3mediafs": lambda ep: S3mediafs("s3mediafs", work / "s3mediafs", endpoint=ep),
+        "s3fs": lambda ep: S3fs("s3fs", work / "s3fs", endpoint=ep),
+        "rclone-full": lambda ep: Rclone("rclone-full", work / "rclone", endpoint=ep),
+    }
+    sections = a.sections.split(",")
+    if "read" in sections:
+        read_section(a, work, makers)
+    if "tree" in sections:
+        tree_section(a, work, makers)
 
 
 if __name__ == "__main__":

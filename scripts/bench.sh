@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Read and small-file benchmark: cold sequential read, warm re-read and time to first byte
+# Benchmarks: cold sequential read, warm re-read and time to first byte
 # of large media, then 2000 x 64 KiB files created, stat'ed, found, read and deleted, on
 # s3mediafs, s3fs (use_path_request_style), rclone mount (--vfs-cache-mode full) and a raw
-# boto3 client with no FUSE, all against the same local Garage. Drops the page cache between
-# cold runs (needs root). Prints a table with ratios and writes it with a PNG chart to
-# bench/results/. Usage: scripts/bench.sh [--big-mib N] [--files N] [--clients a,b,...]
+# boto3 client with no FUSE, all against the same local Garage; then `ls -R`, `find`, a stat
+# of every file and `du -s` over a 10 000-file Synapse-shaped tree, with request counts.
+# Drops the page cache between cold runs (needs root). Prints tables with ratios and writes
+# them with PNG charts to bench/results/. Usage: scripts/bench.sh [--sections read,tree]
+# [--big-mib N] [--files N] [--tree-files N] [--clients a,b,...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

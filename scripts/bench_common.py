@@ -50,10 +50,11 @@ def wait_bucket(check, timeout=900):
 
 
 class Client:
-    def __init__(self, name, work):
+    def __init__(self, name, work, endpoint=None):
         self.name, self.work, self.proc = name, work, None
+        self.endpoint = endpoint or ENDPOINT
         self.mnt = work / "mnt"
-        self.mnt.mkdir(parents=True)
+        self.mnt.mkdir(parents=True, exist_ok=True)
 
     def mount(self, prefix):
         raise NotImplementedError
@@ -86,15 +87,15 @@ class Client:
 
 
 class S3mediafs(Client):
-    def __init__(self, name, work, mode="writeback", extra=()):
-        super().__init__(name, work)
+    def __init__(self, name, work, mode="writeback", extra=(), endpoint=None):
+        super().__init__(name, work, endpoint)
         self.mode, self.extra = mode, list(extra)
 
     def mount(self, prefix):
         env = dict(ENV, AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET)
         self.proc = subprocess.Popen(
             [str(ROOT / "target/release/s3mediafs"), "mount", f"{BUCKET}:{prefix}", str(self.mnt),
-             "--endpoint", ENDPOINT, "--region", REGION, "--cache-dir", str(self.work / "cache"),
+             "--endpoint", self.endpoint, "--region", REGION, "--cache-dir", str(self.work / "cache"),
              "--write-mode", self.mode, "--log-level", "warn"] + self.extra,
             env=env, stdout=subprocess.DEVNULL, stderr=open(self.work / "log", "w"))
         wait_mounted(self.mnt, self.proc)
@@ -107,7 +108,7 @@ class S3fs(Client):
         pw.chmod(0o600)
         subprocess.run(
             ["s3fs", f"{BUCKET}:/{prefix.rstrip('/')}", str(self.mnt), "-o",
-             f"url={ENDPOINT},use_path_request_style,endpoint={REGION},passwd_file={pw},"
+             f"url={self.endpoint},use_path_request_style,endpoint={REGION},passwd_file={pw},"
              f"use_cache={self.work / 'cache'}"], check=True)
         wait_mounted(self.mnt)
 
@@ -116,7 +117,7 @@ class Rclone(Client):
     def mount(self, prefix):
         env = dict(ENV, RCLONE_CONFIG_BENCH_TYPE="s3", RCLONE_CONFIG_BENCH_PROVIDER="Other",
                    RCLONE_CONFIG_BENCH_ACCESS_KEY_ID=KEY, RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY=SECRET,
-                   RCLONE_CONFIG_BENCH_ENDPOINT=ENDPOINT, RCLONE_CONFIG_BENCH_REGION=REGION,
+                   RCLONE_CONFIG_BENCH_ENDPOINT=self.endpoint, RCLONE_CONFIG_BENCH_REGION=REGION,
                    RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE="true")
         # rclone 1.60 fails on a custom CA bundle; the local server speaks plain http.
         env.pop("AWS_CA_BUNDLE", None)
@@ -126,4 +127,84 @@ class Rclone(Client):
             env=env, stdout=subprocess.DEVNULL, stderr=open(self.work / "log", "w"))
         wait_mounted(self.mnt, self.proc)
 
+class CountingProxy:
+    """A pass-through HTTP proxy in front of the S3 server that counts requests by kind
+    (LIST, HEAD, GET, PUT, DELETE, POST), so every client's request economy can be compared
+    on the same footing. Headers (Host included, which requests are signed with) and bodies
+    go through unchanged."""
 
+    def __init__(self):
+        import collections, http.client, http.server, socketserver, threading, urllib.parse
+        upstream = urllib.parse.urlsplit(ENDPOINT)
+        counts = self.counts = collections.Counter()
+        lock = threading.Lock()
+        local = threading.local()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def forward(self):
+                q = urllib.parse.urlsplit(self.path).query
+                kind = self.command
+                if kind == "GET" and ("list-type" in q or "prefix=" in q or "delimiter" in q):
+                    kind = "LIST"
+                with lock:
+                    counts[kind] += 1
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else None
+                conn = getattr(local, "conn", None)
+                for attempt in (0, 1):
+                    if conn is None:
+                        conn = local.conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=300)
+                    try:
+                        conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                        for k, v in self.headers.items():
+                            conn.putheader(k, v)
+                        conn.endheaders(body)
+                        resp = conn.getresponse()
+                        break
+                    except (http.client.HTTPException, OSError):
+                        conn.close()
+                        conn = local.conn = None
+                        if attempt:
+                            raise
+                self.send_response_only(resp.status, resp.reason)
+                # http.client undoes chunked encoding, so a chunked body is sent on whole.
+                chunked = resp.getheader("Transfer-Encoding", "").lower() == "chunked"
+                whole = resp.read() if chunked else None
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("connection", "keep-alive", "transfer-encoding"):
+                        self.send_header(k, v)
+                if chunked:
+                    self.send_header("Content-Length", str(len(whole)))
+                self.end_headers()
+                if whole is not None:
+                    self.wfile.write(whole)
+                elif self.command != "HEAD":
+                    while True:
+                        chunk = resp.read(1 << 16)
+                        if not chunk:
+                            break
+                        self.wfile.write(chunk)
+                else:
+                    resp.read()
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = forward
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+            # Clients open many connections at once; the default backlog of 5 drops some.
+            request_queue_size = 256
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def take(self):
+        """The counts so far, and start again from zero."""
+        out = dict(self.counts)
+        self.counts.clear()
+        return out

@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use super::error::{FsError, FsResult};
 use super::inode::{Kind, Remote};
 use super::listing::ListingId;
+use super::walk_ahead::entries_of_page;
 use super::{names, BucketFs};
 use crate::writeback::Pending;
 
@@ -138,6 +139,8 @@ impl BucketFs {
         if !d.started || offset < d.base {
             let (ino, path) = (d.ino, std::mem::take(&mut d.path));
             *d = OpenDir::new(ino, path);
+            self.walk_ahead.entering(&d.path);
+            self.walk_ahead.wait_for(&d.path).await;
             self.start_listing(&mut d);
         }
         let want = offset + max.max(1) as u64;
@@ -204,6 +207,16 @@ impl BucketFs {
     }
 
     async fn next_page(&self, d: &mut OpenDir) -> FsResult<()> {
+        // A complete listing fetched moments ago (by a lookup's neighbour, a walk listing
+        // ahead, or another handle) serves the whole directory without a LIST.
+        if d.token.is_none() && d.recording.is_none() {
+            if let Some((mut found, at)) = self.listing.fresh_complete(&d.path) {
+                d.done = true;
+                found.retain(|(name, r)| !d.deleted.contains(&deleted_name(name, r.kind)));
+                self.show_page(d, found, at);
+                return Ok(());
+            }
+        }
         let prefix = self.keys.dir_prefix(&d.path);
         let (id, began) = *d.recording.get_or_insert_with(|| self.listing.begin());
         let page = self
@@ -213,60 +226,29 @@ impl BucketFs {
             .map_err(|e| self.store_error("LIST", &prefix, e))?;
         d.token = page.next_token.clone();
         d.done = d.token.is_none();
-        let mut found: Vec<(String, Remote)> = Vec::new();
-        for o in &page.objects {
-            let name = &o.key[prefix.len()..];
-            if name.is_empty() {
-                continue; // the directory's own marker
-            }
-            if !names::listable(name) {
-                self.warn_once(&o.key, "this key cannot be shown as a path and is skipped");
-                continue;
-            }
-            if d.deleted.contains(name) {
-                continue;
-            }
-            found.push((
-                name.to_string(),
-                Remote {
-                    kind: Kind::File,
-                    size: o.size,
-                    mtime: o.last_modified,
-                    etag: o.etag.clone(),
-                },
-            ));
-        }
-        for p in &page.prefixes {
-            let name = &p[prefix.len()..p.len() - 1];
-            if !names::listable(name) {
+        let (mut found, skipped) = entries_of_page(&prefix, &page, self.mount_time);
+        for key in skipped {
+            if key.ends_with('/') {
                 self.warn_once(
-                    p,
+                    &key,
                     "this key prefix cannot be shown as a directory and is skipped",
                 );
-                continue;
+            } else {
+                self.warn_once(&key, "this key cannot be shown as a path and is skipped");
             }
-            if d.deleted.contains(&p[prefix.len()..]) {
-                continue;
-            }
-            found.push((
-                name.to_string(),
-                Remote {
-                    kind: Kind::Dir,
-                    size: 0,
-                    mtime: self.mount_time,
-                    etag: None,
-                },
-            ));
         }
-        // Objects and prefixes come in two sorted runs: merge them so `a` and `a/` meet.
-        found.sort_by(|a, b| {
-            a.0.cmp(&b.0)
-                .then((a.1.kind == Kind::Dir).cmp(&(b.1.kind == Kind::Dir)))
-        });
+        found.retain(|(name, r)| !d.deleted.contains(&deleted_name(name, r.kind)));
         self.listing.add_page(&d.path, id, began, found.clone());
         if d.done {
             self.listing.finish(&d.path, id);
         }
+        self.show_page(d, found, began);
+        Ok(())
+    }
+
+    /// Adds the names of one page to the handle's entries, and what they say to the inodes
+    /// the kernel already knows.
+    fn show_page(&self, d: &mut OpenDir, found: Vec<(String, Remote)>, began: Instant) {
         let mut t = self.table.lock();
         for (name, remote) in found {
             let path = names::join(&d.path, &name);
@@ -299,7 +281,14 @@ impl BucketFs {
             };
             push(d, &name, ino, remote.kind);
         }
-        Ok(())
+    }
+}
+
+/// How a name appears in `OpenDir::deleted`.
+fn deleted_name(name: &str, kind: Kind) -> String {
+    match kind {
+        Kind::Dir => format!("{name}/"),
+        _ => name.to_string(),
     }
 }
 

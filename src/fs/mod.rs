@@ -8,6 +8,7 @@ mod file;
 mod inode;
 mod listing;
 pub mod names;
+mod walk_ahead;
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -89,7 +90,8 @@ pub struct BucketFs {
     keys: KeyMap,
     opts: FsOptions,
     table: Mutex<InodeTable>,
-    listing: ListingCache,
+    listing: Arc<ListingCache>,
+    walk_ahead: walk_ahead::WalkAhead,
     staging: StagingArea,
     writeback: Arc<WritebackQueue>,
     readahead: Arc<Readahead>,
@@ -114,10 +116,18 @@ impl BucketFs {
         opts: FsOptions,
     ) -> Self {
         let mount_time = SystemTime::now();
-        let listing = ListingCache::new(opts.metadata_ttl, opts.negative_ttl, LISTED_NAMES);
+        let listing = Arc::new(ListingCache::new(
+            opts.metadata_ttl,
+            opts.negative_ttl,
+            LISTED_NAMES,
+        ));
+        let keys = KeyMap::new(prefix);
+        let walk_ahead =
+            walk_ahead::WalkAhead::new(store.clone(), keys.clone(), listing.clone(), mount_time);
         BucketFs {
             store,
-            keys: KeyMap::new(prefix),
+            keys,
+            walk_ahead,
             opts,
             table: Mutex::new(InodeTable::new(mount_time)),
             listing,
