@@ -44,6 +44,10 @@ struct OpenDir {
     done: bool,
     /// The listing being recorded for later lookups, and when it began.
     recording: Option<(ListingId, Instant)>,
+    /// Whether the listing holds a subdirectory.
+    subdirs: bool,
+    /// Whether the end of the listing has been acted on (listing ahead of a walk).
+    walked: bool,
 }
 
 impl OpenDir {
@@ -60,6 +64,8 @@ impl OpenDir {
             started: false,
             done: false,
             recording: None,
+            subdirs: false,
+            walked: false,
         }
     }
 
@@ -139,7 +145,6 @@ impl BucketFs {
         if !d.started || offset < d.base {
             let (ino, path) = (d.ino, std::mem::take(&mut d.path));
             *d = OpenDir::new(ino, path);
-            self.walk_ahead.entering(&d.path);
             self.walk_ahead.wait_for(&d.path).await;
             self.start_listing(&mut d);
         }
@@ -148,6 +153,14 @@ impl BucketFs {
         while d.base + (d.entries.len() as u64) < want && !d.done {
             self.next_page(&mut d).await?;
             d.consume_to(offset);
+        }
+        if d.done && !d.walked {
+            d.walked = true;
+            if !d.subdirs {
+                // A directory with no subdirectories: a walker is done with it as soon as it
+                // has read it, so its next siblings are worth listing now.
+                self.walk_ahead.after_leaf(&d.path);
+            }
         }
         Ok(d.entries.iter().take(max).cloned().collect())
     }
@@ -293,6 +306,9 @@ fn deleted_name(name: &str, kind: Kind) -> String {
 }
 
 fn push(d: &mut OpenDir, name: &str, ino: u64, kind: Kind) {
+    if kind == Kind::Dir && name != "." && name != ".." {
+        d.subdirs = true;
+    }
     d.count += 1;
     d.entries.push_back(DirEntry {
         ino,

@@ -1,8 +1,11 @@
-//! Listing ahead of a tree walk. When `find`, `du` or `ls -R` opens a subdirectory of a
-//! directory listed moments ago, the next few sibling subdirectories are listed in the
-//! background, several at once, into the listing cache; when the walker reaches them its
-//! `readdir` and lookups are answered from memory. A walk then waits on a few concurrent
-//! LISTs instead of one LIST after another. A lone `ls` or a lookup lists nothing extra.
+//! Listing ahead of a tree walk. When `find`, `du` or `ls -R` has read a directory with no
+//! subdirectories, and its parent was listed moments ago, the walker is about to go on to
+//! the next sibling directories: those are listed in the background, several at once, into
+//! the listing cache, and when the walker reaches them its `readdir` and lookups are
+//! answered from memory. A walk then waits on a few concurrent LISTs instead of one LIST
+//! after another. Only after a leaf, so that what is listed ahead is used within moments
+//! (a sibling after a large subtree would be stale by the time the walker got there). A
+//! lone `ls` or a lookup lists nothing extra.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +20,7 @@ use super::names::{self, KeyMap};
 use crate::store::{ListPage, ObjectStore};
 
 /// How many sibling subdirectories past the one being entered are listed ahead.
-const WINDOW: usize = 16;
+const WINDOW: usize = 8;
 /// How many of those LISTs run at once, across the whole mount.
 const CONCURRENCY: usize = 8;
 /// Directories with more names than this are not searched for the next siblings.
@@ -59,9 +62,9 @@ impl WalkAhead {
         }
     }
 
-    /// Directory `path` is about to be listed. If its parent was listed within the TTL, the
-    /// walk is likely to go on to the parent's next subdirectories: list them now.
-    pub fn entering(&self, path: &str) {
+    /// Directory `path`, which has no subdirectories, has just been read to its end. If its
+    /// parent was listed within the TTL, list the parent's next subdirectories now.
+    pub fn after_leaf(&self, path: &str) {
         if path.is_empty() {
             return;
         }
