@@ -13,7 +13,6 @@ use parking_lot::Mutex;
 use super::error::{FsError, FsResult};
 use super::inode::{Kind, Remote};
 use super::listing::ListingId;
-use super::walk_ahead::entries_of_page;
 use super::{names, BucketFs};
 use crate::writeback::Pending;
 
@@ -44,10 +43,6 @@ struct OpenDir {
     done: bool,
     /// The listing being recorded for later lookups, and when it began.
     recording: Option<(ListingId, Instant)>,
-    /// Whether the listing holds a subdirectory.
-    subdirs: bool,
-    /// Whether the end of the listing has been acted on (listing ahead of a walk).
-    walked: bool,
 }
 
 impl OpenDir {
@@ -64,8 +59,6 @@ impl OpenDir {
             started: false,
             done: false,
             recording: None,
-            subdirs: false,
-            walked: false,
         }
     }
 
@@ -145,7 +138,6 @@ impl BucketFs {
         if !d.started || offset < d.base {
             let (ino, path) = (d.ino, std::mem::take(&mut d.path));
             *d = OpenDir::new(ino, path);
-            self.walk_ahead.wait_for(&d.path).await;
             self.start_listing(&mut d);
         }
         let want = offset + max.max(1) as u64;
@@ -153,14 +145,6 @@ impl BucketFs {
         while d.base + (d.entries.len() as u64) < want && !d.done {
             self.next_page(&mut d).await?;
             d.consume_to(offset);
-        }
-        if d.done && !d.walked {
-            d.walked = true;
-            if !d.subdirs {
-                // A directory with no subdirectories: a walker is done with it as soon as it
-                // has read it, so its next siblings are worth listing now.
-                self.walk_ahead.after_leaf(&d.path);
-            }
         }
         Ok(d.entries.iter().take(max).cloned().collect())
     }
@@ -220,16 +204,6 @@ impl BucketFs {
     }
 
     async fn next_page(&self, d: &mut OpenDir) -> FsResult<()> {
-        // A complete listing fetched moments ago (by a lookup's neighbour, a walk listing
-        // ahead, or another handle) serves the whole directory without a LIST.
-        if d.token.is_none() && d.recording.is_none() {
-            if let Some((mut found, at)) = self.listing.fresh_complete(&d.path) {
-                d.done = true;
-                found.retain(|(name, r)| !d.deleted.contains(&deleted_name(name, r.kind)));
-                self.show_page(d, found, at);
-                return Ok(());
-            }
-        }
         let prefix = self.keys.dir_prefix(&d.path);
         let (id, began) = *d.recording.get_or_insert_with(|| self.listing.begin());
         let page = self
@@ -239,29 +213,60 @@ impl BucketFs {
             .map_err(|e| self.store_error("LIST", &prefix, e))?;
         d.token = page.next_token.clone();
         d.done = d.token.is_none();
-        let (mut found, skipped) = entries_of_page(&prefix, &page, self.mount_time);
-        for key in skipped {
-            if key.ends_with('/') {
+        let mut found: Vec<(String, Remote)> = Vec::new();
+        for o in &page.objects {
+            let name = &o.key[prefix.len()..];
+            if name.is_empty() {
+                continue; // the directory's own marker
+            }
+            if !names::listable(name) {
+                self.warn_once(&o.key, "this key cannot be shown as a path and is skipped");
+                continue;
+            }
+            if d.deleted.contains(name) {
+                continue;
+            }
+            found.push((
+                name.to_string(),
+                Remote {
+                    kind: Kind::File,
+                    size: o.size,
+                    mtime: o.last_modified,
+                    etag: o.etag.clone(),
+                },
+            ));
+        }
+        for p in &page.prefixes {
+            let name = &p[prefix.len()..p.len() - 1];
+            if !names::listable(name) {
                 self.warn_once(
-                    &key,
+                    p,
                     "this key prefix cannot be shown as a directory and is skipped",
                 );
-            } else {
-                self.warn_once(&key, "this key cannot be shown as a path and is skipped");
+                continue;
             }
+            if d.deleted.contains(&p[prefix.len()..]) {
+                continue;
+            }
+            found.push((
+                name.to_string(),
+                Remote {
+                    kind: Kind::Dir,
+                    size: 0,
+                    mtime: self.mount_time,
+                    etag: None,
+                },
+            ));
         }
-        found.retain(|(name, r)| !d.deleted.contains(&deleted_name(name, r.kind)));
+        // Objects and prefixes come in two sorted runs: merge them so `a` and `a/` meet.
+        found.sort_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then((a.1.kind == Kind::Dir).cmp(&(b.1.kind == Kind::Dir)))
+        });
         self.listing.add_page(&d.path, id, began, found.clone());
         if d.done {
             self.listing.finish(&d.path, id);
         }
-        self.show_page(d, found, began);
-        Ok(())
-    }
-
-    /// Adds the names of one page to the handle's entries, and what they say to the inodes
-    /// the kernel already knows.
-    fn show_page(&self, d: &mut OpenDir, found: Vec<(String, Remote)>, began: Instant) {
         let mut t = self.table.lock();
         for (name, remote) in found {
             let path = names::join(&d.path, &name);
@@ -294,21 +299,11 @@ impl BucketFs {
             };
             push(d, &name, ino, remote.kind);
         }
-    }
-}
-
-/// How a name appears in `OpenDir::deleted`.
-fn deleted_name(name: &str, kind: Kind) -> String {
-    match kind {
-        Kind::Dir => format!("{name}/"),
-        _ => name.to_string(),
+        Ok(())
     }
 }
 
 fn push(d: &mut OpenDir, name: &str, ino: u64, kind: Kind) {
-    if kind == Kind::Dir && name != "." && name != ".." {
-        d.subdirs = true;
-    }
     d.count += 1;
     d.entries.push_back(DirEntry {
         ino,

@@ -242,77 +242,6 @@ impl ListingCache {
         }
     }
 
-    /// Every name of `dir`, sorted, when a complete listing of it is fresh; and when that
-    /// listing was begun. Lets a `readdir` answer without a LIST.
-    pub fn fresh_complete(&self, dir: &str) -> Option<(Vec<(String, Remote)>, Instant)> {
-        let mut inner = self.inner.lock();
-        let l = inner.dirs.get(dir)?;
-        if !l.complete || l.at.elapsed() >= self.ttl {
-            return None;
-        }
-        let mut names: Vec<(String, Remote)> = l
-            .names
-            .iter()
-            .filter_map(|(name, e)| match e {
-                Entry::Present {
-                    kind,
-                    size,
-                    mtime,
-                    etag,
-                } => Some((
-                    name.to_string(),
-                    Remote {
-                        kind: *kind,
-                        size: *size,
-                        mtime: *mtime,
-                        etag: etag.as_deref().map(str::to_string),
-                    },
-                )),
-                Entry::Removed => None,
-            })
-            .collect();
-        names.sort_by(|a, b| a.0.cmp(&b.0));
-        Some((names, l.at))
-    }
-
-    /// Whether any listing of `dir` is fresh (complete or not).
-    pub fn is_fresh(&self, dir: &str) -> bool {
-        let inner = self.inner.lock();
-        inner
-            .dirs
-            .peek(dir)
-            .is_some_and(|l| l.at.elapsed() < self.ttl)
-    }
-
-    /// Up to `n` subdirectories of `dir` that sort after `after`, in order, from a fresh
-    /// listing of at most `max_names` names (larger listings are not searched).
-    pub fn subdirs_after(&self, dir: &str, after: &str, n: usize, max_names: usize) -> Vec<String> {
-        let inner = self.inner.lock();
-        let Some(l) = inner.dirs.peek(dir) else {
-            return Vec::new();
-        };
-        if l.at.elapsed() >= self.ttl || l.names.len() > max_names {
-            return Vec::new();
-        }
-        let mut subdirs: Vec<&str> = l
-            .names
-            .iter()
-            .filter(|(name, e)| {
-                matches!(
-                    e,
-                    Entry::Present {
-                        kind: Kind::Dir,
-                        ..
-                    }
-                ) && &***name > after
-            })
-            .map(|(name, _)| &**name)
-            .collect();
-        subdirs.sort_unstable();
-        subdirs.truncate(n);
-        subdirs.into_iter().map(str::to_string).collect()
-    }
-
     /// A lookup asked the bucket and found nothing at `path`.
     pub fn note_absent(&self, path: &str) {
         if !self.negative_ttl.is_zero() {
@@ -462,46 +391,6 @@ mod tests {
         c.finish("d", id2);
         assert_eq!(size_of(c.lookup("d", "a", "d/a")), None);
         assert_eq!(size_of(c.lookup("d", "z", "d/z")), Some(9));
-    }
-
-    #[test]
-    fn a_fresh_complete_listing_gives_its_names_and_subdirectories_in_order() {
-        let c = cache();
-        let (id, at) = c.begin();
-        let dir = Remote {
-            kind: Kind::Dir,
-            size: 0,
-            mtime: SystemTime::UNIX_EPOCH,
-            etag: None,
-        };
-        c.add_page(
-            "d",
-            id,
-            at,
-            vec![
-                ("c".into(), dir.clone()),
-                ("a".into(), dir.clone()),
-                ("b".into(), file(1)),
-                ("e".into(), dir.clone()),
-            ],
-        );
-        assert!(
-            c.fresh_complete("d").is_none(),
-            "an unfinished listing is not complete"
-        );
-        assert!(c.is_fresh("d"));
-        c.finish("d", id);
-        c.note_removed("d", "e", "d/e");
-        let (names, _) = c.fresh_complete("d").unwrap();
-        let names: Vec<&str> = names.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["a", "b", "c"]);
-        assert_eq!(c.subdirs_after("d", "a", 5, 100), ["c"]);
-        assert_eq!(c.subdirs_after("d", "", 1, 100), ["a"]);
-        assert!(
-            c.subdirs_after("d", "", 5, 2).is_empty(),
-            "too large a listing to search"
-        );
-        assert!(!c.is_fresh("elsewhere"));
     }
 
     #[test]

@@ -8,7 +8,6 @@ mod file;
 mod inode;
 mod listing;
 pub mod names;
-mod walk_ahead;
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -90,8 +89,7 @@ pub struct BucketFs {
     keys: KeyMap,
     opts: FsOptions,
     table: Mutex<InodeTable>,
-    listing: Arc<ListingCache>,
-    walk_ahead: walk_ahead::WalkAhead,
+    listing: ListingCache,
     staging: StagingArea,
     writeback: Arc<WritebackQueue>,
     readahead: Arc<Readahead>,
@@ -116,18 +114,10 @@ impl BucketFs {
         opts: FsOptions,
     ) -> Self {
         let mount_time = SystemTime::now();
-        let listing = Arc::new(ListingCache::new(
-            opts.metadata_ttl,
-            opts.negative_ttl,
-            LISTED_NAMES,
-        ));
-        let keys = KeyMap::new(prefix);
-        let walk_ahead =
-            walk_ahead::WalkAhead::new(store.clone(), keys.clone(), listing.clone(), mount_time);
+        let listing = ListingCache::new(opts.metadata_ttl, opts.negative_ttl, LISTED_NAMES);
         BucketFs {
             store,
-            keys,
-            walk_ahead,
+            keys: KeyMap::new(prefix),
             opts,
             table: Mutex::new(InodeTable::new(mount_time)),
             listing,
