@@ -66,37 +66,42 @@ def run_workload(name, mnt, keys):
     raise ValueError(name)
 
 
+def on_fresh_mount(client, prefix, drop_page_cache, work):
+    """Mounts `client` with an empty cache, drops the page cache, runs `work(client)` and
+    unmounts, clearing the client's cache again."""
+    client.mount(prefix)
+    try:
+        drop_page_cache()
+        return work(client)
+    finally:
+        client.unmount()
+        shutil.rmtree(client.work / "cache", ignore_errors=True)
+
+
 def run_client(make, prefix, keys, drop_page_cache, counts=True):
     """Times each workload on a fresh mount, then counts its requests on another fresh mount
     through the proxy. Returns {workload: {"secs", "requests"}} and the peak RSS."""
     result, rss = {}, 0.0
     proxy = CountingProxy() if counts else None
     for name, _ in WORKLOADS:
-        client = make(None)
-        client.mount(prefix)
-        try:
-            drop_page_cache()
+        def timed_run(client):
             t = time.perf_counter()
             seen = run_workload(name, client.mnt, keys)
-            secs = time.perf_counter() - t
-            rss = max(rss, client.peak_rss_mib() or 0)
-        finally:
-            client.unmount()
-            shutil.rmtree(client.work / "cache", ignore_errors=True)
+            return seen, time.perf_counter() - t, client.peak_rss_mib() or 0
+
+        client = make(None)
+        seen, secs, peak = on_fresh_mount(client, prefix, drop_page_cache, timed_run)
+        rss = max(rss, peak)
         if name == "find" and seen != len(keys):
             raise SystemExit(f"bench: {client.name} found {seen} of {len(keys)} files")
         requests = None
         if proxy is not None:
-            client = make(proxy.endpoint)
-            client.mount(prefix)
-            try:
-                drop_page_cache()
+            def counted_run(client):
                 proxy.take()
                 run_workload(name, client.mnt, keys)
-                requests = proxy.take()
-            finally:
-                client.unmount()
-                shutil.rmtree(client.work / "cache", ignore_errors=True)
+                return proxy.take()
+
+            requests = on_fresh_mount(make(proxy.endpoint), prefix, drop_page_cache, counted_run)
         result[name] = {"secs": secs, "requests": requests}
     result["rss_mib"] = rss
     return result

@@ -56,6 +56,14 @@ pub struct Inode {
 }
 
 impl Inode {
+    /// Takes the attributes the bucket gave at time `seen`.
+    pub fn take_remote(&mut self, remote: &Remote, seen: Instant) {
+        self.size = remote.size;
+        self.mtime = remote.mtime;
+        self.etag = remote.etag.clone();
+        self.validated = Some(seen);
+    }
+
     pub fn is_fresh(&self, ttl: Duration) -> bool {
         self.staged.is_some() || self.validated.is_some_and(|v| v.elapsed() < ttl)
     }
@@ -178,19 +186,13 @@ impl InodeTable {
                 return ino;
             }
             if i.kind == remote.kind {
-                i.size = remote.size;
-                i.mtime = remote.mtime;
-                i.etag = remote.etag.clone();
-                i.validated = Some(seen);
+                i.take_remote(remote, seen);
                 i.in_bucket = true;
                 return ino;
             }
         }
         let i = self.insert(parent, name, path, remote.kind);
-        i.validated = Some(seen);
-        i.size = remote.size;
-        i.mtime = remote.mtime;
-        i.etag = remote.etag.clone();
+        i.take_remote(remote, seen);
         i.in_bucket = true;
         i.ino
     }

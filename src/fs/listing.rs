@@ -32,7 +32,7 @@ pub enum Answer {
 
 /// One remembered name. Attributes are kept small: the ETag is stored as given but most
 /// names carry a 34-byte quoted MD5.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Entry {
     Present {
         kind: Kind,
@@ -137,7 +137,7 @@ impl ListingCache {
                 if old.at.elapsed() < self.ttl {
                     for name in old.pinned {
                         if let Some(e) = old.names.get(&name) {
-                            fresh.names.insert(name.clone(), clone_entry(e));
+                            fresh.names.insert(name.clone(), e.clone());
                         }
                         fresh.pinned.push(name);
                     }
@@ -155,13 +155,11 @@ impl ListingCache {
             if listing.pinned.iter().any(|p| **p == *name) {
                 continue;
             }
-            let entry = Entry::Present {
-                kind: remote.kind,
-                size: remote.size,
-                mtime: remote.mtime,
-                etag: remote.etag.map(String::into_boxed_str),
-            };
-            if listing.names.insert(name.into_boxed_str(), entry).is_none() {
+            if listing
+                .names
+                .insert(name.into_boxed_str(), Entry::from(&remote))
+                .is_none()
+            {
                 added += 1;
             }
         }
@@ -254,13 +252,7 @@ impl ListingCache {
 
     /// This mount created or changed `name` in `dir`; `remote` is what it is now.
     pub fn note_present(&self, dir: &str, name: &str, path: &str, remote: &Remote) {
-        let entry = Entry::Present {
-            kind: remote.kind,
-            size: remote.size,
-            mtime: remote.mtime,
-            etag: remote.etag.clone().map(String::into_boxed_str),
-        };
-        self.note(dir, name, path, entry);
+        self.note(dir, name, path, Entry::from(remote));
     }
 
     /// This mount removed `name` from `dir`.
@@ -312,20 +304,14 @@ impl ListingCache {
     }
 }
 
-fn clone_entry(e: &Entry) -> Entry {
-    match e {
+impl From<&Remote> for Entry {
+    fn from(remote: &Remote) -> Entry {
         Entry::Present {
-            kind,
-            size,
-            mtime,
-            etag,
-        } => Entry::Present {
-            kind: *kind,
-            size: *size,
-            mtime: *mtime,
-            etag: etag.clone(),
-        },
-        Entry::Removed => Entry::Removed,
+            kind: remote.kind,
+            size: remote.size,
+            mtime: remote.mtime,
+            etag: remote.etag.as_deref().map(Box::from),
+        }
     }
 }
 

@@ -479,7 +479,8 @@ impl BucketFs {
             i.path.clone()
         };
         let key = self.keys.file_key(&path)?;
-        let head = match self.writeback.lookup(&key) {
+        // What the bucket holds, and when that was seen.
+        let found = match self.writeback.lookup(&key) {
             Some(Pending::Upload { size, .. }) => {
                 let mut t = self.table.lock();
                 let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
@@ -493,35 +494,30 @@ impl BucketFs {
             _ => {
                 // A fresh listing of the directory knows the file too.
                 let (dir, name) = names::split(&path);
-                if let Answer::Present(r, at) = self.listing.lookup(dir, name, &path) {
-                    if r.kind == Kind::File {
-                        let mut t = self.table.lock();
-                        let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
-                        if i.staged.is_none() && i.path == path {
-                            i.size = r.size;
-                            i.mtime = r.mtime;
-                            i.etag = r.etag;
-                            i.validated = Some(at);
-                        }
-                        return Ok(self.attr_of(i));
-                    }
+                match self.listing.lookup(dir, name, &path) {
+                    Answer::Present(r, at) if r.kind == Kind::File => Ok((r, at)),
+                    _ => self.store.head(&key).await.map(|meta| {
+                        let remote = Remote {
+                            kind: Kind::File,
+                            size: meta.size,
+                            mtime: meta.last_modified,
+                            etag: meta.etag,
+                        };
+                        (remote, Instant::now())
+                    }),
                 }
-                self.store.head(&key).await
             }
         };
-        if let Err(e @ StoreError::Unreachable(_)) = &head {
+        if let Err(e @ StoreError::Unreachable(_)) = &found {
             self.go_offline(e);
             return self.attr(ino);
         }
-        match head {
-            Ok(meta) => {
+        match found {
+            Ok((remote, seen)) => {
                 let mut t = self.table.lock();
                 let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
                 if i.staged.is_none() && i.path == path {
-                    i.size = meta.size;
-                    i.mtime = meta.last_modified;
-                    i.etag = meta.etag;
-                    i.validated = Some(Instant::now());
+                    i.take_remote(&remote, seen);
                 }
                 Ok(self.attr_of(t.get(ino).expect("live")))
             }

@@ -76,8 +76,7 @@ pub fn unique_prefix(name: &str) -> String {
 
 /// Direct access to the test bucket, bypassing the mount.
 pub struct Bucket {
-    pub store: Arc<dyn ObjectStore>,
-    s3: Arc<S3Store>,
+    store: Arc<S3Store>,
     rt: tokio::runtime::Runtime,
 }
 
@@ -95,10 +94,8 @@ impl Bucket {
             connect_timeout: Duration::from_secs(5),
             attempt_timeout: Duration::from_secs(120),
         });
-        let s3 = Arc::new(store);
         Bucket {
-            store: s3.clone(),
-            s3,
+            store: Arc::new(store),
             rt: tokio::runtime::Runtime::new().unwrap(),
         }
     }
@@ -136,7 +133,7 @@ impl Bucket {
         self.rt.block_on(async {
             for chunk in keys.chunks(1000) {
                 let refused = self
-                    .s3
+                    .store
                     .delete_batch(chunk)
                     .await
                     .unwrap_or_else(|e| panic!("DeleteObjects: {e}"));
@@ -182,7 +179,7 @@ impl Bucket {
         let file = Arc::new(f);
         self.rt
             .block_on(s3mediafs::store::upload_file(
-                &self.store,
+                &(self.store.clone() as Arc<dyn ObjectStore>),
                 key,
                 file,
                 data.len() as u64,
