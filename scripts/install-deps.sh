@@ -10,8 +10,10 @@ MOTO_VERSION="5.2.1"
 GARAGE_BIN="$TOOLS/garage-$GARAGE_VERSION/bin/garage"
 MOTO_VENV="$TOOLS/moto-$MOTO_VERSION"
 BENCH_VENV="$TOOLS/bench-venv-1"
+SYNAPSE_VERSION="1.163.2"
+SYNAPSE_VENV="$TOOLS/synapse-$SYNAPSE_VERSION"
 
-what="${1:-all}"   # all | fuse | garage | moto | bench
+what="${1:-all}"   # all | fuse | garage | moto | synapse | bench
 
 as_root() {
     if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
@@ -60,6 +62,18 @@ ensure_venv_support() {
     fi
 }
 
+# A real Synapse (from PyPI, pinned) for the end-to-end test, with boto3 to look into the bucket.
+install_synapse() {
+    if [ -x "$SYNAPSE_VENV/bin/synctl" ] && "$SYNAPSE_VENV/bin/python" -c 'import boto3' 2>/dev/null; then return; fi
+    echo "install-deps: installing matrix-synapse $SYNAPSE_VERSION into $SYNAPSE_VENV" >&2
+    mkdir -p "$TOOLS"
+    ensure_venv_support
+    rm -rf "$SYNAPSE_VENV"
+    python3 -m venv "$SYNAPSE_VENV"
+    "$SYNAPSE_VENV/bin/pip" install -q --disable-pip-version-check \
+        "matrix-synapse==$SYNAPSE_VERSION" "boto3==1.44.5" >&2
+}
+
 # The benchmarks' peers (s3fs, rclone from Debian) and their Python driver's packages.
 install_bench() {
     local missing=()
@@ -79,10 +93,11 @@ install_bench() {
 }
 
 case "$what" in
-    all) install_fuse; install_garage; install_moto ;;
+    all) install_fuse; install_garage; install_moto; install_synapse ;;
     fuse) install_fuse ;;
     garage) install_garage ;;
     moto) install_moto ;;
+    synapse) install_synapse ;;
     bench) install_fuse; install_garage; install_bench ;;
-    *) echo "usage: $0 [all|fuse|garage|moto|bench]" >&2; exit 2 ;;
+    *) echo "usage: $0 [all|fuse|garage|moto|synapse|bench]" >&2; exit 2 ;;
 esac

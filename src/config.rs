@@ -40,25 +40,26 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Mount BUCKET[:PREFIX] at MOUNTPOINT.
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
+    /// Copy an existing media store (a local directory) into the bucket, keeping the
+    /// relative paths as keys. Resumable: objects already there with the same size and
+    /// content are skipped. Never changes or deletes the source.
+    Import(ImportArgs),
+    /// Show what a running mount is doing: uploads pending, cache use, requests, errors.
+    Status(StatusArgs),
 }
 
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Invocation {
+    Mount(Box<MountArgs>),
+    Import(ImportArgs),
+    Status(StatusArgs),
+}
+
+/// Where the bucket is and how to sign requests to it; shared by every subcommand.
 #[derive(Args, Debug, Clone)]
-pub struct MountArgs {
-    /// The bucket, optionally with a key prefix: `media` or `media:synapse/`. The prefix is
-    /// used verbatim (give the trailing `/` yourself), like synapse-s3-storage-provider.
-    #[arg(value_name = "BUCKET[:PREFIX]")]
-    pub source: String,
-
-    /// An existing, empty directory to mount on.
-    #[arg(value_name = "MOUNTPOINT")]
-    pub mountpoint: PathBuf,
-
-    /// Mount options, comma-separated: each flag below as `name` or `name=value`
-    /// (e.g. `-o allow_other,uid=115,endpoint=http://127.0.0.1:3900`).
-    #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
-    pub options: Vec<String>,
-
+pub struct StoreArgs {
     /// S3 endpoint URL for S3-compatible stores (Garage, MinIO, Ceph, B2, R2...).
     /// Default: AWS S3 for the region. Also read from AWS_ENDPOINT_URL.
     #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "URL")]
@@ -80,6 +81,71 @@ pub struct MountArgs {
     /// File holding `ACCESS_KEY:SECRET_KEY` on one line; must not be readable by group or others.
     #[arg(long, value_name = "FILE")]
     pub credentials: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ImportArgs {
+    /// The directory to copy, e.g. /var/lib/matrix-synapse/media.
+    #[arg(value_name = "SRC_DIR")]
+    pub source_dir: PathBuf,
+
+    /// The bucket, optionally with a key prefix (as for `mount`).
+    #[arg(value_name = "BUCKET[:PREFIX]")]
+    pub target: String,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// Files copied at once.
+    #[arg(long, short = 'j', default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub jobs: u16,
+
+    /// After copying, read every object back and compare it with its source file.
+    #[arg(long)]
+    pub verify: bool,
+
+    /// Only report what would be copied (and, with --verify, check what is there).
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Part size of multipart uploads.
+    #[arg(long, default_value = "8M", value_parser = parse_size)]
+    pub part_size: u64,
+
+    /// No progress bar (it is also left out when stderr is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// Where the bucket is mounted.
+    #[arg(value_name = "MOUNTPOINT")]
+    pub mountpoint: PathBuf,
+
+    /// Print every metric, in the Prometheus text format, instead of a summary.
+    #[arg(long)]
+    pub raw: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MountArgs {
+    /// The bucket, optionally with a key prefix: `media` or `media:synapse/`. The prefix is
+    /// used verbatim (give the trailing `/` yourself), like synapse-s3-storage-provider.
+    #[arg(value_name = "BUCKET[:PREFIX]")]
+    pub source: String,
+
+    /// An existing, empty directory to mount on.
+    #[arg(value_name = "MOUNTPOINT")]
+    pub mountpoint: PathBuf,
+
+    /// Mount options, comma-separated: each flag below as `name` or `name=value`
+    /// (e.g. `-o allow_other,uid=115,endpoint=http://127.0.0.1:3900`).
+    #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
+    pub options: Vec<String>,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
 
     /// Owner shown for every file and directory [default: the mounting user].
     #[arg(long)]
@@ -233,19 +299,53 @@ fn is_generic_option(name: &str) -> bool {
 /// Parses the process arguments. The mount-helper form (`s3mediafs SRC MNT -o ...`)
 /// becomes `s3mediafs mount SRC MNT --background ...`, and each `-o` option becomes its
 /// flag, so both forms share one set of rules.
-pub fn parse_args(args: Vec<OsString>) -> Result<MountArgs, clap::Error> {
+const SUBCOMMANDS: &[&str] = &["mount", "import", "status", "help"];
+
+/// Drops the flags mount(8) gives its helpers (-s sloppy, -f fake, -n no mtab, -v verbose,
+/// -N namespace, -t type), which mean nothing here.
+fn strip_mount_helper_flags(args: Vec<OsString>) -> Vec<OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.into_iter();
+    out.extend(it.next());
+    while let Some(a) = it.next() {
+        match a.to_string_lossy().as_ref() {
+            "-s" | "-f" | "-n" | "-v" => {}
+            "-N" | "-t" => {
+                it.next();
+            }
+            _ => out.push(a),
+        }
+    }
+    out
+}
+
+pub fn parse_args(args: Vec<OsString>) -> Result<Invocation, clap::Error> {
     let mut args = args;
-    let helper_form = args.get(1).is_some_and(|a| {
-        let a = a.to_string_lossy();
-        !a.starts_with('-') && a != "mount" && a != "help"
+    // mount(8) runs `mount.s3mediafs SRC DIR [-sfnv] [-o OPTS]`; mount.fuse3 and fstab
+    // run `s3mediafs SRC DIR -o OPTS`.
+    let as_mount_helper = args.first().is_some_and(|a| {
+        Path::new(a)
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("mount."))
     });
+    if as_mount_helper {
+        args = strip_mount_helper_flags(args);
+    }
+    let helper_form = as_mount_helper
+        || args.get(1).is_some_and(|a| {
+            let a = a.to_string_lossy();
+            !a.starts_with('-') && !SUBCOMMANDS.contains(&a.as_ref())
+        });
     if helper_form {
         args.insert(1, "mount".into());
     }
-    let cli = Cli::try_parse_from(&args)?;
-    let Command::Mount(first) = cli.command;
+    let first = match Cli::try_parse_from(&args)?.command {
+        Command::Mount(m) => m,
+        Command::Import(i) => return Ok(Invocation::Import(i)),
+        Command::Status(s) => return Ok(Invocation::Status(s)),
+    };
     if first.options.is_empty() && !helper_form {
-        return Ok(with_default_mode(first, false));
+        return Ok(Invocation::Mount(with_default_mode(first, false)));
     }
     // Re-parse with the -o options spelled as flags, so they get the same validation.
     let mut flags: Vec<OsString> = Vec::new();
@@ -308,12 +408,13 @@ pub fn parse_args(args: Vec<OsString>) -> Result<MountArgs, clap::Error> {
             }
         }
     }
-    let cli = Cli::try_parse_from(&flags)?;
-    let Command::Mount(args) = cli.command;
-    Ok(with_default_mode(args, helper_form))
+    match Cli::try_parse_from(&flags)?.command {
+        Command::Mount(m) => Ok(Invocation::Mount(with_default_mode(m, helper_form))),
+        _ => unreachable!("the flags were built for `mount`"),
+    }
 }
 
-fn with_default_mode(mut a: MountArgs, helper_form: bool) -> MountArgs {
+fn with_default_mode(mut a: Box<MountArgs>, helper_form: bool) -> Box<MountArgs> {
     if !a.foreground && !a.background {
         a.background = helper_form;
         a.foreground = !helper_form;
@@ -454,33 +555,14 @@ pub struct Config {
 
 impl Config {
     pub fn from_args(a: MountArgs) -> Result<Config, String> {
-        let (bucket, prefix) = match a.source.split_once(':') {
-            Some((b, p)) => (b.to_string(), p.to_string()),
-            None => (a.source.clone(), String::new()),
-        };
-        validate_bucket(&bucket)?;
-        if prefix.starts_with('/') {
-            return Err(format!(
-                "the prefix '{prefix}' starts with '/'; S3 keys are written without a leading slash"
-            ));
-        }
-        if let Some(ep) = &a.endpoint {
-            let ok = (ep.starts_with("http://") || ep.starts_with("https://"))
-                && ep
-                    .split("://")
-                    .nth(1)
-                    .is_some_and(|h| !h.is_empty() && !h.starts_with('/'));
-            if !ok {
-                return Err(format!(
-                    "the endpoint '{ep}' is not a URL; give it as http://host:port or https://host"
-                ));
-            }
-        }
-        let path_style = match a.addressing.as_str() {
-            "path" => true,
-            "virtual" => false,
-            _ => a.endpoint.is_some(),
-        };
+        let Target {
+            bucket,
+            prefix,
+            endpoint,
+            region,
+            path_style,
+            credentials,
+        } = Target::resolve(&a.source, &a.store)?;
         if a.part_size < 5 << 20 || a.part_size > 5 << 30 {
             return Err(format!(
                 "--part-size {} is outside what S3 allows (5M to 5G)",
@@ -516,19 +598,18 @@ impl Config {
                 a.block_size
             ));
         }
-        let credentials = resolve_credentials(a.credentials.as_deref(), a.profile.as_deref())?;
         // SAFETY: geteuid/getegid cannot fail.
         let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
         let cache_dir = match a.cache_dir {
             Some(d) => d,
-            None => default_cache_dir(&bucket, a.endpoint.as_deref(), &prefix, euid),
+            None => default_cache_dir(&bucket, endpoint.as_deref(), &prefix, euid),
         };
         Ok(Config {
             bucket,
             prefix,
             mountpoint: a.mountpoint,
-            endpoint: a.endpoint,
-            region: a.region,
+            endpoint,
+            region,
             path_style,
             credentials,
             allow_other: a.allow_other,
@@ -570,6 +651,75 @@ impl Config {
     }
 
     pub fn store_config(&self) -> StoreConfig {
+        self.target().store_config()
+    }
+
+    /// The bucket this mount serves.
+    pub fn target(&self) -> Target {
+        Target {
+            bucket: self.bucket.clone(),
+            prefix: self.prefix.clone(),
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            path_style: self.path_style,
+            credentials: self.credentials.clone(),
+        }
+    }
+}
+
+/// A bucket (and key prefix) with where it is and the credentials to use it, checked.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub bucket: String,
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub path_style: bool,
+    pub credentials: Credentials,
+}
+
+impl Target {
+    /// Checks `BUCKET[:PREFIX]` and the connection flags, and finds the credentials.
+    pub fn resolve(source: &str, a: &StoreArgs) -> Result<Target, String> {
+        let (bucket, prefix) = match source.split_once(':') {
+            Some((b, p)) => (b.to_string(), p.to_string()),
+            None => (source.to_string(), String::new()),
+        };
+        validate_bucket(&bucket)?;
+        if prefix.starts_with('/') {
+            return Err(format!(
+                "the prefix '{prefix}' starts with '/'; S3 keys are written without a leading slash"
+            ));
+        }
+        if let Some(ep) = &a.endpoint {
+            let ok = (ep.starts_with("http://") || ep.starts_with("https://"))
+                && ep
+                    .split("://")
+                    .nth(1)
+                    .is_some_and(|h| !h.is_empty() && !h.starts_with('/'));
+            if !ok {
+                return Err(format!(
+                    "the endpoint '{ep}' is not a URL; give it as http://host:port or https://host"
+                ));
+            }
+        }
+        let path_style = match a.addressing.as_str() {
+            "path" => true,
+            "virtual" => false,
+            _ => a.endpoint.is_some(),
+        };
+        let credentials = resolve_credentials(a.credentials.as_deref(), a.profile.as_deref())?;
+        Ok(Target {
+            bucket,
+            prefix,
+            endpoint: a.endpoint.clone(),
+            region: a.region.clone(),
+            path_style,
+            credentials,
+        })
+    }
+
+    pub fn store_config(&self) -> StoreConfig {
         StoreConfig {
             bucket: self.bucket.clone(),
             endpoint: self.endpoint.clone(),
@@ -581,7 +731,15 @@ impl Config {
             max_attempts: 5,
             connect_timeout: Duration::from_secs(5),
             attempt_timeout: Duration::from_secs(120),
+            attempts: Default::default(),
         }
+    }
+
+    /// Where requests go, for messages.
+    pub fn endpoint_name(&self) -> String {
+        self.endpoint
+            .clone()
+            .unwrap_or_else(|| format!("AWS S3 ({})", self.region))
     }
 }
 
@@ -742,39 +900,90 @@ mod tests {
         v.iter().map(OsString::from).collect()
     }
 
+    fn parse_mount(v: &[&str]) -> Result<MountArgs, clap::Error> {
+        match parse_args(args(v))? {
+            Invocation::Mount(m) => Ok(*m),
+            other => panic!("not a mount: {other:?}"),
+        }
+    }
+
     #[test]
     fn helper_form_maps_options_to_flags() {
-        let a = parse_args(args(&[
+        let a = parse_mount(&[
             "s3mediafs", "media:syn/", "/mnt", "-o",
             "rw,_netdev,nofail,x-systemd.automount,allow_other,uid=115,file_mode=0640,ro,endpoint=http://127.0.0.1:3900",
-        ]))
+        ])
         .unwrap();
         assert_eq!(a.source, "media:syn/");
         assert!(a.allow_other && a.read_only && a.background && !a.foreground);
         assert_eq!(a.uid, Some(115));
         assert_eq!(a.file_mode, 0o640);
-        assert_eq!(a.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+        assert_eq!(a.store.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+    }
+
+    #[test]
+    fn mount_helper_name_takes_mounts_flags() {
+        let a = parse_mount(&[
+            "/sbin/mount.s3mediafs",
+            "media",
+            "/mnt",
+            "-n",
+            "-v",
+            "-o",
+            "rw,uid=5",
+            "-t",
+            "s3mediafs",
+        ])
+        .unwrap();
+        assert_eq!(a.source, "media");
+        assert_eq!(a.uid, Some(5));
+        assert!(a.background);
+    }
+
+    #[test]
+    fn subcommands_parse() {
+        match parse_args(args(&[
+            "s3mediafs",
+            "import",
+            "/src",
+            "media:p/",
+            "--verify",
+            "-j",
+            "4",
+        ]))
+        .unwrap()
+        {
+            Invocation::Import(i) => {
+                assert_eq!(i.target, "media:p/");
+                assert!(i.verify && !i.dry_run);
+                assert_eq!(i.jobs, 4);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_args(args(&["s3mediafs", "status", "/mnt"])).unwrap(),
+            Invocation::Status(_)
+        ));
     }
 
     #[test]
     fn mount_subcommand_runs_in_the_foreground() {
-        let a = parse_args(args(&["s3mediafs", "mount", "b", "/mnt"])).unwrap();
+        let a = parse_mount(&["s3mediafs", "mount", "b", "/mnt"]).unwrap();
         assert!(a.foreground && !a.background);
-        let a = parse_args(args(&["s3mediafs", "mount", "b", "/mnt", "--background"])).unwrap();
+        let a = parse_mount(&["s3mediafs", "mount", "b", "/mnt", "--background"]).unwrap();
         assert!(!a.foreground && a.background);
     }
 
     #[test]
     fn unknown_and_malformed_options_are_errors() {
-        let e = parse_args(args(&["s3mediafs", "b", "/mnt", "-o", "bogus"])).unwrap_err();
+        let e = parse_mount(&["s3mediafs", "b", "/mnt", "-o", "bogus"]).unwrap_err();
         assert!(
             e.to_string().contains("unknown mount option 'bogus'"),
             "{e}"
         );
-        let e = parse_args(args(&["s3mediafs", "b", "/mnt", "-o", "uid"])).unwrap_err();
+        let e = parse_mount(&["s3mediafs", "b", "/mnt", "-o", "uid"]).unwrap_err();
         assert!(e.to_string().contains("needs a value"), "{e}");
-        let e =
-            parse_args(args(&["s3mediafs", "b", "/mnt", "-o", "metadata_ttl=soon"])).unwrap_err();
+        let e = parse_mount(&["s3mediafs", "b", "/mnt", "-o", "metadata_ttl=soon"]).unwrap_err();
         assert!(e.to_string().contains("not a duration"), "{e}");
     }
 

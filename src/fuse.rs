@@ -5,7 +5,7 @@
 use std::ffi::OsStr;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags,
@@ -16,16 +16,23 @@ use fuser::{
 use tokio::runtime::Handle;
 
 use crate::fs::{Attr, BucketFs, FsError, Kind};
+use crate::metrics::{FuseMetrics, Metrics};
+
+/// The extended attribute of the mount's root that holds the mount's metrics, for
+/// `s3mediafs status`.
+pub const STATUS_XATTR: &str = "user.s3mediafs.status";
 
 pub struct FuseAdapter {
     fs: Arc<BucketFs>,
     rt: Handle,
     ttl: Duration,
     negative_ttl: Duration,
+    metrics: Arc<Metrics>,
+    latency: FuseMetrics,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<BucketFs>, rt: Handle) -> Self {
+    pub fn new(fs: Arc<BucketFs>, rt: Handle, metrics: Arc<Metrics>) -> Self {
         let ttl = fs.options().metadata_ttl;
         let negative_ttl = fs.options().negative_ttl;
         FuseAdapter {
@@ -33,14 +40,23 @@ impl FuseAdapter {
             rt,
             ttl,
             negative_ttl,
+            latency: metrics.fuse(),
+            metrics,
         }
     }
 
-    fn spawn<F>(&self, f: impl FnOnce(Arc<BucketFs>) -> F)
+    /// Runs the request `op` as a task; its time to reply is recorded.
+    fn spawn<F>(&self, op: &'static str, f: impl FnOnce(Arc<BucketFs>) -> F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.rt.spawn(f(self.fs.clone()));
+        let started = Instant::now();
+        let latency = self.latency.clone();
+        let work = f(self.fs.clone());
+        self.rt.spawn(async move {
+            work.await;
+            latency.observe(op, started.elapsed());
+        });
     }
 }
 
@@ -104,7 +120,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let (name, ttl, neg) = (name.to_owned(), self.ttl, self.negative_ttl);
-        self.spawn(|fs| async move {
+        self.spawn("lookup", |fs| async move {
             match fs.lookup(parent.0, &name).await {
                 Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
                 Err(FsError::NOENT) if !neg.is_zero() => {
@@ -121,7 +137,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ttl = self.ttl;
-        self.spawn(|fs| async move {
+        self.spawn("getattr", |fs| async move {
             match fs.getattr(ino.0).await {
                 Ok(a) => reply.attr(&ttl, &file_attr(&a)),
                 Err(e) => reply.error(errno(e)),
@@ -150,7 +166,7 @@ impl fuser::Filesystem for FuseAdapter {
         // Owner, mode and times are mount-wide; changing them succeeds and changes nothing,
         // so `cp -a` and `rsync -a` work.
         let ttl = self.ttl;
-        self.spawn(|fs| async move {
+        self.spawn("setattr", |fs| async move {
             let r = match size {
                 Some(size) => fs.setattr_size(ino.0, size, fh.map(|f| f.0)).await,
                 None => fs.getattr(ino.0).await,
@@ -172,7 +188,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let (name, ttl) = (name.to_owned(), self.ttl);
-        self.spawn(|fs| async move {
+        self.spawn("mkdir", |fs| async move {
             match fs.mkdir(parent.0, &name).await {
                 Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(e)),
@@ -182,12 +198,16 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.spawn(|fs| async move { reply_empty(reply, fs.unlink(parent.0, &name).await) });
+        self.spawn("unlink", |fs| async move {
+            reply_empty(reply, fs.unlink(parent.0, &name).await)
+        });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.spawn(|fs| async move { reply_empty(reply, fs.rmdir(parent.0, &name).await) });
+        self.spawn("rmdir", |fs| async move {
+            reply_empty(reply, fs.rmdir(parent.0, &name).await)
+        });
     }
 
     fn rename(
@@ -208,7 +228,7 @@ impl fuser::Filesystem for FuseAdapter {
         }
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let (name, newname) = (name.to_owned(), newname.to_owned());
-        self.spawn(|fs| async move {
+        self.spawn("rename", |fs| async move {
             reply_empty(
                 reply,
                 fs.rename(parent.0, &name, newparent.0, &newname, no_replace)
@@ -218,7 +238,7 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.spawn(|fs| async move {
+        self.spawn("open", |fs| async move {
             match fs.open(ino.0, flags.0).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno(e)),
@@ -237,7 +257,7 @@ impl fuser::Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn(|fs| async move {
+        self.spawn("read", |fs| async move {
             match fs.read(fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno(e)),
@@ -258,7 +278,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
-        self.spawn(|fs| async move {
+        self.spawn("write", |fs| async move {
             match fs.write(fh.0, offset, &data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(e)),
@@ -274,7 +294,9 @@ impl fuser::Filesystem for FuseAdapter {
         _lo: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|fs| async move { reply_empty(reply, fs.flush(fh.0).await) });
+        self.spawn("flush", |fs| async move {
+            reply_empty(reply, fs.flush(fh.0).await)
+        });
     }
 
     fn release(
@@ -287,7 +309,9 @@ impl fuser::Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|fs| async move { reply_empty(reply, fs.release(fh.0).await) });
+        self.spawn("release", |fs| async move {
+            reply_empty(reply, fs.release(fh.0).await)
+        });
     }
 
     fn fsync(
@@ -298,7 +322,9 @@ impl fuser::Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|fs| async move { reply_empty(reply, fs.fsync(fh.0).await) });
+        self.spawn("fsync", |fs| async move {
+            reply_empty(reply, fs.fsync(fh.0).await)
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -316,7 +342,7 @@ impl fuser::Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        self.spawn(|fs| async move {
+        self.spawn("readdir", |fs| async move {
             match fs.readdir(fh.0, offset, 512).await {
                 Ok(entries) => {
                     for e in entries {
@@ -355,7 +381,9 @@ impl fuser::Filesystem for FuseAdapter {
         _ds: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|fs| async move { reply_empty(reply, fs.fsyncdir(ino.0).await) });
+        self.spawn("fsyncdir", |fs| async move {
+            reply_empty(reply, fs.fsyncdir(ino.0).await)
+        });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -376,7 +404,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyCreate,
     ) {
         let (name, ttl) = (name.to_owned(), self.ttl);
-        self.spawn(|fs| async move {
+        self.spawn("create", |fs| async move {
             match fs.create(parent.0, &name, flags).await {
                 Ok((a, fh)) => reply.created(
                     &ttl,
@@ -398,13 +426,25 @@ impl fuser::Filesystem for FuseAdapter {
     fn getxattr(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
+        ino: INodeNo,
+        name: &OsStr,
+        size: u32,
         reply: fuser::ReplyXattr,
     ) {
-        // Objects carry no extended attributes; ENOTSUP tells the kernel to stop asking.
-        reply.error(Errno::from_i32(libc::ENOTSUP));
+        if ino.0 != crate::fs::ROOT || name != STATUS_XATTR {
+            // Objects carry no extended attributes.
+            reply.error(Errno::from_i32(libc::ENOTSUP));
+            return;
+        }
+        let text = self.metrics.render();
+        let len = text.len() as u32;
+        if size == 0 {
+            reply.size(len);
+        } else if size < len {
+            reply.error(Errno::from_i32(libc::ERANGE));
+        } else {
+            reply.data(text.as_bytes());
+        }
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {

@@ -4,13 +4,17 @@
 //! Layers, from the kernel down: `fuse` (translation only) -> `fs` (filesystem semantics,
 //! FUSE-agnostic) -> `store` (the object store trait, S3 and in-memory) and `cache` (the local
 //! cache directory). `config` validates options; `mount` runs the mount's lifecycle.
+//! `import` copies an existing media store into a bucket; `status` reports on a running
+//! mount.
 
 pub mod cache;
 pub mod config;
 pub mod fs;
 pub mod fuse;
+pub mod import;
 pub mod metrics;
 pub mod mount;
 pub mod readahead;
+pub mod status;
 pub mod store;
 pub mod writeback;

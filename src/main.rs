@@ -1,31 +1,40 @@
-//! The `s3mediafs` command: `s3mediafs mount ...`, or the mount-helper form
-//! `s3mediafs BUCKET[:PREFIX] MOUNTPOINT -o ...`.
+//! The `s3mediafs` command: `s3mediafs mount ...`, the mount-helper form
+//! `s3mediafs BUCKET[:PREFIX] MOUNTPOINT -o ...` (also run as `mount.s3mediafs`),
+//! `s3mediafs import ...` and `s3mediafs status ...`.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use s3mediafs::config::{self, Config};
-use s3mediafs::mount;
+use s3mediafs::config::{self, Config, Invocation};
+use s3mediafs::{import, mount, status};
 
 fn main() -> ExitCode {
-    let mut args = match config::parse_args(std::env::args_os().collect()) {
+    let invocation = match config::parse_args(std::env::args_os().collect()) {
         Ok(a) => a,
         Err(e) => e.exit(),
     };
-    if std::env::var_os(mount::DAEMON_ENV).is_some() {
-        args.foreground = true;
-        args.background = false;
-    }
-    let cfg = match Config::from_args(args) {
-        Ok(c) => c,
-        Err(msg) => {
-            eprintln!("s3mediafs: {msg}");
-            return ExitCode::from(1);
+    let result = match invocation {
+        Invocation::Mount(mut args) => {
+            if std::env::var_os(mount::DAEMON_ENV).is_some() {
+                args.foreground = true;
+                args.background = false;
+            }
+            match Config::from_args(*args) {
+                Ok(cfg) => {
+                    init_logging(&cfg.log_level);
+                    mount::run(cfg).map(|()| ExitCode::SUCCESS)
+                }
+                Err(msg) => Err(msg),
+            }
         }
+        Invocation::Import(args) => {
+            init_logging("warn");
+            import::run(args)
+        }
+        Invocation::Status(args) => status::run(args),
     };
-    init_logging(&cfg.log_level);
-    match mount::run(cfg) {
-        Ok(()) => ExitCode::SUCCESS,
+    match result {
+        Ok(code) => code,
         Err(msg) => {
             eprintln!("s3mediafs: {msg}");
             ExitCode::from(1)

@@ -1,6 +1,7 @@
-//! Prometheus metrics: requests to the store by operation and outcome, bytes moved, and the
-//! state of the cache, the write-back queue and the read buffers, served as OpenMetrics
-//! text on `--metrics-addr`.
+//! Prometheus metrics: requests to the store by operation and outcome, retries, bytes moved,
+//! how long FUSE operations take, and the state of the cache, the write-back queue and the
+//! read buffers. Served as OpenMetrics text on `--metrics-addr`, and read by
+//! `s3mediafs status` through the mount itself (see `fuse.rs`).
 
 use std::sync::Arc;
 
@@ -8,11 +9,43 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 type Labels = Vec<(&'static str, &'static str)>;
+type LatencyFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 us to 6.5 s, by factors of 4.
+    Histogram::new(exponential_buckets(0.0001, 4.0, 9))
+}
+
+/// How long each kind of FUSE request takes, from arrival to reply.
+#[derive(Clone)]
+pub struct FuseMetrics {
+    latency: LatencyFamily,
+}
+
+impl FuseMetrics {
+    pub fn observe(&self, op: &'static str, took: std::time::Duration) {
+        self.latency
+            .get_or_create(&vec![("op", op)])
+            .observe(took.as_secs_f64());
+    }
+}
+
+/// What `s3mediafs status` shows in its first lines.
+#[derive(Debug, Clone)]
+pub struct MountInfo {
+    pub source: String,
+    pub endpoint: String,
+    pub mountpoint: String,
+    pub cache_dir: String,
+    pub cache_limit: u64,
+    pub write_mode: &'static str,
+}
 
 /// What the store layer counts.
 #[derive(Clone, Default)]
@@ -53,6 +86,7 @@ pub struct StateReading {
     pub cache_corrupt: u64,
     pub inodes: u64,
     pub listed_names: u64,
+    pub retries: u64,
 }
 
 pub type StateSource = Box<dyn Fn() -> StateReading + Send + Sync>;
@@ -70,12 +104,14 @@ struct StateMetrics {
     cache_evictions: Counter,
     cache_skipped: Counter,
     cache_corrupt: Counter,
+    retries: Counter,
 }
 
 pub struct Metrics {
     registry: Registry,
     store: StoreMetrics,
     state: StateMetrics,
+    fuse: FuseMetrics,
     source: parking_lot::Mutex<Option<StateSource>>,
 }
 
@@ -85,6 +121,17 @@ fn catch_up(c: &Counter, value: u64) {
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
+        Arc::new(Self::build())
+    }
+
+    /// Metrics for a mount, with what is mounted where.
+    pub fn for_mount(info: &MountInfo) -> Arc<Self> {
+        let mut m = Self::build();
+        m.describe_mount(info);
+        Arc::new(m)
+    }
+
+    fn build() -> Self {
         let mut registry = Registry::with_prefix("s3mediafs");
         let store = StoreMetrics::default();
         registry.register(
@@ -115,6 +162,7 @@ impl Metrics {
             cache_evictions: Counter::default(),
             cache_skipped: Counter::default(),
             cache_corrupt: Counter::default(),
+            retries: Counter::default(),
         };
         registry.register(
             "cache_block_bytes",
@@ -176,16 +224,68 @@ impl Metrics {
             "Cached blocks found damaged and dropped",
             state.cache_corrupt.clone(),
         );
-        Arc::new(Metrics {
+        registry.register(
+            "retries",
+            "Requests to the object store sent again after a failed attempt",
+            state.retries.clone(),
+        );
+        let fuse = FuseMetrics {
+            latency: LatencyFamily::new_with_constructor(latency_histogram),
+        };
+        registry.register(
+            "fuse_op_seconds",
+            "Time from a FUSE request's arrival to its reply, by operation",
+            fuse.latency.clone(),
+        );
+        Metrics {
             registry,
             store,
             state,
+            fuse,
             source: parking_lot::Mutex::new(None),
-        })
+        }
     }
 
     pub fn store(&self) -> StoreMetrics {
         self.store.clone()
+    }
+
+    pub fn fuse(&self) -> FuseMetrics {
+        self.fuse.clone()
+    }
+
+    /// Records what is mounted where, as an info metric and the cache's limit.
+    fn describe_mount(&mut self, info: &MountInfo) {
+        let labels: Vec<(&'static str, String)> = vec![
+            ("source", info.source.clone()),
+            ("endpoint", info.endpoint.clone()),
+            ("mountpoint", info.mountpoint.clone()),
+            ("cache_dir", info.cache_dir.clone()),
+            ("write_mode", info.write_mode.to_string()),
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+        ];
+        let family = Family::<Vec<(&'static str, String)>, Gauge>::default();
+        family.get_or_create(&labels).set(1);
+        self.registry
+            .register("mount", "What is mounted where (always 1)", family);
+        let limit = Gauge::<i64>::default();
+        limit.set(info.cache_limit as i64);
+        self.registry.register(
+            "cache_limit_bytes",
+            "Most disk the cache directory may use (--cache-size)",
+            limit,
+        );
+        let started = Gauge::<i64>::default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        started.set(now);
+        self.registry.register(
+            "start_time_seconds",
+            "When the mount started, in seconds since the Unix epoch",
+            started,
+        );
     }
 
     /// Where the state gauges are read from at each scrape.
@@ -210,6 +310,7 @@ impl Metrics {
             catch_up(&s.cache_evictions, r.cache_evictions);
             catch_up(&s.cache_skipped, r.cache_skipped);
             catch_up(&s.cache_corrupt, r.cache_corrupt);
+            catch_up(&s.retries, r.retries);
         }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");

@@ -12,10 +12,10 @@ use std::time::Duration;
 use fuser::{MountOption, SessionACL};
 
 use crate::cache::{BlockCache, CacheLock, Journal, StagedBytes, StagingArea};
-use crate::config::Config;
+use crate::config::{Config, Target};
 use crate::fs::BucketFs;
 use crate::fuse::FuseAdapter;
-use crate::metrics::{Metrics, StateReading};
+use crate::metrics::{Metrics, MountInfo, StateReading};
 use crate::readahead::Readahead;
 use crate::store::{MeteredStore, ObjectStore, S3Store, StoreError};
 use crate::writeback::WritebackQueue;
@@ -37,7 +37,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    check_bucket(&rt, &cfg)?;
+    check_bucket(&rt, &cfg.target())?;
     let metrics_listener = match cfg.metrics_addr {
         Some(addr) => Some(
             std::net::TcpListener::bind(addr)
@@ -49,8 +49,29 @@ pub fn run(cfg: Config) -> Result<(), String> {
         None => None,
     };
 
-    let metrics = Metrics::new();
-    let s3: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&cfg.store_config()));
+    let source = if cfg.prefix.is_empty() {
+        cfg.bucket.clone()
+    } else {
+        format!("{}:{}", cfg.bucket, cfg.prefix)
+    };
+    let metrics = Metrics::for_mount(&MountInfo {
+        source: source.clone(),
+        endpoint: cfg
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| format!("AWS S3 ({})", cfg.region)),
+        mountpoint: cfg.mountpoint.display().to_string(),
+        cache_dir: cfg.cache_dir.display().to_string(),
+        cache_limit: cfg.cache.max_bytes,
+        write_mode: if cfg.fs.write_through {
+            "writethrough"
+        } else {
+            "writeback"
+        },
+    });
+    let store_config = cfg.store_config();
+    let attempts = store_config.attempts.clone();
+    let s3: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&store_config));
     let store: Arc<dyn ObjectStore> = Arc::new(MeteredStore::new(s3, metrics.store()));
     let cache_err = |e: std::io::Error| {
         format!(
@@ -108,6 +129,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 cache_corrupt: b.corrupt,
                 inodes: fs.inode_count() as u64,
                 listed_names: fs.listed_names() as u64,
+                retries: attempts.retries(),
             }
         }));
     }
@@ -118,13 +140,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving metrics at /metrics");
         rt.spawn(metrics.clone().serve(listener));
     }
-    let adapter = FuseAdapter::new(fs, rt.handle().clone());
-
-    let source = if cfg.prefix.is_empty() {
-        cfg.bucket.clone()
-    } else {
-        format!("{}:{}", cfg.bucket, cfg.prefix)
-    };
+    let adapter = FuseAdapter::new(fs, rt.handle().clone(), metrics.clone());
     let mut options = vec![
         MountOption::FSName(source.clone()),
         MountOption::Subtype("s3mediafs".into()),
@@ -159,13 +175,32 @@ pub fn run(cfg: Config) -> Result<(), String> {
             lazy_unmount(&mountpoint);
         }
     });
-    tracing::info!(
-        source, mountpoint = %cfg.mountpoint.display(), endpoint = cfg.endpoint.as_deref().unwrap_or("AWS"),
-        cache_dir = %cfg.cache_dir.display(), "mounted"
+    announce_when_answering(
+        cfg.mountpoint.clone(),
+        source.clone(),
+        cfg.cache_dir.clone(),
     );
-    signal_ready();
+    {
+        let (writeback, source, mountpoint) =
+            (writeback.clone(), source.clone(), cfg.mountpoint.clone());
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let status = serving_status(&source, &mountpoint, &writeback);
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+            }
+        });
+    }
     let result = session.run();
     let pending = writeback.pending();
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status(&format!(
+            "Unmounted; uploading {pending} pending changes ({} bytes) before exiting",
+            writeback.dirty_bytes()
+        )),
+    ]);
     if pending > 0 {
         tracing::info!(
             pending,
@@ -215,6 +250,64 @@ fn detach() -> Result<(), String> {
         .wait()
         .map_err(|e| format!("lost the mount process: {e}"))?;
     Err(format!("the mount failed ({status})"))
+}
+
+/// Once the kernel passes requests for `mountpoint` to this process and they are answered,
+/// tells whoever waits: the parent of a background mount, and systemd (READY=1) when run
+/// as a `Type=notify` service.
+fn announce_when_answering(mountpoint: PathBuf, source: String, cache_dir: PathBuf) {
+    const FUSE_SUPER_MAGIC: libc::c_long = 0x65735546;
+    std::thread::Builder::new()
+        .name("s3mediafs-ready".into())
+        .spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let answering = nix_statfs(&mountpoint)
+                    .is_some_and(|f_type| f_type == FUSE_SUPER_MAGIC)
+                    && std::fs::metadata(&mountpoint).is_ok_and(|m| m.is_dir());
+                if answering {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    tracing::error!(mountpoint = %mountpoint.display(), "the mount did not answer within 60 s");
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            tracing::info!(source, mountpoint = %mountpoint.display(), cache_dir = %cache_dir.display(), "mounted");
+            signal_ready();
+            let _ = sd_notify::notify(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status(&format!(
+                    "Serving {source} on {}",
+                    mountpoint.display()
+                )),
+            ]);
+        })
+        .expect("spawning a thread");
+}
+
+/// The filesystem type of the filesystem holding `path`.
+fn nix_statfs(path: &Path) -> Option<libc::c_long> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a statfs buffer of the right type.
+    let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    (r == 0).then_some(st.f_type)
+}
+
+/// One line for `systemctl status`.
+fn serving_status(source: &str, mountpoint: &Path, writeback: &WritebackQueue) -> String {
+    let pending = writeback.pending();
+    let uploads = if pending == 0 {
+        "all changes are in the bucket".to_string()
+    } else {
+        format!(
+            "{pending} changes waiting for upload ({:.1} MiB)",
+            writeback.dirty_bytes() as f64 / (1 << 20) as f64
+        )
+    };
+    format!("Serving {source} on {}; {uploads}", mountpoint.display())
 }
 
 /// Tells a waiting parent that the mount is up, then lets go of its pipe.
@@ -374,15 +467,12 @@ fn prepare_cache_dir(dir: &PathBuf) -> Result<CacheLock, String> {
 
 /// One cheap request that proves the endpoint answers, the credentials work and the bucket
 /// exists.
-fn check_bucket(rt: &tokio::runtime::Runtime, cfg: &Config) -> Result<(), String> {
+pub fn check_bucket(rt: &tokio::runtime::Runtime, cfg: &Target) -> Result<(), String> {
     let mut sc = cfg.store_config();
     sc.max_attempts = 2;
     sc.attempt_timeout = Duration::from_secs(10);
     let store = S3Store::new(&sc);
-    let endpoint = cfg
-        .endpoint
-        .clone()
-        .unwrap_or_else(|| format!("AWS S3 ({})", cfg.region));
+    let endpoint = cfg.endpoint_name();
     let b = &cfg.bucket;
     let r = rt.block_on(async {
         tokio::time::timeout(

@@ -4,14 +4,21 @@
 
 use std::fmt;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use aws_sdk_s3::config::interceptors::{
+    BeforeSerializationInterceptorContextRef, BeforeTransmitInterceptorContextRef,
+};
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
-    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RequestChecksumCalculation,
+    ResponseChecksumValidation, RuntimeComponents,
 };
+use aws_sdk_s3::error::BoxError;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
@@ -35,6 +42,51 @@ pub struct StoreConfig {
     pub connect_timeout: Duration,
     /// Limit on one attempt of one request (a whole part upload or ranged GET).
     pub attempt_timeout: Duration,
+    /// Where requests and their attempts are counted (retries are the difference).
+    pub attempts: AttemptCounts,
+}
+
+/// Requests sent and attempts made, counted by the SDK's interceptor hooks; every attempt
+/// past a request's first is a retry.
+#[derive(Clone, Debug, Default)]
+pub struct AttemptCounts {
+    requests: Arc<AtomicU64>,
+    attempts: Arc<AtomicU64>,
+}
+
+impl AttemptCounts {
+    pub fn retries(&self) -> u64 {
+        // Requests are counted before their attempts, so this never runs ahead of the truth.
+        let requests = self.requests.load(Ordering::Relaxed);
+        self.attempts
+            .load(Ordering::Relaxed)
+            .saturating_sub(requests)
+    }
+}
+
+impl Intercept for AttemptCounts {
+    fn name(&self) -> &'static str {
+        "AttemptCounts"
+    }
+
+    fn read_before_execution(
+        &self,
+        _context: &BeforeSerializationInterceptorContextRef<'_>,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn read_before_attempt(
+        &self,
+        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 impl fmt::Debug for StoreConfig {
@@ -84,7 +136,8 @@ impl S3Store {
             )
             // Many S3-compatible stores reject or mishandle the newer default checksums.
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .interceptor(cfg.attempts.clone());
         if let Some(ep) = &cfg.endpoint {
             b = b.endpoint_url(ep.clone());
         }
@@ -494,6 +547,7 @@ mod tests {
             max_attempts: 3,
             connect_timeout: Duration::from_secs(1),
             attempt_timeout: Duration::from_secs(1),
+            attempts: AttemptCounts::default(),
         };
         let s = format!("{cfg:?}");
         assert!(

@@ -93,6 +93,7 @@ impl Bucket {
             max_attempts: 3,
             connect_timeout: Duration::from_secs(5),
             attempt_timeout: Duration::from_secs(120),
+            attempts: Default::default(),
         });
         Bucket {
             store: Arc::new(store),
