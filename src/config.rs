@@ -147,12 +147,14 @@ pub struct MountArgs {
     #[command(flatten)]
     pub store: StoreArgs,
 
-    /// Owner shown for every file and directory [default: the mounting user].
-    #[arg(long)]
+    /// Owner shown for every file and directory, a user name or number
+    /// [default: the mounting user].
+    #[arg(long, value_parser = parse_uid)]
     pub uid: Option<u32>,
 
-    /// Group shown for every file and directory [default: the mounting user's group].
-    #[arg(long)]
+    /// Group shown for every file and directory, a group name or number
+    /// [default: the mounting user's group].
+    #[arg(long, value_parser = parse_gid)]
     pub gid: Option<u32>,
 
     /// Permission bits of files, in octal.
@@ -447,6 +449,36 @@ fn parse_mode(s: &str) -> Result<u16, String> {
         .ok()
         .filter(|m| *m <= 0o7777)
         .ok_or_else(|| format!("'{s}' is not an octal permission mode like 0644"))
+}
+
+/// A user id, or a user name looked up in the password database.
+fn parse_uid(s: &str) -> Result<u32, String> {
+    if let Ok(n) = s.parse() {
+        return Ok(n);
+    }
+    let name = std::ffi::CString::new(s).map_err(|_| format!("'{s}' is not a user"))?;
+    // SAFETY: a valid C string; the result is read before any other lookup.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        return Err(format!("there is no user '{s}' on this system"));
+    }
+    // SAFETY: getpwnam returned a valid entry.
+    Ok(unsafe { (*pw).pw_uid })
+}
+
+/// A group id, or a group name looked up in the group database.
+fn parse_gid(s: &str) -> Result<u32, String> {
+    if let Ok(n) = s.parse() {
+        return Ok(n);
+    }
+    let name = std::ffi::CString::new(s).map_err(|_| format!("'{s}' is not a group"))?;
+    // SAFETY: a valid C string; the result is read before any other lookup.
+    let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+    if gr.is_null() {
+        return Err(format!("there is no group '{s}' on this system"));
+    }
+    // SAFETY: getgrnam returned a valid entry.
+    Ok(unsafe { (*gr).gr_gid })
 }
 
 /// `500ms`, `2s`, `1m`, `1h`, a plain number of seconds, `0`, or `forever`.
@@ -985,6 +1017,15 @@ mod tests {
         assert!(e.to_string().contains("needs a value"), "{e}");
         let e = parse_mount(&["s3mediafs", "b", "/mnt", "-o", "metadata_ttl=soon"]).unwrap_err();
         assert!(e.to_string().contains("not a duration"), "{e}");
+    }
+
+    #[test]
+    fn owners_are_numbers_or_names() {
+        assert_eq!(parse_uid("115").unwrap(), 115);
+        assert_eq!(parse_uid("root").unwrap(), 0);
+        assert_eq!(parse_gid("root").unwrap(), 0);
+        let e = parse_uid("no-such-user-here").unwrap_err();
+        assert!(e.contains("no user 'no-such-user-here'"), "{e}");
     }
 
     #[test]

@@ -175,16 +175,23 @@ pub fn run(cfg: Config) -> Result<(), String> {
             lazy_unmount(&mountpoint);
         }
     });
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     announce_when_answering(
         cfg.mountpoint.clone(),
         source.clone(),
         cfg.cache_dir.clone(),
+        ready_tx,
     );
     {
         let (writeback, source, mountpoint) =
             (writeback.clone(), source.clone(), cfg.mountpoint.clone());
         rt.spawn(async move {
+            // Status lines follow READY=1, never precede it.
+            if ready_rx.await.is_err() {
+                return;
+            }
             let mut tick = tokio::time::interval(Duration::from_secs(5));
+            tick.tick().await;
             loop {
                 tick.tick().await;
                 let status = serving_status(&source, &mountpoint, &writeback);
@@ -255,7 +262,12 @@ fn detach() -> Result<(), String> {
 /// Once the kernel passes requests for `mountpoint` to this process and they are answered,
 /// tells whoever waits: the parent of a background mount, and systemd (READY=1) when run
 /// as a `Type=notify` service.
-fn announce_when_answering(mountpoint: PathBuf, source: String, cache_dir: PathBuf) {
+fn announce_when_answering(
+    mountpoint: PathBuf,
+    source: String,
+    cache_dir: PathBuf,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
     const FUSE_SUPER_MAGIC: libc::c_long = 0x65735546;
     std::thread::Builder::new()
         .name("s3mediafs-ready".into())
@@ -283,6 +295,7 @@ fn announce_when_answering(mountpoint: PathBuf, source: String, cache_dir: PathB
                     mountpoint.display()
                 )),
             ]);
+            let _ = ready.send(());
         })
         .expect("spawning a thread");
 }
