@@ -13,7 +13,7 @@ BENCH_VENV="$TOOLS/bench-venv-1"
 SYNAPSE_VERSION="1.163.2"
 SYNAPSE_VENV="$TOOLS/synapse-$SYNAPSE_VERSION"
 
-what="${1:-all}"   # all | fuse | garage | moto | synapse | bench
+what="${1:-all}"   # all | fuse | garage | moto | synapse | synapse-venv | bench
 
 as_root() {
     if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
@@ -98,6 +98,7 @@ case "$what" in
     garage) install_garage ;;
     moto) install_moto ;;
     synapse) install_synapse ;;
+    synapse-venv) install_synapse; echo "$SYNAPSE_VENV" ;;
     bench) install_fuse; install_garage; install_bench ;;
     *) echo "usage: $0 [all|fuse|garage|moto|synapse|bench]" >&2; exit 2 ;;
 esac

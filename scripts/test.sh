@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test: unit and model tests, then the integration tests against a real local
-# Garage and again against moto's S3 server. Installs what is missing first (fuse3, Garage,
-# moto) and stops the servers it started. Extra arguments go to `cargo test`
-# (e.g. `scripts/test.sh --test posix`).
+# Garage (and the end-to-end test with a real Synapse, tests/synapse_e2e.py) and again
+# against moto's S3 server. Installs what is missing first (fuse3, Garage, moto, Synapse)
+# and stops the servers it started. Extra arguments go to `cargo test` and skip the
+# Synapse test (e.g. `scripts/test.sh --test posix`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,10 @@ for server in ${S3MEDIAFS_TEST_SERVERS:-garage moto}; do
     set +a
     if [ "$server" = garage ]; then
         cargo test --quiet "$@"
+        if [ $# -eq 0 ]; then
+            echo "== end-to-end with a real Synapse against $server" >&2
+            scripts/synapse-e2e.sh
+        fi
     else
         # Unit and model tests do not touch a server, and the scale tests (tests/metadata.rs)
         # need a LIST that does not scan the whole bucket; run the other integration tests again.
