@@ -59,7 +59,13 @@ fn tree_state(root: &Path) -> Vec<(PathBuf, u64, u32, i64, String)> {
             } else {
                 String::new()
             };
-            out.push((e.path(), m.len(), m.mode(), m.mtime_nsec() + m.mtime() * 1_000_000_000, hash));
+            out.push((
+                e.path(),
+                m.len(),
+                m.mode(),
+                m.mtime_nsec() + m.mtime() * 1_000_000_000,
+                hash,
+            ));
         }
     }
     out.sort();
@@ -110,7 +116,11 @@ fn import_copies_once_and_leaves_the_source_alone() {
     let target = format!("{}:{prefix}", env.bucket);
 
     let (out, report) = import(&env, src.path(), &target, &[]);
-    assert!(out.status.success(), "{report}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         report.starts_with(&format!("copied {} files", files.len())),
         "{report}"
@@ -135,7 +145,11 @@ fn import_copies_once_and_leaves_the_source_alone() {
     // The mount serves the imported store as it was.
     let m = TestMount::with_prefix(prefix.clone(), &[]);
     for (rel, data) in files.iter().step_by(9) {
-        assert_eq!(sha256(&std::fs::read(m.path(rel)).unwrap()), sha256(data), "{rel}");
+        assert_eq!(
+            sha256(&std::fs::read(m.path(rel)).unwrap()),
+            sha256(data),
+            "{rel}"
+        );
     }
     drop(m);
     bucket.delete_prefix(&prefix);
@@ -153,7 +167,10 @@ fn verify_catches_an_object_whose_content_differs_and_a_new_run_repairs_it() {
     assert!(out.status.success());
 
     // Someone overwrites one object with other bytes of the same size.
-    let (rel, data) = files.iter().find(|(k, _)| k.starts_with("local_content/")).unwrap();
+    let (rel, data) = files
+        .iter()
+        .find(|(k, _)| k.starts_with("local_content/"))
+        .unwrap();
     let mut bad = data.clone();
     bad[data.len() / 2] ^= 0xff;
     bucket.put(&format!("{prefix}{rel}"), &bad);
@@ -164,14 +181,24 @@ fn verify_catches_an_object_whose_content_differs_and_a_new_run_repairs_it() {
     assert!(report.starts_with("would copy 1 files"), "{report}");
     assert!(report.contains("failed 1"), "{report}");
     assert!(
-        stderr.contains(&format!("FAILED {prefix}{rel}: verification failed: the object's content differs")),
+        stderr.contains(&format!(
+            "FAILED {prefix}{rel}: verification failed: the object's content differs"
+        )),
         "{stderr}"
     );
-    assert_eq!(bucket.get(&format!("{prefix}{rel}")).unwrap(), bad, "a dry run changed the bucket");
+    assert_eq!(
+        bucket.get(&format!("{prefix}{rel}")).unwrap(),
+        bad,
+        "a dry run changed the bucket"
+    );
 
     // A real run sees the content differs (the ETag is not the file's MD5) and copies it.
     let (out, report) = import(&env, src.path(), &target, &["--verify"]);
-    assert!(out.status.success(), "{report}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(report.starts_with("copied 1 files"), "{report}");
     assert_bucket_holds(&bucket, &prefix, &files);
     bucket.delete_prefix(&prefix);
@@ -199,7 +226,10 @@ fn an_interrupted_import_resumes_where_it_stopped() {
         if n >= 20 {
             break n;
         }
-        assert!(child.try_wait().unwrap().is_none(), "the import ended before it was cut short");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the import ended before it was cut short"
+        );
         assert!(Instant::now() < deadline, "the import made no progress");
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -207,10 +237,17 @@ fn an_interrupted_import_resumes_where_it_stopped() {
     child.kill().unwrap();
     child.wait().unwrap();
     let present = bucket.keys(&prefix).len();
-    assert!(present >= copied_before_kill && present < files.len(), "{present}");
+    assert!(
+        present >= copied_before_kill && present < files.len(),
+        "{present}"
+    );
 
     let (out, report) = import(&env, src.path(), &target, &[]);
-    assert!(out.status.success(), "{report}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let copied: usize = report
         .strip_prefix("copied ")
         .and_then(|r| r.split(' ').next())
@@ -230,7 +267,12 @@ fn an_interrupted_import_resumes_where_it_stopped() {
 fn bad_import_arguments_say_what_is_wrong() {
     let env = S3Env::get();
     let src = tempfile::tempdir().unwrap();
-    let (out, _) = import(&env, &src.path().join("missing"), &format!("{}:x/", env.bucket), &[]);
+    let (out, _) = import(
+        &env,
+        &src.path().join("missing"),
+        &format!("{}:x/", env.bucket),
+        &[],
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot read the source directory"), "{err}");
