@@ -17,6 +17,7 @@ trap cleanup EXIT
 
 echo "== building" >&2
 cargo build --quiet --tests
+rm -rf target/reliability
 
 for server in ${S3MEDIAFS_TEST_SERVERS:-garage moto}; do
     echo "== tests against $server" >&2
@@ -39,3 +40,7 @@ for server in ${S3MEDIAFS_TEST_SERVERS:-garage moto}; do
     fi
     scripts/s3-server.sh stop "$server"
 done
+
+if [ $# -eq 0 ]; then
+    scripts/reliability-report.sh
+fi

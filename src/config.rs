@@ -764,6 +764,7 @@ impl Target {
             connect_timeout: Duration::from_secs(5),
             attempt_timeout: Duration::from_secs(120),
             attempts: Default::default(),
+            read_deadline: Duration::from_secs(60),
         }
     }
 

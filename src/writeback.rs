@@ -89,6 +89,9 @@ pub struct WritebackQueue {
     work: Notify,
     /// A change finished or failed an attempt.
     progress: Notify,
+    /// Changes waiting to retry go at once: another change succeeded (the store answers
+    /// again), or someone waits for them (fsync).
+    retry_now: Notify,
 }
 
 /// A change `fsync` or a write-through `close` waits for failed; it stays queued.
@@ -115,6 +118,7 @@ impl WritebackQueue {
             }),
             work: Notify::new(),
             progress: Notify::new(),
+            retry_now: Notify::new(),
         });
         let mut restored = 0;
         for (seq, change) in replay.pending {
@@ -303,20 +307,19 @@ impl WritebackQueue {
         self.state.lock().dirty_bytes
     }
 
-    /// Waits until change `seq` is in the bucket (or superseded). Returns its error once it
-    /// has kept failing for a while; it stays queued and keeps being retried.
+    /// Waits until change `seq` is in the bucket (or superseded). A change that is failing
+    /// is tried again at once; if it still fails `WAIT_PATIENCE` after the call, its error
+    /// is returned, and it stays queued and keeps being retried.
     pub async fn wait(&self, seq: u64) -> Result<(), WaitError> {
+        let asked = tokio::time::Instant::now();
+        self.retry_now.notify_waiters();
         loop {
             let notified = self.progress.notified();
             {
                 let s = self.state.lock();
                 match s.ops.get(&seq) {
                     None => return Ok(()),
-                    Some(op)
-                        if op
-                            .failing_since
-                            .is_some_and(|t| t.elapsed() >= WAIT_PATIENCE) =>
-                    {
+                    Some(op) if op.failing_since.is_some() && asked.elapsed() >= WAIT_PATIENCE => {
                         return Err(WaitError(
                             op.last_error
                                 .clone()
@@ -326,7 +329,11 @@ impl WritebackQueue {
                     Some(_) => {}
                 }
             }
-            notified.await;
+            if asked.elapsed() < WAIT_PATIENCE {
+                let _ = tokio::time::timeout_at(asked + WAIT_PATIENCE, notified).await;
+            } else {
+                notified.await;
+            }
         }
     }
 
@@ -535,6 +542,7 @@ impl WritebackQueue {
             };
             match result {
                 Ok(etag) => {
+                    self.retry_now.notify_waiters();
                     tracing::debug!(
                         key = change.key(),
                         seq,
@@ -558,17 +566,22 @@ impl WritebackQueue {
                             "a change could not be carried out; retrying");
                     }
                     // Jitter spreads the retries of many changes. A newer change of the key
-                    // cuts the wait short; other activity does not.
+                    // cuts the wait short, and so does another change succeeding (the store
+                    // is back); other activity does not.
                     let jitter = Duration::from_millis((seq * 7919 % 100) + 1);
                     let deadline = tokio::time::Instant::now() + backoff + jitter;
+                    let retry_now = self.retry_now.notified();
+                    tokio::pin!(retry_now);
                     loop {
                         let notified = self.work.notified();
                         // A newer change of this key decides its final state.
                         if self.state.lock().latest.get(change.key()) != Some(&seq) {
                             break;
                         }
-                        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                            break;
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(deadline) => break,
+                            _ = &mut retry_now => break,
+                            _ = notified => {}
                         }
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(30));

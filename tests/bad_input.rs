@@ -38,9 +38,8 @@ impl Case {
         let cache = self.cache();
         let mut args = vec!["mount", source, mnt, "--cache-dir", &cache];
         let base = env.mount_args();
-        let overrides_endpoint = extra.contains(&"--endpoint");
         for pair in base.chunks(2) {
-            if !(overrides_endpoint && pair[0] == "--endpoint") {
+            if !extra.contains(&pair[0].as_str()) {
                 args.extend(pair.iter().map(String::as_str));
             }
         }
@@ -329,4 +328,54 @@ fn helper_form_detaches_once_mounted_and_help_explains() {
     ] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }
+}
+
+#[test]
+fn a_region_other_than_the_buckets_is_named() {
+    let env = S3Env::get();
+    if !env.checks_credentials() {
+        eprintln!("{} accepts any region", env.backend);
+        return;
+    }
+    let c = Case::new();
+    let (code, err) = c.mount(&env, &env.bucket, &c.mnt(), &["--region", "eu-west-3"], creds(&env));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("another region"), "{err}");
+    assert!(err.contains("--region"), "{err}");
+}
+
+#[test]
+fn conflicting_options_are_refused() {
+    let env = S3Env::get();
+    let c = Case::new();
+    let mnt = c.mnt();
+    let (code, err) = run_cli(&["mount", &env.bucket, &mnt, "--foreground", "--background"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+    let (code, err) = c.mount(
+        &env,
+        &env.bucket,
+        &mnt,
+        &["--cache-size", "1G", "--max-dirty", "2G"],
+        creds(&env),
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is larger than --cache-size"), "{err}");
+    let (code, err) = c.mount(&env, &env.bucket, &mnt, &["--part-size", "1M"], creds(&env));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("outside what S3 allows"), "{err}");
+}
+
+#[test]
+fn a_file_larger_than_s3_holds_fails_with_efbig_and_an_empty_file_is_an_empty_object() {
+    let m = TestMount::new("efbig");
+    let f = std::fs::File::create(m.path("huge")).unwrap();
+    // 10 000 parts of 5 GiB would be more, but S3 caps an object at 5 TiB.
+    assert_eq!(errno(f.set_len((5u64 << 40) + 1)), libc::EFBIG);
+    drop(f);
+    assert_eq!(std::fs::metadata(m.path("huge")).unwrap().len(), 0);
+    std::fs::write(m.path("empty"), b"").unwrap();
+    assert_eq!(m.object("empty").unwrap(), Vec::<u8>::new());
+    assert_eq!(m.object("huge").unwrap(), Vec::<u8>::new());
+    assert!(m.log().contains("at most 5 TiB"), "{}", m.log());
 }

@@ -16,7 +16,7 @@ use super::inode::{Kind, Remote};
 use super::{names, Attr, BucketFs};
 use crate::cache::{allocated, StagedFile};
 use crate::readahead::{ObjectRef, ReadStream};
-use crate::store::StoreError;
+use crate::store::{StoreError, MAX_OBJECT_SIZE};
 
 /// How much of an object one GET fetches while a file is copied to local disk.
 const DOWNLOAD_CHUNK: u64 = 8 << 20;
@@ -405,6 +405,14 @@ impl BucketFs {
     /// Makes room in the cache directory for `staged` to grow to `len` bytes, evicting
     /// clean blocks; fails with ENOSPC when staged files alone would pass `--cache-size`.
     fn room_for_staged(&self, ino: u64, staged: &StagedFile, len: u64) -> FsResult<()> {
+        if len > MAX_OBJECT_SIZE {
+            let path = self.table.lock().get(ino).map(|i| i.path.clone()).unwrap_or_default();
+            self.warn_once(
+                &path,
+                "an S3 object holds at most 5 TiB (10 000 parts of at most 5 GiB); the write fails with EFBIG",
+            );
+            return Err(FsError::FBIG);
+        }
         let growth = allocated(len).saturating_sub(staged.accounted());
         if growth == 0 || self.blocks().fit_staged(growth) {
             return Ok(());

@@ -16,7 +16,7 @@ use bytes::Bytes;
 pub use memory::MemoryStore;
 pub use metered::MeteredStore;
 pub use s3::{AttemptCounts, S3Store, StoreConfig};
-pub use upload::{part_size_for, upload_file, MAX_PARTS};
+pub use upload::{part_size_for, upload_file, MAX_OBJECT_SIZE, MAX_PARTS};
 
 /// What the store knows about one object.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -44,6 +44,23 @@ pub struct StoreConfig {
     pub attempt_timeout: Duration,
     /// Where requests and their attempts are counted (retries are the difference).
     pub attempts: AttemptCounts,
+    /// Longest a read (one ranged GET, retries included) may take before it fails.
+    pub read_deadline: Duration,
+}
+
+/// A GET whose answer began but whose body did not arrive whole.
+struct BodyError(StoreError);
+
+/// How long to wait before try `attempt + 1`: exponential from 100 ms, at most 2 s, with
+/// jitter so that many readers do not retry in step.
+fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(100) * 2u32.saturating_pow(attempt.saturating_sub(1).min(5));
+    let base = base.min(Duration::from_secs(2));
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    base / 2 + base.mul_f64((nanos % 1000) as f64 / 2000.0)
 }
 
 /// Requests sent and attempts made, counted by the SDK's interceptor hooks; every attempt
@@ -52,15 +69,20 @@ pub struct StoreConfig {
 pub struct AttemptCounts {
     requests: Arc<AtomicU64>,
     attempts: Arc<AtomicU64>,
+    /// Requests sent again by this module (a GET whose body broke off).
+    resent: Arc<AtomicU64>,
 }
 
 impl AttemptCounts {
     pub fn retries(&self) -> u64 {
         // Requests are counted before their attempts, so this never runs ahead of the truth.
         let requests = self.requests.load(Ordering::Relaxed);
-        self.attempts
-            .load(Ordering::Relaxed)
-            .saturating_sub(requests)
+        self.attempts.load(Ordering::Relaxed).saturating_sub(requests)
+            + self.resent.load(Ordering::Relaxed)
+    }
+
+    fn note_retry(&self) {
+        self.resent.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -106,6 +128,9 @@ pub struct S3Store {
     client: Client,
     bucket: String,
     endpoint: String,
+    max_attempts: u32,
+    read_deadline: Duration,
+    attempts: AttemptCounts,
 }
 
 impl S3Store {
@@ -148,11 +173,54 @@ impl S3Store {
                 .endpoint
                 .clone()
                 .unwrap_or_else(|| format!("AWS S3 ({})", cfg.region)),
+            max_attempts: cfg.max_attempts.max(1),
+            read_deadline: cfg.read_deadline,
+            attempts: cfg.attempts.clone(),
         }
     }
 
     /// Deletes up to 1000 keys in one request (DeleteObjects); missing keys are not an
     /// error. Returns the keys the store refused to delete.
+    /// One GET; a body that broke off or ended short is a `BodyError`, worth another try.
+    async fn get_range_once(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_match: Option<&str>,
+    ) -> Result<StoreResult<Bytes>, BodyError> {
+        let r = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range(format!("bytes={}-{}", range.start, range.end - 1))
+            .set_if_match(if_match.map(str::to_string))
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(self.map_err("GET", key, e))),
+        };
+        let expected = r.content_length().map(|l| l.max(0) as u64);
+        let body = match r.body.collect().await {
+            Ok(b) => b.into_bytes(),
+            Err(e) => {
+                return Err(BodyError(StoreError::Other(format!(
+                    "GET {key:?}: the body broke off: {e}"
+                ))))
+            }
+        };
+        match expected {
+            Some(expected) if body.len() as u64 != expected => {
+                Err(BodyError(StoreError::Truncated {
+                    expected,
+                    got: body.len() as u64,
+                }))
+            }
+            _ => Ok(Ok(body)),
+        }
+    }
+
     pub async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<String>> {
         use aws_sdk_s3::types::{Delete, ObjectIdentifier};
         if keys.is_empty() {
@@ -221,7 +289,7 @@ impl S3Store {
             ) => StoreError::BadCredentials(if message.is_empty() { code } else { message }),
             (_, "AuthorizationHeaderMalformed" | "PermanentRedirect") | (Some(301), _) => {
                 StoreError::Other(format!(
-                    "the bucket is in another region than the one configured ({code}: {message})"
+                    "the bucket is in another region than the one configured ({code}: {message}); set --region (or -o region=) to the bucket's region"
                 ))
             }
             // Some stores (Garage) answer a bad signature or an unknown key with a bare 403.
@@ -318,32 +386,36 @@ impl ObjectStore for S3Store {
         if range.end <= range.start {
             return Ok(Bytes::new());
         }
-        let r = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .range(format!("bytes={}-{}", range.start, range.end - 1))
-            .set_if_match(if_match.map(str::to_string))
-            .send()
-            .await
-            .map_err(|e| self.map_err("GET", key, e))?;
-        let expected = r.content_length().map(|l| l.max(0) as u64);
-        let body = r
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::Other(format!("GET {key:?}: reading the body failed: {e}")))?
-            .into_bytes();
-        if let Some(expected) = expected {
-            if body.len() as u64 != expected {
-                return Err(StoreError::Truncated {
-                    expected,
-                    got: body.len() as u64,
-                });
+        // The SDK retries a request until its answer starts; a body that breaks off or ends
+        // short is fetched again here, with jittered backoff, all within the read deadline.
+        let deadline = tokio::time::Instant::now() + self.read_deadline;
+        let mut attempt = 1;
+        loop {
+            let once = self.get_range_once(key, range.clone(), if_match);
+            let result = match tokio::time::timeout_at(deadline, once).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Err(StoreError::Unreachable(format!(
+                        "GET {key:?} got no complete answer within {} s",
+                        self.read_deadline.as_secs()
+                    )))
+                }
+            };
+            match result {
+                Err(BodyError(e)) if attempt < self.max_attempts => {
+                    tracing::debug!(key, attempt, error = %e, "the body of a GET broke off; fetching it again");
+                    self.attempts.note_retry();
+                    let pause = backoff(attempt);
+                    if tokio::time::Instant::now() + pause >= deadline {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(pause).await;
+                    attempt += 1;
+                }
+                Err(BodyError(e)) => return Err(e),
+                Ok(r) => return r,
             }
         }
-        Ok(body)
     }
 
     async fn list(
@@ -548,6 +620,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             attempt_timeout: Duration::from_secs(1),
             attempts: AttemptCounts::default(),
+            read_deadline: Duration::from_secs(1),
         };
         let s = format!("{cfg:?}");
         assert!(

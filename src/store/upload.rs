@@ -14,6 +14,9 @@ use super::{ObjectStore, StoreError, StoreResult};
 /// S3 allows at most this many parts in one upload.
 pub const MAX_PARTS: u64 = 10_000;
 
+/// S3 stores objects of at most 5 TiB.
+pub const MAX_OBJECT_SIZE: u64 = 5 << 40;
+
 /// The part size for an object of `size` bytes: `base`, grown in whole MiB so that the
 /// object fits in `MAX_PARTS` parts.
 pub fn part_size_for(size: u64, base: u64) -> u64 {

@@ -3,6 +3,7 @@
 //! test under its own key prefix, and talks to the bucket directly for checks.
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod proxy;
 
 use std::fs::File;
@@ -94,6 +95,7 @@ impl Bucket {
             connect_timeout: Duration::from_secs(5),
             attempt_timeout: Duration::from_secs(120),
             attempts: Default::default(),
+            read_deadline: Duration::from_secs(120),
         });
         Bucket {
             store: Arc::new(store),
@@ -240,6 +242,13 @@ impl TestMount {
         let mut env = S3Env::get();
         env.endpoint = endpoint.to_string();
         Self::build(env, unique_prefix(name), extra)
+    }
+
+    /// Mounts `prefix` (which may already hold objects) through another endpoint.
+    pub fn with_prefix_via(prefix: String, endpoint: &str, extra: &[&str]) -> TestMount {
+        let mut env = S3Env::get();
+        env.endpoint = endpoint.to_string();
+        Self::build(env, prefix, extra)
     }
 
     /// Mounts `prefix` (which may already hold objects).

@@ -1,0 +1,308 @@
+//! Faults between the mount and the store, injected by an HTTP-aware proxy
+//! (`common::faults`): error answers, slow answers, connections reset mid-body, bodies cut
+//! short, requests dropped, and the store unreachable for 60 s. Each scenario runs the same
+//! workload of Synapse-style writes and reads; afterwards every file whose `close()`
+//! succeeded must be in the bucket with the right sha256, and no read may have returned
+//! wrong bytes. Each scenario adds a row to `target/reliability/`, which scripts/test.sh
+//! gathers into RELIABILITY.md.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::faults::{policy, Fault, FaultProxy, Policy, RequestInfo};
+use common::{pseudo_random, sha256, unique_prefix, Bucket, S3Env, TestMount};
+
+/// What one scenario did and found.
+#[derive(Debug, Default)]
+struct Outcome {
+    written: usize,
+    write_errors: usize,
+    verified: usize,
+    bytes_lost: u64,
+    reads: usize,
+    read_errors: usize,
+    wrong_reads: usize,
+    retries: u64,
+    injected: u64,
+}
+
+fn synapse_path(kind: &str, i: usize) -> String {
+    let id = format!("{:024x}", (i as u64 + 1) * 0x9E37_79B9_7F4A);
+    format!("{kind}/{}/{}/{}", &id[..2], &id[2..4], &id[4..])
+}
+
+/// Writes files the way Synapse does (makedirs, create, sequential writes, close);
+/// returns the ones whose close succeeded.
+fn write_files(m: &TestMount, from: usize, to: usize, o: &mut Outcome) -> BTreeMap<String, Vec<u8>> {
+    let mut done = BTreeMap::new();
+    for i in from..to {
+        // Mostly small media, every tenth one large enough for a multipart upload.
+        let size = if i % 10 == 9 { 11 << 20 } else { 20_000 + i * 7_919 };
+        let data = pseudo_random(size, 5000 + i as u64);
+        let rel = synapse_path("local_content", i);
+        let path = m.path(&rel);
+        let result = std::fs::create_dir_all(path.parent().unwrap()).and_then(|_| {
+            let mut f = std::fs::File::create(&path)?;
+            for chunk in data.chunks(64 << 10) {
+                f.write_all(chunk)?;
+            }
+            drop(f);
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                o.written += 1;
+                done.insert(rel, data);
+            }
+            Err(e) => {
+                eprintln!("write of {rel} failed: {e}");
+                o.write_errors += 1;
+            }
+        }
+    }
+    done
+}
+
+/// Reads `files` through the mount; a read may fail (EIO), but never return other bytes.
+fn read_files(m: &TestMount, files: &BTreeMap<String, Vec<u8>>, o: &mut Outcome) {
+    for (rel, data) in files {
+        o.reads += 1;
+        match std::fs::read(m.path(rel)) {
+            Ok(got) if got == *data => {}
+            Ok(got) => {
+                eprintln!("read of {rel} returned {} wrong bytes", got.len());
+                o.wrong_reads += 1;
+            }
+            Err(e) => {
+                eprintln!("read of {rel} failed: {e}");
+                o.read_errors += 1;
+            }
+        }
+    }
+}
+
+/// Objects put in the bucket beforehand, as another server's media would be.
+fn seed(bucket: &Bucket, prefix: &str) -> BTreeMap<String, Vec<u8>> {
+    let mut seeded = BTreeMap::new();
+    for i in 0..8 {
+        let rel = synapse_path("remote_content/example.org", i);
+        let data = pseudo_random(150_000 + i * 400_000, 900 + i as u64);
+        bucket.put(&format!("{prefix}{rel}"), &data);
+        seeded.insert(rel, data);
+    }
+    seeded
+}
+
+fn check_bucket(bucket: &Bucket, prefix: &str, written: &BTreeMap<String, Vec<u8>>, o: &mut Outcome) {
+    for (rel, data) in written {
+        match bucket.get(&format!("{prefix}{rel}")) {
+            Some(got) if sha256(&got) == sha256(data) => o.verified += 1,
+            Some(got) => {
+                eprintln!("{rel}: the object differs ({} bytes)", got.len());
+                o.bytes_lost += data.len() as u64;
+            }
+            None => {
+                eprintln!("{rel}: no object");
+                o.bytes_lost += data.len() as u64;
+            }
+        }
+    }
+}
+
+/// Runs the workload through a proxy with `fault_policy`; `midway` runs between the two
+/// halves of the writes (the 60 s outage starts there).
+fn run_scenario(name: &str, describe: &str, fault_policy: Policy, midway: impl FnOnce(&FaultProxy)) -> Outcome {
+    let env = S3Env::get();
+    let bucket = Bucket::new(&env);
+    let prefix = unique_prefix(name);
+    let seeded = seed(&bucket, &prefix);
+    let proxy = FaultProxy::start(env.endpoint.trim_start_matches("http://"), policy::none());
+    let m = TestMount::with_prefix_via(prefix.clone(), &proxy.endpoint(), &["--part-size", "5M"]);
+    proxy.set_policy(fault_policy);
+    let mut o = Outcome::default();
+
+    let mut written = write_files(&m, 0, 20, &mut o);
+    read_files(&m, &seeded, &mut o);
+    midway(&proxy);
+    written.extend(write_files(&m, 20, 40, &mut o));
+    // Files just written read back from local disk, whatever the store does.
+    read_files(&m, &written, &mut o);
+    // Seeded objects read again: from the block cache where they fit, else from the store.
+    read_files(&m, &seeded, &mut o);
+
+    // fsync on the root returns once every change is in the bucket; faults go on meanwhile
+    // (an outage is let run its course first: fsync gives up with EIO after a while).
+    while proxy.refusing() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let started = Instant::now();
+    m.sync();
+    eprintln!("{name}: uploads done {:.1}s after the workload", started.elapsed().as_secs_f64());
+    o.retries = m.metric("s3mediafs_retries_total");
+    o.injected = proxy.injected();
+    drop(m);
+    check_bucket(&bucket, &prefix, &written, &mut o);
+    record(name, describe, &o);
+    bucket.delete_prefix(&prefix);
+    assert_eq!(o.wrong_reads, 0, "{name}: reads returned wrong bytes: {o:?}");
+    assert_eq!(o.bytes_lost, 0, "{name}: acknowledged data lost: {o:?}");
+    assert_eq!(o.verified, o.written, "{name}: {o:?}");
+    assert!(o.injected > 0, "{name}: no fault was injected: {o:?}");
+    o
+}
+
+/// Appends the scenario's row for RELIABILITY.md.
+fn record(name: &str, describe: &str, o: &Outcome) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/reliability");
+    std::fs::create_dir_all(&dir).unwrap();
+    let backend = S3Env::get().backend;
+    let row = format!(
+        "| {describe} | {backend} | {} | {} | {} | {} | {} | {} | {} |\n",
+        o.written, o.verified, o.bytes_lost, o.injected, o.retries, o.reads, o.read_errors
+    );
+    std::fs::write(dir.join(format!("{backend}-{name}.row")), row).unwrap();
+}
+
+#[test]
+fn slowdown_503_on_every_third_request() {
+    let o = run_scenario(
+        "slowdown",
+        "503 SlowDown on every 3rd request",
+        policy::every(3, Fault::Error(503, "SlowDown")),
+        |_| {},
+    );
+    assert_eq!(o.read_errors, 0, "{o:?}");
+}
+
+#[test]
+fn internal_error_500_on_every_fifth_request() {
+    let o = run_scenario(
+        "error500",
+        "500 InternalError on every 5th request",
+        policy::every(5, Fault::Error(500, "InternalError")),
+        |_| {},
+    );
+    assert_eq!(o.read_errors, 0, "{o:?}");
+}
+
+#[test]
+fn slow_answers_every_fourth_request() {
+    let o = run_scenario(
+        "slow",
+        "every 4th request answered 1.5 s late",
+        policy::every(4, Fault::Delay(Duration::from_millis(1500))),
+        |_| {},
+    );
+    assert_eq!(o.read_errors, 0, "{o:?}");
+}
+
+#[test]
+fn connections_reset_mid_body_on_every_third_get() {
+    let o = run_scenario(
+        "reset",
+        "connection reset mid-body on every 3rd GET",
+        policy::every_get(3, Fault::ResetMidBody),
+        |_| {},
+    );
+    assert_eq!(o.read_errors, 0, "{o:?}");
+}
+
+#[test]
+fn bodies_cut_short_on_every_third_get() {
+    let o = run_scenario(
+        "truncated",
+        "GET body cut short of its Content-Length on every 3rd GET",
+        policy::every_get(3, Fault::TruncateBody),
+        |_| {},
+    );
+    assert_eq!(o.read_errors, 0, "{o:?}");
+}
+
+#[test]
+fn requests_dropped_unanswered_on_every_sixth() {
+    let o = run_scenario(
+        "dropped",
+        "every 6th request dropped unanswered (uploads included)",
+        policy::every(6, Fault::Drop),
+        |_| {},
+    );
+    assert_eq!(o.read_errors, 0, "{o:?}");
+}
+
+#[test]
+fn store_unreachable_for_60_seconds_mid_workload() {
+    let until: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let window = until.clone();
+    let outage: Policy = Arc::new(move |_: &RequestInfo| {
+        window
+            .lock()
+            .unwrap()
+            .is_some_and(|t| Instant::now() < t)
+            .then_some(Fault::Drop)
+    });
+    let o = run_scenario(
+        "outage",
+        "store unreachable for 60 s mid-workload",
+        outage,
+        |proxy| {
+            *until.lock().unwrap() = Some(Instant::now() + Duration::from_secs(60));
+            proxy.refuse_for(Duration::from_secs(60));
+        },
+    );
+    // Writes during the outage succeed (they are kept locally); reads of files written
+    // here and of blocks already cached keep working.
+    assert_eq!(o.write_errors, 0, "{o:?}");
+}
+
+/// Every file under `dir`.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn damaged_or_deleted_cache_blocks_are_fetched_again_never_served() {
+    let env = S3Env::get();
+    let bucket = Bucket::new(&env);
+    let m = TestMount::new("damaged-blocks");
+    let data = pseudo_random(6 << 20, 77);
+    bucket.put(&m.key("video.mp4"), &data);
+    assert_eq!(sha256(&std::fs::read(m.path("video.mp4")).unwrap()), sha256(&data));
+    let blocks = files_under(&m.cache.join("blocks"));
+    assert!(blocks.len() >= 6, "the read left {} blocks in the cache", blocks.len());
+    // Flip a byte in the middle of every cached block.
+    for b in &blocks {
+        let mut bytes = std::fs::read(b).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x5a;
+        std::fs::write(b, bytes).unwrap();
+    }
+    let gets = m.requests("get");
+    // A new open reads through the mount again (the kernel keeps no pages across opens).
+    assert_eq!(sha256(&std::fs::read(m.path("video.mp4")).unwrap()), sha256(&data));
+    assert!(m.metric("s3mediafs_cache_corrupt_total") >= 6, "damage not detected");
+    assert!(m.requests("get") > gets, "damaged blocks were not fetched again");
+
+    // The whole block directory deleted behind the mount's back.
+    std::fs::remove_dir_all(m.cache.join("blocks")).unwrap();
+    assert_eq!(sha256(&std::fs::read(m.path("video.mp4")).unwrap()), sha256(&data));
+    // And files written meanwhile still reach the bucket.
+    std::fs::write(m.path("after"), b"still fine").unwrap();
+    assert_eq!(m.object("after").unwrap(), b"still fine");
+}
