@@ -20,12 +20,15 @@ fi
     echo "sequential writes, close; every tenth one 11 MiB, a multipart upload), reads 8 objects"
     echo "put in the bucket beforehand, twice, and every file it wrote, then fsyncs the mount and"
     echo "compares every object with what was written. A file counts as written when its"
-    echo "\`close()\` succeeded; bytes lost counts the bytes of written files whose object is"
-    echo "missing or differs. Retries are requests the mount sent again. A read may fail with"
-    echo "EIO; none may return wrong bytes (none did, or the test fails)."
+    echo "\`close()\` succeeded, refused when a write or close failed (ENOSPC on a full disk); bytes"
+    echo "lost counts the bytes of written files whose object is missing or differs. Faults"
+    echo "injected counts requests the proxy answered wrongly (refused connections not counted);"
+    echo "retries are requests the mount sent again. A read may fail with EIO; none may return"
+    echo "wrong bytes (none did, or the test fails). Local faults (a damaged cache, a full cache"
+    echo "disk, SIGTERM) use the same workload and checks."
     echo
-    echo "| scenario | server | files written | files verified | bytes lost | faults injected | retries | reads | failed reads |"
-    echo "|---|---|---|---|---|---|---|---|---|"
+    echo "| scenario | server | files written | writes refused | files verified | bytes lost | faults injected | retries | reads | failed reads |"
+    echo "|---|---|---|---|---|---|---|---|---|---|"
     sort "${rows[@]}"
 } > RELIABILITY.md
 echo "reliability-report: wrote RELIABILITY.md (${#rows[@]} scenarios)" >&2

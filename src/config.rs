@@ -235,6 +235,11 @@ pub struct MountArgs {
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub max_memory: u64,
 
+    /// How long one read from the store may take, retries included, before the reading
+    /// program gets EIO.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub read_timeout: Duration,
+
     /// How long unmounting waits for pending uploads; what is left stays journaled and is
     /// uploaded by the next mount with the same cache directory.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
@@ -583,6 +588,7 @@ pub struct Config {
     pub readahead: ReadaheadOptions,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub drain_timeout: Duration,
+    pub read_timeout: Duration,
 }
 
 impl Config {
@@ -679,11 +685,14 @@ impl Config {
             },
             metrics_addr: a.metrics_addr,
             drain_timeout: a.drain_timeout,
+            read_timeout: a.read_timeout,
         })
     }
 
     pub fn store_config(&self) -> StoreConfig {
-        self.target().store_config()
+        let mut sc = self.target().store_config();
+        sc.read_deadline = self.read_timeout;
+        sc
     }
 
     /// The bucket this mount serves.

@@ -338,7 +338,13 @@ fn a_region_other_than_the_buckets_is_named() {
         return;
     }
     let c = Case::new();
-    let (code, err) = c.mount(&env, &env.bucket, &c.mnt(), &["--region", "eu-west-3"], creds(&env));
+    let (code, err) = c.mount(
+        &env,
+        &env.bucket,
+        &c.mnt(),
+        &["--region", "eu-west-3"],
+        creds(&env),
+    );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("another region"), "{err}");
     assert!(err.contains("--region"), "{err}");
@@ -349,7 +355,10 @@ fn conflicting_options_are_refused() {
     let env = S3Env::get();
     let c = Case::new();
     let mnt = c.mnt();
-    let (code, err) = run_cli(&["mount", &env.bucket, &mnt, "--foreground", "--background"], &[]);
+    let (code, err) = run_cli(
+        &["mount", &env.bucket, &mnt, "--foreground", "--background"],
+        &[],
+    );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("cannot be used with"), "{err}");
     let (code, err) = c.mount(

@@ -38,11 +38,20 @@ fn synapse_path(kind: &str, i: usize) -> String {
 
 /// Writes files the way Synapse does (makedirs, create, sequential writes, close);
 /// returns the ones whose close succeeded.
-fn write_files(m: &TestMount, from: usize, to: usize, o: &mut Outcome) -> BTreeMap<String, Vec<u8>> {
+fn write_files(
+    m: &TestMount,
+    from: usize,
+    to: usize,
+    o: &mut Outcome,
+) -> BTreeMap<String, Vec<u8>> {
     let mut done = BTreeMap::new();
     for i in from..to {
         // Mostly small media, every tenth one large enough for a multipart upload.
-        let size = if i % 10 == 9 { 11 << 20 } else { 20_000 + i * 7_919 };
+        let size = if i % 10 == 9 {
+            11 << 20
+        } else {
+            20_000 + i * 7_919
+        };
         let data = pseudo_random(size, 5000 + i as u64);
         let rel = synapse_path("local_content", i);
         let path = m.path(&rel);
@@ -98,7 +107,12 @@ fn seed(bucket: &Bucket, prefix: &str) -> BTreeMap<String, Vec<u8>> {
     seeded
 }
 
-fn check_bucket(bucket: &Bucket, prefix: &str, written: &BTreeMap<String, Vec<u8>>, o: &mut Outcome) {
+fn check_bucket(
+    bucket: &Bucket,
+    prefix: &str,
+    written: &BTreeMap<String, Vec<u8>>,
+    o: &mut Outcome,
+) {
     for (rel, data) in written {
         match bucket.get(&format!("{prefix}{rel}")) {
             Some(got) if sha256(&got) == sha256(data) => o.verified += 1,
@@ -116,19 +130,37 @@ fn check_bucket(bucket: &Bucket, prefix: &str, written: &BTreeMap<String, Vec<u8
 
 /// Runs the workload through a proxy with `fault_policy`; `midway` runs between the two
 /// halves of the writes (the 60 s outage starts there).
-fn run_scenario(name: &str, describe: &str, fault_policy: Policy, midway: impl FnOnce(&FaultProxy)) -> Outcome {
+fn run_scenario(
+    name: &str,
+    describe: &str,
+    fault_policy: Policy,
+    midway: impl FnOnce(&FaultProxy),
+) -> Outcome {
+    run_scenario_with(name, describe, fault_policy, &[], |p, _| midway(p))
+}
+
+/// `run_scenario` with extra mount arguments and a `midway` that also sees the mount.
+fn run_scenario_with(
+    name: &str,
+    describe: &str,
+    fault_policy: Policy,
+    extra: &[&str],
+    midway: impl FnOnce(&FaultProxy, &TestMount),
+) -> Outcome {
     let env = S3Env::get();
     let bucket = Bucket::new(&env);
     let prefix = unique_prefix(name);
     let seeded = seed(&bucket, &prefix);
     let proxy = FaultProxy::start(env.endpoint.trim_start_matches("http://"), policy::none());
-    let m = TestMount::with_prefix_via(prefix.clone(), &proxy.endpoint(), &["--part-size", "5M"]);
+    let mut args = vec!["--part-size", "5M"];
+    args.extend_from_slice(extra);
+    let m = TestMount::with_prefix_via(prefix.clone(), &proxy.endpoint(), &args);
     proxy.set_policy(fault_policy);
     let mut o = Outcome::default();
 
     let mut written = write_files(&m, 0, 20, &mut o);
     read_files(&m, &seeded, &mut o);
-    midway(&proxy);
+    midway(&proxy, &m);
     written.extend(write_files(&m, 20, 40, &mut o));
     // Files just written read back from local disk, whatever the store does.
     read_files(&m, &written, &mut o);
@@ -142,18 +174,33 @@ fn run_scenario(name: &str, describe: &str, fault_policy: Policy, midway: impl F
     }
     let started = Instant::now();
     m.sync();
-    eprintln!("{name}: uploads done {:.1}s after the workload", started.elapsed().as_secs_f64());
+    eprintln!(
+        "{name}: uploads done {:.1}s after the workload",
+        started.elapsed().as_secs_f64()
+    );
     o.retries = m.metric("s3mediafs_retries_total");
     o.injected = proxy.injected();
     drop(m);
     check_bucket(&bucket, &prefix, &written, &mut o);
+    // Multipart uploads that failed along the way were aborted, not left to bill.
+    let unfinished = bucket.unfinished_uploads(&prefix);
     record(name, describe, &o);
     bucket.delete_prefix(&prefix);
-    assert_eq!(o.wrong_reads, 0, "{name}: reads returned wrong bytes: {o:?}");
+    assert_eq!(
+        o.wrong_reads, 0,
+        "{name}: reads returned wrong bytes: {o:?}"
+    );
     assert_eq!(o.bytes_lost, 0, "{name}: acknowledged data lost: {o:?}");
     assert_eq!(o.verified, o.written, "{name}: {o:?}");
-    assert!(o.injected > 0, "{name}: no fault was injected: {o:?}");
+    assert!(
+        unfinished.is_empty(),
+        "{name}: multipart uploads left behind: {unfinished:?}"
+    );
     o
+}
+
+fn assert_injected(o: &Outcome) {
+    assert!(o.injected > 0, "no fault was injected: {o:?}");
 }
 
 /// Appends the scenario's row for RELIABILITY.md.
@@ -162,8 +209,15 @@ fn record(name: &str, describe: &str, o: &Outcome) {
     std::fs::create_dir_all(&dir).unwrap();
     let backend = S3Env::get().backend;
     let row = format!(
-        "| {describe} | {backend} | {} | {} | {} | {} | {} | {} | {} |\n",
-        o.written, o.verified, o.bytes_lost, o.injected, o.retries, o.reads, o.read_errors
+        "| {describe} | {backend} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        o.written,
+        o.write_errors,
+        o.verified,
+        o.bytes_lost,
+        o.injected,
+        o.retries,
+        o.reads,
+        o.read_errors
     );
     std::fs::write(dir.join(format!("{backend}-{name}.row")), row).unwrap();
 }
@@ -176,6 +230,7 @@ fn slowdown_503_on_every_third_request() {
         policy::every(3, Fault::Error(503, "SlowDown")),
         |_| {},
     );
+    assert_injected(&o);
     assert_eq!(o.read_errors, 0, "{o:?}");
 }
 
@@ -187,17 +242,19 @@ fn internal_error_500_on_every_fifth_request() {
         policy::every(5, Fault::Error(500, "InternalError")),
         |_| {},
     );
+    assert_injected(&o);
     assert_eq!(o.read_errors, 0, "{o:?}");
 }
 
 #[test]
-fn slow_answers_every_fourth_request() {
+fn slow_answers_every_fifth_request() {
     let o = run_scenario(
         "slow",
-        "every 4th request answered 1.5 s late",
-        policy::every(4, Fault::Delay(Duration::from_millis(1500))),
+        "every 5th request answered 1 s late",
+        policy::every(5, Fault::Delay(Duration::from_secs(1))),
         |_| {},
     );
+    assert_injected(&o);
     assert_eq!(o.read_errors, 0, "{o:?}");
 }
 
@@ -209,6 +266,7 @@ fn connections_reset_mid_body_on_every_third_get() {
         policy::every_get(3, Fault::ResetMidBody),
         |_| {},
     );
+    assert_injected(&o);
     assert_eq!(o.read_errors, 0, "{o:?}");
 }
 
@@ -220,6 +278,7 @@ fn bodies_cut_short_on_every_third_get() {
         policy::every_get(3, Fault::TruncateBody),
         |_| {},
     );
+    assert_injected(&o);
     assert_eq!(o.read_errors, 0, "{o:?}");
 }
 
@@ -231,6 +290,7 @@ fn requests_dropped_unanswered_on_every_sixth() {
         policy::every(6, Fault::Drop),
         |_| {},
     );
+    assert_injected(&o);
     assert_eq!(o.read_errors, 0, "{o:?}");
 }
 
@@ -256,7 +316,9 @@ fn store_unreachable_for_60_seconds_mid_workload() {
     );
     // Writes during the outage succeed (they are kept locally); reads of files written
     // here and of blocks already cached keep working.
+    assert_injected(&o);
     assert_eq!(o.write_errors, 0, "{o:?}");
+    assert_eq!(o.read_errors, 0, "{o:?}");
 }
 
 /// Every file under `dir`.
@@ -264,7 +326,9 @@ fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut dirs = vec![dir.to_path_buf()];
     while let Some(d) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             if e.file_type().unwrap().is_dir() {
                 dirs.push(e.path());
@@ -283,9 +347,16 @@ fn damaged_or_deleted_cache_blocks_are_fetched_again_never_served() {
     let m = TestMount::new("damaged-blocks");
     let data = pseudo_random(6 << 20, 77);
     bucket.put(&m.key("video.mp4"), &data);
-    assert_eq!(sha256(&std::fs::read(m.path("video.mp4")).unwrap()), sha256(&data));
+    assert_eq!(
+        sha256(&std::fs::read(m.path("video.mp4")).unwrap()),
+        sha256(&data)
+    );
     let blocks = files_under(&m.cache.join("blocks"));
-    assert!(blocks.len() >= 6, "the read left {} blocks in the cache", blocks.len());
+    assert!(
+        blocks.len() >= 6,
+        "the read left {} blocks in the cache",
+        blocks.len()
+    );
     // Flip a byte in the middle of every cached block.
     for b in &blocks {
         let mut bytes = std::fs::read(b).unwrap();
@@ -295,14 +366,179 @@ fn damaged_or_deleted_cache_blocks_are_fetched_again_never_served() {
     }
     let gets = m.requests("get");
     // A new open reads through the mount again (the kernel keeps no pages across opens).
-    assert_eq!(sha256(&std::fs::read(m.path("video.mp4")).unwrap()), sha256(&data));
-    assert!(m.metric("s3mediafs_cache_corrupt_total") >= 6, "damage not detected");
-    assert!(m.requests("get") > gets, "damaged blocks were not fetched again");
+    assert_eq!(
+        sha256(&std::fs::read(m.path("video.mp4")).unwrap()),
+        sha256(&data)
+    );
+    assert!(
+        m.metric("s3mediafs_cache_corrupt_total") >= 6,
+        "damage not detected"
+    );
+    assert!(
+        m.requests("get") > gets,
+        "damaged blocks were not fetched again"
+    );
 
     // The whole block directory deleted behind the mount's back.
     std::fs::remove_dir_all(m.cache.join("blocks")).unwrap();
-    assert_eq!(sha256(&std::fs::read(m.path("video.mp4")).unwrap()), sha256(&data));
+    assert_eq!(
+        sha256(&std::fs::read(m.path("video.mp4")).unwrap()),
+        sha256(&data)
+    );
     // And files written meanwhile still reach the bucket.
     std::fs::write(m.path("after"), b"still fine").unwrap();
     assert_eq!(m.object("after").unwrap(), b"still fine");
+}
+
+#[test]
+fn cache_blocks_damaged_mid_workload() {
+    let o = run_scenario_with(
+        "damaged",
+        "every cached block damaged on disk mid-workload",
+        policy::none(),
+        &[],
+        |_, m| {
+            for b in files_under(&m.cache.join("blocks")) {
+                let mut bytes = std::fs::read(&b).unwrap();
+                let mid = bytes.len() / 2;
+                bytes[mid] ^= 0xa5;
+                std::fs::write(&b, bytes).unwrap();
+            }
+        },
+    );
+    assert_eq!(o.read_errors, 0, "{o:?}");
+}
+
+/// A tmpfs of `size` mounted for the test's lifetime.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn new(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "cannot mount a tmpfs (tests run as root)");
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn cache_disk_full_mid_workload() {
+    // 40 MiB of disk for a workload that writes about 60 MiB, with limits that would let
+    // the cache grow past the disk (as when something else fills it): while uploads are
+    // slow, writes fail with ENOSPC from the disk itself; nothing committed is harmed, and
+    // the mount goes on working.
+    let disk = SmallDisk::new("40M");
+    let cache = disk.0.path().join("cache");
+    let cache = cache.to_str().unwrap().to_string();
+    let o = run_scenario_with(
+        "diskfull",
+        "cache disk of 40 MiB (tmpfs), every 2nd upload 2 s late",
+        Arc::new(|r: &RequestInfo| {
+            (r.is_upload() && r.n % 2 == 0).then_some(Fault::Delay(Duration::from_secs(2)))
+        }),
+        &[
+            "--cache-dir",
+            &cache,
+            "--cache-size",
+            "1G",
+            "--max-dirty",
+            "512M",
+            "--cache-min-free",
+            "0",
+        ],
+        |_, _| {},
+    );
+    assert!(o.written > 0, "{o:?}");
+    assert!(o.write_errors > 0, "the disk never filled: {o:?}");
+}
+
+#[test]
+fn sigterm_during_heavy_writes() {
+    let env = S3Env::get();
+    let bucket = Bucket::new(&env);
+    let prefix = unique_prefix("sigterm");
+    let proxy = FaultProxy::start(
+        env.endpoint.trim_start_matches("http://"),
+        Arc::new(|r: &RequestInfo| {
+            r.is_upload()
+                .then_some(Fault::Delay(Duration::from_millis(300)))
+        }),
+    );
+    let mut m =
+        TestMount::with_prefix_via(prefix.clone(), &proxy.endpoint(), &["--part-size", "5M"]);
+    let mut o = Outcome::default();
+    let written = write_files(&m, 0, 40, &mut o);
+    let pending = m.metric("s3mediafs_pending_changes");
+    // SIGTERM while uploads are still going: the mount unmounts, uploads what is pending,
+    // then exits.
+    let status = m.terminate();
+    assert!(status.success(), "{status}");
+    o.injected = proxy.injected();
+    check_bucket(&bucket, &prefix, &written, &mut o);
+    record(
+        "sigterm",
+        "SIGTERM right after 40 writes, uploads slowed",
+        &o,
+    );
+    bucket.delete_prefix(&prefix);
+    assert!(
+        pending > 0,
+        "nothing was pending at SIGTERM; the scenario proves nothing"
+    );
+    assert_eq!(o.bytes_lost, 0, "{o:?}");
+    assert_eq!(o.verified, o.written, "{o:?}");
+}
+
+#[test]
+fn a_read_the_store_cannot_serve_in_time_fails_with_eio_and_one_log_line() {
+    let env = S3Env::get();
+    let bucket = Bucket::new(&env);
+    let prefix = unique_prefix("deadline");
+    bucket.put(&format!("{prefix}slow.bin"), &pseudo_random(300_000, 3));
+    let proxy = FaultProxy::start(
+        env.endpoint.trim_start_matches("http://"),
+        policy::every_get(1, Fault::Delay(Duration::from_secs(5))),
+    );
+    let m =
+        TestMount::with_prefix_via(prefix.clone(), &proxy.endpoint(), &["--read-timeout", "1s"]);
+    let started = Instant::now();
+    let mut f = std::fs::File::open(m.path("slow.bin")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let r = std::io::Read::read(&mut f, &mut buf);
+    let took = started.elapsed();
+    assert_eq!(common::errno(r), libc::EIO);
+    assert!(
+        took < Duration::from_secs(4),
+        "the read waited {took:?}, past --read-timeout 1s"
+    );
+    drop(f);
+    let log = m.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("slow.bin") && l.contains("WARN"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(lines[0].contains("within 1 s"), "{}", lines[0]);
+    drop(m);
+    bucket.delete_prefix(&prefix);
 }

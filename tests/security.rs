@@ -69,13 +69,20 @@ fn the_secret_never_appears_in_the_log_or_in_ps() {
     std::fs::write(mnt.join("big"), vec![7u8; 20 << 20]).unwrap();
     std::fs::rename(mnt.join("big"), mnt.join("big2")).unwrap();
     std::fs::File::open(&mnt).unwrap().sync_all().unwrap();
-    assert_eq!(std::fs::read(mnt.join("local_content/ab/cd/small")).unwrap(), b"hello");
+    assert_eq!(
+        std::fs::read(mnt.join("local_content/ab/cd/small")).unwrap(),
+        b"hello"
+    );
     assert_eq!(std::fs::read(mnt.join("big2")).unwrap().len(), 20 << 20);
     let _ = std::fs::metadata(mnt.join("missing"));
     std::fs::remove_file(mnt.join("big2")).unwrap();
     std::fs::File::open(&mnt).unwrap().sync_all().unwrap();
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", child.id())).unwrap();
-    let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap().stdout;
+    let ps = Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .unwrap()
+        .stdout;
     let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
     assert!(child.wait().unwrap().success());
 
@@ -84,11 +91,23 @@ fn the_secret_never_appears_in_the_log_or_in_ps() {
         log.lines().count() > 100,
         "the trace log is too short to mean anything:\n{log}"
     );
-    assert!(log.contains(&env.access_key), "the access key id is logged (it is not secret)");
-    assert!(!log.contains(&env.secret_key), "the secret key is in the trace log");
+    assert!(
+        log.contains(&env.access_key),
+        "the access key id is logged (it is not secret)"
+    );
+    assert!(
+        !log.contains(&env.secret_key),
+        "the secret key is in the trace log"
+    );
     let shown = String::from_utf8_lossy(&cmdline);
-    assert!(!shown.contains(&env.secret_key), "the secret key is on the command line");
-    assert!(!String::from_utf8_lossy(&ps).contains(&env.secret_key), "the secret key shows in ps");
+    assert!(
+        !shown.contains(&env.secret_key),
+        "the secret key is on the command line"
+    );
+    assert!(
+        !String::from_utf8_lossy(&ps).contains(&env.secret_key),
+        "the secret key shows in ps"
+    );
     Bucket::new(&env).delete_prefix(&prefix);
 }
 
@@ -142,7 +161,10 @@ fn as_nobody(args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -160,18 +182,36 @@ fn other_users_stay_out_without_allow_other_and_modes_hold_with_it() {
 
     let m = TestMount::with_args(
         "other-users-allowed",
-        &["--allow-other", "--default-permissions", "--file-mode", "0640", "--uid", "0", "--gid", "0"],
+        &[
+            "--allow-other",
+            "--default-permissions",
+            "--file-mode",
+            "0640",
+            "--uid",
+            "0",
+            "--gid",
+            "0",
+        ],
     );
     std::fs::write(m.path("f"), b"private").unwrap();
     std::fs::set_permissions(m.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let mnt = m.mnt.display().to_string();
     let f = m.path("f").display().to_string();
     let (ok, err) = as_nobody(&["ls", &mnt]);
-    assert!(ok, "with allow_other a directory of mode 0755 is listable: {err}");
+    assert!(
+        ok,
+        "with allow_other a directory of mode 0755 is listable: {err}"
+    );
     let (ok, err) = as_nobody(&["cat", &f]);
-    assert!(!ok && err.contains("Permission denied"), "mode 0640 owned by root: {err}");
+    assert!(
+        !ok && err.contains("Permission denied"),
+        "mode 0640 owned by root: {err}"
+    );
     let (ok, err) = as_nobody(&["touch", &format!("{mnt}/new")]);
-    assert!(!ok && err.contains("Permission denied"), "directory mode 0755 owned by root: {err}");
+    assert!(
+        !ok && err.contains("Permission denied"),
+        "directory mode 0755 owned by root: {err}"
+    );
     assert!(!m.path("new").exists());
 }
 
@@ -192,7 +232,8 @@ fn keys_that_climb_out_of_the_prefix_stay_inside() {
             let p = e.path();
             let rel = p.strip_prefix(&m.mnt).unwrap().display().to_string();
             assert!(
-                !rel.split('/').any(|c| c == ".." || c == "." || c.is_empty()),
+                !rel.split('/')
+                    .any(|c| c == ".." || c == "." || c.is_empty()),
                 "{rel}"
             );
             if e.file_type().unwrap().is_dir() {

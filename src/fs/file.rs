@@ -403,31 +403,32 @@ impl BucketFs {
     }
 
     /// Makes room in the cache directory for `staged` to grow to `len` bytes, evicting
-    /// clean blocks; fails with ENOSPC when staged files alone would pass `--cache-size`.
+    /// clean blocks; fails with ENOSPC when staged files alone would pass `--cache-size`,
+    /// and with EFBIG past the largest object S3 stores.
     fn room_for_staged(&self, ino: u64, staged: &StagedFile, len: u64) -> FsResult<()> {
-        if len > MAX_OBJECT_SIZE {
-            let path = self.table.lock().get(ino).map(|i| i.path.clone()).unwrap_or_default();
-            self.warn_once(
-                &path,
+        let (problem, error) = if len > MAX_OBJECT_SIZE {
+            (
                 "an S3 object holds at most 5 TiB (10 000 parts of at most 5 GiB); the write fails with EFBIG",
-            );
-            return Err(FsError::FBIG);
-        }
-        let growth = allocated(len).saturating_sub(staged.accounted());
-        if growth == 0 || self.blocks().fit_staged(growth) {
-            return Ok(());
-        }
+                FsError::FBIG,
+            )
+        } else {
+            let growth = allocated(len).saturating_sub(staged.accounted());
+            if growth == 0 || self.blocks().fit_staged(growth) {
+                return Ok(());
+            }
+            (
+                "the files being written no longer fit in --cache-size; the write fails with ENOSPC (raise --cache-size)",
+                FsError::NOSPC,
+            )
+        };
         let path = self
             .table
             .lock()
             .get(ino)
             .map(|i| i.path.clone())
             .unwrap_or_default();
-        self.warn_once(
-            &path,
-            "the files being written no longer fit in --cache-size; the write fails with ENOSPC (raise --cache-size)",
-        );
-        Err(FsError::NOSPC)
+        self.warn_once(&path, problem);
+        Err(error)
     }
 
     /// Commits the staged copy of `ino` if it has changes: seals it (fsynced, immutable),

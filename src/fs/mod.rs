@@ -9,7 +9,7 @@ mod inode;
 mod listing;
 pub mod names;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -83,6 +83,8 @@ const LISTED_NAMES: usize = 200_000;
 const DIR_PROBE: i32 = 10;
 /// Most distinct keys warned about once.
 const WARNED_CAPACITY: usize = 10_000;
+/// A failure of the same request is logged at most once in this long.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct BucketFs {
     store: Arc<dyn ObjectStore>,
@@ -96,6 +98,9 @@ pub struct BucketFs {
     files: file::FileHandles,
     dirs: dir::DirHandles,
     warned: Mutex<HashSet<String>>,
+    /// When a failed request was last logged, by operation and key: a failure repeated
+    /// within `FAILURE_LOG_INTERVAL` (the kernel retrying a read, say) is logged once.
+    failures_logged: Mutex<HashMap<(String, String), Instant>>,
     mount_time: SystemTime,
     /// Until when lookups answer from local knowledge because the store is unreachable.
     offline_until: Mutex<Option<Instant>>,
@@ -127,6 +132,7 @@ impl BucketFs {
             files: Default::default(),
             dirs: Default::default(),
             warned: Mutex::new(HashSet::new()),
+            failures_logged: Mutex::new(HashMap::new()),
             mount_time,
             offline_until: Mutex::new(None),
         }
@@ -312,9 +318,27 @@ impl BucketFs {
 
     /// Logs a store failure once, in one line, and turns it into an errno.
     fn store_error(&self, op: &str, key: &str, e: StoreError) -> FsError {
-        match e {
-            StoreError::NotFound => {}
-            _ => tracing::warn!(op, key, error = %e, "request to the object store failed"),
+        if e != StoreError::NotFound {
+            let now = Instant::now();
+            let fresh = {
+                let mut logged = self.failures_logged.lock();
+                if logged.len() >= WARNED_CAPACITY {
+                    logged.retain(|_, at| now.duration_since(*at) < FAILURE_LOG_INTERVAL);
+                }
+                let k = (op.to_string(), key.to_string());
+                match logged.get(&k) {
+                    Some(at) if now.duration_since(*at) < FAILURE_LOG_INTERVAL => false,
+                    _ => {
+                        logged.insert(k, now);
+                        true
+                    }
+                }
+            };
+            if fresh {
+                tracing::warn!(op, key, error = %e, "request to the object store failed");
+            } else {
+                tracing::debug!(op, key, error = %e, "request to the object store failed again");
+            }
         }
         FsError::from(e)
     }

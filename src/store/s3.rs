@@ -77,7 +77,9 @@ impl AttemptCounts {
     pub fn retries(&self) -> u64 {
         // Requests are counted before their attempts, so this never runs ahead of the truth.
         let requests = self.requests.load(Ordering::Relaxed);
-        self.attempts.load(Ordering::Relaxed).saturating_sub(requests)
+        self.attempts
+            .load(Ordering::Relaxed)
+            .saturating_sub(requests)
             + self.resent.load(Ordering::Relaxed)
     }
 
@@ -219,6 +221,23 @@ impl S3Store {
             }
             _ => Ok(Ok(body)),
         }
+    }
+
+    /// Keys of the multipart uploads begun under `prefix` and neither completed nor aborted
+    /// (first page only, up to 1000).
+    pub async fn unfinished_uploads(&self, prefix: &str) -> StoreResult<Vec<String>> {
+        let r = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .send()
+            .await
+            .map_err(|e| self.map_err("ListMultipartUploads", prefix, e))?;
+        Ok(r.uploads()
+            .iter()
+            .filter_map(|u| u.key().map(str::to_string))
+            .collect())
     }
 
     pub async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<String>> {

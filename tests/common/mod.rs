@@ -131,6 +131,13 @@ impl Bucket {
     }
 
     /// Deletes every key under `prefix`, a thousand per request.
+    /// Multipart uploads under `prefix` begun and neither completed nor aborted.
+    pub fn unfinished_uploads(&self, prefix: &str) -> Vec<String> {
+        self.rt
+            .block_on(self.store.unfinished_uploads(prefix))
+            .unwrap_or_else(|e| panic!("ListMultipartUploads: {e}"))
+    }
+
     pub fn delete_prefix(&self, prefix: &str) {
         let keys = self.keys(prefix);
         self.rt.block_on(async {
@@ -463,6 +470,14 @@ impl TestMount {
 impl Drop for TestMount {
     fn drop(&mut self) {
         self.stop();
+        // Every mount of the suite is a log scan: the secret key never reaches the log.
+        if !std::thread::panicking() {
+            assert!(
+                !self.log().contains(&self.env.secret_key),
+                "the secret key is in the mount log {}",
+                self.log_path().display()
+            );
+        }
         if std::thread::panicking() {
             let log = self.log();
             let tail: Vec<&str> = log.lines().rev().take(60).collect();
