@@ -22,7 +22,7 @@ fi
     echo "compares every object with what was written. A file counts as written when its"
     echo "\`close()\` succeeded, refused when a write or close failed (ENOSPC on a full disk); bytes"
     echo "lost counts the bytes of written files whose object is missing or differs. Faults"
-    echo "injected counts requests the proxy answered wrongly (refused connections not counted);"
+    echo "injected counts requests the proxy answered wrongly and connections it refused;"
     echo "retries are requests the mount sent again. A read may fail with EIO; none may return"
     echo "wrong bytes (none did, or the test fails). Local faults (a damaged cache, a full cache"
     echo "disk, SIGTERM) use the same workload and checks."

@@ -81,7 +81,8 @@ impl FaultProxy {
             injected: p.injected.clone(),
             requests: p.requests.clone(),
         };
-        let (refuse_until, stop) = (p.refuse_until.clone(), p.stop.clone());
+        let (refuse_until, stop, injected) =
+            (p.refuse_until.clone(), p.stop.clone(), p.injected.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 if stop.load(Ordering::Relaxed) {
@@ -93,6 +94,7 @@ impl FaultProxy {
                     .unwrap()
                     .is_some_and(|t| Instant::now() < t);
                 if refusing {
+                    injected.fetch_add(1, Ordering::Relaxed);
                     reset(&client);
                     continue;
                 }
@@ -126,7 +128,7 @@ impl FaultProxy {
             .is_some_and(|t| Instant::now() < t)
     }
 
-    /// Faults injected so far (refused connections not counted).
+    /// Faults injected so far: requests answered wrongly and connections refused.
     pub fn injected(&self) -> u64 {
         self.injected.load(Ordering::Relaxed)
     }
