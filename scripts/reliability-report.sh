@@ -25,7 +25,8 @@ fi
     echo "injected counts requests the proxy answered wrongly and connections it refused;"
     echo "retries are requests the mount sent again. A read may fail with EIO; none may return"
     echo "wrong bytes (none did, or the test fails). Local faults (a damaged cache, a full cache"
-    echo "disk, SIGTERM) use the same workload and checks."
+    echo "disk, SIGTERM) use the same workload and checks; the proxy only slows uploads there, and"
+    echo "damage done to the cache on disk is not counted as injected."
     echo
     echo "| scenario | server | files written | writes refused | files verified | bytes lost | faults injected | retries | reads | failed reads |"
     echo "|---|---|---|---|---|---|---|---|---|---|"
