@@ -18,6 +18,11 @@ use sha2::{Digest, Sha256};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_s3mediafs");
 
+/// What test mounts log: everything at trace level, the mount's own code and the S3 SDK's
+/// (signing included), but the HTTP, TLS, runtime and FUSE plumbing.
+pub const TEST_LOG_FILTER: &str =
+    "trace,fuser=info,hyper=info,hyper_util=info,h2=info,tokio=info,tokio_util=info,rustls=info,mio=info,tower=info";
+
 #[derive(Clone, Debug)]
 pub struct S3Env {
     pub backend: String,
@@ -322,7 +327,9 @@ impl TestMount {
             .args(extra)
             .env("AWS_ACCESS_KEY_ID", &self.env.access_key)
             .env("AWS_SECRET_ACCESS_KEY", &self.env.secret_key)
-            .env_remove("RUST_LOG")
+            // The whole suite runs at trace level (the transport's own chatter aside), and
+            // every mount's log is scanned for the secret when the mount is dropped.
+            .env("RUST_LOG", TEST_LOG_FILTER)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
