@@ -166,7 +166,10 @@ impl WritebackQueue {
         if let Change::Upload { size, .. } = &change {
             s.dirty_bytes += size;
         }
-        s.latest.insert(change.key().to_string(), seq);
+        // The newest change of a key decides its final state, whatever order concurrent
+        // submissions reach this point in.
+        let latest = s.latest.entry(change.key().to_string()).or_insert(seq);
+        *latest = (*latest).max(seq);
         s.ops.insert(
             seq,
             Op {

@@ -129,3 +129,37 @@ fn fsync_returns_once_the_object_is_in_the_bucket() {
         .expect("in the bucket when fsync returned");
     assert_eq!(sha256(&direct), sha256(&data));
 }
+
+/// Every fork+exec elsewhere in the process closes the child's copies of open descriptors,
+/// and each such close is a FLUSH of the file being written: commits then race with the
+/// writes and with the final close. The object must still end as what the last close saw.
+#[test]
+fn flushes_from_forked_children_never_cost_the_final_close() {
+    let m = TestMount::new("fork-flush");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let forker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::process::Command::new("true").status();
+            }
+        })
+    };
+    let mut expected = Vec::new();
+    for i in 0..6u64 {
+        let data = pseudo_random(6 << 20, 40 + i);
+        let mut f = std::fs::File::create(m.path(&format!("f{i}"))).unwrap();
+        for chunk in data.chunks(64 << 10) {
+            std::io::Write::write_all(&mut f, chunk).unwrap();
+        }
+        drop(f);
+        expected.push(data);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    forker.join().unwrap();
+    for (i, data) in expected.iter().enumerate() {
+        let got = m.object(&format!("f{i}")).expect("uploaded");
+        assert_eq!(got.len(), data.len(), "f{i}");
+        assert_eq!(sha256(&got), sha256(data), "f{i}");
+    }
+}

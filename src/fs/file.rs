@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 
 use super::error::{FsError, FsResult};
 use super::inode::{Kind, Remote};
-use super::{names, Attr, BucketFs};
+use super::{names, Attr, BucketFs, COMMIT_LOCKS};
 use crate::cache::{allocated, StagedFile};
 use crate::readahead::{ObjectRef, ReadStream};
 use crate::store::{StoreError, MAX_OBJECT_SIZE};
@@ -434,6 +434,9 @@ impl BucketFs {
     /// Commits the staged copy of `ino` if it has changes: seals it (fsynced, immutable),
     /// journals it and queues its upload. Returns the queued change.
     pub(super) async fn commit_file(&self, ino: u64) -> FsResult<Option<u64>> {
+        let _one_at_a_time = self.commit_locks[(ino % COMMIT_LOCKS) as usize]
+            .lock()
+            .await;
         let (staged, size, path, version) = {
             let t = self.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;

@@ -83,6 +83,8 @@ const LISTED_NAMES: usize = 200_000;
 const DIR_PROBE: i32 = 10;
 /// Most distinct keys warned about once.
 const WARNED_CAPACITY: usize = 10_000;
+/// Stripes of the per-file commit lock.
+const COMMIT_LOCKS: u64 = 64;
 /// A failure of the same request is logged at most once in this long.
 const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -101,6 +103,10 @@ pub struct BucketFs {
     /// When a failed request was last logged, by operation and key: a failure repeated
     /// within `FAILURE_LOG_INTERVAL` (the kernel retrying a read, say) is logged once.
     failures_logged: Mutex<HashMap<(String, String), Instant>>,
+    /// Commits of one file never interleave (a FLUSH can come from any process holding a
+    /// copy of the descriptor, e.g. a child between fork and exec, while the owner writes
+    /// and closes): locks striped by inode number.
+    commit_locks: Vec<tokio::sync::Mutex<()>>,
     mount_time: SystemTime,
     /// Until when lookups answer from local knowledge because the store is unreachable.
     offline_until: Mutex<Option<Instant>>,
@@ -133,6 +139,9 @@ impl BucketFs {
             dirs: Default::default(),
             warned: Mutex::new(HashSet::new()),
             failures_logged: Mutex::new(HashMap::new()),
+            commit_locks: (0..COMMIT_LOCKS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             mount_time,
             offline_until: Mutex::new(None),
         }
