@@ -568,13 +568,9 @@ impl fmt::Debug for Credentials {
 /// Everything a mount needs, checked.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub bucket: String,
-    pub prefix: String,
+    /// The bucket and prefix served, where they are and the credentials.
+    pub target: Target,
     pub mountpoint: PathBuf,
-    pub endpoint: Option<String>,
-    pub region: String,
-    pub path_style: bool,
-    pub credentials: Credentials,
     pub allow_other: bool,
     pub default_permissions: bool,
     pub read_only: bool,
@@ -593,14 +589,7 @@ pub struct Config {
 
 impl Config {
     pub fn from_args(a: MountArgs) -> Result<Config, String> {
-        let Target {
-            bucket,
-            prefix,
-            endpoint,
-            region,
-            path_style,
-            credentials,
-        } = Target::resolve(&a.source, &a.store)?;
+        let target = Target::resolve(&a.source, &a.store)?;
         if a.part_size < 5 << 20 || a.part_size > 5 << 30 {
             return Err(format!(
                 "--part-size {} is outside what S3 allows (5M to 5G)",
@@ -640,16 +629,16 @@ impl Config {
         let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
         let cache_dir = match a.cache_dir {
             Some(d) => d,
-            None => default_cache_dir(&bucket, endpoint.as_deref(), &prefix, euid),
+            None => default_cache_dir(
+                &target.bucket,
+                target.endpoint.as_deref(),
+                &target.prefix,
+                euid,
+            ),
         };
         Ok(Config {
-            bucket,
-            prefix,
+            target,
             mountpoint: a.mountpoint,
-            endpoint,
-            region,
-            path_style,
-            credentials,
             allow_other: a.allow_other,
             default_permissions: a.default_permissions,
             read_only: a.read_only,
@@ -690,21 +679,9 @@ impl Config {
     }
 
     pub fn store_config(&self) -> StoreConfig {
-        let mut sc = self.target().store_config();
+        let mut sc = self.target.store_config();
         sc.read_deadline = self.read_timeout;
         sc
-    }
-
-    /// The bucket this mount serves.
-    pub fn target(&self) -> Target {
-        Target {
-            bucket: self.bucket.clone(),
-            prefix: self.prefix.clone(),
-            endpoint: self.endpoint.clone(),
-            region: self.region.clone(),
-            path_style: self.path_style,
-            credentials: self.credentials.clone(),
-        }
     }
 }
 
@@ -774,6 +751,15 @@ impl Target {
             attempt_timeout: Duration::from_secs(120),
             attempts: Default::default(),
             read_deadline: Duration::from_secs(60),
+        }
+    }
+
+    /// `BUCKET` or `BUCKET:PREFIX`, as given.
+    pub fn source(&self) -> String {
+        if self.prefix.is_empty() {
+            self.bucket.clone()
+        } else {
+            format!("{}:{}", self.bucket, self.prefix)
         }
     }
 

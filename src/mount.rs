@@ -37,7 +37,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    check_bucket(&rt, &cfg.target())?;
+    check_bucket(&rt, &cfg.target)?;
     let metrics_listener = match cfg.metrics_addr {
         Some(addr) => Some(
             std::net::TcpListener::bind(addr)
@@ -49,17 +49,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
         None => None,
     };
 
-    let source = if cfg.prefix.is_empty() {
-        cfg.bucket.clone()
-    } else {
-        format!("{}:{}", cfg.bucket, cfg.prefix)
-    };
+    let source = cfg.target.source();
     let metrics = Metrics::for_mount(&MountInfo {
         source: source.clone(),
-        endpoint: cfg
-            .endpoint
-            .clone()
-            .unwrap_or_else(|| format!("AWS S3 ({})", cfg.region)),
+        endpoint: cfg.target.endpoint_name(),
         mountpoint: cfg.mountpoint.display().to_string(),
         cache_dir: cfg.cache_dir.display().to_string(),
         cache_limit: cfg.cache.max_bytes,
@@ -106,7 +99,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let readahead = Readahead::new(store.clone(), blocks.clone(), cfg.readahead.clone());
     let fs = Arc::new(BucketFs::new(
         store,
-        &cfg.prefix,
+        &cfg.target.prefix,
         staging,
         writeback.clone(),
         readahead.clone(),
