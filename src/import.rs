@@ -84,7 +84,8 @@ pub fn run(args: ImportArgs) -> Result<ExitCode, String> {
     let store: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&target.store_config()));
 
     let started = Instant::now();
-    let (files, mut tally) = (scan(src, &target.prefix)?, Tally::default());
+    let files = scan(src, &target.prefix)?;
+    let tally = Arc::new(Tally::default());
     let total_bytes: u64 = files.iter().map(|f| f.size).sum();
     eprintln!(
         "import: {} files ({}) under {} -> {}{}",
@@ -94,7 +95,7 @@ pub fn run(args: ImportArgs) -> Result<ExitCode, String> {
         args.target,
         if args.dry_run { " (dry run)" } else { "" }
     );
-    let present = rt.block_on(list_present(&store, &target.prefix))?;
+    let present = Arc::new(rt.block_on(list_present(&store, &target.prefix))?);
 
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -115,33 +116,35 @@ pub fn run(args: ImportArgs) -> Result<ExitCode, String> {
 
     let show = !args.no_progress && std::io::stderr().is_terminal();
     let bar = progress_bar(show, total_bytes, "copying");
-    let shared = Arc::new(tally);
-    rt.block_on(copy_all(
-        &store,
-        files.clone(),
-        Arc::new(present),
-        &args,
-        shared.clone(),
-        &bar,
-        &stop,
-    ));
+    let (part_size, dry_run) = (args.part_size, args.dry_run);
+    rt.block_on(for_each_file(&files, args.jobs, &bar, &stop, |f| {
+        let (store, present, tally) = (store.clone(), present.clone(), tally.clone());
+        async move {
+            let result = copy_one(&store, &f, present.get(&f.key), part_size, dry_run, &tally);
+            if let Err(why) = result.await {
+                tally.fail(&f.path.display().to_string(), why);
+            }
+        }
+    }));
     bar.finish_and_clear();
 
     if args.verify && !stop.load(Ordering::SeqCst) {
         let bar = progress_bar(show, total_bytes, "verifying");
-        rt.block_on(verify_all(
-            &store,
-            files,
-            &args,
-            shared.clone(),
-            &bar,
-            &stop,
-        ));
+        rt.block_on(for_each_file(&files, args.jobs, &bar, &stop, |f| {
+            let (store, tally) = (store.clone(), tally.clone());
+            async move {
+                match verify_one(&store, &f).await {
+                    Ok(()) => {
+                        tally.verified.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(why) => tally.fail(&f.key, format!("verification failed: {why}")),
+                }
+            }
+        }));
         bar.finish_and_clear();
     }
-    tally = Arc::try_unwrap(shared).unwrap_or_default();
 
-    let failures = tally.failures.into_inner();
+    let failures = std::mem::take(&mut *tally.failures.lock());
     for (what, why) in failures.iter().take(50) {
         eprintln!("import: FAILED {what}: {why}");
     }
@@ -266,33 +269,29 @@ async fn list_present(
     }
 }
 
-async fn copy_all(
-    store: &Arc<dyn ObjectStore>,
-    files: Vec<SourceFile>,
-    present: Arc<HashMap<String, Present>>,
-    args: &ImportArgs,
-    tally: Arc<Tally>,
+/// Runs `work` on every file, `jobs` at a time, advancing `bar` by each file's size; stops
+/// starting new files once `stop` is set.
+async fn for_each_file<F, Fut>(
+    files: &[SourceFile],
+    jobs: u16,
     bar: &ProgressBar,
-    stop: &Arc<AtomicBool>,
-) {
-    let slots = Arc::new(Semaphore::new(args.jobs as usize));
+    stop: &AtomicBool,
+    work: F,
+) where
+    F: Fn(SourceFile) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(jobs as usize));
     let mut tasks = JoinSet::new();
     for f in files {
         let permit = slots.clone().acquire_owned().await.expect("never closed");
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        let (store, present, tally, bar) =
-            (store.clone(), present.clone(), tally.clone(), bar.clone());
-        let (part_size, dry_run) = (args.part_size, args.dry_run);
+        let (size, job, bar) = (f.size, work(f.clone()), bar.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            let size = f.size;
-            if let Err(why) =
-                copy_one(&store, &f, present.get(&f.key), part_size, dry_run, &tally).await
-            {
-                tally.fail(&f.path.display().to_string(), why);
-            }
+            job.await;
             bar.inc(size);
         });
     }
@@ -435,36 +434,6 @@ async fn local_etag(path: &Path, size: u64, part_size: Option<u64>) -> Result<St
     .await
     .map_err(|e| format!("hashing failed: {e}"))?
     .map_err(|e| format!("cannot read: {e}"))
-}
-
-async fn verify_all(
-    store: &Arc<dyn ObjectStore>,
-    files: Vec<SourceFile>,
-    args: &ImportArgs,
-    tally: Arc<Tally>,
-    bar: &ProgressBar,
-    stop: &Arc<AtomicBool>,
-) {
-    let slots = Arc::new(Semaphore::new(args.jobs as usize));
-    let mut tasks = JoinSet::new();
-    for f in files {
-        let permit = slots.clone().acquire_owned().await.expect("never closed");
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let (store, tally, bar) = (store.clone(), tally.clone(), bar.clone());
-        tasks.spawn(async move {
-            let _permit = permit;
-            match verify_one(&store, &f).await {
-                Ok(()) => {
-                    tally.verified.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(why) => tally.fail(&f.key, format!("verification failed: {why}")),
-            }
-            bar.inc(f.size);
-        });
-    }
-    while tasks.join_next().await.is_some() {}
 }
 
 /// Reads the object back and compares its bytes' MD5 with the file's.
