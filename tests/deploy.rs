@@ -218,34 +218,55 @@ fn receive(sock: &UnixDatagram, within: Duration) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+/// A mountpoint and a notify socket the test reads, as systemd would give a service.
+struct NotifySetup {
+    dir: tempfile::TempDir,
+    mnt: std::path::PathBuf,
+    sock: UnixDatagram,
+}
+
+impl NotifySetup {
+    fn new() -> NotifySetup {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let sock = UnixDatagram::bind(dir.path().join("notify.sock")).unwrap();
+        NotifySetup { dir, mnt, sock }
+    }
+
+    /// `s3mediafs mount SOURCE` in the foreground, with NOTIFY_SOCKET set.
+    fn mount_command(&self, env: &S3Env, source: &str) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("mount")
+            .arg(source)
+            .arg(&self.mnt)
+            .args(env.mount_args())
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("cache"))
+            .env("AWS_ACCESS_KEY_ID", &env.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", &env.secret_key)
+            .env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    }
+}
+
 #[test]
 fn ready_is_sent_only_once_the_mount_answers() {
     let env = S3Env::get();
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let sock_path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    let mut child = Command::new(BIN)
-        .arg("mount")
-        .arg(format!("{}:{}", env.bucket, unique_prefix("notify")))
-        .arg(&mnt)
-        .args(env.mount_args())
-        .arg("--cache-dir")
-        .arg(dir.path().join("cache"))
-        .env("AWS_ACCESS_KEY_ID", &env.access_key)
-        .env("AWS_SECRET_ACCESS_KEY", &env.secret_key)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let n = NotifySetup::new();
+    let (mnt, sock) = (&n.mnt, &n.sock);
+    let mut child = n
+        .mount_command(&env, &format!("{}:{}", env.bucket, unique_prefix("notify")))
         .spawn()
         .unwrap();
-    let first = receive(&sock, Duration::from_secs(60)).expect("a message within 60 s");
+    let first = receive(sock, Duration::from_secs(60)).expect("a message within 60 s");
     // The first message is READY=1, and by then the mount is in place and answers.
     assert!(first.lines().any(|l| l == "READY=1"), "{first}");
-    assert!(is_mounted(&mnt), "READY=1 before the mount was there");
-    let st = nix_statfs(&mnt);
+    assert!(is_mounted(mnt), "READY=1 before the mount was there");
+    let st = nix_statfs(mnt);
     assert_eq!(st, 0x65735546, "READY=1 before the mount answered");
     assert!(
         first.contains("STATUS=Serving"),
@@ -254,7 +275,7 @@ fn ready_is_sent_only_once_the_mount_answers() {
     std::fs::write(mnt.join("f"), b"x").unwrap();
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let mut seen = String::new();
-    while let Some(m) = receive(&sock, Duration::from_secs(30)) {
+    while let Some(m) = receive(sock, Duration::from_secs(30)) {
         seen.push_str(&m);
         if m.contains("STOPPING=1") {
             break;
@@ -262,30 +283,16 @@ fn ready_is_sent_only_once_the_mount_answers() {
     }
     assert!(seen.contains("STOPPING=1"), "{seen}");
     assert!(child.wait().unwrap().success());
-    assert!(!is_mounted(&mnt));
+    assert!(!is_mounted(mnt));
 }
 
 #[test]
 fn ready_is_never_sent_when_mounting_fails() {
     let env = S3Env::get();
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let sock_path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    let status = Command::new(BIN)
-        .arg("mount")
-        .arg("no-such-bucket-s3mediafs")
-        .arg(&mnt)
-        .args(env.mount_args())
-        .arg("--cache-dir")
-        .arg(dir.path().join("cache"))
-        .env("AWS_ACCESS_KEY_ID", &env.access_key)
-        .env("AWS_SECRET_ACCESS_KEY", &env.secret_key)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let n = NotifySetup::new();
+    let (mnt, sock) = (&n.mnt, &n.sock);
+    let status = n
+        .mount_command(&env, "no-such-bucket-s3mediafs")
         .status()
         .unwrap();
     assert!(!status.success());
@@ -297,7 +304,7 @@ fn ready_is_never_sent_when_mounting_fails() {
             .is_none_or(|m| !String::from_utf8_lossy(m).contains("READY=1")),
         "READY=1 sent by a mount that failed"
     );
-    assert!(!is_mounted(&mnt));
+    assert!(!is_mounted(mnt));
 }
 
 fn nix_statfs(p: &Path) -> i64 {
