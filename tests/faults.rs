@@ -351,21 +351,29 @@ fn damaged_or_deleted_cache_blocks_are_fetched_again_never_served() {
         sha256(&std::fs::read(m.path("video.mp4")).unwrap()),
         sha256(&data)
     );
-    // Blocks are stored just after the read is answered: wait for the cache to hold them.
+    // Blocks are stored just after the read is answered, each written under a temporary
+    // name and renamed into place: wait until the six blocks are whole on disk.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while m.metric("s3mediafs_cache_block_bytes") < 6 << 20 {
+    let blocks = loop {
+        let blocks: Vec<_> = files_under(&m.cache.join("blocks"))
+            .into_iter()
+            .filter(|p| {
+                !p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(".tmp-")
+            })
+            .collect();
+        if blocks.len() >= 6 {
+            break blocks;
+        }
         assert!(
             Instant::now() < deadline,
-            "the read left too little in the cache"
+            "the read left {} blocks in the cache",
+            blocks.len()
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
-    let blocks = files_under(&m.cache.join("blocks"));
-    assert!(
-        blocks.len() >= 6,
-        "the read left {} blocks in the cache",
-        blocks.len()
-    );
+    };
     // Flip a byte in the middle of every cached block.
     for b in &blocks {
         let mut bytes = std::fs::read(b).unwrap();

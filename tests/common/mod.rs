@@ -486,9 +486,15 @@ impl Drop for TestMount {
             );
         }
         if std::thread::panicking() {
+            // The mount logs at trace level; the SDK's chatter would bury what matters.
             let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            eprintln!("--- last lines of the mount log ---");
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains(" TRACE ") && !l.contains(" DEBUG "))
+                .rev()
+                .take(30)
+                .collect();
+            eprintln!("--- last lines of the mount log above debug level ---");
             for l in tail.iter().rev() {
                 eprintln!("{l}");
             }
