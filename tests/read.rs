@@ -326,3 +326,24 @@ fn cached_blocks_survive_a_remount() {
     );
     assert!(m.metric("s3mediafs_cache_hits_total") > 0);
 }
+
+#[test]
+fn a_sequential_reader_gets_a_block_per_kernel_request() {
+    let env = S3Env::get();
+    let prefix = unique_prefix("read-request-size");
+    let data = pseudo_random(16 << 20, 21);
+    Bucket::new(&env).put_large(&format!("{prefix}movie.mp4"), &data);
+    let m = TestMount::with_prefix(prefix, &[]);
+    let reads = r#"s3mediafs_fuse_op_seconds_count{op="read"}"#;
+    let before = m.metric(reads);
+    let (sum, len) = sha256_of_file(&m.path("movie.mp4"), 16 << 10);
+    let want = format!("{:x}", Sha256::digest(&data));
+    assert_eq!((sum, len), (want, data.len() as u64));
+    // 16 KiB application reads, 1 MiB kernel requests: about 16, where the kernel's default
+    // 128 KiB readahead would take 128.
+    let requests = m.metric(reads) - before;
+    assert!(
+        requests <= 24,
+        "reading 16 MiB took {requests} read requests"
+    );
+}
