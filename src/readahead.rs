@@ -239,7 +239,9 @@ impl Readahead {
         // or land inside the window count as sequential.
         let sequential = offset + bs >= st.next && offset <= st.next + st.window.max(bs);
         if sequential {
-            if st.last_block.is_none_or(|b| first > b) {
+            // The window grows with each block the reader reaches. (Reads of a block's
+            // length that straddle two blocks begin in the block the last one ended in.)
+            if st.last_block.is_none_or(|b| last > b) {
                 st.window = if st.window == 0 {
                     self.opts.initial_window
                 } else {
@@ -364,6 +366,7 @@ impl Readahead {
         let first = run[0].0;
         let start = first * bs;
         let end = object.size.min((first + run.len() as u64) * bs);
+        tracing::trace!(key = object.key, first, blocks = run.len(), "fetching");
         let result = self
             .store
             .get_range(&object.key, start..end, Some(&object.etag))
@@ -580,6 +583,33 @@ mod tests {
         assert_eq!(all.as_ref(), &data[..]);
         assert_eq!(ra.stats().requests, before);
         assert_eq!(ra.read(&s2, obj.size, 10).await.unwrap().len(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn block_sized_reads_across_block_boundaries_widen_the_window() {
+        // The kernel's 1 MiB readahead requests rarely start on a block boundary.
+        let (_d, ra, data, obj) = setup(4 << 20, 64 << 20).await;
+        let s = ReadStream::new(obj.clone());
+        let bs = 64 << 10;
+        let mut offset = 0;
+        for len in [16 << 10, 32 << 10, bs as u32] {
+            let b = ra.read(&s, offset, len).await.unwrap();
+            assert_eq!(
+                b.as_ref(),
+                &data[offset as usize..offset as usize + len as usize]
+            );
+            offset += len as u64;
+        }
+        while offset < obj.size {
+            let b = ra.read(&s, offset, bs as u32).await.unwrap();
+            assert_eq!(
+                b.as_ref(),
+                &data[offset as usize..offset as usize + b.len()]
+            );
+            offset += b.len() as u64;
+        }
+        assert_eq!(s.window(), 1 << 20);
+        assert!(ra.stats().requests < obj.size / bs / 2, "{:?}", ra.stats());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
