@@ -203,7 +203,7 @@ impl Readahead {
         let bs = self.blocks.block_size();
         let end = object.size.min(offset + len as u64);
         let (first, last) = (offset / bs, (end - 1) / bs);
-        let ahead = self.plan(stream, offset, end, first, last);
+        let ahead = self.plan(stream, offset, end, last);
         if let Some(blocks) = ahead {
             self.read_ahead(stream, blocks);
         }
@@ -230,7 +230,6 @@ impl Readahead {
         stream: &ReadStream,
         offset: u64,
         end: u64,
-        first: u64,
         last: u64,
     ) -> Option<Range<u64>> {
         let bs = self.blocks.block_size();
