@@ -266,20 +266,19 @@ fn announce_when_answering(
         .name("s3mediafs-ready".into())
         .spawn(move || {
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                let answering = nix_statfs(&mountpoint)
-                    .is_some_and(|f_type| f_type == FUSE_SUPER_MAGIC)
-                    && std::fs::metadata(&mountpoint).is_ok_and(|m| m.is_dir());
-                if answering {
-                    break;
+            let root = loop {
+                if nix_statfs(&mountpoint).is_some_and(|f_type| f_type == FUSE_SUPER_MAGIC) {
+                    if let Some(root) = std::fs::metadata(&mountpoint).ok().filter(|m| m.is_dir()) {
+                        break root;
+                    }
                 }
                 if std::time::Instant::now() > deadline {
                     tracing::error!(mountpoint = %mountpoint.display(), "the mount did not answer within 60 s");
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(20));
-            }
-            raise_kernel_readahead(&mountpoint);
+            };
+            raise_kernel_readahead(&root);
             tracing::info!(source, mountpoint = %mountpoint.display(), cache_dir = %cache_dir.display(), "mounted");
             signal_ready();
             let _ = sd_notify::notify(&[
@@ -294,16 +293,13 @@ fn announce_when_answering(
         .expect("spawning a thread");
 }
 
-/// Lets the kernel read ahead `KERNEL_READ_SIZE` on this mount, so a sequential reader
-/// costs one request per cache block rather than eight: FUSE mounts start at 128 KiB and
-/// only root may raise it (through the mount's entry in /sys/class/bdi). Without it reads
-/// are still right, only slower.
-fn raise_kernel_readahead(mountpoint: &Path) {
+/// Lets the kernel read ahead `KERNEL_READ_SIZE` on the mount whose root is `root`, so a
+/// sequential reader costs one request per cache block rather than eight: FUSE mounts start
+/// at 128 KiB and only root may raise it (through the mount's entry in /sys/class/bdi).
+/// Without it reads are still right, only slower.
+fn raise_kernel_readahead(root: &std::fs::Metadata) {
     use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(mountpoint) else {
-        return;
-    };
-    let dev = meta.dev();
+    let dev = root.dev();
     let knob = format!(
         "/sys/class/bdi/{}:{}/read_ahead_kb",
         libc::major(dev),

@@ -225,13 +225,7 @@ impl Readahead {
     }
 
     /// Updates the stream's access pattern; returns the blocks to read ahead, if any.
-    fn plan(
-        &self,
-        stream: &ReadStream,
-        offset: u64,
-        end: u64,
-        last: u64,
-    ) -> Option<Range<u64>> {
+    fn plan(&self, stream: &ReadStream, offset: u64, end: u64, last: u64) -> Option<Range<u64>> {
         let bs = self.blocks.block_size();
         let mut st = stream.state.lock();
         // Reads that overlap, trail by up to a block (the kernel reorders parallel reads)
