@@ -73,6 +73,51 @@ struct State {
     /// Bytes of uploads pending.
     dirty_bytes: u64,
     closed: bool,
+    landings: Landings,
+}
+
+/// Most keys and directory prefixes whose last landing is remembered.
+const LANDINGS_KEPT: usize = 65_536;
+
+/// When changes last reached the bucket, by key and by every directory prefix above it, so
+/// that a listing made before a change landed is not believed about that name.
+struct Landings {
+    at: lru::LruCache<String, Instant>,
+    /// Landings before this instant may have been forgotten.
+    forgot_before: Option<Instant>,
+}
+
+impl Default for Landings {
+    fn default() -> Self {
+        Landings {
+            at: lru::LruCache::unbounded(),
+            forgot_before: None,
+        }
+    }
+}
+
+impl Landings {
+    fn record(&mut self, key: &str, now: Instant) {
+        let mut k = key;
+        loop {
+            self.at.put(k.to_string(), now);
+            // The parent directory's prefix, with its slash.
+            let Some(i) = k.trim_end_matches('/').rfind('/') else {
+                break;
+            };
+            k = &k[..=i];
+        }
+        while self.at.len() > LANDINGS_KEPT {
+            if let Some((_, t)) = self.at.pop_lru() {
+                self.forgot_before = Some(self.forgot_before.map_or(t, |f| f.max(t)));
+            }
+        }
+    }
+
+    fn since(&self, key: &str, since: Instant) -> bool {
+        self.at.peek(key).is_some_and(|t| *t >= since)
+            || self.forgot_before.is_some_and(|f| since <= f)
+    }
 }
 
 /// Largest uploaded file whose content is kept in the block cache afterwards.
@@ -296,6 +341,13 @@ impl WritebackQueue {
         }
     }
 
+    /// Whether a change to `key` (an object key, or a directory prefix ending in `/` for
+    /// any key under it) reached the bucket at or after `since`, or may have: what the
+    /// bucket was seen to hold before then is out of date for it.
+    pub fn landed_since(&self, key: &str, since: Instant) -> bool {
+        self.state.lock().landings.since(key, since)
+    }
+
     /// The newest pending change of `key`.
     pub fn latest_seq(&self, key: &str) -> Option<u64> {
         self.state.lock().latest.get(key).copied()
@@ -459,6 +511,8 @@ impl WritebackQueue {
             self.keep_uploaded(&change, etag, file.as_ref()).await;
             {
                 let mut s = self.state.lock();
+                // Recorded with the change's removal, so that a lookup sees one or the other.
+                s.landings.record(change.key(), Instant::now());
                 s.in_flight.remove(change.key());
                 if let Some(op) = s.ops.remove(&seq) {
                     if let Change::Upload { size, .. } = op.change {
@@ -631,6 +685,36 @@ mod tests {
         let f = area.create().unwrap();
         f.write_at(data, 0).unwrap();
         Arc::new(f)
+    }
+
+    #[test]
+    fn a_landing_dates_its_key_and_every_directory_above_it() {
+        let mut l = Landings::default();
+        let before = Instant::now();
+        l.record("pre/a/b/file", Instant::now());
+        let after = Instant::now();
+        for key in ["pre/a/b/file", "pre/a/b/", "pre/a/", "pre/"] {
+            assert!(l.since(key, before), "{key}");
+            assert!(!l.since(key, after), "{key}");
+        }
+        assert!(!l.since("pre/a/b/other", before));
+        assert!(!l.since("pre/a/bb/", before));
+        l.record("pre/c/", Instant::now());
+        assert!(l.since("pre/c/", after) && l.since("pre/", after));
+    }
+
+    #[test]
+    fn forgotten_landings_make_older_listings_doubtful() {
+        let mut l = Landings::default();
+        let start = Instant::now();
+        for i in 0..LANDINGS_KEPT {
+            l.record(&format!("k{i}"), Instant::now());
+        }
+        assert!(l.forgot_before.is_none());
+        l.record("one-more", Instant::now());
+        // k0 is forgotten: anything older than its landing may be out of date.
+        assert!(l.since("k0", start));
+        assert!(!l.since("k0", Instant::now()));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

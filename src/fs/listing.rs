@@ -196,12 +196,25 @@ impl ListingCache {
         }
     }
 
-    /// What is known of `name` in directory `dir`.
-    pub fn lookup(&self, dir: &str, name: &str, path: &str) -> Answer {
+    /// What is known of `name` in directory `dir`. `changed_since(t)` says whether the name
+    /// may have changed in the bucket since `t` by this mount's own doing (a change that
+    /// landed after a listing was made): what was seen before then is not believed.
+    pub fn lookup(
+        &self,
+        dir: &str,
+        name: &str,
+        path: &str,
+        changed_since: impl Fn(Instant) -> bool,
+    ) -> Answer {
         let mut inner = self.inner.lock();
         let mut expired = false;
         if let Some(l) = inner.dirs.get(dir) {
-            if l.at.elapsed() < self.ttl {
+            // A name this mount changed is as noted; another may have changed since the
+            // listing was made (the listing stays good for its neighbours).
+            let believed = || l.pinned.iter().any(|p| **p == *name) || !changed_since(l.at);
+            if l.at.elapsed() >= self.ttl {
+                expired = true;
+            } else if believed() {
                 match l.names.get(name) {
                     Some(Entry::Present {
                         kind,
@@ -221,8 +234,6 @@ impl ListingCache {
                     None if l.complete => return Answer::Absent,
                     None => {}
                 }
-            } else {
-                expired = true;
             }
         }
         if expired {
@@ -231,7 +242,7 @@ impl ListingCache {
             }
         }
         match inner.absent.get(path) {
-            Some(at) if at.elapsed() < self.negative_ttl => Answer::Absent,
+            Some(at) if at.elapsed() < self.negative_ttl && !changed_since(*at) => Answer::Absent,
             Some(_) => {
                 inner.absent.pop(path);
                 Answer::Unknown
@@ -340,18 +351,54 @@ mod tests {
         }
     }
 
+    fn never(_: Instant) -> bool {
+        false
+    }
+
+    #[test]
+    fn a_listing_older_than_a_landed_change_is_not_believed_about_that_name() {
+        let c = cache();
+        let (id, at) = c.begin();
+        c.add_page("d", id, at, vec![("a".into(), file(1))]);
+        c.note_present("d", "mine", "d/mine", &file(5));
+        c.finish("d", id);
+        c.note_absent("e/x");
+        let landed = Instant::now();
+        let after_landing = |t: Instant| t <= landed;
+        // A change (replayed from the journal, say) reached the bucket after the listing.
+        assert!(matches!(
+            c.lookup("d", "a", "d/a", after_landing),
+            Answer::Unknown
+        ));
+        assert!(matches!(
+            c.lookup("d", "b", "d/b", after_landing),
+            Answer::Unknown
+        ));
+        assert!(matches!(
+            c.lookup("e", "x", "e/x", after_landing),
+            Answer::Unknown
+        ));
+        // What this mount noted itself stays, and so do the names nothing changed.
+        assert_eq!(
+            size_of(c.lookup("d", "mine", "d/mine", after_landing)),
+            Some(5)
+        );
+        assert_eq!(size_of(c.lookup("d", "a", "d/a", never)), Some(1));
+        assert_eq!(size_of(c.lookup("d", "b", "d/b", never)), None);
+    }
+
     #[test]
     fn a_complete_listing_answers_absent_for_other_names() {
         let c = cache();
         let (id, at) = c.begin();
         c.add_page("d", id, at, vec![("a".into(), file(1))]);
-        assert!(matches!(c.lookup("d", "b", "d/b"), Answer::Unknown));
+        assert!(matches!(c.lookup("d", "b", "d/b", never), Answer::Unknown));
         c.add_page("d", id, at, vec![("c".into(), file(3))]);
         c.finish("d", id);
-        assert_eq!(size_of(c.lookup("d", "a", "d/a")), Some(1));
-        assert_eq!(size_of(c.lookup("d", "c", "d/c")), Some(3));
-        assert_eq!(size_of(c.lookup("d", "b", "d/b")), None);
-        assert!(matches!(c.lookup("e", "b", "e/b"), Answer::Unknown));
+        assert_eq!(size_of(c.lookup("d", "a", "d/a", never)), Some(1));
+        assert_eq!(size_of(c.lookup("d", "c", "d/c", never)), Some(3));
+        assert_eq!(size_of(c.lookup("d", "b", "d/b", never)), None);
+        assert!(matches!(c.lookup("e", "b", "e/b", never), Answer::Unknown));
     }
 
     #[test]
@@ -364,8 +411,8 @@ mod tests {
         // The next page was fetched before the changes reached the bucket.
         c.add_page("d", id, at, vec![("z".into(), file(2))]);
         c.finish("d", id);
-        assert_eq!(size_of(c.lookup("d", "a", "d/a")), None);
-        assert_eq!(size_of(c.lookup("d", "z", "d/z")), Some(9));
+        assert_eq!(size_of(c.lookup("d", "a", "d/a", never)), None);
+        assert_eq!(size_of(c.lookup("d", "z", "d/z", never)), Some(9));
         // A newer listing keeps them too, while the old one is fresh.
         let (id2, at2) = c.begin();
         c.add_page(
@@ -375,8 +422,8 @@ mod tests {
             vec![("a".into(), file(1)), ("z".into(), file(2))],
         );
         c.finish("d", id2);
-        assert_eq!(size_of(c.lookup("d", "a", "d/a")), None);
-        assert_eq!(size_of(c.lookup("d", "z", "d/z")), Some(9));
+        assert_eq!(size_of(c.lookup("d", "a", "d/a", never)), None);
+        assert_eq!(size_of(c.lookup("d", "z", "d/z", never)), Some(9));
     }
 
     #[test]
@@ -386,8 +433,8 @@ mod tests {
         c.add_page("d", id, at, vec![("a".into(), file(1))]);
         c.finish("d", id);
         c.note_absent("d/b");
-        assert!(matches!(c.lookup("d", "a", "d/a"), Answer::Unknown));
-        assert!(matches!(c.lookup("d", "b", "d/b"), Answer::Unknown));
+        assert!(matches!(c.lookup("d", "a", "d/a", never), Answer::Unknown));
+        assert!(matches!(c.lookup("d", "b", "d/b", never), Answer::Unknown));
         assert_eq!(c.len(), 0);
     }
 
@@ -395,9 +442,9 @@ mod tests {
     fn negative_answers_end_when_the_name_is_created_here() {
         let c = cache();
         c.note_absent("d/x");
-        assert_eq!(size_of(c.lookup("d", "x", "d/x")), None);
+        assert_eq!(size_of(c.lookup("d", "x", "d/x", never)), None);
         c.note_present("d", "x", "d/x", &file(4));
-        assert!(matches!(c.lookup("d", "x", "d/x"), Answer::Unknown));
+        assert!(matches!(c.lookup("d", "x", "d/x", never), Answer::Unknown));
     }
 
     #[test]
@@ -416,8 +463,11 @@ mod tests {
             assert!(c.len() <= 100);
         }
         // The oldest directories were evicted: unknown, never "absent".
-        assert!(matches!(c.lookup("d0", "n1", "d0/n1"), Answer::Unknown));
-        assert_eq!(size_of(c.lookup("d4", "n1", "d4/n1")), Some(1));
+        assert!(matches!(
+            c.lookup("d0", "n1", "d0/n1", never),
+            Answer::Unknown
+        ));
+        assert_eq!(size_of(c.lookup("d4", "n1", "d4/n1", never)), Some(1));
         // A directory larger than the whole budget is not recorded and never complete.
         let (id, at) = c.begin();
         for p in 0..3 {
@@ -431,7 +481,7 @@ mod tests {
         }
         c.finish("big", id);
         assert!(matches!(
-            c.lookup("big", "nothere", "big/nothere"),
+            c.lookup("big", "nothere", "big/nothere", never),
             Answer::Unknown
         ));
     }

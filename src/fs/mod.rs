@@ -368,7 +368,10 @@ impl BucketFs {
                 }
             }
         }
-        match self.listing.lookup(&dir, name, &path) {
+        match self
+            .listing
+            .lookup(&dir, name, &path, |at| self.landed_since(&path, at))
+        {
             Answer::Present(remote, at) => {
                 let mut t = self.table.lock();
                 return Ok(match self.pending_answer(&path)? {
@@ -426,6 +429,14 @@ impl BucketFs {
             t.detach(ino);
         }
         None
+    }
+
+    /// Whether a change to `path` (as a file, or anything under it as a directory) reached
+    /// the bucket at or after `at`.
+    fn landed_since(&self, path: &str, at: Instant) -> bool {
+        let file = self.keys.file_key(path).ok();
+        file.is_some_and(|k| self.writeback.landed_since(&k, at))
+            || self.writeback.landed_since(&self.keys.dir_prefix(path), at)
     }
 
     /// What the write-back queue says about `path`, for answers taken from a listing.
@@ -527,7 +538,10 @@ impl BucketFs {
             _ => {
                 // A fresh listing of the directory knows the file too.
                 let (dir, name) = names::split(&path);
-                match self.listing.lookup(dir, name, &path) {
+                match self
+                    .listing
+                    .lookup(dir, name, &path, |at| self.landed_since(&path, at))
+                {
                     Answer::Present(r, at) if r.kind == Kind::File => Ok((r, at)),
                     _ => self.store.head(&key).await.map(|meta| {
                         let remote = Remote {
