@@ -81,6 +81,7 @@ pub struct StateReading {
     pub read_memory_bytes: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
+    pub cache_stored: u64,
     pub cache_evictions: u64,
     pub cache_skipped: u64,
     pub cache_corrupt: u64,
@@ -101,6 +102,7 @@ struct StateMetrics {
     listed_names: Gauge,
     cache_hits: Counter,
     cache_misses: Counter,
+    cache_stored: Counter,
     cache_evictions: Counter,
     cache_skipped: Counter,
     cache_corrupt: Counter,
@@ -159,6 +161,7 @@ impl Metrics {
             listed_names: Gauge::default(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
+            cache_stored: Counter::default(),
             cache_evictions: Counter::default(),
             cache_skipped: Counter::default(),
             cache_corrupt: Counter::default(),
@@ -208,6 +211,11 @@ impl Metrics {
             "cache_misses",
             "Blocks not found in the block cache",
             state.cache_misses.clone(),
+        );
+        registry.register(
+            "cache_stored",
+            "Blocks fetched from the bucket and written into the block cache",
+            state.cache_stored.clone(),
         );
         registry.register(
             "cache_evictions",
@@ -309,6 +317,7 @@ impl Metrics {
             catch_up(&s.cache_misses, r.cache_misses);
             catch_up(&s.cache_evictions, r.cache_evictions);
             catch_up(&s.cache_skipped, r.cache_skipped);
+            catch_up(&s.cache_stored, r.cache_stored);
             catch_up(&s.cache_corrupt, r.cache_corrupt);
             catch_up(&s.retries, r.retries);
         }

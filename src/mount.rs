@@ -117,6 +117,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 read_memory_bytes: readahead.memory_used(),
                 cache_hits: b.hits,
                 cache_misses: b.misses,
+                cache_stored: b.inserted,
                 cache_evictions: b.evicted,
                 cache_skipped: b.skipped,
                 cache_corrupt: b.corrupt,

@@ -351,29 +351,7 @@ fn damaged_or_deleted_cache_blocks_are_fetched_again_never_served() {
         sha256(&std::fs::read(m.path("video.mp4")).unwrap()),
         sha256(&data)
     );
-    // Blocks are stored just after the read is answered, each written under a temporary
-    // name and renamed into place: wait until the six blocks are whole on disk.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let blocks = loop {
-        let blocks: Vec<_> = files_under(&m.cache.join("blocks"))
-            .into_iter()
-            .filter(|p| {
-                !p.file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .starts_with(".tmp-")
-            })
-            .collect();
-        if blocks.len() >= 6 {
-            break blocks;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the read left {} blocks in the cache",
-            blocks.len()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let blocks = wait_for_blocks(&m.cache, |n| n >= 6);
     // Flip a byte in the middle of every cached block.
     for b in &blocks {
         let mut bytes = std::fs::read(b).unwrap();
@@ -432,6 +410,128 @@ fn cache_blocks_damaged_mid_workload() {
         },
     );
     assert_eq!(o.read_errors, 0, "{o:?}");
+}
+
+/// Cache blocks whole on disk (a block is written under a temporary name, then renamed).
+fn whole_blocks(cache: &Path) -> Vec<std::path::PathBuf> {
+    files_under(&cache.join("blocks"))
+        .into_iter()
+        .filter(|p| {
+            !p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".tmp-")
+        })
+        .collect()
+}
+
+/// Blocks are stored just after a read is answered: waits until their count satisfies
+/// `done`, and returns them.
+fn wait_for_blocks(cache: &Path, done: impl Fn(usize) -> bool) -> Vec<std::path::PathBuf> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let blocks = whole_blocks(cache);
+        if done(blocks.len()) {
+            return blocks;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cache settled at {} blocks",
+            blocks.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn free_bytes(dir: &Path) -> u64 {
+    let c = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and out-pointer.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_bavail as u64 * st.f_frsize as u64
+}
+
+#[test]
+fn the_cache_keeps_the_disk_free_space_floor_and_gives_way_when_the_disk_fills() {
+    // A 32 MiB cache disk that must keep 16 MiB free.
+    const MIB: u64 = 1 << 20;
+    let disk = SmallDisk::new("32M");
+    let root = disk.0.path().to_path_buf();
+    let cache = root.join("cache");
+    let env = S3Env::get();
+    let bucket = Bucket::new(&env);
+    let m = TestMount::with_args(
+        "floor",
+        &[
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--cache-size",
+            "1G",
+            "--cache-min-free",
+            "16M",
+        ],
+    );
+    let files: Vec<Vec<u8>> = (0..3).map(|i| pseudo_random(4 << 20, 300 + i)).collect();
+    for (i, d) in files.iter().enumerate() {
+        bucket.put(&m.key(&format!("f{i}")), d);
+    }
+    let read = |i: usize| {
+        let got = std::fs::read(m.path(&format!("f{i}"))).unwrap();
+        assert_eq!(sha256(&got), sha256(&files[i]), "f{i} read wrong bytes");
+    };
+
+    // Room enough: the first file is cached whole.
+    read(0);
+    wait_for_blocks(&cache, |n| n == 4);
+
+    // Something else takes 10 MiB, leaving about 18 MiB free: the next file's blocks are
+    // cached only by evicting the first file's, and free space never falls under 16 MiB.
+    std::fs::write(root.join("filler1"), vec![1u8; 10 << 20]).unwrap();
+    let lowest = std::sync::atomic::AtomicU64::new(u64::MAX);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                lowest.fetch_min(free_bytes(&root), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        read(1);
+        // Until all eight blocks fetched so far have been stored or turned away.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while m.metric("s3mediafs_cache_stored_total") + m.metric("s3mediafs_cache_skipped_total")
+            < 8
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the blocks read were never stored"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let lowest = lowest.into_inner();
+    assert!(
+        lowest >= 16 * MIB,
+        "free space fell to {} KiB, under the 16 MiB floor",
+        lowest >> 10
+    );
+    assert!(m.metric("s3mediafs_cache_evictions_total") > 0);
+
+    // More of the disk taken: even an empty cache would leave less than the floor. Reads
+    // still return the right bytes from the bucket, the cache gives all its blocks back,
+    // and the log says why nothing is cached.
+    std::fs::write(root.join("filler2"), vec![2u8; 8 << 20]).unwrap();
+    let gets = m.requests("get");
+    read(2);
+    assert!(m.requests("get") > gets);
+    wait_for_blocks(&cache, |n| n == 0);
+    assert!(
+        m.log()
+            .contains("below the free space --cache-min-free keeps"),
+        "the log does not say why nothing is cached"
+    );
+    assert!(m.metric("s3mediafs_cache_skipped_total") > 0);
 }
 
 /// A tmpfs of `size` mounted for the test's lifetime.

@@ -13,7 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -98,6 +98,8 @@ struct Index {
     lru: LruCache<BlockId, u64>,
     /// Bytes of cached blocks, plus blocks being written.
     bytes: u64,
+    /// Bytes reserved for blocks being written: not yet taken from the disk's free space.
+    writing: u64,
 }
 
 /// Counters for metrics and tests.
@@ -121,6 +123,8 @@ pub struct BlockCache {
     known_etags: Mutex<LruCache<String, String>>,
     stats: Mutex<BlockStats>,
     tmp_seq: AtomicU64,
+    /// Set while the free-space floor keeps new blocks out, so that it is logged once.
+    below_floor: AtomicBool,
 }
 
 impl BlockCache {
@@ -169,6 +173,7 @@ impl BlockCache {
         let mut index = Index {
             lru: LruCache::unbounded(),
             bytes: 0,
+            writing: 0,
         };
         for (_, id, size) in &found {
             index.lru.put(*id, *size);
@@ -182,6 +187,7 @@ impl BlockCache {
             known_etags: Mutex::new(LruCache::new(KNOWN_ETAGS.try_into().unwrap())),
             stats: Mutex::new(BlockStats::default()),
             tmp_seq: AtomicU64::new(0),
+            below_floor: AtomicBool::new(false),
         };
         if !found.is_empty() {
             tracing::info!(
@@ -298,7 +304,9 @@ impl BlockCache {
             return false;
         };
         self.remove_files(&victims);
-        match self.write_block(&id, data) {
+        let written = self.write_block(&id, data);
+        self.index.lock().writing -= cost;
+        match written {
             Ok(()) => {
                 let mut idx = self.index.lock();
                 if let Some(old) = idx.lru.put(id, cost) {
@@ -321,17 +329,23 @@ impl BlockCache {
     /// needed. Returns the evicted blocks, or None when there is not enough room (or the
     /// block is cached already).
     fn make_room(&self, id: &BlockId, cost: u64) -> Option<Vec<BlockId>> {
-        let short_of_free = self.free_space_shortfall(cost);
         let mut idx = self.index.lock();
         if idx.lru.contains(id) {
             return None;
         }
+        // Blocks other readers are writing right now will take their room too.
+        let short_of_free = self.free_space_shortfall(cost + idx.writing);
         let staged = self.staged.get();
         let evictable: u64 = idx.bytes;
         let over_budget = (idx.bytes + staged + cost).saturating_sub(self.limits.max_bytes);
         let need = over_budget.max(short_of_free);
-        if need > evictable {
+        if short_of_free > evictable {
+            // Something else filled the disk: give back every block, cache nothing new.
+            self.note_below_floor();
+        } else if need > evictable {
             return None;
+        } else if self.below_floor.swap(false, Ordering::Relaxed) {
+            tracing::info!(dir = %self.dir.display(), "the cache filesystem has room again; caching blocks");
         }
         let mut freed = 0;
         let mut victims = Vec::new();
@@ -343,13 +357,15 @@ impl BlockCache {
             victims.push(vid);
         }
         if freed < need {
-            // Everything left is being written right now.
+            // Everything left is being written right now, or the disk is below its floor.
             idx.bytes -= freed;
             drop(idx);
+            self.stats.lock().evicted += victims.len() as u64;
             self.remove_files(&victims);
             return None;
         }
         idx.bytes = idx.bytes - freed + cost;
+        idx.writing += cost;
         self.stats.lock().evicted += victims.len() as u64;
         Some(victims)
     }
@@ -373,6 +389,21 @@ impl BlockCache {
         self.stats.lock().evicted += victims.len() as u64;
         self.remove_files(&victims);
         staged <= self.limits.max_bytes
+    }
+
+    fn note_below_floor(&self) {
+        if self.below_floor.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let (avail, total) = fs_space(&self.dir).unwrap_or((0, 0));
+        tracing::warn!(
+            dir = %self.dir.display(),
+            free_bytes = avail,
+            size_bytes = total,
+            min_free = ?self.limits.min_free,
+            "the cache filesystem is below the free space --cache-min-free keeps; \
+             reads go to the bucket uncached until space is freed or the floor is lowered"
+        );
     }
 
     /// How many bytes must be freed so that writing `cost` more keeps the minimum free

@@ -320,6 +320,13 @@ impl TestMount {
             } else {
                 vec!["--cache-dir".into(), self.cache.clone()]
             })
+            // The cache lives on the host's disk; tests of caching must not depend on how
+            // full that disk happens to be. The floor's own behaviour has its own tests.
+            .args(if extra.contains(&"--cache-min-free") {
+                vec![]
+            } else {
+                vec!["--cache-min-free", "64M"]
+            })
             .arg("--log-level")
             .arg("debug")
             .arg("--metrics-addr")
@@ -488,9 +495,18 @@ impl Drop for TestMount {
         if std::thread::panicking() {
             // The mount logs at trace level; the SDK's chatter would bury what matters.
             let log = self.log();
+            // A record's continuation lines (no timestamp) go with the record.
+            let mut keep = true;
             let tail: Vec<&str> = log
                 .lines()
-                .filter(|l| !l.contains(" TRACE ") && !l.contains(" DEBUG "))
+                .filter(|l| {
+                    if l.starts_with(|c: char| c.is_ascii_digit()) {
+                        keep = !l.contains(" TRACE ") && !l.contains(" DEBUG ");
+                    }
+                    keep
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
                 .rev()
                 .take(30)
                 .collect();
