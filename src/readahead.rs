@@ -6,13 +6,17 @@
 //! cache. A read outside the window collapses it to nothing, so a thumbnailer seeking
 //! through an image costs one block-sized GET per seek and no wasted megabytes.
 //!
-//! Memory is bounded by one budget (`max_memory`) shared by all handles: data in flight and
-//! each handle's current block take from it; prefetching stops when it is spent, and a
-//! handle that cannot get room for its current block reads it from disk each time.
+//! Memory is bounded by one budget (`max_memory`) shared by all handles: half for data in
+//! flight, a quarter for each handle's current block, a quarter for blocks fetched ahead
+//! and not yet read (kept so that the reader need not read back from disk what was just
+//! written there). Prefetching stops when its half is spent, a handle that cannot get room
+//! for its current block reads it from disk each time, and blocks fetched ahead that do not
+//! fit are read from the disk cache.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
@@ -128,12 +132,72 @@ pub struct Readahead {
     store: Arc<dyn ObjectStore>,
     blocks: Arc<BlockCache>,
     opts: ReadaheadOptions,
-    /// The memory budget, in KiB: half for data in flight, half for handles' buffers, so
-    /// buffers held by idle handles can never stall a fetch.
+    /// The memory budget, in KiB: half for data in flight, a quarter for handles' buffers
+    /// (so buffers held by idle handles can never stall a fetch); the last quarter is for
+    /// blocks fetched ahead.
     fetch_memory: Arc<Semaphore>,
     buffer_memory: Arc<Semaphore>,
     inflight: Mutex<HashMap<BlockId, watch::Receiver<Fetched>>>,
+    ahead: Mutex<FetchedAhead>,
     stats: Mutex<ReadStats>,
+}
+
+/// A block fetched ahead and not read within this long gives way to newer ones.
+const AHEAD_STALE: Duration = Duration::from_secs(1);
+
+/// Blocks fetched ahead of their reader, until it reads them. Bounded in bytes; when full,
+/// blocks left unread for `AHEAD_STALE` (their reader went elsewhere) make room, and a
+/// new block that still does not fit is not kept.
+struct FetchedAhead {
+    blocks: HashMap<BlockId, (Bytes, Instant)>,
+    /// Insertion order, oldest first (entries already taken are skipped).
+    order: VecDeque<(BlockId, Instant)>,
+    bytes: u64,
+    max_bytes: u64,
+}
+
+impl FetchedAhead {
+    fn new(max_bytes: u64) -> Self {
+        FetchedAhead {
+            blocks: HashMap::new(),
+            order: VecDeque::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    fn keep(&mut self, id: BlockId, data: Bytes) {
+        let len = data.len() as u64;
+        let now = Instant::now();
+        // Drop what was read already or left unread too long from the front.
+        while let Some(&(old, at)) = self.order.front() {
+            let live = self.blocks.get(&old).is_some_and(|(_, t)| *t == at);
+            if live && now.duration_since(at) < AHEAD_STALE {
+                break;
+            }
+            self.order.pop_front();
+            if live {
+                self.take(&old);
+            }
+        }
+        if self.bytes + len > self.max_bytes {
+            return;
+        }
+        if let Some((old, _)) = self.blocks.insert(id, (data, now)) {
+            self.bytes -= old.len() as u64;
+        }
+        self.bytes += len;
+        self.order.push_back((id, now));
+    }
+
+    fn take(&mut self, id: &BlockId) -> Option<Bytes> {
+        let (data, _) = self.blocks.remove(id)?;
+        self.bytes -= data.len() as u64;
+        if self.blocks.is_empty() {
+            self.order.clear();
+        }
+        Some(data)
+    }
 }
 
 fn kib(bytes: u64) -> u32 {
@@ -152,10 +216,10 @@ impl Readahead {
         opts.max_window = opts.max_window.min(blocks.limits().max_bytes / 4).max(bs);
         opts.initial_window = opts.initial_window.clamp(bs, opts.max_window);
         opts.blocks_per_request = opts.blocks_per_request.max(1);
-        let half = (kib(opts.max_memory) / 2).max(kib(bs)) as usize;
+        let (half, quarter) = Self::shares(&opts, bs);
         let (fetch_memory, buffer_memory) = (
-            Arc::new(Semaphore::new(half)),
-            Arc::new(Semaphore::new(half)),
+            Arc::new(Semaphore::new(half as usize)),
+            Arc::new(Semaphore::new(quarter as usize)),
         );
         Arc::new(Readahead {
             store,
@@ -164,8 +228,15 @@ impl Readahead {
             fetch_memory,
             buffer_memory,
             inflight: Mutex::new(HashMap::new()),
+            ahead: Mutex::new(FetchedAhead::new(quarter as u64 * 1024)),
             stats: Default::default(),
         })
+    }
+
+    /// The budget's half and quarter, in KiB, each at least one block.
+    fn shares(opts: &ReadaheadOptions, block_size: u64) -> (u32, u32) {
+        let m = kib(opts.max_memory);
+        ((m / 2).max(kib(block_size)), (m / 4).max(kib(block_size)))
     }
 
     pub fn blocks(&self) -> &Arc<BlockCache> {
@@ -178,10 +249,10 @@ impl Readahead {
 
     /// Memory in use for data in flight and buffered blocks.
     pub fn memory_used(&self) -> u64 {
-        let half = (kib(self.opts.max_memory) / 2).max(kib(self.blocks.block_size())) as u64;
+        let (half, quarter) = Self::shares(&self.opts, self.blocks.block_size());
         let free =
             (self.fetch_memory.available_permits() + self.buffer_memory.available_permits()) as u64;
-        (2 * half - free) * 1024
+        (half as u64 + quarter as u64 - free) * 1024 + self.ahead.lock().bytes
     }
 
     fn block_len(&self, object: &ObjectRef, index: u64) -> u64 {
@@ -362,30 +433,37 @@ impl Readahead {
         tracing::trace!(key = object.key, first, blocks = run.len(), "fetching");
         let result = self
             .store
-            .get_range(&object.key, start..end, Some(&object.etag))
+            .get_pieces(&object.key, start..end, Some(&object.etag), bs)
             .await;
+        let got = |p: &Vec<Bytes>| p.iter().map(|b| b.len() as u64).sum::<u64>();
         {
             let mut s = self.stats.lock();
             s.requests += 1;
-            s.bytes += result.as_ref().map(|b| b.len() as u64).unwrap_or(0);
+            s.bytes += result.as_ref().map(got).unwrap_or(0);
         }
         let result = result.and_then(|data| {
-            if data.len() as u64 == end - start {
+            if got(&data) == end - start && data.len() == run.len() {
                 Ok(data)
             } else {
                 Err(StoreError::Truncated {
                     expected: end - start,
-                    got: data.len() as u64,
+                    got: got(&data),
                 })
             }
         });
         match result {
             Ok(data) => {
                 let mut pieces = Vec::with_capacity(run.len());
-                for (index, tx) in &run {
-                    let from = ((index - first) * bs) as usize;
-                    let to = (from + bs as usize).min(data.len());
-                    let piece = data.slice(from..to);
+                for ((index, tx), piece) in run.iter().zip(data) {
+                    // Nobody waits for it yet: a reader ahead of whom it was fetched will
+                    // come for it soon.
+                    if tx.receiver_count() <= 1 {
+                        let id = BlockId {
+                            object: object.id,
+                            index: *index,
+                        };
+                        self.ahead.lock().keep(id, piece.clone());
+                    }
                     tx.send_replace(Some(Ok(piece.clone())));
                     pieces.push((*index, piece));
                 }
@@ -425,6 +503,11 @@ impl Readahead {
             object: object.id,
             index,
         };
+        let fetched_ahead = self.ahead.lock().take(&id);
+        if let Some(data) = fetched_ahead {
+            self.keep_current(stream, index, data.clone());
+            return Ok(data);
+        }
         let len = self.block_len(object, index) as usize;
         loop {
             let claim = {
@@ -450,8 +533,7 @@ impl Readahead {
                 Claim::Wait(mut rx) => match rx.wait_for(|v| v.is_some()).await {
                     Ok(v) => {
                         let data = v.clone().expect("waited for a value")?;
-                        // A slice of a larger request would pin all of it.
-                        let data = Bytes::copy_from_slice(&data);
+                        self.ahead.lock().take(&id);
                         self.keep_current(stream, index, data.clone());
                         return Ok(data);
                     }
@@ -641,6 +723,55 @@ mod tests {
             ra.read(&s, 0, 10).await.unwrap_err(),
             StoreError::PreconditionFailed
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blocks_fetched_ahead_are_read_from_memory_not_back_from_disk() {
+        let (_d, ra, data, obj) = setup(3 << 20, 64 << 20).await;
+        let s = ReadStream::new(obj.clone());
+        let mut got = Vec::new();
+        while (got.len() as u64) < obj.size {
+            let b = ra.read(&s, got.len() as u64, 64 << 10).await.unwrap();
+            got.extend_from_slice(&b);
+        }
+        assert_eq!(got, data);
+        let cache = ra.blocks().stats();
+        assert_eq!(cache.hits, 0, "{cache:?}");
+        assert_eq!(ra.ahead.lock().bytes, 0);
+        // Every block goes to disk all the same, for the next reader.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ra.blocks().stats().inserted < 48 {
+            assert!(Instant::now() < deadline, "{:?}", ra.blocks().stats());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[test]
+    fn blocks_kept_ahead_are_bounded_and_give_way_when_left_unread() {
+        let id = |index| BlockId {
+            object: ObjectId::new("k", "e"),
+            index,
+        };
+        let mut a = FetchedAhead::new(3);
+        for i in 0..4 {
+            a.keep(id(i), Bytes::from_static(b"x"));
+        }
+        // Full: the fourth was not kept.
+        assert_eq!(a.bytes, 3);
+        assert!(a.take(&id(3)).is_none());
+        assert_eq!(a.take(&id(0)).as_deref(), Some(&b"x"[..]));
+        a.keep(id(3), Bytes::from_static(b"x"));
+        assert!(a.blocks.contains_key(&id(3)));
+        // Unread for too long: they make room.
+        for (_, t) in a.blocks.values_mut() {
+            *t -= AHEAD_STALE;
+        }
+        for e in a.order.iter_mut() {
+            e.1 -= AHEAD_STALE;
+        }
+        a.keep(id(9), Bytes::from_static(b"y"));
+        assert_eq!(a.bytes, 1);
+        assert!(a.order.len() <= 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

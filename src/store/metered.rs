@@ -55,6 +55,22 @@ impl ObjectStore for MeteredStore {
         r
     }
 
+    async fn get_pieces(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_match: Option<&str>,
+        piece: u64,
+    ) -> StoreResult<Vec<Bytes>> {
+        let r = self.inner.get_pieces(key, range, if_match, piece).await;
+        self.count("get", &r);
+        if let Ok(pieces) = &r {
+            self.metrics
+                .downloaded(pieces.iter().map(|b| b.len() as u64).sum());
+        }
+        r
+    }
+
     async fn list(
         &self,
         prefix: &str,

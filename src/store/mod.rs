@@ -90,6 +90,23 @@ pub trait ObjectStore: Send + Sync + 'static {
         if_match: Option<&str>,
     ) -> StoreResult<Bytes>;
 
+    /// Like `get_range`, with the bytes cut into pieces of `piece` bytes (the last may be
+    /// shorter), each its own allocation: a cache block can be kept or dropped without
+    /// pinning its neighbours.
+    async fn get_pieces(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_match: Option<&str>,
+        piece: u64,
+    ) -> StoreResult<Vec<Bytes>> {
+        let data = self.get_range(key, range, if_match).await?;
+        Ok(data
+            .chunks(piece.max(1) as usize)
+            .map(Bytes::copy_from_slice)
+            .collect())
+    }
+
     /// One page of the listing of `prefix` with delimiter `/` (or no delimiter when
     /// `recursive`), at most `max_keys` entries.
     async fn list(

@@ -23,7 +23,7 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::{ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult};
 
@@ -189,7 +189,8 @@ impl S3Store {
         key: &str,
         range: Range<u64>,
         if_match: Option<&str>,
-    ) -> Result<StoreResult<Bytes>, BodyError> {
+        piece: u64,
+    ) -> Result<StoreResult<Vec<Bytes>>, BodyError> {
         let r = match self
             .client
             .get_object()
@@ -204,22 +205,40 @@ impl S3Store {
             Err(e) => return Ok(Err(self.map_err("GET", key, e))),
         };
         let expected = r.content_length().map(|l| l.max(0) as u64);
-        let body = match r.body.collect().await {
-            Ok(b) => b.into_bytes(),
-            Err(e) => {
-                return Err(BodyError(StoreError::Other(format!(
+        // The body arrives in chunks of a few KiB; each is copied once, into its piece.
+        let total = expected.unwrap_or(range.end - range.start);
+        let piece = piece.max(1);
+        let mut pieces = Vec::with_capacity(total.div_ceil(piece) as usize);
+        let mut got = 0u64;
+        let mut cur = BytesMut::with_capacity(piece.min(total) as usize);
+        let mut body = r.body;
+        while let Some(chunk) = body.next().await {
+            let mut chunk = chunk.map_err(|e| {
+                BodyError(StoreError::Other(format!(
                     "GET {key:?}: the body broke off: {e}"
-                ))))
+                )))
+            })?;
+            got += chunk.len() as u64;
+            while !chunk.is_empty() {
+                let take = (piece as usize - cur.len()).min(chunk.len());
+                cur.extend_from_slice(&chunk.split_to(take));
+                if cur.len() as u64 == piece {
+                    let next = piece.min(total.saturating_sub(got)).max(1);
+                    pieces.push(
+                        std::mem::replace(&mut cur, BytesMut::with_capacity(next as usize))
+                            .freeze(),
+                    );
+                }
             }
-        };
+        }
+        if !cur.is_empty() {
+            pieces.push(cur.freeze());
+        }
         match expected {
-            Some(expected) if body.len() as u64 != expected => {
-                Err(BodyError(StoreError::Truncated {
-                    expected,
-                    got: body.len() as u64,
-                }))
+            Some(expected) if got != expected => {
+                Err(BodyError(StoreError::Truncated { expected, got }))
             }
-            _ => Ok(Ok(body)),
+            _ => Ok(Ok(pieces)),
         }
     }
 
@@ -402,15 +421,32 @@ impl ObjectStore for S3Store {
         range: Range<u64>,
         if_match: Option<&str>,
     ) -> StoreResult<Bytes> {
+        let len = range.end.saturating_sub(range.start);
+        let mut pieces = self.get_pieces(key, range, if_match, len).await?;
+        Ok(match pieces.len() {
+            0 => Bytes::new(),
+            1 => pieces.pop().expect("one piece"),
+            // A store that ignored the range and sent more.
+            _ => Bytes::from(pieces.concat()),
+        })
+    }
+
+    async fn get_pieces(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_match: Option<&str>,
+        piece: u64,
+    ) -> StoreResult<Vec<Bytes>> {
         if range.end <= range.start {
-            return Ok(Bytes::new());
+            return Ok(Vec::new());
         }
         // The SDK retries a request until its answer starts; a body that breaks off or ends
         // short is fetched again here, with jittered backoff, all within the read deadline.
         let deadline = tokio::time::Instant::now() + self.read_deadline;
         let mut attempt = 1;
         loop {
-            let once = self.get_range_once(key, range.clone(), if_match);
+            let once = self.get_range_once(key, range.clone(), if_match, piece);
             let result = match tokio::time::timeout_at(deadline, once).await {
                 Ok(r) => r,
                 Err(_) => {
