@@ -435,19 +435,21 @@ impl Readahead {
             .store
             .get_pieces(&object.key, start..end, Some(&object.etag), bs)
             .await;
-        let got = |p: &Vec<Bytes>| p.iter().map(|b| b.len() as u64).sum::<u64>();
+        let got = result
+            .as_ref()
+            .map_or(0, |p| p.iter().map(|b| b.len() as u64).sum());
         {
             let mut s = self.stats.lock();
             s.requests += 1;
-            s.bytes += result.as_ref().map(got).unwrap_or(0);
+            s.bytes += got;
         }
         let result = result.and_then(|data| {
-            if got(&data) == end - start && data.len() == run.len() {
+            if got == end - start && data.len() == run.len() {
                 Ok(data)
             } else {
                 Err(StoreError::Truncated {
                     expected: end - start,
-                    got: got(&data),
+                    got,
                 })
             }
         });

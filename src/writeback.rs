@@ -341,11 +341,12 @@ impl WritebackQueue {
         }
     }
 
-    /// Whether a change to `key` (an object key, or a directory prefix ending in `/` for
-    /// any key under it) reached the bucket at or after `since`, or may have: what the
-    /// bucket was seen to hold before then is out of date for it.
-    pub fn landed_since(&self, key: &str, since: Instant) -> bool {
-        self.state.lock().landings.since(key, since)
+    /// Whether a change to one of `keys` (object keys, or directory prefixes ending in `/`
+    /// for any key under them) reached the bucket at or after `since`, or may have: what the
+    /// bucket was seen to hold before then is out of date for them.
+    pub fn landed_since(&self, keys: &[&str], since: Instant) -> bool {
+        let s = self.state.lock();
+        keys.iter().any(|k| s.landings.since(k, since))
     }
 
     /// The newest pending change of `key`.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::faults::{policy, Fault, FaultProxy, Policy, RequestInfo};
-use common::{pseudo_random, sha256, unique_prefix, Bucket, S3Env, TestMount};
+use common::{pseudo_random, sha256, statvfs, unique_prefix, wait_for, Bucket, S3Env, TestMount};
 
 /// What one scenario did and found.
 #[derive(Debug, Default)]
@@ -428,27 +428,19 @@ fn whole_blocks(cache: &Path) -> Vec<std::path::PathBuf> {
 /// Blocks are stored just after a read is answered: waits until their count satisfies
 /// `done`, and returns them.
 fn wait_for_blocks(cache: &Path, done: impl Fn(usize) -> bool) -> Vec<std::path::PathBuf> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    wait_for(Duration::from_secs(30), || {
         let blocks = whole_blocks(cache);
         if done(blocks.len()) {
-            return blocks;
+            Ok(blocks)
+        } else {
+            Err(format!("the cache settled at {} blocks", blocks.len()))
         }
-        assert!(
-            Instant::now() < deadline,
-            "the cache settled at {} blocks",
-            blocks.len()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    })
 }
 
 fn free_bytes(dir: &Path) -> u64 {
-    let c = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid C string and out-pointer.
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
-    st.f_bavail as u64 * st.f_frsize as u64
+    let st = statvfs(dir);
+    st.f_bavail * st.f_frsize
 }
 
 #[test]
@@ -498,16 +490,16 @@ fn the_cache_keeps_the_disk_free_space_floor_and_gives_way_when_the_disk_fills()
         });
         read(1);
         // Until all eight blocks fetched so far have been stored or turned away.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while m.metric("s3mediafs_cache_stored_total") + m.metric("s3mediafs_cache_skipped_total")
-            < 8
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the blocks read were never stored"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for(Duration::from_secs(30), || {
+            let settled = m.metric("s3mediafs_cache_stored_total")
+                + m.metric("s3mediafs_cache_skipped_total");
+            match settled >= 8 {
+                true => Ok(()),
+                false => Err(format!(
+                    "{settled} of the 8 blocks read were stored or skipped"
+                )),
+            }
+        });
         done.store(true, std::sync::atomic::Ordering::Relaxed);
     });
     let lowest = lowest.into_inner();

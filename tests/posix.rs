@@ -287,8 +287,6 @@ fn fsync_and_statfs_answer() {
     f.sync_all().unwrap();
     assert_eq!(Bucket::new(&m.env).get(&m.key("f")).unwrap(), b"synced");
     drop(f);
-    let c = std::ffi::CString::new(m.mnt.to_str().unwrap()).unwrap();
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    let st = statvfs(&m.mnt);
     assert!(st.f_bavail > 0 && st.f_namemax == 255);
 }

@@ -305,10 +305,10 @@ impl BlockCache {
         };
         self.remove_files(&victims);
         let written = self.write_block(&id, data);
-        self.index.lock().writing -= cost;
+        let mut idx = self.index.lock();
+        idx.writing -= cost;
         match written {
             Ok(()) => {
-                let mut idx = self.index.lock();
                 if let Some(old) = idx.lru.put(id, cost) {
                     // Written twice at once: the room was reserved twice.
                     idx.bytes -= old;
@@ -318,8 +318,9 @@ impl BlockCache {
                 true
             }
             Err(e) => {
+                idx.bytes -= cost;
+                drop(idx);
                 tracing::warn!(error = %e, dir = %self.dir.display(), "cannot write to the block cache; reading on without it");
-                self.index.lock().bytes -= cost;
                 false
             }
         }

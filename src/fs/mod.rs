@@ -434,9 +434,11 @@ impl BucketFs {
     /// Whether a change to `path` (as a file, or anything under it as a directory) reached
     /// the bucket at or after `at`.
     fn landed_since(&self, path: &str, at: Instant) -> bool {
-        let file = self.keys.file_key(path).ok();
-        file.is_some_and(|k| self.writeback.landed_since(&k, at))
-            || self.writeback.landed_since(&self.keys.dir_prefix(path), at)
+        let dir = self.keys.dir_prefix(path);
+        match self.keys.file_key(path) {
+            Ok(file) => self.writeback.landed_since(&[&file, &dir], at),
+            Err(_) => self.writeback.landed_since(&[&dir], at),
+        }
     }
 
     /// What the write-back queue says about `path`, for answers taken from a listing.

@@ -578,6 +578,30 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// Checks again every 20 ms until `check` gives a value, for up to `timeout`; `check`
+/// says what it is still waiting for, and the last of that is the panic message.
+#[allow(dead_code)]
+pub fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(waiting) => assert!(Instant::now() < deadline, "{waiting}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The filesystem statistics of the filesystem holding `path`.
+#[allow(dead_code)]
+pub fn statvfs(path: &Path) -> libc::statvfs {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and out-pointer.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st
+}
+
 pub fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
     match r {
         Ok(v) => panic!("expected an error, got Ok({v:?})"),
