@@ -193,7 +193,16 @@ pub fn run(cfg: Config) -> Result<(), String> {
             }
         });
     }
-    let result = session.run();
+    let result = match session.run() {
+        // The kernel ends the connection with ECONNABORTED rather than ENODEV when it was
+        // aborted (which an unmount racing with requests in flight can do): the session is
+        // over all the same, and what is pending is uploaded below.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+            tracing::info!(mountpoint = %cfg.mountpoint.display(), "the kernel aborted the FUSE connection; the mount is gone");
+            Ok(())
+        }
+        r => r,
+    };
     let pending = writeback.pending();
     let _ = sd_notify::notify(&[
         sd_notify::NotifyState::Stopping,

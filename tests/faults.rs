@@ -590,6 +590,50 @@ fn cache_disk_full_mid_workload() {
 }
 
 #[test]
+fn an_aborted_fuse_connection_still_uploads_what_was_closed_and_exits_cleanly() {
+    use std::os::unix::fs::MetadataExt;
+    let env = S3Env::get();
+    let bucket = Bucket::new(&env);
+    let prefix = unique_prefix("abort");
+    let proxy = FaultProxy::start(
+        env.endpoint.trim_start_matches("http://"),
+        Arc::new(|r: &RequestInfo| {
+            r.is_upload()
+                .then_some(Fault::Delay(Duration::from_millis(500)))
+        }),
+    );
+    let mut m = TestMount::with_prefix_via(prefix.clone(), &proxy.endpoint(), &[]);
+    let data = pseudo_random(256 << 10, 9);
+    std::fs::write(m.path("closed.bin"), &data).unwrap();
+    let pending = m.metric("s3mediafs_pending_changes");
+    // What `umount -f` or an administrator does: the kernel drops the connection.
+    let connections = Path::new("/sys/fs/fuse/connections");
+    if !common::is_mounted(connections) {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "fusectl", "fusectl"])
+            .arg(connections)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "cannot mount fusectl (tests run as root)");
+    }
+    let dev = std::fs::metadata(&m.mnt).unwrap().dev();
+    std::fs::write(
+        format!("/sys/fs/fuse/connections/{}/abort", libc::minor(dev)),
+        "1",
+    )
+    .unwrap();
+    let status = m.wait_for_exit("the connection was aborted");
+    assert!(status.success(), "{status}");
+    assert_eq!(bucket.get(&m.key("closed.bin")).unwrap(), data);
+    assert!(
+        pending > 0,
+        "nothing was pending at the abort; the scenario proves nothing"
+    );
+    bucket.delete_prefix(&prefix);
+}
+
+#[test]
 fn sigterm_during_heavy_writes() {
     let env = S3Env::get();
     let bucket = Bucket::new(&env);

@@ -451,20 +451,20 @@ impl TestMount {
 
     /// Sends SIGTERM to the mount process and waits (up to 120 s) for it to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
+        let child = self.child.as_ref().expect("running");
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
+        self.wait_for_exit("SIGTERM")
+    }
+
+    /// Waits (up to 120 s) for the mount process to exit after `what`.
+    pub fn wait_for_exit(&mut self, what: &str) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        wait_for(Duration::from_secs(120), || {
+            match child.try_wait().unwrap() {
+                Some(status) => Ok(status),
+                None => Err(format!("no exit 120 s after {what}:\n{}", self.log())),
             }
-            assert!(
-                Instant::now() < deadline,
-                "no exit 120 s after SIGTERM:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })
     }
 
     /// Sends SIGKILL to the mount process, as a crash would.
@@ -500,7 +500,9 @@ impl Drop for TestMount {
             let tail: Vec<&str> = log
                 .lines()
                 .filter(|l| {
-                    if l.starts_with(|c: char| c.is_ascii_digit()) {
+                    // Records begin with a timestamp, 2026-11-23T...
+                    let b = l.as_bytes();
+                    if b.len() > 4 && b[..4].iter().all(u8::is_ascii_digit) && b[4] == b'-' {
                         keep = !l.contains(" TRACE ") && !l.contains(" DEBUG ");
                     }
                     keep
