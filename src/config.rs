@@ -227,6 +227,15 @@ pub struct MountArgs {
     #[arg(long, default_value = "32M", value_parser = parse_size)]
     pub max_readahead: u64,
 
+    /// Do not let the kernel read fully cached files straight from the cache directory.
+    /// By default (Linux 6.9 or later, mounted as root) a file whose every block is cached
+    /// is passed through to its cache file, so re-reads of large media run at local-disk
+    /// speed; the cache file is checked against its block checksums first whenever it
+    /// changed since this mount last wrote or checked it. With this flag every read goes
+    /// through the mount and each block is checked as it is read.
+    #[arg(long)]
+    pub no_passthrough: bool,
+
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9108), at /metrics.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -585,6 +594,8 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub drain_timeout: Duration,
     pub read_timeout: Duration,
+    /// Let the kernel read fully cached files from the cache directory.
+    pub passthrough: bool,
 }
 
 impl Config {
@@ -675,6 +686,7 @@ impl Config {
             metrics_addr: a.metrics_addr,
             drain_timeout: a.drain_timeout,
             read_timeout: a.read_timeout,
+            passthrough: !a.no_passthrough,
         })
     }
 

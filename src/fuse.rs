@@ -19,6 +19,7 @@ use tokio::runtime::Handle;
 
 use crate::fs::{Attr, BucketFs, FsError, Kind};
 use crate::metrics::{FuseMetrics, Metrics};
+use crate::passthrough::Passthrough;
 
 /// The extended attribute of the mount's root that holds the mount's metrics, for
 /// `s3mediafs status`.
@@ -36,10 +37,16 @@ pub struct FuseAdapter {
     negative_ttl: Duration,
     metrics: Arc<Metrics>,
     latency: FuseMetrics,
+    passthrough: Arc<Passthrough>,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<BucketFs>, rt: Handle, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        fs: Arc<BucketFs>,
+        rt: Handle,
+        metrics: Arc<Metrics>,
+        passthrough: Arc<Passthrough>,
+    ) -> Self {
         let ttl = fs.options().metadata_ttl;
         let negative_ttl = fs.options().negative_ttl;
         FuseAdapter {
@@ -49,6 +56,7 @@ impl FuseAdapter {
             negative_ttl,
             latency: metrics.fuse(),
             metrics,
+            passthrough,
         }
     }
 
@@ -131,6 +139,17 @@ impl fuser::Filesystem for FuseAdapter {
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(KERNEL_READ_SIZE);
+        if self.passthrough.enabled() {
+            // Cache files live on an ordinary filesystem, one level below this one.
+            match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+                Ok(()) => {
+                    let _ = config.set_max_stack_depth(1);
+                }
+                Err(_) => self
+                    .passthrough
+                    .disable("the kernel does not offer it (it needs Linux 6.9 or later)"),
+            }
+        }
         Ok(())
     }
 
@@ -254,9 +273,24 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let passthrough = self.passthrough.clone();
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        if write && passthrough.busy(ino.0) {
+            // Checked before opening: an O_TRUNC open would truncate the file first.
+            reply.error(Errno::ETXTBSY);
+            return;
+        }
         self.spawn("open", |fs| async move {
             match fs.open(ino.0, flags.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok(fh) => {
+                    let file = match passthrough.enabled() {
+                        true => fs.cached_file(fh).await,
+                        false => None,
+                    };
+                    if !passthrough.reply_open(reply, ino.0, fh, file) {
+                        let _ = fs.release(fh).await;
+                    }
+                }
                 Err(e) => reply.error(errno(e)),
             }
         });
@@ -325,6 +359,7 @@ impl fuser::Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.passthrough.released(fh.0);
         self.spawn("release", |fs| async move {
             reply_empty(reply, fs.release(fh.0).await)
         });
@@ -420,15 +455,29 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyCreate,
     ) {
         let (name, ttl) = (name.to_owned(), self.ttl);
+        let passthrough = self.passthrough.clone();
+        if self
+            .fs
+            .child(parent.0, &name)
+            .is_some_and(|ino| passthrough.busy(ino))
+        {
+            // An existing file passed through to readers cannot be opened for writing.
+            reply.error(Errno::ETXTBSY);
+            return;
+        }
         self.spawn("create", |fs| async move {
             match fs.create(parent.0, &name, flags).await {
-                Ok((a, fh)) => reply.created(
+                Ok((a, fh)) if passthrough.open_through_mount(a.ino, fh) => reply.created(
                     &ttl,
                     &file_attr(&a),
                     Generation(0),
                     FileHandle(fh),
                     FopenFlags::empty(),
                 ),
+                Ok((_, fh)) => {
+                    let _ = fs.release(fh).await;
+                    reply.error(Errno::ETXTBSY);
+                }
                 Err(e) => reply.error(errno(e)),
             }
         });

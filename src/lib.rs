@@ -14,6 +14,7 @@ pub mod fuse;
 pub mod import;
 pub mod metrics;
 pub mod mount;
+pub mod passthrough;
 pub mod readahead;
 pub mod status;
 pub mod store;

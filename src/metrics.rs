@@ -85,6 +85,9 @@ pub struct StateReading {
     pub cache_evictions: u64,
     pub cache_skipped: u64,
     pub cache_corrupt: u64,
+    pub passthrough_opens: u64,
+    pub passthrough_checks: u64,
+    pub passthrough_open_files: u64,
     pub inodes: u64,
     pub listed_names: u64,
     pub retries: u64,
@@ -106,6 +109,9 @@ struct StateMetrics {
     cache_evictions: Counter,
     cache_skipped: Counter,
     cache_corrupt: Counter,
+    passthrough_opens: Counter,
+    passthrough_checks: Counter,
+    passthrough_open_files: Gauge,
     retries: Counter,
 }
 
@@ -165,6 +171,9 @@ impl Metrics {
             cache_evictions: Counter::default(),
             cache_skipped: Counter::default(),
             cache_corrupt: Counter::default(),
+            passthrough_opens: Counter::default(),
+            passthrough_checks: Counter::default(),
+            passthrough_open_files: Gauge::default(),
             retries: Counter::default(),
         };
         registry.register(
@@ -231,6 +240,22 @@ impl Metrics {
             "cache_corrupt",
             "Cached blocks found damaged and dropped",
             state.cache_corrupt.clone(),
+        );
+        registry.register(
+            "passthrough_opens",
+            "Opens of fully cached files that the kernel reads straight from the cache file",
+            state.passthrough_opens.clone(),
+        );
+        registry.register(
+            "passthrough_checks",
+            "Cache files checked block by block before being passed through, because they \
+             changed since the mount last wrote or checked them",
+            state.passthrough_checks.clone(),
+        );
+        registry.register(
+            "passthrough_open_files",
+            "Open files the kernel reads straight from their cache file",
+            state.passthrough_open_files.clone(),
         );
         registry.register(
             "retries",
@@ -319,6 +344,10 @@ impl Metrics {
             catch_up(&s.cache_skipped, r.cache_skipped);
             catch_up(&s.cache_stored, r.cache_stored);
             catch_up(&s.cache_corrupt, r.cache_corrupt);
+            catch_up(&s.passthrough_opens, r.passthrough_opens);
+            catch_up(&s.passthrough_checks, r.passthrough_checks);
+            s.passthrough_open_files
+                .set(r.passthrough_open_files as i64);
             catch_up(&s.retries, r.retries);
         }
         let mut out = String::new();

@@ -16,6 +16,7 @@ use crate::config::{Config, Target};
 use crate::fs::BucketFs;
 use crate::fuse::FuseAdapter;
 use crate::metrics::{Metrics, MountInfo, StateReading};
+use crate::passthrough::Passthrough;
 use crate::readahead::Readahead;
 use crate::store::{MeteredStore, ObjectStore, S3Store, StoreError};
 use crate::writeback::WritebackQueue;
@@ -105,8 +106,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
         readahead.clone(),
         cfg.fs.clone(),
     ));
+    let passthrough = Arc::new(Passthrough::new(cfg.passthrough));
     {
-        let (writeback, fs) = (writeback.clone(), fs.clone());
+        let (writeback, fs, passthrough) = (writeback.clone(), fs.clone(), passthrough.clone());
         metrics.set_source(Box::new(move || {
             let b = blocks.stats();
             StateReading {
@@ -121,6 +123,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 cache_evictions: b.evicted,
                 cache_skipped: b.skipped,
                 cache_corrupt: b.corrupt,
+                passthrough_opens: passthrough.opened(),
+                passthrough_checks: b.whole_checks,
+                passthrough_open_files: passthrough.open_count(),
                 inodes: fs.inode_count() as u64,
                 listed_names: fs.listed_names() as u64,
                 retries: attempts.retries(),
@@ -134,7 +139,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving metrics at /metrics");
         rt.spawn(metrics.clone().serve(listener));
     }
-    let adapter = FuseAdapter::new(fs, rt.handle().clone(), metrics.clone());
+    let adapter = FuseAdapter::new(fs, rt.handle().clone(), metrics.clone(), passthrough);
     let mut options = vec![
         MountOption::FSName(source.clone()),
         MountOption::Subtype("s3mediafs".into()),

@@ -354,10 +354,7 @@ fn damaged_or_deleted_cache_blocks_are_fetched_again_never_served() {
     let blocks = wait_for_blocks(&m.cache, |n| n >= 6);
     // Flip a byte in the middle of every cached block.
     for b in &blocks {
-        let mut bytes = std::fs::read(b).unwrap();
-        let mid = bytes.len() / 2;
-        bytes[mid] ^= 0x5a;
-        std::fs::write(b, bytes).unwrap();
+        damage(b, 0x5a).unwrap();
     }
     let gets = m.requests("get");
     // A new open reads through the mount again (the kernel keeps no pages across opens).
@@ -374,8 +371,8 @@ fn damaged_or_deleted_cache_blocks_are_fetched_again_never_served() {
         "damaged blocks were not fetched again"
     );
 
-    // The whole block directory deleted behind the mount's back.
-    std::fs::remove_dir_all(m.cache.join("blocks")).unwrap();
+    // The whole block cache deleted behind the mount's back.
+    std::fs::remove_dir_all(m.cache.join("objects")).unwrap();
     assert_eq!(
         sha256(&std::fs::read(m.path("video.mp4")).unwrap()),
         sha256(&data)
@@ -394,42 +391,67 @@ fn cache_blocks_damaged_mid_workload() {
         &[],
         |_, m| {
             // Blocks still being written or evicted meanwhile may come and go.
-            for b in files_under(&m.cache.join("blocks")) {
-                let Ok(mut bytes) = std::fs::read(&b) else {
-                    continue;
-                };
-                if bytes.is_empty() {
-                    continue;
-                }
-                let mid = bytes.len() / 2;
-                bytes[mid] ^= 0xa5;
-                if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(&b) {
-                    f.write_all(&bytes).unwrap();
-                }
+            for b in cached_blocks(&m.cache) {
+                let _ = damage(&b, 0xa5);
             }
         },
     );
     assert_eq!(o.read_errors, 0, "{o:?}");
 }
 
-/// Cache blocks whole on disk (a block is written under a temporary name, then renamed).
-fn whole_blocks(cache: &Path) -> Vec<std::path::PathBuf> {
-    files_under(&cache.join("blocks"))
-        .into_iter()
-        .filter(|p| {
-            !p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with(".tmp-")
-        })
-        .collect()
+/// A block cached on disk: its object's cache file, and where in it the block lies.
+struct CachedBlock {
+    file: std::path::PathBuf,
+    offset: u64,
+    len: u64,
+}
+
+/// The blocks cached on disk, as the checksum file beside each object's cache file lists
+/// them (a 16-byte header ending in the block size, then length and CRC-32 per block).
+fn cached_blocks(cache: &Path) -> Vec<CachedBlock> {
+    let mut out = Vec::new();
+    for sums in files_under(&cache.join("objects")) {
+        if sums.extension().is_none_or(|e| e != "sums") {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(&sums) else {
+            continue;
+        };
+        if raw.len() < 16 {
+            continue;
+        }
+        let block_size = u64::from_le_bytes(raw[8..16].try_into().unwrap());
+        for (i, e) in raw[16..].chunks_exact(8).enumerate() {
+            let len = u64::from(u32::from_le_bytes(e[..4].try_into().unwrap()));
+            if len > 0 {
+                out.push(CachedBlock {
+                    file: sums.with_extension(""),
+                    offset: i as u64 * block_size,
+                    len,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Flips a byte in the middle of `b` on disk.
+fn damage(b: &CachedBlock, mask: u8) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&b.file)?;
+    let mut byte = [0u8];
+    f.read_exact_at(&mut byte, b.offset + b.len / 2)?;
+    f.write_all_at(&[byte[0] ^ mask], b.offset + b.len / 2)
 }
 
 /// Blocks are stored just after a read is answered: waits until their count satisfies
 /// `done`, and returns them.
-fn wait_for_blocks(cache: &Path, done: impl Fn(usize) -> bool) -> Vec<std::path::PathBuf> {
+fn wait_for_blocks(cache: &Path, done: impl Fn(usize) -> bool) -> Vec<CachedBlock> {
     wait_for(Duration::from_secs(30), || {
-        let blocks = whole_blocks(cache);
+        let blocks = cached_blocks(cache);
         if done(blocks.len()) {
             Ok(blocks)
         } else {

@@ -76,7 +76,7 @@ fn dir_size(dir: &Path) -> u64 {
     };
     entries
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name() != "blocks")
+        .filter(|e| e.file_name() != "objects")
         .map(|e| match e.metadata() {
             Ok(m) if m.is_dir() => dir_size(&e.path()),
             Ok(m) => m.len(),

@@ -4,7 +4,7 @@
 mod common;
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -324,7 +324,110 @@ fn cached_blocks_survive_a_remount() {
         0,
         "the blocks cached before the remount were used"
     );
+    // Written by an earlier run: checked block by block once, then passed through.
+    assert_eq!(m.metric("s3mediafs_passthrough_checks_total"), 1);
+    assert_eq!(m.metric("s3mediafs_passthrough_opens_total"), 1);
+    assert!(std::fs::read(m.path("clip.webm")).unwrap() == data);
+    assert_eq!(m.metric("s3mediafs_passthrough_checks_total"), 1);
+    assert_eq!(m.metric("s3mediafs_passthrough_opens_total"), 2);
+
+    // Without passthrough, the mount reads the cached blocks itself.
+    m.stop();
+    m.start(&["--no-passthrough"]);
+    assert!(std::fs::read(m.path("clip.webm")).unwrap() == data);
+    assert_eq!(m.requests("get"), 0);
     assert!(m.metric("s3mediafs_cache_hits_total") > 0);
+    assert_eq!(m.metric("s3mediafs_passthrough_opens_total"), 0);
+}
+
+/// Blocks are stored just after a read is answered: waits until `n` have been.
+fn wait_until_cached(m: &TestMount, n: u64) {
+    wait_for(Duration::from_secs(30), || {
+        match m.metric("s3mediafs_cache_stored_total") {
+            stored if stored >= n => Ok(()),
+            stored => Err(format!("{stored} of {n} blocks stored")),
+        }
+    });
+}
+
+#[test]
+fn a_fully_cached_file_is_read_by_the_kernel_from_its_cache_file() {
+    let env = S3Env::get();
+    let prefix = unique_prefix("read-passthrough");
+    let data = pseudo_random(16 << 20 | 3, 41);
+    Bucket::new(&env).put_large(&format!("{prefix}movie.mp4"), &data);
+    let m = TestMount::with_prefix(prefix, &[]);
+    let reads = r#"s3mediafs_fuse_op_seconds_count{op="read"}"#;
+    assert!(std::fs::read(m.path("movie.mp4")).unwrap() == data);
+    assert!(m.metric(reads) > 0, "a cold read goes through the mount");
+    wait_until_cached(&m, 17);
+    let (gets, before) = (m.requests("get"), m.metric(reads));
+    let (sum, len) = sha256_of_file(&m.path("movie.mp4"), 16 << 10);
+    assert_eq!((sum, len), (sha256(&data), data.len() as u64));
+    assert_eq!(m.metric("s3mediafs_passthrough_opens_total"), 1);
+    assert_eq!(m.metric(reads), before, "the mount answered reads itself");
+    assert_eq!(m.requests("get"), gets);
+    assert_eq!(
+        m.metric("s3mediafs_passthrough_checks_total"),
+        0,
+        "a cache file this mount wrote is trusted until it changes"
+    );
+    // Random reads through the kernel return the same bytes as the source.
+    let f = File::open(m.path("movie.mp4")).unwrap();
+    let mut rng = Rng(5);
+    for _ in 0..200 {
+        let off = rng.below(data.len() as u64);
+        let len = rng.below(300 << 10) as usize;
+        let mut buf = vec![0u8; len];
+        let n = f.read_at(&mut buf, off).unwrap();
+        let end = (off as usize + len).min(data.len());
+        assert!(buf[..n] == data[off as usize..end], "at {off}+{len}");
+    }
+    drop(f);
+    assert_eq!(m.metric("s3mediafs_passthrough_open_files"), 0);
+}
+
+#[test]
+fn a_file_passed_through_is_written_once_its_readers_close() {
+    let env = S3Env::get();
+    let prefix = unique_prefix("read-passthrough-write");
+    let old = pseudo_random(4 << 20, 42);
+    let new = pseudo_random(3 << 20, 43);
+    Bucket::new(&env).put_large(&format!("{prefix}a.bin"), &old);
+    let m = TestMount::with_prefix(prefix, &[]);
+    assert!(std::fs::read(m.path("a.bin")).unwrap() == old);
+    wait_until_cached(&m, 4);
+    let reader = File::open(m.path("a.bin")).unwrap();
+    assert_eq!(m.metric("s3mediafs_passthrough_open_files"), 1);
+    // Another reader joins it; a writer is refused until the readers close (as Linux
+    // refuses to write a running program), and the file is left as it was.
+    let second = std::fs::read(m.path("a.bin")).unwrap();
+    assert!(second == old);
+    for truncate in [false, true] {
+        let err = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(truncate)
+            .open(m.path("a.bin"))
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ETXTBSY), "{err}");
+    }
+    let err = std::fs::write(m.path("a.bin"), &new).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ETXTBSY), "{err}");
+    let mut got = vec![0u8; old.len()];
+    reader.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == old);
+    assert_eq!(
+        std::fs::metadata(m.path("a.bin")).unwrap().len(),
+        old.len() as u64
+    );
+    drop(reader);
+    assert_eq!(m.metric("s3mediafs_passthrough_open_files"), 0);
+    // Once they have, it is written as usual.
+    std::fs::write(m.path("a.bin"), &new).unwrap();
+    assert!(std::fs::read(m.path("a.bin")).unwrap() == new);
+    m.sync();
+    assert_eq!(m.object("a.bin").unwrap(), new);
+    assert!(std::fs::read(m.path("a.bin")).unwrap() == new);
 }
 
 #[test]

@@ -1,30 +1,42 @@
-//! The block cache: clean object data kept on local disk in fixed-size blocks, so re-reads
-//! need no request. A block is named by its object's key and ETag and its index, so a
-//! replaced object never serves old blocks. Blocks are evicted least recently used first,
-//! under one byte budget that also counts the staged (dirty) files: before a block is
-//! written, room is made for it, and when no room can be made it is not cached. The cache
-//! filesystem also keeps a minimum of free space. Every block carries a checksum; a block
-//! that fails it is removed and fetched again, never served.
+//! The block cache: clean object data kept on local disk, so re-reads need no request.
 //!
-//! Blocks survive a remount: the index is rebuilt from the directory at start, oldest
-//! first.
+//! Each object version (key and ETag) has one cache file, in which block `i` sits at offset
+//! `i × block size` and missing blocks are holes, and beside it a checksum file with each
+//! block's length and CRC-32. A replaced object is another file, so it never serves old
+//! blocks. Blocks are evicted least recently used first (their range is punched out of the
+//! file; a file's last block takes the file with it), under one byte budget that also
+//! counts the staged (dirty) files: room is made before a block is written, and when none
+//! can be made it is not cached. The cache filesystem also keeps a minimum of free space.
+//! A block that fails its checksum is dropped and fetched again, never served.
+//!
+//! An object whose every block is cached can be handed out whole (`open_whole`), for the
+//! kernel to read from the file directly. Its blocks are checked against their checksums
+//! first, unless the file is unchanged (inode, size, change time) since this mount last
+//! wrote or checked it; and they are kept from eviction while it is open.
+//!
+//! Blocks survive a remount: the index is rebuilt from the checksum files at start.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use lru::LruCache;
 use md5::{Digest, Md5};
 use parking_lot::Mutex;
 
-/// The header in front of each block's data: magic, data length, CRC-32 of the data.
-const HEADER: usize = 16;
-const MAGIC: &[u8; 4] = b"S3MB";
+/// The checksum file's header: magic, format version, block size.
+const SUMS_HEADER: u64 = 16;
+const SUMS_MAGIC: &[u8; 4] = b"S3MS";
+const SUMS_VERSION: u32 = 1;
+/// Each block's entry in the checksum file: data length (0: not cached), CRC-32.
+const SUMS_ENTRY: u64 = 8;
 /// Space is accounted in the units filesystems allocate.
 const ALLOC_UNIT: u64 = 4096;
 /// Objects whose upload this mount just finished, remembered with their ETag.
@@ -94,12 +106,99 @@ pub fn allocated(len: u64) -> u64 {
     len.div_ceil(ALLOC_UNIT) * ALLOC_UNIT
 }
 
+/// What the cache keeps on disk for one object beyond its blocks: its checksum file up to
+/// block `index`, and a unit for the file's own bookkeeping (directory entries, extents).
+fn object_overhead(index: u64) -> u64 {
+    allocated(SUMS_HEADER + SUMS_ENTRY * (index + 1)) + ALLOC_UNIT
+}
+
+/// One cached block, as the index knows it.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    cost: u64,
+    len: u32,
+    crc: u32,
+}
+
+/// What identifies a cache file's state: any write to it changes one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    ctime: (i64, i64),
+    mtime: (i64, i64),
+}
+
+impl Fingerprint {
+    fn of(f: &File) -> io::Result<Self> {
+        let m = f.metadata()?;
+        Ok(Fingerprint {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            mtime: (m.mtime(), m.mtime_nsec()),
+        })
+    }
+}
+
+/// One object version with blocks in the cache.
+struct ObjectState {
+    /// Blocks in the index.
+    blocks: u64,
+    /// The highest block index ever stored.
+    highest: u64,
+    /// Bytes accounted for the checksum file and bookkeeping.
+    overhead: u64,
+    /// Blocks being written right now.
+    writers: u32,
+    /// Handles given out by `open_whole` that are still open.
+    pins: u32,
+    /// Bytes of blocks kept from eviction while pinned.
+    pinned_cost: u64,
+    /// The files are being removed: nothing new is written.
+    removing: bool,
+    /// The cache file as this mount last left it (wrote, punched or checked it), while
+    /// nothing else is known to have touched it since.
+    trusted: Option<Fingerprint>,
+    /// Serialises changes to the cache file, so `trusted` follows them.
+    file_lock: Arc<Mutex<()>>,
+}
+
+impl ObjectState {
+    fn new() -> Self {
+        ObjectState {
+            blocks: 0,
+            highest: 0,
+            overhead: 0,
+            writers: 0,
+            pins: 0,
+            pinned_cost: 0,
+            removing: false,
+            trusted: None,
+            file_lock: Arc::new(Mutex::new(())),
+        }
+    }
+}
+
 struct Index {
-    lru: LruCache<BlockId, u64>,
-    /// Bytes of cached blocks, plus blocks being written.
+    lru: LruCache<BlockId, Entry>,
+    objects: HashMap<ObjectId, ObjectState>,
+    /// Blocks whose range is being punched out of their file.
+    evicting: HashSet<BlockId>,
+    /// Bytes of blocks of objects open whole, which cannot be evicted.
+    pinned: u64,
+    /// Bytes of cached blocks and object overheads, plus blocks being written.
     bytes: u64,
     /// Bytes reserved for blocks being written: not yet taken from the disk's free space.
     writing: u64,
+}
+
+/// Disk work that eviction leaves to be done outside the index lock.
+enum Eviction {
+    Punch(BlockId, u32),
+    Remove(ObjectId),
 }
 
 /// Counters for metrics and tests.
@@ -113,6 +212,10 @@ pub struct BlockStats {
     pub skipped: u64,
     /// Blocks that failed their checksum or size check and were dropped.
     pub corrupt: u64,
+    /// Objects handed out whole.
+    pub whole_opens: u64,
+    /// Of those, the ones whose every block was checked first.
+    pub whole_checks: u64,
 }
 
 pub struct BlockCache {
@@ -122,26 +225,59 @@ pub struct BlockCache {
     staged: Arc<StagedBytes>,
     known_etags: Mutex<LruCache<String, String>>,
     stats: Mutex<BlockStats>,
-    tmp_seq: AtomicU64,
     /// Set while the free-space floor keeps new blocks out, so that it is logged once.
     below_floor: AtomicBool,
+    /// Set once punching holes failed, so that it is logged once.
+    no_punch: AtomicBool,
+}
+
+/// An object whose every block is cached, open for reading as one file. Its blocks stay in
+/// the cache until this is dropped.
+pub struct WholeObject {
+    cache: Arc<BlockCache>,
+    object: ObjectId,
+    file: File,
+}
+
+impl WholeObject {
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Drop for WholeObject {
+    fn drop(&mut self) {
+        self.cache.unpin(self.object);
+    }
+}
+
+impl std::fmt::Debug for WholeObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WholeObject({:032x})", self.object.0)
+    }
 }
 
 impl BlockCache {
-    /// Opens `cache_dir/blocks`, indexing the blocks an earlier run left (oldest first) and
+    /// Opens `cache_dir/objects`, indexing the blocks an earlier run left (oldest first) and
     /// evicting what no longer fits the limits.
     pub fn open(
         cache_dir: &Path,
         limits: CacheLimits,
         staged: Arc<StagedBytes>,
     ) -> io::Result<Self> {
-        let dir = cache_dir.join("blocks");
+        let old = cache_dir.join("blocks");
+        if old.exists() {
+            // The layout of earlier versions: one file per block.
+            tracing::info!(dir = %old.display(), "removing cached blocks kept in an older layout");
+            let _ = std::fs::remove_dir_all(&old);
+        }
+        let dir = cache_dir.join("objects");
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&dir)?;
-        let mut found: Vec<(SystemTime, BlockId, u64)> = Vec::new();
-        // Files may vanish while this runs (a block being replaced); they are skipped.
+        let mut found = Vec::new();
+        // Files may vanish while this runs; they are skipped.
         for sub in std::fs::read_dir(&dir)? {
             let Ok(sub) = sub else { continue };
             if !sub.file_type().is_ok_and(|t| t.is_dir()) {
@@ -151,33 +287,70 @@ impl BlockCache {
             let Ok(entries) = std::fs::read_dir(sub.path()) else {
                 continue;
             };
-            for entry in entries {
-                let Ok(entry) = entry else { continue };
-                let name = entry.file_name();
-                let parsed = name.to_str().and_then(parse_name);
-                let Ok(meta) = entry.metadata() else { continue };
-                match parsed {
-                    Some(id) if meta.is_file() => found.push((
-                        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                        id,
-                        allocated(meta.len()),
-                    )),
-                    // Unfinished writes and strangers.
+            let mut names = HashSet::new();
+            for entry in entries.flatten() {
+                names.insert(entry.file_name().to_string_lossy().into_owned());
+            }
+            for name in &names {
+                let path = sub.path().join(name);
+                let keep = match name.strip_suffix(".sums") {
+                    Some(data) => names.contains(data) && parse_name(data).is_some(),
+                    None => names.contains(&format!("{name}.sums")) && parse_name(name).is_some(),
+                };
+                if !keep {
+                    // Strangers, and halves of objects whose other half is gone.
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+                let Some(data) = name.strip_suffix(".sums") else {
+                    continue;
+                };
+                let object = parse_name(data).expect("checked above");
+                match read_sums(&path, limits.block_size) {
+                    Ok(Some((mtime, len, blocks))) => found.push((mtime, object, len, blocks)),
                     _ => {
-                        let _ = std::fs::remove_file(entry.path());
+                        let _ = std::fs::remove_file(&path);
+                        let _ = std::fs::remove_file(sub.path().join(data));
                     }
                 }
             }
         }
-        found.sort_by_key(|(t, _, _)| *t);
+        found.sort_by_key(|(t, ..)| *t);
         let mut index = Index {
             lru: LruCache::unbounded(),
+            objects: HashMap::new(),
+            evicting: HashSet::new(),
+            pinned: 0,
             bytes: 0,
             writing: 0,
         };
-        for (_, id, size) in &found {
-            index.lru.put(*id, *size);
-            index.bytes += size;
+        let mut count = 0;
+        for (_, object, sums_len, blocks) in &found {
+            let mut state = ObjectState::new();
+            for (i, (len, crc)) in blocks.iter().enumerate() {
+                if *len == 0 {
+                    continue;
+                }
+                let cost = allocated(u64::from(*len));
+                index.lru.put(
+                    BlockId {
+                        object: *object,
+                        index: i as u64,
+                    },
+                    Entry {
+                        cost,
+                        len: *len,
+                        crc: *crc,
+                    },
+                );
+                index.bytes += cost;
+                state.blocks += 1;
+                state.highest = i as u64;
+                count += 1;
+            }
+            state.overhead = allocated(*sums_len) + ALLOC_UNIT;
+            index.bytes += state.overhead;
+            index.objects.insert(*object, state);
         }
         let cache = BlockCache {
             dir,
@@ -186,29 +359,36 @@ impl BlockCache {
             staged,
             known_etags: Mutex::new(LruCache::new(KNOWN_ETAGS.try_into().unwrap())),
             stats: Mutex::new(BlockStats::default()),
-            tmp_seq: AtomicU64::new(0),
             below_floor: AtomicBool::new(false),
+            no_punch: AtomicBool::new(false),
         };
-        if !found.is_empty() {
+        // Objects left without blocks go at once.
+        let empty: Vec<ObjectId> = {
+            let mut idx = cache.index.lock();
+            let empty: Vec<ObjectId> = idx
+                .objects
+                .iter()
+                .filter(|(_, o)| o.blocks == 0)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in &empty {
+                let o = idx.objects.get_mut(id).unwrap();
+                o.removing = true;
+                let overhead = o.overhead;
+                idx.bytes -= overhead;
+            }
+            empty
+        };
+        cache.evict(empty.into_iter().map(Eviction::Remove).collect());
+        if count > 0 {
             tracing::info!(
-                blocks = found.len(),
+                blocks = count,
                 bytes = cache.bytes(),
                 "block cache kept from the last run"
             );
         }
-        let victims = {
-            let mut idx = cache.index.lock();
-            let mut victims = Vec::new();
-            while idx.bytes + cache.staged.get() > limits.max_bytes {
-                let Some((id, size)) = idx.lru.pop_lru() else {
-                    break;
-                };
-                idx.bytes -= size;
-                victims.push(id);
-            }
-            victims
-        };
-        cache.remove_files(&victims);
+        let over = cache.bytes() + cache.staged.get();
+        cache.evict_bytes(over.saturating_sub(limits.max_bytes));
         Ok(cache)
     }
 
@@ -220,7 +400,7 @@ impl BlockCache {
         self.limits
     }
 
-    /// Bytes of blocks on disk.
+    /// Bytes the cache takes on disk.
     pub fn bytes(&self) -> u64 {
         self.index.lock().bytes
     }
@@ -233,61 +413,121 @@ impl BlockCache {
         *self.stats.lock()
     }
 
-    fn path(&self, id: &BlockId) -> PathBuf {
-        let name = format!("{:032x}-{:x}", id.object.0, id.index);
+    fn data_path(&self, object: &ObjectId) -> PathBuf {
+        let name = format!("{:032x}", object.0);
         self.dir.join(&name[..2]).join(name)
     }
 
+    fn sums_path(&self, object: &ObjectId) -> PathBuf {
+        let mut p = self.data_path(object).into_os_string();
+        p.push(".sums");
+        PathBuf::from(p)
+    }
+
     pub fn contains(&self, id: &BlockId) -> bool {
-        self.index.lock().contains(id)
+        self.index.lock().lru.contains(id)
     }
 
     /// The data of block `id`, which must be `len` bytes long, if it is cached and intact.
     pub fn get(&self, id: &BlockId, len: usize) -> Option<Bytes> {
-        if self.index.lock().get(id).is_none() {
+        let entry = self.index.lock().lru.get(id).copied();
+        let Some(entry) = entry else {
             self.stats.lock().misses += 1;
             return None;
-        }
-        match read_block(&self.path(id), len) {
-            Ok(data) => {
+        };
+        let read = (|| {
+            let f = File::open(self.data_path(&id.object))?;
+            let mut buf = BytesMut::zeroed(len);
+            f.read_exact_at(&mut buf, id.index * self.limits.block_size)?;
+            Ok::<_, io::Error>(buf.freeze())
+        })();
+        match read {
+            Ok(data) if entry.len as usize == len && crc32fast::hash(&data) == entry.crc => {
                 self.stats.lock().hits += 1;
                 Some(data)
             }
-            Err(e) => {
-                // Missing (the directory was cleaned) or damaged: never served.
-                if e.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!(block = %self.path(id).display(), error = %e, "a cached block is damaged; fetching it again");
-                    self.stats.lock().corrupt += 1;
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // The directory was cleaned behind the mount's back.
+                self.drop_object(id.object);
+                self.stats.lock().misses += 1;
+                None
+            }
+            other => {
+                let still = self
+                    .index
+                    .lock()
+                    .lru
+                    .peek(id)
+                    .is_some_and(|e| e.crc == entry.crc && e.len == entry.len);
+                if still {
+                    // Damaged, or of the wrong size: never served.
+                    let error = match other {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "checksum or size mismatch".to_string(),
+                    };
+                    self.drop_corrupt(&[*id], &error);
                 }
-                self.forget(id);
                 self.stats.lock().misses += 1;
                 None
             }
         }
     }
 
-    fn forget(&self, id: &BlockId) {
-        let removed = {
-            let mut idx = self.index.lock();
-            let r = idx.lru.pop(id);
-            if let Some(size) = r {
-                idx.bytes -= size;
-            }
-            r.is_some()
-        };
-        if removed {
-            let _ = std::fs::remove_file(self.path(id));
+    fn drop_corrupt(&self, ids: &[BlockId], error: &str) {
+        if let Some(id) = ids.first() {
+            tracing::warn!(file = %self.data_path(&id.object).display(), blocks = ids.len(), first = id.index, error,
+                "cached blocks are damaged; fetching them again");
         }
+        self.stats.lock().corrupt += ids.len() as u64;
+        let evictions = {
+            let mut idx = self.index.lock();
+            let present: Vec<BlockId> = ids
+                .iter()
+                .filter(|id| idx.lru.contains(id))
+                .copied()
+                .collect();
+            take_victims(&mut idx, &present, None)
+        };
+        self.evict(evictions);
+    }
+
+    /// Forgets every block of `object` and removes its files.
+    fn drop_object(&self, object: ObjectId) {
+        let evictions = {
+            let mut idx = self.index.lock();
+            let Some(highest) = idx.objects.get(&object).map(|o| o.highest) else {
+                return;
+            };
+            let ids: Vec<BlockId> = (0..=highest)
+                .map(|index| BlockId { object, index })
+                .filter(|id| idx.lru.contains(id))
+                .collect();
+            take_victims(&mut idx, &ids, None)
+        };
+        self.evict(evictions);
     }
 
     /// Asks the kernel to start reading cached blocks `ids` from disk, for a reader that
     /// will want them soon.
     pub fn prefetch(&self, ids: &[BlockId]) {
-        use std::os::unix::io::AsRawFd;
+        let bs = self.limits.block_size;
+        let mut open: Option<(ObjectId, File)> = None;
         for id in ids {
-            if let Ok(f) = File::open(self.path(id)) {
+            if open.as_ref().is_none_or(|(o, _)| *o != id.object) {
+                open = File::open(self.data_path(&id.object))
+                    .ok()
+                    .map(|f| (id.object, f));
+            }
+            if let Some((_, f)) = &open {
                 // SAFETY: a valid open descriptor; the advice has no memory effects.
-                unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+                unsafe {
+                    libc::posix_fadvise(
+                        f.as_raw_fd(),
+                        (id.index * bs) as libc::off_t,
+                        bs as libc::off_t,
+                        libc::POSIX_FADV_WILLNEED,
+                    )
+                };
             }
         }
     }
@@ -295,101 +535,200 @@ impl BlockCache {
     /// Caches `data` as block `id`, making room first. Returns false when the block could
     /// not be cached (no room, or a write error); nothing is then left behind.
     pub fn put(&self, id: BlockId, data: &[u8]) -> bool {
-        if self.contains(&id) {
-            return true;
+        if data.is_empty() || data.len() as u64 > self.limits.block_size {
+            return false;
         }
-        let cost = allocated((HEADER + data.len()) as u64);
-        let Some(victims) = self.make_room(&id, cost) else {
+        let Some((cost, file_lock)) = self.make_room(&id, data.len() as u64) else {
             self.stats.lock().skipped += 1;
             return false;
         };
-        self.remove_files(&victims);
-        let written = self.write_block(&id, data);
+        let crc = crc32fast::hash(data);
+        let written = {
+            let _file = file_lock.lock();
+            self.write_block(&id, data, crc)
+        };
         let mut idx = self.index.lock();
         idx.writing -= cost;
+        let state = idx
+            .objects
+            .get_mut(&id.object)
+            .expect("an object being written stays indexed");
+        state.writers -= 1;
         match written {
-            Ok(()) => {
-                if let Some(old) = idx.lru.put(id, cost) {
-                    // Written twice at once: the room was reserved twice.
-                    idx.bytes -= old;
-                }
+            Ok((before, after)) => {
+                state.trusted = match (before, state.trusted) {
+                    (None, _) => Some(after),
+                    (Some(b), Some(t)) if b == t => Some(after),
+                    _ => None,
+                };
+                state.blocks += 1;
+                state.highest = state.highest.max(id.index);
+                let entry = Entry {
+                    cost: allocated(data.len() as u64),
+                    len: data.len() as u32,
+                    crc,
+                };
+                // The reservation already counted the block and the object's grown overhead.
+                idx.lru.put(id, entry);
                 drop(idx);
                 self.stats.lock().inserted += 1;
                 true
             }
             Err(e) => {
-                idx.bytes -= cost;
+                state.trusted = None;
+                let abandon = state.blocks == 0 && state.writers == 0 && state.pins == 0;
+                let mut freed = allocated(data.len() as u64);
+                let mut evictions = Vec::new();
+                if abandon {
+                    state.removing = true;
+                    freed += state.overhead;
+                    evictions.push(Eviction::Remove(id.object));
+                }
+                idx.bytes -= freed;
                 drop(idx);
+                self.evict(evictions);
                 tracing::warn!(error = %e, dir = %self.dir.display(), "cannot write to the block cache; reading on without it");
                 false
             }
         }
     }
 
-    /// Reserves `cost` bytes for a new block, evicting the least recently used blocks as
-    /// needed. Returns the evicted blocks, or None when there is not enough room (or the
-    /// block is cached already).
-    fn make_room(&self, id: &BlockId, cost: u64) -> Option<Vec<BlockId>> {
+    /// Reserves room for a block of `len` bytes (and its object's grown overhead),
+    /// evicting the least recently used blocks as needed. Returns the bytes reserved and
+    /// the object's file lock, or None when there is not enough room (or the block is
+    /// cached already, or on its way out).
+    fn make_room(&self, id: &BlockId, len: u64) -> Option<(u64, Arc<Mutex<()>>)> {
         let mut idx = self.index.lock();
-        if idx.lru.contains(id) {
+        if idx.lru.contains(id) || idx.evicting.contains(id) {
             return None;
         }
+        let state = idx.objects.get(&id.object);
+        if state.is_some_and(|o| o.removing) {
+            return None;
+        }
+        let overhead = state.map_or(0, |o| o.overhead);
+        let cost = allocated(len) + object_overhead(id.index).saturating_sub(overhead);
         // Blocks other readers are writing right now will take their room too.
         let short_of_free = self.free_space_shortfall(cost + idx.writing);
         let staged = self.staged.get();
-        let evictable: u64 = idx.bytes;
         let over_budget = (idx.bytes + staged + cost).saturating_sub(self.limits.max_bytes);
         let need = over_budget.max(short_of_free);
-        if short_of_free > evictable {
+        let (victims, freed) = choose_victims(&idx, need, Some(id.object));
+        let mut evictions = Vec::new();
+        let room = if freed >= need {
+            if self.below_floor.swap(false, Ordering::Relaxed) {
+                tracing::info!(dir = %self.dir.display(), "the cache filesystem has room again; caching blocks");
+            }
+            true
+        } else if short_of_free > 0 && short_of_free >= over_budget {
             // Something else filled the disk: give back every block, cache nothing new.
             self.note_below_floor();
-        } else if need > evictable {
-            return None;
-        } else if self.below_floor.swap(false, Ordering::Relaxed) {
-            tracing::info!(dir = %self.dir.display(), "the cache filesystem has room again; caching blocks");
-        }
-        let mut freed = 0;
-        let mut victims = Vec::new();
-        while freed < need {
-            let Some((vid, size)) = idx.lru.pop_lru() else {
-                break;
-            };
-            freed += size;
-            victims.push(vid);
-        }
-        if freed < need {
-            // Everything left is being written right now, or the disk is below its floor.
-            idx.bytes -= freed;
+            evictions = take_victims(&mut idx, &victims, Some(id.object));
+            false
+        } else {
+            false
+        };
+        if room {
+            evictions = take_victims(&mut idx, &victims, Some(id.object));
+            let state = idx
+                .objects
+                .entry(id.object)
+                .or_insert_with(ObjectState::new);
+            state.writers += 1;
+            state.overhead = state.overhead.max(object_overhead(id.index));
+            let file_lock = state.file_lock.clone();
+            idx.bytes += cost;
+            idx.writing += cost;
             drop(idx);
-            self.stats.lock().evicted += victims.len() as u64;
-            self.remove_files(&victims);
-            return None;
+            self.evict(evictions);
+            return Some((cost, file_lock));
         }
-        idx.bytes = idx.bytes - freed + cost;
-        idx.writing += cost;
-        self.stats.lock().evicted += victims.len() as u64;
-        Some(victims)
+        drop(idx);
+        self.evict(evictions);
+        None
     }
 
     /// Evicts blocks until blocks and staged files, grown by `extra` bytes, fit the budget.
     /// Returns false when the staged files alone would exceed it.
     pub fn fit_staged(&self, extra: u64) -> bool {
         let staged = self.staged.get() + extra;
-        let victims = {
+        let over = (self.bytes() + staged).saturating_sub(self.limits.max_bytes);
+        self.evict_bytes(over);
+        self.bytes() + staged <= self.limits.max_bytes
+    }
+
+    /// Evicts at least `need` bytes of blocks, least recently used first, or all it can.
+    fn evict_bytes(&self, need: u64) {
+        if need == 0 {
+            return;
+        }
+        let evictions = {
             let mut idx = self.index.lock();
-            let mut victims = Vec::new();
-            while idx.bytes + staged > self.limits.max_bytes {
-                let Some((id, size)) = idx.lru.pop_lru() else {
-                    break;
-                };
-                idx.bytes -= size;
-                victims.push(id);
-            }
-            victims
+            let (victims, _) = choose_victims(&idx, need, None);
+            take_victims(&mut idx, &victims, None)
         };
-        self.stats.lock().evicted += victims.len() as u64;
-        self.remove_files(&victims);
-        staged <= self.limits.max_bytes
+        self.evict(evictions);
+    }
+
+    /// Does the disk work of `evictions`, and counts them.
+    fn evict(&self, evictions: Vec<Eviction>) {
+        if evictions.is_empty() {
+            return;
+        }
+        let mut blocks = 0;
+        for e in evictions {
+            match e {
+                Eviction::Punch(id, len) => {
+                    blocks += 1;
+                    let file_lock = self
+                        .index
+                        .lock()
+                        .objects
+                        .get(&id.object)
+                        .map(|o| o.file_lock.clone());
+                    let punched = match &file_lock {
+                        Some(l) => {
+                            let _file = l.lock();
+                            self.punch(&id, len)
+                        }
+                        None => Ok((None, None)),
+                    };
+                    let mut idx = self.index.lock();
+                    idx.evicting.remove(&id);
+                    match punched {
+                        Ok((before, after)) => {
+                            if let Some(o) = idx.objects.get_mut(&id.object) {
+                                o.trusted = match (before, after, o.trusted) {
+                                    (Some(b), Some(a), Some(t)) if b == t => Some(a),
+                                    _ => None,
+                                };
+                            }
+                        }
+                        Err(e) => {
+                            drop(idx);
+                            if !self.no_punch.swap(true, Ordering::Relaxed) {
+                                tracing::warn!(dir = %self.dir.display(), error = %e,
+                                    "the cache filesystem cannot punch holes in files; evicting whole objects instead");
+                            }
+                            self.drop_object(id.object);
+                        }
+                    }
+                }
+                Eviction::Remove(object) => {
+                    let _ = std::fs::remove_file(self.sums_path(&object));
+                    let _ = std::fs::remove_file(self.data_path(&object));
+                    let mut idx = self.index.lock();
+                    if idx
+                        .objects
+                        .get(&object)
+                        .is_some_and(|o| o.removing && o.blocks == 0)
+                    {
+                        idx.objects.remove(&object);
+                    }
+                }
+            }
+        }
+        self.stats.lock().evicted += blocks;
     }
 
     fn note_below_floor(&self) {
@@ -420,54 +759,220 @@ impl BlockCache {
         (min_free + cost).saturating_sub(avail)
     }
 
-    fn remove_files(&self, ids: &[BlockId]) {
-        for id in ids {
-            let _ = std::fs::remove_file(self.path(id));
-        }
-    }
-
-    fn write_block(&self, id: &BlockId, data: &[u8]) -> io::Result<()> {
-        let path = self.path(id);
-        let parent = path.parent().expect("block paths have a parent");
-        let tmp = parent.join(format!(
-            ".tmp-{}",
-            self.tmp_seq.fetch_add(1, Ordering::Relaxed)
-        ));
-        let open = |p: &Path| {
-            OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(p)
+    /// Writes block `id` and its checksum entry. Returns the data file's state before
+    /// (None if this created it) and after. The caller holds the object's file lock.
+    fn write_block(
+        &self,
+        id: &BlockId,
+        data: &[u8],
+        crc: u32,
+    ) -> io::Result<(Option<Fingerprint>, Fingerprint)> {
+        let path = self.data_path(&id.object);
+        let open = |p: &Path, new: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true).write(true).mode(0o600);
+            if new {
+                o.create_new(true);
+            } else {
+                o.create(true);
+            }
+            o.open(p)
         };
-        let mut f = match open(&tmp) {
-            Ok(f) => f,
+        let created = |p: &Path| match open(p, true) {
+            Ok(f) => Ok((f, true)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok((open(p, false)?, false)),
+            Err(e) => Err(e),
+        };
+        let (f, created) = match created(&path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 std::fs::DirBuilder::new()
                     .recursive(true)
                     .mode(0o700)
-                    .create(parent)?;
-                open(&tmp)?
+                    .create(path.parent().expect("cache files have a parent"))?;
+                created(&path)?
             }
+            other => other?,
+        };
+        let before = Fingerprint::of(&f)?;
+        let sums = open(&self.sums_path(&id.object), false)?;
+        if sums.metadata()?.len() < SUMS_HEADER {
+            let mut header = [0u8; SUMS_HEADER as usize];
+            header[..4].copy_from_slice(SUMS_MAGIC);
+            header[4..8].copy_from_slice(&SUMS_VERSION.to_le_bytes());
+            header[8..16].copy_from_slice(&self.limits.block_size.to_le_bytes());
+            sums.write_all_at(&header, 0)?;
+        }
+        // Data first: a checksum entry that outlives its data fails the check, never the
+        // other way round.
+        f.write_all_at(data, id.index * self.limits.block_size)?;
+        let mut entry = [0u8; SUMS_ENTRY as usize];
+        entry[..4].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        entry[4..].copy_from_slice(&crc.to_le_bytes());
+        sums.write_all_at(&entry, SUMS_HEADER + SUMS_ENTRY * id.index)?;
+        let after = Fingerprint::of(&f)?;
+        Ok((if created { None } else { Some(before) }, after))
+    }
+
+    /// Clears block `id`'s checksum entry and releases its range of the data file.
+    #[allow(clippy::type_complexity)]
+    fn punch(
+        &self,
+        id: &BlockId,
+        len: u32,
+    ) -> io::Result<(Option<Fingerprint>, Option<Fingerprint>)> {
+        let f = match OpenOptions::new()
+            .write(true)
+            .open(self.data_path(&id.object))
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((None, None)),
             Err(e) => return Err(e),
         };
-        let mut header = [0u8; HEADER];
-        header[..4].copy_from_slice(MAGIC);
-        header[4..8].copy_from_slice(&(data.len() as u32).to_le_bytes());
-        header[8..12].copy_from_slice(&crc32fast::hash(data).to_le_bytes());
-        let written = f.write_all(&header).and_then(|_| f.write_all(data));
-        drop(f);
-        if let Err(e) = written.and_then(|_| std::fs::rename(&tmp, &path)) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
+        let before = Fingerprint::of(&f).ok();
+        if let Ok(sums) = OpenOptions::new()
+            .write(true)
+            .open(self.sums_path(&id.object))
+        {
+            sums.write_all_at(
+                &[0u8; SUMS_ENTRY as usize],
+                SUMS_HEADER + SUMS_ENTRY * id.index,
+            )?;
         }
-        Ok(())
+        // SAFETY: a valid open descriptor; the range lies within the file or past its end.
+        let r = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (id.index * self.limits.block_size) as libc::off_t,
+                allocated(u64::from(len)) as libc::off_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((before, Fingerprint::of(&f).ok()))
+    }
+
+    /// Opens object `object` of `size` bytes as one file, if every block of it is cached
+    /// and intact. Blocks that fail their checksum are dropped (and None returned), so that
+    /// the reader fetches them again.
+    pub fn open_whole(self: &Arc<Self>, object: ObjectId, size: u64) -> Option<WholeObject> {
+        let bs = self.limits.block_size;
+        let n = size.div_ceil(bs);
+        if n == 0 {
+            return None;
+        }
+        let (entries, trusted) = {
+            let mut idx = self.index.lock();
+            let state = idx.objects.get(&object)?;
+            if state.removing || state.blocks < n {
+                return None;
+            }
+            let mut entries = Vec::with_capacity(n as usize);
+            for index in 0..n {
+                let len = bs.min(size - index * bs);
+                let e = *idx.lru.get(&BlockId { object, index })?;
+                if u64::from(e.len) != len {
+                    return None;
+                }
+                entries.push(e);
+            }
+            // Objects open whole may hold at most half the cache, so that new blocks and
+            // staged files still find room.
+            let cost: u64 = entries.iter().map(|e| e.cost).sum();
+            let already = idx.objects.get(&object).is_some_and(|o| o.pins > 0);
+            if !already && idx.pinned + cost > self.limits.max_bytes / 2 {
+                return None;
+            }
+            let state = idx.objects.get_mut(&object).expect("looked up above");
+            state.pins += 1;
+            let trusted = state.trusted;
+            if state.pins == 1 {
+                state.pinned_cost = cost;
+                idx.pinned += cost;
+            }
+            (entries, trusted)
+        };
+        let file = match File::open(self.data_path(&object)) {
+            Ok(f) => f,
+            Err(_) => {
+                self.unpin(object);
+                self.drop_object(object);
+                return None;
+            }
+        };
+        let whole = WholeObject {
+            cache: self.clone(),
+            object,
+            file,
+        };
+        let seen = Fingerprint::of(&whole.file).ok()?;
+        if Some(seen) == trusted && seen.size == size {
+            self.stats.lock().whole_opens += 1;
+            return Some(whole);
+        }
+        // Changed since this mount last wrote or checked it (or never checked since the
+        // mount started): every block is checked before the file is handed out.
+        let mut buf = vec![0u8; bs as usize];
+        let mut damaged = Vec::new();
+        for (index, e) in entries.iter().enumerate() {
+            let buf = &mut buf[..e.len as usize];
+            let ok = whole.file.read_exact_at(buf, index as u64 * bs).is_ok()
+                && crc32fast::hash(buf) == e.crc;
+            if !ok {
+                damaged.push(BlockId {
+                    object,
+                    index: index as u64,
+                });
+            }
+        }
+        if seen.size != size && damaged.is_empty() {
+            // Longer than the object: something wrote past its end.
+            damaged.push(BlockId {
+                object,
+                index: n - 1,
+            });
+        }
+        if !damaged.is_empty() {
+            drop(whole);
+            self.drop_corrupt(&damaged, "checksum mismatch");
+            return None;
+        }
+        let file_lock = self
+            .index
+            .lock()
+            .objects
+            .get(&object)
+            .map(|o| o.file_lock.clone())?;
+        {
+            let _file = file_lock.lock();
+            if Fingerprint::of(&whole.file).ok() == Some(seen) {
+                if let Some(o) = self.index.lock().objects.get_mut(&object) {
+                    o.trusted = Some(seen);
+                }
+            }
+        }
+        let mut stats = self.stats.lock();
+        stats.whole_opens += 1;
+        stats.whole_checks += 1;
+        drop(stats);
+        Some(whole)
+    }
+
+    fn unpin(&self, object: ObjectId) {
+        let mut idx = self.index.lock();
+        if let Some(o) = idx.objects.get_mut(&object) {
+            o.pins = o.pins.saturating_sub(1);
+            if o.pins == 0 {
+                let cost = std::mem::take(&mut o.pinned_cost);
+                idx.pinned -= cost;
+            }
+        }
     }
 
     /// Caches the content of a file this mount just uploaded as object `key` with `etag`,
     /// so reading it back needs no request.
     pub fn adopt(&self, key: &str, etag: &str, file: &File, size: u64) {
-        use std::os::unix::fs::FileExt;
         self.known_etags
             .lock()
             .put(key.to_string(), etag.to_string());
@@ -497,44 +1002,103 @@ impl BlockCache {
     }
 }
 
-impl Index {
-    fn contains(&self, id: &BlockId) -> bool {
-        self.lru.contains(id)
+/// The least recently used blocks whose eviction frees `need` bytes (counting the overhead
+/// of objects left without blocks), skipping objects open whole. Returns them and the bytes
+/// they free, which fall short of `need` when not enough can be evicted.
+fn choose_victims(idx: &Index, need: u64, writing: Option<ObjectId>) -> (Vec<BlockId>, u64) {
+    let mut victims = Vec::new();
+    let mut freed = 0;
+    if need == 0 {
+        return (victims, freed);
     }
-
-    fn get(&mut self, id: &BlockId) -> Option<u64> {
-        self.lru.get(id).copied()
+    let mut left: HashMap<ObjectId, u64> = HashMap::new();
+    for (id, e) in idx.lru.iter().rev() {
+        if freed >= need {
+            break;
+        }
+        let Some(state) = idx.objects.get(&id.object) else {
+            continue;
+        };
+        if state.pins > 0 || idx.evicting.contains(id) {
+            continue;
+        }
+        freed += e.cost;
+        let remaining = left.entry(id.object).or_insert(state.blocks);
+        *remaining -= 1;
+        if *remaining == 0 && state.writers == 0 && writing != Some(id.object) {
+            freed += state.overhead;
+        }
+        victims.push(*id);
     }
+    (victims, freed)
 }
 
-fn parse_name(name: &str) -> Option<BlockId> {
-    let (obj, idx) = name.split_once('-')?;
-    if obj.len() != 32 {
+/// Takes `victims` out of the index and returns the disk work that is left.
+fn take_victims(idx: &mut Index, victims: &[BlockId], writing: Option<ObjectId>) -> Vec<Eviction> {
+    let mut out = Vec::new();
+    let mut emptied = Vec::new();
+    for id in victims {
+        let Some(e) = idx.lru.pop(id) else { continue };
+        idx.bytes -= e.cost;
+        let state = idx
+            .objects
+            .get_mut(&id.object)
+            .expect("indexed blocks have an object");
+        state.blocks -= 1;
+        if state.blocks == 0 && state.writers == 0 && state.pins == 0 && writing != Some(id.object)
+        {
+            state.removing = true;
+            let overhead = state.overhead;
+            idx.bytes -= overhead;
+            emptied.push(id.object);
+        } else {
+            idx.evicting.insert(*id);
+            out.push(Eviction::Punch(*id, e.len));
+        }
+    }
+    // An emptied object's files go whole; its blocks need no punching.
+    for object in &emptied {
+        out.retain(|e| !matches!(e, Eviction::Punch(id, _) if id.object == *object));
+        idx.evicting.retain(|id| id.object != *object);
+        out.push(Eviction::Remove(*object));
+    }
+    out
+}
+
+fn parse_name(name: &str) -> Option<ObjectId> {
+    if name.len() != 32 {
         return None;
     }
-    Some(BlockId {
-        object: ObjectId(u128::from_str_radix(obj, 16).ok()?),
-        index: u64::from_str_radix(idx, 16).ok()?,
-    })
+    Some(ObjectId(u128::from_str_radix(name, 16).ok()?))
 }
 
-/// Reads a block file and checks its header, length and checksum.
-fn read_block(path: &Path, len: usize) -> io::Result<Bytes> {
-    let mut f = File::open(path)?;
-    let mut buf = Vec::with_capacity(HEADER + len);
-    Read::by_ref(&mut f)
-        .take((HEADER + len + 1) as u64)
-        .read_to_end(&mut buf)?;
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
-    if buf.len() != HEADER + len || &buf[..4] != MAGIC {
-        return Err(bad("wrong size or header"));
+/// Reads a checksum file: its modification time and length, and each block's length (0:
+/// not cached) and CRC-32. None when it was written for another block size.
+#[allow(clippy::type_complexity)]
+fn read_sums(
+    path: &Path,
+    block_size: u64,
+) -> io::Result<Option<(SystemTime, u64, Vec<(u32, u32)>)>> {
+    let raw = std::fs::read(path)?;
+    let mtime = std::fs::metadata(path)?
+        .modified()
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    if raw.len() < SUMS_HEADER as usize
+        || &raw[..4] != SUMS_MAGIC
+        || u32::from_le_bytes(raw[4..8].try_into().unwrap()) != SUMS_VERSION
+        || u64::from_le_bytes(raw[8..16].try_into().unwrap()) != block_size
+    {
+        return Ok(None);
     }
-    let stored_len = u32::from_le_bytes(buf[4..8].try_into().unwrap()) as usize;
-    let crc = u32::from_le_bytes(buf[8..12].try_into().unwrap());
-    if stored_len != len || crc32fast::hash(&buf[HEADER..]) != crc {
-        return Err(bad("checksum mismatch"));
-    }
-    Ok(Bytes::from(buf).slice(HEADER..))
+    let entries = raw[SUMS_HEADER as usize..]
+        .chunks_exact(SUMS_ENTRY as usize)
+        .map(|c| {
+            let len = u32::from_le_bytes(c[..4].try_into().unwrap());
+            let crc = u32::from_le_bytes(c[4..].try_into().unwrap());
+            (if u64::from(len) > block_size { 0 } else { len }, crc)
+        })
+        .collect();
+    Ok(Some((mtime, raw.len() as u64, entries)))
 }
 
 /// Available and total bytes of the filesystem holding `dir`.
@@ -569,11 +1133,19 @@ mod tests {
         }
     }
 
+    fn of(object: &str, n: u64) -> BlockId {
+        BlockId {
+            object: ObjectId::new(object, "e"),
+            index: n,
+        }
+    }
+
+    /// Disk space the cache directory's files take, as `du` counts it.
     fn dir_bytes(dir: &Path) -> u64 {
         let mut total = 0;
-        for sub in std::fs::read_dir(dir.join("blocks")).unwrap() {
+        for sub in std::fs::read_dir(dir.join("objects")).unwrap() {
             for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
-                total += allocated(f.unwrap().metadata().unwrap().len());
+                total += f.unwrap().metadata().unwrap().blocks() * 512;
             }
         }
         total
@@ -586,11 +1158,14 @@ mod tests {
         let c = BlockCache::open(dir.path(), limits(1 << 20), staged.clone()).unwrap();
         assert!(c.put(id(0), b"hello"));
         assert_eq!(c.get(&id(0), 5).unwrap().as_ref(), b"hello");
-        assert!(c.get(&id(0), 4).is_none(), "a wrong length is never served");
         assert!(c.put(id(1), b"world"));
+        assert!(c.put(id(3), b"!"));
+        assert!(c.get(&id(1), 4).is_none(), "a wrong length is never served");
         drop(c);
         let c = BlockCache::open(dir.path(), limits(1 << 20), staged).unwrap();
-        assert_eq!(c.get(&id(1), 5).unwrap().as_ref(), b"world");
+        assert_eq!(c.get(&id(0), 5).unwrap().as_ref(), b"hello");
+        assert_eq!(c.get(&id(3), 1).unwrap().as_ref(), b"!");
+        assert!(c.get(&id(1), 5).is_none());
         assert!(c.get(&id(2), 5).is_none());
     }
 
@@ -598,25 +1173,31 @@ mod tests {
     fn the_budget_is_never_exceeded() {
         let dir = tempfile::tempdir().unwrap();
         let staged = Arc::new(StagedBytes::default());
-        let c = BlockCache::open(dir.path(), limits(256 << 10), staged.clone()).unwrap();
+        let c = BlockCache::open(dir.path(), limits(512 << 10), staged.clone()).unwrap();
         let data = vec![7u8; 60 << 10];
-        for n in 0..20 {
-            assert!(c.put(id(n), &data));
-            assert!(dir_bytes(dir.path()) <= 256 << 10);
-            assert!(c.bytes() <= 256 << 10);
+        for n in 0..40 {
+            // Two objects at once, as two readers would fill them.
+            assert!(c.put(of(if n % 2 == 0 { "a" } else { "b" }, n / 2), &data));
+            assert!(
+                dir_bytes(dir.path()) <= 512 << 10,
+                "{}",
+                dir_bytes(dir.path())
+            );
+            assert!(c.bytes() <= 512 << 10);
         }
         // The most recent blocks are kept.
-        assert!(c.get(&id(19), data.len()).is_some());
-        assert!(c.get(&id(0), data.len()).is_none());
+        assert!(c.get(&of("b", 19), data.len()).is_some());
+        assert!(c.get(&of("a", 0), data.len()).is_none());
         // Staged files take room from blocks; with none left, blocks are not cached.
-        assert!(c.fit_staged(200 << 10));
-        staged.add(200 << 10);
-        assert!(c.bytes() + staged.get() <= 256 << 10);
-        assert!(c.fit_staged(56 << 10));
-        staged.add(56 << 10);
+        assert!(c.fit_staged(400 << 10));
+        staged.add(400 << 10);
+        assert!(c.bytes() + staged.get() <= 512 << 10);
+        assert!(c.fit_staged(112 << 10));
+        staged.add(112 << 10);
         assert!(!c.fit_staged(1));
         assert!(!c.put(id(100), &data), "no room: not cached");
         assert_eq!(c.bytes(), 0);
+        assert_eq!(dir_bytes(dir.path()), 0, "emptied objects leave no files");
     }
 
     #[test]
@@ -624,16 +1205,97 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = BlockCache::open(dir.path(), limits(1 << 20), Default::default()).unwrap();
         assert!(c.put(id(0), b"payload"));
-        let path = c.path(&id(0));
-        let mut raw = std::fs::read(&path).unwrap();
-        let last = raw.len() - 1;
-        raw[last] ^= 1;
-        std::fs::write(&path, raw).unwrap();
+        assert!(c.put(id(1), b"other"));
+        let path = c.data_path(&id(0).object);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"P", 0).unwrap();
         assert!(c.get(&id(0), 7).is_none());
-        assert!(!path.exists());
+        assert!(!c.contains(&id(0)));
         assert_eq!(c.stats().corrupt, 1);
+        assert_eq!(c.get(&id(1), 5).unwrap().as_ref(), b"other");
         assert!(c.put(id(0), b"payload"));
         assert_eq!(c.get(&id(0), 7).unwrap().as_ref(), b"payload");
+        // The files deleted behind the cache's back: every block of the object is gone.
+        std::fs::remove_dir_all(dir.path().join("objects")).unwrap();
+        assert!(c.get(&id(1), 5).is_none());
+        assert!(!c.contains(&id(0)));
+        assert_eq!(c.bytes(), 0);
+        assert!(c.put(id(0), b"payload"));
+    }
+
+    #[test]
+    fn a_whole_object_opens_as_one_file_and_is_checked_when_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let c =
+            Arc::new(BlockCache::open(dir.path(), limits(4 << 20), Default::default()).unwrap());
+        let bs = c.block_size() as usize;
+        let data: Vec<u8> = (0..bs * 2 + 100).map(|i| (i % 251) as u8).collect();
+        let object = ObjectId::new("k", "e");
+        assert!(c.put(id(0), &data[..bs]));
+        assert!(c.put(id(2), &data[2 * bs..]));
+        assert!(
+            c.open_whole(object, data.len() as u64).is_none(),
+            "a block is missing"
+        );
+        assert!(c.put(id(1), &data[bs..2 * bs]));
+        let whole = c.open_whole(object, data.len() as u64).unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut whole.file(), &mut got).unwrap();
+        assert!(got == data);
+        assert_eq!(c.stats().whole_checks, 0, "written by this cache: trusted");
+        drop(whole);
+
+        // Changed behind the cache's back: checked, and the damaged block dropped.
+        let f = OpenOptions::new()
+            .write(true)
+            .open(c.data_path(&object))
+            .unwrap();
+        f.write_all_at(b"x", bs as u64 + 5).unwrap();
+        assert!(c.open_whole(object, data.len() as u64).is_none());
+        assert_eq!(c.stats().corrupt, 1);
+        assert!(!c.contains(&id(1)));
+        assert!(c.put(id(1), &data[bs..2 * bs]));
+        assert!(c.open_whole(object, data.len() as u64).is_some());
+
+        // After a reopen the file is checked once, then trusted.
+        drop(c);
+        let c =
+            Arc::new(BlockCache::open(dir.path(), limits(4 << 20), Default::default()).unwrap());
+        assert!(c.open_whole(object, data.len() as u64).is_some());
+        assert!(c.open_whole(object, data.len() as u64).is_some());
+        assert_eq!(c.stats().whole_checks, 1);
+        assert_eq!(c.stats().whole_opens, 2);
+    }
+
+    #[test]
+    fn an_object_open_whole_is_not_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let c =
+            Arc::new(BlockCache::open(dir.path(), limits(640 << 10), Default::default()).unwrap());
+        let data = vec![3u8; 64 << 10];
+        for n in 0..4 {
+            assert!(c.put(id(n), &data));
+        }
+        let whole = c
+            .open_whole(ObjectId::new("k", "e"), 4 * (64 << 10))
+            .unwrap();
+        for n in 0..20 {
+            c.put(of("other", n), &data);
+            assert!(c.bytes() <= 640 << 10);
+        }
+        for n in 0..4 {
+            assert!(c.contains(&id(n)));
+        }
+        drop(whole);
+        for n in 0..20 {
+            c.put(of("more", n), &data);
+        }
+        assert!(!c.contains(&id(0)), "evictable again once closed");
+        assert!(
+            c.open_whole(ObjectId::new("more", "e"), 20 * (64 << 10))
+                .is_none(),
+            "more than half the cache is never held open"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod staging;
 
 pub use blocks::{
     allocated, BlockCache, BlockId, BlockStats, CacheLimits, MinFree, ObjectId, StagedBytes,
+    WholeObject,
 };
 pub use journal::{sync_dir, Change, Journal, Replay};
 pub use lock::CacheLock;

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use super::error::{FsError, FsResult};
 use super::inode::{Kind, Remote};
 use super::{names, Attr, BucketFs, COMMIT_LOCKS};
-use crate::cache::{allocated, StagedFile};
+use crate::cache::{allocated, ObjectId, StagedFile, WholeObject};
 use crate::readahead::{ObjectRef, ReadStream};
 use crate::store::{StoreError, MAX_OBJECT_SIZE};
 
@@ -30,6 +30,8 @@ struct OpenFile {
     size: u64,
     /// Access pattern and readahead of reads from the bucket, made at the first one.
     stream: OnceLock<Arc<ReadStream>>,
+    /// The cached object, held whole while the kernel reads it directly.
+    whole: Mutex<Option<WholeObject>>,
 }
 
 impl OpenFile {
@@ -40,6 +42,7 @@ impl OpenFile {
             etag,
             size,
             stream: OnceLock::new(),
+            whole: Mutex::new(None),
         }
     }
 }
@@ -156,6 +159,38 @@ impl BucketFs {
         let size = i.size;
         drop(t);
         Ok(self.files.add(OpenFile::new(ino, mode.write, etag, size)))
+    }
+
+    /// The cache file of the object handle `fh` reads, for the kernel to read directly:
+    /// when the handle is read-only, the object is larger than one block and every block
+    /// of it is cached and intact, and no local change of the file is waiting. The blocks
+    /// stay cached until the handle is released.
+    pub async fn cached_file(&self, fh: u64) -> Option<std::fs::File> {
+        let h = self.files.get(fh).ok()?;
+        let etag = h.etag.clone()?;
+        if h.writable || h.size <= self.blocks().block_size() {
+            return None;
+        }
+        let key = {
+            let t = self.table.lock();
+            let i = t.get(h.ino)?;
+            if i.staged.is_some() || i.dirty {
+                return None;
+            }
+            self.keys.file_key(&i.path).ok()?
+        };
+        if self.writeback.pending_upload(&key).is_some() {
+            return None;
+        }
+        let blocks = self.blocks().clone();
+        let object = ObjectId::new(&key, &etag);
+        let size = h.size;
+        let whole = tokio::task::spawn_blocking(move || blocks.open_whole(object, size))
+            .await
+            .ok()??;
+        let file = whole.file().try_clone().ok()?;
+        *h.whole.lock() = Some(whole);
+        Some(file)
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {

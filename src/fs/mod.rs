@@ -160,6 +160,14 @@ impl BucketFs {
         self.listing.len()
     }
 
+    /// The inode of `name` in `parent`, if this mount knows it (no request is made).
+    pub fn child(&self, parent: u64, name: &std::ffi::OsStr) -> Option<u64> {
+        let name = names::component(name).ok()?;
+        let t = self.table.lock();
+        t.child(parent, name)
+            .filter(|ino| t.get(*ino).is_some_and(|i| !i.unlinked))
+    }
+
     /// Number of inodes currently held.
     pub fn inode_count(&self) -> usize {
         self.table.lock().len()

@@ -1,0 +1,203 @@
+//! Kernel passthrough: open files that the kernel reads straight from their cache file,
+//! without a request to the mount per read.
+//!
+//! The kernel allows an inode's open files to be either all passed through, to one backing
+//! file, or all read through the mount; an open that would mix the two fails with EIO. This
+//! module keeps that rule: it counts each inode's open files of either kind. While an inode
+//! is passed through, an open that cannot join it (for writing, or of another version of
+//! the object) is refused with ETXTBSY, as Linux refuses writes to a running program; with
+//! files read through the mount open, new opens are read through the mount too. Counts fall
+//! when the kernel releases a handle, which it does after it has let go of the handle
+//! itself, so they never undercount what the kernel holds.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use fuser::{BackingId, Errno, FileHandle, FopenFlags, ReplyOpen};
+use parking_lot::Mutex;
+
+/// How the kernel reads one open file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Through the mount.
+    Mount,
+    /// From the backing file.
+    Passthrough,
+}
+
+/// The backing file the kernel reads an inode's passed-through files from.
+struct Backing {
+    /// Device and inode of the cache file.
+    file: (u64, u64),
+    id: Arc<BackingId>,
+    handles: u32,
+}
+
+#[derive(Default)]
+struct InodeFiles {
+    cached: u32,
+    backing: Option<Backing>,
+}
+
+#[derive(Default)]
+struct Files {
+    inodes: HashMap<u64, InodeFiles>,
+    handles: HashMap<u64, (u64, Mode)>,
+}
+
+pub struct Passthrough {
+    enabled: AtomicBool,
+    files: Mutex<Files>,
+    opened: AtomicU64,
+}
+
+impl Passthrough {
+    pub fn new(enabled: bool) -> Self {
+        Passthrough {
+            enabled: AtomicBool::new(enabled),
+            files: Mutex::new(Files::default()),
+            opened: AtomicU64::new(0),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Turns passthrough off for the rest of the mount, saying why.
+    pub fn disable(&self, why: &str) {
+        if self.enabled.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                reason = why,
+                "kernel passthrough is off; cached files are read through the mount"
+            );
+        }
+    }
+
+    /// Whether inode `ino` is passed through right now: it cannot be opened for writing.
+    pub fn busy(&self, ino: u64) -> bool {
+        self.files
+            .lock()
+            .inodes
+            .get(&ino)
+            .is_some_and(|i| i.backing.is_some())
+    }
+
+    /// Answers the open of `fh` on inode `ino`: passed through to `cache_file` when one is
+    /// given and the inode allows it, else read through the mount. Returns false when the
+    /// open was refused (ETXTBSY), and `fh` must be released.
+    pub fn reply_open(
+        &self,
+        reply: ReplyOpen,
+        ino: u64,
+        fh: u64,
+        cache_file: Option<File>,
+    ) -> bool {
+        let mut files = self.files.lock();
+        let inode = files.inodes.entry(ino).or_default();
+        let wanted = cache_file
+            .filter(|_| self.enabled() && inode.cached == 0)
+            .and_then(|f| Some((f.metadata().ok().map(|m| (m.dev(), m.ino()))?, f)));
+        if let Some((identity, file)) = wanted {
+            match &mut inode.backing {
+                Some(b) if b.file == identity => {
+                    b.handles += 1;
+                    let id = b.id.clone();
+                    files.handles.insert(fh, (ino, Mode::Passthrough));
+                    drop(files);
+                    self.opened.fetch_add(1, Ordering::Relaxed);
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                    return true;
+                }
+                Some(_) => {
+                    // Passed through to another version of the object.
+                }
+                None => match reply.open_backing(&file) {
+                    Ok(id) => {
+                        let id = Arc::new(id);
+                        inode.backing = Some(Backing {
+                            file: identity,
+                            id: id.clone(),
+                            handles: 1,
+                        });
+                        files.handles.insert(fh, (ino, Mode::Passthrough));
+                        drop(files);
+                        self.opened.fetch_add(1, Ordering::Relaxed);
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                        return true;
+                    }
+                    Err(e) => self.disable(&format!("the kernel refused a backing file: {e}")),
+                },
+            }
+        }
+        if Self::through_mount(&mut files, ino, fh) {
+            drop(files);
+            reply.opened(FileHandle(fh), FopenFlags::empty());
+            true
+        } else {
+            drop(files);
+            reply.error(Errno::ETXTBSY);
+            false
+        }
+    }
+
+    /// Records `fh`, a new handle on inode `ino` that is read through the mount. Returns
+    /// false when the inode is passed through, so that the kernel would refuse the handle.
+    pub fn open_through_mount(&self, ino: u64, fh: u64) -> bool {
+        Self::through_mount(&mut self.files.lock(), ino, fh)
+    }
+
+    fn through_mount(files: &mut Files, ino: u64, fh: u64) -> bool {
+        let inode = files.inodes.entry(ino).or_default();
+        if inode.backing.is_some() {
+            return false;
+        }
+        inode.cached += 1;
+        files.handles.insert(fh, (ino, Mode::Mount));
+        true
+    }
+
+    /// The kernel has released `fh`.
+    pub fn released(&self, fh: u64) {
+        let mut files = self.files.lock();
+        let Some((ino, mode)) = files.handles.remove(&fh) else {
+            return;
+        };
+        let Some(inode) = files.inodes.get_mut(&ino) else {
+            return;
+        };
+        match mode {
+            Mode::Mount => inode.cached = inode.cached.saturating_sub(1),
+            Mode::Passthrough => {
+                if let Some(b) = &mut inode.backing {
+                    b.handles -= 1;
+                    if b.handles == 0 {
+                        // Dropping the last reference closes the backing file in the kernel.
+                        inode.backing = None;
+                    }
+                }
+            }
+        }
+        if inode.cached == 0 && inode.backing.is_none() {
+            files.inodes.remove(&ino);
+        }
+    }
+
+    /// Opens passed through so far.
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Open files passed through right now.
+    pub fn open_count(&self) -> u64 {
+        self.files
+            .lock()
+            .handles
+            .values()
+            .filter(|(_, m)| *m == Mode::Passthrough)
+            .count() as u64
+    }
+}
