@@ -543,10 +543,10 @@ impl BlockCache {
             return false;
         };
         let crc = crc32fast::hash(data);
-        let written = {
-            let _file = file_lock.lock();
-            self.write_block(&id, data, crc)
-        };
+        // Held until the index has the block, so that `trusted` follows the writes in
+        // the order they reached the file.
+        let file_guard = file_lock.lock();
+        let written = self.write_block(&id, data, crc);
         let mut idx = self.index.lock();
         idx.writing -= cost;
         let state = idx
@@ -571,6 +571,7 @@ impl BlockCache {
                 // The reservation already counted the block and the object's grown overhead.
                 idx.lru.put(id, entry);
                 drop(idx);
+                drop(file_guard);
                 self.stats.lock().inserted += 1;
                 true
             }
@@ -586,6 +587,7 @@ impl BlockCache {
                 }
                 idx.bytes -= freed;
                 drop(idx);
+                drop(file_guard);
                 self.evict(evictions);
                 tracing::warn!(error = %e, dir = %self.dir.display(), "cannot write to the block cache; reading on without it");
                 false
@@ -686,11 +688,9 @@ impl BlockCache {
                         .objects
                         .get(&id.object)
                         .map(|o| o.file_lock.clone());
-                    let punched = match &file_lock {
-                        Some(l) => {
-                            let _file = l.lock();
-                            self.punch(&id, len)
-                        }
+                    let file_guard = file_lock.as_ref().map(|l| l.lock());
+                    let punched = match &file_guard {
+                        Some(_) => self.punch(&id, len),
                         None => Ok((None, None)),
                     };
                     let mut idx = self.index.lock();
@@ -706,6 +706,7 @@ impl BlockCache {
                         }
                         Err(e) => {
                             drop(idx);
+                            drop(file_guard);
                             if !self.no_punch.swap(true, Ordering::Relaxed) {
                                 tracing::warn!(dir = %self.dir.display(), error = %e,
                                     "the cache filesystem cannot punch holes in files; evicting whole objects instead");
