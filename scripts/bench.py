@@ -28,6 +28,35 @@ def read_all(path, chunk=MIB):
             n += len(b)
 
 
+def cpu_seconds(pid):
+    """User and system CPU time a process (all its threads) has used so far."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_pid():
+    try:
+        return int((pathlib.Path(os.environ["S3MEDIAFS_STATE"]) / "garage" / "pid").read_text())
+    except (KeyError, OSError, ValueError):
+        return None
+
+
+def measure_cold(read, pid=None):
+    """Runs a cold read (page cache dropped first); returns its MB/s and the CPU seconds per
+    GiB read of the client (the FUSE process, or this process for the raw client) and of
+    the S3 server."""
+    client = (lambda: cpu_seconds(pid)) if pid else time.process_time
+    spid = server_pid()
+    server = (lambda: cpu_seconds(spid)) if spid else (lambda: None)
+    drop_page_cache()
+    c0, s0 = client(), server()
+    secs, n = timed(read)
+    c1, s1 = client(), server()
+    gib = n / (1 << 30)
+    return {"cold_mbs": n / MIB / secs, "client_cpu": (c1 - c0) / gib,
+            "server_cpu": None if s0 is None else (s1 - s0) / gib}
+
+
 def timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -108,12 +137,13 @@ def run_client(client, prefix, args):
                     return f.read(16 << 10)
             ttfb.append(timed(first_byte)[0])
         r["ttfb_ms"] = statistics.median(ttfb) * 1000
-        drop_page_cache()
-        secs, n = timed(lambda: read_all(mnt / "data" / "big.bin"))
-        r["cold_mbs"] = n / MIB / secs
-        drop_page_cache()
-        secs, n = timed(lambda: read_all(mnt / "data" / "big.bin"))
-        r["warm_mbs"] = n / MIB / secs
+        r.update(measure_cold(lambda: read_all(mnt / "data" / "big.bin"), client.pid()))
+        warm = []
+        for _ in range(args.rounds):
+            drop_page_cache()
+            secs, n = timed(lambda: read_all(mnt / "data" / "big.bin"))
+            warm.append(n / MIB / secs)
+        r["warm_mbs"] = statistics.median(warm)
         small = small_file_workloads(mnt / f"small-{client.name}", args.files)
         for k, v in small.items():
             r[f"{k}_fps"] = args.files / v
@@ -138,9 +168,7 @@ def run_raw(prefix, args):
         return len(s3.get_object(Bucket=BUCKET, Key=key, Range=f"bytes={rg[0]}-{rg[1]}")["Body"].read())
     with concurrent.futures.ThreadPoolExecutor(THREADS) as ex:
         # Cold as for the FUSE clients: the server reads its data from disk.
-        drop_page_cache()
-        secs, got = timed(lambda: sum(ex.map(get, ranges)))
-        r["cold_mbs"] = got / MIB / secs
+        r.update(measure_cold(lambda: sum(ex.map(get, ranges))))
         secs, got = timed(lambda: sum(ex.map(get, ranges)))
         r["warm_mbs"] = got / MIB / secs
         data = os.urandom(64 << 10)
@@ -159,8 +187,32 @@ def run_raw(prefix, args):
     return r
 
 
+def cold_again(name, makers, prefix, work):
+    """One more cold read of the big file by client `name`, with an empty client cache."""
+    if name == "raw":
+        key = prefix + "data/big.bin"
+        size = s3.head_object(Bucket=BUCKET, Key=key)["ContentLength"]
+        ranges = [(o, min(size, o + 8 * MIB) - 1) for o in range(0, size, 8 * MIB)]
+
+        def get(rg):
+            return len(s3.get_object(Bucket=BUCKET, Key=key, Range=f"bytes={rg[0]}-{rg[1]}")["Body"].read())
+        with concurrent.futures.ThreadPoolExecutor(THREADS) as ex:
+            return measure_cold(lambda: sum(ex.map(get, ranges)))
+    client = makers[name](None)
+    client.mount(prefix)
+    try:
+        return measure_cold(lambda: read_all(client.mnt / "data" / "big.bin"), client.pid())
+    finally:
+        client.unmount()
+        shutil.rmtree(client.work, ignore_errors=True)
+
+
+COLD = ("cold_mbs", "client_cpu", "server_cpu")
+
 ROWS = [
     ("cold_mbs", "cold sequential read of the big file (MB/s)", True),
+    ("client_cpu", "client CPU per GiB of the cold read (s)", False),
+    ("server_cpu", "S3 server CPU per GiB of the cold read (s)", False),
     ("warm_mbs", "warm re-read (MB/s)", True),
     ("ttfb_ms", "time to first 16 KiB of a cold file (ms)", False),
     ("create_fps", "create 64 KiB files (files/s)", True),
@@ -189,7 +241,7 @@ def chart(results, dest):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(results)
-    fig, axes = plt.subplots(3, 3, figsize=(15, 11))
+    fig, axes = plt.subplots((len(ROWS) + 2) // 3, 3, figsize=(15, 14))
     for ax, (key, label, _) in zip(axes.flat, ROWS):
         vals = [results[n].get(key) or 0 for n in names]
         bars = ax.bar(range(len(names)), vals, color=["#2b7bba", "#999999", "#bbbbbb", "#555555"][:len(names)])
@@ -197,6 +249,8 @@ def chart(results, dest):
         ax.set_xticks(range(len(names)), names, fontsize=8)
         for b, v in zip(bars, vals):
             ax.annotate(fmt(v), (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+    for ax in list(axes.flat)[len(ROWS):]:
+        ax.axis("off")
     fig.suptitle("s3mediafs vs peers on one local S3 server (higher is better, except latency and RSS)")
     fig.tight_layout()
     fig.savefig(dest, dpi=80)
@@ -206,7 +260,7 @@ def read_section(a, work, makers):
     prefix = f"bench/read-{int(time.time())}/"
     print(f"== uploading {a.big_mib} MiB of fixtures", file=sys.stderr)
     big = upload_fixture(prefix, a.big_mib, a.ttfb_files)
-    local = local_disk_read(big)
+    local = statistics.median(local_disk_read(big) for _ in range(a.rounds))
     shutil.rmtree(big.parent)
     results = {}
     for name in a.clients.split(","):
@@ -214,11 +268,26 @@ def read_section(a, work, makers):
         results[name] = run_raw(prefix, a) if name == "raw" else run_client(makers[name](None), prefix, a)
         shutil.rmtree(work / name, ignore_errors=True)
     names = list(results)
+    # The machine's load drifts: the cold read is repeated in rounds that take every client
+    # in turn, and the median of each client's rounds is reported.
+    rounds = {n: [{k: results[n].get(k) for k in COLD}] for n in names}
+    for i in range(2, a.rounds + 1):
+        for name in names:
+            print(f"== cold read, round {i}: {name}", file=sys.stderr)
+            rounds[name].append(cold_again(name, makers, prefix, work))
+    for name in names:
+        for k in COLD:
+            vals = [r[k] for r in rounds[name] if r.get(k) is not None]
+            results[name][k] = statistics.median(vals) if vals else None
     lines = [f"# Read and small-file benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
              f"One local S3 server at {ENDPOINT}; a {a.big_mib} MiB file read cold (page cache dropped, empty client cache) "
              f"and again warm (page cache dropped, client cache kept); {a.files} x 64 KiB files in Synapse's layout. "
              f"`raw` is boto3 with {THREADS} parallel requests and no FUSE. A local-disk read of the same file "
-             f"(a copy written just before, page cache dropped) ran at {local:.0f} MB/s.", "",
+             f"(a copy written just before, page cache dropped; median of {a.rounds}) ran at {local:.0f} MB/s. "
+             f"Cold-read figures are medians of {a.rounds} rounds, each round reading with every client in turn, "
+             f"and warm re-reads medians of {a.rounds} in a row; "
+             f"CPU is user and system time of the client process (the FUSE daemon; for `raw`, the boto3 process) "
+             f"and of the S3 server during the read.", "",
              "| workload | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for key, label, _ in ROWS:
         lines.append(f"| {label} | " + " | ".join(fmt(results[n].get(key)) for n in names) + " |")
@@ -232,6 +301,9 @@ def read_section(a, work, makers):
         lines += ["", f"Warm re-read vs local disk: {ours['warm_mbs'] / local:.2f}x (target 0.8x)."]
         if "raw" in results:
             lines.append(f"Cold read vs raw: {ours['cold_mbs'] / results['raw']['cold_mbs']:.2f}x (target 0.9x).")
+    lines += ["", "Cold reads by round (MB/s):", ""]
+    for name in names:
+        lines.append(f"- {name}: " + ", ".join(f"{r['cold_mbs']:.0f}" for r in rounds[name]))
     write_result("read", lines, lambda png: chart(results, png))
 
 
@@ -274,6 +346,7 @@ def main():
     ap.add_argument("--big-mib", type=int, default=1024)
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--ttfb-files", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3, help="cold reads per client (in rounds over the clients), warm re-reads and local-disk reads, each reported as the median")
     ap.add_argument("--tree-files", type=int, default=10000)
     ap.add_argument("--clients", default="s3mediafs,s3fs,rclone-full,raw")
     a = ap.parse_args()

@@ -4,9 +4,12 @@
 # s3mediafs, s3fs (use_path_request_style), rclone mount (--vfs-cache-mode full) and a raw
 # boto3 client with no FUSE, all against the same local Garage; then `ls -R`, `find`, a stat
 # of every file and `du -s` over a 10 000-file Synapse-shaped tree, with request counts.
-# Drops the page cache between cold runs (needs root). Prints tables with ratios and writes
-# them with PNG charts to bench/results/. Usage: scripts/bench.sh [--sections read,tree]
-# [--big-mib N] [--files N] [--tree-files N] [--clients a,b,...]
+# Drops the page cache between cold runs (needs root). The cold read is repeated in rounds
+# that take every client in turn (--rounds, default 3) and reported as the median, with the
+# client's and the server's CPU per GiB; warm re-reads and the local-disk baseline are also
+# medians of --rounds. Prints tables with ratios and writes them with PNG charts to
+# bench/results/. Usage: scripts/bench.sh [--sections read,tree] [--big-mib N] [--files N]
+# [--rounds N] [--tree-files N] [--clients a,b,...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -419,7 +419,9 @@ impl Readahead {
         }
     }
 
-    /// Fetches consecutive blocks with one GET, hands them to whoever waits, caches them.
+    /// Fetches consecutive blocks with one GET; each block, as it arrives, goes to whoever
+    /// waits for it (or is kept for the reader ahead of whom it was fetched) and to the
+    /// block cache.
     async fn fetch_run(
         &self,
         object: &ObjectRef,
@@ -431,58 +433,61 @@ impl Readahead {
         let start = first * bs;
         let end = object.size.min((first + run.len() as u64) * bs);
         tracing::trace!(key = object.key, first, blocks = run.len(), "fetching");
-        let result = self
-            .store
-            .get_pieces(&object.key, start..end, Some(&object.etag), bs)
-            .await;
-        let got = result
-            .as_ref()
-            .map_or(0, |p| p.iter().map(|b| b.len() as u64).sum());
+        let mut arrived = 0;
+        let mut short = None;
+        let mut writes = Vec::with_capacity(run.len());
+        let result = {
+            let mut sink = |piece: Bytes| {
+                let Some((index, tx)) = run.get(arrived) else {
+                    return;
+                };
+                let len = self.block_len(object, *index);
+                if short.is_some() || piece.len() as u64 != len {
+                    short.get_or_insert(StoreError::Truncated {
+                        expected: len,
+                        got: piece.len() as u64,
+                    });
+                    return;
+                }
+                arrived += 1;
+                let id = BlockId {
+                    object: object.id,
+                    index: *index,
+                };
+                // Nobody waits for it yet: a reader ahead of whom it was fetched will come
+                // for it soon.
+                if tx.receiver_count() <= 1 {
+                    self.ahead.lock().keep(id, piece.clone());
+                }
+                tx.send_replace(Some(Ok(piece.clone())));
+                let blocks = self.blocks.clone();
+                writes.push(tokio::task::spawn_blocking(move || blocks.put(id, &piece)));
+            };
+            self.store
+                .get_pieces(&object.key, start..end, Some(&object.etag), bs, &mut sink)
+                .await
+        };
         {
             let mut s = self.stats.lock();
             s.requests += 1;
-            s.bytes += got;
+            s.bytes += result.as_ref().map_or(0, |n| *n);
         }
-        let result = result.and_then(|data| {
-            if got == end - start && data.len() == run.len() {
-                Ok(data)
-            } else {
-                Err(StoreError::Truncated {
-                    expected: end - start,
-                    got,
-                })
+        let error = match (result, short) {
+            (Err(e), _) | (Ok(_), Some(e)) => Some(e),
+            (Ok(n), None) if arrived < run.len() => Some(StoreError::Truncated {
+                expected: end - start,
+                got: n,
+            }),
+            _ => None,
+        };
+        if let Some(e) = error {
+            for (_, tx) in &run[arrived..] {
+                tx.send_replace(Some(Err(e.clone())));
             }
-        });
-        match result {
-            Ok(data) => {
-                let mut pieces = Vec::with_capacity(run.len());
-                for ((index, tx), piece) in run.iter().zip(data) {
-                    // Nobody waits for it yet: a reader ahead of whom it was fetched will
-                    // come for it soon.
-                    if tx.receiver_count() <= 1 {
-                        let id = BlockId {
-                            object: object.id,
-                            index: *index,
-                        };
-                        self.ahead.lock().keep(id, piece.clone());
-                    }
-                    tx.send_replace(Some(Ok(piece.clone())));
-                    pieces.push((*index, piece));
-                }
-                let blocks = self.blocks.clone();
-                let id = object.id;
-                let _ = tokio::task::spawn_blocking(move || {
-                    for (index, piece) in pieces {
-                        blocks.put(BlockId { object: id, index }, &piece);
-                    }
-                })
-                .await;
-            }
-            Err(e) => {
-                for (_, tx) in &run {
-                    tx.send_replace(Some(Err(e.clone())));
-                }
-            }
+        }
+        // Blocks leave the in-flight table once they can be read from the cache.
+        for w in writes {
+            let _ = w.await;
         }
         self.unclaim(object, &run);
         drop(permit);

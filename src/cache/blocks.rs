@@ -326,6 +326,12 @@ impl BlockCache {
         };
         let mut count = 0;
         for (_, object, sums_len, blocks) in &found {
+            if blocks.iter().all(|(len, _)| *len == 0) {
+                // Objects left without blocks go at once.
+                let _ = std::fs::remove_file(sums_path(&dir, object));
+                let _ = std::fs::remove_file(data_path(&dir, object));
+                continue;
+            }
             let mut state = ObjectState::new();
             for (i, (len, crc)) in blocks.iter().enumerate() {
                 if *len == 0 {
@@ -362,24 +368,6 @@ impl BlockCache {
             below_floor: AtomicBool::new(false),
             no_punch: AtomicBool::new(false),
         };
-        // Objects left without blocks go at once.
-        let empty: Vec<ObjectId> = {
-            let mut idx = cache.index.lock();
-            let empty: Vec<ObjectId> = idx
-                .objects
-                .iter()
-                .filter(|(_, o)| o.blocks == 0)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in &empty {
-                let o = idx.objects.get_mut(id).unwrap();
-                o.removing = true;
-                let overhead = o.overhead;
-                idx.bytes -= overhead;
-            }
-            empty
-        };
-        cache.evict(empty.into_iter().map(Eviction::Remove).collect());
         if count > 0 {
             tracing::info!(
                 blocks = count,
@@ -387,8 +375,7 @@ impl BlockCache {
                 "block cache kept from the last run"
             );
         }
-        let over = cache.bytes() + cache.staged.get();
-        cache.evict_bytes(over.saturating_sub(limits.max_bytes));
+        cache.fit_beside(cache.staged.get());
         Ok(cache)
     }
 
@@ -414,14 +401,11 @@ impl BlockCache {
     }
 
     fn data_path(&self, object: &ObjectId) -> PathBuf {
-        let name = format!("{:032x}", object.0);
-        self.dir.join(&name[..2]).join(name)
+        data_path(&self.dir, object)
     }
 
     fn sums_path(&self, object: &ObjectId) -> PathBuf {
-        let mut p = self.data_path(object).into_os_string();
-        p.push(".sums");
-        PathBuf::from(p)
+        sums_path(&self.dir, object)
     }
 
     pub fn contains(&self, id: &BlockId) -> bool {
@@ -653,23 +637,21 @@ impl BlockCache {
     /// Evicts blocks until blocks and staged files, grown by `extra` bytes, fit the budget.
     /// Returns false when the staged files alone would exceed it.
     pub fn fit_staged(&self, extra: u64) -> bool {
-        let staged = self.staged.get() + extra;
-        let over = (self.bytes() + staged).saturating_sub(self.limits.max_bytes);
-        self.evict_bytes(over);
-        self.bytes() + staged <= self.limits.max_bytes
+        self.fit_beside(self.staged.get() + extra)
     }
 
-    /// Evicts at least `need` bytes of blocks, least recently used first, or all it can.
-    fn evict_bytes(&self, need: u64) {
-        if need == 0 {
-            return;
-        }
-        let evictions = {
+    /// Evicts blocks until they fit the budget beside `others` bytes; returns whether
+    /// they do.
+    fn fit_beside(&self, others: u64) -> bool {
+        let (evictions, fits) = {
             let mut idx = self.index.lock();
-            let (victims, _) = choose_victims(&idx, need, None);
-            take_victims(&mut idx, &victims, None)
+            let over = (idx.bytes + others).saturating_sub(self.limits.max_bytes);
+            let (victims, _) = choose_victims(&idx, over, None);
+            let evictions = take_victims(&mut idx, &victims, None);
+            (evictions, idx.bytes + others <= self.limits.max_bytes)
         };
         self.evict(evictions);
+        fits
     }
 
     /// Does the disk work of `evictions`, and counts them.
@@ -863,7 +845,7 @@ impl BlockCache {
         if n == 0 {
             return None;
         }
-        let (entries, trusted) = {
+        let (entries, trusted, file_lock) = {
             let mut idx = self.index.lock();
             let state = idx.objects.get(&object)?;
             if state.removing || state.blocks < n {
@@ -888,11 +870,12 @@ impl BlockCache {
             let state = idx.objects.get_mut(&object).expect("looked up above");
             state.pins += 1;
             let trusted = state.trusted;
+            let file_lock = state.file_lock.clone();
             if state.pins == 1 {
                 state.pinned_cost = cost;
                 idx.pinned += cost;
             }
-            (entries, trusted)
+            (entries, trusted, file_lock)
         };
         let file = match File::open(self.data_path(&object)) {
             Ok(f) => f,
@@ -939,12 +922,6 @@ impl BlockCache {
             self.drop_corrupt(&damaged, "checksum mismatch");
             return None;
         }
-        let file_lock = self
-            .index
-            .lock()
-            .objects
-            .get(&object)
-            .map(|o| o.file_lock.clone())?;
         {
             let _file = file_lock.lock();
             if Fingerprint::of(&whole.file).ok() == Some(seen) {
@@ -1066,6 +1043,19 @@ fn take_victims(idx: &mut Index, victims: &[BlockId], writing: Option<ObjectId>)
     out
 }
 
+/// Where object `object`'s cache file lives under `dir`.
+fn data_path(dir: &Path, object: &ObjectId) -> PathBuf {
+    let name = format!("{:032x}", object.0);
+    dir.join(&name[..2]).join(name)
+}
+
+/// Its checksum file, beside it.
+fn sums_path(dir: &Path, object: &ObjectId) -> PathBuf {
+    let mut p = data_path(dir, object).into_os_string();
+    p.push(".sums");
+    PathBuf::from(p)
+}
+
 fn parse_name(name: &str) -> Option<ObjectId> {
     if name.len() != 32 {
         return None;
@@ -1168,6 +1158,25 @@ mod tests {
         assert_eq!(c.get(&id(3), 1).unwrap().as_ref(), b"!");
         assert!(c.get(&id(1), 5).is_none());
         assert!(c.get(&id(2), 5).is_none());
+    }
+
+    #[test]
+    fn an_object_left_without_blocks_is_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BlockCache::open(dir.path(), limits(1 << 20), Default::default()).unwrap();
+        assert!(c.put(of("a", 0), b"kept"));
+        assert!(c.put(of("b", 2), b"lost"));
+        let (data, sums) = (c.data_path(&of("b", 0).object), c.sums_path(&of("b", 0).object));
+        drop(c);
+        // As a crash between clearing the entry and removing the files would leave it.
+        let f = OpenOptions::new().write(true).open(&sums).unwrap();
+        f.write_all_at(&[0u8; SUMS_ENTRY as usize], SUMS_HEADER + 2 * SUMS_ENTRY)
+            .unwrap();
+        let c = BlockCache::open(dir.path(), limits(1 << 20), Default::default()).unwrap();
+        assert!(!data.exists() && !sums.exists());
+        assert_eq!(c.get(&of("a", 0), 4).unwrap().as_ref(), b"kept");
+        // Only the object left is accounted.
+        assert_eq!(c.bytes(), allocated(4) + object_overhead(0));
     }
 
     #[test]

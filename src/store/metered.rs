@@ -61,12 +61,15 @@ impl ObjectStore for MeteredStore {
         range: Range<u64>,
         if_match: Option<&str>,
         piece: u64,
-    ) -> StoreResult<Vec<Bytes>> {
-        let r = self.inner.get_pieces(key, range, if_match, piece).await;
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> StoreResult<u64> {
+        let r = self
+            .inner
+            .get_pieces(key, range, if_match, piece, sink)
+            .await;
         self.count("get", &r);
-        if let Ok(pieces) = &r {
-            self.metrics
-                .downloaded(pieces.iter().map(|b| b.len() as u64).sum());
+        if let Ok(n) = &r {
+            self.metrics.downloaded(*n);
         }
         r
     }

@@ -90,21 +90,25 @@ pub trait ObjectStore: Send + Sync + 'static {
         if_match: Option<&str>,
     ) -> StoreResult<Bytes>;
 
-    /// Like `get_range`, with the bytes cut into pieces of `piece` bytes (the last may be
-    /// shorter), each its own allocation: a cache block can be kept or dropped without
-    /// pinning its neighbours.
+    /// Like `get_range`, with the bytes handed to `sink` as they arrive, in order, cut into
+    /// pieces of `piece` bytes (the last of the range may be shorter), each its own
+    /// allocation: a cache block can be kept or dropped without pinning its neighbours, and
+    /// a reader can have the first block of a long request before the rest has come.
+    /// Returns the bytes handed over. On an error, the pieces handed over before it are
+    /// sound; the short last piece is only handed over once the whole answer has come.
     async fn get_pieces(
         &self,
         key: &str,
         range: Range<u64>,
         if_match: Option<&str>,
         piece: u64,
-    ) -> StoreResult<Vec<Bytes>> {
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> StoreResult<u64> {
         let data = self.get_range(key, range, if_match).await?;
-        Ok(data
-            .chunks(piece.max(1) as usize)
-            .map(Bytes::copy_from_slice)
-            .collect())
+        for chunk in data.chunks(piece.max(1) as usize) {
+            sink(Bytes::copy_from_slice(chunk));
+        }
+        Ok(data.len() as u64)
     }
 
     /// One page of the listing of `prefix` with delimiter `/` (or no delimiter when

@@ -190,7 +190,8 @@ impl S3Store {
         range: Range<u64>,
         if_match: Option<&str>,
         piece: u64,
-    ) -> Result<StoreResult<Vec<Bytes>>, BodyError> {
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> Result<StoreResult<()>, BodyError> {
         let r = match self
             .client
             .get_object()
@@ -205,10 +206,10 @@ impl S3Store {
             Err(e) => return Ok(Err(self.map_err("GET", key, e))),
         };
         let expected = r.content_length().map(|l| l.max(0) as u64);
-        // The body arrives in chunks of a few KiB; each is copied once, into its piece.
+        // The body arrives in chunks of a few KiB; each is copied once, into its piece, and
+        // a piece goes to the sink as soon as it is full.
         let total = expected.unwrap_or(range.end - range.start);
         let piece = piece.max(1);
-        let mut pieces = Vec::with_capacity(total.div_ceil(piece) as usize);
         let mut got = 0u64;
         let mut cur = BytesMut::with_capacity(piece.min(total) as usize);
         let mut body = r.body;
@@ -224,21 +225,20 @@ impl S3Store {
                 cur.extend_from_slice(&chunk.split_to(take));
                 if cur.len() as u64 == piece {
                     let next = piece.min(total.saturating_sub(got)).max(1);
-                    pieces.push(
-                        std::mem::replace(&mut cur, BytesMut::with_capacity(next as usize))
-                            .freeze(),
-                    );
+                    sink(std::mem::replace(&mut cur, BytesMut::with_capacity(next as usize)).freeze());
                 }
             }
-        }
-        if !cur.is_empty() {
-            pieces.push(cur.freeze());
         }
         match expected {
             Some(expected) if got != expected => {
                 Err(BodyError(StoreError::Truncated { expected, got }))
             }
-            _ => Ok(Ok(pieces)),
+            _ => {
+                if !cur.is_empty() {
+                    sink(cur.freeze());
+                }
+                Ok(Ok(()))
+            }
         }
     }
 
@@ -422,7 +422,9 @@ impl ObjectStore for S3Store {
         if_match: Option<&str>,
     ) -> StoreResult<Bytes> {
         let len = range.end.saturating_sub(range.start);
-        let mut pieces = self.get_pieces(key, range, if_match, len).await?;
+        let mut pieces = Vec::with_capacity(1);
+        self.get_pieces(key, range, if_match, len, &mut |p| pieces.push(p))
+            .await?;
         Ok(match pieces.len() {
             0 => Bytes::new(),
             1 => pieces.pop().expect("one piece"),
@@ -437,16 +439,28 @@ impl ObjectStore for S3Store {
         range: Range<u64>,
         if_match: Option<&str>,
         piece: u64,
-    ) -> StoreResult<Vec<Bytes>> {
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> StoreResult<u64> {
         if range.end <= range.start {
-            return Ok(Vec::new());
+            return Ok(0);
         }
         // The SDK retries a request until its answer starts; a body that breaks off or ends
-        // short is fetched again here, with jittered backoff, all within the read deadline.
+        // short is fetched again here from the first piece not yet handed over, with
+        // jittered backoff, all within the read deadline.
         let deadline = tokio::time::Instant::now() + self.read_deadline;
         let mut attempt = 1;
+        let mut handed = 0u64;
         loop {
-            let once = self.get_range_once(key, range.clone(), if_match, piece);
+            let from = range.start + handed;
+            if from >= range.end {
+                // Everything came; only the end of the answer broke off.
+                return Ok(handed);
+            }
+            let mut counted = |b: Bytes| {
+                handed += b.len() as u64;
+                sink(b)
+            };
+            let once = self.get_range_once(key, from..range.end, if_match, piece, &mut counted);
             let result = match tokio::time::timeout_at(deadline, once).await {
                 Ok(r) => r,
                 Err(_) => {
@@ -458,7 +472,7 @@ impl ObjectStore for S3Store {
             };
             match result {
                 Err(BodyError(e)) if attempt < self.max_attempts => {
-                    tracing::debug!(key, attempt, error = %e, "the body of a GET broke off; fetching it again");
+                    tracing::debug!(key, attempt, handed, error = %e, "the body of a GET broke off; fetching the rest again");
                     self.attempts.note_retry();
                     let pause = backoff(attempt);
                     if tokio::time::Instant::now() + pause >= deadline {
@@ -468,7 +482,7 @@ impl ObjectStore for S3Store {
                     attempt += 1;
                 }
                 Err(BodyError(e)) => return Err(e),
-                Ok(r) => return r,
+                Ok(r) => return r.map(|()| handed),
             }
         }
     }
