@@ -3,7 +3,8 @@
 //! Each open handle has a `ReadStream` that watches its access pattern. While reads follow
 //! each other, a window ahead of the reader (starting at `initial_window`, doubling with
 //! each new block up to `max_window`) is fetched with concurrent ranged GETs into the block
-//! cache. A read outside the window collapses it to nothing, so a thumbnailer seeking
+//! cache; each GET spans a few blocks, and each block goes to its reader as soon as it has
+//! arrived. A read outside the window collapses it to nothing, so a thumbnailer seeking
 //! through an image costs one block-sized GET per seek and no wasted megabytes.
 //!
 //! Memory is bounded by one budget (`max_memory`) shared by all handles: half for data in

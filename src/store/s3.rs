@@ -205,6 +205,24 @@ impl S3Store {
             Ok(r) => r,
             Err(e) => return Ok(Err(self.map_err("GET", key, e))),
         };
+        // Pieces are handed over before the answer is complete, so it must be known first
+        // that the answer starts where asked (a store that ignores ranges sends the whole
+        // object).
+        let answered_from = match r.content_range() {
+            Some(cr) => cr
+                .strip_prefix("bytes ")
+                .and_then(|c| c.split('-').next())
+                .and_then(|s| s.trim().parse::<u64>().ok()),
+            None => Some(0),
+        };
+        if answered_from != Some(range.start) {
+            return Ok(Err(StoreError::Other(format!(
+                "GET {key:?}: asked for bytes {}-{}, the store answered {}; it does not seem to support ranged reads",
+                range.start,
+                range.end - 1,
+                r.content_range().unwrap_or("with the whole object")
+            ))));
+        }
         let expected = r.content_length().map(|l| l.max(0) as u64);
         // The body arrives in chunks of a few KiB; each is copied once, into its piece, and
         // a piece goes to the sink as soon as it is full.
