@@ -762,6 +762,123 @@ mod tests {
         }
     }
 
+    /// A store whose multi-piece GETs hand over their first piece, then hold the rest
+    /// until the gate lets them through.
+    struct GatedStore {
+        inner: Arc<MemoryStore>,
+        gate: Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for GatedStore {
+        async fn head(&self, key: &str) -> StoreResult<crate::store::ObjectMeta> {
+            self.inner.head(key).await
+        }
+        async fn get_range(&self, key: &str, r: Range<u64>, m: Option<&str>) -> StoreResult<Bytes> {
+            self.inner.get_range(key, r, m).await
+        }
+        async fn get_pieces(
+            &self,
+            key: &str,
+            range: Range<u64>,
+            if_match: Option<&str>,
+            piece: u64,
+            sink: &mut (dyn FnMut(Bytes) + Send),
+        ) -> StoreResult<u64> {
+            let data = self.inner.get_range(key, range, if_match).await?;
+            for (i, chunk) in data.chunks(piece as usize).enumerate() {
+                if i == 1 {
+                    self.gate.acquire().await.unwrap().forget();
+                }
+                sink(Bytes::copy_from_slice(chunk));
+            }
+            Ok(data.len() as u64)
+        }
+        async fn list(
+            &self,
+            p: &str,
+            r: bool,
+            t: Option<String>,
+            n: Option<i32>,
+        ) -> StoreResult<crate::store::ListPage> {
+            self.inner.list(p, r, t, n).await
+        }
+        async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>> {
+            self.inner.put(key, body).await
+        }
+        async fn create_multipart(&self, key: &str) -> StoreResult<String> {
+            self.inner.create_multipart(key).await
+        }
+        async fn upload_part(&self, k: &str, u: &str, n: i32, b: Bytes) -> StoreResult<String> {
+            self.inner.upload_part(k, u, n, b).await
+        }
+        async fn complete_multipart(
+            &self,
+            k: &str,
+            u: &str,
+            parts: Vec<(i32, String)>,
+        ) -> StoreResult<Option<String>> {
+            self.inner.complete_multipart(k, u, parts).await
+        }
+        async fn abort_multipart(&self, k: &str, u: &str) -> StoreResult<()> {
+            self.inner.abort_multipart(k, u).await
+        }
+        async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<String>> {
+            self.inner.copy(from, to).await
+        }
+        async fn delete(&self, key: &str) -> StoreResult<()> {
+            self.inner.delete(key).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_block_reaches_its_reader_before_the_rest_of_its_request_has_come() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Arc::new(MemoryStore::new());
+        let data: Vec<u8> = (0..(1usize << 20)).map(|i| (i * 7 % 253) as u8).collect();
+        let etag = mem
+            .put("obj", Bytes::from(data.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+        let store = Arc::new(GatedStore {
+            inner: mem,
+            gate: Semaphore::new(0),
+        });
+        let bs = 64 << 10;
+        let limits = CacheLimits {
+            max_bytes: 64 << 20,
+            min_free: MinFree::Bytes(0),
+            block_size: bs,
+        };
+        let blocks = Arc::new(BlockCache::open(dir.path(), limits, Default::default()).unwrap());
+        let opts = ReadaheadOptions {
+            initial_window: 4 * bs,
+            max_window: 1 << 20,
+            max_memory: 8 << 20,
+            blocks_per_request: 4,
+        };
+        let ra = Readahead::new(store.clone(), blocks, opts);
+        let s = ReadStream::new(ObjectRef::new("obj".into(), etag, data.len() as u64));
+        // The first read fetches block 0 alone and reads blocks 1-4 ahead in one request,
+        // which hands over block 1 and then stalls.
+        assert_eq!(
+            ra.read(&s, 0, bs as u32).await.unwrap(),
+            data[..bs as usize]
+        );
+        let second = tokio::time::timeout(Duration::from_secs(10), ra.read(&s, bs, bs as u32))
+            .await
+            .expect("block 1 waits for the rest of its request");
+        assert_eq!(second.unwrap(), data[bs as usize..2 * bs as usize]);
+        store.gate.add_permits(1000);
+        let mut got = data[..2 * bs as usize].to_vec();
+        while got.len() < data.len() {
+            let b = ra.read(&s, got.len() as u64, bs as u32).await.unwrap();
+            got.extend_from_slice(&b);
+        }
+        assert_eq!(got, data);
+    }
+
     #[test]
     fn blocks_kept_ahead_are_bounded_and_give_way_when_left_unread() {
         let id = |index| BlockId {

@@ -1166,7 +1166,10 @@ mod tests {
         let c = BlockCache::open(dir.path(), limits(1 << 20), Default::default()).unwrap();
         assert!(c.put(of("a", 0), b"kept"));
         assert!(c.put(of("b", 2), b"lost"));
-        let (data, sums) = (c.data_path(&of("b", 0).object), c.sums_path(&of("b", 0).object));
+        let (data, sums) = (
+            c.data_path(&of("b", 0).object),
+            c.sums_path(&of("b", 0).object),
+        );
         drop(c);
         // As a crash between clearing the entry and removing the files would leave it.
         let f = OpenOptions::new().write(true).open(&sums).unwrap();

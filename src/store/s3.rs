@@ -243,7 +243,10 @@ impl S3Store {
                 cur.extend_from_slice(&chunk.split_to(take));
                 if cur.len() as u64 == piece {
                     let next = piece.min(total.saturating_sub(got)).max(1);
-                    sink(std::mem::replace(&mut cur, BytesMut::with_capacity(next as usize)).freeze());
+                    sink(
+                        std::mem::replace(&mut cur, BytesMut::with_capacity(next as usize))
+                            .freeze(),
+                    );
                 }
             }
         }
