@@ -511,9 +511,7 @@ impl Readahead {
             object: object.id,
             index,
         };
-        let fetched_ahead = self.ahead.lock().take(&id);
-        if let Some(data) = fetched_ahead {
-            self.keep_current(stream, index, data.clone());
+        if let Some(data) = self.take_fetched_ahead(stream, id) {
             return Ok(data);
         }
         let len = self.block_len(object, index) as usize;
@@ -525,9 +523,7 @@ impl Readahead {
                     None => {
                         // A fetch may have finished since the first look: its block waits
                         // in memory.
-                        let fetched_ahead = self.ahead.lock().take(&id);
-                        if let Some(data) = fetched_ahead {
-                            self.keep_current(stream, index, data.clone());
+                        if let Some(data) = self.take_fetched_ahead(stream, id) {
                             return Ok(data);
                         }
                         let blocks = self.blocks.clone();
@@ -570,6 +566,14 @@ impl Readahead {
                 }
             }
         }
+    }
+
+    /// Block `id`, if it was fetched ahead and waits in memory; it becomes the handle's
+    /// current block.
+    fn take_fetched_ahead(&self, stream: &ReadStream, id: BlockId) -> Option<Bytes> {
+        let data = self.ahead.lock().take(&id)?;
+        self.keep_current(stream, id.index, data.clone());
+        Some(data)
     }
 
     /// Keeps `data` as the handle's current block while the memory budget allows.
@@ -762,75 +766,6 @@ mod tests {
         }
     }
 
-    /// A store whose multi-piece GETs hand over their first piece, then hold the rest
-    /// until the gate lets them through.
-    struct GatedStore {
-        inner: Arc<MemoryStore>,
-        gate: Semaphore,
-    }
-
-    #[async_trait::async_trait]
-    impl ObjectStore for GatedStore {
-        async fn head(&self, key: &str) -> StoreResult<crate::store::ObjectMeta> {
-            self.inner.head(key).await
-        }
-        async fn get_range(&self, key: &str, r: Range<u64>, m: Option<&str>) -> StoreResult<Bytes> {
-            self.inner.get_range(key, r, m).await
-        }
-        async fn get_pieces(
-            &self,
-            key: &str,
-            range: Range<u64>,
-            if_match: Option<&str>,
-            piece: u64,
-            sink: &mut (dyn FnMut(Bytes) + Send),
-        ) -> StoreResult<u64> {
-            let data = self.inner.get_range(key, range, if_match).await?;
-            for (i, chunk) in data.chunks(piece as usize).enumerate() {
-                if i == 1 {
-                    self.gate.acquire().await.unwrap().forget();
-                }
-                sink(Bytes::copy_from_slice(chunk));
-            }
-            Ok(data.len() as u64)
-        }
-        async fn list(
-            &self,
-            p: &str,
-            r: bool,
-            t: Option<String>,
-            n: Option<i32>,
-        ) -> StoreResult<crate::store::ListPage> {
-            self.inner.list(p, r, t, n).await
-        }
-        async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>> {
-            self.inner.put(key, body).await
-        }
-        async fn create_multipart(&self, key: &str) -> StoreResult<String> {
-            self.inner.create_multipart(key).await
-        }
-        async fn upload_part(&self, k: &str, u: &str, n: i32, b: Bytes) -> StoreResult<String> {
-            self.inner.upload_part(k, u, n, b).await
-        }
-        async fn complete_multipart(
-            &self,
-            k: &str,
-            u: &str,
-            parts: Vec<(i32, String)>,
-        ) -> StoreResult<Option<String>> {
-            self.inner.complete_multipart(k, u, parts).await
-        }
-        async fn abort_multipart(&self, k: &str, u: &str) -> StoreResult<()> {
-            self.inner.abort_multipart(k, u).await
-        }
-        async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<String>> {
-            self.inner.copy(from, to).await
-        }
-        async fn delete(&self, key: &str) -> StoreResult<()> {
-            self.inner.delete(key).await
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_block_reaches_its_reader_before_the_rest_of_its_request_has_come() {
         let dir = tempfile::tempdir().unwrap();
@@ -841,10 +776,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let store = Arc::new(GatedStore {
-            inner: mem,
-            gate: Semaphore::new(0),
-        });
+        let gate = mem.hold_pieces_after_the_first();
         let bs = 64 << 10;
         let limits = CacheLimits {
             max_bytes: 64 << 20,
@@ -858,7 +790,7 @@ mod tests {
             max_memory: 8 << 20,
             blocks_per_request: 4,
         };
-        let ra = Readahead::new(store.clone(), blocks, opts);
+        let ra = Readahead::new(mem, blocks, opts);
         let s = ReadStream::new(ObjectRef::new("obj".into(), etag, data.len() as u64));
         // The first read fetches block 0 alone and reads blocks 1-4 ahead in one request,
         // which hands over block 1 and then stalls.
@@ -870,7 +802,7 @@ mod tests {
             .await
             .expect("block 1 waits for the rest of its request");
         assert_eq!(second.unwrap(), data[bs as usize..2 * bs as usize]);
-        store.gate.add_permits(1000);
+        gate.add_permits(1000);
         let mut got = data[..2 * bs as usize].to_vec();
         while got.len() < data.len() {
             let b = ra.read(&s, got.len() as u64, bs as u32).await.unwrap();

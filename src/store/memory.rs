@@ -4,11 +4,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
+use tokio::sync::Semaphore;
 
 use super::{ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult};
 
@@ -24,6 +26,8 @@ pub struct MemoryStore {
     objects: Mutex<BTreeMap<String, Object>>,
     uploads: Mutex<HashMap<String, BTreeMap<i32, Bytes>>>,
     next_etag: AtomicU64,
+    /// See `hold_pieces_after_the_first`.
+    piece_gate: Mutex<Option<Arc<Semaphore>>>,
 }
 
 impl MemoryStore {
@@ -39,6 +43,15 @@ impl MemoryStore {
     /// The bytes of one object, if present.
     pub fn object(&self, key: &str) -> Option<Bytes> {
         self.objects.lock().get(key).map(|o| o.data.clone())
+    }
+
+    /// From now on, a GET of several pieces hands over its first piece and then waits for
+    /// a permit of the returned semaphore before the rest, as a slow answer would: tests
+    /// see what readers get meanwhile.
+    pub fn hold_pieces_after_the_first(&self) -> Arc<Semaphore> {
+        let gate = Arc::new(Semaphore::new(0));
+        *self.piece_gate.lock() = Some(gate.clone());
+        gate
     }
 
     /// Multipart uploads started and neither completed nor aborted.
@@ -94,6 +107,28 @@ impl ObjectStore for MemoryStore {
         }
         let end = range.end.min(len);
         Ok(o.data.slice(range.start.min(end) as usize..end as usize))
+    }
+
+    async fn get_pieces(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_match: Option<&str>,
+        piece: u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> StoreResult<u64> {
+        let data = self.get_range(key, range, if_match).await?;
+        let gate = self.piece_gate.lock().clone();
+        for (i, chunk) in data.chunks(piece.max(1) as usize).enumerate() {
+            if let Some(gate) = gate.as_ref().filter(|_| i == 1) {
+                gate.acquire()
+                    .await
+                    .map_err(|_| StoreError::Other("the piece gate was closed".into()))?
+                    .forget();
+            }
+            sink(Bytes::copy_from_slice(chunk));
+        }
+        Ok(data.len() as u64)
     }
 
     async fn list(

@@ -103,13 +103,7 @@ pub trait ObjectStore: Send + Sync + 'static {
         if_match: Option<&str>,
         piece: u64,
         sink: &mut (dyn FnMut(Bytes) + Send),
-    ) -> StoreResult<u64> {
-        let data = self.get_range(key, range, if_match).await?;
-        for chunk in data.chunks(piece.max(1) as usize) {
-            sink(Bytes::copy_from_slice(chunk));
-        }
-        Ok(data.len() as u64)
-    }
+    ) -> StoreResult<u64>;
 
     /// One page of the listing of `prefix` with delimiter `/` (or no delimiter when
     /// `recursive`), at most `max_keys` entries.
