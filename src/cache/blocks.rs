@@ -328,8 +328,7 @@ impl BlockCache {
         for (_, object, sums_len, blocks) in &found {
             if blocks.iter().all(|(len, _)| *len == 0) {
                 // Objects left without blocks go at once.
-                let _ = std::fs::remove_file(sums_path(&dir, object));
-                let _ = std::fs::remove_file(data_path(&dir, object));
+                remove_files(&dir, object);
                 continue;
             }
             let mut state = ObjectState::new();
@@ -463,15 +462,8 @@ impl BlockCache {
                 "cached blocks are damaged; fetching them again");
         }
         self.stats.lock().corrupt += ids.len() as u64;
-        let evictions = {
-            let mut idx = self.index.lock();
-            let present: Vec<BlockId> = ids
-                .iter()
-                .filter(|id| idx.lru.contains(id))
-                .copied()
-                .collect();
-            take_victims(&mut idx, &present, None)
-        };
+        // Blocks evicted meanwhile are skipped by `take_victims`.
+        let evictions = take_victims(&mut self.index.lock(), ids, None);
         self.evict(evictions);
     }
 
@@ -484,7 +476,6 @@ impl BlockCache {
             };
             let ids: Vec<BlockId> = (0..=highest)
                 .map(|index| BlockId { object, index })
-                .filter(|id| idx.lru.contains(id))
                 .collect();
             take_victims(&mut idx, &ids, None)
         };
@@ -698,8 +689,7 @@ impl BlockCache {
                     }
                 }
                 Eviction::Remove(object) => {
-                    let _ = std::fs::remove_file(self.sums_path(&object));
-                    let _ = std::fs::remove_file(self.data_path(&object));
+                    remove_files(&self.dir, &object);
                     let mut idx = self.index.lock();
                     if idx
                         .objects
@@ -1011,7 +1001,8 @@ fn choose_victims(idx: &Index, need: u64, writing: Option<ObjectId>) -> (Vec<Blo
     (victims, freed)
 }
 
-/// Takes `victims` out of the index and returns the disk work that is left.
+/// Takes `victims` out of the index (skipping those no longer in it) and returns the disk
+/// work that is left.
 fn take_victims(idx: &mut Index, victims: &[BlockId], writing: Option<ObjectId>) -> Vec<Eviction> {
     let mut out = Vec::new();
     let mut emptied = Vec::new();
@@ -1054,6 +1045,13 @@ fn sums_path(dir: &Path, object: &ObjectId) -> PathBuf {
     let mut p = data_path(dir, object).into_os_string();
     p.push(".sums");
     PathBuf::from(p)
+}
+
+/// Removes an object's checksum file, then its cache file (so a crash between the two
+/// leaves a half that the next open removes).
+fn remove_files(dir: &Path, object: &ObjectId) {
+    let _ = std::fs::remove_file(sums_path(dir, object));
+    let _ = std::fs::remove_file(data_path(dir, object));
 }
 
 fn parse_name(name: &str) -> Option<ObjectId> {
