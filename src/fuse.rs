@@ -283,9 +283,10 @@ impl fuser::Filesystem for FuseAdapter {
         self.spawn("open", |fs| async move {
             match fs.open(ino.0, flags.0).await {
                 Ok(fh) => {
-                    let file = match passthrough.enabled() {
-                        true => fs.cached_file(fh).await,
-                        false => None,
+                    let file = if passthrough.enabled() {
+                        fs.cached_file(fh).await
+                    } else {
+                        None
                     };
                     if !passthrough.reply_open(reply, ino.0, fh, file) {
                         let _ = fs.release(fh).await;

@@ -102,19 +102,13 @@ impl Passthrough {
             .filter(|_| self.enabled() && inode.cached == 0)
             .and_then(|f| Some((f.metadata().ok().map(|m| (m.dev(), m.ino()))?, f)));
         if let Some((identity, file)) = wanted {
-            match &mut inode.backing {
+            let id = match &mut inode.backing {
                 Some(b) if b.file == identity => {
                     b.handles += 1;
-                    let id = b.id.clone();
-                    files.handles.insert(fh, (ino, Mode::Passthrough));
-                    drop(files);
-                    self.opened.fetch_add(1, Ordering::Relaxed);
-                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
-                    return true;
+                    Some(b.id.clone())
                 }
-                Some(_) => {
-                    // Passed through to another version of the object.
-                }
+                // Passed through to another version of the object.
+                Some(_) => None,
                 None => match reply.open_backing(&file) {
                     Ok(id) => {
                         let id = Arc::new(id);
@@ -123,14 +117,20 @@ impl Passthrough {
                             id: id.clone(),
                             handles: 1,
                         });
-                        files.handles.insert(fh, (ino, Mode::Passthrough));
-                        drop(files);
-                        self.opened.fetch_add(1, Ordering::Relaxed);
-                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
-                        return true;
+                        Some(id)
                     }
-                    Err(e) => self.disable(&format!("the kernel refused a backing file: {e}")),
+                    Err(e) => {
+                        self.disable(&format!("the kernel refused a backing file: {e}"));
+                        None
+                    }
                 },
+            };
+            if let Some(id) = id {
+                files.handles.insert(fh, (ino, Mode::Passthrough));
+                drop(files);
+                self.opened.fetch_add(1, Ordering::Relaxed);
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                return true;
             }
         }
         if Self::through_mount(&mut files, ino, fh) {
