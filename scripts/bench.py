@@ -153,23 +153,30 @@ def run_client(client, prefix, args):
     return r
 
 
-def run_raw(prefix, args):
-    """The same work with no FUSE: boto3 with THREADS parallel requests."""
-    r = {}
+def raw_big_reader(prefix):
+    """A function that reads the big file on an executor with 8 MiB ranged GETs in
+    parallel and returns the bytes read (its size is asked for here, outside any timing)."""
     key = prefix + "data/big.bin"
     size = s3.head_object(Bucket=BUCKET, Key=key)["ContentLength"]
-    ttfb = []
-    for i in range(args.ttfb_files):
-        ttfb.append(timed(lambda: s3.get_object(Bucket=BUCKET, Key=f"{prefix}data/ttfb-{i}.bin", Range="bytes=0-16383")["Body"].read())[0])
-    r["ttfb_ms"] = statistics.median(ttfb) * 1000
     ranges = [(o, min(size, o + 8 * MIB) - 1) for o in range(0, size, 8 * MIB)]
 
     def get(rg):
         return len(s3.get_object(Bucket=BUCKET, Key=key, Range=f"bytes={rg[0]}-{rg[1]}")["Body"].read())
+    return lambda ex: sum(ex.map(get, ranges))
+
+
+def run_raw(prefix, args):
+    """The same work with no FUSE: boto3 with THREADS parallel requests."""
+    r = {}
+    ttfb = []
+    for i in range(args.ttfb_files):
+        ttfb.append(timed(lambda: s3.get_object(Bucket=BUCKET, Key=f"{prefix}data/ttfb-{i}.bin", Range="bytes=0-16383")["Body"].read())[0])
+    r["ttfb_ms"] = statistics.median(ttfb) * 1000
+    read_big = raw_big_reader(prefix)
     with concurrent.futures.ThreadPoolExecutor(THREADS) as ex:
         # Cold as for the FUSE clients: the server reads its data from disk.
-        r.update(measure_cold(lambda: sum(ex.map(get, ranges))))
-        secs, got = timed(lambda: sum(ex.map(get, ranges)))
+        r.update(measure_cold(lambda: read_big(ex)))
+        secs, got = timed(lambda: read_big(ex))
         r["warm_mbs"] = got / MIB / secs
         data = os.urandom(64 << 10)
         keys = [f"{prefix}small-raw/{i:024d}" for i in range(args.files)]
@@ -190,14 +197,9 @@ def run_raw(prefix, args):
 def cold_again(name, makers, prefix, work):
     """One more cold read of the big file by client `name`, with an empty client cache."""
     if name == "raw":
-        key = prefix + "data/big.bin"
-        size = s3.head_object(Bucket=BUCKET, Key=key)["ContentLength"]
-        ranges = [(o, min(size, o + 8 * MIB) - 1) for o in range(0, size, 8 * MIB)]
-
-        def get(rg):
-            return len(s3.get_object(Bucket=BUCKET, Key=key, Range=f"bytes={rg[0]}-{rg[1]}")["Body"].read())
+        read_big = raw_big_reader(prefix)
         with concurrent.futures.ThreadPoolExecutor(THREADS) as ex:
-            return measure_cold(lambda: sum(ex.map(get, ranges)))
+            return measure_cold(lambda: read_big(ex))
     client = makers[name](None)
     client.mount(prefix)
     try:
