@@ -434,12 +434,17 @@ impl Readahead {
         let start = first * bs;
         let end = object.size.min((first + run.len() as u64) * bs);
         tracing::trace!(key = object.key, first, blocks = run.len(), "fetching");
+        // Counted before any of it reaches a reader, so that the counters never lag
+        // behind what readers have seen.
+        self.stats.lock().requests += 1;
         let mut arrived = 0;
         let mut short = None;
+        let mut held = None;
         let mut writes = Vec::with_capacity(run.len());
         let result = {
             let mut sink = |piece: Bytes| {
-                let Some((index, tx)) = run.get(arrived) else {
+                self.stats.lock().bytes += piece.len() as u64;
+                let Some((index, _)) = run.get(arrived) else {
                     return;
                 };
                 let len = self.block_len(object, *index);
@@ -451,27 +456,21 @@ impl Readahead {
                     return;
                 }
                 arrived += 1;
-                let id = BlockId {
-                    object: object.id,
-                    index: *index,
-                };
-                // Nobody waits for it yet: a reader ahead of whom it was fetched will come
-                // for it soon.
-                if tx.receiver_count() <= 1 {
-                    self.ahead.lock().keep(id, piece.clone());
+                if arrived == run.len() {
+                    // The run's last block goes out once the request is over and counted
+                    // in the store's metrics: a reader that has read every block then
+                    // finds every request counted.
+                    held = Some(piece);
+                } else {
+                    writes.push(self.publish(object, &run[arrived - 1], piece));
                 }
-                tx.send_replace(Some(Ok(piece.clone())));
-                let blocks = self.blocks.clone();
-                writes.push(tokio::task::spawn_blocking(move || blocks.put(id, &piece)));
             };
             self.store
                 .get_pieces(&object.key, start..end, Some(&object.etag), bs, &mut sink)
                 .await
         };
-        {
-            let mut s = self.stats.lock();
-            s.requests += 1;
-            s.bytes += result.as_ref().map_or(0, |n| *n);
+        if let Some(piece) = held {
+            writes.push(self.publish(object, &run[run.len() - 1], piece));
         }
         let error = match (result, short) {
             (Err(e), _) | (Ok(_), Some(e)) => Some(e),
@@ -492,6 +491,28 @@ impl Readahead {
         }
         self.unclaim(object, &run);
         drop(permit);
+    }
+
+    /// Hands a fetched block to whoever waits for it (or keeps it for the reader ahead of
+    /// whom it was fetched), and starts writing it to the block cache.
+    fn publish(
+        &self,
+        object: &ObjectRef,
+        (index, tx): &(u64, watch::Sender<Fetched>),
+        piece: Bytes,
+    ) -> tokio::task::JoinHandle<bool> {
+        let id = BlockId {
+            object: object.id,
+            index: *index,
+        };
+        // Nobody waits for it yet: a reader ahead of whom it was fetched will come for it
+        // soon.
+        if tx.receiver_count() <= 1 {
+            self.ahead.lock().keep(id, piece.clone());
+        }
+        tx.send_replace(Some(Ok(piece.clone())));
+        let blocks = self.blocks.clone();
+        tokio::task::spawn_blocking(move || blocks.put(id, &piece))
     }
 
     /// Block `index` of the stream's object: from the handle's buffer, the block cache, a
