@@ -31,6 +31,8 @@ use lru::LruCache;
 use md5::{Digest, Md5};
 use parking_lot::Mutex;
 
+use super::direct::DirectWrites;
+
 /// The checksum file's header: magic, format version, block size.
 const SUMS_HEADER: u64 = 16;
 const SUMS_MAGIC: &[u8; 4] = b"S3MS";
@@ -229,6 +231,7 @@ pub struct BlockCache {
     below_floor: AtomicBool,
     /// Set once punching holes failed, so that it is logged once.
     no_punch: AtomicBool,
+    direct: DirectWrites,
 }
 
 /// An object whose every block is cached, open for reading as one file. Its blocks stay in
@@ -366,6 +369,7 @@ impl BlockCache {
             stats: Mutex::new(BlockStats::default()),
             below_floor: AtomicBool::new(false),
             no_punch: AtomicBool::new(false),
+            direct: DirectWrites::new(limits.block_size, true),
         };
         if count > 0 {
             tracing::info!(
@@ -777,7 +781,8 @@ impl BlockCache {
         }
         // Data first: a checksum entry that outlives its data fails the check, never the
         // other way round.
-        f.write_all_at(data, id.index * self.limits.block_size)?;
+        self.direct
+            .write_at(&path, &f, data, id.index * self.limits.block_size)?;
         let mut entry = [0u8; SUMS_ENTRY as usize];
         entry[..4].copy_from_slice(&(data.len() as u32).to_le_bytes());
         entry[4..].copy_from_slice(&crc.to_le_bytes());

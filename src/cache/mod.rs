@@ -3,6 +3,7 @@
 //! lock that keeps two mounts from sharing one directory.
 
 mod blocks;
+mod direct;
 mod journal;
 mod lock;
 mod staging;

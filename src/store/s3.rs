@@ -23,7 +23,7 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use super::{ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult};
 
@@ -50,6 +50,41 @@ pub struct StoreConfig {
 
 /// A GET whose answer began but whose body did not arrive whole.
 struct BodyError(StoreError);
+
+/// The alignment of a piece's first byte.
+const PIECE_ALIGN: usize = 4096;
+
+/// A piece of a GET's body being filled, its first byte on a page boundary, so that the
+/// block cache can write it to disk directly (O_DIRECT) with no copy first.
+struct Piece {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Piece {
+    fn with_capacity(cap: usize) -> Self {
+        let mut buf: Vec<u8> = Vec::with_capacity(cap + PIECE_ALIGN);
+        let start = buf.as_ptr().align_offset(PIECE_ALIGN).min(PIECE_ALIGN);
+        buf.resize(start, 0);
+        Piece { buf, start }
+    }
+
+    fn len(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn extend_from_slice(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    fn freeze(self) -> Bytes {
+        Bytes::from(self.buf).slice(self.start..)
+    }
+}
 
 /// How long to wait before try `attempt + 1`: exponential from 100 ms, at most 2 s, with
 /// jitter so that many readers do not retry in step.
@@ -229,7 +264,7 @@ impl S3Store {
         let total = expected.unwrap_or(range.end - range.start);
         let piece = piece.max(1);
         let mut got = 0u64;
-        let mut cur = BytesMut::with_capacity(piece.min(total) as usize);
+        let mut cur = Piece::with_capacity(piece.min(total) as usize);
         let mut body = r.body;
         while let Some(chunk) = body.next().await {
             let mut chunk = chunk.map_err(|e| {
@@ -243,10 +278,7 @@ impl S3Store {
                 cur.extend_from_slice(&chunk.split_to(take));
                 if cur.len() as u64 == piece {
                     let next = piece.min(total.saturating_sub(got)).max(1);
-                    sink(
-                        std::mem::replace(&mut cur, BytesMut::with_capacity(next as usize))
-                            .freeze(),
-                    );
+                    sink(std::mem::replace(&mut cur, Piece::with_capacity(next as usize)).freeze());
                 }
             }
         }
