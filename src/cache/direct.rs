@@ -16,8 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 
-/// The alignment O_DIRECT asks of offsets, lengths and buffers on common filesystems.
-const ALIGN: usize = 4096;
+/// The alignment O_DIRECT asks of offsets, lengths and buffers on common filesystems. Data
+/// handed over on this boundary is written with no copy first.
+pub const DIRECT_ALIGN: usize = 4096;
 /// Aligned buffers kept for reuse; more concurrent writes allocate their own.
 const KEPT_BUFFERS: usize = 4;
 
@@ -39,8 +40,8 @@ impl DirectWrites {
     /// Writes `data`, at most one block, at the page-aligned `offset` of the file at
     /// `path`, of which `file` is an ordinary open handle.
     pub fn write_at(&self, path: &Path, file: &File, data: &[u8], offset: u64) -> io::Result<()> {
-        debug_assert!(offset % ALIGN as u64 == 0 && data.len() <= self.block_size);
-        let aligned = data.len() / ALIGN * ALIGN;
+        debug_assert!(offset % DIRECT_ALIGN as u64 == 0 && data.len() <= self.block_size);
+        let aligned = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
         let mut done = 0;
         if aligned > 0 && self.enabled.load(Ordering::Relaxed) {
             match self.write_direct(path, &data[..aligned], offset) {
@@ -62,15 +63,15 @@ impl DirectWrites {
             .write(true)
             .custom_flags(libc::O_DIRECT)
             .open(path)?;
-        if data.as_ptr() as usize % ALIGN == 0 {
+        if data.as_ptr() as usize % DIRECT_ALIGN == 0 {
             return f.write_all_at(data, offset);
         }
         let mut buf = self
             .buffers
             .lock()
             .pop()
-            .unwrap_or_else(|| vec![0u8; self.block_size + ALIGN]);
-        let start = buf.as_ptr().align_offset(ALIGN);
+            .unwrap_or_else(|| vec![0u8; self.block_size + DIRECT_ALIGN]);
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
         let copy = &mut buf[start..start + data.len()];
         copy.copy_from_slice(data);
         let written = f.write_all_at(copy, offset);

@@ -12,6 +12,7 @@ pub use blocks::{
     allocated, BlockCache, BlockId, BlockStats, CacheLimits, MinFree, ObjectId, StagedBytes,
     WholeObject,
 };
+pub use direct::DIRECT_ALIGN;
 pub use journal::{sync_dir, Change, Journal, Replay};
 pub use lock::CacheLock;
 pub use staging::{StagedFile, StagingArea};

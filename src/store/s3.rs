@@ -25,6 +25,8 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 
+use crate::cache::DIRECT_ALIGN;
+
 use super::{ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult};
 
 /// Everything needed to talk to one bucket.
@@ -51,9 +53,6 @@ pub struct StoreConfig {
 /// A GET whose answer began but whose body did not arrive whole.
 struct BodyError(StoreError);
 
-/// The alignment of a piece's first byte.
-const PIECE_ALIGN: usize = 4096;
-
 /// A piece of a GET's body being filled, its first byte on a page boundary, so that the
 /// block cache can write it to disk directly (O_DIRECT) with no copy first.
 struct Piece {
@@ -63,8 +62,8 @@ struct Piece {
 
 impl Piece {
     fn with_capacity(cap: usize) -> Self {
-        let mut buf: Vec<u8> = Vec::with_capacity(cap + PIECE_ALIGN);
-        let start = buf.as_ptr().align_offset(PIECE_ALIGN).min(PIECE_ALIGN);
+        let mut buf: Vec<u8> = Vec::with_capacity(cap + DIRECT_ALIGN);
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
         buf.resize(start, 0);
         Piece { buf, start }
     }
