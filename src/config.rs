@@ -183,13 +183,15 @@ pub struct MountArgs {
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
 
-    /// How long file attributes and directory listings are trusted (e.g. 1s, 500ms, 0,
-    /// forever).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// How long file attributes and directory listings are trusted (e.g. 10s, 500ms, 0,
+    /// forever): a file changed or deleted on another host may be seen as it was for this
+    /// long, and a file added there may be missing from `ls` here for this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub metadata_ttl: Duration,
 
-    /// How long the absence of a name is trusted.
-    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    /// How long the absence of a name is trusted, whether a lookup found it missing or a
+    /// listing lacked it: a file added on another host can be opened here after this long.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub negative_ttl: Duration,
 
     /// Smallest multipart part size; larger files use larger parts (S3 allows 10 000).

@@ -6,8 +6,14 @@
 //! change to a key supersedes an older one still waiting, and changes to one key run one at
 //! a time in order, so the bucket always ends with the last state. Failed requests are
 //! retried with backoff for as long as it takes; nothing is dropped silently.
+//!
+//! Light changes wait a moment, so that fewer requests carry them: deletes are gathered into
+//! DeleteObjects requests of up to 1000 keys (`rm -rf` of a tree costs a few requests, not
+//! one per file), and a directory marker is not sent at all when a file under it is on its
+//! way (the file makes the directory), or when an `rmdir` supersedes it. Anyone waiting for a
+//! change (`fsync`, unmount) ends the wait at once.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +22,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::cache::{BlockCache, Change, Journal, Replay, StagedFile};
-use crate::store::{upload_file, ObjectStore, StoreError};
+use crate::store::{upload_file, ObjectStore, StoreError, MAX_DELETE_BATCH};
 
 /// What the queue says about a key while a change to it is pending.
 #[derive(Debug, Clone)]
@@ -58,6 +64,26 @@ struct Op {
     last_error: Option<StoreError>,
     /// When the change first failed, if it has.
     failing_since: Option<Instant>,
+    /// When the change was queued.
+    queued: Instant,
+    /// Someone waits for it: it goes without delay.
+    urgent: bool,
+}
+
+/// A directory marker waits this long before it is sent, for a file under it or an `rmdir`
+/// to make it unnecessary.
+const MARKER_DELAY: Duration = Duration::from_secs(3);
+/// Deletes are sent once none has been queued for this long...
+const DELETE_QUIET: Duration = Duration::from_millis(200);
+/// ...or once the oldest has waited this long.
+const DELETE_MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// What a worker does next.
+enum Next {
+    One(u64, Change, Option<Arc<StagedFile>>),
+    Deletes(Vec<(u64, Change)>),
+    /// Nothing to do before this instant (or until work comes, if None).
+    Wait(Option<Instant>),
 }
 
 /// How long `fsync` waits on a change that keeps failing before it reports the error.
@@ -72,6 +98,19 @@ struct State {
     in_flight: HashSet<String>,
     /// Bytes of uploads pending.
     dirty_bytes: u64,
+    /// Changes not started, deletes aside (they are gathered), in the order they came.
+    idle: BTreeSet<u64>,
+    /// Deletes not started, to be gathered into batches.
+    idle_deletes: BTreeSet<u64>,
+    /// Someone waits for a gathered delete: the batch goes now.
+    urgent_deletes: bool,
+    /// A batch of deletes failed because the store is down: no batch before then.
+    deletes_retry_at: Option<Instant>,
+    deletes_attempts: u32,
+    /// Unmounting: delayed changes go at once.
+    hurry: bool,
+    /// The store refused DeleteObjects: deletes go one key a request.
+    single_deletes: bool,
     closed: bool,
     landings: Landings,
 }
@@ -97,10 +136,15 @@ impl Default for Landings {
 }
 
 impl Landings {
-    fn record(&mut self, key: &str, now: Instant) {
+    /// Dates the landing of a change of `key`; a change that creates a key (an upload or a
+    /// marker) also dates every directory above it, whose listings may now lack a name.
+    fn record(&mut self, key: &str, creates: bool, now: Instant) {
         let mut k = key;
         loop {
             self.at.put(k.to_string(), now);
+            if !creates {
+                break;
+            }
             // The parent directory's prefix, with its slash.
             let Some(i) = k.trim_end_matches('/').rfind('/') else {
                 break;
@@ -224,8 +268,24 @@ impl WritebackQueue {
                 attempts: 0,
                 last_error: None,
                 failing_since: None,
+                queued: Instant::now(),
+                urgent: false,
             },
         );
+        Self::idle(s, seq);
+    }
+
+    /// Change `seq` waits to be started (again).
+    fn idle(s: &mut State, seq: u64) {
+        let Some(op) = s.ops.get_mut(&seq) else {
+            return;
+        };
+        op.started = false;
+        if matches!(op.change, Change::Delete { .. }) && !s.single_deletes {
+            s.idle_deletes.insert(seq);
+        } else {
+            s.idle.insert(seq);
+        }
     }
 
     fn wake(&self) {
@@ -247,7 +307,7 @@ impl WritebackQueue {
         self.journal.record(seq, &change)?;
         Self::insert_locked(&mut s, seq, change, file);
         drop(s);
-        self.wake();
+        self.work.notify_one();
         Ok(seq)
     }
 
@@ -368,6 +428,17 @@ impl WritebackQueue {
     /// is returned, and it stays queued and keeps being retried.
     pub async fn wait(&self, seq: u64) -> Result<(), WaitError> {
         let asked = tokio::time::Instant::now();
+        {
+            let mut s = self.state.lock();
+            if let Some(op) = s.ops.get_mut(&seq) {
+                op.urgent = true;
+                if matches!(op.change, Change::Delete { .. }) {
+                    s.urgent_deletes = true;
+                    s.deletes_retry_at = None;
+                }
+            }
+        }
+        self.wake();
         self.retry_now.notify_waiters();
         loop {
             let notified = self.progress.notified();
@@ -435,6 +506,8 @@ impl WritebackQueue {
     /// left. The workers stop taking new work afterwards.
     pub async fn drain(&self, timeout: Duration) -> usize {
         let deadline = Instant::now() + timeout;
+        self.state.lock().hurry = true;
+        self.wake();
         loop {
             let notified = self.progress.notified();
             let left = self.pending();
@@ -447,46 +520,156 @@ impl WritebackQueue {
         }
     }
 
-    /// Picks the oldest change whose key has nothing in flight; drops superseded ones.
-    fn next_op(&self) -> Option<(u64, Change, Option<Arc<StagedFile>>)> {
-        let mut superseded = Vec::new();
-        let picked = {
-            let mut s = self.state.lock();
+    /// Picks the oldest change whose key has nothing in flight and that need not wait, or a
+    /// batch of deletes that are due; drops superseded changes and markers a pending file
+    /// under them makes unnecessary.
+    fn next_op(&self) -> Next {
+        let mut finished = Vec::new();
+        let now = Instant::now();
+        let next = {
+            let mut guard = self.state.lock();
+            let s = &mut *guard;
+            let mut wake: Option<Instant> = None;
+            let mut later = |t: Instant| wake = Some(wake.map_or(t, |w: Instant| w.min(t)));
             let mut picked = None;
-            let seqs: Vec<u64> = s
-                .ops
-                .iter()
-                .filter(|(_, o)| !o.started)
-                .map(|(q, _)| *q)
-                .collect();
-            for seq in seqs {
-                let key = s.ops[&seq].change.key().to_string();
-                if s.latest.get(&key) != Some(&seq) {
-                    let op = s.ops.remove(&seq).expect("listed");
-                    if let Change::Upload { size, .. } = op.change {
-                        s.dirty_bytes -= size;
+            let mut dropped = Vec::new();
+            for &seq in &s.idle {
+                let op = &s.ops[&seq];
+                let key = op.change.key();
+                if s.latest.get(key) != Some(&seq) {
+                    dropped.push(seq);
+                    continue;
+                }
+                if s.in_flight.contains(key) {
+                    continue;
+                }
+                if let Change::Marker { .. } = op.change {
+                    if !op.urgent && !s.hurry && now < op.queued + MARKER_DELAY {
+                        later(op.queued + MARKER_DELAY);
+                        continue;
                     }
-                    superseded.push((seq, op.file));
-                    continue;
+                    if Self::made_by_file(s, key) {
+                        tracing::debug!(key, "a file under this directory makes its marker unnecessary");
+                        dropped.push(seq);
+                        continue;
+                    }
                 }
-                if s.in_flight.contains(&key) {
-                    continue;
-                }
-                s.in_flight.insert(key);
-                let op = s.ops.get_mut(&seq).expect("listed");
-                op.started = true;
-                picked = Some((seq, op.change.clone(), op.file.clone()));
+                picked = Some(seq);
                 break;
             }
-            picked
+            for seq in dropped {
+                s.idle.remove(&seq);
+                finished.push(Self::drop_op(s, seq));
+            }
+            let batch = self.due_deletes(s, now, picked, &mut later, &mut finished);
+            if !batch.is_empty() {
+                for (seq, change) in &batch {
+                    s.idle_deletes.remove(seq);
+                    s.in_flight.insert(change.key().to_string());
+                    s.ops.get_mut(seq).expect("idle").started = true;
+                }
+                s.urgent_deletes = false;
+                Next::Deletes(batch)
+            } else if let Some(seq) = picked {
+                s.idle.remove(&seq);
+                let op = s.ops.get_mut(&seq).expect("idle");
+                op.started = true;
+                s.in_flight.insert(op.change.key().to_string());
+                Next::One(seq, op.change.clone(), op.file.clone())
+            } else {
+                Next::Wait(wake)
+            }
         };
-        for (seq, file) in superseded {
+        for (seq, file) in finished {
             self.finish_record(seq, file.as_deref());
         }
-        if !self.state.lock().ops.is_empty() || picked.is_some() {
-            self.progress.notify_waiters();
+        self.progress.notify_waiters();
+        next
+    }
+
+    /// The deletes to send now in one batch, if they are due and older than the change
+    /// `picked` otherwise; else none, with the time they will be due passed to `later`.
+    fn due_deletes(
+        &self,
+        s: &mut State,
+        now: Instant,
+        picked: Option<u64>,
+        later: &mut impl FnMut(Instant),
+        finished: &mut Vec<(u64, Option<Arc<StagedFile>>)>,
+    ) -> Vec<(u64, Change)> {
+        let (Some(&first), Some(&last)) = (s.idle_deletes.first(), s.idle_deletes.last()) else {
+            return Vec::new();
+        };
+        if picked.is_some_and(|p| p < first) {
+            return Vec::new();
         }
-        picked
+        let hurry = s.hurry || s.urgent_deletes;
+        if let Some(t) = s.deletes_retry_at.filter(|t| *t > now && !hurry) {
+            later(t);
+            return Vec::new();
+        }
+        let (oldest, newest) = (s.ops[&first].queued, s.ops[&last].queued);
+        let due = hurry
+            || s.idle_deletes.len() >= MAX_DELETE_BATCH
+            || now >= newest + DELETE_QUIET
+            || now >= oldest + DELETE_MAX_WAIT;
+        if !due {
+            later((newest + DELETE_QUIET).min(oldest + DELETE_MAX_WAIT));
+            return Vec::new();
+        }
+        let mut batch = Vec::new();
+        let mut dropped = Vec::new();
+        for &seq in &s.idle_deletes {
+            let key = s.ops[&seq].change.key();
+            if s.latest.get(key) != Some(&seq) {
+                dropped.push(seq);
+            } else if !s.in_flight.contains(key) {
+                batch.push((seq, s.ops[&seq].change.clone()));
+                if batch.len() == MAX_DELETE_BATCH {
+                    break;
+                }
+            }
+        }
+        for seq in dropped {
+            s.idle_deletes.remove(&seq);
+            finished.push(Self::drop_op(s, seq));
+        }
+        batch
+    }
+
+    /// Whether a pending change under directory marker `key` makes the directory exist.
+    fn made_by_file(s: &State, key: &str) -> bool {
+        s.latest
+            .range::<str, _>((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(key))
+            .any(|(_, q)| {
+                s.ops
+                    .get(q)
+                    .is_some_and(|o| !matches!(o.change, Change::Delete { .. }))
+            })
+    }
+
+    /// Removes change `seq` from the queue without carrying it out (superseded, or made
+    /// unnecessary); returns what its journal record needs to be finished.
+    fn drop_op(s: &mut State, seq: u64) -> (u64, Option<Arc<StagedFile>>) {
+        let op = s.ops.remove(&seq).expect("queued");
+        if let Change::Upload { size, .. } = op.change {
+            s.dirty_bytes -= size;
+        }
+        if s.latest.get(op.change.key()) == Some(&seq) {
+            s.latest.remove(op.change.key());
+        }
+        (seq, op.file)
+    }
+
+    /// Another change succeeded, so the store answers again: gathered deletes that failed
+    /// need not wait out their backoff.
+    fn retry_gathered_now(&self) {
+        let mut s = self.state.lock();
+        if s.deletes_retry_at.take().is_some() {
+            drop(s);
+            self.wake();
+        }
     }
 
     fn finish_record(&self, seq: u64, file: Option<&StagedFile>) {
@@ -504,37 +687,136 @@ impl WritebackQueue {
             if self.state.lock().closed {
                 return;
             }
-            let Some((seq, change, file)) = self.next_op() else {
-                notified.await;
-                continue;
-            };
-            let etag = self.carry_out(seq, &change, file.as_deref()).await;
-            self.keep_uploaded(&change, etag, file.as_ref()).await;
-            {
-                let mut s = self.state.lock();
-                // Recorded with the change's removal, so that a lookup sees one or the other.
-                s.landings.record(change.key(), Instant::now());
-                s.in_flight.remove(change.key());
-                if let Some(op) = s.ops.remove(&seq) {
-                    if let Change::Upload { size, .. } = op.change {
-                        s.dirty_bytes -= size;
-                    }
+            match self.next_op() {
+                Next::One(seq, change, file) => {
+                    let etag = self.carry_out(seq, &change, file.as_deref()).await;
+                    self.keep_uploaded(&change, etag, file.as_ref()).await;
+                    self.landed(seq, &change, file);
                 }
-                if s.latest.get(change.key()) == Some(&seq) {
-                    s.latest.remove(change.key());
+                Next::Deletes(batch) => self.delete_batch(batch).await,
+                Next::Wait(Some(t)) => {
+                    let _ = tokio::time::timeout_at(t.into(), notified).await;
                 }
-                self.finish_record(seq, file.as_deref());
-                // Release the data before anyone can see the change gone.
-                drop(file);
-                if s.ops.is_empty() {
-                    // Nothing pending: the journal can start over.
-                    if let Err(e) = self.journal.reset() {
-                        tracing::warn!(error = %e, "cannot reset the journal");
-                    }
+                Next::Wait(None) => notified.await,
+            }
+        }
+    }
+
+    /// Change `seq` is in the bucket: it leaves the queue and the journal.
+    fn landed(&self, seq: u64, change: &Change, file: Option<Arc<StagedFile>>) {
+        {
+            let mut s = self.state.lock();
+            // Recorded with the change's removal, so that a lookup sees one or the other.
+            let creates = !matches!(change, Change::Delete { .. });
+            s.landings.record(change.key(), creates, Instant::now());
+            // A file that stays makes the directories above it: unless a newer change of the
+            // key (a delete) is on its way.
+            if creates && s.latest.get(change.key()) == Some(&seq) {
+                self.drop_markers_above(&mut s, change.key());
+            }
+            s.in_flight.remove(change.key());
+            if let Some(op) = s.ops.remove(&seq) {
+                if let Change::Upload { size, .. } = op.change {
+                    s.dirty_bytes -= size;
                 }
             }
-            self.progress.notify_waiters();
-            self.work.notify_waiters();
+            if s.latest.get(change.key()) == Some(&seq) {
+                s.latest.remove(change.key());
+            }
+            self.finish_record(seq, file.as_deref());
+            // Release the data before anyone can see the change gone.
+            drop(file);
+            if s.ops.is_empty() {
+                // Nothing pending: the journal can start over.
+                if let Err(e) = self.journal.reset() {
+                    tracing::warn!(error = %e, "cannot reset the journal");
+                }
+            }
+        }
+        self.progress.notify_waiters();
+        self.work.notify_waiters();
+    }
+
+    /// A key landed: markers of the directories above it that have not been sent are not
+    /// needed any more.
+    fn drop_markers_above(&self, s: &mut State, key: &str) {
+        let mut k = key;
+        while let Some(i) = k.trim_end_matches('/').rfind('/') {
+            k = &k[..=i];
+            let Some(&seq) = s.latest.get(k) else {
+                continue;
+            };
+            let waiting = s.ops.get(&seq).is_some_and(|o| {
+                !o.started && matches!(o.change, Change::Marker { .. })
+            });
+            if waiting {
+                s.idle.remove(&seq);
+                let (seq, file) = Self::drop_op(s, seq);
+                tracing::debug!(key = k, "a file under this directory landed; its marker is not needed");
+                self.finish_record(seq, file.as_deref());
+            }
+        }
+    }
+
+    /// Carries out gathered deletes with one DeleteObjects request. Keys the store could not
+    /// delete are carried out one by one, with retries; a store that is down has the batch
+    /// wait and try again; a store that refuses DeleteObjects gets one key a request from
+    /// then on.
+    async fn delete_batch(&self, batch: Vec<(u64, Change)>) {
+        let keys: Vec<String> = batch.iter().map(|(_, c)| c.key().to_string()).collect();
+        let started = Instant::now();
+        match self.store.delete_many(&keys).await {
+            Ok(refused) => {
+                self.state.lock().deletes_attempts = 0;
+                self.retry_now.notify_waiters();
+                tracing::debug!(
+                    keys = keys.len(),
+                    refused = refused.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "deletes carried out"
+                );
+                let refused: HashSet<String> = refused.into_iter().collect();
+                for (seq, change) in batch {
+                    if refused.contains(change.key()) {
+                        self.carry_out(seq, &change, None).await;
+                    }
+                    self.blocks.forget_key(change.key());
+                    self.landed(seq, &change, None);
+                }
+            }
+            Err(e) => {
+                let down = matches!(e, StoreError::Unreachable(_));
+                let mut guard = self.state.lock();
+                let s = &mut *guard;
+                if !down && !s.single_deletes {
+                    tracing::warn!(error = %e, "the store refused a DeleteObjects request; deleting one key per request from now on");
+                    s.single_deletes = true;
+                    let waiting = std::mem::take(&mut s.idle_deletes);
+                    s.idle.extend(waiting);
+                }
+                if down {
+                    s.deletes_attempts += 1;
+                    let backoff = Duration::from_millis(200)
+                        * 2u32.saturating_pow(s.deletes_attempts.min(8) - 1);
+                    s.deletes_retry_at = Some(Instant::now() + backoff.min(Duration::from_secs(30)));
+                }
+                for (seq, change) in &batch {
+                    s.in_flight.remove(change.key());
+                    if let Some(op) = s.ops.get_mut(seq) {
+                        op.attempts += 1;
+                        op.last_error = Some(e.clone());
+                        op.failing_since.get_or_insert_with(Instant::now);
+                    }
+                    Self::idle(s, *seq);
+                }
+                let attempts = s.deletes_attempts;
+                drop(guard);
+                if down && (attempts == 1 || attempts % 10 == 0) {
+                    tracing::warn!(keys = keys.len(), attempts, error = %e, "deletes could not be carried out; retrying");
+                }
+                self.progress.notify_waiters();
+                self.wake();
+            }
         }
     }
 
@@ -601,6 +883,7 @@ impl WritebackQueue {
             match result {
                 Ok(etag) => {
                     self.retry_now.notify_waiters();
+                    self.retry_gathered_now();
                     tracing::debug!(
                         key = change.key(),
                         seq,
@@ -692,7 +975,7 @@ mod tests {
     fn a_landing_dates_its_key_and_every_directory_above_it() {
         let mut l = Landings::default();
         let before = Instant::now();
-        l.record("pre/a/b/file", Instant::now());
+        l.record("pre/a/b/file", true, Instant::now());
         let after = Instant::now();
         for key in ["pre/a/b/file", "pre/a/b/", "pre/a/", "pre/"] {
             assert!(l.since(key, before), "{key}");
@@ -700,8 +983,13 @@ mod tests {
         }
         assert!(!l.since("pre/a/b/other", before));
         assert!(!l.since("pre/a/bb/", before));
-        l.record("pre/c/", Instant::now());
+        l.record("pre/c/", true, Instant::now());
         assert!(l.since("pre/c/", after) && l.since("pre/", after));
+        // A delete dates only its key: no listing can lack a name because of it.
+        let after_c = Instant::now();
+        l.record("pre/d/gone", false, Instant::now());
+        assert!(l.since("pre/d/gone", after_c));
+        assert!(!l.since("pre/d/", after_c) && !l.since("pre/", after_c));
     }
 
     #[test]
@@ -709,10 +997,10 @@ mod tests {
         let mut l = Landings::default();
         let start = Instant::now();
         for i in 0..LANDINGS_KEPT {
-            l.record(&format!("k{i}"), Instant::now());
+            l.record(&format!("k{i}"), true, Instant::now());
         }
         assert!(l.forgot_before.is_none());
-        l.record("one-more", Instant::now());
+        l.record("one-more", true, Instant::now());
         // k0 is forgotten: anything older than its landing may be out of date.
         assert!(l.since("k0", start));
         assert!(!l.since("k0", Instant::now()));
@@ -758,6 +1046,7 @@ mod tests {
             let (_mem, q, area, _) = setup(dir.path());
             q.upload("a/b", staged(&area, b"payload"), 7).unwrap();
             q.marker("a/").unwrap();
+            q.marker("c/").unwrap();
             // Not started: as if the process died here.
             assert!(q.lookup("a/b").is_some());
         }
@@ -770,6 +1059,8 @@ mod tests {
         let left = q.drain(Duration::from_secs(10)).await;
         assert_eq!(left, 0);
         assert_eq!(mem.object("a/b").unwrap().as_ref(), b"payload");
-        assert_eq!(mem.object("a/").unwrap().len(), 0);
+        // The file makes directory a; the empty directory c needs its marker.
+        assert_eq!(mem.object("a/"), None);
+        assert_eq!(mem.object("c/").unwrap().len(), 0);
     }
 }

@@ -323,7 +323,7 @@ fn helper_form_detaches_once_mounted_and_help_explains() {
         "--cache-dir",
         "--allow-other",
         "--metadata-ttl",
-        "[default: 1s]",
+        "[default: 10s]",
         "-o <OPTIONS>",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");

@@ -80,7 +80,7 @@ fn mkdir_and_rmdir_go_through_the_queue() {
         .collect();
     names.sort();
     assert_eq!(names, ["e"]);
-    assert_eq!(m.keys(""), vec![m.key("e/")]);
+    assert_eq!(m.keys(""), vec![m.key("e/")], "{}", m.log());
 }
 
 #[test]

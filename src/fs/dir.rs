@@ -1,18 +1,23 @@
-//! Directory handles and listing: one delimited LIST per page of entries, streamed to the
-//! kernel (a handle holds one page, however large the directory), merged with files that
-//! exist only locally so far, and recorded in the listing cache for the lookups that follow.
+//! Directory handles and listing. A directory whose complete listing is fresh is answered
+//! from it with no request. During a walk (the parent was just listed), a directory is listed
+//! with its whole subtree by flat LISTs (`subtree.rs`), so the directories below it are
+//! answered from memory too. Otherwise one delimited LIST per page of entries is streamed to
+//! the kernel (a handle holds one page, however large the directory). Entries are merged
+//! with files that exist only locally so far and with pending changes, and recorded in the
+//! listing cache for the lookups that follow.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 use super::error::{FsError, FsResult};
 use super::inode::{Kind, Remote};
 use super::listing::ListingId;
+use super::subtree::Subtree;
 use super::{names, BucketFs};
 use crate::writeback::Pending;
 
@@ -87,8 +92,12 @@ pub(super) struct DirHandles {
     next: AtomicU64,
 }
 
+/// A directory listed this recently makes a listing of one of its subdirectories part of a
+/// walk, which lists that subdirectory's whole subtree at once.
+const WALK_WINDOW: Duration = Duration::from_secs(60);
+
 /// Entries per LIST request.
-const PAGE: i32 = 1000;
+pub(super) const PAGE: i32 = 1000;
 
 /// An inode number for a listed name the kernel has not looked up: stable for the path,
 /// and never equal to one the inode table hands out (those count up from 1).
@@ -138,7 +147,7 @@ impl BucketFs {
         if !d.started || offset < d.base {
             let (ino, path) = (d.ino, std::mem::take(&mut d.path));
             *d = OpenDir::new(ino, path);
-            self.start_listing(&mut d);
+            self.start_listing(&mut d).await?;
         }
         let want = offset + max.max(1) as u64;
         d.consume_to(offset);
@@ -149,7 +158,7 @@ impl BucketFs {
         Ok(d.entries.iter().take(max).cloned().collect())
     }
 
-    fn start_listing(&self, d: &mut OpenDir) {
+    async fn start_listing(&self, d: &mut OpenDir) -> FsResult<()> {
         d.started = true;
         let parent = {
             let t = self.table.lock();
@@ -201,6 +210,71 @@ impl BucketFs {
                 push(d, name, ino, kind);
             }
         }
+        if let Some((names, at)) = self.listed(&d.path).await? {
+            self.push_found(d, names, at);
+            d.done = true;
+        }
+        Ok(())
+    }
+
+    /// The complete listing of `dir`, when it is fresh or a walk makes it worth fetching
+    /// with the directories below it; None when the directory is to be listed page by page.
+    async fn listed(&self, dir: &str) -> FsResult<Option<(Vec<(String, Remote)>, Instant)>> {
+        if let Some(found) = self.trusted_listing(dir) {
+            return Ok(Some(found));
+        }
+        if dir.is_empty() || self.opts.metadata_ttl.is_zero() {
+            return Ok(None);
+        }
+        // A walk: the parent was listed a moment ago, so its other subdirectories follow.
+        let (parent, _) = names::split(dir);
+        if !self.listing.listed_within(parent, WALK_WINDOW) {
+            return Ok(None);
+        }
+        if !self.list_subtree(dir).await? {
+            return Ok(None);
+        }
+        Ok(self.trusted_listing(dir))
+    }
+
+    /// The fresh complete listing of `dir`, unless a change this mount made under it
+    /// reached the bucket after the listing began (the listing may lack it).
+    fn trusted_listing(&self, dir: &str) -> Option<(Vec<(String, Remote)>, Instant)> {
+        let (names, at) = self.listing.complete(dir)?;
+        let prefix = self.keys.dir_prefix(dir);
+        (!self.writeback.landed_since(&[&prefix], at)).then_some((names, at))
+    }
+
+    /// Lists `dir` and everything below it with flat LISTs, recording the listing of every
+    /// directory whose keys have all been seen. Gives up (returning false) when the subtree
+    /// is larger than a share of the listing budget; the directories completed by then stay
+    /// recorded.
+    async fn list_subtree(&self, dir: &str) -> FsResult<bool> {
+        let prefix = self.keys.dir_prefix(dir);
+        let (id, began) = self.listing.begin();
+        let mut tree = Subtree::new(dir, &prefix, self.mount_time);
+        let mut token = None;
+        let mut keys = 0;
+        loop {
+            let page = self
+                .store
+                .list(&prefix, true, token, Some(PAGE))
+                .await
+                .map_err(|e| self.store_error("LIST", &prefix, e))?;
+            keys += page.objects.len();
+            tree.feed(&page.objects);
+            token = page.next_token;
+            if token.is_none() {
+                tree.finish();
+            }
+            self.record_subtree(&mut tree, &prefix, id, began);
+            if token.is_none() {
+                return Ok(true);
+            }
+            if keys >= super::LISTED_NAMES / 4 {
+                return Ok(false);
+            }
+        }
     }
 
     async fn next_page(&self, d: &mut OpenDir) -> FsResult<()> {
@@ -215,7 +289,10 @@ impl BucketFs {
         d.done = d.token.is_none();
         let mut found: Vec<(String, Remote)> = Vec::new();
         for o in &page.objects {
-            let name = &o.key[prefix.len()..];
+            let Some(name) = o.key.strip_prefix(prefix.as_str()) else {
+                self.warn_once(&o.key, "the store listed a key outside the directory asked for; it is skipped");
+                continue;
+            };
             if name.is_empty() {
                 continue; // the directory's own marker
             }
@@ -237,7 +314,13 @@ impl BucketFs {
             ));
         }
         for p in &page.prefixes {
-            let name = &p[prefix.len()..p.len() - 1];
+            let Some(name) = p
+                .strip_prefix(prefix.as_str())
+                .and_then(|n| n.strip_suffix('/'))
+            else {
+                self.warn_once(p, "the store listed a prefix outside the directory asked for; it is skipped");
+                continue;
+            };
             if !names::listable(name) {
                 self.warn_once(
                     p,
@@ -245,7 +328,7 @@ impl BucketFs {
                 );
                 continue;
             }
-            if d.deleted.contains(&p[prefix.len()..]) {
+            if d.deleted.contains(&format!("{name}/")) {
                 continue;
             }
             found.push((
@@ -267,20 +350,35 @@ impl BucketFs {
         if d.done {
             self.listing.finish(&d.path, id);
         }
+        self.push_found(d, found, began);
+        Ok(())
+    }
+
+    /// Hands the kernel what the bucket holds in the directory, seen at `seen`: names not
+    /// listed yet and not being deleted; attributes go to the inodes the kernel holds.
+    fn push_found(&self, d: &mut OpenDir, found: Vec<(String, Remote)>, seen: Instant) {
         let mut t = self.table.lock();
         for (name, remote) in found {
+            let deleted = match remote.kind {
+                Kind::File => d.deleted.contains(&name),
+                Kind::Dir => d.deleted.contains(&format!("{name}/")),
+            };
+            if deleted {
+                continue;
+            }
             let path = names::join(&d.path, &name);
             if !d.first_time(&name) {
+                // Listed already (a local or pending entry, or `a` before `a/`). When the
+                // bucket has a directory where the mount knew a file, the directory wins.
                 if remote.kind == Kind::Dir {
-                    // `a` and `a/...` both exist: the directory wins.
-                    self.warn_once(
-                        &path,
-                        "both a file and a directory have this name; showing the directory",
-                    );
                     if let Some(ino) = t.child(d.ino, &name) {
                         if t.get(ino)
                             .is_some_and(|i| i.kind == Kind::File && i.staged.is_none())
                         {
+                            self.warn_once(
+                                &path,
+                                "both a file and a directory have this name; showing the directory",
+                            );
                             t.detach(ino);
                         }
                     }
@@ -291,7 +389,7 @@ impl BucketFs {
                 Some(ino) => {
                     let i = t.get(ino).expect("live");
                     if i.staged.is_none() && i.kind == remote.kind {
-                        t.upsert_remote(d.ino, &name, path.clone(), &remote, began);
+                        t.upsert_remote(d.ino, &name, path.clone(), &remote, seen);
                     }
                     ino
                 }
@@ -299,7 +397,6 @@ impl BucketFs {
             };
             push(d, &name, ino, remote.kind);
         }
-        Ok(())
     }
 }
 

@@ -1,10 +1,12 @@
 //! What the bucket was last seen to hold, by directory, for the metadata TTL: the attributes
 //! of every name a LIST returned (so the lookups and stats after a `readdir` ask nothing),
-//! the knowledge that a directory listed to its end holds no other name (so a lookup of a
-//! missing name answers ENOENT without a request), and, for the negative TTL, single names
-//! a lookup found absent. Changes this mount makes are noted as they happen, so a listing
-//! never hides or resurrects them. Bounded by a total number of remembered names; whole
-//! directories are evicted least recently used.
+//! the complete list of names of a directory listed to its end (so `readdir` and `rmdir`
+//! ask nothing again), and, for the negative TTL, the knowledge that a name is absent: single
+//! names a lookup found absent, and names a complete listing lacks (absence from another
+//! host's point of view goes stale sooner than presence, so it is trusted for the shorter
+//! TTL). Changes this mount makes are noted as they happen, so a listing never hides or
+//! resurrects them. Bounded by a total number of remembered names; whole directories are
+//! evicted least recently used.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -65,6 +67,17 @@ struct Inner {
     entries: usize,
     absent: LruCache<String, Instant>,
     next_generation: u64,
+}
+
+/// What a listing says of a directory's contents.
+#[derive(Debug, Clone, Copy)]
+pub struct Contents {
+    /// It holds at least one name.
+    pub any: bool,
+    /// It was recorded to its end.
+    pub complete: bool,
+    /// When its first LIST was sent.
+    pub at: Instant,
 }
 
 /// A listing being recorded by one directory handle.
@@ -207,38 +220,23 @@ impl ListingCache {
         changed_since: impl Fn(Instant) -> bool,
     ) -> Answer {
         let mut inner = self.inner.lock();
-        let mut expired = false;
         if let Some(l) = inner.dirs.get(dir) {
             // A name this mount changed is as noted; another may have changed since the
-            // listing was made (the listing stays good for its neighbours).
+            // listing was made (the listing stays good for its neighbours). An expired
+            // listing answers nothing, but stays until the budget needs its room: it tells
+            // a walk that the directory was listed a moment ago.
             let believed = || l.pinned.iter().any(|p| **p == *name) || !changed_since(l.at);
-            if l.at.elapsed() >= self.ttl {
-                expired = true;
-            } else if believed() {
+            if l.at.elapsed() < self.ttl && believed() {
                 match l.names.get(name) {
-                    Some(Entry::Present {
-                        kind,
-                        size,
-                        mtime,
-                        etag,
-                    }) => {
-                        let remote = Remote {
-                            kind: *kind,
-                            size: *size,
-                            mtime: *mtime,
-                            etag: etag.as_deref().map(str::to_string),
-                        };
-                        return Answer::Present(remote, l.at);
+                    Some(e @ Entry::Present { .. }) => {
+                        return Answer::Present(e.remote().expect("present"), l.at);
                     }
                     Some(Entry::Removed) => return Answer::Absent,
-                    None if l.complete => return Answer::Absent,
+                    None if l.complete && l.at.elapsed() < self.negative_ttl => {
+                        return Answer::Absent
+                    }
                     None => {}
                 }
-            }
-        }
-        if expired {
-            if let Some(old) = inner.dirs.pop(dir) {
-                inner.entries -= old.names.len();
             }
         }
         match inner.absent.get(path) {
@@ -251,6 +249,57 @@ impl ListingCache {
         }
     }
 
+    /// The names directory `dir` holds, with their attributes, and when the listing began:
+    /// only from a fresh listing recorded to its end. Names this mount removed are left out.
+    pub fn complete(&self, dir: &str) -> Option<(Vec<(String, Remote)>, Instant)> {
+        let mut inner = self.inner.lock();
+        let l = inner.dirs.get(dir)?;
+        if !l.complete || l.at.elapsed() >= self.ttl {
+            return None;
+        }
+        let mut names: Vec<(String, Remote)> = l
+            .names
+            .iter()
+            .filter_map(|(name, e)| Some((name.to_string(), e.remote()?)))
+            .collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        Some((names, l.at))
+    }
+
+    /// What a fresh listing of `dir` says of its contents: whether it holds any name, whether
+    /// it is complete (so holding none means empty), and when it began.
+    pub fn contents(&self, dir: &str) -> Option<Contents> {
+        let inner = self.inner.lock();
+        let l = inner.dirs.peek(dir)?;
+        if l.at.elapsed() >= self.ttl || l.overflowed {
+            return None;
+        }
+        Some(Contents {
+            any: l
+                .names
+                .values()
+                .any(|e| matches!(e, Entry::Present { .. })),
+            complete: l.complete,
+            at: l.at,
+        })
+    }
+
+    /// Whether `dir` was listed (completely or not) within `window`, fresh or not, without
+    /// touching its place in the eviction order.
+    pub fn listed_within(&self, dir: &str, window: Duration) -> bool {
+        let inner = self.inner.lock();
+        inner
+            .dirs
+            .peek(dir)
+            .is_some_and(|l| l.at.elapsed() < window.max(self.ttl))
+    }
+
+    /// Records the whole listing of `dir`, made by a LIST begun at `at`.
+    pub fn record(&self, dir: &str, id: ListingId, at: Instant, names: Vec<(String, Remote)>) {
+        self.add_page(dir, id, at, names);
+        self.finish(dir, id);
+    }
+
     /// A lookup asked the bucket and found nothing at `path`.
     pub fn note_absent(&self, path: &str) {
         if !self.negative_ttl.is_zero() {
@@ -258,6 +307,32 @@ impl ListingCache {
                 .lock()
                 .absent
                 .put(path.to_string(), Instant::now());
+        }
+    }
+
+    /// A lookup asked the bucket about `name` in `dir` and found `remote` (None: nothing): a
+    /// fresh listing of `dir` takes the news, unless this mount changed the name itself.
+    pub fn saw(&self, dir: &str, name: &str, remote: Option<&Remote>) {
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        let Some(l) = inner.dirs.peek_mut(dir) else {
+            return;
+        };
+        if l.at.elapsed() >= self.ttl || l.overflowed || l.pinned.iter().any(|p| **p == *name) {
+            return;
+        }
+        match remote {
+            Some(r) => {
+                if l.names.insert(name.into(), Entry::from(r)).is_none() {
+                    inner.entries += 1;
+                    self.make_room(inner, dir);
+                }
+            }
+            None => {
+                if l.names.remove(name).is_some() {
+                    inner.entries -= 1;
+                }
+            }
         }
     }
 
@@ -311,6 +386,25 @@ impl ListingCache {
                     break;
                 }
             }
+        }
+    }
+}
+
+impl Entry {
+    fn remote(&self) -> Option<Remote> {
+        match self {
+            Entry::Present {
+                kind,
+                size,
+                mtime,
+                etag,
+            } => Some(Remote {
+                kind: *kind,
+                size: *size,
+                mtime: *mtime,
+                etag: etag.as_deref().map(str::to_string),
+            }),
+            Entry::Removed => None,
         }
     }
 }

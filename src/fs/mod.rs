@@ -8,6 +8,7 @@ mod file;
 mod inode;
 mod listing;
 pub mod names;
+mod subtree;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -51,8 +52,8 @@ impl Default for FsOptions {
             gid: 0,
             file_mode: 0o644,
             dir_mode: 0o755,
-            metadata_ttl: Duration::from_secs(1),
-            negative_ttl: Duration::from_millis(500),
+            metadata_ttl: Duration::from_secs(10),
+            negative_ttl: Duration::from_secs(2),
             write_through: false,
         }
     }
@@ -214,9 +215,10 @@ impl BucketFs {
         Ok(i.path.clone())
     }
 
-    /// What `path` is: the write-back queue's pending changes first, then the bucket: a
-    /// directory if any live key lies under `path/`, else a file if the key `path` exists.
-    /// Both requests go out at once.
+    /// What `path` is: the write-back queue's pending changes first, then the bucket. One
+    /// flat LIST of the key as a prefix answers both questions: the key itself is the file,
+    /// keys under `path/` make it a directory, and those keys (up to a page) fill the
+    /// listings of the directories under it, so a walk that goes on below costs nothing more.
     async fn resolve(&self, path: &str) -> FsResult<Option<Remote>> {
         let key = self.keys.file_key(path)?;
         let dir_prefix = self.keys.dir_prefix(path);
@@ -226,47 +228,117 @@ impl BucketFs {
         }
         let deleted: HashSet<String> = under.into_iter().map(|(k, _)| k).collect();
         let file_deleted = matches!(file_pending, Some(Pending::Delete));
-        let head = async {
-            if file_deleted {
-                Err(StoreError::NotFound)
-            } else {
-                self.store.head(&key).await
-            }
-        };
-        let (head, list) = tokio::join!(
-            head,
-            self.store.list(&dir_prefix, true, None, Some(DIR_PROBE))
-        );
-        for e in [head.as_ref().err(), list.as_ref().err()]
-            .into_iter()
-            .flatten()
-        {
-            if matches!(e, StoreError::Unreachable(_)) {
-                self.go_offline(e);
+        let (id, began) = self.listing.begin();
+        let page = match self.store.list(&key, true, None, Some(dir::PAGE)).await {
+            Err(e @ StoreError::Unreachable(_)) => {
+                self.go_offline(&e);
                 return Err(FsError::OFFLINE);
             }
+            other => other.map_err(|e| self.store_error("LIST", &key, e))?,
+        };
+        let file = page
+            .objects
+            .iter()
+            .find(|o| o.key == key && !file_deleted)
+            .cloned();
+        let below: Vec<&crate::store::ObjectMeta> = page
+            .objects
+            .iter()
+            .filter(|o| o.key.starts_with(&dir_prefix))
+            .collect();
+        // Keys are sorted: past the last key under `path/`, every directory below is whole.
+        let whole = page.next_token.is_none()
+            || page
+                .objects
+                .last()
+                .is_some_and(|o| o.key > dir_prefix && !o.key.starts_with(&dir_prefix));
+        let mut tree = subtree::Subtree::new(path, &dir_prefix, self.mount_time);
+        tree.feed(below.iter().copied());
+        if whole {
+            tree.finish();
         }
-        let list = list.map_err(|e| self.store_error("LIST", &dir_prefix, e))?;
-        // Keys being deleted do not make a directory, unless there may be more than we saw.
-        let is_dir = list.objects.iter().any(|o| !deleted.contains(&o.key))
-            || (list.next_token.is_some() && !list.objects.is_empty());
-        match head {
-            Ok(_) if is_dir => {
+        self.record_subtree(&mut tree, &dir_prefix, id, began);
+        let mut is_dir = below.iter().any(|o| !deleted.contains(&o.key));
+        let mut marker = below.first().filter(|o| o.key == dir_prefix).map(|o| o.last_modified);
+        if !is_dir && !whole {
+            if below.is_empty() {
+                // A page of keys that sort before `path/` (`path.jpg`, ...): ask about the
+                // directory alone.
+                let probe = self
+                    .store
+                    .list(&dir_prefix, true, None, Some(DIR_PROBE))
+                    .await
+                    .map_err(|e| self.store_error("LIST", &dir_prefix, e))?;
+                is_dir = probe.objects.iter().any(|o| !deleted.contains(&o.key))
+                    || (probe.next_token.is_some() && !probe.objects.is_empty());
+                marker = probe
+                    .objects
+                    .first()
+                    .filter(|o| o.key == dir_prefix)
+                    .map(|o| o.last_modified);
+            } else {
+                // Every key seen is being deleted, but more may follow.
+                is_dir = true;
+            }
+        }
+        let dir = Remote {
+            kind: Kind::Dir,
+            size: 0,
+            // A marker object's date is the directory's; an implied directory shows the mount's.
+            mtime: marker.unwrap_or(self.mount_time),
+            etag: None,
+        };
+        match file {
+            Some(_) if is_dir => {
                 self.warn_once(
                     &key,
                     "both a file and a directory have this name; showing the directory",
                 );
-                Ok(Some(self.dir_remote(&list)))
+                Ok(Some(dir))
             }
-            Ok(meta) => Ok(Some(Remote {
+            Some(meta) => Ok(Some(Remote {
                 kind: Kind::File,
                 size: meta.size,
                 mtime: meta.last_modified,
                 etag: meta.etag,
             })),
-            Err(StoreError::NotFound) if is_dir => Ok(Some(self.dir_remote(&list))),
-            Err(StoreError::NotFound) => Ok(None),
-            Err(e) => Err(self.store_error("HEAD", &key, e)),
+            None if is_dir => Ok(Some(dir)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records the listings a flat LIST of `prefix` completed, and logs the keys it could not
+    /// show. Names being deleted are left out, as a listing page by page leaves them out.
+    fn record_subtree(
+        &self,
+        tree: &mut subtree::Subtree,
+        prefix: &str,
+        id: listing::ListingId,
+        began: Instant,
+    ) {
+        for key in tree.take_skipped() {
+            self.warn_once(&key, "this key cannot be shown as a path and is skipped");
+        }
+        let complete = tree.take_complete();
+        if !tree.exists() || complete.is_empty() {
+            return;
+        }
+        let deleted: HashSet<String> = self
+            .writeback
+            .under(prefix)
+            .into_iter()
+            .filter(|(_, p)| matches!(p, Pending::Delete))
+            .map(|(k, _)| k)
+            .collect();
+        for (dir, mut names) in complete {
+            if !deleted.is_empty() {
+                let dir_prefix = self.keys.dir_prefix(&dir);
+                names.retain(|(name, r)| {
+                    let slash = if r.kind == Kind::Dir { "/" } else { "" };
+                    !deleted.contains(&format!("{dir_prefix}{name}{slash}"))
+                });
+            }
+            self.listing.record(&dir, id, began, names);
         }
     }
 
@@ -298,22 +370,6 @@ impl BucketFs {
             return (Some(r), file_pending, under);
         }
         (None, file_pending, under)
-    }
-
-    fn dir_remote(&self, list: &crate::store::ListPage) -> Remote {
-        // A marker object's date is the directory's; an implied directory shows the mount's.
-        let mtime = list
-            .objects
-            .first()
-            .filter(|o| o.key.ends_with('/'))
-            .map(|o| o.last_modified)
-            .unwrap_or(self.mount_time);
-        Remote {
-            kind: Kind::Dir,
-            size: 0,
-            mtime,
-            etag: None,
-        }
     }
 
     fn is_offline(&self) -> bool {
@@ -408,6 +464,8 @@ impl BucketFs {
             }
             other => other?,
         };
+        // What the bucket just said is newer than the listing of the directory.
+        self.listing.saw(&dir, name, remote.as_ref());
         let mut t = self.table.lock();
         // A local file created while the bucket was asked wins over the bucket's answer.
         if let Some(ino) = t.child(parent, name) {
@@ -659,11 +717,10 @@ impl BucketFs {
             }
             i.path.clone()
         };
-        let marker = self.keys.dir_prefix(&path);
-        if !self.dir_is_empty(&marker).await? {
+        if !self.dir_is_empty(&path).await? {
             return Err(FsError::NOTEMPTY);
         }
-        self.queue(self.writeback.delete(&marker))?;
+        self.queue(self.writeback.delete(&self.keys.dir_prefix(&path)))?;
         self.listing.forget_dir(&path);
         self.removed(parent, name, ino, &path).await
     }
@@ -681,17 +738,24 @@ impl BucketFs {
         self.keep_dir(parent).await
     }
 
-    /// Whether nothing but its own marker lies under directory prefix `marker`, counting
-    /// changes still in the write-back queue.
-    async fn dir_is_empty(&self, marker: &str) -> FsResult<bool> {
+    /// Whether nothing but its own marker lies under directory `path`, counting changes
+    /// still in the write-back queue: from a fresh complete listing when there is one (and
+    /// nothing this mount added under it landed since), else from the bucket.
+    async fn dir_is_empty(&self, path: &str) -> FsResult<bool> {
+        let marker = &self.keys.dir_prefix(path);
         let mut deleted = HashSet::new();
         for (key, p) in self.writeback.under(marker) {
             match p {
                 Pending::Delete => {
                     deleted.insert(key);
                 }
-                _ if key == marker => {}
+                _ if key == *marker => {}
                 _ => return Ok(false),
+            }
+        }
+        if let Some(c) = self.listing.contents(path) {
+            if c.complete && !self.writeback.landed_since(&[marker], c.at) {
+                return Ok(!c.any);
             }
         }
         let mut token = None;
@@ -704,7 +768,7 @@ impl BucketFs {
             if page
                 .objects
                 .iter()
-                .any(|o| o.key != marker && !deleted.contains(&o.key))
+                .any(|o| o.key != *marker && !deleted.contains(&o.key))
             {
                 return Ok(false);
             }
@@ -716,7 +780,8 @@ impl BucketFs {
     }
 
     /// After an entry went away, the directory it was in must stay (POSIX), though in the
-    /// bucket it may exist only by implication: it gets a marker, in the background.
+    /// bucket it may exist only by implication: it gets a marker, in the background, unless
+    /// its listing shows other names that keep it.
     async fn keep_dir(&self, dir: u64) -> FsResult<()> {
         let path = {
             let t = self.table.lock();
@@ -725,6 +790,9 @@ impl BucketFs {
                 _ => return Ok(()),
             }
         };
+        if self.listing.contents(&path).is_some_and(|c| c.any) {
+            return Ok(());
+        }
         self.queue(self.writeback.marker(&self.keys.dir_prefix(&path)))?;
         Ok(())
     }

@@ -241,6 +241,14 @@ impl ObjectStore for MemoryStore {
         self.objects.lock().remove(key);
         Ok(())
     }
+
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<Vec<String>> {
+        let mut objects = self.objects.lock();
+        for key in keys {
+            objects.remove(key);
+        }
+        Ok(Vec::new())
+    }
 }
 
 #[cfg(test)]

@@ -149,4 +149,10 @@ impl ObjectStore for MeteredStore {
         self.count("delete", &r);
         r
     }
+
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<Vec<String>> {
+        let r = self.inner.delete_many(keys).await;
+        self.count("delete_many", &r);
+        r
+    }
 }

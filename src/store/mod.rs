@@ -146,4 +146,11 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Delete an object; deleting a missing key succeeds.
     async fn delete(&self, key: &str) -> StoreResult<()>;
+
+    /// Delete up to `MAX_DELETE_BATCH` objects in one request (DeleteObjects); returns the
+    /// keys the store could not delete. Missing keys count as deleted.
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<Vec<String>>;
 }
+
+/// Most keys one DeleteObjects request carries.
+pub const MAX_DELETE_BATCH: usize = 1000;

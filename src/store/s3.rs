@@ -311,35 +311,6 @@ impl S3Store {
             .collect())
     }
 
-    pub async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<String>> {
-        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let objects = keys
-            .iter()
-            .map(|k| ObjectIdentifier::builder().key(k).build())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| StoreError::Other(e.to_string()))?;
-        let delete = Delete::builder()
-            .set_objects(Some(objects))
-            .quiet(true)
-            .build()
-            .map_err(|e| StoreError::Other(e.to_string()))?;
-        let r = self
-            .client
-            .delete_objects()
-            .bucket(&self.bucket)
-            .delete(delete)
-            .send()
-            .await
-            .map_err(|e| self.map_err("DeleteObjects", &keys[0], e))?;
-        Ok(r.errors()
-            .iter()
-            .filter_map(|e| e.key().map(str::to_string))
-            .collect())
-    }
-
     fn map_err<E>(
         &self,
         op: &str,
@@ -712,6 +683,35 @@ impl ObjectStore for S3Store {
                 other => Err(other),
             },
         }
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<Vec<String>> {
+        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let objects = keys
+            .iter()
+            .map(|k| ObjectIdentifier::builder().key(k).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        let delete = Delete::builder()
+            .set_objects(Some(objects))
+            .quiet(true)
+            .build()
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        let r = self
+            .client
+            .delete_objects()
+            .bucket(&self.bucket)
+            .delete(delete)
+            .send()
+            .await
+            .map_err(|e| self.map_err("DeleteObjects", &keys[0], e))?;
+        Ok(r.errors()
+            .iter()
+            .filter_map(|e| e.key().map(str::to_string))
+            .collect())
     }
 }
 

@@ -149,7 +149,7 @@ impl Bucket {
             for chunk in keys.chunks(1000) {
                 let refused = self
                     .store
-                    .delete_batch(chunk)
+                    .delete_many(chunk)
                     .await
                     .unwrap_or_else(|e| panic!("DeleteObjects: {e}"));
                 assert!(
