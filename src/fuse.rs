@@ -12,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite,
-    Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs,
+    ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
 
@@ -137,6 +137,10 @@ impl fuser::Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // O_TRUNC arrives with open, so truncating a file never downloads it first.
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        // Entries come with their attributes from the listing: no lookup per entry after
+        // a readdir. The kernel uses it when lookups follow a listing (`ls -l`, `find`).
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(KERNEL_READ_SIZE);
         if self.passthrough.enabled() {
@@ -404,6 +408,48 @@ impl fuser::Filesystem for FuseAdapter {
                         };
                         if reply.add(INodeNo(e.ino), e.next_offset, kind, &e.name) {
                             break;
+                        }
+                    }
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let ttl = self.ttl;
+        self.spawn("readdirplus", |fs| async move {
+            match fs.readdirplus(fh.0, offset, 512).await {
+                Ok(entries) => {
+                    let mut entries = entries.into_iter();
+                    for (e, a) in entries.by_ref() {
+                        let full = reply.add(
+                            INodeNo(a.ino),
+                            e.next_offset,
+                            &e.name,
+                            &ttl,
+                            &file_attr(&a),
+                            Generation(0),
+                        );
+                        if full {
+                            // Not sent: the kernel takes no reference for it.
+                            if e.name != "." && e.name != ".." {
+                                fs.forget(a.ino, 1);
+                            }
+                            break;
+                        }
+                    }
+                    for (e, a) in entries {
+                        if e.name != "." && e.name != ".." {
+                            fs.forget(a.ino, 1);
                         }
                     }
                     reply.ok()

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -112,56 +112,6 @@ struct State {
     /// The store refused DeleteObjects: deletes go one key a request.
     single_deletes: bool,
     closed: bool,
-    landings: Landings,
-}
-
-/// Most keys and directory prefixes whose last landing is remembered.
-const LANDINGS_KEPT: usize = 65_536;
-
-/// When changes last reached the bucket, by key and by every directory prefix above it, so
-/// that a listing made before a change landed is not believed about that name.
-struct Landings {
-    at: lru::LruCache<String, Instant>,
-    /// Landings before this instant may have been forgotten.
-    forgot_before: Option<Instant>,
-}
-
-impl Default for Landings {
-    fn default() -> Self {
-        Landings {
-            at: lru::LruCache::unbounded(),
-            forgot_before: None,
-        }
-    }
-}
-
-impl Landings {
-    /// Dates the landing of a change of `key`; a change that creates a key (an upload or a
-    /// marker) also dates every directory above it, whose listings may now lack a name.
-    fn record(&mut self, key: &str, creates: bool, now: Instant) {
-        let mut k = key;
-        loop {
-            self.at.put(k.to_string(), now);
-            if !creates {
-                break;
-            }
-            // The parent directory's prefix, with its slash.
-            let Some(i) = k.trim_end_matches('/').rfind('/') else {
-                break;
-            };
-            k = &k[..=i];
-        }
-        while self.at.len() > LANDINGS_KEPT {
-            if let Some((_, t)) = self.at.pop_lru() {
-                self.forgot_before = Some(self.forgot_before.map_or(t, |f| f.max(t)));
-            }
-        }
-    }
-
-    fn since(&self, key: &str, since: Instant) -> bool {
-        self.at.peek(key).is_some_and(|t| *t >= since)
-            || self.forgot_before.is_some_and(|f| since <= f)
-    }
 }
 
 /// Largest uploaded file whose content is kept in the block cache afterwards.
@@ -181,6 +131,16 @@ pub struct WritebackQueue {
     /// Changes waiting to retry go at once: another change succeeded (the store answers
     /// again), or someone waits for them (fsync).
     retry_now: Notify,
+    /// Told of every landing (the filesystem's namespace).
+    observer: Mutex<Option<Weak<dyn LandingObserver>>>,
+}
+
+/// Told of every change that reaches the bucket, before the change leaves the queue, so
+/// that whoever asks about a key sees it pending, landed, or both, never neither.
+pub trait LandingObserver: Send + Sync {
+    /// A change of `key` reached the bucket; `creates` when it made the key exist (an
+    /// upload or a marker), not when it deleted it.
+    fn landed(&self, key: &str, creates: bool);
 }
 
 /// A change `fsync` or a write-through `close` waits for failed; it stays queued.
@@ -208,6 +168,7 @@ impl WritebackQueue {
             work: Notify::new(),
             progress: Notify::new(),
             retry_now: Notify::new(),
+            observer: Mutex::new(None),
         });
         let mut restored = 0;
         for (seq, change) in replay.pending {
@@ -236,6 +197,11 @@ impl WritebackQueue {
         q
     }
 
+    /// Tells `observer` of every landing from now on.
+    pub fn observe(&self, observer: Weak<dyn LandingObserver>) {
+        *self.observer.lock() = Some(observer);
+    }
+
     /// Starts the workers on the current runtime.
     pub fn start(self: &Arc<Self>) {
         for _ in 0..self.opts.workers.max(1) {
@@ -246,19 +212,29 @@ impl WritebackQueue {
 
     fn insert(&self, seq: u64, change: Change, file: Option<Arc<StagedFile>>) {
         let mut s = self.state.lock();
-        Self::insert_locked(&mut s, seq, change, file);
+        let dropped = Self::insert_locked(&mut s, seq, change, file);
         drop(s);
+        if let Some((seq, file)) = dropped {
+            self.finish_record(seq, file.as_deref());
+        }
         self.wake();
     }
 
-    fn insert_locked(s: &mut State, seq: u64, change: Change, file: Option<Arc<StagedFile>>) {
+    /// Queues change `seq`. The newest change of a key decides its final state, whatever
+    /// order concurrent submissions reach this point in, so an older change of the key that
+    /// has not started is dropped at once: it must never outlive the newer one (after a
+    /// restart it would be the key's last). Returns the dropped change, whose journal record
+    /// the caller finishes.
+    fn insert_locked(
+        s: &mut State,
+        seq: u64,
+        change: Change,
+        file: Option<Arc<StagedFile>>,
+    ) -> Option<(u64, Option<Arc<StagedFile>>)> {
         if let Change::Upload { size, .. } = &change {
             s.dirty_bytes += size;
         }
-        // The newest change of a key decides its final state, whatever order concurrent
-        // submissions reach this point in.
-        let latest = s.latest.entry(change.key().to_string()).or_insert(seq);
-        *latest = (*latest).max(seq);
+        let key = change.key().to_string();
         s.ops.insert(
             seq,
             Op {
@@ -272,7 +248,17 @@ impl WritebackQueue {
                 urgent: false,
             },
         );
-        Self::idle(s, seq);
+        match s.latest.get(&key).copied() {
+            Some(newer) if newer > seq => Some(Self::drop_op(s, seq)),
+            older => {
+                s.latest.insert(key, seq);
+                Self::idle(s, seq);
+                let older = older.filter(|o| s.ops.get(o).is_some_and(|op| !op.started))?;
+                s.idle.remove(&older);
+                s.idle_deletes.remove(&older);
+                Some(Self::drop_op(s, older))
+            }
+        }
     }
 
     /// Change `seq` waits to be started (again).
@@ -305,8 +291,11 @@ impl WritebackQueue {
     fn commit(&self, seq: u64, change: Change, file: Option<Arc<StagedFile>>) -> io::Result<u64> {
         let mut s = self.state.lock();
         self.journal.record(seq, &change)?;
-        Self::insert_locked(&mut s, seq, change, file);
+        let dropped = Self::insert_locked(&mut s, seq, change, file);
         drop(s);
+        if let Some((seq, file)) = dropped {
+            self.finish_record(seq, file.as_deref());
+        }
         self.work.notify_one();
         Ok(seq)
     }
@@ -399,14 +388,6 @@ impl WritebackQueue {
             (Change::Delete { .. }, _) => Pending::Delete,
             _ => Pending::Marker,
         }
-    }
-
-    /// Whether a change to one of `keys` (object keys, or directory prefixes ending in `/`
-    /// for any key under them) reached the bucket at or after `since`, or may have: what the
-    /// bucket was seen to hold before then is out of date for them.
-    pub fn landed_since(&self, keys: &[&str], since: Instant) -> bool {
-        let s = self.state.lock();
-        keys.iter().any(|k| s.landings.since(k, since))
     }
 
     /// The newest pending change of `key`.
@@ -549,7 +530,10 @@ impl WritebackQueue {
                         continue;
                     }
                     if Self::made_by_file(s, key) {
-                        tracing::debug!(key, "a file under this directory makes its marker unnecessary");
+                        tracing::debug!(
+                            key,
+                            "a file under this directory makes its marker unnecessary"
+                        );
                         dropped.push(seq);
                         continue;
                     }
@@ -704,11 +688,14 @@ impl WritebackQueue {
 
     /// Change `seq` is in the bucket: it leaves the queue and the journal.
     fn landed(&self, seq: u64, change: &Change, file: Option<Arc<StagedFile>>) {
+        let creates = !matches!(change, Change::Delete { .. });
+        // Told before the change leaves the queue, so that a lookup sees one or the other.
+        let observer = self.observer.lock().as_ref().and_then(Weak::upgrade);
+        if let Some(o) = observer {
+            o.landed(change.key(), creates);
+        }
         {
             let mut s = self.state.lock();
-            // Recorded with the change's removal, so that a lookup sees one or the other.
-            let creates = !matches!(change, Change::Delete { .. });
-            s.landings.record(change.key(), creates, Instant::now());
             // A file that stays makes the directories above it: unless a newer change of the
             // key (a delete) is on its way.
             if creates && s.latest.get(change.key()) == Some(&seq) {
@@ -746,13 +733,17 @@ impl WritebackQueue {
             let Some(&seq) = s.latest.get(k) else {
                 continue;
             };
-            let waiting = s.ops.get(&seq).is_some_and(|o| {
-                !o.started && matches!(o.change, Change::Marker { .. })
-            });
+            let waiting = s
+                .ops
+                .get(&seq)
+                .is_some_and(|o| !o.started && matches!(o.change, Change::Marker { .. }));
             if waiting {
                 s.idle.remove(&seq);
                 let (seq, file) = Self::drop_op(s, seq);
-                tracing::debug!(key = k, "a file under this directory landed; its marker is not needed");
+                tracing::debug!(
+                    key = k,
+                    "a file under this directory landed; its marker is not needed"
+                );
                 self.finish_record(seq, file.as_deref());
             }
         }
@@ -798,7 +789,8 @@ impl WritebackQueue {
                     s.deletes_attempts += 1;
                     let backoff = Duration::from_millis(200)
                         * 2u32.saturating_pow(s.deletes_attempts.min(8) - 1);
-                    s.deletes_retry_at = Some(Instant::now() + backoff.min(Duration::from_secs(30)));
+                    s.deletes_retry_at =
+                        Some(Instant::now() + backoff.min(Duration::from_secs(30)));
                 }
                 for (seq, change) in &batch {
                     s.in_flight.remove(change.key());
@@ -971,41 +963,6 @@ mod tests {
         Arc::new(f)
     }
 
-    #[test]
-    fn a_landing_dates_its_key_and_every_directory_above_it() {
-        let mut l = Landings::default();
-        let before = Instant::now();
-        l.record("pre/a/b/file", true, Instant::now());
-        let after = Instant::now();
-        for key in ["pre/a/b/file", "pre/a/b/", "pre/a/", "pre/"] {
-            assert!(l.since(key, before), "{key}");
-            assert!(!l.since(key, after), "{key}");
-        }
-        assert!(!l.since("pre/a/b/other", before));
-        assert!(!l.since("pre/a/bb/", before));
-        l.record("pre/c/", true, Instant::now());
-        assert!(l.since("pre/c/", after) && l.since("pre/", after));
-        // A delete dates only its key: no listing can lack a name because of it.
-        let after_c = Instant::now();
-        l.record("pre/d/gone", false, Instant::now());
-        assert!(l.since("pre/d/gone", after_c));
-        assert!(!l.since("pre/d/", after_c) && !l.since("pre/", after_c));
-    }
-
-    #[test]
-    fn forgotten_landings_make_older_listings_doubtful() {
-        let mut l = Landings::default();
-        let start = Instant::now();
-        for i in 0..LANDINGS_KEPT {
-            l.record(&format!("k{i}"), true, Instant::now());
-        }
-        assert!(l.forgot_before.is_none());
-        l.record("one-more", true, Instant::now());
-        // k0 is forgotten: anything older than its landing may be out of date.
-        assert!(l.since("k0", start));
-        assert!(!l.since("k0", Instant::now()));
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_last_change_of_a_key_wins() {
         let dir = tempfile::tempdir().unwrap();
@@ -1037,6 +994,29 @@ mod tests {
         };
         assert_eq!(blocks.get(&id, 4).unwrap().as_ref(), b"kept");
         assert_eq!(blocks.known_etag("k"), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_older_change_never_outlives_a_newer_one_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mem, q, area, _) = setup(dir.path());
+            // The delete waits to be gathered; the upload that supersedes it goes at once.
+            q.delete("k").unwrap();
+            q.upload("k", staged(&area, b"new"), 3).unwrap();
+            q.start();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while mem.object("k").is_none() {
+                assert!(Instant::now() < deadline, "the upload did not land");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // Dropped here with nothing drained, as if the process died.
+        }
+        let (_mem, q, _area, _) = setup(dir.path());
+        assert!(
+            q.lookup("k").is_none(),
+            "a change older than the last one came back after a restart"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

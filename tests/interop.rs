@@ -88,11 +88,7 @@ fn objects_put_directly_appear_as_files_and_directories() {
     // Unpathable keys are skipped, not fatal: their valid neighbours still show.
     assert_eq!(names(&m.path("bad")), Vec::<String>::new());
     assert_eq!(names(&m.path("dots")), Vec::<String>::new());
-    assert!(
-        m.log().contains("cannot be shown as a"),
-        "{}",
-        m.log()
-    );
+    assert!(m.log().contains("cannot be shown as a"), "{}", m.log());
 }
 
 #[test]
@@ -122,7 +118,11 @@ fn files_written_through_the_mount_are_plain_objects() {
         m.object("local_content/AB/CD/efghijklmnopqrstuvwx"),
         Some(data)
     );
-    assert_eq!(m.object("empty/inner/"), Some(Vec::new()), "markers are empty");
+    assert_eq!(
+        m.object("empty/inner/"),
+        Some(Vec::new()),
+        "markers are empty"
+    );
 }
 
 #[test]

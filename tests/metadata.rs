@@ -44,7 +44,19 @@ fn ls_l_of_2000_files_costs_a_few_lists_and_no_head() {
     assert!(dir.is_dir());
 
     let (lists, heads) = (m.requests("list"), m.requests("head"));
+    let fuse_ops = |op: &str| m.metric(&format!("s3mediafs_fuse_op_seconds_count{{op=\"{op}\""));
+    let (lookups, plus) = (fuse_ops("lookup"), fuse_ops("readdirplus"));
     let text = run(Command::new("ls").arg("-l").arg(&dir));
+    // Entries came with their attributes (readdirplus): no lookup per entry either.
+    assert!(
+        fuse_ops("readdirplus") > plus,
+        "ls -l was not answered with readdirplus"
+    );
+    let per_entry = fuse_ops("lookup") - lookups;
+    assert!(
+        per_entry < 20,
+        "ls -l of 2000 files made {per_entry} lookups"
+    );
     let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("total")).collect();
     assert_eq!(lines.len(), 2000, "{text}");
     assert!(
@@ -149,15 +161,7 @@ fn walking_a_2000_file_tree_costs_a_few_lists_and_rm_rf_a_few_batches() {
     let keys: Vec<String> = rel.iter().map(|k| m.key(k)).collect();
     bucket.put_many(&keys, b"media!");
     let count = |m: &TestMount| {
-        [
-            "list",
-            "head",
-            "get",
-            "put",
-            "delete",
-            "delete_many",
-        ]
-        .map(|op| m.requests(op))
+        ["list", "head", "get", "put", "delete", "delete_many"].map(|op| m.requests(op))
     };
     let spent = |before: [u64; 6], m: &TestMount| {
         let now = count(m);
@@ -172,7 +176,10 @@ fn walking_a_2000_file_tree_costs_a_few_lists_and_rm_rf_a_few_batches() {
     let found = run(Command::new("find").arg(&m.mnt).arg("-type").arg("f"));
     assert_eq!(found.lines().count(), 2000);
     let [list, head, ..] = spent(before, &m);
-    eprintln!("find over {} directories: {list} LIST, {head} HEAD", dirs_of(&rel));
+    eprintln!(
+        "find over {} directories: {list} LIST, {head} HEAD",
+        dirs_of(&rel)
+    );
     assert!(list <= 5, "find of 2000 files sent {list} LIST requests");
     assert_eq!(head, 0, "find sent HEAD requests");
 
@@ -183,27 +190,49 @@ fn walking_a_2000_file_tree_costs_a_few_lists_and_rm_rf_a_few_batches() {
     for k in &rel {
         assert_eq!(fs::metadata(m.path(k)).unwrap().len(), 6, "{k}");
     }
-    assert_eq!(spent(before, &m), [0; 6], "find again and stat asked the bucket");
+    assert_eq!(
+        spent(before, &m),
+        [0; 6],
+        "find again and stat asked the bucket"
+    );
 
     // A cold open and read of a file whose directory is known: one GET, nothing else.
     let before = count(&m);
     assert_eq!(fs::read(m.path(&rel[7])).unwrap(), b"media!");
-    assert_eq!(spent(before, &m), [0, 0, 1, 0, 0, 0], "requests for one cold read");
+    assert_eq!(
+        spent(before, &m),
+        [0, 0, 1, 0, 0, 0],
+        "requests for one cold read"
+    );
 
     let before = count(&m);
     let started = Instant::now();
-    run(Command::new("rm").arg("-rf").arg(m.path("local_content")).arg(m.path("local_thumbnails")));
+    run(Command::new("rm")
+        .arg("-rf")
+        .arg(m.path("local_content"))
+        .arg(m.path("local_thumbnails")));
     let rm_took = started.elapsed();
     m.sync();
     let [list, head, get, put, delete, delete_many] = spent(before, &m);
     eprintln!(
         "rm -rf of 2000 files took {rm_took:?}: {delete_many} DeleteObjects, {delete} DELETE, {put} PUT, {list} LIST, {head} HEAD, {get} GET"
     );
-    assert!(delete_many <= 5, "rm -rf of 2000 files sent {delete_many} DeleteObjects requests");
-    assert_eq!((delete, put, head, get), (0, 0, 0, 0), "rm -rf sent single requests");
+    assert!(
+        delete_many <= 5,
+        "rm -rf of 2000 files sent {delete_many} DeleteObjects requests"
+    );
+    assert_eq!(
+        (delete, put, head, get),
+        (0, 0, 0, 0),
+        "rm -rf sent single requests"
+    );
     // Listings that expired while rm ran are fetched again, a subtree at a time.
     assert!(list <= 40, "rm -rf sent {list} LIST requests");
-    assert_eq!(bucket.keys(&m.prefix), Vec::<String>::new(), "keys left after rm -rf");
+    assert_eq!(
+        bucket.keys(&m.prefix),
+        Vec::<String>::new(),
+        "keys left after rm -rf"
+    );
     assert_eq!(names_in(&m.mnt), Vec::<String>::new());
 }
 

@@ -556,6 +556,81 @@ fn run(ops: Vec<Op>, ttl: Duration) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Reads every name of directory `ino` through a handle, a few entries at a time.
+fn list_names(rt: &tokio::runtime::Runtime, fs: &BucketFs, ino: u64) -> Vec<String> {
+    rt.block_on(async {
+        let fh = fs.opendir(ino).unwrap();
+        let mut names = Vec::new();
+        let mut offset = 0;
+        loop {
+            let batch = fs.readdir(fh, offset, 3).await.unwrap();
+            let Some(last) = batch.last() else { break };
+            offset = last.next_offset;
+            names.extend(batch.into_iter().map(|d| d.name));
+        }
+        fs.releasedir(fh);
+        names
+    })
+}
+
+/// A store that answers LISTs with keys outside the prefix asked for, `a` and `a/` both, and
+/// names that cannot be paths: the mount never panics, shows no name twice, and shows only
+/// what lies under its prefix.
+#[test]
+fn a_hostile_listing_never_panics_or_shows_a_name_twice() {
+    let store = Arc::new(MemoryStore::new());
+    let cache = tempfile::tempdir().unwrap();
+    let rt0 = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt0.block_on(async {
+        for k in [
+            "pre/a",
+            "pre/a/x",
+            "pre/b/1",
+            "pre/b//2",
+            "pre/c/../d",
+            "pre/e",
+            "other/z",
+        ] {
+            store.put(k, bytes::Bytes::from_static(b"v")).await.unwrap();
+        }
+    });
+    store.list_strays(&["", "p", "pr", "pre", "other/", "zzz/q", "pre/\u{0}"]);
+    for ttl in [Duration::ZERO, Duration::from_secs(60)] {
+        let (fs, _queue, rt) = instance(&store, cache.path(), ttl);
+        let root = list_names(&rt, &fs, ROOT);
+        let mut unique = root.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), root.len(), "a name listed twice: {root:?}");
+        for name in [".", "..", "a", "b", "c", "e"] {
+            assert!(
+                root.contains(&name.to_string()),
+                "{name} missing from {root:?}"
+            );
+        }
+        assert_eq!(root.len(), 6, "names outside the prefix listed: {root:?}");
+        for dir in ["a", "b", "c"] {
+            let a = rt.block_on(fs.lookup(ROOT, OsStr::new(dir))).unwrap();
+            assert_eq!(a.kind, Kind::Dir, "{dir}");
+            let names = list_names(&rt, &fs, a.ino);
+            let mut unique = names.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(
+                unique.len(),
+                names.len(),
+                "a name listed twice in {dir}: {names:?}"
+            );
+        }
+        let b = rt.block_on(fs.lookup(ROOT, OsStr::new("b"))).unwrap();
+        assert_eq!(list_names(&rt, &fs, b.ino), [".", "..", "1"]);
+        assert!(rt.block_on(fs.lookup(ROOT, OsStr::new("other"))).is_err());
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
 

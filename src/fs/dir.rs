@@ -10,15 +10,14 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 
 use super::error::{FsError, FsResult};
 use super::inode::{Kind, Remote};
 use super::listing::ListingId;
-use super::subtree::Subtree;
-use super::{names, BucketFs};
+use super::{names, Attr, BucketFs};
 use crate::writeback::Pending;
 
 /// One entry of a directory listing.
@@ -29,6 +28,9 @@ pub struct DirEntry {
     pub next_offset: u64,
     pub kind: Kind,
     pub name: String,
+    /// What the listing said of the entry, and when: an entry from a local or pending
+    /// change has none (the namespace answers for it).
+    pub(crate) listed: Option<(Remote, Instant)>,
 }
 
 struct OpenDir {
@@ -92,10 +94,6 @@ pub(super) struct DirHandles {
     next: AtomicU64,
 }
 
-/// A directory listed this recently makes a listing of one of its subdirectories part of a
-/// walk, which lists that subdirectory's whole subtree at once.
-const WALK_WINDOW: Duration = Duration::from_secs(60);
-
 /// Entries per LIST request.
 pub(super) const PAGE: i32 = 1000;
 
@@ -109,7 +107,7 @@ fn listing_ino(path: &str) -> u64 {
 
 impl BucketFs {
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
-        let path = self.dir_path(ino)?;
+        let path = self.ns.dir_path(ino)?;
         let fh = self.dirs.next.fetch_add(1, Ordering::Relaxed) + 1;
         let dir = OpenDir::new(ino, path);
         self.dirs
@@ -121,7 +119,7 @@ impl BucketFs {
 
     /// `fsync` on a directory: returns once every change made under it is in the bucket.
     pub async fn fsyncdir(&self, ino: u64) -> FsResult<()> {
-        let prefix = self.keys.dir_prefix(&self.dir_path(ino)?);
+        let prefix = self.ns.keys.dir_prefix(&self.ns.dir_path(ino)?);
         self.writeback.settle_under(&prefix).await.map_err(|e| {
             tracing::warn!(prefix, error = %e.0, "changes under this directory are not in the bucket yet; they stay queued");
             FsError::from(e.0)
@@ -136,6 +134,52 @@ impl BucketFs {
     /// An empty result means the end of the directory. Going back to a position already
     /// consumed (`rewinddir`) lists the directory again.
     pub async fn readdir(&self, fh: u64, offset: u64, max: usize) -> FsResult<Vec<DirEntry>> {
+        Ok(self.entries(fh, offset, max).await?.1)
+    }
+
+    /// Entries from position `offset` on with their attributes, each holding a kernel
+    /// reference as a lookup would (`.` and `..` aside: the kernel takes none for them).
+    /// Attributes come from the listing, so `ls -l`, `find` and `du` after a listing ask
+    /// nothing more, however many entries. An entry that went away meanwhile is left out.
+    pub async fn readdirplus(
+        &self,
+        fh: u64,
+        offset: u64,
+        max: usize,
+    ) -> FsResult<Vec<(DirEntry, Attr)>> {
+        let (dir, entries) = self.entries(fh, offset, max).await?;
+        let mut out = Vec::with_capacity(entries.len());
+        for mut e in entries {
+            let attr = if e.name == "." || e.name == ".." {
+                match self.attr(e.ino) {
+                    Ok(a) => a,
+                    Err(_) => self.attr(dir)?,
+                }
+            } else if let Some((remote, seen)) = &e.listed {
+                let ino = {
+                    let mut t = self.ns.table.lock();
+                    let Some(dir_path) = t.get(dir).map(|i| i.path.clone()) else {
+                        return Err(FsError::NOENT);
+                    };
+                    let path = names::join(&dir_path, &e.name);
+                    t.upsert_remote(dir, &e.name, path, remote, *seen)
+                };
+                self.remember(ino)?
+            } else {
+                match self.lookup(dir, std::ffi::OsStr::new(&e.name)).await {
+                    Ok(a) => a,
+                    Err(FsError::NOENT) => continue,
+                    Err(err) => return Err(err),
+                }
+            };
+            e.ino = attr.ino;
+            out.push((e, attr));
+        }
+        Ok(out)
+    }
+
+    /// The directory a handle lists, and its entries from position `offset` on.
+    async fn entries(&self, fh: u64, offset: u64, max: usize) -> FsResult<(u64, Vec<DirEntry>)> {
         let dir = self
             .dirs
             .map
@@ -155,26 +199,26 @@ impl BucketFs {
             self.next_page(&mut d).await?;
             d.consume_to(offset);
         }
-        Ok(d.entries.iter().take(max).cloned().collect())
+        Ok((d.ino, d.entries.iter().take(max).cloned().collect()))
     }
 
     async fn start_listing(&self, d: &mut OpenDir) -> FsResult<()> {
         d.started = true;
         let parent = {
-            let t = self.table.lock();
+            let t = self.ns.table.lock();
             t.get(d.ino).map(|i| i.parent).unwrap_or(d.ino)
         };
         push(d, ".", d.ino, Kind::Dir);
         push(d, "..", parent, Kind::Dir);
         // Files created here and not committed yet are listed though the bucket lacks them.
-        let local = self.table.lock().local_children(d.ino);
+        let local = self.ns.table.lock().local_children(d.ino);
         for (name, ino, kind) in local {
             if d.first_time(&name) {
                 push(d, &name, ino, kind);
             }
         }
         // So are changes still waiting in the write-back queue; deletions hide names.
-        let prefix = self.keys.dir_prefix(&d.path);
+        let prefix = self.ns.keys.dir_prefix(&d.path);
         let mut pending = self.writeback.under(&prefix);
         pending.sort_by(|a, b| a.0.cmp(&b.0));
         for (key, p) in pending {
@@ -203,6 +247,7 @@ impl BucketFs {
             if d.first_time(name) {
                 let path = names::join(&d.path, name);
                 let ino = self
+                    .ns
                     .table
                     .lock()
                     .child(d.ino, name)
@@ -210,94 +255,38 @@ impl BucketFs {
                 push(d, name, ino, kind);
             }
         }
-        if let Some((names, at)) = self.listed(&d.path).await? {
+        if let Some((names, at)) = self.ns.listed(&d.path).await? {
             self.push_found(d, names, at);
             d.done = true;
         }
         Ok(())
     }
 
-    /// The complete listing of `dir`, when it is fresh or a walk makes it worth fetching
-    /// with the directories below it; None when the directory is to be listed page by page.
-    async fn listed(&self, dir: &str) -> FsResult<Option<(Vec<(String, Remote)>, Instant)>> {
-        if let Some(found) = self.trusted_listing(dir) {
-            return Ok(Some(found));
-        }
-        if dir.is_empty() || self.opts.metadata_ttl.is_zero() {
-            return Ok(None);
-        }
-        // A walk: the parent was listed a moment ago, so its other subdirectories follow.
-        let (parent, _) = names::split(dir);
-        if !self.listing.listed_within(parent, WALK_WINDOW) {
-            return Ok(None);
-        }
-        if !self.list_subtree(dir).await? {
-            return Ok(None);
-        }
-        Ok(self.trusted_listing(dir))
-    }
-
-    /// The fresh complete listing of `dir`, unless a change this mount made under it
-    /// reached the bucket after the listing began (the listing may lack it).
-    fn trusted_listing(&self, dir: &str) -> Option<(Vec<(String, Remote)>, Instant)> {
-        let (names, at) = self.listing.complete(dir)?;
-        let prefix = self.keys.dir_prefix(dir);
-        (!self.writeback.landed_since(&[&prefix], at)).then_some((names, at))
-    }
-
-    /// Lists `dir` and everything below it with flat LISTs, recording the listing of every
-    /// directory whose keys have all been seen. Gives up (returning false) when the subtree
-    /// is larger than a share of the listing budget; the directories completed by then stay
-    /// recorded.
-    async fn list_subtree(&self, dir: &str) -> FsResult<bool> {
-        let prefix = self.keys.dir_prefix(dir);
-        let (id, began) = self.listing.begin();
-        let mut tree = Subtree::new(dir, &prefix, self.mount_time);
-        let mut token = None;
-        let mut keys = 0;
-        loop {
-            let page = self
-                .store
-                .list(&prefix, true, token, Some(PAGE))
-                .await
-                .map_err(|e| self.store_error("LIST", &prefix, e))?;
-            keys += page.objects.len();
-            tree.feed(&page.objects);
-            token = page.next_token;
-            if token.is_none() {
-                tree.finish();
-            }
-            self.record_subtree(&mut tree, &prefix, id, began);
-            if token.is_none() {
-                return Ok(true);
-            }
-            if keys >= super::LISTED_NAMES / 4 {
-                return Ok(false);
-            }
-        }
-    }
-
     async fn next_page(&self, d: &mut OpenDir) -> FsResult<()> {
-        let prefix = self.keys.dir_prefix(&d.path);
-        let (id, began) = *d.recording.get_or_insert_with(|| self.listing.begin());
+        let prefix = self.ns.keys.dir_prefix(&d.path);
+        let (id, began) = *d.recording.get_or_insert_with(|| self.ns.listing.begin());
         let page = self
             .store
             .list(&prefix, false, d.token.take(), Some(PAGE))
             .await
-            .map_err(|e| self.store_error("LIST", &prefix, e))?;
+            .map_err(|e| self.ns.store_error("LIST", &prefix, e))?;
         d.token = page.next_token.clone();
         d.done = d.token.is_none();
         let mut found: Vec<(String, Remote)> = Vec::new();
         for o in &page.objects {
             let Some(name) = o.key.strip_prefix(prefix.as_str()) else {
-                self.warn_once(&o.key, "the store listed a key outside the directory asked for; it is skipped");
+                self.ns.warn_once(
+                    &o.key,
+                    "the store listed a key outside the directory asked for; it is skipped",
+                );
                 continue;
             };
             if name.is_empty() {
                 continue; // the directory's own marker
             }
             if !names::listable(name) {
-                self.warn_once(&o.key, "this key cannot be shown as a path and is skipped");
+                self.ns
+                    .warn_once(&o.key, "this key cannot be shown as a path and is skipped");
                 continue;
             }
             if d.deleted.contains(name) {
@@ -318,11 +307,14 @@ impl BucketFs {
                 .strip_prefix(prefix.as_str())
                 .and_then(|n| n.strip_suffix('/'))
             else {
-                self.warn_once(p, "the store listed a prefix outside the directory asked for; it is skipped");
+                self.ns.warn_once(
+                    p,
+                    "the store listed a prefix outside the directory asked for; it is skipped",
+                );
                 continue;
             };
             if !names::listable(name) {
-                self.warn_once(
+                self.ns.warn_once(
                     p,
                     "this key prefix cannot be shown as a directory and is skipped",
                 );
@@ -336,19 +328,31 @@ impl BucketFs {
                 Remote {
                     kind: Kind::Dir,
                     size: 0,
-                    mtime: self.mount_time,
+                    mtime: self.ns.mount_time,
                     etag: None,
                 },
             ));
         }
-        // Objects and prefixes come in two sorted runs: merge them so `a` and `a/` meet.
+        // Objects and prefixes come in two sorted runs: merge them so `a` and `a/` meet, and
+        // keep the directory of the two.
         found.sort_by(|a, b| {
             a.0.cmp(&b.0)
-                .then((a.1.kind == Kind::Dir).cmp(&(b.1.kind == Kind::Dir)))
+                .then((a.1.kind == Kind::File).cmp(&(b.1.kind == Kind::File)))
         });
-        self.listing.add_page(&d.path, id, began, found.clone());
+        found.dedup_by(|file, dir| {
+            let clash = file.0 == dir.0;
+            if clash {
+                let path = names::join(&d.path, &dir.0);
+                self.ns.warn_once(
+                    &path,
+                    "both a file and a directory have this name; showing the directory",
+                );
+            }
+            clash
+        });
+        self.ns.listing.add_page(&d.path, id, began, found.clone());
         if d.done {
-            self.listing.finish(&d.path, id);
+            self.ns.listing.finish(&d.path, id);
         }
         self.push_found(d, found, began);
         Ok(())
@@ -357,7 +361,7 @@ impl BucketFs {
     /// Hands the kernel what the bucket holds in the directory, seen at `seen`: names not
     /// listed yet and not being deleted; attributes go to the inodes the kernel holds.
     fn push_found(&self, d: &mut OpenDir, found: Vec<(String, Remote)>, seen: Instant) {
-        let mut t = self.table.lock();
+        let mut t = self.ns.table.lock();
         for (name, remote) in found {
             let deleted = match remote.kind {
                 Kind::File => d.deleted.contains(&name),
@@ -375,7 +379,7 @@ impl BucketFs {
                         if t.get(ino)
                             .is_some_and(|i| i.kind == Kind::File && i.staged.is_none())
                         {
-                            self.warn_once(
+                            self.ns.warn_once(
                                 &path,
                                 "both a file and a directory have this name; showing the directory",
                             );
@@ -395,17 +399,28 @@ impl BucketFs {
                 }
                 None => listing_ino(&path),
             };
-            push(d, &name, ino, remote.kind);
+            push_listed(d, &name, ino, remote.kind, Some((remote, seen)));
         }
     }
 }
 
 fn push(d: &mut OpenDir, name: &str, ino: u64, kind: Kind) {
+    push_listed(d, name, ino, kind, None);
+}
+
+fn push_listed(
+    d: &mut OpenDir,
+    name: &str,
+    ino: u64,
+    kind: Kind,
+    listed: Option<(Remote, Instant)>,
+) {
     d.count += 1;
     d.entries.push_back(DirEntry {
         ino,
         next_offset: d.count,
         kind,
         name: name.to_string(),
+        listed,
     });
 }

@@ -94,10 +94,10 @@ impl BucketFs {
     pub async fn create(&self, parent: u64, name: &OsStr, flags: i32) -> FsResult<(Attr, u64)> {
         let name = names::component(name)?;
         let mode = OpenMode::from_flags(flags);
-        let path = names::join(&self.dir_path(parent)?, name);
-        self.keys.file_key(&path)?;
+        let path = names::join(&self.ns.dir_path(parent)?, name);
+        self.ns.keys.file_key(&path)?;
         let existing = {
-            let t = self.table.lock();
+            let t = self.ns.table.lock();
             t.child(parent, name)
                 .filter(|ino| t.get(*ino).is_some_and(|i| !i.unlinked))
         };
@@ -110,7 +110,7 @@ impl BucketFs {
         }
         let staged = self.staging.create()?;
         let ino = {
-            let mut t = self.table.lock();
+            let mut t = self.ns.table.lock();
             let i = t.insert(parent, name, path.clone(), Kind::File);
             i.staged = Some(Arc::new(staged));
             i.dirty = true;
@@ -118,7 +118,7 @@ impl BucketFs {
             i.open = 1;
             i.ino
         };
-        self.note_present(
+        self.ns.note_present(
             &path,
             &Remote {
                 kind: Kind::File,
@@ -134,7 +134,7 @@ impl BucketFs {
     pub async fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
         let mode = OpenMode::from_flags(flags);
         let stale = {
-            let t = self.table.lock();
+            let t = self.ns.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;
             if i.kind == Kind::Dir {
                 return Err(FsError::ISDIR);
@@ -148,7 +148,7 @@ impl BucketFs {
         if mode.write && mode.truncate {
             self.truncate_local(ino, 0).await?;
         }
-        let mut t = self.table.lock();
+        let mut t = self.ns.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
         i.open += 1;
         let etag = if i.staged.is_none() {
@@ -172,12 +172,12 @@ impl BucketFs {
             return None;
         }
         let key = {
-            let t = self.table.lock();
+            let t = self.ns.table.lock();
             let i = t.get(h.ino)?;
             if i.staged.is_some() || i.dirty {
                 return None;
             }
-            self.keys.file_key(&i.path).ok()?
+            self.ns.keys.file_key(&i.path).ok()?
         };
         if self.writeback.pending_upload(&key).is_some() {
             return None;
@@ -196,11 +196,11 @@ impl BucketFs {
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         let h = self.files.get(fh)?;
         let (staged, file_size, path) = {
-            let t = self.table.lock();
+            let t = self.ns.table.lock();
             let i = t.get(h.ino).ok_or(FsError::BADF)?;
             (i.staged.clone(), i.size, i.path.clone())
         };
-        let key = self.keys.file_key(&path)?;
+        let key = self.ns.keys.file_key(&path)?;
         // A file on its way to the bucket is read from its local copy.
         let local = staged.or_else(|| self.writeback.pending_upload(&key));
         if let Some(local) = local {
@@ -238,7 +238,7 @@ impl BucketFs {
                 );
                 Err(FsError::IO)
             }
-            Err(e) => Err(self.store_error("GET", &key, e)),
+            Err(e) => Err(self.ns.store_error("GET", &key, e)),
         }
     }
 
@@ -253,7 +253,7 @@ impl BucketFs {
         let end = offset.checked_add(data.len() as u64).ok_or(FsError::FBIG)?;
         self.room_for_staged(h.ino, &staged, end)?;
         staged.write_at(data, offset)?;
-        let mut t = self.table.lock();
+        let mut t = self.ns.table.lock();
         let i = t.get_mut(h.ino).ok_or(FsError::BADF)?;
         i.size = i.size.max(end);
         i.mtime = SystemTime::now();
@@ -280,8 +280,9 @@ impl BucketFs {
         let h = self.files.get(fh)?;
         self.commit_file(h.ino).await?;
         let key = {
-            let t = self.table.lock();
-            self.keys
+            let t = self.ns.table.lock();
+            self.ns
+                .keys
                 .file_key(&t.get(h.ino).ok_or(FsError::BADF)?.path)?
         };
         match self.writeback.latest_seq(&key) {
@@ -292,7 +293,7 @@ impl BucketFs {
 
     async fn wait_uploaded(&self, ino: u64, seq: u64) -> FsResult<()> {
         self.writeback.wait(seq).await.map_err(|e| {
-            let path = self.table.lock().get(ino).map(|i| i.path.clone()).unwrap_or_default();
+            let path = self.ns.table.lock().get(ino).map(|i| i.path.clone()).unwrap_or_default();
             tracing::warn!(path, error = %e.0, "the upload is not done yet; it stays queued and is retried");
             FsError::from(e.0)
         })
@@ -305,7 +306,7 @@ impl BucketFs {
         } else {
             Ok(())
         };
-        let mut t = self.table.lock();
+        let mut t = self.ns.table.lock();
         if let Some(i) = t.get_mut(h.ino) {
             i.open = i.open.saturating_sub(1);
             if i.open == 0 && !i.dirty {
@@ -323,7 +324,7 @@ impl BucketFs {
 
     pub async fn setattr_size(&self, ino: u64, size: u64, fh: Option<u64>) -> FsResult<Attr> {
         {
-            let t = self.table.lock();
+            let t = self.ns.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;
             if i.kind == Kind::Dir {
                 return Err(FsError::ISDIR);
@@ -342,7 +343,7 @@ impl BucketFs {
         if !writer_open {
             // `truncate(1)` on a closed file: nobody will flush it, so commit now.
             self.commit_file(ino).await?;
-            let mut t = self.table.lock();
+            let mut t = self.ns.table.lock();
             if let Some(i) = t.get_mut(ino) {
                 if i.open == 0 && !i.dirty {
                     i.staged = None;
@@ -353,7 +354,7 @@ impl BucketFs {
     }
 
     pub fn attr(&self, ino: u64) -> FsResult<Attr> {
-        let t = self.table.lock();
+        let t = self.ns.table.lock();
         Ok(self.attr_of(t.get(ino).ok_or(FsError::NOENT)?))
     }
 
@@ -365,7 +366,7 @@ impl BucketFs {
         };
         self.room_for_staged(ino, &staged, size)?;
         staged.set_len(size)?;
-        let mut t = self.table.lock();
+        let mut t = self.ns.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
         i.size = size;
         i.mtime = SystemTime::now();
@@ -377,7 +378,7 @@ impl BucketFs {
     /// The staged copy of `ino`, or a new empty one when there is none (the old content is
     /// not needed because it is being truncated away).
     fn empty_staged(&self, ino: u64) -> FsResult<Arc<StagedFile>> {
-        let mut t = self.table.lock();
+        let mut t = self.ns.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
         if let Some(s) = i.staged.as_ref().filter(|s| !s.is_sealed()) {
             return Ok(s.clone());
@@ -391,20 +392,20 @@ impl BucketFs {
     /// copies never change), or the object downloaded into a new one.
     pub(super) async fn materialize(&self, ino: u64) -> FsResult<Arc<StagedFile>> {
         let (path, size, etag, sealed) = {
-            let t = self.table.lock();
+            let t = self.ns.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;
             match &i.staged {
                 Some(s) if !s.is_sealed() => return Ok(s.clone()),
                 other => (i.path.clone(), i.size, i.etag.clone(), other.clone()),
             }
         };
-        let key = self.keys.file_key(&path)?;
+        let key = self.ns.keys.file_key(&path)?;
         let sealed = sealed.or_else(|| self.writeback.pending_upload(&key));
         let staged = match sealed {
             Some(src) => self.staging.create_copy(&src)?,
             None => self.download(&key, size, etag.as_deref()).await?,
         };
-        let mut t = self.table.lock();
+        let mut t = self.ns.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
         // Another request may have made a writable copy meanwhile; it wins.
         match &i.staged {
@@ -426,7 +427,7 @@ impl BucketFs {
                 .store
                 .get_range(key, offset..end, etag)
                 .await
-                .map_err(|e| self.store_error("GET", key, e))?;
+                .map_err(|e| self.ns.store_error("GET", key, e))?;
             if chunk.len() as u64 != end - offset {
                 tracing::warn!(key, "the object is shorter than its listed size");
                 return Err(FsError::IO);
@@ -457,12 +458,13 @@ impl BucketFs {
             )
         };
         let path = self
+            .ns
             .table
             .lock()
             .get(ino)
             .map(|i| i.path.clone())
             .unwrap_or_default();
-        self.warn_once(&path, problem);
+        self.ns.warn_once(&path, problem);
         Err(error)
     }
 
@@ -473,16 +475,16 @@ impl BucketFs {
             .lock()
             .await;
         let (staged, size, path, version) = {
-            let t = self.table.lock();
+            let t = self.ns.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;
             match &i.staged {
                 Some(s) if i.dirty && !i.unlinked => (s.clone(), i.size, i.path.clone(), i.version),
                 _ => return Ok(None),
             }
         };
-        let key = self.keys.file_key(&path)?;
+        let key = self.ns.keys.file_key(&path)?;
         let seq = self.queue(self.writeback.upload(&key, staged, size))?;
-        self.note_present(
+        self.ns.note_present(
             &path,
             &Remote {
                 kind: Kind::File,
@@ -491,7 +493,7 @@ impl BucketFs {
                 etag: None,
             },
         );
-        let mut t = self.table.lock();
+        let mut t = self.ns.table.lock();
         if let Some(i) = t.get_mut(ino) {
             i.in_bucket = true;
             i.etag = None;

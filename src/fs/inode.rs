@@ -17,7 +17,7 @@ pub enum Kind {
 }
 
 /// What the bucket says about a path.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Remote {
     pub kind: Kind,
     pub size: u64,
@@ -62,6 +62,12 @@ impl Inode {
         self.mtime = remote.mtime;
         self.etag = remote.etag.clone();
         self.validated = Some(seen);
+    }
+
+    /// The local copy, not the bucket, says what this is: a file being written, or one that
+    /// has not reached the bucket yet. The bucket's answers do not replace it.
+    pub fn is_local_only(&self) -> bool {
+        self.staged.is_some() || !self.in_bucket
     }
 
     pub fn is_fresh(&self, ttl: Duration) -> bool {

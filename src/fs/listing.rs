@@ -209,16 +209,11 @@ impl ListingCache {
         }
     }
 
-    /// What is known of `name` in directory `dir`. `changed_since(t)` says whether the name
-    /// may have changed in the bucket since `t` by this mount's own doing (a change that
-    /// landed after a listing was made): what was seen before then is not believed.
-    pub fn lookup(
-        &self,
-        dir: &str,
-        name: &str,
-        path: &str,
-        changed_since: impl Fn(Instant) -> bool,
-    ) -> Answer {
+    /// What is known of `name` in directory `dir`. `changed_at` is when the name last
+    /// changed in the bucket by this mount's own doing (a change that landed), if it did:
+    /// what was seen before then is not believed.
+    pub fn lookup(&self, dir: &str, name: &str, path: &str, changed_at: Option<Instant>) -> Answer {
+        let changed_since = |t: Instant| changed_at.is_some_and(|c| c >= t);
         let mut inner = self.inner.lock();
         if let Some(l) = inner.dirs.get(dir) {
             // A name this mount changed is as noted; another may have changed since the
@@ -275,10 +270,7 @@ impl ListingCache {
             return None;
         }
         Some(Contents {
-            any: l
-                .names
-                .values()
-                .any(|e| matches!(e, Entry::Present { .. })),
+            any: l.names.values().any(|e| matches!(e, Entry::Present { .. })),
             complete: l.complete,
             at: l.at,
         })
@@ -445,9 +437,7 @@ mod tests {
         }
     }
 
-    fn never(_: Instant) -> bool {
-        false
-    }
+    const NEVER: Option<Instant> = None;
 
     #[test]
     fn a_listing_older_than_a_landed_change_is_not_believed_about_that_name() {
@@ -457,8 +447,7 @@ mod tests {
         c.note_present("d", "mine", "d/mine", &file(5));
         c.finish("d", id);
         c.note_absent("e/x");
-        let landed = Instant::now();
-        let after_landing = |t: Instant| t <= landed;
+        let after_landing = Some(Instant::now());
         // A change (replayed from the journal, say) reached the bucket after the listing.
         assert!(matches!(
             c.lookup("d", "a", "d/a", after_landing),
@@ -477,8 +466,8 @@ mod tests {
             size_of(c.lookup("d", "mine", "d/mine", after_landing)),
             Some(5)
         );
-        assert_eq!(size_of(c.lookup("d", "a", "d/a", never)), Some(1));
-        assert_eq!(size_of(c.lookup("d", "b", "d/b", never)), None);
+        assert_eq!(size_of(c.lookup("d", "a", "d/a", NEVER)), Some(1));
+        assert_eq!(size_of(c.lookup("d", "b", "d/b", NEVER)), None);
     }
 
     #[test]
@@ -486,13 +475,13 @@ mod tests {
         let c = cache();
         let (id, at) = c.begin();
         c.add_page("d", id, at, vec![("a".into(), file(1))]);
-        assert!(matches!(c.lookup("d", "b", "d/b", never), Answer::Unknown));
+        assert!(matches!(c.lookup("d", "b", "d/b", NEVER), Answer::Unknown));
         c.add_page("d", id, at, vec![("c".into(), file(3))]);
         c.finish("d", id);
-        assert_eq!(size_of(c.lookup("d", "a", "d/a", never)), Some(1));
-        assert_eq!(size_of(c.lookup("d", "c", "d/c", never)), Some(3));
-        assert_eq!(size_of(c.lookup("d", "b", "d/b", never)), None);
-        assert!(matches!(c.lookup("e", "b", "e/b", never), Answer::Unknown));
+        assert_eq!(size_of(c.lookup("d", "a", "d/a", NEVER)), Some(1));
+        assert_eq!(size_of(c.lookup("d", "c", "d/c", NEVER)), Some(3));
+        assert_eq!(size_of(c.lookup("d", "b", "d/b", NEVER)), None);
+        assert!(matches!(c.lookup("e", "b", "e/b", NEVER), Answer::Unknown));
     }
 
     #[test]
@@ -505,8 +494,8 @@ mod tests {
         // The next page was fetched before the changes reached the bucket.
         c.add_page("d", id, at, vec![("z".into(), file(2))]);
         c.finish("d", id);
-        assert_eq!(size_of(c.lookup("d", "a", "d/a", never)), None);
-        assert_eq!(size_of(c.lookup("d", "z", "d/z", never)), Some(9));
+        assert_eq!(size_of(c.lookup("d", "a", "d/a", NEVER)), None);
+        assert_eq!(size_of(c.lookup("d", "z", "d/z", NEVER)), Some(9));
         // A newer listing keeps them too, while the old one is fresh.
         let (id2, at2) = c.begin();
         c.add_page(
@@ -516,8 +505,8 @@ mod tests {
             vec![("a".into(), file(1)), ("z".into(), file(2))],
         );
         c.finish("d", id2);
-        assert_eq!(size_of(c.lookup("d", "a", "d/a", never)), None);
-        assert_eq!(size_of(c.lookup("d", "z", "d/z", never)), Some(9));
+        assert_eq!(size_of(c.lookup("d", "a", "d/a", NEVER)), None);
+        assert_eq!(size_of(c.lookup("d", "z", "d/z", NEVER)), Some(9));
     }
 
     #[test]
@@ -527,8 +516,8 @@ mod tests {
         c.add_page("d", id, at, vec![("a".into(), file(1))]);
         c.finish("d", id);
         c.note_absent("d/b");
-        assert!(matches!(c.lookup("d", "a", "d/a", never), Answer::Unknown));
-        assert!(matches!(c.lookup("d", "b", "d/b", never), Answer::Unknown));
+        assert!(matches!(c.lookup("d", "a", "d/a", NEVER), Answer::Unknown));
+        assert!(matches!(c.lookup("d", "b", "d/b", NEVER), Answer::Unknown));
         assert_eq!(c.len(), 0);
     }
 
@@ -536,9 +525,9 @@ mod tests {
     fn negative_answers_end_when_the_name_is_created_here() {
         let c = cache();
         c.note_absent("d/x");
-        assert_eq!(size_of(c.lookup("d", "x", "d/x", never)), None);
+        assert_eq!(size_of(c.lookup("d", "x", "d/x", NEVER)), None);
         c.note_present("d", "x", "d/x", &file(4));
-        assert!(matches!(c.lookup("d", "x", "d/x", never), Answer::Unknown));
+        assert!(matches!(c.lookup("d", "x", "d/x", NEVER), Answer::Unknown));
     }
 
     #[test]
@@ -558,10 +547,10 @@ mod tests {
         }
         // The oldest directories were evicted: unknown, never "absent".
         assert!(matches!(
-            c.lookup("d0", "n1", "d0/n1", never),
+            c.lookup("d0", "n1", "d0/n1", NEVER),
             Answer::Unknown
         ));
-        assert_eq!(size_of(c.lookup("d4", "n1", "d4/n1", never)), Some(1));
+        assert_eq!(size_of(c.lookup("d4", "n1", "d4/n1", NEVER)), Some(1));
         // A directory larger than the whole budget is not recorded and never complete.
         let (id, at) = c.begin();
         for p in 0..3 {
@@ -575,7 +564,7 @@ mod tests {
         }
         c.finish("big", id);
         assert!(matches!(
-            c.lookup("big", "nothere", "big/nothere", never),
+            c.lookup("big", "nothere", "big/nothere", NEVER),
             Answer::Unknown
         ));
     }

@@ -196,7 +196,7 @@ mod tests {
     #[test]
     fn a_flat_listing_fills_every_directory_below_and_closes_them_in_order() {
         let mut t = Subtree::new("m", "p/m/", SystemTime::UNIX_EPOCH);
-        let mut keys = vec![
+        let mut keys = [
             "p/m/a/b/1",
             "p/m/a/b/2",
             "p/m/a/b.txt",

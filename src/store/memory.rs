@@ -28,6 +28,8 @@ pub struct MemoryStore {
     next_etag: AtomicU64,
     /// See `hold_pieces_after_the_first`.
     piece_gate: Mutex<Option<Arc<Semaphore>>>,
+    /// See `list_strays`.
+    strays: Mutex<Vec<String>>,
 }
 
 impl MemoryStore {
@@ -52,6 +54,12 @@ impl MemoryStore {
         let gate = Arc::new(Semaphore::new(0));
         *self.piece_gate.lock() = Some(gate.clone());
         gate
+    }
+
+    /// From now on, every LIST page also carries `keys` as objects and as prefixes, wherever
+    /// they sort and whatever prefix was asked for, as a broken or hostile store would.
+    pub fn list_strays(&self, keys: &[&str]) {
+        *self.strays.lock() = keys.iter().map(|k| k.to_string()).collect();
     }
 
     /// Multipart uploads started and neither completed nor aborted.
@@ -174,6 +182,18 @@ impl ObjectStore for MemoryStore {
                     last = Some(key.clone());
                 }
             }
+        }
+        for stray in self.strays.lock().iter() {
+            page.objects.insert(
+                0,
+                ObjectMeta {
+                    key: stray.clone(),
+                    size: 1,
+                    etag: None,
+                    last_modified: SystemTime::UNIX_EPOCH,
+                },
+            );
+            page.prefixes.push(stray.clone());
         }
         Ok(page)
     }

@@ -1,0 +1,623 @@
+//! The namespace: which names exist, as this mount knows them, and the one `lookup` that
+//! answers from that knowledge or asks the bucket. It owns the inode table, the listings
+//! (`listing.rs`, filled page by page or a subtree at a time, `subtree.rs`), the landings of
+//! this mount's changes the write-back queue reports (`landings.rs`), and offline mode; it
+//! asks the write-back queue what is pending. `BucketFs` keeps file handles and I/O and asks
+//! the namespace what a name is.
+//!
+//! Consistency rules, in the order a lookup applies them:
+//! 1. an inode validated within `--metadata-ttl`, or a file that exists only here, is as known;
+//! 2. a fresh listing of the directory answers, unless a change of this mount landed after it
+//!    began (a name this mount changed itself is as noted); it answers "absent" only while
+//!    younger than `--negative-ttl`;
+//! 3. pending changes win over both: an upload or a marker makes the name exist, a delete
+//!    makes a file absent;
+//! 4. else one LIST of the key as a prefix decides, and fills the listings below it; while
+//!    the store is unreachable, names not known locally read as absent.
+//!
+//! Lock order: a lock may be taken while holding the ones above it, never the other way.
+//! 1. a directory handle's lock (`dir.rs`), a file's commit lock (`file.rs`);
+//! 2. `Namespace::table`;
+//! 3. the write-back queue's state (pending changes);
+//! 4. `ListingCache`, `Namespace::landings`, `offline_until`, and the log state: leaves, under
+//!    which nothing else is taken.
+//!
+//! No lock is held across an await, and no callback runs under a lock: the write-back queue
+//! reports a landing before it takes its own lock, and the listing cache is handed the time
+//! of the last landing instead of asking for it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+
+use super::error::{FsError, FsResult};
+use super::inode::{InodeTable, Kind, Remote, ROOT};
+use super::landings::Landings;
+use super::listing::{self, Answer, ListingCache};
+use super::names::{self, KeyMap};
+use super::{dir, subtree};
+use crate::store::{ObjectStore, StoreError};
+use crate::writeback::{LandingObserver, Pending, WritebackQueue};
+
+/// What pending changes say about a name.
+enum PendingAnswer {
+    Present(Remote),
+    Deleted,
+    Nothing,
+}
+
+/// Most names remembered from listings (about 160 bytes each) for the metadata TTL.
+pub(super) const LISTED_NAMES: usize = 200_000;
+/// Keys a lookup lists to tell whether a directory exists.
+const DIR_PROBE: i32 = 10;
+/// Most distinct keys warned about once.
+const WARNED_CAPACITY: usize = 10_000;
+/// A failure of the same request is logged at most once in this long.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How long lookups stop asking an unreachable store before trying it again.
+const OFFLINE_GRACE: Duration = Duration::from_secs(5);
+/// A directory listed this recently makes a listing of one of its subdirectories part of a
+/// walk, which lists that subdirectory's whole subtree at once.
+const WALK_WINDOW: Duration = Duration::from_secs(60);
+
+pub(super) struct Namespace {
+    store: Arc<dyn ObjectStore>,
+    pub(super) keys: KeyMap,
+    /// `--metadata-ttl`.
+    ttl: Duration,
+    pub(super) mount_time: SystemTime,
+    pub(super) table: Mutex<InodeTable>,
+    pub(super) listing: ListingCache,
+    writeback: Arc<WritebackQueue>,
+    landings: Mutex<Landings>,
+    /// Until when lookups answer from local knowledge because the store is unreachable.
+    offline_until: Mutex<Option<Instant>>,
+    warned: Mutex<HashSet<String>>,
+    /// When a failed request was last logged, by operation and key: a failure repeated
+    /// within `FAILURE_LOG_INTERVAL` (the kernel retrying a read, say) is logged once.
+    failures_logged: Mutex<HashMap<(String, String), Instant>>,
+}
+
+impl LandingObserver for Namespace {
+    fn landed(&self, key: &str, creates: bool) {
+        self.landings.lock().record(key, creates, Instant::now());
+    }
+}
+
+impl Namespace {
+    pub(super) fn new(
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        writeback: Arc<WritebackQueue>,
+        ttl: Duration,
+        negative_ttl: Duration,
+    ) -> Arc<Self> {
+        let mount_time = SystemTime::now();
+        let ns = Arc::new(Namespace {
+            store,
+            keys: KeyMap::new(prefix),
+            ttl,
+            mount_time,
+            table: Mutex::new(InodeTable::new(mount_time)),
+            listing: ListingCache::new(ttl, negative_ttl, LISTED_NAMES),
+            writeback: writeback.clone(),
+            landings: Mutex::new(Landings::default()),
+            offline_until: Mutex::new(None),
+            warned: Mutex::new(HashSet::new()),
+            failures_logged: Mutex::new(HashMap::new()),
+        });
+        let observer: Arc<dyn LandingObserver> = ns.clone();
+        writeback.observe(Arc::downgrade(&observer));
+        ns
+    }
+
+    /// When a change of this mount to `path` (as a file, or anything under it as a
+    /// directory) last reached the bucket, if one did.
+    fn changed_at(&self, path: &str) -> Option<Instant> {
+        let dir = self.keys.dir_prefix(path);
+        let landings = self.landings.lock();
+        match self.keys.file_key(path) {
+            Ok(file) => landings.newest(&[&file, &dir]),
+            Err(_) => landings.newest(&[&dir]),
+        }
+    }
+
+    /// What the listing of `dir` says of `name`, knowing what of this mount's landed since.
+    pub(super) fn listed_answer(&self, dir: &str, name: &str, path: &str) -> Answer {
+        let changed_at = self.changed_at(path);
+        self.listing.lookup(dir, name, path, changed_at)
+    }
+
+    /// The marker directory `dir` needs to stay once an entry of it went away, if nothing
+    /// else keeps it: not the root, not a removed directory, not one whose listing shows
+    /// other names.
+    pub(super) fn marker_to_keep(&self, dir: u64) -> Option<String> {
+        let path = {
+            let t = self.table.lock();
+            match t.get(dir) {
+                Some(i) if dir != ROOT && !i.unlinked => i.path.clone(),
+                _ => return None,
+            }
+        };
+        if self.listing.contents(&path).is_some_and(|c| c.any) {
+            return None;
+        }
+        Some(self.keys.dir_prefix(&path))
+    }
+
+    /// Names remembered from directory listings.
+    pub(super) fn listed_names(&self) -> usize {
+        self.listing.len()
+    }
+
+    /// The inode of `name` in `parent`, if this mount knows it (no request is made).
+    pub(super) fn child(&self, parent: u64, name: &std::ffi::OsStr) -> Option<u64> {
+        let name = names::component(name).ok()?;
+        let t = self.table.lock();
+        t.child(parent, name)
+            .filter(|ino| t.get(*ino).is_some_and(|i| !i.unlinked))
+    }
+
+    /// Number of inodes currently held.
+    pub(super) fn inode_count(&self) -> usize {
+        self.table.lock().len()
+    }
+
+    /// Logs a problem with one key once per mount, however often it is met.
+    pub(super) fn warn_once(&self, key: &str, what: &str) {
+        let mut warned = self.warned.lock();
+        if warned.len() < WARNED_CAPACITY && warned.insert(key.to_string()) {
+            tracing::warn!(key, "{what}");
+        }
+    }
+
+    /// The path of a directory inode, checking it is one.
+    pub(super) fn dir_path(&self, ino: u64) -> FsResult<String> {
+        let t = self.table.lock();
+        let i = t.get(ino).ok_or(FsError::NOENT)?;
+        if i.kind != Kind::Dir {
+            return Err(FsError::NOTDIR);
+        }
+        if i.unlinked {
+            return Err(FsError::NOENT);
+        }
+        Ok(i.path.clone())
+    }
+
+    /// What `path` is: the write-back queue's pending changes first, then the bucket. One
+    /// flat LIST of the key as a prefix answers both questions: the key itself is the file,
+    /// keys under `path/` make it a directory, and those keys (up to a page) fill the
+    /// listings of the directories under it, so a walk that goes on below costs nothing more.
+    async fn ask_bucket(&self, path: &str) -> FsResult<Option<Remote>> {
+        let key = self.keys.file_key(path)?;
+        let dir_prefix = self.keys.dir_prefix(path);
+        let (pending, file_pending, under) = self.pending_changes(&key, &dir_prefix);
+        if pending.is_some() {
+            return Ok(pending);
+        }
+        let deleted: HashSet<String> = under.into_iter().map(|(k, _)| k).collect();
+        let file_deleted = matches!(file_pending, Some(Pending::Delete));
+        let (id, began) = self.listing.begin();
+        let page = match self.store.list(&key, true, None, Some(dir::PAGE)).await {
+            Err(e @ StoreError::Unreachable(_)) => {
+                self.go_offline(&e);
+                return Err(FsError::OFFLINE);
+            }
+            other => other.map_err(|e| self.store_error("LIST", &key, e))?,
+        };
+        let file = page
+            .objects
+            .iter()
+            .find(|o| o.key == key && !file_deleted)
+            .cloned();
+        let below: Vec<&crate::store::ObjectMeta> = page
+            .objects
+            .iter()
+            .filter(|o| o.key.starts_with(&dir_prefix))
+            .collect();
+        // Keys are sorted: past the last key under `path/`, every directory below is whole.
+        let whole = page.next_token.is_none()
+            || page
+                .objects
+                .last()
+                .is_some_and(|o| o.key > dir_prefix && !o.key.starts_with(&dir_prefix));
+        let mut tree = subtree::Subtree::new(path, &dir_prefix, self.mount_time);
+        tree.feed(below.iter().copied());
+        if whole {
+            tree.finish();
+        }
+        self.record_subtree(&mut tree, &dir_prefix, id, began);
+        let mut is_dir = below.iter().any(|o| !deleted.contains(&o.key));
+        let mut marker = below
+            .first()
+            .filter(|o| o.key == dir_prefix)
+            .map(|o| o.last_modified);
+        if !is_dir && !whole {
+            if below.is_empty() {
+                // A page of keys that sort before `path/` (`path.jpg`, ...): ask about the
+                // directory alone.
+                let probe = self
+                    .store
+                    .list(&dir_prefix, true, None, Some(DIR_PROBE))
+                    .await
+                    .map_err(|e| self.store_error("LIST", &dir_prefix, e))?;
+                is_dir = probe.objects.iter().any(|o| !deleted.contains(&o.key))
+                    || (probe.next_token.is_some() && !probe.objects.is_empty());
+                marker = probe
+                    .objects
+                    .first()
+                    .filter(|o| o.key == dir_prefix)
+                    .map(|o| o.last_modified);
+            } else {
+                // Every key seen is being deleted, but more may follow.
+                is_dir = true;
+            }
+        }
+        let dir = Remote {
+            kind: Kind::Dir,
+            size: 0,
+            // A marker object's date is the directory's; an implied directory shows the mount's.
+            mtime: marker.unwrap_or(self.mount_time),
+            etag: None,
+        };
+        match file {
+            Some(_) if is_dir => {
+                self.warn_once(
+                    &key,
+                    "both a file and a directory have this name; showing the directory",
+                );
+                Ok(Some(dir))
+            }
+            Some(meta) => Ok(Some(Remote {
+                kind: Kind::File,
+                size: meta.size,
+                mtime: meta.last_modified,
+                etag: meta.etag,
+            })),
+            None if is_dir => Ok(Some(dir)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records the listings a flat LIST of `prefix` completed, and logs the keys it could not
+    /// show. Names being deleted are left out, as a listing page by page leaves them out.
+    fn record_subtree(
+        &self,
+        tree: &mut subtree::Subtree,
+        prefix: &str,
+        id: listing::ListingId,
+        began: Instant,
+    ) {
+        for key in tree.take_skipped() {
+            self.warn_once(&key, "this key cannot be shown as a path and is skipped");
+        }
+        let complete = tree.take_complete();
+        if !tree.exists() || complete.is_empty() {
+            return;
+        }
+        let deleted: HashSet<String> = self
+            .writeback
+            .under(prefix)
+            .into_iter()
+            .filter(|(_, p)| matches!(p, Pending::Delete))
+            .map(|(k, _)| k)
+            .collect();
+        for (dir, mut names) in complete {
+            if !deleted.is_empty() {
+                let dir_prefix = self.keys.dir_prefix(&dir);
+                names.retain(|(name, r)| {
+                    let slash = if r.kind == Kind::Dir { "/" } else { "" };
+                    !deleted.contains(&format!("{dir_prefix}{name}{slash}"))
+                });
+            }
+            self.listing.record(&dir, id, began, names);
+        }
+    }
+
+    /// What the write-back queue alone says `key` (a file) or `dir_prefix` (a directory)
+    /// is; also returns the pending changes it looked at, for `ask_bucket`.
+    fn pending_changes(
+        &self,
+        key: &str,
+        dir_prefix: &str,
+    ) -> (Option<Remote>, Option<Pending>, Vec<(String, Pending)>) {
+        let file_pending = self.writeback.lookup(key);
+        if let Some(Pending::Upload { size, .. }) = &file_pending {
+            let r = Remote {
+                kind: Kind::File,
+                size: *size,
+                mtime: SystemTime::now(),
+                etag: None,
+            };
+            return (Some(r), file_pending, Vec::new());
+        }
+        let under = self.writeback.under(dir_prefix);
+        if under.iter().any(|(_, p)| !matches!(p, Pending::Delete)) {
+            let r = Remote {
+                kind: Kind::Dir,
+                size: 0,
+                mtime: self.mount_time,
+                etag: None,
+            };
+            return (Some(r), file_pending, under);
+        }
+        (None, file_pending, under)
+    }
+
+    pub(super) fn is_offline(&self) -> bool {
+        self.offline_until
+            .lock()
+            .is_some_and(|t| Instant::now() < t)
+    }
+
+    /// The store did not answer: for a while, lookups answer from what is known locally
+    /// (names not known locally read as absent), while uploads keep retrying.
+    pub(super) fn go_offline(&self, e: &StoreError) {
+        let mut until = self.offline_until.lock();
+        if until.is_none_or(|t| Instant::now() >= t) {
+            tracing::warn!(error = %e, grace_s = OFFLINE_GRACE.as_secs(),
+                "the object store is unreachable; lookups answer from local knowledge and writes are kept locally until it is back");
+        }
+        *until = Some(Instant::now() + OFFLINE_GRACE);
+    }
+
+    /// Logs a store failure once, in one line, and turns it into an errno.
+    pub(super) fn store_error(&self, op: &str, key: &str, e: StoreError) -> FsError {
+        if e != StoreError::NotFound {
+            let now = Instant::now();
+            let fresh = {
+                let mut logged = self.failures_logged.lock();
+                if logged.len() >= WARNED_CAPACITY {
+                    logged.retain(|_, at| now.duration_since(*at) < FAILURE_LOG_INTERVAL);
+                }
+                let k = (op.to_string(), key.to_string());
+                match logged.get(&k) {
+                    Some(at) if now.duration_since(*at) < FAILURE_LOG_INTERVAL => false,
+                    _ => {
+                        logged.insert(k, now);
+                        true
+                    }
+                }
+            };
+            if fresh {
+                tracing::warn!(op, key, error = %e, "request to the object store failed");
+            } else {
+                tracing::debug!(op, key, error = %e, "request to the object store failed again");
+            }
+        }
+        FsError::from(e)
+    }
+
+    /// The one lookup: what `name` in directory `parent` is, from the inode table, a fresh
+    /// listing and the pending changes when they can tell, else from the bucket (one LIST).
+    /// Returns its inode, creating one when needed; takes no kernel reference.
+    pub(super) async fn lookup(&self, parent: u64, name: &str) -> FsResult<Option<u64>> {
+        let dir = self.dir_path(parent)?;
+        let path = names::join(&dir, name);
+        self.keys.file_key(&path)?;
+        let ttl = self.ttl;
+        {
+            let t = self.table.lock();
+            if let Some(ino) = t.child(parent, name) {
+                let i = t.get(ino).expect("child is live");
+                if i.is_fresh(ttl) || i.open > 0 && i.is_local_only() {
+                    return Ok(Some(ino));
+                }
+            }
+        }
+        match self.listed_answer(&dir, name, &path) {
+            Answer::Present(remote, at) => {
+                let mut t = self.table.lock();
+                return Ok(match self.pending_answer(&path)? {
+                    PendingAnswer::Present(r) => {
+                        Some(t.upsert_remote(parent, name, path, &r, Instant::now()))
+                    }
+                    PendingAnswer::Deleted if remote.kind == Kind::File => {
+                        self.absent(&mut t, parent, name)
+                    }
+                    _ => Some(t.upsert_remote(parent, name, path, &remote, at)),
+                });
+            }
+            Answer::Absent => {
+                return self.answer_locally(&mut self.table.lock(), parent, name, path, true)
+            }
+            Answer::Unknown => {}
+        }
+        let remote = if self.is_offline() {
+            Err(FsError::OFFLINE)
+        } else {
+            self.ask_bucket(&path).await
+        };
+        let remote = match remote {
+            Err(FsError::OFFLINE) => {
+                return self.answer_locally(&mut self.table.lock(), parent, name, path, false)
+            }
+            other => other?,
+        };
+        // What the bucket just said is newer than the listing of the directory.
+        self.listing.saw(&dir, name, remote.as_ref());
+        let mut t = self.table.lock();
+        // A local file created while the bucket was asked wins over the bucket's answer.
+        if let Some(ino) = t.child(parent, name) {
+            let i = t.get(ino).expect("child is live");
+            if i.is_local_only() {
+                return Ok(Some(ino));
+            }
+        }
+        match remote {
+            Some(r) => Ok(Some(t.upsert_remote(
+                parent,
+                name,
+                path,
+                &r,
+                Instant::now(),
+            ))),
+            None => {
+                self.listing.note_absent(&path);
+                Ok(self.absent(&mut t, parent, name))
+            }
+        }
+    }
+
+    /// `parent/name` does not exist in the bucket: forgets what the table knew of it.
+    fn absent(&self, t: &mut InodeTable, parent: u64, name: &str) -> Option<u64> {
+        if let Some(ino) = t.child(parent, name) {
+            t.detach(ino);
+        }
+        None
+    }
+
+    /// What the write-back queue says about `path`, for answers taken from a listing.
+    fn pending_answer(&self, path: &str) -> FsResult<PendingAnswer> {
+        let key = self.keys.file_key(path)?;
+        Ok(
+            match self.pending_changes(&key, &self.keys.dir_prefix(path)) {
+                (Some(r), _, _) => PendingAnswer::Present(r),
+                (None, Some(Pending::Delete), _) => PendingAnswer::Deleted,
+                _ => PendingAnswer::Nothing,
+            },
+        )
+    }
+
+    /// Answers for `name` without asking the bucket: pending changes answer, and names that exist
+    /// only locally stay. Other names the table knows stay too, unless `bucket_lacks_it`
+    /// (a fresh complete listing says so); anything else reads as absent.
+    fn answer_locally(
+        &self,
+        t: &mut InodeTable,
+        parent: u64,
+        name: &str,
+        path: String,
+        bucket_lacks_it: bool,
+    ) -> FsResult<Option<u64>> {
+        if let PendingAnswer::Present(r) = self.pending_answer(&path)? {
+            return Ok(Some(t.upsert_remote(
+                parent,
+                name,
+                path,
+                &r,
+                Instant::now(),
+            )));
+        }
+        let Some(ino) = t.child(parent, name) else {
+            return Ok(None);
+        };
+        let i = t.get(ino).expect("child is live");
+        if bucket_lacks_it && !i.is_local_only() {
+            return Ok(self.absent(t, parent, name));
+        }
+        Ok(Some(ino))
+    }
+
+    /// Records in the listing of its directory that this mount made `path` what `remote` says.
+    pub(super) fn note_present(&self, path: &str, remote: &Remote) {
+        let (dir, name) = names::split(path);
+        self.listing.note_present(dir, name, path, remote);
+    }
+
+    /// Whether nothing but its own marker lies under directory `path`, counting changes
+    /// still in the write-back queue: from a fresh complete listing when there is one (and
+    /// nothing this mount added under it landed since), else from the bucket.
+    pub(super) async fn dir_is_empty(&self, path: &str) -> FsResult<bool> {
+        let marker = &self.keys.dir_prefix(path);
+        let mut deleted = HashSet::new();
+        for (key, p) in self.writeback.under(marker) {
+            match p {
+                Pending::Delete => {
+                    deleted.insert(key);
+                }
+                _ if key == *marker => {}
+                _ => return Ok(false),
+            }
+        }
+        if let Some(c) = self.listing.contents(path) {
+            if c.complete && !self.landings.lock().since(marker, c.at) {
+                return Ok(!c.any);
+            }
+        }
+        let mut token = None;
+        loop {
+            let page = self
+                .store
+                .list(marker, true, token, Some(100))
+                .await
+                .map_err(|e| self.store_error("LIST", marker, e))?;
+            if page
+                .objects
+                .iter()
+                .any(|o| o.key != *marker && !deleted.contains(&o.key))
+            {
+                return Ok(false);
+            }
+            token = page.next_token;
+            if token.is_none() {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// The complete listing of `dir`, when it is fresh or a walk makes it worth fetching
+    /// with the directories below it; None when the directory is to be listed page by page.
+    pub(super) async fn listed(
+        &self,
+        dir: &str,
+    ) -> FsResult<Option<(Vec<(String, Remote)>, Instant)>> {
+        if let Some(found) = self.trusted_listing(dir) {
+            return Ok(Some(found));
+        }
+        if dir.is_empty() || self.ttl.is_zero() {
+            return Ok(None);
+        }
+        // A walk: the parent was listed a moment ago, so its other subdirectories follow.
+        let (parent, _) = names::split(dir);
+        if !self.listing.listed_within(parent, WALK_WINDOW) {
+            return Ok(None);
+        }
+        if !self.list_subtree(dir).await? {
+            return Ok(None);
+        }
+        Ok(self.trusted_listing(dir))
+    }
+
+    /// The fresh complete listing of `dir`, unless a change this mount made under it
+    /// reached the bucket after the listing began (the listing may lack it).
+    fn trusted_listing(&self, dir: &str) -> Option<(Vec<(String, Remote)>, Instant)> {
+        let (names, at) = self.listing.complete(dir)?;
+        let prefix = self.keys.dir_prefix(dir);
+        (!self.landings.lock().since(&prefix, at)).then_some((names, at))
+    }
+
+    /// Lists `dir` and everything below it with flat LISTs, recording the listing of every
+    /// directory whose keys have all been seen. Gives up (returning false) when the subtree
+    /// is larger than a share of the listing budget; the directories completed by then stay
+    /// recorded.
+    async fn list_subtree(&self, dir: &str) -> FsResult<bool> {
+        let prefix = self.keys.dir_prefix(dir);
+        let (id, began) = self.listing.begin();
+        let mut tree = subtree::Subtree::new(dir, &prefix, self.mount_time);
+        let mut token = None;
+        let mut keys = 0;
+        loop {
+            let page = self
+                .store
+                .list(&prefix, true, token, Some(dir::PAGE))
+                .await
+                .map_err(|e| self.store_error("LIST", &prefix, e))?;
+            keys += page.objects.len();
+            tree.feed(&page.objects);
+            token = page.next_token;
+            if token.is_none() {
+                tree.finish();
+            }
+            self.record_subtree(&mut tree, &prefix, id, began);
+            if token.is_none() {
+                return Ok(true);
+            }
+            if keys >= LISTED_NAMES / 4 {
+                return Ok(false);
+            }
+        }
+    }
+}
