@@ -184,13 +184,13 @@ pub struct MountArgs {
     pub cache_dir: Option<PathBuf>,
 
     /// How long file attributes and directory listings are trusted (e.g. 10s, 500ms, 0,
-    /// forever): a file changed or deleted on another host may be seen as it was for this
-    /// long, and a file added there may be missing from `ls` here for this long.
+    /// forever): a file added, changed or deleted on another host may be seen as it was for
+    /// this long.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub metadata_ttl: Duration,
 
-    /// How long the absence of a name is trusted, whether a lookup found it missing or a
-    /// listing lacked it: a file added on another host can be opened here after this long.
+    /// How long a name a lookup found missing is remembered, in a directory whose complete
+    /// listing is not held (a complete listing answers for the metadata TTL).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub negative_ttl: Duration,
 

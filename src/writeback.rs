@@ -111,8 +111,15 @@ struct State {
     hurry: bool,
     /// The store refused DeleteObjects: deletes go one key a request.
     single_deletes: bool,
+    /// The sequence number of the last change of each key that landed (recent keys): a
+    /// change numbered before it that is queued only now (its file took long to seal) is
+    /// already obsolete.
+    last_landed: Option<lru::LruCache<String, u64>>,
     closed: bool,
 }
+
+/// Keys whose last landed change is remembered.
+const LAST_LANDED_KEPT: usize = 65_536;
 
 /// Largest uploaded file whose content is kept in the block cache afterwards.
 const ADOPT_MAX: u64 = 64 << 20;
@@ -216,6 +223,7 @@ impl WritebackQueue {
         drop(s);
         if let Some((seq, file)) = dropped {
             self.finish_record(seq, file.as_deref());
+            self.progress.notify_waiters();
         }
         self.wake();
     }
@@ -248,8 +256,14 @@ impl WritebackQueue {
                 urgent: false,
             },
         );
+        let landed_newer = s
+            .last_landed
+            .as_mut()
+            .and_then(|l| l.get(&key).copied())
+            .is_some_and(|l| l > seq);
         match s.latest.get(&key).copied() {
             Some(newer) if newer > seq => Some(Self::drop_op(s, seq)),
+            None if landed_newer => Some(Self::drop_op(s, seq)),
             older => {
                 s.latest.insert(key, seq);
                 Self::idle(s, seq);
@@ -259,6 +273,19 @@ impl WritebackQueue {
                 Some(Self::drop_op(s, older))
             }
         }
+    }
+
+    /// Change `seq` failed or was refused and waits to be tried again, unless a newer change
+    /// of its key came meanwhile: then it is dropped (returned for its record to be
+    /// finished), so it can never outlive the newer one.
+    fn requeue(s: &mut State, seq: u64) -> Option<(u64, Option<Arc<StagedFile>>)> {
+        let key = s.ops.get(&seq)?.change.key();
+        s.in_flight.remove(key);
+        if s.latest.get(key) != Some(&seq) {
+            return Some(Self::drop_op(s, seq));
+        }
+        Self::idle(s, seq);
+        None
     }
 
     /// Change `seq` waits to be started (again).
@@ -295,6 +322,7 @@ impl WritebackQueue {
         drop(s);
         if let Some((seq, file)) = dropped {
             self.finish_record(seq, file.as_deref());
+            self.progress.notify_waiters();
         }
         self.work.notify_one();
         Ok(seq)
@@ -588,7 +616,7 @@ impl WritebackQueue {
             return Vec::new();
         }
         let hurry = s.hurry || s.urgent_deletes;
-        if let Some(t) = s.deletes_retry_at.filter(|t| *t > now && !hurry) {
+        if let Some(t) = s.deletes_retry_at.filter(|t| *t > now) {
             later(t);
             return Vec::new();
         }
@@ -710,6 +738,12 @@ impl WritebackQueue {
             if s.latest.get(change.key()) == Some(&seq) {
                 s.latest.remove(change.key());
             }
+            let landed = s.last_landed.get_or_insert_with(|| {
+                lru::LruCache::new(LAST_LANDED_KEPT.try_into().expect("non-zero"))
+            });
+            if landed.peek(change.key()).is_none_or(|l| *l < seq) {
+                landed.put(change.key().to_string(), seq);
+            }
             self.finish_record(seq, file.as_deref());
             // Release the data before anyone can see the change gone.
             drop(file);
@@ -749,67 +783,138 @@ impl WritebackQueue {
         }
     }
 
-    /// Carries out gathered deletes with one DeleteObjects request. Keys the store could not
-    /// delete are carried out one by one, with retries; a store that is down has the batch
-    /// wait and try again; a store that refuses DeleteObjects gets one key a request from
-    /// then on.
+    /// Carries out gathered deletes with one DeleteObjects request. Keys the store refused
+    /// go back to the queue as single deletes, retried with backoff; a store that is down or
+    /// failing has the batch wait and try again; a store that does not implement
+    /// DeleteObjects gets one key a request from then on.
     async fn delete_batch(&self, batch: Vec<(u64, Change)>) {
         let keys: Vec<String> = batch.iter().map(|(_, c)| c.key().to_string()).collect();
         let started = Instant::now();
-        match self.store.delete_many(&keys).await {
+        let result = self.store.delete_many(&keys).await;
+        let e = match result {
             Ok(refused) => {
-                self.state.lock().deletes_attempts = 0;
-                self.retry_now.notify_waiters();
                 tracing::debug!(
                     keys = keys.len(),
                     refused = refused.len(),
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "deletes carried out"
                 );
+                self.state.lock().deletes_attempts = 0;
+                self.retry_now.notify_waiters();
                 let refused: HashSet<String> = refused.into_iter().collect();
-                for (seq, change) in batch {
-                    if refused.contains(change.key()) {
-                        self.carry_out(seq, &change, None).await;
-                    }
+                let (failed, done): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .partition(|(_, c)| refused.contains(c.key()));
+                for (_, change) in &done {
                     self.blocks.forget_key(change.key());
-                    self.landed(seq, &change, None);
                 }
+                self.landed_all(done);
+                if failed.is_empty() {
+                    return;
+                }
+                tracing::warn!(
+                    keys = failed.len(),
+                    "the store refused to delete some keys; each is retried on its own"
+                );
+                self.requeue_failed(
+                    &failed,
+                    &StoreError::Other("DeleteObjects refused the key".into()),
+                    true,
+                );
+                return;
             }
-            Err(e) => {
-                let down = matches!(e, StoreError::Unreachable(_));
-                let mut guard = self.state.lock();
-                let s = &mut *guard;
-                if !down && !s.single_deletes {
-                    tracing::warn!(error = %e, "the store refused a DeleteObjects request; deleting one key per request from now on");
-                    s.single_deletes = true;
-                    let waiting = std::mem::take(&mut s.idle_deletes);
-                    s.idle.extend(waiting);
+            Err(e) => e,
+        };
+        let not_implemented = matches!(&e, StoreError::Other(m) if m.contains("NotImplemented") || m.contains("not implemented"));
+        let attempts = {
+            let mut s = self.state.lock();
+            if not_implemented && !s.single_deletes {
+                tracing::warn!(error = %e, "the store does not implement DeleteObjects; deleting one key per request from now on");
+                s.single_deletes = true;
+                let waiting = std::mem::take(&mut s.idle_deletes);
+                s.idle.extend(waiting);
+            } else {
+                s.deletes_attempts += 1;
+                let backoff =
+                    Duration::from_millis(200) * 2u32.saturating_pow(s.deletes_attempts.min(8) - 1);
+                s.deletes_retry_at = Some(Instant::now() + backoff.min(Duration::from_secs(30)));
+            }
+            s.deletes_attempts
+        };
+        if attempts == 1 || attempts % 10 == 0 {
+            tracing::warn!(keys = keys.len(), attempts, error = %e, "deletes could not be carried out; retrying");
+        }
+        self.requeue_failed(&batch, &e, false);
+    }
+
+    /// Changes that failed go back to the queue (`single`: each as a request of its own),
+    /// with their failure recorded for `wait`; those a newer change replaced meanwhile are
+    /// dropped.
+    fn requeue_failed(&self, failed: &[(u64, Change)], e: &StoreError, single: bool) {
+        let mut dropped = Vec::new();
+        {
+            let mut guard = self.state.lock();
+            let s = &mut *guard;
+            for (seq, _) in failed {
+                if let Some(op) = s.ops.get_mut(seq) {
+                    op.attempts += 1;
+                    op.last_error = Some(e.clone());
+                    op.failing_since.get_or_insert_with(Instant::now);
                 }
-                if down {
-                    s.deletes_attempts += 1;
-                    let backoff = Duration::from_millis(200)
-                        * 2u32.saturating_pow(s.deletes_attempts.min(8) - 1);
-                    s.deletes_retry_at =
-                        Some(Instant::now() + backoff.min(Duration::from_secs(30)));
-                }
-                for (seq, change) in &batch {
-                    s.in_flight.remove(change.key());
-                    if let Some(op) = s.ops.get_mut(seq) {
-                        op.attempts += 1;
-                        op.last_error = Some(e.clone());
-                        op.failing_since.get_or_insert_with(Instant::now);
+                match Self::requeue(s, *seq) {
+                    Some(d) => dropped.push(d),
+                    None if single => {
+                        s.idle_deletes.remove(seq);
+                        s.idle.insert(*seq);
                     }
-                    Self::idle(s, *seq);
+                    None => {}
                 }
-                let attempts = s.deletes_attempts;
-                drop(guard);
-                if down && (attempts == 1 || attempts % 10 == 0) {
-                    tracing::warn!(keys = keys.len(), attempts, error = %e, "deletes could not be carried out; retrying");
-                }
-                self.progress.notify_waiters();
-                self.wake();
             }
         }
+        for (seq, file) in dropped {
+            self.finish_record(seq, file.as_deref());
+        }
+        self.progress.notify_waiters();
+        self.wake();
+    }
+
+    /// Changes carried out together are in the bucket: as `landed` for each, with one
+    /// journal write for all.
+    fn landed_all(&self, done: Vec<(u64, Change)>) {
+        let observer = self.observer.lock().as_ref().and_then(Weak::upgrade);
+        if let Some(o) = &observer {
+            for (_, change) in &done {
+                o.landed(change.key(), !matches!(change, Change::Delete { .. }));
+            }
+        }
+        {
+            let mut s = self.state.lock();
+            let mut seqs = Vec::with_capacity(done.len());
+            for (seq, change) in &done {
+                s.in_flight.remove(change.key());
+                s.ops.remove(seq);
+                if s.latest.get(change.key()) == Some(seq) {
+                    s.latest.remove(change.key());
+                }
+                let landed = s.last_landed.get_or_insert_with(|| {
+                    lru::LruCache::new(LAST_LANDED_KEPT.try_into().expect("non-zero"))
+                });
+                if landed.peek(change.key()).is_none_or(|l| l < seq) {
+                    landed.put(change.key().to_string(), *seq);
+                }
+                seqs.push(*seq);
+            }
+            if let Err(e) = self.journal.done_all(&seqs) {
+                tracing::error!(error = %e, "cannot write the journal; the changes will be done again after a restart");
+            }
+            if s.ops.is_empty() {
+                if let Err(e) = self.journal.reset() {
+                    tracing::warn!(error = %e, "cannot reset the journal");
+                }
+            }
+        }
+        self.progress.notify_waiters();
+        self.work.notify_waiters();
     }
 
     /// After a change reached the bucket: the content of an uploaded file moves into the

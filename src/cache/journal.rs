@@ -131,6 +131,9 @@ impl Journal {
         }
         let (records, used) = decode_all(&data);
         let mut changes: BTreeMap<u64, Change> = BTreeMap::new();
+        // The newest finished change of each key: an older one still pending is obsolete
+        // (the changes of a key take effect in order), and replaying it would undo a newer.
+        let mut finished: std::collections::HashMap<String, u64> = Default::default();
         let mut next_seq = 1;
         for r in records {
             match r {
@@ -139,10 +142,14 @@ impl Journal {
                     changes.insert(seq, c);
                 }
                 Record::Done(seq) => {
-                    changes.remove(&seq);
+                    if let Some(c) = changes.remove(&seq) {
+                        let newest = finished.entry(c.key().to_string()).or_insert(seq);
+                        *newest = (*newest).max(seq);
+                    }
                 }
             }
         }
+        changes.retain(|seq, c| finished.get(c.key()).is_none_or(|done| done < seq));
         let mut replay = Replay {
             pending: Vec::new(),
             next_seq,
@@ -222,6 +229,15 @@ impl Journal {
         self.append(&encode(&Record::Done(seq)))
     }
 
+    /// Records that changes `seqs` are in the bucket, with one write.
+    pub fn done_all(&self, seqs: &[u64]) -> io::Result<()> {
+        let mut bytes = Vec::new();
+        for seq in seqs {
+            bytes.extend_from_slice(&encode(&Record::Done(*seq)));
+        }
+        self.append(&bytes)
+    }
+
     /// Empties the journal when nothing is pending, so it does not grow without bound.
     pub fn reset(&self) -> io::Result<()> {
         let f = self.file.lock();
@@ -252,6 +268,43 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replay_drops_a_change_older_than_a_finished_one_of_the_same_key() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (j, _) = Journal::open(dir.path()).unwrap();
+            std::fs::write(j.pending_path(2), b"new").unwrap();
+            j.record(1, &Change::Delete { key: "k".into() }).unwrap();
+            j.record(
+                2,
+                &Change::Upload {
+                    key: "k".into(),
+                    size: 3,
+                },
+            )
+            .unwrap();
+            j.record(
+                3,
+                &Change::Delete {
+                    key: "other".into(),
+                },
+            )
+            .unwrap();
+            // The upload landed; the delete it replaced was never finished.
+            j.done(2).unwrap();
+        }
+        let (_, r) = Journal::open(dir.path()).unwrap();
+        assert_eq!(
+            r.pending,
+            vec![(
+                3,
+                Change::Delete {
+                    key: "other".into()
+                }
+            )]
+        );
+    }
 
     #[test]
     fn replay_returns_what_is_not_done_and_survives_a_torn_tail() {

@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use super::error::{FsError, FsResult};
 use super::inode::{Kind, Remote};
 use super::listing::ListingId;
+use super::namespace::ListedInode;
 use super::{names, Attr, BucketFs};
 use crate::writeback::Pending;
 
@@ -148,34 +149,48 @@ impl BucketFs {
         max: usize,
     ) -> FsResult<Vec<(DirEntry, Attr)>> {
         let (dir, entries) = self.entries(fh, offset, max).await?;
-        let mut out = Vec::with_capacity(entries.len());
+        let mut out: Vec<(DirEntry, Attr)> = Vec::with_capacity(entries.len());
         for mut e in entries {
-            let attr = if e.name == "." || e.name == ".." {
-                match self.attr(e.ino) {
-                    Ok(a) => a,
-                    Err(_) => self.attr(dir)?,
-                }
-            } else if let Some((remote, seen)) = &e.listed {
-                let ino = {
-                    let mut t = self.ns.table.lock();
-                    let Some(dir_path) = t.get(dir).map(|i| i.path.clone()) else {
-                        return Err(FsError::NOENT);
-                    };
-                    let path = names::join(&dir_path, &e.name);
-                    t.upsert_remote(dir, &e.name, path, remote, *seen)
-                };
-                self.remember(ino)?
-            } else {
-                match self.lookup(dir, std::ffi::OsStr::new(&e.name)).await {
-                    Ok(a) => a,
-                    Err(FsError::NOENT) => continue,
-                    Err(err) => return Err(err),
+            let attr = match self.entry_attr(dir, &e).await {
+                Ok(Some(a)) => a,
+                Ok(None) => continue,
+                Err(err) => {
+                    // The references taken so far are not handed to the kernel.
+                    for (e, a) in &out {
+                        if e.name != "." && e.name != ".." {
+                            self.forget(a.ino, 1);
+                        }
+                    }
+                    return Err(err);
                 }
             };
             e.ino = attr.ino;
             out.push((e, attr));
         }
         Ok(out)
+    }
+
+    /// The attributes of one entry of directory `dir` for readdirplus, with a kernel
+    /// reference taken (none for `.` and `..`); None when the name went away meanwhile.
+    async fn entry_attr(&self, dir: u64, e: &DirEntry) -> FsResult<Option<Attr>> {
+        if e.name == "." || e.name == ".." {
+            return Ok(Some(match self.attr(e.ino) {
+                Ok(a) => a,
+                Err(_) => self.attr(dir)?,
+            }));
+        }
+        if let Some((remote, seen)) = &e.listed {
+            match self.ns.listed_inode(dir, &e.name, remote, *seen) {
+                ListedInode::Known(ino) => return Ok(self.remember(ino).ok()),
+                ListedInode::Gone => return Ok(None),
+                ListedInode::Ask => {}
+            }
+        }
+        match self.lookup(dir, std::ffi::OsStr::new(&e.name)).await {
+            Ok(a) => Ok(Some(a)),
+            Err(FsError::NOENT) => Ok(None),
+            Err(err) => Err(err),
+        }
     }
 
     /// The directory a handle lists, and its entries from position `offset` on.

@@ -56,8 +56,12 @@ pub struct Inode {
 }
 
 impl Inode {
-    /// Takes the attributes the bucket gave at time `seen`.
+    /// Takes the attributes the bucket gave at time `seen`, unless what the inode holds was
+    /// confirmed or made later.
     pub fn take_remote(&mut self, remote: &Remote, seen: Instant) {
+        if self.validated.is_some_and(|v| v > seen) {
+            return;
+        }
         self.size = remote.size;
         self.mtime = remote.mtime;
         self.etag = remote.etag.clone();
@@ -198,6 +202,8 @@ impl InodeTable {
             }
         }
         let i = self.insert(parent, name, path, remote.kind);
+        // New: what the bucket said is all it knows.
+        i.validated = None;
         i.take_remote(remote, seen);
         i.in_bucket = true;
         i.ino

@@ -1,12 +1,10 @@
 //! What the bucket was last seen to hold, by directory, for the metadata TTL: the attributes
 //! of every name a LIST returned (so the lookups and stats after a `readdir` ask nothing),
-//! the complete list of names of a directory listed to its end (so `readdir` and `rmdir`
-//! ask nothing again), and, for the negative TTL, the knowledge that a name is absent: single
-//! names a lookup found absent, and names a complete listing lacks (absence from another
-//! host's point of view goes stale sooner than presence, so it is trusted for the shorter
-//! TTL). Changes this mount makes are noted as they happen, so a listing never hides or
-//! resurrects them. Bounded by a total number of remembered names; whole directories are
-//! evicted least recently used.
+//! and the complete list of names of a directory listed to its end (so `readdir`, `rmdir`
+//! and a lookup of a missing name ask nothing again); and, for the negative TTL, single
+//! names a lookup found absent in a directory with no complete listing. Changes this mount
+//! makes are noted as they happen, so a listing never hides or resurrects them. Bounded by a
+//! total number of remembered names; whole directories are evicted least recently used.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -227,9 +225,7 @@ impl ListingCache {
                         return Answer::Present(e.remote().expect("present"), l.at);
                     }
                     Some(Entry::Removed) => return Answer::Absent,
-                    None if l.complete && l.at.elapsed() < self.negative_ttl => {
-                        return Answer::Absent
-                    }
+                    None if l.complete => return Answer::Absent,
                     None => {}
                 }
             }
@@ -300,6 +296,15 @@ impl ListingCache {
                 .absent
                 .put(path.to_string(), Instant::now());
         }
+    }
+
+    /// Whether this mount removed `name` from `dir` while its listing was fresh.
+    pub fn removed_here(&self, dir: &str, name: &str) -> bool {
+        let inner = self.inner.lock();
+        inner
+            .dirs
+            .peek(dir)
+            .is_some_and(|l| matches!(l.names.get(name), Some(Entry::Removed)))
     }
 
     /// A lookup asked the bucket about `name` in `dir` and found `remote` (None: nothing): a

@@ -89,6 +89,7 @@ pub fn listable(name: &str) -> bool {
         && name != ".."
         && name.len() <= MAX_NAME
         && !name.contains('\0')
+        && !name.contains('/')
 }
 
 #[cfg(test)]

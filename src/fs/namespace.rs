@@ -8,8 +8,8 @@
 //! Consistency rules, in the order a lookup applies them:
 //! 1. an inode validated within `--metadata-ttl`, or a file that exists only here, is as known;
 //! 2. a fresh listing of the directory answers, unless a change of this mount landed after it
-//!    began (a name this mount changed itself is as noted); it answers "absent" only while
-//!    younger than `--negative-ttl`;
+//!    began (a name this mount changed itself is as noted); a complete one answers "absent"
+//!    for names it lacks; a name a lookup found missing is remembered for `--negative-ttl`;
 //! 3. pending changes win over both: an upload or a marker makes the name exist, a delete
 //!    makes a file absent;
 //! 4. else one LIST of the key as a prefix decides, and fills the listings below it; while
@@ -40,6 +40,16 @@ use super::names::{self, KeyMap};
 use super::{dir, subtree};
 use crate::store::{ObjectStore, StoreError};
 use crate::writeback::{LandingObserver, Pending, WritebackQueue};
+
+/// Which inode a listed entry handed to the kernel with its attributes stands for.
+pub(super) enum ListedInode {
+    /// This one, with the listing's attributes taken where they are the newest.
+    Known(u64),
+    /// The name went away since it was listed.
+    Gone,
+    /// Local or pending changes decide: ask `lookup`.
+    Ask,
+}
 
 /// What pending changes say about a name.
 enum PendingAnswer {
@@ -128,6 +138,44 @@ impl Namespace {
     pub(super) fn listed_answer(&self, dir: &str, name: &str, path: &str) -> Answer {
         let changed_at = self.changed_at(path);
         self.listing.lookup(dir, name, path, changed_at)
+    }
+
+    /// The inode for `name` in directory `dir`, listed as `remote` at `seen`, for readdirplus:
+    /// a name this mount removed since is gone; one with a local copy or a pending change
+    /// is answered by `lookup`; else the listing's attributes are taken unless the inode
+    /// knows newer ones.
+    pub(super) fn listed_inode(
+        &self,
+        dir: u64,
+        name: &str,
+        remote: &Remote,
+        seen: Instant,
+    ) -> ListedInode {
+        let mut t = self.table.lock();
+        let Some(dir_path) = t.get(dir).map(|i| i.path.clone()) else {
+            return ListedInode::Gone;
+        };
+        let path = names::join(&dir_path, name);
+        if let Some(ino) = t.child(dir, name) {
+            let i = t.get_mut(ino).expect("child is live");
+            if i.kind != remote.kind || i.is_local_only() {
+                return ListedInode::Ask;
+            }
+            i.take_remote(remote, seen);
+            return ListedInode::Known(ino);
+        }
+        if self.listing.removed_here(&dir_path, name) {
+            return ListedInode::Gone;
+        }
+        let Ok(key) = self.keys.file_key(&path) else {
+            return ListedInode::Gone;
+        };
+        match self.pending_changes(&key, &self.keys.dir_prefix(&path)) {
+            (None, None, under) if under.is_empty() => {
+                ListedInode::Known(t.upsert_remote(dir, name, path, remote, seen))
+            }
+            _ => ListedInode::Ask,
+        }
     }
 
     /// The marker directory `dir` needs to stay once an entry of it went away, if nothing
@@ -228,7 +276,7 @@ impl Namespace {
         if whole {
             tree.finish();
         }
-        self.record_subtree(&mut tree, &dir_prefix, id, began);
+        self.record_subtree(&mut tree, &dir_prefix, id, began, &deleted);
         let mut is_dir = below.iter().any(|o| !deleted.contains(&o.key));
         let mut marker = below
             .first()
@@ -289,6 +337,7 @@ impl Namespace {
         prefix: &str,
         id: listing::ListingId,
         began: Instant,
+        deleted_before: &HashSet<String>,
     ) {
         for key in tree.take_skipped() {
             self.warn_once(&key, "this key cannot be shown as a path and is skipped");
@@ -297,13 +346,10 @@ impl Namespace {
         if !tree.exists() || complete.is_empty() {
             return;
         }
-        let deleted: HashSet<String> = self
-            .writeback
-            .under(prefix)
-            .into_iter()
-            .filter(|(_, p)| matches!(p, Pending::Delete))
-            .map(|(k, _)| k)
-            .collect();
+        // Deletes pending when the LIST was sent (one may have landed while it ran, after
+        // the LIST saw its key) and those pending now.
+        let mut deleted = self.pending_deletes(prefix);
+        deleted.extend(deleted_before.iter().cloned());
         for (dir, mut names) in complete {
             if !deleted.is_empty() {
                 let dir_prefix = self.keys.dir_prefix(&dir);
@@ -314,6 +360,16 @@ impl Namespace {
             }
             self.listing.record(&dir, id, began, names);
         }
+    }
+
+    /// Keys under `prefix` being deleted.
+    fn pending_deletes(&self, prefix: &str) -> HashSet<String> {
+        self.writeback
+            .under(prefix)
+            .into_iter()
+            .filter(|(_, p)| matches!(p, Pending::Delete))
+            .map(|(k, _)| k)
+            .collect()
     }
 
     /// What the write-back queue alone says `key` (a file) or `dir_prefix` (a directory)
@@ -595,6 +651,7 @@ impl Namespace {
     /// recorded.
     async fn list_subtree(&self, dir: &str) -> FsResult<bool> {
         let prefix = self.keys.dir_prefix(dir);
+        let deleted_before = self.pending_deletes(&prefix);
         let (id, began) = self.listing.begin();
         let mut tree = subtree::Subtree::new(dir, &prefix, self.mount_time);
         let mut token = None;
@@ -611,7 +668,7 @@ impl Namespace {
             if token.is_none() {
                 tree.finish();
             }
-            self.record_subtree(&mut tree, &prefix, id, began);
+            self.record_subtree(&mut tree, &prefix, id, began, &deleted_before);
             if token.is_none() {
                 return Ok(true);
             }

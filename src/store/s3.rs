@@ -708,6 +708,10 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| self.map_err("DeleteObjects", &keys[0], e))?;
+        // A refusal that names no key leaves every key of the batch in doubt.
+        if r.errors().iter().any(|e| e.key().is_none()) {
+            return Ok(keys.to_vec());
+        }
         Ok(r.errors()
             .iter()
             .filter_map(|e| e.key().map(str::to_string))
