@@ -3,11 +3,12 @@
 Runs the same workloads on s3mediafs, s3fs and rclone mount (--vfs-cache-mode full), and on
 a raw client with no FUSE (parallel ranged GETs and PUTs with boto3), against one local S3
 server; prints a Markdown table with ratios and writes it, with a PNG chart, to
-bench/results/. Two sections: `read` (large media and small files) and `tree` (metadata over a
-Synapse-shaped tree, in bench_tree.py)."""
+bench/results/. Three sections: `read` (large media and small files), `tree` (metadata over a
+Synapse-shaped tree, in bench_tree.py) and `namespace` (metadata at a distance: every client
+through a proxy that adds --rtt to each request, in bench_namespace.py)."""
 import argparse, concurrent.futures, datetime, os, pathlib, shutil, statistics, subprocess, sys, tempfile, time
 
-from bench_common import BUCKET, ENDPOINT, ROOT, Rclone, S3fs, S3mediafs, s3
+from bench_common import BUCKET, ENDPOINT, ROOT, CountingProxy, Rclone, S3fs, S3mediafs, s3
 
 MIB = 1 << 20
 THREADS = 8
@@ -356,6 +357,62 @@ def tree_section(a, work, makers):
     write_result("tree", lines, lambda png: bench_tree.chart(results, png))
 
 
+def namespace_section(a, work, makers):
+    import bench_namespace as ns
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    if subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode:
+        commit += " (with uncommitted changes)"
+    stamp = int(time.time())
+    prefix, big_prefix = f"bench/ns-{stamp}/tree/", f"bench/ns-{stamp}/big/"
+    tree = ns.Tree(a.ns_files)
+    proxy = CountingProxy(rtt=a.rtt)
+    print(f"== namespace: uploading a {ns.BIG_MIB} MiB file; {len(tree.files)} files at {a.rtt * 1000:g} ms RTT", file=sys.stderr)
+    ns.upload_big(big_prefix + "big.bin")
+    results, built = {}, None
+    try:
+        check = ns.proxy_check(proxy, big_prefix + "big.bin")
+        print(f"== proxy check: HEAD {check['direct'] * 1000:.1f} ms directly, {check['proxied'] * 1000:.1f} ms "
+              f"through the proxy; {ns.PARALLEL} at once {check['parallel'] * 1000:.1f} ms", file=sys.stderr)
+        for name in a.clients.split(","):
+            print(f"== namespace: {name}", file=sys.stderr)
+            p = f"{prefix}{name}/"
+            try:
+                if name == "s3mediafs":
+                    built = datetime.datetime.fromtimestamp((ROOT / "target/release/s3mediafs").stat().st_mtime, datetime.timezone.utc)
+                if name == "raw":
+                    results[name] = ns.run_raw(p, big_prefix, tree, proxy)
+                else:
+                    results[name] = ns.run_client(lambda ep: makers[name](ep), p, big_prefix, tree, proxy, drop_page_cache)
+            finally:
+                ns.wipe(p)
+            shutil.rmtree(work / name, ignore_errors=True)
+    finally:
+        ns.wipe(big_prefix)
+    if built:
+        commit += f"; target/release/s3mediafs built {built:%Y-%m-%d %H:%M} UTC"
+    lines = ns.report(results, tree, a.rtt, commit, datetime.datetime.now(datetime.timezone.utc), check)
+    write_result(f"namespace-{a.rtt * 1000:g}ms", lines, lambda png: ns.chart(results, a.rtt, png))
+
+
+def duration(text):
+    """Seconds from `20ms`, `0.02s` or `0`."""
+    t = text.strip().lower()
+    try:
+        if t.endswith("ms"):
+            v = float(t[:-2]) / 1000
+        elif t.endswith("s"):
+            v = float(t[:-1])
+        elif float(t) == 0:
+            v = 0.0
+        else:
+            raise argparse.ArgumentTypeError(f"{text}: give a unit, as in 20ms or 0.02s")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: not a duration (20ms, 0.02s, 0)")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text}: negative")
+    return v
+
+
 def write_result(kind, lines, draw):
     dest = ROOT / "bench/results" / f"{kind}-{datetime.date.today()}.md"
     png = dest.with_suffix(".png")
@@ -369,12 +426,14 @@ def write_result(kind, lines, draw):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="read,tree", help="read, tree or both")
+    ap.add_argument("--sections", default="read,tree,namespace", help="read, tree, namespace, comma-separated")
     ap.add_argument("--big-mib", type=int, default=1024)
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--ttfb-files", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3, help="cold reads per client (in rounds over the clients), warm re-reads and local-disk reads, each reported as the median")
     ap.add_argument("--tree-files", type=int, default=10000)
+    ap.add_argument("--ns-files", type=int, default=300, help="files in the namespace section's tree")
+    ap.add_argument("--rtt", type=duration, default=0.0, help="round trip the namespace section's proxy adds to every request: 20ms, 0.02s, 0")
     ap.add_argument("--clients", default="s3mediafs,s3fs,rclone-full,raw")
     a = ap.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="s3mediafs-bench-"))
@@ -384,10 +443,14 @@ def main():
         "rclone-full": lambda ep: Rclone("rclone-full", work / "rclone", endpoint=ep),
     }
     sections = a.sections.split(",")
+    if set(sections) - {"read", "tree", "namespace"}:
+        ap.error(f"unknown section in {a.sections}: read, tree, namespace")
     if "read" in sections:
         read_section(a, work, makers)
     if "tree" in sections:
         tree_section(a, work, makers)
+    if "namespace" in sections:
+        namespace_section(a, work, makers)
 
 
 if __name__ == "__main__":

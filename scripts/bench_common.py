@@ -8,8 +8,15 @@ ENV = os.environ
 ENDPOINT, REGION = ENV["S3MEDIAFS_TEST_ENDPOINT"], ENV["S3MEDIAFS_TEST_REGION"]
 BUCKET, KEY, SECRET = ENV["S3MEDIAFS_TEST_BUCKET"], ENV["S3MEDIAFS_TEST_ACCESS_KEY"], ENV["S3MEDIAFS_TEST_SECRET_KEY"]
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-s3 = boto3.client("s3", endpoint_url=ENDPOINT, region_name=REGION, aws_access_key_id=KEY,
-                  aws_secret_access_key=SECRET, config=Config(s3={"addressing_style": "path"}))
+
+
+def s3_client(endpoint=None, **config):
+    """A boto3 S3 client for the bench bucket, at `endpoint` (the server by default)."""
+    return boto3.client("s3", endpoint_url=endpoint or ENDPOINT, region_name=REGION, aws_access_key_id=KEY,
+                        aws_secret_access_key=SECRET, config=Config(s3={"addressing_style": "path"}, **config))
+
+
+s3 = s3_client()
 
 
 def mounted(path):
@@ -129,19 +136,35 @@ class Rclone(Client):
 
 class CountingProxy:
     """A pass-through HTTP proxy in front of the S3 server that counts requests by kind
-    (LIST, HEAD, GET, PUT, DELETE, POST), so every client's request economy can be compared
-    on the same footing. Headers (Host included, which requests are signed with) and bodies
-    go through unchanged."""
+    (LIST, HEAD, GET, PUT, DELETE, POST, and DELETE_MULTI for a DeleteObjects batch), so every
+    client's request economy can be compared on the same footing. Headers (Host included,
+    which requests are signed with) and bodies go through unchanged, but for an unsigned
+    `Expect: 100-continue`, which the proxy answers itself. With `rtt` (seconds) every
+    request pays one more round trip: rtt/2 before it goes upstream and rtt/2 before its answer
+    comes back, in the request's own thread, so requests in parallel overlap their waits as
+    they would over a network. Connections are not delayed as they open."""
 
-    def __init__(self):
-        import collections, http.client, http.server, socketserver, threading, urllib.parse
+    def __init__(self, rtt=0.0):
+        import collections, http.client, http.server, socket, socketserver, threading, urllib.parse
         upstream = urllib.parse.urlsplit(ENDPOINT)
+        self.rtt = rtt
         counts = self.counts = collections.Counter()
-        lock = threading.Lock()
+        lock = self.lock = threading.Lock()
         local = threading.local()
+        half = rtt / 2
+
+        def quick_ack(conn):
+            """Has the kernel acknowledge what the server sends at once. A server that leaves
+            Nagle's algorithm on (Garage does) holds back a body written after its headers
+            until they are acknowledged, and a delayed ACK makes that 40 ms."""
+            if conn.sock is not None:
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in separate writes: with Nagle's algorithm against the
+            # peer's delayed ACK, a small answer would wait 40 ms for its body.
+            disable_nagle_algorithm = True
 
             def log_message(self, *a):
                 pass
@@ -151,19 +174,33 @@ class CountingProxy:
                 kind = self.command
                 if kind == "GET" and ("list-type" in q or "prefix=" in q or "delimiter" in q):
                     kind = "LIST"
+                elif kind == "POST" and "delete" in urllib.parse.parse_qs(q, keep_blank_values=True):
+                    kind = "DELETE_MULTI"
                 with lock:
                     counts[kind] += 1
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else None
+                if half:
+                    time.sleep(half)
+                # The client has had its 100 Continue from here and the body is read: the
+                # server is not asked for another (its interim answer and its final one, two
+                # small writes, would wait on each other), unless the header is signed.
+                auth = self.headers.get("Authorization", "")
+                signed = auth.split("SignedHeaders=", 1)[1].split(",", 1)[0].split(";") if "SignedHeaders=" in auth else ()
                 conn = getattr(local, "conn", None)
                 for attempt in (0, 1):
                     if conn is None:
                         conn = local.conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=300)
                     try:
+                        if conn.sock is None:
+                            conn.connect()
+                            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                         conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
                         for k, v in self.headers.items():
-                            conn.putheader(k, v)
+                            if k.lower() != "expect" or "expect" in signed:
+                                conn.putheader(k, v)
                         conn.endheaders(body)
+                        quick_ack(conn)
                         resp = conn.getresponse()
                         break
                     except (http.client.HTTPException, OSError):
@@ -171,9 +208,12 @@ class CountingProxy:
                         conn = local.conn = None
                         if attempt:
                             raise
+                if half:
+                    time.sleep(half)
                 self.send_response_only(resp.status, resp.reason)
                 # http.client undoes chunked encoding, so a chunked body is sent on whole.
                 chunked = resp.getheader("Transfer-Encoding", "").lower() == "chunked"
+                quick_ack(conn)
                 whole = resp.read() if chunked else None
                 for k, v in resp.getheaders():
                     if k.lower() not in ("connection", "keep-alive", "transfer-encoding"):
@@ -185,6 +225,7 @@ class CountingProxy:
                     self.wfile.write(whole)
                 elif self.command != "HEAD":
                     while True:
+                        quick_ack(conn)
                         chunk = resp.read(1 << 16)
                         if not chunk:
                             break
@@ -199,12 +240,19 @@ class CountingProxy:
             # Clients open many connections at once; the default backlog of 5 drops some.
             request_queue_size = 256
 
+            def handle_error(self, request, client_address):
+                """A client that hangs up mid-answer (a reader done with a file, a mount going
+                away) is not an error of the proxy's."""
+                if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+                    super().handle_error(request, client_address)
+
         self.server = Server(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def take(self):
         """The counts so far, and start again from zero."""
-        out = dict(self.counts)
-        self.counts.clear()
+        with self.lock:
+            out = dict(self.counts)
+            self.counts.clear()
         return out
