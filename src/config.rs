@@ -498,11 +498,14 @@ fn parse_gid(s: &str) -> Result<u32, String> {
 }
 
 /// `500ms`, `2s`, `1m`, `1h`, a plain number of seconds, `0`, or `forever`.
+/// What `forever` means: a century, which any timer can still add to the current time.
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let err = || format!("'{s}' is not a duration; use e.g. 500ms, 1s, 5m, 0 or forever");
     let s = s.trim();
     if s == "forever" || s == "inf" {
-        return Ok(Duration::from_secs(100 * 365 * 24 * 3600));
+        return Ok(FOREVER);
     }
     let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
         Some(i) => (&s[..i], &s[i..]),
@@ -518,6 +521,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(err());
+    }
+    if secs > FOREVER.as_secs_f64() {
+        return Err(format!(
+            "'{s}' is longer than any timer can wait; use forever"
+        ));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -1046,6 +1054,11 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
         assert!(parse_duration("-1s").is_err());
+        // Values no timer can add to the current time are refused, not kept to panic later.
+        for huge in ["1e30s", "99999999999999999999s", "4000000000h"] {
+            assert!(parse_duration(huge).is_err(), "{huge}");
+        }
+        assert!(parse_duration("forever").unwrap() >= Duration::from_secs(365 * 24 * 3600));
     }
 
     #[test]

@@ -15,6 +15,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 type Labels = Vec<(&'static str, &'static str)>;
+
+/// Connections the metrics endpoint serves at once; more wait to be accepted.
+const METRICS_CONNECTIONS: usize = 16;
+/// How long a connection to the metrics endpoint may take to send its request.
+const METRICS_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 type LatencyFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -355,20 +360,33 @@ impl Metrics {
         out
     }
 
-    /// Serves `GET /metrics` on `listener` until the runtime stops.
+    /// Serves `GET /metrics` on `listener` until the runtime stops: at most
+    /// `METRICS_CONNECTIONS` at once, each given `METRICS_READ_TIMEOUT` to send its request;
+    /// a failing accept (no descriptor left, say) is retried after a pause, not in a spin.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
         loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                continue;
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let mut conn = match listener.accept().await {
+                Ok((conn, _)) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the metrics endpoint cannot accept a connection; trying again in a second");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
             };
             let me = self.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let mut buf = Vec::with_capacity(1024);
                 let mut chunk = [0u8; 1024];
+                let deadline = tokio::time::Instant::now() + METRICS_READ_TIMEOUT;
                 while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 << 10 {
-                    match conn.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    match tokio::time::timeout_at(deadline, conn.read(&mut chunk)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                        Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
                     }
                 }
                 let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
@@ -385,9 +403,12 @@ impl Metrics {
                     "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     body.len()
                 );
-                let _ = conn.write_all(head.as_bytes()).await;
-                let _ = conn.write_all(body.as_bytes()).await;
-                let _ = conn.shutdown().await;
+                let answer = async {
+                    conn.write_all(head.as_bytes()).await?;
+                    conn.write_all(body.as_bytes()).await?;
+                    conn.shutdown().await
+                };
+                let _ = tokio::time::timeout(METRICS_READ_TIMEOUT, answer).await;
             });
         }
     }
@@ -396,6 +417,39 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_cannot_starve_the_metrics_endpoint() {
+        let metrics = Metrics::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(metrics.serve(listener));
+        let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let before = fds();
+        // More connections than it serves at once, none sending a request: it holds a
+        // descriptor for at most METRICS_CONNECTIONS of them.
+        let mut idle = Vec::new();
+        for _ in 0..2 * METRICS_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let held = fds() - before - idle.len();
+        assert!(
+            held <= METRICS_CONNECTIONS + 4,
+            "{held} descriptors for idle connections"
+        );
+        let ask = async {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+            let mut text = String::new();
+            c.read_to_string(&mut text).await.unwrap();
+            text
+        };
+        let text = tokio::time::timeout(METRICS_READ_TIMEOUT * 4, ask)
+            .await
+            .expect("the idle connections were never dropped");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    }
 
     #[test]
     fn renders_requests_and_state() {

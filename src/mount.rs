@@ -494,7 +494,9 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Creates the cache directory (mode 0700) and locks it for this mount.
+/// Creates the cache directory (mode 0700) and locks it for this mount. An existing one must
+/// belong to the mounting user and be writable by nobody else: whoever can write there can
+/// plant files this mount would upload as the user's media.
 fn prepare_cache_dir(dir: &PathBuf) -> Result<CacheLock, String> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -506,7 +508,40 @@ fn prepare_cache_dir(dir: &PathBuf) -> Result<CacheLock, String> {
                 dir.display()
             )
         })?;
+    check_cache_dir(dir)?;
     CacheLock::acquire(dir)
+}
+
+/// Refuses a cache directory that is a symlink, belongs to another user, or that its group
+/// or others can write.
+fn check_cache_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|e| format!("cannot read the cache directory {}: {e}", dir.display()))?;
+    let uid = unsafe { libc::geteuid() };
+    let problem = if meta.file_type().is_symlink() {
+        Some("is a symbolic link".to_string())
+    } else if meta.uid() != uid {
+        Some(format!(
+            "belongs to uid {}, not to the mounting user (uid {uid})",
+            meta.uid()
+        ))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!(
+            "can be written by its group or by others (mode {:o})",
+            meta.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(p) => Err(format!(
+            "the cache directory {} {p}; anyone who can write there can change what is uploaded: \
+             use a directory of your own with mode 0700 (--cache-dir)",
+            dir.display()
+        )),
+        None => Ok(()),
+    }
 }
 
 /// One cheap request that proves the endpoint answers, the credentials work and the bucket

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 
 use common::*;
 
@@ -212,6 +212,56 @@ fn unusable_mountpoints_are_explained() {
         err.contains("is not empty") && err.contains("nonempty"),
         "{err}"
     );
+}
+
+/// A cache directory others could write into is refused before anything is mounted: they
+/// could plant files the mount would upload, or point its lock or journal elsewhere.
+#[test]
+fn a_cache_directory_others_can_write_is_refused() {
+    let env = S3Env::get();
+    type Spoil = fn(&std::path::Path);
+    let cases: [(&str, Spoil, &str); 4] = [
+        (
+            "world-writable",
+            |d| std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap(),
+            "can be written by its group or by others (mode 777)",
+        ),
+        (
+            "another user's",
+            |d| std::os::unix::fs::chown(d, Some(65534), Some(65534)).unwrap(),
+            "belongs to uid 65534, not to the mounting user",
+        ),
+        (
+            "a symbolic link",
+            |d| {
+                let real = d.with_extension("real");
+                std::fs::rename(d, &real).unwrap();
+                std::os::unix::fs::symlink(&real, d).unwrap();
+            },
+            "is a symbolic link",
+        ),
+        (
+            "a lock file that is a symbolic link",
+            |d| {
+                let victim = d.with_extension("victim");
+                std::fs::write(&victim, b"not yours").unwrap();
+                std::os::unix::fs::symlink(&victim, d.join("lock")).unwrap();
+            },
+            "cannot open the lock file",
+        ),
+    ];
+    for (what, spoil, sentence) in cases {
+        let c = Case::new();
+        let cache = std::path::PathBuf::from(c.cache());
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&cache)
+            .unwrap();
+        spoil(&cache);
+        let (code, err) = c.mount(&env, &env.bucket, &c.mnt(), &[], creds(&env));
+        assert_eq!(code, 1, "{what}: {err}");
+        assert!(err.contains(sentence), "{what}: {err}");
+    }
 }
 
 #[test]

@@ -189,6 +189,7 @@ impl Journal {
                 .create(true)
                 .truncate(true)
                 .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&tmp)?;
             let mut buf = Vec::new();
             for (seq, c) in &replay.pending {

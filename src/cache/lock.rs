@@ -21,6 +21,7 @@ impl CacheLock {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| format!("cannot open the lock file {}: {e}", path.display()))?;
         // SAFETY: flock on a valid, owned file descriptor.
