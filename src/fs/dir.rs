@@ -307,15 +307,7 @@ impl BucketFs {
             if d.deleted.contains(name) {
                 continue;
             }
-            found.push((
-                name.to_string(),
-                Remote {
-                    kind: Kind::File,
-                    size: o.size,
-                    mtime: o.last_modified,
-                    etag: o.etag.clone(),
-                },
-            ));
+            found.push((name.to_string(), Remote::file(o)));
         }
         for p in &page.prefixes {
             let Some(name) = p

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::cache::StagedFile;
+use crate::store::ObjectMeta;
 
 pub const ROOT: u64 = 1;
 
@@ -23,6 +24,18 @@ pub struct Remote {
     pub size: u64,
     pub mtime: SystemTime,
     pub etag: Option<String>,
+}
+
+impl Remote {
+    /// A file, as the store described its object.
+    pub fn file(o: &ObjectMeta) -> Remote {
+        Remote {
+            kind: Kind::File,
+            size: o.size,
+            mtime: o.last_modified,
+            etag: o.etag.clone(),
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -215,15 +215,11 @@ impl BucketFs {
                 let (dir, name) = names::split(&path);
                 match self.ns.listed_answer(dir, name, &path) {
                     Answer::Present(r, at) if r.kind == Kind::File => Ok((r, at)),
-                    _ => self.store.head(&key).await.map(|meta| {
-                        let remote = Remote {
-                            kind: Kind::File,
-                            size: meta.size,
-                            mtime: meta.last_modified,
-                            etag: meta.etag,
-                        };
-                        (remote, Instant::now())
-                    }),
+                    _ => self
+                        .store
+                        .head(&key)
+                        .await
+                        .map(|meta| (Remote::file(&meta), Instant::now())),
                 }
             }
         };

@@ -318,12 +318,7 @@ impl Namespace {
                 );
                 Ok(Some(dir))
             }
-            Some(meta) => Ok(Some(Remote {
-                kind: Kind::File,
-                size: meta.size,
-                mtime: meta.last_modified,
-                etag: meta.etag,
-            })),
+            Some(meta) => Ok(Some(Remote::file(&meta))),
             None if is_dir => Ok(Some(dir)),
             None => Ok(None),
         }

@@ -124,15 +124,7 @@ impl Subtree {
         if let Some(name) = file.filter(|f| shown == parts.len() && names::listable(f)) {
             let dir = &mut self.open[shown].names;
             if !dir.get(name).is_some_and(|r| r.kind == Kind::Dir) {
-                dir.insert(
-                    name.to_string(),
-                    Remote {
-                        kind: Kind::File,
-                        size: o.size,
-                        mtime: o.last_modified,
-                        etag: o.etag.clone(),
-                    },
-                );
+                dir.insert(name.to_string(), Remote::file(o));
             }
         }
     }
