@@ -160,7 +160,7 @@ fn a_full_cache_disk_fails_the_write_with_enospc_and_harms_nothing_committed() {
     let cache = tmp.path().join("small");
     fs::create_dir(&cache).unwrap();
     let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs"])
         .arg(&cache)
         .status()
         .unwrap();
