@@ -12,7 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
-use common::{pseudo_random, sha256, unique_prefix, Bucket, S3Env, TestMount, BIN};
+use common::{pseudo_random, sha256, unique_prefix, wait_for, Bucket, S3Env, TestMount, BIN};
 
 /// A small Synapse media store: originals, thumbnails, remote media, an empty file, a
 /// multipart-sized file.
@@ -236,7 +236,22 @@ fn an_interrupted_import_resumes_where_it_stopped() {
     // As a crash or a reboot would.
     child.kill().unwrap();
     child.wait().unwrap();
-    let present = bucket.keys(&prefix).len();
+    // Uploads the proxy was still carrying when the process died may land a moment later:
+    // count once the bucket has stopped changing.
+    let mut last = (bucket.keys(&prefix).len(), Instant::now());
+    let present = wait_for(Duration::from_secs(30), || {
+        let n = bucket.keys(&prefix).len();
+        if n != last.0 {
+            last = (n, Instant::now());
+        }
+        if last.1.elapsed() >= Duration::from_secs(1) {
+            Ok(n)
+        } else {
+            Err(format!(
+                "the bucket kept changing after the import was killed ({n} keys)"
+            ))
+        }
+    });
     assert!(
         present >= copied_before_kill && present < files.len(),
         "{present}"

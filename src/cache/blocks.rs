@@ -109,10 +109,14 @@ pub fn allocated(len: u64) -> u64 {
 }
 
 /// What the cache keeps on disk for one object beyond its blocks: its checksum file up to
-/// block `index`, and a unit for the file's own bookkeeping (directory entries, extents).
+/// block `index`, a unit for the file's own bookkeeping (directory entries, extents), and
+/// one for the directory it lives in (removed with its last object).
 fn object_overhead(index: u64) -> u64 {
-    allocated(SUMS_HEADER + SUMS_ENTRY * (index + 1)) + ALLOC_UNIT
+    allocated(SUMS_HEADER + SUMS_ENTRY * (index + 1)) + OBJECT_BOOKKEEPING
 }
+
+/// The file's own bookkeeping and its directory's, per object.
+const OBJECT_BOOKKEEPING: u64 = 2 * ALLOC_UNIT;
 
 /// One cached block, as the index knows it.
 #[derive(Debug, Clone, Copy)]
@@ -317,6 +321,8 @@ impl BlockCache {
                     }
                 }
             }
+            // A directory left empty takes disk space no object accounts for.
+            let _ = std::fs::remove_dir(sub.path());
         }
         found.sort_by_key(|(t, ..)| *t);
         let mut index = Index {
@@ -356,7 +362,7 @@ impl BlockCache {
                 state.highest = i as u64;
                 count += 1;
             }
-            state.overhead = allocated(*sums_len) + ALLOC_UNIT;
+            state.overhead = allocated(*sums_len) + OBJECT_BOOKKEEPING;
             index.bytes += state.overhead;
             index.objects.insert(*object, state);
         }
@@ -1053,10 +1059,16 @@ fn sums_path(dir: &Path, object: &ObjectId) -> PathBuf {
 }
 
 /// Removes an object's checksum file, then its cache file (so a crash between the two
-/// leaves a half that the next open removes).
+/// leaves a half that the next open removes), then their directory if it is left empty.
 fn remove_files(dir: &Path, object: &ObjectId) {
     let _ = std::fs::remove_file(sums_path(dir, object));
-    let _ = std::fs::remove_file(data_path(dir, object));
+    let data = data_path(dir, object);
+    let _ = std::fs::remove_file(&data);
+    // The directory goes with its last object (a file being created there meanwhile
+    // creates it again).
+    if let Some(parent) = data.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
 }
 
 fn parse_name(name: &str) -> Option<ObjectId> {
