@@ -8,7 +8,7 @@ Synapse-shaped tree, in bench_tree.py) and `namespace` (metadata at a distance: 
 through a proxy that adds --rtt to each request, in bench_namespace.py)."""
 import argparse, concurrent.futures, datetime, os, pathlib, shutil, statistics, subprocess, sys, tempfile, time
 
-from bench_common import BUCKET, ENDPOINT, ROOT, CountingProxy, Rclone, S3fs, S3mediafs, s3
+from bench_common import BUCKET, ENDPOINT, ROOT, CountingProxy, Rclone, S3fs, S3mediafs, fmt, ratio, read_all, s3, timed
 
 MIB = 1 << 20
 THREADS = 8
@@ -19,14 +19,6 @@ def drop_page_cache():
     pathlib.Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def read_all(path, chunk=MIB):
-    n = 0
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return n
-            n += len(b)
 
 
 def cpu_seconds(pid):
@@ -58,10 +50,6 @@ def measure_cold(read, pid=None):
             "server_cpu": None if s0 is None else (s1 - s0) / gib}
 
 
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
 
 
 def upload_fixture(prefix, big_mib, ttfb_files):
@@ -247,16 +235,8 @@ ROWS = [
 ]
 
 
-def fmt(v):
-    if v is None:
-        return "n/a"
-    return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
 
 
-def ratio(ours, theirs, higher_better):
-    if ours is None or theirs is None or ours == 0 or theirs == 0:
-        return "n/a"
-    return f"{(ours / theirs if higher_better else theirs / ours):.2f}x"
 
 
 def chart(results, dest):

@@ -19,6 +19,38 @@ def s3_client(endpoint=None, **config):
 s3 = s3_client()
 
 
+
+def timed(fn):
+    """Runs fn; returns the seconds it took and what it returned."""
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def read_all(path, chunk=1 << 20):
+    """Reads a whole file unbuffered, `chunk` bytes a call; returns the bytes read."""
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return n
+            n += len(b)
+
+
+def fmt(v):
+    """A figure for a table: whole above 100, one decimal below, n/a when missing."""
+    if v is None:
+        return "n/a"
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def ratio(ours, theirs, higher_better):
+    """How many times better ours is than theirs, for a table."""
+    if ours is None or theirs is None or ours == 0 or theirs == 0:
+        return "n/a"
+    return f"{(ours / theirs if higher_better else theirs / ours):.2f}x"
+
 def mounted(path):
     p = str(pathlib.Path(path).resolve())
     return any(l.split()[4] == p for l in open("/proc/self/mountinfo"))

@@ -10,7 +10,7 @@ fresh mount with the page cache dropped unless said otherwise, with the requests
 for it."""
 import concurrent.futures, os, random, string, subprocess, sys, time
 
-from bench_common import BUCKET, CountingProxy, count_objects, s3, s3_client, wait_bucket
+from bench_common import BUCKET, CountingProxy, count_objects, fmt, ratio, read_all, s3, s3_client, timed, wait_bucket
 from bench_tree import on_fresh_mount
 
 FILE_SIZE = 64 << 10
@@ -65,10 +65,6 @@ class Tree:
         self.entries = len(self.files) + len(self.dirs)
 
 
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
 
 
 def list_keys(client, prefix):
@@ -124,14 +120,6 @@ def write_tree(mnt, tree):
             f.write(data)
 
 
-def read_whole(path):
-    n = 0
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            b = f.read(1 << 20)
-            if not b:
-                return n
-            n += len(b)
 
 
 def first_bytes(path):
@@ -201,7 +189,7 @@ def run_client(make, prefix, big_prefix, tree, proxy, drop_page_cache):
     r["find_warm"] = {"value": tree.entries / warm, "requests": warm_req}
 
     for step, fn, want in (("stat", find_then_stat, n), ("ls_lr", ls_lr_entries, tree.entries),
-                           ("read", lambda mnt: sum(read_whole(mnt / k) for k in tree.files), n * FILE_SIZE)):
+                           ("read", lambda mnt: sum(read_all(mnt / k) for k in tree.files), n * FILE_SIZE)):
         def run(c):
             proxy.take()
             secs, seen = timed(lambda: fn(c.mnt))
@@ -278,10 +266,6 @@ def run_raw(prefix, big_prefix, tree, proxy):
     return r
 
 
-def fmt(v):
-    if v is None:
-        return "n/a"
-    return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
 
 
 def fmt_requests(r):
@@ -321,10 +305,7 @@ def report(results, tree, rtt, commit, date, check_):
         lines += ["", "s3mediafs relative to each (above 1 = s3mediafs faster):", "",
                   "| step | " + " | ".join(f"vs {n}" for n in others) + " |", "|---" * (len(others) + 1) + "|"]
         for key, label, higher in STEPS:
-            cells = []
-            for n in others:
-                a, b = ours[key]["value"], results[n][key]["value"]
-                cells.append("n/a" if not a or not b else f"{(a / b if higher else b / a):.2f}x")
+            cells = [ratio(ours[key]["value"], results[n][key]["value"], higher) for n in others]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 

@@ -429,29 +429,21 @@ impl fuser::Filesystem for FuseAdapter {
         self.spawn("readdirplus", |fs| async move {
             match fs.readdirplus(fh.0, offset, 512).await {
                 Ok(entries) => {
-                    let mut entries = entries.into_iter();
-                    for (e, a) in entries.by_ref() {
-                        let full = reply.add(
-                            INodeNo(a.ino),
-                            e.next_offset,
-                            &e.name,
-                            &ttl,
-                            &file_attr(&a),
-                            Generation(0),
-                        );
-                        if full {
-                            // Not sent: the kernel takes no reference for it.
-                            if e.name != "." && e.name != ".." {
-                                fs.forget(a.ino, 1);
-                            }
-                            break;
-                        }
-                    }
-                    for (e, a) in entries {
-                        if e.name != "." && e.name != ".." {
-                            fs.forget(a.ino, 1);
-                        }
-                    }
+                    let sent = entries
+                        .iter()
+                        .take_while(|(e, a)| {
+                            !reply.add(
+                                INodeNo(a.ino),
+                                e.next_offset,
+                                &e.name,
+                                &ttl,
+                                &file_attr(a),
+                                Generation(0),
+                            )
+                        })
+                        .count();
+                    // The kernel takes no reference for entries the reply had no room for.
+                    fs.release_entries(&entries[sent..]);
                     reply.ok()
                 }
                 Err(e) => reply.error(errno(e)),

@@ -118,6 +118,11 @@ struct State {
     closed: bool,
 }
 
+/// Whether `change` makes its key exist (an upload or a marker), rather than deleting it.
+fn creates(change: &Change) -> bool {
+    !matches!(change, Change::Delete { .. })
+}
+
 /// Keys whose last landed change is remembered.
 const LAST_LANDED_KEPT: usize = 65_536;
 
@@ -716,46 +721,62 @@ impl WritebackQueue {
 
     /// Change `seq` is in the bucket: it leaves the queue and the journal.
     fn landed(&self, seq: u64, change: &Change, file: Option<Arc<StagedFile>>) {
-        let creates = !matches!(change, Change::Delete { .. });
-        // Told before the change leaves the queue, so that a lookup sees one or the other.
-        let observer = self.observer.lock().as_ref().and_then(Weak::upgrade);
-        if let Some(o) = observer {
-            o.landed(change.key(), creates);
-        }
+        self.tell_landed([change]);
         {
             let mut s = self.state.lock();
             // A file that stays makes the directories above it: unless a newer change of the
             // key (a delete) is on its way.
-            if creates && s.latest.get(change.key()) == Some(&seq) {
+            if creates(change) && s.latest.get(change.key()) == Some(&seq) {
                 self.drop_markers_above(&mut s, change.key());
             }
-            s.in_flight.remove(change.key());
-            if let Some(op) = s.ops.remove(&seq) {
-                if let Change::Upload { size, .. } = op.change {
-                    s.dirty_bytes -= size;
-                }
-            }
-            if s.latest.get(change.key()) == Some(&seq) {
-                s.latest.remove(change.key());
-            }
-            let landed = s.last_landed.get_or_insert_with(|| {
-                lru::LruCache::new(LAST_LANDED_KEPT.try_into().expect("non-zero"))
-            });
-            if landed.peek(change.key()).is_none_or(|l| *l < seq) {
-                landed.put(change.key().to_string(), seq);
-            }
+            Self::remove_landed(&mut s, seq, change);
             self.finish_record(seq, file.as_deref());
             // Release the data before anyone can see the change gone.
             drop(file);
-            if s.ops.is_empty() {
-                // Nothing pending: the journal can start over.
-                if let Err(e) = self.journal.reset() {
-                    tracing::warn!(error = %e, "cannot reset the journal");
-                }
-            }
+            self.reset_journal_if_idle(&s);
         }
         self.progress.notify_waiters();
         self.work.notify_waiters();
+    }
+
+    /// Tells the observer that `changes` reached the bucket, before they leave the queue, so
+    /// that a lookup sees each pending, landed, or both.
+    fn tell_landed<'a>(&self, changes: impl IntoIterator<Item = &'a Change>) {
+        let observer = self.observer.lock().as_ref().and_then(Weak::upgrade);
+        if let Some(o) = observer {
+            for change in changes {
+                o.landed(change.key(), creates(change));
+            }
+        }
+    }
+
+    /// Takes landed change `seq` out of the queue's state, and remembers it as its key's
+    /// last landing.
+    fn remove_landed(s: &mut State, seq: u64, change: &Change) {
+        s.in_flight.remove(change.key());
+        if let Some(op) = s.ops.remove(&seq) {
+            if let Change::Upload { size, .. } = op.change {
+                s.dirty_bytes -= size;
+            }
+        }
+        if s.latest.get(change.key()) == Some(&seq) {
+            s.latest.remove(change.key());
+        }
+        let landed = s.last_landed.get_or_insert_with(|| {
+            lru::LruCache::new(LAST_LANDED_KEPT.try_into().expect("non-zero"))
+        });
+        if landed.peek(change.key()).is_none_or(|l| *l < seq) {
+            landed.put(change.key().to_string(), seq);
+        }
+    }
+
+    /// With nothing pending, the journal starts over.
+    fn reset_journal_if_idle(&self, s: &State) {
+        if s.ops.is_empty() {
+            if let Err(e) = self.journal.reset() {
+                tracing::warn!(error = %e, "cannot reset the journal");
+            }
+        }
     }
 
     /// A key landed: markers of the directories above it that have not been sent are not
@@ -878,40 +899,20 @@ impl WritebackQueue {
         self.wake();
     }
 
-    /// Changes carried out together are in the bucket: as `landed` for each, with one
-    /// journal write for all.
+    /// Changes carried out together (deletes) are in the bucket: as `landed` for each, with
+    /// one journal write for all.
     fn landed_all(&self, done: Vec<(u64, Change)>) {
-        let observer = self.observer.lock().as_ref().and_then(Weak::upgrade);
-        if let Some(o) = &observer {
-            for (_, change) in &done {
-                o.landed(change.key(), !matches!(change, Change::Delete { .. }));
-            }
-        }
+        self.tell_landed(done.iter().map(|(_, c)| c));
         {
             let mut s = self.state.lock();
-            let mut seqs = Vec::with_capacity(done.len());
             for (seq, change) in &done {
-                s.in_flight.remove(change.key());
-                s.ops.remove(seq);
-                if s.latest.get(change.key()) == Some(seq) {
-                    s.latest.remove(change.key());
-                }
-                let landed = s.last_landed.get_or_insert_with(|| {
-                    lru::LruCache::new(LAST_LANDED_KEPT.try_into().expect("non-zero"))
-                });
-                if landed.peek(change.key()).is_none_or(|l| l < seq) {
-                    landed.put(change.key().to_string(), *seq);
-                }
-                seqs.push(*seq);
+                Self::remove_landed(&mut s, *seq, change);
             }
+            let seqs: Vec<u64> = done.iter().map(|(seq, _)| *seq).collect();
             if let Err(e) = self.journal.done_all(&seqs) {
                 tracing::error!(error = %e, "cannot write the journal; the changes will be done again after a restart");
             }
-            if s.ops.is_empty() {
-                if let Err(e) = self.journal.reset() {
-                    tracing::warn!(error = %e, "cannot reset the journal");
-                }
-            }
+            self.reset_journal_if_idle(&s);
         }
         self.progress.notify_waiters();
         self.work.notify_waiters();

@@ -137,6 +137,17 @@ fn synapse_tree(n: usize) -> Vec<String> {
     keys
 }
 
+/// A mount over `n` objects of 6 bytes (`media!`) laid out by `synapse_tree`, their
+/// bucket, and their paths in the mount.
+fn mount_on_synapse_tree(name: &str, n: usize) -> (TestMount, Bucket, Vec<String>) {
+    let m = TestMount::new(name);
+    let bucket = Bucket::new(&m.env);
+    let rel = synapse_tree(n);
+    let keys: Vec<String> = rel.iter().map(|k| m.key(k)).collect();
+    bucket.put_many(&keys, b"media!");
+    (m, bucket, rel)
+}
+
 /// Every directory the keys imply, the root included.
 fn dirs_of(keys: &[String]) -> usize {
     let mut dirs = HashSet::from([String::new()]);
@@ -155,11 +166,7 @@ fn dirs_of(keys: &[String]) -> usize {
 /// file whose directory is known ask (almost) nothing more; `rm -rf` deletes in batches.
 #[test]
 fn walking_a_2000_file_tree_costs_a_few_lists_and_rm_rf_a_few_batches() {
-    let m = TestMount::new("walk2k");
-    let bucket = Bucket::new(&m.env);
-    let rel = synapse_tree(2000);
-    let keys: Vec<String> = rel.iter().map(|k| m.key(k)).collect();
-    bucket.put_many(&keys, b"media!");
+    let (m, bucket, rel) = mount_on_synapse_tree("walk2k", 2000);
     let count = |m: &TestMount| {
         ["list", "head", "get", "put", "delete", "delete_many"].map(|op| m.requests(op))
     };
@@ -306,11 +313,7 @@ mod scale {
 
     #[test]
     fn walking_20000_files_then_dropping_caches_frees_their_inodes() {
-        let m = TestMount::new("walk");
-        let bucket = Bucket::new(&m.env);
-        let rel = synapse_tree(20_000);
-        let keys: Vec<String> = rel.iter().map(|k| m.key(k)).collect();
-        bucket.put_many(&keys, b"media!");
+        let (m, bucket, rel) = mount_on_synapse_tree("walk", 20_000);
         let (rss_start, _) = m.memory();
         let lists = m.requests("list");
         let heads = m.requests("head");

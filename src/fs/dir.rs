@@ -77,6 +77,14 @@ impl OpenDir {
         }
     }
 
+    /// Whether `name` (of `kind`) is being deleted by this mount, and so not to be listed.
+    fn is_deleted(&self, name: &str, kind: Kind) -> bool {
+        match kind {
+            Kind::File => self.deleted.contains(name),
+            Kind::Dir => self.deleted.contains(&format!("{name}/")),
+        }
+    }
+
     /// Whether the name was listed already; marks it listed.
     fn first_time(&mut self, name: &str) -> bool {
         self.seen.insert(name_hash(name))
@@ -156,11 +164,7 @@ impl BucketFs {
                 Ok(None) => continue,
                 Err(err) => {
                     // The references taken so far are not handed to the kernel.
-                    for (e, a) in &out {
-                        if e.name != "." && e.name != ".." {
-                            self.forget(a.ino, 1);
-                        }
-                    }
+                    self.release_entries(&out);
                     return Err(err);
                 }
             };
@@ -168,6 +172,16 @@ impl BucketFs {
             out.push((e, attr));
         }
         Ok(out)
+    }
+
+    /// Gives back the kernel references `readdirplus` took for `entries`, which are not
+    /// handed to the kernel after all (`.` and `..` hold none).
+    pub fn release_entries(&self, entries: &[(DirEntry, Attr)]) {
+        for (e, a) in entries {
+            if e.name != "." && e.name != ".." {
+                self.forget(a.ino, 1);
+            }
+        }
     }
 
     /// The attributes of one entry of directory `dir` for readdirplus, with a kernel
@@ -304,9 +318,6 @@ impl BucketFs {
                     .warn_once(&o.key, "this key cannot be shown as a path and is skipped");
                 continue;
             }
-            if d.deleted.contains(name) {
-                continue;
-            }
             found.push((name.to_string(), Remote::file(o)));
         }
         for p in &page.prefixes {
@@ -327,9 +338,6 @@ impl BucketFs {
                 );
                 continue;
             }
-            if d.deleted.contains(&format!("{name}/")) {
-                continue;
-            }
             found.push((
                 name.to_string(),
                 Remote {
@@ -340,6 +348,8 @@ impl BucketFs {
                 },
             ));
         }
+        // Names being deleted are neither recorded nor listed.
+        found.retain(|(name, r)| !d.is_deleted(name, r.kind));
         // Objects and prefixes come in two sorted runs: merge them so `a` and `a/` meet, and
         // keep the directory of the two.
         found.sort_by(|a, b| {
@@ -370,11 +380,7 @@ impl BucketFs {
     fn push_found(&self, d: &mut OpenDir, found: Vec<(String, Remote)>, seen: Instant) {
         let mut t = self.ns.table.lock();
         for (name, remote) in found {
-            let deleted = match remote.kind {
-                Kind::File => d.deleted.contains(&name),
-                Kind::Dir => d.deleted.contains(&format!("{name}/")),
-            };
-            if deleted {
+            if d.is_deleted(&name, remote.kind) {
                 continue;
             }
             let path = names::join(&d.path, &name);
