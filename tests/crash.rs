@@ -144,3 +144,38 @@ fn files_closed_before_a_sigkill_are_all_in_the_bucket_after_remount() {
         m.log()
     );
 }
+
+#[test]
+fn a_file_renamed_while_open_and_changed_survives_a_sigkill_under_its_new_name() {
+    let mut m = TestMount::new("crash-rename");
+    let bucket = Bucket::new(&m.env);
+    let closed = pseudo_random(200_000, 7);
+    std::fs::write(m.path("a"), &closed).unwrap();
+    m.sync();
+    // A writer changes the file and keeps it open while it is renamed.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("a"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"changed", 0).unwrap();
+    std::fs::rename(m.path("a"), m.path("b")).unwrap();
+    let old_key = m.key("a");
+    wait_for(Duration::from_secs(30), || match bucket.get(&old_key) {
+        None => Ok(()),
+        Some(_) => Err("the old name is still in the bucket".to_string()),
+    });
+    // The old name is gone from the bucket and the writer has not closed: a crash now.
+    m.kill();
+    drop(f);
+    m.start(&[]);
+    m.sync();
+    let got = bucket
+        .get(&m.key("b"))
+        .unwrap_or_else(|| panic!("the content closed before the rename is under neither name:\n{}", m.log()));
+    let mut changed = closed.clone();
+    changed[..7].copy_from_slice(b"changed");
+    assert!(
+        got == closed || got == changed,
+        "b holds neither the closed content nor the changed one"
+    );
+}

@@ -390,7 +390,7 @@ impl BucketFs {
                 if remote.kind == Kind::Dir {
                     if let Some(ino) = t.child(d.ino, &name) {
                         if t.get(ino)
-                            .is_some_and(|i| i.kind == Kind::File && i.staged.is_none())
+                            .is_some_and(|i| i.kind == Kind::File && i.copy().is_none())
                         {
                             self.ns.warn_once(
                                 &path,
@@ -405,7 +405,7 @@ impl BucketFs {
             let ino = match t.child(d.ino, &name) {
                 Some(ino) => {
                     let i = t.get(ino).expect("live");
-                    if i.staged.is_none() && i.kind == remote.kind {
+                    if i.copy().is_none() && i.kind == remote.kind {
                         t.upsert_remote(d.ino, &name, path.clone(), &remote, seen);
                     }
                     ino

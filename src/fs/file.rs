@@ -12,7 +12,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::error::{FsError, FsResult};
-use super::inode::{Kind, Remote};
+use super::inode::{Kind, Remote, State};
 use super::{names, Attr, BucketFs, COMMIT_LOCKS};
 use crate::cache::{allocated, ObjectId, StagedFile, WholeObject};
 use crate::readahead::{ObjectRef, ReadStream};
@@ -99,7 +99,7 @@ impl BucketFs {
         let existing = {
             let t = self.ns.table.lock();
             t.child(parent, name)
-                .filter(|ino| t.get(*ino).is_some_and(|i| !i.unlinked))
+                .filter(|ino| t.get(*ino).is_some_and(|i| !i.is_unlinked()))
         };
         if let Some(ino) = existing {
             if mode.exclusive {
@@ -112,9 +112,7 @@ impl BucketFs {
         let ino = {
             let mut t = self.ns.table.lock();
             let i = t.insert(parent, name, path.clone(), Kind::File);
-            i.staged = Some(Arc::new(staged));
-            i.dirty = true;
-            i.version = 1;
+            i.created(Arc::new(staged));
             i.open = 1;
             i.ino
         };
@@ -139,7 +137,7 @@ impl BucketFs {
             if i.kind == Kind::Dir {
                 return Err(FsError::ISDIR);
             }
-            !mode.write && !i.is_fresh(self.opts.metadata_ttl) && i.in_bucket && !i.unlinked
+            !mode.write && !i.is_fresh(self.opts.metadata_ttl) && i.in_bucket()
         };
         if stale {
             // Close-to-open: a file changed elsewhere is seen as it is now.
@@ -151,7 +149,7 @@ impl BucketFs {
         let mut t = self.ns.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
         i.open += 1;
-        let etag = if i.staged.is_none() {
+        let etag = if i.copy().is_none() {
             i.etag.clone()
         } else {
             None
@@ -174,7 +172,7 @@ impl BucketFs {
         let key = {
             let t = self.ns.table.lock();
             let i = t.get(h.ino)?;
-            if i.staged.is_some() || i.dirty {
+            if i.copy().is_some() {
                 return None;
             }
             self.ns.keys.file_key(&i.path).ok()?
@@ -198,7 +196,7 @@ impl BucketFs {
         let (staged, file_size, path) = {
             let t = self.ns.table.lock();
             let i = t.get(h.ino).ok_or(FsError::BADF)?;
-            (i.staged.clone(), i.size, i.path.clone())
+            (i.copy().cloned(), i.size, i.path.clone())
         };
         let key = self.ns.keys.file_key(&path)?;
         // A file on its way to the bucket is read from its local copy.
@@ -257,8 +255,7 @@ impl BucketFs {
         let i = t.get_mut(h.ino).ok_or(FsError::BADF)?;
         i.size = i.size.max(end);
         i.mtime = SystemTime::now();
-        i.dirty = !i.unlinked;
-        i.version += 1;
+        i.written();
         Ok(data.len() as u32)
     }
 
@@ -309,11 +306,9 @@ impl BucketFs {
         let mut t = self.ns.table.lock();
         if let Some(i) = t.get_mut(h.ino) {
             i.open = i.open.saturating_sub(1);
-            if i.open == 0 && !i.dirty {
-                i.staged = None;
-            }
-            if i.dirty && i.open == 0 {
-                let local = i.staged.as_ref().map(|s| s.path().display().to_string());
+            i.drop_clean_copy();
+            if i.is_dirty() && i.open == 0 {
+                let local = i.copy().map(|s| s.path().display().to_string());
                 tracing::error!(path = %i.path, local = ?local,
                     "a closed file could not be committed to the cache directory; the next fsync or rename retries");
             }
@@ -345,9 +340,7 @@ impl BucketFs {
             self.commit_file(ino).await?;
             let mut t = self.ns.table.lock();
             if let Some(i) = t.get_mut(ino) {
-                if i.open == 0 && !i.dirty {
-                    i.staged = None;
-                }
+                i.drop_clean_copy();
             }
         }
         self.attr(ino)
@@ -370,8 +363,7 @@ impl BucketFs {
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
         i.size = size;
         i.mtime = SystemTime::now();
-        i.dirty = !i.unlinked;
-        i.version += 1;
+        i.written();
         Ok(())
     }
 
@@ -380,11 +372,11 @@ impl BucketFs {
     fn empty_staged(&self, ino: u64) -> FsResult<Arc<StagedFile>> {
         let mut t = self.ns.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
-        if let Some(s) = i.staged.as_ref().filter(|s| !s.is_sealed()) {
+        if let Some(s) = i.copy().filter(|s| !s.is_sealed()) {
             return Ok(s.clone());
         }
         let s = Arc::new(self.staging.create()?);
-        i.staged = Some(s.clone());
+        i.set_copy(s.clone());
         Ok(s)
     }
 
@@ -394,9 +386,9 @@ impl BucketFs {
         let (path, size, etag, sealed) = {
             let t = self.ns.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;
-            match &i.staged {
+            match i.copy() {
                 Some(s) if !s.is_sealed() => return Ok(s.clone()),
-                other => (i.path.clone(), i.size, i.etag.clone(), other.clone()),
+                other => (i.path.clone(), i.size, i.etag.clone(), other.cloned()),
             }
         };
         let key = self.ns.keys.file_key(&path)?;
@@ -408,11 +400,11 @@ impl BucketFs {
         let mut t = self.ns.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
         // Another request may have made a writable copy meanwhile; it wins.
-        match &i.staged {
+        match i.copy() {
             Some(s) if !s.is_sealed() => Ok(s.clone()),
             _ => {
                 let s = Arc::new(staged);
-                i.staged = Some(s.clone());
+                i.set_copy(s.clone());
                 Ok(s)
             }
         }
@@ -477,8 +469,10 @@ impl BucketFs {
         let (staged, size, path, version) = {
             let t = self.ns.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;
-            match &i.staged {
-                Some(s) if i.dirty && !i.unlinked => (s.clone(), i.size, i.path.clone(), i.version),
+            match i.state() {
+                State::LocalOnly { copy } | State::Dirty { copy } => {
+                    (copy.clone(), i.size, i.path.clone(), i.version)
+                }
                 _ => return Ok(None),
             }
         };
@@ -495,12 +489,9 @@ impl BucketFs {
         );
         let mut t = self.ns.table.lock();
         if let Some(i) = t.get_mut(ino) {
-            i.in_bucket = true;
+            i.committed(version);
             i.etag = None;
             i.validated = Some(Instant::now());
-            if i.version == version {
-                i.dirty = false;
-            }
         }
         Ok(Some(seq))
     }

@@ -38,6 +38,24 @@ impl Remote {
     }
 }
 
+/// Where the truth about an inode lives. Directories are always `Remote` (a directory made
+/// here has its marker queued at once) or `Unlinked`.
+#[derive(Debug, Clone)]
+pub enum State {
+    /// The bucket holds it, or a queued change will put it there; no local copy is kept.
+    Remote,
+    /// Written here and not committed yet: the name exists only on this host.
+    LocalOnly { copy: Arc<StagedFile> },
+    /// A local copy with changes not committed yet, over an object the bucket holds (or a
+    /// queued upload will give it).
+    Dirty { copy: Arc<StagedFile> },
+    /// A local copy with nothing left to commit, kept while handles are open.
+    Clean { copy: Arc<StagedFile> },
+    /// Removed from its directory, alive only through open handles and kernel references;
+    /// the local copy, if any, serves their reads and is never uploaded.
+    Unlinked { copy: Option<Arc<StagedFile>> },
+}
+
 #[derive(Debug)]
 pub struct Inode {
     pub ino: u64,
@@ -56,16 +74,11 @@ pub struct Inode {
     pub lookups: u64,
     /// Open file handles.
     pub open: u32,
-    /// The local copy of a file being written, or kept for handles of an unlinked file.
-    pub staged: Option<Arc<StagedFile>>,
-    /// The local copy has changes the bucket does not have yet.
-    pub dirty: bool,
-    /// Bumped by every change to the local copy, so an upload knows whether it saw the last.
+    /// Local copy, commit state and presence in the bucket; changed only through the
+    /// methods below.
+    state: State,
+    /// Bumped by every change to the local copy, so a commit knows whether it saw the last.
     pub version: u64,
-    /// An object for this file exists in the bucket.
-    pub in_bucket: bool,
-    /// Removed from its directory; kept alive only by open handles and kernel references.
-    pub unlinked: bool,
 }
 
 impl Inode {
@@ -81,14 +94,99 @@ impl Inode {
         self.validated = Some(seen);
     }
 
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The local copy, if one is kept.
+    pub fn copy(&self) -> Option<&Arc<StagedFile>> {
+        match &self.state {
+            State::Remote => None,
+            State::LocalOnly { copy } | State::Dirty { copy } | State::Clean { copy } => {
+                Some(copy)
+            }
+            State::Unlinked { copy } => copy.as_ref(),
+        }
+    }
+
     /// The local copy, not the bucket, says what this is: a file being written, or one that
     /// has not reached the bucket yet. The bucket's answers do not replace it.
     pub fn is_local_only(&self) -> bool {
-        self.staged.is_some() || !self.in_bucket
+        !matches!(self.state, State::Remote)
+    }
+
+    /// The bucket holds an object for it, or a queued change will put one there.
+    pub fn in_bucket(&self) -> bool {
+        matches!(
+            self.state,
+            State::Remote | State::Dirty { .. } | State::Clean { .. }
+        )
+    }
+
+    /// The local copy has changes that are not committed (sealed and queued) yet.
+    pub fn is_dirty(&self) -> bool {
+        matches!(self.state, State::LocalOnly { .. } | State::Dirty { .. })
+    }
+
+    pub fn is_unlinked(&self) -> bool {
+        matches!(self.state, State::Unlinked { .. })
     }
 
     pub fn is_fresh(&self, ttl: Duration) -> bool {
-        self.staged.is_some() || self.validated.is_some_and(|v| v.elapsed() < ttl)
+        self.copy().is_some() || self.validated.is_some_and(|v| v.elapsed() < ttl)
+    }
+
+    /// A new file, written here.
+    pub fn created(&mut self, copy: Arc<StagedFile>) {
+        self.state = State::LocalOnly { copy };
+        self.version = 1;
+    }
+
+    /// Replaces the local copy (a writable one instead of a sealed one, or the downloaded
+    /// content), keeping what else the state says.
+    pub fn set_copy(&mut self, new: Arc<StagedFile>) {
+        self.state = match std::mem::replace(&mut self.state, State::Remote) {
+            State::Remote | State::Clean { .. } => State::Clean { copy: new },
+            State::LocalOnly { .. } => State::LocalOnly { copy: new },
+            State::Dirty { .. } => State::Dirty { copy: new },
+            State::Unlinked { .. } => State::Unlinked { copy: Some(new) },
+        };
+    }
+
+    /// The local copy was changed. An unlinked file's changes are never uploaded.
+    pub fn written(&mut self) {
+        self.version += 1;
+        if let State::Clean { copy } = &self.state {
+            self.state = State::Dirty { copy: copy.clone() };
+        }
+    }
+
+    /// The local copy as of `version` was committed: the bucket will have it.
+    pub fn committed(&mut self, version: u64) {
+        let fully = self.version == version;
+        self.state = match std::mem::replace(&mut self.state, State::Remote) {
+            State::LocalOnly { copy } | State::Dirty { copy } if !fully => State::Dirty { copy },
+            State::LocalOnly { copy } | State::Dirty { copy } | State::Clean { copy } => {
+                State::Clean { copy }
+            }
+            other => other,
+        };
+    }
+
+    /// Its changes will be committed under another name: until then, this name exists only
+    /// here.
+    pub fn renamed_while_dirty(&mut self) {
+        if let State::Dirty { copy } = &self.state {
+            self.state = State::LocalOnly { copy: copy.clone() };
+        }
+    }
+
+    /// Lets go of a local copy that nothing needs any more: no handle is open and everything
+    /// in it is committed.
+    pub fn drop_clean_copy(&mut self) {
+        if self.open == 0 && matches!(self.state, State::Clean { .. }) {
+            self.state = State::Remote;
+        }
     }
 }
 
@@ -113,11 +211,8 @@ impl InodeTable {
             validated: Some(Instant::now()),
             lookups: 1,
             open: 0,
-            staged: None,
-            dirty: false,
+            state: State::Remote,
             version: 0,
-            in_bucket: true,
-            unlinked: false,
         };
         InodeTable {
             inodes: HashMap::from([(ROOT, root)]),
@@ -152,12 +247,13 @@ impl InodeTable {
             .iter()
             .filter_map(|(name, ino)| {
                 let i = self.inodes.get(ino)?;
-                (!i.in_bucket).then(|| (name.clone(), *ino, i.kind))
+                (!i.in_bucket()).then(|| (name.clone(), *ino, i.kind))
             })
             .collect()
     }
 
-    /// Adds a new inode under `parent`, replacing whatever that name pointed to.
+    /// Adds a new inode under `parent`, replacing whatever that name pointed to. It starts
+    /// out `Remote`: the caller says otherwise when it made it here.
     pub fn insert(&mut self, parent: u64, name: &str, path: String, kind: Kind) -> &mut Inode {
         if let Some(old) = self.child(parent, name) {
             self.detach(old);
@@ -179,11 +275,8 @@ impl InodeTable {
                 validated: Some(Instant::now()),
                 lookups: 0,
                 open: 0,
-                staged: None,
-                dirty: false,
+                state: State::Remote,
                 version: 0,
-                in_bucket: false,
-                unlinked: false,
             },
         );
         self.link(parent, name, ino);
@@ -205,12 +298,11 @@ impl InodeTable {
                 .inodes
                 .get_mut(&ino)
                 .expect("child points at a live inode");
-            if i.staged.is_some() {
+            if i.copy().is_some() {
                 return ino;
             }
             if i.kind == remote.kind {
                 i.take_remote(remote, seen);
-                i.in_bucket = true;
                 return ino;
             }
         }
@@ -218,7 +310,6 @@ impl InodeTable {
         // New: what the bucket said is all it knows.
         i.validated = None;
         i.take_remote(remote, seen);
-        i.in_bucket = true;
         i.ino
     }
 
@@ -228,8 +319,8 @@ impl InodeTable {
         let Some(i) = self.inodes.get_mut(&ino) else {
             return;
         };
-        i.unlinked = true;
-        i.dirty = false;
+        let copy = i.copy().cloned();
+        i.state = State::Unlinked { copy };
         let (parent, name) = (i.parent, i.name.clone());
         self.unlink(parent, &name, ino);
         self.maybe_drop(ino);
@@ -266,7 +357,7 @@ impl InodeTable {
         let Some(i) = self.inodes.get(&ino) else {
             return;
         };
-        if ino == ROOT || i.lookups > 0 || i.open > 0 || i.dirty {
+        if ino == ROOT || i.lookups > 0 || i.open > 0 || i.is_dirty() {
             return;
         }
         // A directory stays while any child of it is still known.

@@ -23,7 +23,7 @@ use crate::writeback::{Pending, WritebackQueue};
 
 pub use dir::DirEntry;
 pub use error::{FsError, FsResult};
-use inode::Remote;
+use inode::{Remote, State};
 pub use inode::{Kind, ROOT};
 use listing::Answer;
 use namespace::Namespace;
@@ -190,8 +190,7 @@ impl BucketFs {
             let i = t.get(ino).ok_or(FsError::NOENT)?;
             if i.kind == Kind::Dir
                 || i.is_fresh(self.opts.metadata_ttl)
-                || i.unlinked
-                || !i.in_bucket
+                || !i.in_bucket()
             {
                 return Ok(self.attr_of(i));
             }
@@ -203,7 +202,7 @@ impl BucketFs {
             Some(Pending::Upload { size, .. }) => {
                 let mut t = self.ns.table.lock();
                 let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
-                if i.staged.is_none() {
+                if i.copy().is_none() {
                     i.size = size;
                 }
                 return Ok(self.attr_of(i));
@@ -231,7 +230,7 @@ impl BucketFs {
             Ok((remote, seen)) => {
                 let mut t = self.ns.table.lock();
                 let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
-                if i.staged.is_none() && i.path == path {
+                if i.copy().is_none() && i.path == path {
                     i.take_remote(&remote, seen);
                 }
                 Ok(self.attr_of(t.get(ino).expect("live")))
@@ -239,7 +238,7 @@ impl BucketFs {
             Err(StoreError::NotFound) => {
                 let mut t = self.ns.table.lock();
                 if t.get(ino)
-                    .is_some_and(|i| i.staged.is_none() && i.path == path)
+                    .is_some_and(|i| i.copy().is_none() && i.path == path)
                 {
                     t.detach(ino);
                 }
@@ -271,9 +270,7 @@ impl BucketFs {
         self.ns.note_present(&path, &remote);
         let ino = {
             let mut t = self.ns.table.lock();
-            let i = t.insert(parent, name, path, Kind::Dir);
-            i.in_bucket = true;
-            i.ino
+            t.insert(parent, name, path, Kind::Dir).ino
         };
         self.remember(ino)
     }
@@ -289,8 +286,8 @@ impl BucketFs {
             }
             (
                 i.path.clone(),
-                i.in_bucket,
-                i.open > 0 && i.staged.is_none() && i.in_bucket,
+                i.in_bucket(),
+                i.open > 0 && i.copy().is_none() && i.in_bucket(),
             )
         };
         if needs_copy {
@@ -392,16 +389,28 @@ impl BucketFs {
                 return Err(FsError::ISDIR);
             }
         }
+        // The content closed last must exist under one of the names at every moment: changes
+        // not committed yet are committed first, so the new name gets all of it before the
+        // old one is deleted.
+        let uncommitted_over_object = self
+            .ns
+            .table
+            .lock()
+            .get(ino)
+            .is_some_and(|i| matches!(i.state(), State::Dirty { .. }));
+        if uncommitted_over_object {
+            self.commit_file(ino).await?;
+        }
         let (old_path, in_bucket, dirty, open, size, local) = {
             let t = self.ns.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;
             (
                 i.path.clone(),
-                i.in_bucket,
-                i.dirty,
+                i.in_bucket(),
+                i.is_dirty(),
                 i.open,
                 i.size,
-                i.staged.clone(),
+                i.copy().cloned(),
             )
         };
         let old_key = self.ns.keys.file_key(&old_path)?;
@@ -438,7 +447,9 @@ impl BucketFs {
             let mut t = self.ns.table.lock();
             t.reparent(ino, new_parent, new_name, new_path.clone());
             if let Some(i) = t.get_mut(ino) {
-                i.in_bucket = !dirty && (in_bucket || sealed.is_some());
+                if dirty {
+                    i.renamed_while_dirty();
+                }
                 match new_etag {
                     Some(etag) => {
                         i.etag = etag;

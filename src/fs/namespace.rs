@@ -185,7 +185,7 @@ impl Namespace {
         let path = {
             let t = self.table.lock();
             match t.get(dir) {
-                Some(i) if dir != ROOT && !i.unlinked => i.path.clone(),
+                Some(i) if dir != ROOT && !i.is_unlinked() => i.path.clone(),
                 _ => return None,
             }
         };
@@ -205,7 +205,7 @@ impl Namespace {
         let name = names::component(name).ok()?;
         let t = self.table.lock();
         t.child(parent, name)
-            .filter(|ino| t.get(*ino).is_some_and(|i| !i.unlinked))
+            .filter(|ino| t.get(*ino).is_some_and(|i| !i.is_unlinked()))
     }
 
     /// Number of inodes currently held.
@@ -228,7 +228,7 @@ impl Namespace {
         if i.kind != Kind::Dir {
             return Err(FsError::NOTDIR);
         }
-        if i.unlinked {
+        if i.is_unlinked() {
             return Err(FsError::NOENT);
         }
         Ok(i.path.clone())
