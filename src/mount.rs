@@ -38,7 +38,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    check_bucket(&rt, &cfg.target)?;
+    raise_fd_limit();
+    let bucket_check = check_bucket(&rt, &cfg.target);
     let metrics_listener = match cfg.metrics_addr {
         Some(addr) => Some(
             std::net::TcpListener::bind(addr)
@@ -80,6 +81,20 @@ pub fn run(cfg: Config) -> Result<(), String> {
     // Changes journaled by an earlier run are queued before anything is served, so nothing
     // can shadow them.
     let (journal, replay) = Journal::open(&cfg.cache_dir).map_err(cache_err)?;
+    if let Err(problem) = bucket_check {
+        // Work an earlier run acknowledged is served from the cache directory through an
+        // outage, and uploads when the endpoint answers; anything else waits for the
+        // endpoint (systemd retries).
+        if !problem.unreachable || replay.pending.is_empty() {
+            return Err(problem.message);
+        }
+        tracing::warn!(
+            changes = replay.pending.len(),
+            "{}; mounting anyway to serve the changes an earlier run journaled: they upload \
+             once the endpoint answers",
+            problem.message
+        );
+    }
     if replay.dropped_bytes > 0 {
         tracing::warn!(
             bytes = replay.dropped_bytes,
@@ -546,7 +561,44 @@ fn check_cache_dir(dir: &Path) -> Result<(), String> {
 
 /// One cheap request that proves the endpoint answers, the credentials work and the bucket
 /// exists.
-pub fn check_bucket(rt: &tokio::runtime::Runtime, cfg: &Target) -> Result<(), String> {
+/// Why the bucket check failed, in one sentence, and whether the endpoint merely did not
+/// answer (an outage) rather than refused.
+pub struct BucketProblem {
+    pub message: String,
+    pub unreachable: bool,
+}
+
+impl From<BucketProblem> for String {
+    fn from(p: BucketProblem) -> String {
+        p.message
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: a mount serves many readers, and
+/// systemd gives services a soft limit of 1024.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur >= lim.rlim_max
+    {
+        return;
+    }
+    let old = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        tracing::info!(
+            from = old,
+            to = lim.rlim_max,
+            "raised the open-file limit to the hard limit"
+        );
+    }
+}
+
+pub fn check_bucket(rt: &tokio::runtime::Runtime, cfg: &Target) -> Result<(), BucketProblem> {
     let mut sc = cfg.store_config();
     sc.max_attempts = 2;
     sc.attempt_timeout = Duration::from_secs(10);
@@ -560,12 +612,13 @@ pub fn check_bucket(rt: &tokio::runtime::Runtime, cfg: &Target) -> Result<(), St
         )
         .await
     });
-    match r {
-        Ok(Ok(_)) => Ok(()),
-        Err(_) => Err(format!(
+    let unreachable = matches!(r, Err(_) | Ok(Err(StoreError::Unreachable(_))));
+    let message = match r {
+        Ok(Ok(_)) => return Ok(()),
+        Err(_) => format!(
             "the S3 endpoint {endpoint} did not answer within 30 s; check --endpoint and the network"
-        )),
-        Ok(Err(e)) => Err(match e {
+        ),
+        Ok(Err(e)) => match e {
             StoreError::Unreachable(d) => format!(
                 "cannot reach the S3 endpoint ({d}); check --endpoint and that the server is running"
             ),
@@ -583,8 +636,12 @@ pub fn check_bucket(rt: &tokio::runtime::Runtime, cfg: &Target) -> Result<(), St
                  name and --region"
             ),
             other => format!("checking the bucket '{b}' at {endpoint} failed: {other}"),
-        }),
-    }
+        },
+    };
+    Err(BucketProblem {
+        message,
+        unreachable,
+    })
 }
 
 #[cfg(test)]

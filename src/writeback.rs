@@ -930,8 +930,10 @@ impl WritebackQueue {
             (Change::Upload { key, size }, Some(etag), Some(file))
                 if *size <= ADOPT_MAX.min(self.blocks.limits().max_bytes / 4) =>
             {
-                let (blocks, key, file, size) =
-                    (self.blocks.clone(), key.clone(), file.file().clone(), *size);
+                let Ok(file) = file.file() else {
+                    return self.blocks.forget_key(key);
+                };
+                let (blocks, key, size) = (self.blocks.clone(), key.clone(), *size);
                 let _ = tokio::task::spawn_blocking(move || blocks.adopt(&key, &etag, &file, size))
                     .await;
             }
@@ -961,17 +963,25 @@ impl WritebackQueue {
             first = false;
             let started = Instant::now();
             let result = match (change, file) {
-                (Change::Upload { key, size }, Some(f)) => {
-                    upload_file(
-                        &self.store,
-                        key,
-                        f.file().clone(),
-                        *size,
-                        self.opts.part_size,
-                        self.opts.parts_in_flight,
-                    )
-                    .await
-                }
+                // The sealed copy is opened for this attempt only: waiting uploads hold no
+                // descriptor.
+                (Change::Upload { key, size }, Some(f)) => match f.file() {
+                    Ok(file) => {
+                        upload_file(
+                            &self.store,
+                            key,
+                            file,
+                            *size,
+                            self.opts.part_size,
+                            self.opts.parts_in_flight,
+                        )
+                        .await
+                    }
+                    Err(e) => Err(StoreError::Other(format!(
+                        "cannot open the sealed copy {}: {e}",
+                        f.path().display()
+                    ))),
+                },
                 (Change::Upload { .. }, None) => Ok(None),
                 (Change::Delete { key }, _) => self.store.delete(key).await.map(|_| None),
                 (Change::Marker { key }, _) => {

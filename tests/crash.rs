@@ -169,9 +169,12 @@ fn a_file_renamed_while_open_and_changed_survives_a_sigkill_under_its_new_name()
     drop(f);
     m.start(&[]);
     m.sync();
-    let got = bucket
-        .get(&m.key("b"))
-        .unwrap_or_else(|| panic!("the content closed before the rename is under neither name:\n{}", m.log()));
+    let got = bucket.get(&m.key("b")).unwrap_or_else(|| {
+        panic!(
+            "the content closed before the rename is under neither name:\n{}",
+            m.log()
+        )
+    });
     let mut changed = closed.clone();
     changed[..7].copy_from_slice(b"changed");
     assert!(

@@ -113,8 +113,9 @@ fn check_bucket(
     written: &BTreeMap<String, Vec<u8>>,
     o: &mut Outcome,
 ) {
-    for (rel, data) in written {
-        match bucket.get(&format!("{prefix}{rel}")) {
+    let keys: Vec<String> = written.keys().map(|rel| format!("{prefix}{rel}")).collect();
+    for ((rel, data), got) in written.iter().zip(bucket.get_many(&keys)) {
+        match got {
             Some(got) if sha256(&got) == sha256(data) => o.verified += 1,
             Some(got) => {
                 eprintln!("{rel}: the object differs ({} bytes)", got.len());
@@ -748,4 +749,121 @@ fn a_read_the_store_cannot_serve_in_time_fails_with_eio_and_one_log_line() {
     assert!(lines[0].contains("within 1 s"), "{}", lines[0]);
     drop(m);
     bucket.delete_prefix(&prefix);
+}
+
+/// Writes Synapse-sized media files (16 KiB) the way Synapse does; returns those whose
+/// close succeeded.
+fn write_small_files(
+    m: &TestMount,
+    from: usize,
+    to: usize,
+    o: &mut Outcome,
+) -> BTreeMap<String, Vec<u8>> {
+    let mut done = BTreeMap::new();
+    for i in from..to {
+        let data = pseudo_random(16 << 10, 9000 + i as u64);
+        // Spread over Synapse's 2-level fan-out like real media IDs.
+        let id = &sha256(&(i as u64).to_le_bytes())[..24];
+        let rel = format!("local_content/{}/{}/{}", &id[..2], &id[2..4], &id[4..]);
+        let path = m.path(&rel);
+        let result = std::fs::create_dir_all(path.parent().unwrap())
+            .and_then(|_| std::fs::write(&path, &data));
+        match result {
+            Ok(()) => {
+                o.written += 1;
+                done.insert(rel, data);
+            }
+            Err(e) => {
+                if o.write_errors < 5 {
+                    eprintln!("write of {rel} failed: {e}");
+                }
+                o.write_errors += 1;
+            }
+        }
+    }
+    done
+}
+
+#[test]
+fn three_thousand_files_pending_through_an_outage_and_a_restart_with_1024_descriptors() {
+    const FILES: usize = 3000;
+    let env = S3Env::get();
+    let bucket = Bucket::new(&env);
+    let prefix = unique_prefix("fd-limit");
+    let proxy = FaultProxy::start(env.endpoint.trim_start_matches("http://"), policy::none());
+    let args = ["--drain-timeout", "1s"];
+    let mut m = TestMount::with_prefix_via(prefix.clone(), &proxy.endpoint(), &args);
+    // systemd's default for a service: 1024 open files, here as the hard limit too.
+    m.stop();
+    m.fd_limit = Some(1024);
+    m.start(&args);
+    let mut o = Outcome::default();
+    // The store goes away for the whole run.
+    proxy.set_policy(Arc::new(|_: &RequestInfo| Some(Fault::Drop)));
+    proxy.refuse_for(Duration::from_secs(3600));
+    let started = Instant::now();
+    let mut written = write_small_files(&m, 0, FILES / 2, &mut o);
+    let fds_at_half = m.open_fds();
+    eprintln!(
+        "first half written in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    // Restarted with everything pending: the mount starts from its journal although the
+    // endpoint does not answer, under the same limit.
+    let status = m.stop();
+    eprintln!(
+        "stopped ({status:?}) {:.1}s after the start",
+        started.elapsed().as_secs_f64()
+    );
+    m.start(&args);
+    eprintln!(
+        "mounted again {:.1}s after the start",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        m.log()
+            .contains("mounting anyway to serve the changes an earlier run journaled"),
+        "{}",
+        m.log()
+    );
+    written.extend(write_small_files(&m, FILES / 2, FILES, &mut o));
+    let fds_at_end = m.open_fds();
+    eprintln!(
+        "second half written {:.1}s after the start",
+        started.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "{} files written during the outage, {} refused; {fds_at_half} descriptors open after {}, {fds_at_end} after {FILES}",
+        o.written,
+        o.write_errors,
+        FILES / 2
+    );
+    assert_eq!(o.write_errors, 0, "writes refused: {o:?}");
+    // Every one of them reads back from local disk.
+    read_files(&m, &written, &mut o);
+    assert_eq!(o.read_errors + o.wrong_reads, 0, "{o:?}");
+    assert!(
+        fds_at_end < 200,
+        "pending uploads hold descriptors: {fds_at_end} open with {FILES} pending"
+    );
+    // The store comes back: everything lands.
+    proxy.set_policy(policy::none());
+    proxy.refuse_for(Duration::ZERO);
+    let back = Instant::now();
+    m.sync();
+    eprintln!(
+        "{FILES} uploads landed {:.1}s after the store came back",
+        back.elapsed().as_secs_f64()
+    );
+    o.injected = proxy.injected();
+    drop(m);
+    check_bucket(&bucket, &prefix, &written, &mut o);
+    record(
+        "fd-limit",
+        "3000 files written through an outage under 1024 descriptors, restarted with all pending",
+        &o,
+    );
+    bucket.delete_prefix(&prefix);
+    assert_eq!(o.bytes_lost, 0, "acknowledged data lost: {o:?}");
+    assert_eq!(o.verified, o.written, "{o:?}");
 }

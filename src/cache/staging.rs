@@ -1,10 +1,15 @@
 //! Staged files: the local copy of a file while it is written. Random writes, truncation
 //! and appends happen here. When the file is closed its copy is sealed: fsynced, moved
 //! next to the journal and never changed again, until its upload is done.
+//!
+//! Only a copy being written holds a descriptor. A sealed copy is opened for each use (a
+//! read, an upload) and closed after it, so thousands of files waiting for upload cost no
+//! descriptors: the number open follows the uploads and reads in flight, not the backlog.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -61,7 +66,7 @@ impl StagingArea {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        Ok(StagedFile::new(path, file, false, self.bytes.clone()))
+        Ok(StagedFile::new(path, Some(file), false, self.bytes.clone()))
     }
 
     /// Bytes all staged and sealed files take on disk.
@@ -72,9 +77,9 @@ impl StagingArea {
     /// A new staged file with the content of `src` (to change a sealed file).
     pub fn create_copy(&self, src: &StagedFile) -> io::Result<StagedFile> {
         let staged = self.create()?;
-        let mut from = File::open(src.path())?;
-        let mut to: &File = staged.file();
-        let len = io::copy(&mut from, &mut to)?;
+        let from = src.file()?;
+        let to = staged.file()?;
+        let len = io::copy(&mut &*from, &mut &*to)?;
         staged.grew_to(len);
         Ok(staged)
     }
@@ -84,7 +89,8 @@ impl StagingArea {
 /// once its upload is done, so a crash or an unmount keeps it for the journal.
 pub struct StagedFile {
     path: Mutex<PathBuf>,
-    file: Arc<File>,
+    /// The descriptor of a copy being written; None once sealed.
+    writable: Mutex<Option<Arc<File>>>,
     sealed: AtomicBool,
     done: AtomicBool,
     /// Disk space counted for this file in `counter`.
@@ -99,10 +105,10 @@ impl std::fmt::Debug for StagedFile {
 }
 
 impl StagedFile {
-    fn new(path: PathBuf, file: File, sealed: bool, counter: Arc<StagedBytes>) -> Self {
+    fn new(path: PathBuf, file: Option<File>, sealed: bool, counter: Arc<StagedBytes>) -> Self {
         StagedFile {
             path: Mutex::new(path),
-            file: Arc::new(file),
+            writable: Mutex::new(file.map(Arc::new)),
             sealed: AtomicBool::new(sealed),
             done: AtomicBool::new(false),
             accounted: AtomicU64::new(0),
@@ -110,11 +116,18 @@ impl StagedFile {
         }
     }
 
-    /// A sealed file found by the journal's replay.
+    /// A sealed file found by the journal's replay. It is not opened: replaying any number
+    /// of changes takes no descriptor.
     pub fn open_sealed(path: &Path, counter: &Arc<StagedBytes>) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).open(path)?;
-        let len = file.metadata()?.len();
-        let f = StagedFile::new(path.to_path_buf(), file, true, counter.clone());
+        let meta = std::fs::symlink_metadata(path)?;
+        if !meta.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a regular file",
+            ));
+        }
+        let len = meta.len();
+        let f = StagedFile::new(path.to_path_buf(), None, true, counter.clone());
         f.set_accounted(len);
         Ok(f)
     }
@@ -122,14 +135,14 @@ impl StagedFile {
     /// Writes `data` at `offset`.
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        self.file.write_all_at(data, offset)?;
+        self.writable()?.write_all_at(data, offset)?;
         self.grew_to(offset + data.len() as u64);
         Ok(())
     }
 
     /// Truncates or extends the file to `len` bytes.
     pub fn set_len(&self, len: u64) -> io::Result<()> {
-        self.file.set_len(len)?;
+        self.writable()?.set_len(len)?;
         self.set_accounted(len);
         Ok(())
     }
@@ -155,8 +168,28 @@ impl StagedFile {
         }
     }
 
-    pub fn file(&self) -> &Arc<File> {
-        &self.file
+    /// The content, open for reading: the descriptor of a copy being written, or the sealed
+    /// copy opened for this use (closed when the last clone is dropped).
+    pub fn file(&self) -> io::Result<Arc<File>> {
+        if let Some(f) = &*self.writable.lock() {
+            return Ok(f.clone());
+        }
+        // The path lock keeps a seal's rename from moving the file while it is opened.
+        let path = self.path.lock();
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&*path)?;
+        Ok(Arc::new(file))
+    }
+
+    fn writable(&self) -> io::Result<Arc<File>> {
+        self.writable.lock().clone().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "a sealed copy never changes",
+            )
+        })
     }
 
     pub fn path(&self) -> PathBuf {
@@ -169,7 +202,7 @@ impl StagedFile {
 
     /// Makes the content durable under `dest`; from now on it never changes.
     pub fn seal(&self, dest: &Path) -> io::Result<()> {
-        self.file.sync_data()?;
+        self.writable()?.sync_data()?;
         let mut path = self.path.lock();
         std::fs::rename(&*path, dest)?;
         if let Some(dir) = dest.parent() {
@@ -177,6 +210,8 @@ impl StagedFile {
         }
         *path = dest.to_path_buf();
         self.sealed.store(true, Ordering::Release);
+        // Readers that hold the descriptor keep it until they are done with it.
+        *self.writable.lock() = None;
         Ok(())
     }
 

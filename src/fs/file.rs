@@ -498,7 +498,7 @@ impl BucketFs {
 }
 
 async fn read_staged(staged: &Arc<StagedFile>, offset: u64, size: u32) -> FsResult<Bytes> {
-    let file = staged.file().clone();
+    let file = staged.file()?;
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; size as usize];
         let mut filled = 0;

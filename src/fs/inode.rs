@@ -102,9 +102,7 @@ impl Inode {
     pub fn copy(&self) -> Option<&Arc<StagedFile>> {
         match &self.state {
             State::Remote => None,
-            State::LocalOnly { copy } | State::Dirty { copy } | State::Clean { copy } => {
-                Some(copy)
-            }
+            State::LocalOnly { copy } | State::Dirty { copy } | State::Clean { copy } => Some(copy),
             State::Unlinked { copy } => copy.as_ref(),
         }
     }

@@ -23,8 +23,8 @@ use crate::writeback::{Pending, WritebackQueue};
 
 pub use dir::DirEntry;
 pub use error::{FsError, FsResult};
-use inode::{Remote, State};
 pub use inode::{Kind, ROOT};
+use inode::{Remote, State};
 use listing::Answer;
 use namespace::Namespace;
 
@@ -188,10 +188,7 @@ impl BucketFs {
         let path = {
             let t = self.ns.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;
-            if i.kind == Kind::Dir
-                || i.is_fresh(self.opts.metadata_ttl)
-                || !i.in_bucket()
-            {
+            if i.kind == Kind::Dir || i.is_fresh(self.opts.metadata_ttl) || !i.in_bucket() {
                 return Ok(self.attr_of(i));
             }
             i.path.clone()

@@ -161,8 +161,36 @@ impl Bucket {
     }
 
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.rt
+            .block_on(Self::fetch(self.store.clone(), key.to_string()))
+    }
+
+    /// `get` of every key in `keys`, many requests at a time, in the same order.
+    #[allow(dead_code)]
+    pub fn get_many(&self, keys: &[String]) -> Vec<Option<Vec<u8>>> {
         self.rt.block_on(async {
-            let meta = match self.store.head(key).await {
+            let mut workers = tokio::task::JoinSet::new();
+            let gate = Arc::new(tokio::sync::Semaphore::new(16));
+            for (i, key) in keys.iter().enumerate() {
+                let (store, key, gate) = (self.store.clone(), key.clone(), gate.clone());
+                workers.spawn(async move {
+                    let _turn = gate.acquire_owned().await.unwrap();
+                    (i, Self::fetch(store, key).await)
+                });
+            }
+            let mut got = vec![None; keys.len()];
+            while let Some(r) = workers.join_next().await {
+                let (i, data) = r.unwrap();
+                got[i] = data;
+            }
+            got
+        })
+    }
+
+    async fn fetch(store: Arc<S3Store>, key: String) -> Option<Vec<u8>> {
+        let key = key.as_str();
+        {
+            let meta = match store.head(key).await {
                 Ok(m) => m,
                 Err(s3mediafs::store::StoreError::NotFound) => return None,
                 Err(e) => panic!("HEAD {key}: {e}"),
@@ -171,13 +199,13 @@ impl Bucket {
                 return Some(Vec::new());
             }
             Some(
-                self.store
+                store
                     .get_range(key, 0..meta.size, None)
                     .await
                     .expect("GET")
                     .to_vec(),
             )
-        })
+        }
     }
 
     pub fn put(&self, key: &str, data: &[u8]) {
@@ -236,6 +264,8 @@ pub struct TestMount {
     pub cache: PathBuf,
     /// Where the mount serves its metrics.
     pub metrics_port: u16,
+    /// Soft and hard limit on open files the next `start` gives the mount process.
+    pub fd_limit: Option<u64>,
     child: Option<Child>,
 }
 
@@ -285,6 +315,7 @@ impl TestMount {
             mnt,
             cache,
             metrics_port,
+            fd_limit: None,
             child: None,
         };
         m.start(extra);
@@ -340,6 +371,22 @@ impl TestMount {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        if let Some(n) = self.fd_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().expect("start s3mediafs");
         let deadline = Instant::now() + Duration::from_secs(30);
         while !is_mounted(&self.mnt) {
@@ -447,6 +494,14 @@ impl TestMount {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Descriptors the mount process has open now.
+    pub fn open_fds(&self) -> usize {
+        let pid = self.child.as_ref().expect("running").id();
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     /// Sends SIGTERM to the mount process and waits (up to 120 s) for it to exit.
