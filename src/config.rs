@@ -166,11 +166,13 @@ pub struct MountArgs {
     pub dir_mode: u16,
 
     /// Let users other than the mounting one use the mount (needed when Synapse runs as its
-    /// own user and root mounts).
+    /// own user and root mounts). Turns on --default-permissions: other users get only what
+    /// --uid, --gid and the modes give them.
     #[arg(long)]
     pub allow_other: bool,
 
-    /// Have the kernel check permissions against uid, gid and the modes.
+    /// Have the kernel check permissions against uid, gid and the modes (always on with
+    /// --allow-other).
     #[arg(long)]
     pub default_permissions: bool,
 
@@ -661,7 +663,8 @@ impl Config {
             target,
             mountpoint: a.mountpoint,
             allow_other: a.allow_other,
-            default_permissions: a.default_permissions,
+            // Without it, every local user could read, overwrite and delete every file.
+            default_permissions: a.default_permissions || a.allow_other,
             read_only: a.read_only,
             nonempty: a.nonempty,
             cache_dir,

@@ -867,3 +867,34 @@ fn three_thousand_files_pending_through_an_outage_and_a_restart_with_1024_descri
     assert_eq!(o.bytes_lost, 0, "acknowledged data lost: {o:?}");
     assert_eq!(o.verified, o.written, "{o:?}");
 }
+
+#[test]
+fn changing_an_object_larger_than_the_cache_fails_with_enospc_and_leaves_it_whole() {
+    let env = S3Env::get();
+    let bucket = Bucket::new(&env);
+    let prefix = unique_prefix("big-change");
+    let big = pseudo_random(40 << 20, 3);
+    bucket.put_large(&format!("{prefix}big"), &big);
+    let m = TestMount::with_prefix(prefix.clone(), &["--cache-size", "16M"]);
+    // A write into the middle of an object needs a local copy of all of it.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("big"))
+        .unwrap();
+    let err = std::os::unix::fs::FileExt::write_all_at(&f, b"x", 1 << 20).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    drop(f);
+    let staged: u64 = files_under(&m.cache.join("staging"))
+        .iter()
+        .map(|p| p.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
+    assert_eq!(staged, 0, "a copy was left in the cache directory");
+    assert!(
+        m.log().contains("no longer fit in --cache-size"),
+        "{}",
+        m.log()
+    );
+    assert_eq!(m.object("big").map(|b| sha256(&b)), Some(sha256(&big)));
+    drop(m);
+    bucket.delete_prefix(&prefix);
+}

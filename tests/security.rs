@@ -182,9 +182,9 @@ fn other_users_stay_out_without_allow_other_and_modes_hold_with_it() {
 
     let m = TestMount::with_args(
         "other-users-allowed",
+        // allow_other alone: the kernel checks permissions all the same.
         &[
             "--allow-other",
-            "--default-permissions",
             "--file-mode",
             "0640",
             "--uid",

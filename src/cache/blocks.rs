@@ -729,6 +729,22 @@ impl BlockCache {
         );
     }
 
+    /// Whether `bytes` more can be written to the cache filesystem and still keep the free
+    /// space `--cache-min-free` asks for, once clean blocks are evicted to make it.
+    pub fn disk_has_room(&self, bytes: u64) -> bool {
+        let short = self.free_space_shortfall(bytes);
+        if short == 0 {
+            return true;
+        }
+        let evictions = {
+            let mut idx = self.index.lock();
+            let (victims, _) = choose_victims(&idx, short, None);
+            take_victims(&mut idx, &victims, None)
+        };
+        self.evict(evictions);
+        self.free_space_shortfall(bytes) == 0
+    }
+
     /// How many bytes must be freed so that writing `cost` more keeps the minimum free
     /// space on the cache filesystem.
     fn free_space_shortfall(&self, cost: u64) -> u64 {

@@ -395,7 +395,12 @@ impl BucketFs {
         let sealed = sealed.or_else(|| self.writeback.pending_upload(&key));
         let staged = match sealed {
             Some(src) => self.staging.create_copy(&src)?,
-            None => self.download(&key, size, etag.as_deref()).await?,
+            None => {
+                let staged = self.staging.create()?;
+                self.room_for_download(ino, &staged, size)?;
+                self.download(&staged, &key, size, etag.as_deref()).await?;
+                staged
+            }
         };
         let mut t = self.ns.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
@@ -410,8 +415,14 @@ impl BucketFs {
         }
     }
 
-    async fn download(&self, key: &str, size: u64, etag: Option<&str>) -> FsResult<StagedFile> {
-        let staged = self.staging.create()?;
+    /// Copies the object into `staged`, which is empty.
+    async fn download(
+        &self,
+        staged: &StagedFile,
+        key: &str,
+        size: u64,
+        etag: Option<&str>,
+    ) -> FsResult<()> {
         let mut offset = 0;
         while offset < size {
             let end = size.min(offset + DOWNLOAD_CHUNK);
@@ -427,7 +438,30 @@ impl BucketFs {
             staged.write_at(&chunk, offset)?;
             offset = end;
         }
-        Ok(staged)
+        Ok(())
+    }
+
+    /// Room for a whole object of `size` bytes about to be copied into `staged`: within
+    /// `--cache-size` like any staged file, and leaving the free space `--cache-min-free`
+    /// keeps on the cache filesystem (the copy was not asked for byte by byte).
+    fn room_for_download(&self, ino: u64, staged: &StagedFile, size: u64) -> FsResult<()> {
+        self.room_for_staged(ino, staged, size)?;
+        if self.blocks().disk_has_room(size) {
+            return Ok(());
+        }
+        let path = self
+            .ns
+            .table
+            .lock()
+            .get(ino)
+            .map(|i| i.path.clone())
+            .unwrap_or_default();
+        self.ns.warn_once(
+            &path,
+            "changing this file needs a local copy of the whole object, and the cache filesystem \
+             has no room for it above --cache-min-free; the change fails with ENOSPC",
+        );
+        Err(FsError::NOSPC)
     }
 
     /// Makes room in the cache directory for `staged` to grow to `len` bytes, evicting
