@@ -21,6 +21,10 @@ as_root() {
 }
 
 install_fuse() {
+    # The power-cut test puts a cache directory on an ext4 loop device.
+    if ! command -v mkfs.ext4 >/dev/null; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq e2fsprogs >/dev/null
+    fi
     if command -v fusermount3 >/dev/null && [ -e /dev/fuse ]; then return; fi
     echo "install-deps: installing fuse3 from Debian's packages" >&2
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null

@@ -95,10 +95,14 @@ pub fn run(cfg: Config) -> Result<(), String> {
             problem.message
         );
     }
-    if replay.dropped_bytes > 0 {
+    if replay.torn_bytes > 0 || replay.skipped_regions > 0 {
         tracing::warn!(
-            bytes = replay.dropped_bytes,
-            "the journal ended with a torn record (a crash while writing it); it was dropped"
+            torn_bytes = replay.torn_bytes,
+            skipped_regions = replay.skipped_regions,
+            skipped_bytes = replay.skipped_bytes,
+            "the journal had damaged records, and replay went past them: torn bytes are a \
+             record cut short at its end by a crash; skipped regions lay before valid records, \
+             and the changes they held are lost"
         );
     }
     let writeback = WritebackQueue::new(

@@ -691,7 +691,7 @@ impl WritebackQueue {
 
     fn finish_record(&self, seq: u64, file: Option<&StagedFile>) {
         if let Err(e) = self.journal.done(seq) {
-            tracing::error!(error = %e, "cannot write the journal; the change will be done again after a restart");
+            tracing::error!(error = %e, "cannot record a finished change in the journal; a restart before the journal is next compacted carries it out again, unless a newer change of its key is journaled");
         }
         if let Some(f) = file {
             f.finish();
@@ -770,12 +770,14 @@ impl WritebackQueue {
         }
     }
 
-    /// With nothing pending, the journal starts over.
+    /// Keeps the journal small at every landing: with nothing pending it starts over, and
+    /// past its size threshold it is rewritten with only the pending changes, so that it does
+    /// not depend on the queue ever being idle. `s` is locked, and records are appended only
+    /// under that lock, so the pending set is whole.
     fn reset_journal_if_idle(&self, s: &State) {
-        if s.ops.is_empty() {
-            if let Err(e) = self.journal.reset() {
-                tracing::warn!(error = %e, "cannot reset the journal");
-            }
+        let pending = s.ops.iter().map(|(seq, op)| (*seq, &op.change));
+        if let Err(e) = self.journal.compact(pending) {
+            tracing::warn!(error = %e, "cannot compact the journal; it is tried again at the next landing");
         }
     }
 
@@ -1133,6 +1135,40 @@ mod tests {
             q.lookup("k").is_none(),
             "a change older than the last one came back after a restart"
         );
+    }
+
+    #[test]
+    fn the_journal_stays_small_while_the_queue_is_never_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("journal");
+        let mut held = Vec::new();
+        {
+            let (_mem, q, area, _) = setup(dir.path());
+            // Changes are due at once; the test carries them out in place of the workers.
+            q.state.lock().hurry = true;
+            q.upload("slow", staged(&area, b"abc"), 3).unwrap();
+            let Next::One(seq, change, _) = q.next_op() else {
+                panic!("the upload is due");
+            };
+            // In flight all along: the queue is never empty.
+            held.push((seq, change));
+            for i in 0..1000 {
+                q.delete(&format!("gone/{i}")).unwrap();
+                let Next::Deletes(batch) = q.next_op() else {
+                    panic!("the delete is due");
+                };
+                if i % 100 == 0 {
+                    held.extend(batch);
+                } else {
+                    q.landed_all(batch);
+                }
+                assert!(std::fs::metadata(&journal).unwrap().len() <= Journal::COMPACT_AT);
+            }
+            assert_eq!(q.pending(), held.len());
+            // Dropped with nothing drained, as if the process died.
+        }
+        let (_, replay) = Journal::open(dir.path()).unwrap();
+        assert_eq!(replay.pending, held);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,11 +2,14 @@
 //! change acknowledged to a caller but not yet in the bucket, and its completion.
 //!
 //! Each record is `[len: u32][crc32: u32][payload]`, appended and fsynced before the caller
-//! is answered. On open the journal is replayed: a record cut short or failing its checksum
-//! ends the replay (a crash mid-append), changes without a `Done` are returned to be carried
-//! out again, and the file is rewritten with only those.
+//! is answered. An append that fails is cut back off, so the file holds only whole records;
+//! if even that fails, the journal refuses every append until it is rewritten. On open the
+//! journal is replayed (`decode_all` reads past damaged records, `Journal::open` says which
+//! changes are carried out again) and rewritten with only the changes still to carry out;
+//! while the mount runs it is rewritten the same way whenever it grows past a threshold
+//! (`Journal::compact`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -63,56 +66,171 @@ fn encode(r: &Record) -> Vec<u8> {
     out
 }
 
-/// Decodes records until the data ends or a record is torn or corrupt.
-fn decode_all(data: &[u8]) -> (Vec<Record>, usize) {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while data.len() - pos >= 8 {
-        let len = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap()) as usize;
-        let crc = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().unwrap());
-        if len < 17 || data.len() - pos - 8 < len {
-            break;
-        }
-        let p = &data[pos + 8..pos + 8 + len];
-        if crc32fast::hash(p) != crc {
-            break;
-        }
-        let seq = u64::from_le_bytes(p[1..9].try_into().unwrap());
-        let size = u64::from_le_bytes(p[9..17].try_into().unwrap());
-        let Ok(key) = std::str::from_utf8(&p[17..]).map(str::to_string) else {
-            break;
-        };
-        let r = match p[0] {
-            UPLOAD => Record::Change(seq, Change::Upload { key, size }),
-            DELETE => Record::Change(seq, Change::Delete { key }),
-            MARKER => Record::Change(seq, Change::Marker { key }),
-            DONE => Record::Done(seq),
-            _ => break,
-        };
-        out.push(r);
-        pos += 8 + len;
+/// Bytes of a frame's header: the payload's length and checksum.
+const HEADER: usize = 8;
+/// Bytes of a payload before its key: kind, sequence number, size.
+const FIXED: usize = 17;
+/// Longest key a record holds (S3 allows 1024 bytes): a length field beyond it marks damage.
+const MAX_KEY: usize = 4096;
+
+/// The record of the whole, valid frame that starts at `pos`, and the frame's length; None
+/// when none starts there (a length out of range or past the data, a checksum that does not
+/// match, an unknown kind).
+fn decode_at(data: &[u8], pos: usize) -> Option<(Record, usize)> {
+    let frame = data.get(pos..).filter(|f| f.len() >= HEADER)?;
+    let len = u32::from_le_bytes(frame[0..4].try_into().unwrap()) as usize;
+    let crc = u32::from_le_bytes(frame[4..8].try_into().unwrap());
+    if !(FIXED..=FIXED + MAX_KEY).contains(&len) || frame.len() - HEADER < len {
+        return None;
     }
-    (out, pos)
+    let p = &frame[HEADER..HEADER + len];
+    if crc32fast::hash(p) != crc {
+        return None;
+    }
+    let seq = u64::from_le_bytes(p[1..9].try_into().unwrap());
+    let size = u64::from_le_bytes(p[9..17].try_into().unwrap());
+    let key = std::str::from_utf8(&p[FIXED..]).ok()?.to_string();
+    let record = match p[0] {
+        UPLOAD => Record::Change(seq, Change::Upload { key, size }),
+        DELETE => Record::Change(seq, Change::Delete { key }),
+        MARKER => Record::Change(seq, Change::Marker { key }),
+        DONE => Record::Done(seq),
+        _ => return None,
+    };
+    Some((record, HEADER + len))
+}
+
+/// The records of a journal file, and the damage passed over to read them.
+#[derive(Debug, Default)]
+struct Decoded {
+    records: Vec<Record>,
+    /// Damaged stretches with valid records after them, and their bytes.
+    skipped_regions: usize,
+    skipped_bytes: usize,
+    /// Bytes at the end where no valid record starts.
+    torn_bytes: usize,
+}
+
+/// Decodes every valid record of `data`. Where a frame is torn or corrupt, decoding goes on
+/// at the next offset where a valid frame starts (`decode_at`), so one damaged record does
+/// not take the records after it along. Damage that reaches the end is a torn tail, the
+/// trace of a crash in the middle of an append.
+///
+/// A false resync (a frame taken as valid inside damaged bytes) needs a length in range and
+/// a CRC-32 that matches by chance: about one offset in four billion. Nor can a whole frame
+/// hide inside a key: its length field holds zero bytes, and keys come from path names,
+/// which hold none.
+fn decode_all(data: &[u8]) -> Decoded {
+    let mut d = Decoded::default();
+    let mut pos = 0;
+    while pos < data.len() {
+        if let Some((record, len)) = decode_at(data, pos) {
+            d.records.push(record);
+            pos += len;
+            continue;
+        }
+        match (pos + 1..data.len()).find(|&at| decode_at(data, at).is_some()) {
+            Some(next) => {
+                d.skipped_regions += 1;
+                d.skipped_bytes += next - pos;
+                pos = next;
+            }
+            None => {
+                d.torn_bytes = data.len() - pos;
+                break;
+            }
+        }
+    }
+    d
 }
 
 pub struct Journal {
+    dir: PathBuf,
     path: PathBuf,
     pending_dir: PathBuf,
-    file: Mutex<File>,
+    /// Appends and rewrites take turns on it.
+    file: Mutex<Active>,
+}
+
+/// The journal file appended to, and its condition.
+struct Active {
+    file: File,
+    /// Its length after the last rewrite: the next is due at twice that.
+    compacted: u64,
+    /// A failed append left it without a record it should have (a `Done`): the next
+    /// `compact` rewrites it, whatever its size.
+    stale: bool,
+    /// It may end in a partial record, or its name may not survive a crash: appends are
+    /// refused until a rewrite succeeds.
+    broken: bool,
+    /// This many of the next writes (an append, the cut back after a failed one) fail.
+    #[cfg(test)]
+    failing_writes: u32,
+}
+
+impl Active {
+    fn new(file: File, len: u64) -> Active {
+        Active {
+            file,
+            compacted: len,
+            stale: false,
+            broken: false,
+            #[cfg(test)]
+            failing_writes: 0,
+        }
+    }
+
+    /// Appends `bytes` and makes them durable.
+    fn write_synced(&mut self, bytes: &[u8]) -> io::Result<()> {
+        #[cfg(test)]
+        if self.fail_now() {
+            // A disk that fills up in the middle of the record.
+            self.file.write_all(&bytes[..bytes.len() / 2])?;
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.file.write_all(bytes)?;
+        self.file.sync_data()
+    }
+
+    /// Cuts the file back to `len` bytes, durably.
+    fn cut(&mut self, len: u64) -> io::Result<()> {
+        #[cfg(test)]
+        if self.fail_now() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.file.set_len(len)?;
+        self.file.sync_data()
+    }
+
+    #[cfg(test)]
+    fn fail_now(&mut self) -> bool {
+        let fail = self.failing_writes > 0;
+        self.failing_writes = self.failing_writes.saturating_sub(1);
+        fail
+    }
 }
 
 /// What a replay found.
 #[derive(Debug, Default)]
 pub struct Replay {
-    /// Changes recorded and not done, in order, with their sequence numbers.
+    /// Changes to carry out again, in order, with their sequence numbers.
     pub pending: Vec<(u64, Change)>,
     /// The next free sequence number.
     pub next_seq: u64,
-    /// Bytes of a torn or corrupt tail that were dropped.
-    pub dropped_bytes: usize,
+    /// Bytes of a torn record at the end (a crash while appending it), dropped.
+    pub torn_bytes: usize,
+    /// Damaged stretches before valid records, skipped to reach those: whatever they
+    /// recorded is lost.
+    pub skipped_regions: usize,
+    pub skipped_bytes: usize,
 }
 
 impl Journal {
+    /// Size past which the journal is rewritten with only what is pending, or twice its size
+    /// after the last rewrite if that is more, so that a large pending set is not rewritten at
+    /// every landing. Small under test, so that tests pass it quickly.
+    pub const COMPACT_AT: u64 = if cfg!(test) { 16 << 10 } else { 4 << 20 };
+
     /// Opens (or creates) the journal in `cache_dir`, replays it and compacts it.
     pub fn open(cache_dir: &Path) -> io::Result<(Journal, Replay)> {
         let path = cache_dir.join("journal");
@@ -129,31 +247,40 @@ impl Journal {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let (records, used) = decode_all(&data);
-        let mut changes: BTreeMap<u64, Change> = BTreeMap::new();
-        // The newest finished change of each key: an older one still pending is obsolete
-        // (the changes of a key take effect in order), and replaying it would undo a newer.
-        let mut finished: std::collections::HashMap<String, u64> = Default::default();
+        let decoded = decode_all(&data);
+        // What is carried out again: only the last change recorded for a key, and only if it
+        // is not done. The changes of a key take effect in order, and the queue drops an older
+        // change that has not started as soon as a newer one comes (`insert_locked` in the
+        // write-back queue), so an older change is superseded whether or not the newer one
+        // finished; carrying it out again could undo the newer (an upload bringing back a
+        // deleted file). Later means a higher sequence number, the order the queue goes by,
+        // not a later place in the file.
+        let mut last: HashMap<String, (u64, Change)> = HashMap::new();
+        let mut done = HashSet::new();
         let mut next_seq = 1;
-        for r in records {
+        for r in decoded.records {
             match r {
                 Record::Change(seq, c) => {
                     next_seq = next_seq.max(seq + 1);
-                    changes.insert(seq, c);
+                    if last.get(c.key()).is_none_or(|(newer, _)| *newer < seq) {
+                        last.insert(c.key().to_string(), (seq, c));
+                    }
                 }
                 Record::Done(seq) => {
-                    if let Some(c) = changes.remove(&seq) {
-                        let newest = finished.entry(c.key().to_string()).or_insert(seq);
-                        *newest = (*newest).max(seq);
-                    }
+                    done.insert(seq);
                 }
             }
         }
-        changes.retain(|seq, c| finished.get(c.key()).is_none_or(|done| done < seq));
+        let changes: BTreeMap<u64, Change> = last
+            .into_values()
+            .filter(|(seq, _)| !done.contains(seq))
+            .collect();
         let mut replay = Replay {
             pending: Vec::new(),
             next_seq,
-            dropped_bytes: data.len() - used,
+            torn_bytes: decoded.torn_bytes,
+            skipped_regions: decoded.skipped_regions,
+            skipped_bytes: decoded.skipped_bytes,
         };
         for (seq, c) in changes {
             if let Change::Upload { size, .. } = &c {
@@ -170,7 +297,7 @@ impl Journal {
             replay.pending.push((seq, c));
         }
         // Data files no pending change refers to are left from finished uploads.
-        let keep: std::collections::HashSet<String> = replay
+        let keep: HashSet<String> = replay
             .pending
             .iter()
             .map(|(seq, _)| pending_name(*seq))
@@ -181,31 +308,14 @@ impl Journal {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        // Rewrite the journal with only what is pending.
-        let tmp = cache_dir.join("journal.new");
-        {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&tmp)?;
-            let mut buf = Vec::new();
-            for (seq, c) in &replay.pending {
-                buf.extend_from_slice(&encode(&Record::Change(*seq, c.clone())));
-            }
-            f.write_all(&buf)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path)?;
+        let (file, len) = rewrite(&path, replay.pending.iter().map(|(seq, c)| (*seq, c)))?;
         sync_dir(cache_dir)?;
-        let file = OpenOptions::new().append(true).open(&path)?;
         Ok((
             Journal {
+                dir: cache_dir.to_path_buf(),
                 path,
                 pending_dir,
-                file: Mutex::new(file),
+                file: Mutex::new(Active::new(file, len)),
             },
             replay,
         ))
@@ -222,6 +332,9 @@ impl Journal {
 
     /// Records a change durably.
     pub fn record(&self, seq: u64, change: &Change) -> io::Result<()> {
+        if change.key().len() > MAX_KEY {
+            return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+        }
         self.append(&encode(&Record::Change(seq, change.clone())))
     }
 
@@ -239,22 +352,104 @@ impl Journal {
         self.append(&bytes)
     }
 
-    /// Empties the journal when nothing is pending, so it does not grow without bound.
-    pub fn reset(&self) -> io::Result<()> {
-        let f = self.file.lock();
-        f.set_len(0)?;
-        f.sync_data()
+    /// Keeps the journal small while changes keep coming. `pending` must be every change
+    /// recorded and not finished, and no record may be appended between taking it and this
+    /// call's end (the write-back queue calls this under its state lock, which it appends
+    /// its records under). With nothing pending the journal is emptied; once it has grown
+    /// past its threshold (`COMPACT_AT`), or a failed append damaged it, it is rewritten
+    /// with only `pending`. Appends wait meanwhile.
+    pub fn compact<'a>(
+        &self,
+        pending: impl IntoIterator<Item = (u64, &'a Change)>,
+    ) -> io::Result<()> {
+        let mut a = self.file.lock();
+        let mut pending = pending.into_iter().peekable();
+        if !a.stale && !a.broken {
+            let len = a.file.metadata()?.len();
+            if pending.peek().is_none() {
+                if len > 0 {
+                    a.cut(0)?;
+                    a.compacted = 0;
+                }
+                return Ok(());
+            }
+            if len <= Self::COMPACT_AT.max(2 * a.compacted) {
+                return Ok(());
+            }
+        }
+        let (file, len) = rewrite(&self.path, pending)?;
+        *a = Active::new(file, len);
+        if let Err(e) = sync_dir(&self.dir) {
+            // The rename may not survive a crash, and the old file would lack what is
+            // appended from now on.
+            a.broken = true;
+            return Err(e);
+        }
+        Ok(())
     }
 
+    /// Appends `bytes` durably, or leaves the file as it was and fails.
     fn append(&self, bytes: &[u8]) -> io::Result<()> {
-        let mut f = self.file.lock();
-        f.write_all(bytes)?;
-        f.sync_data()
+        let mut a = self.file.lock();
+        if a.broken {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let before = a.file.metadata()?.len();
+        let Err(e) = a.write_synced(bytes) else {
+            return Ok(());
+        };
+        a.stale = true;
+        if let Err(cut) = a.cut(before) {
+            a.broken = true;
+            tracing::error!(journal = %self.path.display(), error = %e, cut_error = %cut,
+                "a journal append failed and the journal could not be cut back to its last whole record; \
+                 every change is refused with EIO until the journal is rewritten");
+        }
+        Err(e)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The next `n` writes to the file (an append, the cut back after a failed one) fail.
+    #[cfg(test)]
+    fn fail_writes(&self, n: u32) {
+        self.file.lock().failing_writes = n;
+    }
+}
+
+/// Writes a journal of `changes` as `journal.new` beside `path`, makes it durable and renames
+/// it over `path`; returns it open for appending, with its length. The caller syncs the
+/// directory.
+fn rewrite<'a>(
+    path: &Path,
+    changes: impl Iterator<Item = (u64, &'a Change)>,
+) -> io::Result<(File, u64)> {
+    let tmp = path.with_file_name("journal.new");
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    let mut buf = Vec::new();
+    for (seq, c) in changes {
+        buf.extend_from_slice(&encode(&Record::Change(seq, c.clone())));
+    }
+    let written = f
+        .write_all(&buf)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok((f, buf.len() as u64))
 }
 
 fn pending_name(seq: u64) -> String {
@@ -358,7 +553,8 @@ mod tests {
                 (3, Change::Marker { key: "d/".into() }),
             ]
         );
-        assert!(r.dropped_bytes > 0);
+        assert!(r.torn_bytes > 0);
+        assert_eq!(r.skipped_regions, 0);
         assert_eq!(r.next_seq, 4);
         assert!(
             !dir.path().join("pending").join(pending_name(99)).exists(),
@@ -369,7 +565,165 @@ mod tests {
         drop(j);
         let (_, again) = Journal::open(dir.path()).unwrap();
         assert_eq!(again.pending, r.pending);
-        assert_eq!(again.dropped_bytes, 0);
+        assert_eq!(again.torn_bytes, 0);
+    }
+
+    fn delete(key: &str) -> Change {
+        Change::Delete { key: key.into() }
+    }
+
+    /// An upload of `key` whose data (3 bytes) is in place.
+    fn upload(j: &Journal, seq: u64, key: &str) -> Change {
+        std::fs::write(j.pending_path(seq), b"abc").unwrap();
+        Change::Upload {
+            key: key.into(),
+            size: 3,
+        }
+    }
+
+    #[test]
+    fn replay_skips_a_corrupt_record_and_keeps_the_valid_ones_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let len = || std::fs::metadata(&path).unwrap().len() as usize;
+        let (start, end) = {
+            let (j, _) = Journal::open(dir.path()).unwrap();
+            j.record(1, &delete("a")).unwrap();
+            let start = len();
+            j.record(2, &delete("b")).unwrap();
+            let end = len();
+            j.record(3, &delete("c")).unwrap();
+            j.done(1).unwrap();
+            j.record(4, &upload(&j, 4, "d")).unwrap();
+            (start, end)
+        };
+        // One flipped bit in the key of record 2.
+        let mut data = std::fs::read(&path).unwrap();
+        data[end - 1] ^= 0x40;
+        std::fs::write(&path, data).unwrap();
+
+        let (_, r) = Journal::open(dir.path()).unwrap();
+        assert_eq!(
+            r.pending,
+            vec![
+                (3, delete("c")),
+                (
+                    4,
+                    Change::Upload {
+                        key: "d".into(),
+                        size: 3
+                    }
+                )
+            ]
+        );
+        assert_eq!(
+            (r.skipped_regions, r.skipped_bytes, r.torn_bytes),
+            (1, end - start, 0)
+        );
+        assert_eq!(r.next_seq, 5);
+    }
+
+    #[test]
+    fn a_failed_append_leaves_the_journal_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        {
+            let (j, _) = Journal::open(dir.path()).unwrap();
+            j.record(1, &delete("a")).unwrap();
+            let before = std::fs::read(&path).unwrap();
+            j.fail_writes(1);
+            let e = j.record(2, &delete("b")).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                before,
+                "the partial record is cut off"
+            );
+            j.record(3, &delete("c")).unwrap();
+            j.fail_writes(1);
+            j.done(1).unwrap_err();
+            j.record(4, &delete("d")).unwrap();
+        }
+        let (_, r) = Journal::open(dir.path()).unwrap();
+        assert_eq!(
+            r.pending,
+            vec![(1, delete("a")), (3, delete("c")), (4, delete("d"))]
+        );
+        assert_eq!((r.skipped_regions, r.torn_bytes), (0, 0));
+    }
+
+    #[test]
+    fn a_journal_that_cannot_be_cut_back_refuses_appends_until_it_is_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        {
+            let (j, _) = Journal::open(dir.path()).unwrap();
+            j.record(1, &delete("a")).unwrap();
+            // The append fails, and so does cutting it back.
+            j.fail_writes(2);
+            j.record(2, &delete("b")).unwrap_err();
+            let damaged = std::fs::read(&path).unwrap();
+            let e = j.record(3, &delete("c")).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EIO));
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                damaged,
+                "nothing is appended after a partial record"
+            );
+            // A rewrite with what is pending repairs it.
+            j.compact([(1, &delete("a"))]).unwrap();
+            j.record(4, &delete("d")).unwrap();
+        }
+        let (_, r) = Journal::open(dir.path()).unwrap();
+        assert_eq!(r.pending, vec![(1, delete("a")), (4, delete("d"))]);
+        assert_eq!((r.skipped_regions, r.torn_bytes), (0, 0));
+    }
+
+    #[test]
+    fn replay_carries_out_only_the_last_change_of_a_key_and_only_if_not_done() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (j, _) = Journal::open(dir.path()).unwrap();
+            // An upload not done, then a delete of its key that is.
+            j.record(1, &upload(&j, 1, "k")).unwrap();
+            j.record(2, &delete("k")).unwrap();
+            j.done(2).unwrap();
+            // Two uploads of a key, only the second done.
+            j.record(3, &upload(&j, 3, "m")).unwrap();
+            j.record(4, &upload(&j, 4, "m")).unwrap();
+            j.done(4).unwrap();
+            // Neither done: only the later one.
+            j.record(5, &upload(&j, 5, "n")).unwrap();
+            j.record(6, &delete("n")).unwrap();
+            // Later by sequence number, not by place in the file.
+            j.record(8, &delete("o")).unwrap();
+            j.record(7, &upload(&j, 7, "o")).unwrap();
+        }
+        let (_, r) = Journal::open(dir.path()).unwrap();
+        assert_eq!(r.pending, vec![(6, delete("n")), (8, delete("o"))]);
+    }
+
+    #[test]
+    fn compaction_keeps_only_what_is_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let kept = {
+            let (j, _) = Journal::open(dir.path()).unwrap();
+            let kept = upload(&j, 1, "kept");
+            j.record(1, &kept).unwrap();
+            for seq in 2..1000 {
+                j.record(seq, &delete("gone")).unwrap();
+                j.done(seq).unwrap();
+                j.compact([(1, &kept)]).unwrap();
+                assert!(std::fs::metadata(&path).unwrap().len() <= Journal::COMPACT_AT);
+            }
+            kept
+        };
+        let (j, r) = Journal::open(dir.path()).unwrap();
+        assert_eq!(r.pending, vec![(1, kept)]);
+        // Nothing pending: the journal is emptied.
+        j.compact([]).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
     }
 
     #[test]

@@ -496,6 +496,13 @@ impl TestMount {
         }
     }
 
+    /// Whether the mount process is still running (a test may have stopped it).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
     /// Descriptors the mount process has open now.
     pub fn open_fds(&self) -> usize {
         let pid = self.child.as_ref().expect("running").id();
@@ -522,12 +529,18 @@ impl TestMount {
         })
     }
 
-    /// Sends SIGKILL to the mount process, as a crash would.
-    pub fn kill(&mut self) {
+    /// Sends SIGKILL to the mount process and leaves the dead mount in place: every call on
+    /// it fails with ENOTCONN until `kill` or `stop` unmounts it.
+    pub fn kill_process(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Sends SIGKILL to the mount process, as a crash would, and unmounts what is left.
+    pub fn kill(&mut self) {
+        self.kill_process();
         let _ = Command::new("fusermount3")
             .arg("-uz")
             .arg(&self.mnt)
