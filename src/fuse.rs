@@ -279,9 +279,25 @@ impl fuser::Filesystem for FuseAdapter {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let passthrough = self.passthrough.clone();
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        if write && passthrough.busy(ino.0) {
-            // Checked before opening: an O_TRUNC open would truncate the file first.
-            reply.error(Errno::ETXTBSY);
+        if write {
+            // Before the open changes anything (O_TRUNC), readers stop being passed through;
+            // with one passed through already, the file is refused untouched.
+            if !passthrough.reserve(ino.0) {
+                reply.error(Errno::ETXTBSY);
+                return;
+            }
+            self.spawn("open", |fs| async move {
+                match fs.open(ino.0, flags.0).await {
+                    Ok(fh) => {
+                        passthrough.bind_reserved(ino.0, fh);
+                        reply.opened(FileHandle(fh), FopenFlags::empty());
+                    }
+                    Err(e) => {
+                        passthrough.cancel_reserved(ino.0);
+                        reply.error(errno(e));
+                    }
+                }
+            });
             return;
         }
         self.spawn("open", |fs| async move {
@@ -495,18 +511,37 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         let (name, ttl) = (name.to_owned(), self.ttl);
         let passthrough = self.passthrough.clone();
-        if self
-            .fs
-            .child(parent.0, &name)
-            .is_some_and(|ino| passthrough.busy(ino))
-        {
-            // An existing file passed through to readers cannot be opened for writing.
-            reply.error(Errno::ETXTBSY);
-            return;
+        // An existing file is kept from readers passed through before the open can truncate
+        // it; one passed through already cannot be opened for writing.
+        let existing = self.fs.child(parent.0, &name);
+        if let Some(ino) = existing {
+            if !passthrough.reserve(ino) {
+                reply.error(Errno::ETXTBSY);
+                return;
+            }
         }
         self.spawn("create", |fs| async move {
-            match fs.create(parent.0, &name, flags).await {
-                Ok((a, fh)) if passthrough.open_through_mount(a.ino, fh) => reply.created(
+            let result = fs.create(parent.0, &name, flags).await;
+            let opened = match &result {
+                Ok((a, fh)) if existing == Some(a.ino) => {
+                    passthrough.bind_reserved(a.ino, *fh);
+                    true
+                }
+                Ok((a, fh)) => {
+                    if let Some(ino) = existing {
+                        passthrough.cancel_reserved(ino);
+                    }
+                    passthrough.open_through_mount(a.ino, *fh)
+                }
+                Err(_) => {
+                    if let Some(ino) = existing {
+                        passthrough.cancel_reserved(ino);
+                    }
+                    false
+                }
+            };
+            match result {
+                Ok((a, fh)) if opened => reply.created(
                     &ttl,
                     &file_attr(&a),
                     Generation(0),

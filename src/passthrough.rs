@@ -77,15 +77,6 @@ impl Passthrough {
         }
     }
 
-    /// Whether inode `ino` is passed through right now: it cannot be opened for writing.
-    pub fn busy(&self, ino: u64) -> bool {
-        self.files
-            .lock()
-            .inodes
-            .get(&ino)
-            .is_some_and(|i| i.backing.is_some())
-    }
-
     /// Answers the open of `fh` on inode `ino`: passed through to `cache_file` when one is
     /// given and the inode allows it, else read through the mount. Returns false when the
     /// open was refused (ETXTBSY), and `fh` must be released.
@@ -141,6 +132,36 @@ impl Passthrough {
             drop(files);
             reply.error(Errno::ETXTBSY);
             false
+        }
+    }
+
+    /// Keeps inode `ino` read through the mount for a handle being opened for writing, before
+    /// the open changes anything (O_TRUNC): from now on no open of it is passed through.
+    /// Returns false, changing nothing, when it is passed through already. The place is
+    /// given to the handle with `bind_reserved`, or back with `cancel_reserved`.
+    pub fn reserve(&self, ino: u64) -> bool {
+        let mut files = self.files.lock();
+        let inode = files.inodes.entry(ino).or_default();
+        if inode.backing.is_some() {
+            return false;
+        }
+        inode.cached += 1;
+        true
+    }
+
+    /// The handle `fh` opened on inode `ino` takes the place `reserve` kept.
+    pub fn bind_reserved(&self, ino: u64, fh: u64) {
+        self.files.lock().handles.insert(fh, (ino, Mode::Mount));
+    }
+
+    /// The open that `reserve` kept a place for failed.
+    pub fn cancel_reserved(&self, ino: u64) {
+        let mut files = self.files.lock();
+        if let Some(inode) = files.inodes.get_mut(&ino) {
+            inode.cached = inode.cached.saturating_sub(1);
+            if inode.cached == 0 && inode.backing.is_none() {
+                files.inodes.remove(&ino);
+            }
         }
     }
 

@@ -462,3 +462,71 @@ fn a_sequential_reader_gets_a_block_per_kernel_request() {
         "reading 16 MiB took {requests} read requests"
     );
 }
+
+#[test]
+fn a_writer_refused_because_of_passthrough_readers_never_changes_the_file() {
+    let env = S3Env::get();
+    let prefix = unique_prefix("read-passthrough-race");
+    let bucket = Bucket::new(&env);
+    const FILES: usize = 12;
+    let data = pseudo_random(2 << 20, 44);
+    for i in 0..FILES {
+        bucket.put_large(&format!("{prefix}f{i}"), &data);
+    }
+    let m = TestMount::with_prefix(prefix, &[]);
+    for i in 0..FILES {
+        assert!(std::fs::read(m.path(&format!("f{i}"))).unwrap() == data);
+    }
+    wait_until_cached(&m, 2 * FILES as u64);
+    let mut refused = 0;
+    for i in 0..FILES {
+        let path = m.path(&format!("f{i}"));
+        // Readers open and close the file without pause, passed through to its cache file.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let f = File::open(&path);
+                    std::thread::sleep(Duration::from_micros(300));
+                    drop(f);
+                }
+            })
+        };
+        let opens = "s3mediafs_passthrough_opens_total";
+        let before = m.metric(opens);
+        wait_for(Duration::from_secs(10), || match m.metric(opens) {
+            n if n > before => Ok(()),
+            _ => Err("the readers are not passed through".to_string()),
+        });
+        // A writer with O_TRUNC races them: it is refused with the file untouched, or it
+        // opens and empties the file.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&path)
+            {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    refused += 1;
+                    let len = std::fs::metadata(&path).unwrap().len();
+                    assert_eq!(
+                        len,
+                        data.len() as u64,
+                        "f{i}: the open was refused, yet the file was truncated"
+                    );
+                }
+                Err(e) => panic!("f{i}: {e}"),
+            }
+            if std::time::Instant::now() > deadline {
+                break;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        reader.join().unwrap();
+    }
+    eprintln!("{refused} opens for writing refused while readers were passed through");
+    m.sync();
+}

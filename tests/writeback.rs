@@ -163,3 +163,39 @@ fn flushes_from_forked_children_never_cost_the_final_close() {
         assert_eq!(sha256(&got), sha256(data), "f{i}");
     }
 }
+
+#[test]
+fn flushes_racing_writes_never_fail_or_lose_a_write() {
+    use std::os::fd::AsRawFd;
+    let m = TestMount::new("flush-race");
+    let data = pseudo_random(8 << 20, 77);
+    let f = File::create(m.path("f")).unwrap();
+    let fd = f.as_raw_fd();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Another holder of the descriptor closes its copy over and over: each close is a FLUSH
+    // that commits the file while the owner keeps writing.
+    let flusher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut flushes = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: dup of a descriptor the test keeps open, closed at once.
+                let copy = unsafe { libc::dup(fd) };
+                assert!(copy >= 0);
+                unsafe { libc::close(copy) };
+                flushes += 1;
+            }
+            flushes
+        })
+    };
+    for (i, chunk) in data.chunks(4096).enumerate() {
+        f.write_all_at(chunk, (i * 4096) as u64)
+            .unwrap_or_else(|e| panic!("write {i} failed while flushes raced it: {e}"));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flushes = flusher.join().unwrap();
+    drop(f);
+    eprintln!("{flushes} flushes raced 2048 writes");
+    assert_eq!(sha256(&fs::read(m.path("f")).unwrap()), sha256(&data));
+    assert_eq!(m.object("f").map(|d| sha256(&d)), Some(sha256(&data)));
+}

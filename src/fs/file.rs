@@ -247,6 +247,8 @@ impl BucketFs {
         }
         // Backpressure: wait while too many closed files wait for upload.
         self.writeback.reserve().await;
+        // No commit seals the copy between finding it and writing to it.
+        let _changing = self.commit_lock(h.ino).read().await;
         let staged = self.materialize(h.ino).await?;
         let end = offset.checked_add(data.len() as u64).ok_or(FsError::FBIG)?;
         self.room_for_staged(h.ino, &staged, end)?;
@@ -352,6 +354,7 @@ impl BucketFs {
     }
 
     async fn truncate_local(&self, ino: u64, size: u64) -> FsResult<()> {
+        let _changing = self.commit_lock(ino).read().await;
         let staged = if size == 0 {
             self.empty_staged(ino)?
         } else {
@@ -494,12 +497,14 @@ impl BucketFs {
         Err(error)
     }
 
+    fn commit_lock(&self, ino: u64) -> &tokio::sync::RwLock<()> {
+        &self.commit_locks[(ino % COMMIT_LOCKS) as usize]
+    }
+
     /// Commits the staged copy of `ino` if it has changes: seals it (fsynced, immutable),
     /// journals it and queues its upload. Returns the queued change.
     pub(super) async fn commit_file(&self, ino: u64) -> FsResult<Option<u64>> {
-        let _one_at_a_time = self.commit_locks[(ino % COMMIT_LOCKS) as usize]
-            .lock()
-            .await;
+        let _alone = self.commit_lock(ino).write().await;
         let (staged, size, path, version) = {
             let t = self.ns.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;

@@ -83,10 +83,11 @@ pub struct BucketFs {
     readahead: Arc<Readahead>,
     files: file::FileHandles,
     dirs: dir::DirHandles,
-    /// Commits of one file never interleave (a FLUSH can come from any process holding a
-    /// copy of the descriptor, e.g. a child between fork and exec, while the owner writes
-    /// and closes): locks striped by inode number.
-    commit_locks: Vec<tokio::sync::Mutex<()>>,
+    /// A commit of a file excludes other commits and every change to its local copy (a
+    /// FLUSH can come from any process holding a copy of the descriptor, e.g. a child
+    /// between fork and exec, while the owner writes): writes and truncations hold it
+    /// shared, commits exclusively. Striped by inode number.
+    commit_locks: Vec<tokio::sync::RwLock<()>>,
 }
 
 impl BucketFs {
@@ -115,7 +116,7 @@ impl BucketFs {
             files: Default::default(),
             dirs: Default::default(),
             commit_locks: (0..COMMIT_LOCKS)
-                .map(|_| tokio::sync::Mutex::new(()))
+                .map(|_| tokio::sync::RwLock::new(()))
                 .collect(),
         }
     }
