@@ -253,6 +253,20 @@ fn slowdown_503_on_every_third_request() {
 }
 
 #[test]
+fn upload_bodies_damaged_on_the_way_on_every_third_upload() {
+    // Every object in the bucket must be what was written, never the damaged body: the
+    // store refuses it (Content-MD5), or its ETag gives it away and it is sent again.
+    let o = run_scenario(
+        "flipped-byte",
+        "a byte flipped in the body of every 3rd upload",
+        policy::every_upload(3, Fault::FlipBodyByte),
+        |_| {},
+    );
+    assert_injected(&o);
+    assert_eq!(o.read_errors, 0, "{o:?}");
+}
+
+#[test]
 fn internal_error_500_on_every_fifth_request() {
     let o = run_scenario(
         "error500",

@@ -384,6 +384,63 @@ impl S3Store {
     }
 }
 
+/// The MD5 of a body sent to the store. It goes along as Content-MD5, which the store checks
+/// (a body damaged on the way is refused with BadDigest); and a store that does not check
+/// it still answers with the MD5 of what it stored as the ETag, which is compared here, so
+/// a damaged body is never taken for the file (the change is sent again).
+struct BodyDigest([u8; 16]);
+
+impl BodyDigest {
+    fn of(body: &[u8]) -> BodyDigest {
+        use md5::{Digest, Md5};
+        BodyDigest(Md5::digest(body).into())
+    }
+
+    /// The Content-MD5 header: the digest in base64.
+    fn header(&self) -> String {
+        base64(&self.0)
+    }
+
+    fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Fails when the store says it stored other bytes: its ETag is an MD5 (32 hex digits)
+    /// other than the one sent.
+    fn check(&self, op: &str, key: &str, etag: Option<&str>) -> StoreResult<()> {
+        let Some(etag) = etag.map(|t| t.trim_matches('"')) else {
+            return Ok(());
+        };
+        let is_md5 = etag.len() == 32 && etag.bytes().all(|b| b.is_ascii_hexdigit());
+        if is_md5 && !etag.eq_ignore_ascii_case(&self.hex()) {
+            return Err(StoreError::Other(format!(
+                "{op} {key}: the store holds other bytes than were sent (ETag {etag}, MD5 sent {}); the body was damaged on the way and is sent again",
+                self.hex()
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 fn source_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
@@ -562,16 +619,19 @@ impl ObjectStore for S3Store {
 
     async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>> {
         let len = body.len() as i64;
+        let digest = BodyDigest::of(&body);
         let r = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
             .content_length(len)
+            .content_md5(digest.header())
             .body(ByteStream::from(body))
             .send()
             .await
             .map_err(|e| self.map_err("PUT", key, e))?;
+        digest.check("PUT", key, r.e_tag())?;
         Ok(r.e_tag().map(str::to_string))
     }
 
@@ -597,6 +657,7 @@ impl ObjectStore for S3Store {
         body: Bytes,
     ) -> StoreResult<String> {
         let len = body.len() as i64;
+        let digest = BodyDigest::of(&body);
         let r = self
             .client
             .upload_part()
@@ -605,10 +666,12 @@ impl ObjectStore for S3Store {
             .upload_id(upload_id)
             .part_number(part_number)
             .content_length(len)
+            .content_md5(digest.header())
             .body(ByteStream::from(body))
             .send()
             .await
             .map_err(|e| self.map_err("UploadPart", key, e))?;
+        digest.check("UploadPart", key, r.e_tag())?;
         r.e_tag()
             .map(str::to_string)
             .ok_or_else(|| StoreError::Other("the store returned no part ETag".into()))
@@ -722,6 +785,25 @@ impl ObjectStore for S3Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn body_digests_are_checked_against_md5_etags_only() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        let d = BodyDigest::of(b"hello");
+        assert_eq!(d.header(), "XUFAKrxLKna5cZ2REBfFkg==");
+        assert!(d
+            .check("PUT", "k", Some("\"5d41402abc4b2a76b9719d911017c592\""))
+            .is_ok());
+        assert!(d
+            .check("PUT", "k", Some("\"5d41402abc4b2a76b9719d911017c593\""))
+            .is_err());
+        // Not an MD5: nothing to compare (an encrypted object, a multipart ETag).
+        assert!(d.check("PUT", "k", Some("\"abc-2\"")).is_ok());
+        assert!(d.check("PUT", "k", None).is_ok());
+    }
 
     #[test]
     fn copy_source_keeps_slashes_and_escapes_the_rest() {

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::task::JoinSet;
@@ -110,6 +111,9 @@ fn multipart_etag(parts: &[(i32, String)]) -> Option<String> {
     Some(format!("{hex}-{}", parts.len()))
 }
 
+/// Times one part is sent before the whole upload fails.
+const PART_ATTEMPTS: u32 = 4;
+
 async fn upload_parts(
     store: &Arc<dyn ObjectStore>,
     key: &str,
@@ -136,8 +140,20 @@ async fn upload_parts(
             );
             tasks.spawn(async move {
                 let body = read_part(file, offset, len).await?;
-                let etag = store.upload_part(&key, &id, number, body).await?;
-                Ok::<_, StoreError>((number, etag))
+                // A part the store refused for what it received (a body damaged on the way)
+                // is sent again by itself, rather than the whole upload.
+                let mut attempt = 1;
+                loop {
+                    match store.upload_part(&key, &id, number, body.clone()).await {
+                        Ok(etag) => return Ok::<_, StoreError>((number, etag)),
+                        Err(StoreError::Other(e)) if attempt < PART_ATTEMPTS => {
+                            tracing::debug!(key, part = number, error = %e, "sending the part again");
+                            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                            attempt += 1;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             });
             next += 1;
         }

@@ -1,7 +1,8 @@
 //! An HTTP-aware proxy between a mount and the S3 server that injects faults request by
 //! request: error answers (500 InternalError, 503 SlowDown), delays, connections reset in
 //! the middle of a response body, bodies cut short of their Content-Length, requests
-//! dropped unanswered, and refused connections for a while.
+//! dropped unanswered, upload bodies with a byte flipped, and refused connections for a
+//! while.
 //!
 //! Requests and responses are relayed byte for byte (signatures stay valid); only their
 //! framing (Content-Length, chunked) is read, to know where each one ends.
@@ -28,6 +29,9 @@ pub enum Fault {
     TruncateBody,
     /// Read the request and close the connection without an answer.
     Drop,
+    /// Relay the request with one byte of its body flipped, as a damaged network path or
+    /// a faulty middlebox would.
+    FlipBodyByte,
 }
 
 /// What the policy sees of a request.
@@ -321,7 +325,14 @@ fn serve(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
         }
         let (from_server, to_server) = server.as_mut().unwrap();
         to_server.write_all(&req.head)?;
-        to_server.write_all(&req.body)?;
+        if matches!(fault, Some(Fault::FlipBodyByte)) && !req.body.is_empty() {
+            let mut body = req.body.clone();
+            let i = body.len() / 2;
+            body[i] ^= 0x20;
+            to_server.write_all(&body)?;
+        } else {
+            to_server.write_all(&req.body)?;
+        }
         let resp = loop {
             let head = read_head(from_server)?.ok_or(std::io::ErrorKind::UnexpectedEof)?;
             let m = Message {
@@ -386,6 +397,18 @@ pub mod policy {
         let seen = Arc::new(AtomicU64::new(0));
         Arc::new(move |r: &RequestInfo| {
             if !r.is_object_get() {
+                return None;
+            }
+            let n = seen.fetch_add(1, Ordering::Relaxed) + 1;
+            (n % every == 0).then(|| fault.clone())
+        })
+    }
+
+    /// Every `every`-th upload (PUT of an object or a part) gets `fault`.
+    pub fn every_upload(every: u64, fault: Fault) -> Policy {
+        let seen = Arc::new(AtomicU64::new(0));
+        Arc::new(move |r: &RequestInfo| {
+            if !r.is_upload() {
                 return None;
             }
             let n = seen.fetch_add(1, Ordering::Relaxed) + 1;
