@@ -495,3 +495,86 @@ fn concurrent_writes_of_one_path_from_two_mounts_end_as_one_whole_object() {
         );
     }
 }
+
+/// What Synapse's write pattern costs in requests once the mount's knowledge has expired
+/// between uploads (uploads arrive minutes apart; here the TTLs are 1 s and uploads 1.2 s
+/// apart): per media, `os.makedirs` of its content directory, the file, `os.makedirs` of its
+/// thumbnail directory and five thumbnails, over a 2000-file store.
+#[test]
+fn synapse_uploads_cost_one_put_per_file_and_few_listings() {
+    const MEDIA: usize = 8;
+    let env = S3Env::get();
+    let prefix = unique_prefix("synapse-writes");
+    let bucket = Bucket::new(&env);
+    let keys: Vec<String> = synapse_tree(2000)
+        .iter()
+        .map(|k| format!("{prefix}{k}"))
+        .collect();
+    bucket.put_many(&keys, b"media!");
+    let m = TestMount::with_prefix(
+        prefix.clone(),
+        &["--metadata-ttl", "1s", "--negative-ttl", "1s"],
+    );
+    let ops = ["list", "head", "put", "get"];
+    let before = ops.map(|op| m.requests(op));
+    let exists = |p: &std::path::Path| fs::metadata(p).is_ok();
+    // os.makedirs(name, exist_ok=True): stat of the parent (recursively while missing), mkdir.
+    fn makedirs(p: &std::path::Path, exists: &dyn Fn(&std::path::Path) -> bool) {
+        let parent = p.parent().unwrap();
+        if !exists(parent) {
+            makedirs(parent, exists);
+        }
+        match fs::create_dir(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => panic!("mkdir {}: {e}", p.display()),
+        }
+    }
+    for i in 0..MEDIA {
+        std::thread::sleep(Duration::from_millis(1200));
+        let id = &sha256(&(i as u64).to_le_bytes())[..24];
+        let (a, b) = (&id[0..1], &id[1..2]);
+        let content = m.path(&format!("local_content/a{a}/b{b}/{id}"));
+        makedirs(content.parent().unwrap(), &exists);
+        fs::write(&content, pseudo_random(40_000, i as u64)).unwrap();
+        let thumbs = m.path(&format!("local_thumbnails/a{a}/b{b}/{id}"));
+        makedirs(&thumbs, &exists);
+        for t in [
+            "32-32-image-png-crop",
+            "96-96-image-png-crop",
+            "320-240-image-jpeg-scale",
+            "640-480-image-jpeg-scale",
+            "800-600-image-jpeg-scale",
+        ] {
+            fs::write(thumbs.join(t), pseudo_random(8_000, i as u64)).unwrap();
+        }
+    }
+    m.sync();
+    let spent: Vec<u64> = ops
+        .iter()
+        .zip(before)
+        .map(|(op, b)| m.requests(op) - b)
+        .collect();
+    let (list, head, put, get) = (spent[0], spent[1], spent[2], spent[3]);
+    let files = MEDIA * 6;
+    eprintln!(
+        "{MEDIA} uploads ({files} files): {put} PUT, {list} LIST, {head} HEAD, {get} GET; \
+         {:.2} PUT per file, {:.2} LIST+HEAD per upload",
+        put as f64 / files as f64,
+        (list + head) as f64 / MEDIA as f64
+    );
+    // No directory marker is sent for a directory a file makes redundant.
+    assert!(
+        put as f64 <= files as f64 * 1.1,
+        "{put} PUT for {files} files"
+    );
+    assert_eq!(head, 0, "HEAD requests for new files");
+    // Per upload: the content and thumbnail directories' listings, expired since the last
+    // upload, and the new names' absence.
+    assert!(
+        list <= 3 * MEDIA as u64,
+        "{list} LIST requests for {MEDIA} uploads"
+    );
+    drop(m);
+    bucket.delete_prefix(&prefix);
+}
