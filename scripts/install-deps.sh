@@ -21,9 +21,11 @@ as_root() {
 }
 
 install_fuse() {
-    # The power-cut test puts a cache directory on an ext4 loop device.
-    if ! command -v mkfs.ext4 >/dev/null; then
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq e2fsprogs >/dev/null
+    # The power-cut test puts a cache directory on an ext4 loop device; the durability test
+    # reads the mount's syscalls with strace.
+    if ! command -v mkfs.ext4 >/dev/null || ! command -v strace >/dev/null; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq e2fsprogs strace >/dev/null
     fi
     if command -v fusermount3 >/dev/null && [ -e /dev/fuse ]; then return; fi
     echo "install-deps: installing fuse3 from Debian's packages" >&2

@@ -503,6 +503,12 @@ impl TestMount {
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
+    /// The mount process's id.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Descriptors the mount process has open now.
     pub fn open_fds(&self) -> usize {
         let pid = self.child.as_ref().expect("running").id();
