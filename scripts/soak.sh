@@ -34,6 +34,7 @@ set -a
 . "$S3MEDIAFS_STATE/garage/env"
 set +a
 
+rev="$(git describe --always --dirty)"
 echo "== building (release)" >&2
 cargo test --release --quiet --test faults --no-run
 out="$(mktemp)"
@@ -47,7 +48,7 @@ result="bench/results/soak-$(date -u +%Y-%m-%d).md"
     echo "# Outage soak"
     echo
     echo "\`scripts/soak.sh --files $files --outage-secs $outage\` on $(date -u +%Y-%m-%d)," \
-        "s3mediafs $(git describe --always --dirty), against a local Garage through a proxy that" \
+        "s3mediafs $rev, against a local Garage through a proxy that" \
         "refuses every connection for the length of the outage. The mount runs with a hard limit of" \
         "1024 open files and is restarted twice during the outage with every file pending."
     echo
