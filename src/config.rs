@@ -47,6 +47,12 @@ pub enum Command {
     Import(ImportArgs),
     /// Show what a running mount is doing: uploads pending, cache use, requests, errors.
     Status(StatusArgs),
+    /// Write the man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 /// What the command line asks for.
@@ -55,6 +61,7 @@ pub enum Invocation {
     Mount(Box<MountArgs>),
     Import(ImportArgs),
     Status(StatusArgs),
+    GenerateDocs(PathBuf),
 }
 
 /// Where the bucket is and how to sign requests to it; shared by every subcommand.
@@ -319,7 +326,7 @@ fn is_generic_option(name: &str) -> bool {
 /// Parses the process arguments. The mount-helper form (`s3mediafs SRC MNT -o ...`)
 /// becomes `s3mediafs mount SRC MNT --background ...`, and each `-o` option becomes its
 /// flag, so both forms share one set of rules.
-const SUBCOMMANDS: &[&str] = &["mount", "import", "status", "help"];
+const SUBCOMMANDS: &[&str] = &["mount", "import", "status", "generate-docs", "help"];
 
 /// Drops the flags mount(8) gives its helpers (-s sloppy, -f fake, -n no mtab, -v verbose,
 /// -N namespace, -t type), which mean nothing here.
@@ -363,6 +370,7 @@ pub fn parse_args(args: Vec<OsString>) -> Result<Invocation, clap::Error> {
         Command::Mount(m) => m,
         Command::Import(i) => return Ok(Invocation::Import(i)),
         Command::Status(s) => return Ok(Invocation::Status(s)),
+        Command::GenerateDocs { dir } => return Ok(Invocation::GenerateDocs(dir)),
     };
     if first.options.is_empty() && !helper_form {
         return Ok(Invocation::Mount(with_default_mode(first, false)));

@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod docs;
 pub mod fs;
 pub mod fuse;
 pub mod import;

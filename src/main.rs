@@ -32,6 +32,14 @@ fn main() -> ExitCode {
             import::run(args)
         }
         Invocation::Status(args) => status::run(args),
+        Invocation::GenerateDocs(dir) => s3mediafs::docs::generate(&dir)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| {
+                format!(
+                    "cannot write the man pages and completions into {}: {e}",
+                    dir.display()
+                )
+            }),
     };
     match result {
         Ok(code) => code,
