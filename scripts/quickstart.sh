@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds s3mediafs, starts a local Garage S3 server with a bucket, and mounts the bucket
 # at ./mnt in the foreground. Ctrl-C unmounts and stops Garage; the bucket's data stays in
-# target/s3-server/garage for next time.
+# target/s3-server/garage for next time. Garage listens on 127.0.0.1:3900, 3901 and 3903;
+# when one is taken, S3MEDIAFS_GARAGE_PORT=4000 scripts/quickstart.sh picks others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

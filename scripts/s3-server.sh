@@ -28,9 +28,20 @@ die() { echo "s3-server: $*" >&2; exit 1; }
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
     local deadline=$(( $(date +%s) + $1 )) what="$2"; shift 2
     until "$@" >/dev/null 2>&1; do
-        [ "$(date +%s)" -lt "$deadline" ] || die "$what did not come up; see $dir/server.log"
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+            echo "s3-server: $what did not come up; the last lines of $dir/server.log:" >&2
+            tail -n 15 "$dir/server.log" 2>/dev/null | sed 's/^/    /' >&2
+            exit 1
+        fi
         sleep 0.2
     done
+}
+
+# Refuses to start a server on a port something else listens on, saying how to pick another.
+require_free_port() { # PORT VARIABLE
+    if port_open "$1" 2>/dev/null; then
+        die "port $1 on 127.0.0.1 is taken (another S3 server or another program); run the command again with other ports, e.g. $2=$(( $1 + 100 ))"
+    fi
 }
 
 is_running() { [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; }
@@ -76,6 +87,17 @@ TOML
         chmod 600 "$conf"
     fi
     if ! is_running; then
+        # The ports follow S3MEDIAFS_GARAGE_PORT, also for a server set up before.
+        for p in "$GARAGE_PORT" $((GARAGE_PORT + 1)) $((GARAGE_PORT + 3)); do
+            require_free_port "$p" S3MEDIAFS_GARAGE_PORT
+        done
+        sed -i -e "s|^rpc_bind_addr = .*|rpc_bind_addr = \"127.0.0.1:$((GARAGE_PORT + 1))\"|" \
+            -e "s|^rpc_public_addr = .*|rpc_public_addr = \"127.0.0.1:$((GARAGE_PORT + 1))\"|" \
+            -e "/^\[s3_api\]/,/^\[/ s|^api_bind_addr = .*|api_bind_addr = \"127.0.0.1:$GARAGE_PORT\"|" \
+            -e "/^\[admin\]/,\$ s|^api_bind_addr = .*|api_bind_addr = \"127.0.0.1:$((GARAGE_PORT + 3))\"|" "$conf"
+        if [ -f "$dir/env" ]; then
+            sed -i "s|^S3MEDIAFS_TEST_ENDPOINT=.*|S3MEDIAFS_TEST_ENDPOINT=http://127.0.0.1:$GARAGE_PORT|" "$dir/env"
+        fi
         nohup "$GARAGE" -c "$conf" server >>"$dir/server.log" 2>&1 &
         echo $! >"$dir/pid"
     fi
@@ -99,6 +121,7 @@ start_moto() {
     "$ROOT/scripts/install-deps.sh" moto
     mkdir -p "$dir"; chmod 700 "$dir"
     if ! is_running; then
+        require_free_port "$MOTO_PORT" S3MEDIAFS_MOTO_PORT
         nohup "$MOTO_VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >>"$dir/server.log" 2>&1 &
         echo $! >"$dir/pid"
     fi
