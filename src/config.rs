@@ -15,7 +15,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use crate::cache::{CacheLimits, MinFree};
 use crate::fs::FsOptions;
 use crate::readahead::ReadaheadOptions;
-use crate::store::StoreConfig;
+use crate::store::{Encryption, ObjectOptions, StoreConfig};
 use crate::writeback::WritebackOptions;
 
 #[derive(Parser, Debug)]
@@ -44,7 +44,7 @@ pub enum Command {
     /// Copy an existing media store (a local directory) into the bucket, keeping the
     /// relative paths as keys. Resumable: objects already there with the same size and
     /// content are skipped. Never changes or deletes the source.
-    Import(ImportArgs),
+    Import(Box<ImportArgs>),
     /// Show what a running mount is doing: uploads pending, cache use, requests, errors.
     Status(StatusArgs),
     /// Write the man pages and shell completions into DIR (for packaging).
@@ -59,7 +59,7 @@ pub enum Command {
 #[derive(Debug)]
 pub enum Invocation {
     Mount(Box<MountArgs>),
-    Import(ImportArgs),
+    Import(Box<ImportArgs>),
     Status(StatusArgs),
     GenerateDocs(PathBuf),
 }
@@ -88,6 +88,27 @@ pub struct StoreArgs {
     /// File holding `ACCESS_KEY:SECRET_KEY` on one line; must not be readable by group or others.
     #[arg(long, value_name = "FILE")]
     pub credentials: Option<PathBuf>,
+
+    /// Storage class of the objects written (`-o storage_class=`): STANDARD, STANDARD_IA,
+    /// INTELLIGENT_TIERING, ... as the store names them. Default: the bucket's.
+    #[arg(long, value_name = "CLASS")]
+    pub storage_class: Option<String>,
+
+    /// Server-side encryption of the objects written (`-o sse=`): `aes256` (SSE-S3) or
+    /// `aws:kms` (SSE-KMS, with --sse-kms-key-id or the bucket's default key). Default:
+    /// the bucket's.
+    #[arg(long, value_name = "KIND", value_parser = ["aes256", "aws:kms"])]
+    pub sse: Option<String>,
+
+    /// The KMS key for --sse aws:kms (`-o sse_kms_key_id=`): its id, ARN or alias.
+    #[arg(long, value_name = "KEY_ID")]
+    pub sse_kms_key_id: Option<String>,
+
+    /// Encrypt with a key of your own, SSE-C (`-o sse_c_key_file=`): a file of mode 0600
+    /// holding 32 bytes, raw or in base64. Every read sends it: without it the objects
+    /// cannot be read by anyone, this mount included.
+    #[arg(long, value_name = "FILE")]
+    pub sse_c_key_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -727,6 +748,8 @@ pub struct Target {
     pub region: String,
     pub path_style: bool,
     pub credentials: Credentials,
+    /// Storage class and encryption of the objects written.
+    pub objects: ObjectOptions,
 }
 
 impl Target {
@@ -767,6 +790,7 @@ impl Target {
             region: a.region.clone(),
             path_style,
             credentials,
+            objects: object_options(a)?,
         })
     }
 
@@ -876,6 +900,93 @@ fn resolve_credentials(file: Option<&Path>, profile: Option<&str>) -> Result<Cre
          ~/.aws/credentials"
             .into(),
     )
+}
+
+/// Storage class and encryption from the flags, the SSE-C key read and checked.
+fn object_options(a: &StoreArgs) -> Result<ObjectOptions, String> {
+    if let Some(class) = &a.storage_class {
+        if class.is_empty() || !class.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(format!(
+                "the storage class '{class}' is not one; give it as the store names it, e.g. STANDARD or STANDARD_IA"
+            ));
+        }
+    }
+    let encryption = match (a.sse.as_deref(), &a.sse_kms_key_id, &a.sse_c_key_file) {
+        (Some(_), _, Some(_)) => {
+            return Err(
+                "--sse and --sse-c-key-file exclude each other: objects are encrypted either with the store's keys or with yours"
+                    .into(),
+            )
+        }
+        (Some("aes256"), Some(_), None) | (None, Some(_), None) => {
+            return Err("--sse-kms-key-id goes with --sse aws:kms".into())
+        }
+        (Some("aes256"), None, None) => Encryption::S3,
+        (Some(_), key_id, None) => Encryption::Kms {
+            key_id: key_id.clone(),
+        },
+        (None, _, Some(file)) => Encryption::customer(&read_customer_key(file)?),
+        (None, None, None) => Encryption::Bucket,
+    };
+    Ok(ObjectOptions {
+        storage_class: a.storage_class.clone(),
+        encryption,
+    })
+}
+
+/// The SSE-C key: 32 bytes, raw or in base64, in a file only its owner can read.
+fn read_customer_key(path: &Path) -> Result<[u8; 32], String> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read the SSE-C key file {}: {e}", path.display()))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "the SSE-C key file {} can be read by other users (mode {:04o}); run `chmod 600 {}`",
+            path.display(),
+            meta.mode() & 0o7777,
+            path.display()
+        ));
+    }
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("cannot read the SSE-C key file {}: {e}", path.display()))?;
+    let key = if bytes.len() == 32 {
+        Some(bytes)
+    } else {
+        decode_base64(std::str::from_utf8(&bytes).unwrap_or("").trim())
+    };
+    key.and_then(|k| <[u8; 32]>::try_from(k).ok()).ok_or_else(|| {
+        format!(
+            "the SSE-C key file {} does not hold a 32-byte key (raw, or in base64); make one with `head -c 32 /dev/urandom > FILE`",
+            path.display()
+        )
+    })
+}
+
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let text = text.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    for chunk in text.chunks(4) {
+        if chunk.len() == 1 {
+            return None;
+        }
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= value(*c)? << (18 - 6 * i);
+        }
+        for i in 0..chunk.len() - 1 {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    Some(out)
 }
 
 fn check_private(path: &Path) -> Result<std::fs::Metadata, String> {

@@ -81,7 +81,8 @@ pub fn run(args: ImportArgs) -> Result<ExitCode, String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     crate::mount::check_bucket(&rt, &target)?;
-    let store: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&target.store_config()));
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(S3Store::new(&target.store_config()).with_object_options(target.objects.clone()));
 
     let started = Instant::now();
     let files = scan(src, &target.prefix)?;

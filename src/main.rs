@@ -29,7 +29,7 @@ fn main() -> ExitCode {
         }
         Invocation::Import(args) => {
             init_logging("warn");
-            import::run(args)
+            import::run(*args)
         }
         Invocation::Status(args) => status::run(args),
         Invocation::GenerateDocs(dir) => s3mediafs::docs::generate(&dir)

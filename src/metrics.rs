@@ -50,6 +50,8 @@ pub struct MountInfo {
     pub cache_dir: String,
     pub cache_limit: u64,
     pub write_mode: &'static str,
+    /// Storage class and encryption of the objects written, as words (never a key).
+    pub objects: String,
 }
 
 /// What the store layer counts.
@@ -300,6 +302,7 @@ impl Metrics {
             ("mountpoint", info.mountpoint.clone()),
             ("cache_dir", info.cache_dir.clone()),
             ("write_mode", info.write_mode.to_string()),
+            ("objects", info.objects.clone()),
             ("version", env!("CARGO_PKG_VERSION").to_string()),
         ];
         let family = Family::<Vec<(&'static str, String)>, Gauge>::default();

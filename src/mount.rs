@@ -63,10 +63,21 @@ pub fn run(cfg: Config) -> Result<(), String> {
         } else {
             "writeback"
         },
+        objects: format!(
+            "storage class {}, encryption {}",
+            cfg.target
+                .objects
+                .storage_class
+                .as_deref()
+                .unwrap_or("the bucket's"),
+            cfg.target.objects.encryption.describe()
+        ),
     });
     let store_config = cfg.store_config();
     let attempts = store_config.attempts.clone();
-    let s3: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&store_config));
+    let s3: Arc<dyn ObjectStore> = Arc::new(
+        S3Store::new(&store_config).with_object_options(cfg.target.objects.clone()),
+    );
     let store: Arc<dyn ObjectStore> = Arc::new(MeteredStore::new(s3, metrics.store()));
     let cache_err = |e: std::io::Error| {
         format!(
@@ -602,11 +613,41 @@ fn raise_fd_limit() {
     }
 }
 
+/// With a storage class or encryption asked for, writes, reads back and deletes a small
+/// object the way every object will be written, so a store that refuses them (an unknown
+/// class, a KMS key it cannot use, SSE-C it does not offer) says so now, not at the first
+/// upload.
+fn check_object_options(
+    rt: &tokio::runtime::Runtime,
+    store: &S3Store,
+    cfg: &Target,
+) -> Result<(), BucketProblem> {
+    let o = &cfg.objects;
+    if o.storage_class.is_none() && matches!(o.encryption, crate::store::Encryption::Bucket) {
+        return Ok(());
+    }
+    let key = format!("{}.s3mediafs-preflight", cfg.prefix);
+    let r = rt.block_on(async {
+        store.put(&key, bytes::Bytes::from_static(b"s3mediafs")).await?;
+        store.head(&key).await?;
+        store.delete(&key).await
+    });
+    r.map_err(|e| BucketProblem {
+        message: format!(
+            "the store refused an object written with storage class {} and encryption {} ({e}); \
+             check that the bucket and the store offer them, and the key",
+            o.storage_class.as_deref().unwrap_or("(the bucket's)"),
+            o.encryption.describe()
+        ),
+        unreachable: matches!(e, StoreError::Unreachable(_)),
+    })
+}
+
 pub fn check_bucket(rt: &tokio::runtime::Runtime, cfg: &Target) -> Result<(), BucketProblem> {
     let mut sc = cfg.store_config();
     sc.max_attempts = 2;
     sc.attempt_timeout = Duration::from_secs(10);
-    let store = S3Store::new(&sc);
+    let store = S3Store::new(&sc).with_object_options(cfg.objects.clone());
     let endpoint = cfg.endpoint_name();
     let b = &cfg.bucket;
     let r = rt.block_on(async {
@@ -618,7 +659,7 @@ pub fn check_bucket(rt: &tokio::runtime::Runtime, cfg: &Target) -> Result<(), Bu
     });
     let unreachable = matches!(r, Err(_) | Ok(Err(StoreError::Unreachable(_))));
     let message = match r {
-        Ok(Ok(_)) => return Ok(()),
+        Ok(Ok(_)) => return check_object_options(rt, &store, cfg),
         Err(_) => format!(
             "the S3 endpoint {endpoint} did not answer within 30 s; check --endpoint and the network"
         ),

@@ -208,6 +208,10 @@ pub fn summarize(m: &Samples) -> String {
         label("write_mode"),
         label("cache_dir")
     );
+    let objects = label("objects");
+    if !objects.is_empty() {
+        let _ = writeln!(out, "  objects written with {objects}");
+    }
 
     let pending = m.sum("s3mediafs_pending_changes", &[]);
     let dirty = m.sum("s3mediafs_dirty_bytes", &[]);

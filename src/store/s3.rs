@@ -167,9 +167,117 @@ pub struct S3Store {
     max_attempts: u32,
     read_deadline: Duration,
     attempts: AttemptCounts,
+    objects: ObjectOptions,
+}
+
+/// What every object written gets (storage class, server-side encryption), and what reading
+/// it back needs (the customer's key, for SSE-C).
+#[derive(Clone, Default, Debug)]
+pub struct ObjectOptions {
+    /// Default: the bucket's.
+    pub storage_class: Option<String>,
+    pub encryption: Encryption,
+}
+
+#[derive(Clone, Default)]
+pub enum Encryption {
+    /// The bucket's default.
+    #[default]
+    Bucket,
+    /// SSE-S3: the store's own keys (AES256).
+    S3,
+    /// SSE-KMS, with this key or the bucket's default KMS key.
+    Kms { key_id: Option<String> },
+    /// SSE-C: a key of the operator's own, sent with every write and read.
+    Customer { key_base64: String, key_md5_base64: String },
+}
+
+impl Encryption {
+    /// SSE-C with `key` (32 bytes).
+    pub fn customer(key: &[u8; 32]) -> Encryption {
+        use md5::{Digest, Md5};
+        Encryption::Customer {
+            key_base64: base64(key),
+            key_md5_base64: base64(&Md5::digest(key)),
+        }
+    }
+
+    /// Whether the store's ETag of an object written this way is the MD5 of its body:
+    /// not with KMS or a customer's key.
+    fn etag_is_md5(&self) -> bool {
+        matches!(self, Encryption::Bucket | Encryption::S3)
+    }
+
+    /// How it reads in `status` and logs; never the key.
+    pub fn describe(&self) -> String {
+        match self {
+            Encryption::Bucket => "the bucket's default".into(),
+            Encryption::S3 => "SSE-S3 (AES256)".into(),
+            Encryption::Kms { key_id: Some(k) } => format!("SSE-KMS with key {k}"),
+            Encryption::Kms { key_id: None } => "SSE-KMS with the bucket's key".into(),
+            Encryption::Customer { .. } => "SSE-C (the key from --sse-c-key-file)".into(),
+        }
+    }
+}
+
+impl fmt::Debug for Encryption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+/// Adds the SSE-C headers (algorithm, key, key MD5) to a request builder, when the objects
+/// are encrypted with the customer's key.
+macro_rules! customer_key {
+    ($builder:expr, $encryption:expr, $algorithm:ident, $key:ident, $md5:ident) => {{
+        let b = $builder;
+        match $encryption {
+            Encryption::Customer {
+                key_base64,
+                key_md5_base64,
+            } => b.$algorithm("AES256").$key(key_base64).$md5(key_md5_base64),
+            _ => b,
+        }
+    }};
+    ($builder:expr, $encryption:expr) => {
+        customer_key!(
+            $builder,
+            $encryption,
+            sse_customer_algorithm,
+            sse_customer_key,
+            sse_customer_key_md5
+        )
+    };
+}
+
+/// Adds the storage class and encryption of new objects to a request builder.
+macro_rules! object_options {
+    ($builder:expr, $options:expr) => {{
+        let o: &ObjectOptions = $options;
+        let mut b = $builder;
+        if let Some(class) = &o.storage_class {
+            b = b.storage_class(aws_sdk_s3::types::StorageClass::from(class.as_str()));
+        }
+        b = match &o.encryption {
+            Encryption::S3 => {
+                b.server_side_encryption(aws_sdk_s3::types::ServerSideEncryption::Aes256)
+            }
+            Encryption::Kms { key_id } => b
+                .server_side_encryption(aws_sdk_s3::types::ServerSideEncryption::AwsKms)
+                .set_ssekms_key_id(key_id.clone()),
+            _ => b,
+        };
+        customer_key!(b, &o.encryption)
+    }};
 }
 
 impl S3Store {
+    /// The same store, writing objects with `objects`.
+    pub fn with_object_options(mut self, objects: ObjectOptions) -> Self {
+        self.objects = objects;
+        self
+    }
+
     pub fn new(cfg: &StoreConfig) -> Self {
         let creds = Credentials::new(
             cfg.access_key.clone(),
@@ -212,6 +320,7 @@ impl S3Store {
             max_attempts: cfg.max_attempts.max(1),
             read_deadline: cfg.read_deadline,
             attempts: cfg.attempts.clone(),
+            objects: ObjectOptions::default(),
         }
     }
 
@@ -233,6 +342,7 @@ impl S3Store {
             .key(key)
             .range(format!("bytes={}-{}", range.start, range.end - 1))
             .set_if_match(if_match.map(str::to_string))
+            .pipe(|b| customer_key!(b, &self.objects.encryption))
             .send()
             .await
         {
@@ -384,6 +494,32 @@ impl S3Store {
     }
 }
 
+/// Calls a function on a request builder in the middle of a chain.
+trait Pipe: Sized {
+    fn pipe(self, f: impl FnOnce(Self) -> Self) -> Self {
+        f(self)
+    }
+}
+
+impl<T> Pipe for T {}
+
+impl S3Store {
+    /// Compares the ETag with the MD5 sent, where the ETag is one (not with SSE-KMS or
+    /// SSE-C, whose ETags are not).
+    fn check_digest(
+        &self,
+        digest: &BodyDigest,
+        op: &str,
+        key: &str,
+        etag: Option<&str>,
+    ) -> StoreResult<()> {
+        if self.objects.encryption.etag_is_md5() {
+            digest.check(op, key, etag)?;
+        }
+        Ok(())
+    }
+}
+
 /// The MD5 of a body sent to the store. It goes along as Content-MD5, which the store checks
 /// (a body damaged on the way is refused with BadDigest); and a store that does not check
 /// it still answers with the MD5 of what it stored as the ETag, which is compared here, so
@@ -484,6 +620,7 @@ impl ObjectStore for S3Store {
             .head_object()
             .bucket(&self.bucket)
             .key(key)
+            .pipe(|b| customer_key!(b, &self.objects.encryption))
             .send()
             .await
             .map_err(|e| self.map_err("HEAD", key, e))?;
@@ -628,10 +765,11 @@ impl ObjectStore for S3Store {
             .content_length(len)
             .content_md5(digest.header())
             .body(ByteStream::from(body))
+            .pipe(|b| object_options!(b, &self.objects))
             .send()
             .await
             .map_err(|e| self.map_err("PUT", key, e))?;
-        digest.check("PUT", key, r.e_tag())?;
+        self.check_digest(&digest, "PUT", key, r.e_tag())?;
         Ok(r.e_tag().map(str::to_string))
     }
 
@@ -641,6 +779,7 @@ impl ObjectStore for S3Store {
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
+            .pipe(|b| object_options!(b, &self.objects))
             .send()
             .await
             .map_err(|e| self.map_err("CreateMultipartUpload", key, e))?;
@@ -668,10 +807,11 @@ impl ObjectStore for S3Store {
             .content_length(len)
             .content_md5(digest.header())
             .body(ByteStream::from(body))
+            .pipe(|b| customer_key!(b, &self.objects.encryption))
             .send()
             .await
             .map_err(|e| self.map_err("UploadPart", key, e))?;
-        digest.check("UploadPart", key, r.e_tag())?;
+        self.check_digest(&digest, "UploadPart", key, r.e_tag())?;
         r.e_tag()
             .map(str::to_string)
             .ok_or_else(|| StoreError::Other("the store returned no part ETag".into()))
@@ -723,6 +863,14 @@ impl ObjectStore for S3Store {
             .bucket(&self.bucket)
             .key(to)
             .copy_source(encode_copy_source(&self.bucket, from))
+            .pipe(|b| object_options!(b, &self.objects))
+            .pipe(|b| customer_key!(
+                b,
+                &self.objects.encryption,
+                copy_source_sse_customer_algorithm,
+                copy_source_sse_customer_key,
+                copy_source_sse_customer_key_md5
+            ))
             .send()
             .await
             .map_err(|e| self.map_err("COPY", from, e))?;
