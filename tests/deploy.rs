@@ -11,8 +11,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::proxy::Proxy;
-use common::{is_mounted, pseudo_random, sha256, unique_prefix, Bucket, S3Env, TestMount, BIN};
+use common::faults::{policy, FaultProxy};
+use common::{
+    is_mounted, pseudo_random, sha256, statfs, unique_prefix, Bucket, S3Env, TestMount, BIN,
+};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -266,8 +268,11 @@ fn ready_is_sent_only_once_the_mount_answers() {
     // The first message is READY=1, and by then the mount is in place and answers.
     assert!(first.lines().any(|l| l == "READY=1"), "{first}");
     assert!(is_mounted(mnt), "READY=1 before the mount was there");
-    let st = nix_statfs(mnt);
-    assert_eq!(st, 0x65735546, "READY=1 before the mount answered");
+    assert_eq!(
+        statfs(mnt).f_type,
+        0x65735546,
+        "READY=1 before the mount answered"
+    );
     assert!(
         first.contains("STATUS=Serving"),
         "a status line for systemctl status: {first}"
@@ -307,13 +312,6 @@ fn ready_is_never_sent_when_mounting_fails() {
     assert!(!is_mounted(mnt));
 }
 
-fn nix_statfs(p: &Path) -> i64 {
-    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
-    st.f_type as i64
-}
-
 fn status_of(mnt: &Path) -> String {
     let out = Command::new(BIN).arg("status").arg(mnt).output().unwrap();
     assert!(
@@ -327,7 +325,7 @@ fn status_of(mnt: &Path) -> String {
 #[test]
 fn status_shows_pending_uploads_until_the_store_is_back() {
     let env = S3Env::get();
-    let proxy = Proxy::start(env.endpoint.trim_start_matches("http://"));
+    let proxy = FaultProxy::start(env.endpoint.trim_start_matches("http://"), policy::none());
     let m = TestMount::via("status", &proxy.endpoint(), &[]);
     std::fs::write(m.path("before.txt"), b"one").unwrap();
     m.sync();

@@ -5,18 +5,23 @@
 //! succeeded must be in the bucket with the right sha256, and no read may have returned
 //! wrong bytes. Each scenario adds a row to `target/reliability/`, which scripts/test.sh
 //! gathers into RELIABILITY.md.
+//!
+//! The other tests take one fault each: writers held at the dirty budget while uploads are
+//! slow, damaged or deleted cache blocks, a cache disk that fills or loses power, the
+//! free-space floor, SIGTERM and an aborted FUSE connection with uploads pending, a read the
+//! store cannot serve in time, and thousands of files pending through an outage.
 
 mod common;
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::faults::{policy, Fault, FaultProxy, Policy, RequestInfo};
-use common::{pseudo_random, sha256, statvfs, unique_prefix, wait_for, Bucket, S3Env, TestMount};
+use common::{pseudo_random, sha256, statfs, unique_prefix, wait_for, Bucket, S3Env, TestMount};
 
 /// What one scenario did and found.
 #[derive(Debug, Default)]
@@ -138,16 +143,21 @@ fn run_scenario(
     fault_policy: Policy,
     midway: impl FnOnce(&FaultProxy),
 ) -> Outcome {
-    run_scenario_with(name, describe, fault_policy, &[], |p, _| midway(p))
+    run_scenario_with(name, describe, fault_policy, &[], |p, _| {
+        midway(p);
+        BTreeMap::new()
+    })
 }
 
-/// `run_scenario` with extra mount arguments and a `midway` that also sees the mount.
+/// `run_scenario` with extra mount arguments and a `midway` that also sees the mount and
+/// returns the files it wrote itself, whose close succeeded: they are read back and checked
+/// in the bucket with the workload's.
 fn run_scenario_with(
     name: &str,
     describe: &str,
     fault_policy: Policy,
     extra: &[&str],
-    midway: impl FnOnce(&FaultProxy, &TestMount),
+    midway: impl FnOnce(&FaultProxy, &TestMount) -> BTreeMap<String, Vec<u8>>,
 ) -> Outcome {
     let env = S3Env::get();
     let bucket = Bucket::new(&env);
@@ -163,7 +173,9 @@ fn run_scenario_with(
 
     let mut written = write_files(&m, 0, 20, &mut o);
     read_files(&m, &seeded, &mut o);
-    midway(&proxy, &m);
+    let written_midway = midway(&proxy, &m);
+    o.written += written_midway.len();
+    written.extend(written_midway);
     written.extend(write_files(&m, 20, 40, &mut o));
     // Files just written read back from local disk, whatever the store does.
     read_files(&m, &written, &mut o);
@@ -187,9 +199,12 @@ fn run_scenario_with(
 
     // fsync on the root returns once every change is in the bucket; faults go on meanwhile
     // (an outage is let run its course first: fsync gives up with EIO after a while).
-    while proxy.refusing() {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(Duration::from_secs(300), || match proxy.refusing() {
+        true => Err(format!(
+            "{name}: the store still refused connections after 300 s"
+        )),
+        false => Ok(()),
+    });
     let started = Instant::now();
     m.sync();
     eprintln!(
@@ -337,13 +352,15 @@ fn store_unreachable_for_60_seconds_mid_workload() {
             .is_some_and(|t| Instant::now() < t)
             .then_some(Fault::Drop)
     });
-    let o = run_scenario(
+    let o = run_scenario_with(
         "outage",
         "store unreachable for 60 s mid-workload",
         outage,
-        |proxy| {
+        &[],
+        |proxy, m| {
             *until.lock().unwrap() = Some(Instant::now() + Duration::from_secs(60));
             proxy.refuse_for(Duration::from_secs(60));
+            write_while_the_store_is_down(m)
         },
     );
     // Writes during the outage succeed (they are kept locally); reads of files written
@@ -351,6 +368,45 @@ fn store_unreachable_for_60_seconds_mid_workload() {
     assert_injected(&o);
     assert_eq!(o.write_errors, 0, "{o:?}");
     assert_eq!(o.read_errors, 0, "{o:?}");
+}
+
+/// Writes a few files while the store is down, one of them in a directory tree made now,
+/// and checks they are kept locally: each has its size and reads back whole at once, none is
+/// in the bucket yet, and the log says the store is unreachable. Returns them, for the
+/// bucket to be checked once the store is back.
+fn write_while_the_store_is_down(m: &TestMount) -> BTreeMap<String, Vec<u8>> {
+    let mut written = BTreeMap::new();
+    for i in 0..5 {
+        written.insert(
+            synapse_path("local_content", 100 + i),
+            pseudo_random(50_000 + i, 7000 + i as u64),
+        );
+    }
+    written.insert(
+        "local_thumbnails/xy/zw/abcdefghijklmnopqrst/32-32-image-jpeg-crop".to_string(),
+        b"thumbnail".to_vec(),
+    );
+    for (rel, data) in &written {
+        let path = m.path(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, data).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), data.len() as u64);
+        assert!(std::fs::read(&path).unwrap() == *data, "{rel} read back");
+    }
+    // The bucket is asked directly, not through the proxy.
+    let bucket = Bucket::new(&S3Env::get());
+    for rel in written.keys() {
+        assert_eq!(
+            bucket.get(&m.key(rel)),
+            None,
+            "{rel} cannot be in the bucket during the outage"
+        );
+    }
+    assert!(
+        m.log().contains("the object store is unreachable"),
+        "the log does not say the store is unreachable"
+    );
+    written
 }
 
 /// Every file under `dir`.
@@ -437,6 +493,7 @@ fn cache_blocks_damaged_mid_workload() {
             for b in cached_blocks(&m.cache) {
                 let _ = damage(&b, 0xa5);
             }
+            BTreeMap::new()
         },
     );
     assert_eq!(o.read_errors, 0, "{o:?}");
@@ -516,11 +573,6 @@ fn wait_for_blocks(cache: &Path, done: impl Fn(usize) -> bool) -> Vec<CachedBloc
     })
 }
 
-fn free_bytes(dir: &Path) -> u64 {
-    let st = statvfs(dir);
-    st.f_bavail * st.f_frsize
-}
-
 #[test]
 fn the_cache_keeps_the_disk_free_space_floor_and_gives_way_when_the_disk_fills() {
     // A 32 MiB cache disk that must keep 16 MiB free.
@@ -562,7 +614,9 @@ fn the_cache_keeps_the_disk_free_space_floor_and_gives_way_when_the_disk_fills()
     std::thread::scope(|s| {
         s.spawn(|| {
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                lowest.fetch_min(free_bytes(&root), std::sync::atomic::Ordering::Relaxed);
+                let st = statfs(&root);
+                let free = st.f_bavail * st.f_frsize as u64;
+                lowest.fetch_min(free, std::sync::atomic::Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(1));
             }
         });
@@ -661,10 +715,84 @@ fn cache_disk_full_mid_workload() {
             "--cache-min-free",
             "0",
         ],
-        |_, _| {},
+        |_, m| {
+            // A file larger than the whole disk: the write fails with ENOSPC, no other
+            // error. The part written is committed at close like on any disk; deleting it
+            // gives the space back once its upload is dropped in favour of the delete, and
+            // the mount takes writes again.
+            let err = std::fs::write(m.path("too-big"), pseudo_random(48 << 20, 2)).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+            std::fs::remove_file(m.path("too-big")).unwrap();
+            let after = b"still writable".to_vec();
+            wait_for(Duration::from_secs(60), || {
+                std::fs::write(m.path("after"), &after)
+                    .map_err(|e| format!("no write succeeds after the disk filled: {e}"))
+            });
+            BTreeMap::from([("after".to_string(), after)])
+        },
     );
     assert!(o.written > 0, "{o:?}");
     assert!(o.write_errors > 0, "the disk never filled: {o:?}");
+    // What was committed stays readable while the disk is full.
+    assert_eq!(o.read_errors, 0, "{o:?}");
+}
+
+/// Bytes of files under `dir`, leaving out the clean block cache (`objects/`, bounded on its
+/// own by --cache-size).
+fn bytes_outside_the_block_cache(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name() != "objects")
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => bytes_outside_the_block_cache(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+#[test]
+fn writers_wait_when_the_dirty_budget_is_full() {
+    let env = S3Env::get();
+    let proxy = FaultProxy::start(env.endpoint.trim_start_matches("http://"), policy::none());
+    proxy.throttle(8 << 20);
+    let m = TestMount::via("budget", &proxy.endpoint(), &["--max-dirty", "4M"]);
+    let peak = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (cache, peak, done) = (m.cache.clone(), peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                peak.fetch_max(bytes_outside_the_block_cache(&cache), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    const FILE: usize = 2 << 20;
+    for i in 0..16u64 {
+        std::fs::write(m.path(&format!("f{i}")), pseudo_random(FILE, i)).unwrap();
+    }
+    m.sync();
+    done.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(Ordering::Relaxed);
+    // The budget, plus the file being written and the one that crossed the line.
+    let bound = (4 << 20) + 2 * FILE as u64 + 64 * 1024;
+    assert!(
+        peak <= bound,
+        "the cache directory reached {peak} bytes, over {bound}"
+    );
+    assert!(peak > 0);
+    for i in 0..16u64 {
+        assert_eq!(
+            m.object(&format!("f{i}")).map(|d| sha256(&d)),
+            Some(sha256(&pseudo_random(FILE, i))),
+            "f{i}"
+        );
+    }
 }
 
 #[test]
@@ -732,6 +860,10 @@ fn sigterm_during_heavy_writes() {
     // then exits.
     let status = m.terminate();
     assert!(status.success(), "{status}");
+    assert!(
+        !common::is_mounted(&m.mnt),
+        "still mounted after the process exited"
+    );
     o.injected = proxy.injected();
     check_bucket(&bucket, &prefix, &written, &mut o);
     record(

@@ -8,9 +8,9 @@ mod common;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{is_mounted, unique_prefix, Bucket, S3Env, TestMount, BIN};
+use common::{is_mounted, unique_prefix, wait_for, Bucket, S3Env, TestMount, BIN};
 
 /// Mounts with everything logged (`RUST_LOG=trace`, every crate) and the keys in a
 /// credentials file; returns the child and where its log goes.
@@ -40,18 +40,17 @@ fn mount_at_trace(env: &S3Env, secret: &str, dir: &Path, prefix: &str) -> Child 
         .unwrap()
 }
 
-fn wait_mounted(child: &mut Child, mnt: &Path) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
+/// Waits (up to 30 s) until the mount is in place; panics if the process exits first.
+fn wait_mounted(child: &mut Child, mnt: &Path) {
+    wait_for(Duration::from_secs(30), || {
         if is_mounted(mnt) {
-            return true;
+            return Ok(());
         }
-        if child.try_wait().unwrap().is_some() {
-            return false;
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the mount exited before it came up ({status})");
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
+        Err("the mount did not come up in 30 s".to_string())
+    })
 }
 
 #[test]
@@ -61,7 +60,7 @@ fn the_secret_never_appears_in_the_log_or_in_ps() {
     let prefix = unique_prefix("secret");
     let mnt = dir.path().join("mnt");
     let mut child = mount_at_trace(&env, &env.secret_key, dir.path(), &prefix);
-    assert!(wait_mounted(&mut child, &mnt), "the mount did not come up");
+    wait_mounted(&mut child, &mnt);
     // A workload that makes every kind of request: PUT, multipart, GET, LIST, HEAD, DELETE,
     // copy (rename).
     std::fs::create_dir_all(mnt.join("local_content/ab/cd")).unwrap();

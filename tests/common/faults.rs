@@ -2,11 +2,13 @@
 //! request: error answers (500 InternalError, 503 SlowDown), delays, connections reset in
 //! the middle of a response body, bodies cut short of their Content-Length, requests
 //! dropped unanswered, upload bodies with a byte flipped, and refused connections for a
-//! while.
+//! while. It can also take the store off the network until told otherwise (new connections
+//! refused, open ones cut), and slow the traffic towards the store to a given bandwidth.
 //!
 //! Requests and responses are relayed byte for byte (signatures stay valid); only their
 //! framing (Content-Length, chunked) is read, to know where each one ends.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -62,6 +64,9 @@ pub struct FaultProxy {
     pub port: u16,
     policy: Arc<Mutex<Policy>>,
     refuse_until: Arc<Mutex<Option<Instant>>>,
+    links: Arc<Mutex<Links>>,
+    /// Microseconds of delay per 64 KiB sent towards the server (0: full speed).
+    delay_us: Arc<AtomicU64>,
     injected: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -75,6 +80,8 @@ impl FaultProxy {
             port: listener.local_addr().unwrap().port(),
             policy: Arc::new(Mutex::new(policy)),
             refuse_until: Arc::default(),
+            links: Arc::default(),
+            delay_us: Arc::default(),
             injected: Arc::default(),
             requests: Arc::default(),
             stop: Arc::default(),
@@ -82,11 +89,16 @@ impl FaultProxy {
         let shared = Shared {
             target: target.to_string(),
             policy: p.policy.clone(),
+            delay_us: p.delay_us.clone(),
             injected: p.injected.clone(),
             requests: p.requests.clone(),
         };
-        let (refuse_until, stop, injected) =
-            (p.refuse_until.clone(), p.stop.clone(), p.injected.clone());
+        let (refuse_until, links, stop, injected) = (
+            p.refuse_until.clone(),
+            p.links.clone(),
+            p.stop.clone(),
+            p.injected.clone(),
+        );
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 if stop.load(Ordering::Relaxed) {
@@ -97,14 +109,28 @@ impl FaultProxy {
                     .lock()
                     .unwrap()
                     .is_some_and(|t| Instant::now() < t);
-                if refusing {
+                // Registered under the same lock `down` takes, so no connection slips past it.
+                let id = {
+                    let mut links = links.lock().unwrap();
+                    match (refusing || links.down, client.try_clone()) {
+                        (false, Ok(handle)) => {
+                            links.next_id += 1;
+                            let id = links.next_id;
+                            links.open.insert(id, handle);
+                            Some(id)
+                        }
+                        _ => None,
+                    }
+                };
+                let Some(id) = id else {
                     injected.fetch_add(1, Ordering::Relaxed);
                     reset(&client);
                     continue;
-                }
-                let shared = shared.clone();
+                };
+                let (shared, links) = (shared.clone(), links.clone());
                 std::thread::spawn(move || {
                     let _ = serve(client, &shared);
+                    links.lock().unwrap().open.remove(&id);
                 });
             }
         });
@@ -126,10 +152,33 @@ impl FaultProxy {
 
     /// Whether connections are being refused now.
     pub fn refusing(&self) -> bool {
-        self.refuse_until
-            .lock()
-            .unwrap()
-            .is_some_and(|t| Instant::now() < t)
+        self.links.lock().unwrap().down
+            || self
+                .refuse_until
+                .lock()
+                .unwrap()
+                .is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Takes the store off the network until `up`: new connections are refused and the open
+    /// ones cut (reset), whatever they are in the middle of.
+    pub fn down(&self) {
+        let mut links = self.links.lock().unwrap();
+        links.down = true;
+        for (_, c) in links.open.drain() {
+            reset(&c);
+        }
+    }
+
+    /// Puts the store back on the network after `down`.
+    pub fn up(&self) {
+        self.links.lock().unwrap().down = false;
+    }
+
+    /// Slows the traffic towards the server to about `bytes_per_sec`.
+    pub fn throttle(&self, bytes_per_sec: u64) {
+        self.delay_us
+            .store(65_536 * 1_000_000 / bytes_per_sec.max(1), Ordering::Relaxed);
     }
 
     /// Faults injected so far: requests answered wrongly and connections refused.
@@ -149,12 +198,33 @@ impl Drop for FaultProxy {
     }
 }
 
+/// The client connections open now, and whether the store is taken off the network.
+#[derive(Default)]
+struct Links {
+    down: bool,
+    next_id: u64,
+    open: HashMap<u64, TcpStream>,
+}
+
 #[derive(Clone)]
 struct Shared {
     target: String,
     policy: Arc<Mutex<Policy>>,
+    delay_us: Arc<AtomicU64>,
     injected: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
+}
+
+/// Writes `bytes` towards the server, 64 KiB at a time, paced by the throttle.
+fn send_to_server(to: &mut TcpStream, bytes: &[u8], delay_us: &AtomicU64) -> std::io::Result<()> {
+    for chunk in bytes.chunks(65_536) {
+        let d = delay_us.load(Ordering::Relaxed);
+        if d > 0 {
+            std::thread::sleep(Duration::from_micros(d * chunk.len() as u64 / 65_536));
+        }
+        to.write_all(chunk)?;
+    }
+    Ok(())
 }
 
 /// Closes with a TCP reset rather than a clean FIN.
@@ -324,14 +394,14 @@ fn serve(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
             server = Some((BufReader::new(s.try_clone()?), s));
         }
         let (from_server, to_server) = server.as_mut().unwrap();
-        to_server.write_all(&req.head)?;
+        send_to_server(to_server, &req.head, &shared.delay_us)?;
         if matches!(fault, Some(Fault::FlipBodyByte)) && !req.body.is_empty() {
             let mut body = req.body.clone();
             let i = body.len() / 2;
             body[i] ^= 0x20;
-            to_server.write_all(&body)?;
+            send_to_server(to_server, &body, &shared.delay_us)?;
         } else {
-            to_server.write_all(&req.body)?;
+            send_to_server(to_server, &req.body, &shared.delay_us)?;
         }
         let resp = loop {
             let head = read_head(from_server)?.ok_or(std::io::ErrorKind::UnexpectedEof)?;

@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 pub mod faults;
-pub mod proxy;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -388,21 +387,20 @@ impl TestMount {
             }
         }
         let mut child = cmd.spawn().expect("start s3mediafs");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !is_mounted(&self.mnt) {
+        wait_for(Duration::from_secs(30), || {
+            if is_mounted(&self.mnt) {
+                return Ok(());
+            }
             if let Some(status) = child.try_wait().unwrap() {
                 panic!(
                     "s3mediafs exited before mounting ({status}):\n{}",
                     self.log()
                 );
             }
-            assert!(
-                Instant::now() < deadline,
-                "mount did not appear in 30 s:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            // Not the log itself: it can be large after a restart, and this runs every 20 ms.
+            // Its last lines are printed when the failed test drops the mount.
+            Err("mount did not appear in 30 s".to_string())
+        });
         self.child = Some(child);
     }
 
@@ -621,18 +619,27 @@ pub fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let err = std::fs::read_to_string(err_file.path()).unwrap();
-            return (status.code().unwrap_or(-1), err);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("s3mediafs {args:?} did not finish in 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let mut child = KillOnDrop(cmd.spawn().unwrap());
+    let status = wait_for(Duration::from_secs(60), || {
+        child
+            .0
+            .try_wait()
+            .unwrap()
+            .ok_or_else(|| format!("s3mediafs {args:?} did not finish in 60 s"))
+    });
+    let err = std::fs::read_to_string(err_file.path()).unwrap();
+    (status.code().unwrap_or(-1), err)
+}
+
+/// A child process killed when dropped, so one a test gave up waiting for does not outlive
+/// the test.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Nothing is signalled once the process has been waited for.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -668,13 +675,13 @@ pub fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Result<T, Strin
     }
 }
 
-/// The filesystem statistics of the filesystem holding `path`.
-#[allow(dead_code)]
-pub fn statvfs(path: &Path) -> libc::statvfs {
-    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+/// What statfs(2) says of the filesystem holding `path`: its type (`f_type`), name length
+/// limit, and sizes and free space in blocks of `f_frsize` bytes.
+pub fn statfs(path: &Path) -> libc::statfs {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: a valid C string and out-pointer.
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
     st
 }
 
