@@ -374,3 +374,49 @@ fn status_shows_pending_uploads_until_the_store_is_back() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The local server scripts/quickstart.sh starts (scripts/s3-server.sh): with its port
+/// taken by another listener it refuses in one sentence saying how to choose another, and
+/// with another port it comes up there.
+#[test]
+fn the_quickstart_server_names_a_taken_port_and_comes_up_on_another() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let state = tempfile::tempdir().unwrap();
+    let server = |port: u16, cmd: &str| {
+        Command::new(repo().join("scripts/s3-server.sh"))
+            .args([cmd, "garage"])
+            .env("S3MEDIAFS_STATE", state.path())
+            .env("S3MEDIAFS_GARAGE_PORT", port.to_string())
+            .output()
+            .unwrap()
+    };
+    let out = server(port, "start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on a taken port: {err}");
+    assert!(
+        err.contains(&format!("port {port} on 127.0.0.1 is taken"))
+            && err.contains("S3MEDIAFS_GARAGE_PORT="),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
+    // A port whose neighbours Garage also uses (+1, +3) are free.
+    let free = (0..200)
+        .map(|i| 20_000 + (std::process::id() as u16 % 5000) * 4 + i * 7)
+        .find(|p| {
+            [*p, p + 1, p + 3]
+                .iter()
+                .all(|q| std::net::TcpListener::bind(("127.0.0.1", *q)).is_ok())
+        })
+        .expect("free ports");
+    let out = server(free, "start");
+    let said = String::from_utf8_lossy(&out.stdout);
+    let stopped = server(free, "stop");
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains(&format!("http://127.0.0.1:{free}")), "{said}");
+    assert!(stopped.status.success());
+}
