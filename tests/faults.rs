@@ -1111,6 +1111,8 @@ fn changing_an_object_larger_than_the_cache_fails_with_enospc_and_leaves_it_whol
 struct PowerCutDisk {
     image: std::path::PathBuf,
     dir: std::path::PathBuf,
+    /// The loop device it is mounted from now.
+    device: std::cell::RefCell<String>,
 }
 
 impl PowerCutDisk {
@@ -1123,7 +1125,11 @@ impl PowerCutDisk {
             .set_len(768 << 20)
             .unwrap();
         run("mkfs.ext4", &["-q", "-F", image.to_str().unwrap()]);
-        let d = PowerCutDisk { image, dir };
+        let d = PowerCutDisk {
+            image,
+            dir,
+            device: Default::default(),
+        };
         d.mount();
         let cache = d.cache();
         std::fs::create_dir(&cache).unwrap();
@@ -1137,16 +1143,34 @@ impl PowerCutDisk {
         self.dir.join("cache")
     }
 
+    /// Mounts the image from a loop device of its own each time: a shut-down filesystem
+    /// that another mount namespace still holds (one made by a test running meanwhile)
+    /// would otherwise be handed back by the kernel instead of a fresh one.
     fn mount(&self) {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&self.image)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let device = String::from_utf8(out.stdout).unwrap().trim().to_string();
         run(
             "mount",
-            &[
-                "-o",
-                "loop,commit=600",
-                self.image.to_str().unwrap(),
-                self.dir.to_str().unwrap(),
-            ],
+            &["-o", "commit=600", &device, self.dir.to_str().unwrap()],
         );
+        *self.device.borrow_mut() = device;
+    }
+
+    fn detach(&self) {
+        // The device goes once nothing holds it any more.
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&*self.device.borrow())
+            .output();
     }
 
     /// Power goes: what was not durable is gone.
@@ -1174,6 +1198,7 @@ impl PowerCutDisk {
     /// Power comes back: the filesystem is mounted again from what reached the device.
     fn restore(&self) {
         run("umount", &[self.dir.to_str().unwrap()]);
+        self.detach();
         self.mount();
     }
 }
@@ -1184,6 +1209,7 @@ impl Drop for PowerCutDisk {
             .arg("-l")
             .arg(&self.dir)
             .status();
+        self.detach();
     }
 }
 
