@@ -55,6 +55,16 @@ pub enum Command {
     },
 }
 
+/// When close() returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WriteMode {
+    /// Once the file is fsynced and journaled in the cache directory; it is uploaded in the
+    /// background.
+    Writeback,
+    /// Once the file is in the bucket.
+    Writethrough,
+}
+
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Invocation {
@@ -228,11 +238,9 @@ pub struct MountArgs {
     #[arg(long, default_value = "8M", value_parser = parse_size)]
     pub part_size: u64,
 
-    /// `writeback`: close() returns once the file is fsynced and journaled in the cache
-    /// directory, and it is uploaded in the background. `writethrough`: close() returns once
-    /// the file is in the bucket.
-    #[arg(long, default_value = "writeback", value_parser = ["writeback", "writethrough"])]
-    pub write_mode: String,
+    /// When close() returns.
+    #[arg(long, value_enum, default_value_t = WriteMode::Writeback)]
+    pub write_mode: WriteMode,
 
     /// Bytes of closed files waiting for upload above which writers wait for uploads
     /// [default: half of --cache-size, at most 1G].
@@ -706,7 +714,7 @@ impl Config {
                 dir_mode: a.dir_mode,
                 metadata_ttl: a.metadata_ttl,
                 negative_ttl: a.negative_ttl,
-                write_through: a.write_mode == "writethrough",
+                write_through: a.write_mode == WriteMode::Writethrough,
             },
             writeback: WritebackOptions {
                 workers: 8,

@@ -1,7 +1,10 @@
 //! The object store seen by the filesystem: a small async trait over the S3 operations the
 //! mount needs, with one implementation that talks to a real S3 endpoint (`s3.rs`) and one
-//! that keeps objects in memory for fast unit and model tests (`memory.rs`).
+//! that keeps objects in memory for fast unit and model tests (`memory.rs`, compiled only
+//! for tests: the crate's own, and with the `test-util` feature, which the crate's
+//! integration tests turn on through its dev-dependency on itself).
 
+#[cfg(any(test, feature = "test-util"))]
 mod memory;
 mod metered;
 mod s3;
@@ -13,6 +16,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+#[cfg(any(test, feature = "test-util"))]
 pub use memory::MemoryStore;
 pub use metered::MeteredStore;
 pub use s3::{AttemptCounts, Encryption, ObjectOptions, S3Store, StoreConfig};
