@@ -144,19 +144,26 @@ fn bad_customer_key_files_are_refused_before_mounting() {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
         p.to_str().unwrap().to_string()
     };
-    let cases = [
+    // A base64 key is read as one; with --sse too, it is refused.
+    let b64 = file(
+        "b64.key",
+        b"MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=\n",
+        0o600,
+    );
+    let missing = dir.path().join("missing.key").to_str().unwrap().to_string();
+    let cases: [(String, &[&str], &str); 4] = [
         (
             file("short.key", &[7u8; 16], 0o600),
+            &[],
             "does not hold a 32-byte key",
         ),
         (
             file("open.key", &[7u8; 32], 0o644),
+            &[],
             "can be read by other users",
         ),
-        (
-            dir.path().join("missing.key").to_str().unwrap().to_string(),
-            "cannot read the SSE-C key file",
-        ),
+        (missing, &[], "cannot read the SSE-C key file"),
+        (b64, &["--sse", "aes256"], "exclude each other"),
     ];
     let source = format!("{}:{}", env.bucket, unique_prefix("bad-key"));
     let mnt = mnt.to_str().unwrap();
@@ -164,33 +171,8 @@ fn bad_customer_key_files_are_refused_before_mounting() {
         ("AWS_ACCESS_KEY_ID", env.access_key.as_str()),
         ("AWS_SECRET_ACCESS_KEY", env.secret_key.as_str()),
     ];
-    for (key_file, sentence) in &cases {
-        let (code, err) = run_cli(
-            &[
-                "mount",
-                &source,
-                mnt,
-                "--endpoint",
-                &env.endpoint,
-                "--region",
-                &env.region,
-                "--sse-c-key-file",
-                key_file,
-            ],
-            &creds,
-        );
-        assert_eq!(code, 1, "{key_file}: {err}");
-        assert!(err.contains(sentence), "{key_file}: {err}");
-        assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
-    }
-    // A base64 key is taken; with --sse too, it is refused.
-    let b64 = file(
-        "b64.key",
-        b"MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=\n",
-        0o600,
-    );
-    let (code, err) = run_cli(
-        &[
+    for (key_file, extra, sentence) in &cases {
+        let mut args = vec![
             "mount",
             &source,
             mnt,
@@ -199,12 +181,12 @@ fn bad_customer_key_files_are_refused_before_mounting() {
             "--region",
             &env.region,
             "--sse-c-key-file",
-            &b64,
-            "--sse",
-            "aes256",
-        ],
-        &creds,
-    );
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("exclude each other"), "{err}");
+            key_file,
+        ];
+        args.extend_from_slice(extra);
+        let (code, err) = run_cli(&args, &creds);
+        assert_eq!(code, 1, "{key_file} {extra:?}: {err}");
+        assert!(err.contains(sentence), "{key_file} {extra:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
+    }
 }

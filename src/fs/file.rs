@@ -452,6 +452,16 @@ impl BucketFs {
         if self.blocks().disk_has_room(size) {
             return Ok(());
         }
+        self.warn_once_about(
+            ino,
+            "changing this file needs a local copy of the whole object, and the cache filesystem \
+             has no room for it above --cache-min-free; the change fails with ENOSPC",
+        );
+        Err(FsError::NOSPC)
+    }
+
+    /// Logs `problem` with the path of `ino`, once per mount.
+    fn warn_once_about(&self, ino: u64, problem: &str) {
         let path = self
             .ns
             .table
@@ -459,12 +469,7 @@ impl BucketFs {
             .get(ino)
             .map(|i| i.path.clone())
             .unwrap_or_default();
-        self.ns.warn_once(
-            &path,
-            "changing this file needs a local copy of the whole object, and the cache filesystem \
-             has no room for it above --cache-min-free; the change fails with ENOSPC",
-        );
-        Err(FsError::NOSPC)
+        self.ns.warn_once(&path, problem);
     }
 
     /// Makes room in the cache directory for `staged` to grow to `len` bytes, evicting
@@ -486,14 +491,7 @@ impl BucketFs {
                 FsError::NOSPC,
             )
         };
-        let path = self
-            .ns
-            .table
-            .lock()
-            .get(ino)
-            .map(|i| i.path.clone())
-            .unwrap_or_default();
-        self.ns.warn_once(&path, problem);
+        self.warn_once_about(ino, problem);
         Err(error)
     }
 
