@@ -913,7 +913,11 @@ fn resolve_credentials(file: Option<&Path>, profile: Option<&str>) -> Result<Cre
 /// Storage class and encryption from the flags, the SSE-C key read and checked.
 fn object_options(a: &StoreArgs) -> Result<ObjectOptions, String> {
     if let Some(class) = &a.storage_class {
-        if class.is_empty() || !class.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        if class.is_empty()
+            || !class
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
             return Err(format!(
                 "the storage class '{class}' is not one; give it as the store names it, e.g. STANDARD or STANDARD_IA"
             ));

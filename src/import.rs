@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::config::{ImportArgs, Target};
-use crate::store::{part_size_for, upload_file, ObjectStore, S3Store};
+use crate::store::{part_size_for, upload_file, ObjectStore, OpenUploads, S3Store};
 
 /// Part sizes other tools upload with, tried when an object's ETag says it was assembled
 /// from parts: boto3 and synapse-s3-storage-provider (8 MiB), the S3 minimum (5 MiB),
@@ -323,9 +323,17 @@ async fn copy_one(
     let file = File::open(&f.path).map_err(|e| format!("cannot open: {e}"))?;
     let before = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
     let size = before.len();
-    let uploaded = upload_file(store, &f.key, Arc::new(file), size, part_size, 4)
-        .await
-        .map_err(|e| format!("upload failed: {e}"))?;
+    let uploaded = upload_file(
+        store,
+        &f.key,
+        Arc::new(file),
+        size,
+        part_size,
+        4,
+        &OpenUploads::default(),
+    )
+    .await
+    .map_err(|e| format!("upload failed: {e}"))?;
     // A file that changed while it was read may have been copied half old, half new: the
     // next run copies it again, as it does any file Synapse writes meanwhile.
     let after = std::fs::metadata(&f.path).map_err(|e| format!("cannot stat: {e}"))?;

@@ -75,9 +75,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
     });
     let store_config = cfg.store_config();
     let attempts = store_config.attempts.clone();
-    let s3: Arc<dyn ObjectStore> = Arc::new(
-        S3Store::new(&store_config).with_object_options(cfg.target.objects.clone()),
-    );
+    let s3: Arc<dyn ObjectStore> =
+        Arc::new(S3Store::new(&store_config).with_object_options(cfg.target.objects.clone()));
     let store: Arc<dyn ObjectStore> = Arc::new(MeteredStore::new(s3, metrics.store()));
     let cache_err = |e: std::io::Error| {
         format!(
@@ -628,7 +627,9 @@ fn check_object_options(
     }
     let key = format!("{}.s3mediafs-preflight", cfg.prefix);
     let r = rt.block_on(async {
-        store.put(&key, bytes::Bytes::from_static(b"s3mediafs")).await?;
+        store
+            .put(&key, bytes::Bytes::from_static(b"s3mediafs"))
+            .await?;
         store.head(&key).await?;
         store.delete(&key).await
     });

@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::cache::{BlockCache, Change, Journal, Replay, StagedFile};
-use crate::store::{upload_file, ObjectStore, StoreError, MAX_DELETE_BATCH};
+use crate::store::{upload_file, ObjectStore, OpenUploads, StoreError, MAX_DELETE_BATCH};
 
 /// What the queue says about a key while a change to it is pending.
 #[derive(Debug, Clone)]
@@ -145,6 +145,8 @@ pub struct WritebackQueue {
     retry_now: Notify,
     /// Told of every landing (the filesystem's namespace).
     observer: Mutex<Option<Weak<dyn LandingObserver>>>,
+    /// Multipart uploads under way, aborted when an unmount stops waiting for them.
+    open_uploads: OpenUploads,
 }
 
 /// Told of every change that reaches the bucket, before the change leaves the queue, so
@@ -181,6 +183,7 @@ impl WritebackQueue {
             progress: Notify::new(),
             retry_now: Notify::new(),
             observer: Mutex::new(None),
+            open_uploads: OpenUploads::default(),
         });
         let mut restored = 0;
         for (seq, change) in replay.pending {
@@ -528,6 +531,18 @@ impl WritebackQueue {
             if left == 0 || Instant::now() >= deadline {
                 self.state.lock().closed = true;
                 self.work.notify_waiters();
+                // Uploads cut short here start again from the journal; their parts would
+                // only sit on the server.
+                let aborted = self
+                    .open_uploads
+                    .abort_all(&self.store, Duration::from_secs(5))
+                    .await;
+                if aborted > 0 {
+                    tracing::info!(
+                        aborted,
+                        "aborted the multipart uploads under way; they start again at the next mount"
+                    );
+                }
                 return left;
             }
             let _ = tokio::time::timeout_at(deadline.into(), notified).await;
@@ -976,6 +991,7 @@ impl WritebackQueue {
                             *size,
                             self.opts.part_size,
                             self.opts.parts_in_flight,
+                            &self.open_uploads,
                         )
                         .await
                     }

@@ -189,7 +189,10 @@ pub enum Encryption {
     /// SSE-KMS, with this key or the bucket's default KMS key.
     Kms { key_id: Option<String> },
     /// SSE-C: a key of the operator's own, sent with every write and read.
-    Customer { key_base64: String, key_md5_base64: String },
+    Customer {
+        key_base64: String,
+        key_md5_base64: String,
+    },
 }
 
 impl Encryption {
@@ -864,13 +867,15 @@ impl ObjectStore for S3Store {
             .key(to)
             .copy_source(encode_copy_source(&self.bucket, from))
             .pipe(|b| object_options!(b, &self.objects))
-            .pipe(|b| customer_key!(
-                b,
-                &self.objects.encryption,
-                copy_source_sse_customer_algorithm,
-                copy_source_sse_customer_key,
-                copy_source_sse_customer_key_md5
-            ))
+            .pipe(|b| {
+                customer_key!(
+                    b,
+                    &self.objects.encryption,
+                    copy_source_sse_customer_algorithm,
+                    copy_source_sse_customer_key,
+                    copy_source_sse_customer_key_md5
+                )
+            })
             .send()
             .await
             .map_err(|e| self.map_err("COPY", from, e))?;

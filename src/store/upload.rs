@@ -37,7 +37,30 @@ async fn read_part(file: Arc<File>, offset: u64, len: usize) -> StoreResult<Byte
     .map_err(|e| StoreError::Other(format!("reading the staged file failed: {e}")))
 }
 
-/// Uploads the first `size` bytes of `file` as `key`; returns the new ETag.
+/// Multipart uploads begun and not yet completed or aborted, by upload id: what an unmount
+/// that stops waiting aborts, so no parts are left on the server to bill.
+#[derive(Default)]
+pub struct OpenUploads(parking_lot::Mutex<std::collections::HashMap<String, String>>);
+
+impl OpenUploads {
+    /// Aborts every multipart upload still open, each within `timeout`; returns how many.
+    pub async fn abort_all(&self, store: &Arc<dyn ObjectStore>, timeout: Duration) -> usize {
+        let open: Vec<(String, String)> = self.0.lock().drain().collect();
+        for (id, key) in &open {
+            match tokio::time::timeout(timeout, store.abort_multipart(key, id)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(key, error = %e, "could not abort an unfinished multipart upload")
+                }
+                Err(_) => tracing::warn!(key, "aborting an unfinished multipart upload timed out"),
+            }
+        }
+        open.len()
+    }
+}
+
+/// Uploads the first `size` bytes of `file` as `key`; returns the new ETag. A multipart
+/// upload is in `open` from its creation until it is completed or aborted.
 pub async fn upload_file(
     store: &Arc<dyn ObjectStore>,
     key: &str,
@@ -45,6 +68,7 @@ pub async fn upload_file(
     size: u64,
     base_part_size: u64,
     parts_in_flight: usize,
+    open: &OpenUploads,
 ) -> StoreResult<Option<String>> {
     let part_size = part_size_for(size, base_part_size);
     if size <= part_size {
@@ -52,6 +76,31 @@ pub async fn upload_file(
         return store.put(key, body).await;
     }
     let upload_id = store.create_multipart(key).await?;
+    open.0.lock().insert(upload_id.clone(), key.to_string());
+    let result = upload_multipart(
+        store,
+        key,
+        &upload_id,
+        file,
+        size,
+        part_size,
+        parts_in_flight,
+    )
+    .await;
+    open.0.lock().remove(&upload_id);
+    result
+}
+
+async fn upload_multipart(
+    store: &Arc<dyn ObjectStore>,
+    key: &str,
+    upload_id: &str,
+    file: Arc<File>,
+    size: u64,
+    part_size: u64,
+    parts_in_flight: usize,
+) -> StoreResult<Option<String>> {
+    let upload_id = upload_id.to_string();
     let result = upload_parts(
         store,
         key,
@@ -218,8 +267,16 @@ mod tests {
         f.write_all(&data).unwrap();
         let f = Arc::new(f);
         let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(upload_file(&store, "k", f, data.len() as u64, 1 << 20, 3))
-            .unwrap();
+        rt.block_on(upload_file(
+            &store,
+            "k",
+            f,
+            data.len() as u64,
+            1 << 20,
+            3,
+            &OpenUploads::default(),
+        ))
+        .unwrap();
         assert_eq!(mem.object("k").unwrap().as_ref(), &data[..]);
         assert_eq!(mem.open_uploads(), 0);
     }

@@ -227,6 +227,7 @@ impl Bucket {
                 data.len() as u64,
                 16 << 20,
                 4,
+                &Default::default(),
             ))
             .unwrap_or_else(|e| panic!("multipart upload of {key}: {e}"));
     }
