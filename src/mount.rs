@@ -625,7 +625,16 @@ fn check_object_options(
     if o.storage_class.is_none() && matches!(o.encryption, crate::store::Encryption::Bucket) {
         return Ok(());
     }
-    let key = format!("{}.s3mediafs-preflight", cfg.prefix);
+    // Named for this process and moment, so two mounts starting together do not meet.
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let key = format!(
+        "{}.s3mediafs-preflight-{}-{stamp}",
+        cfg.prefix,
+        std::process::id()
+    );
     let r = rt.block_on(async {
         store
             .put(&key, bytes::Bytes::from_static(b"s3mediafs"))

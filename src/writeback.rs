@@ -22,7 +22,9 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::cache::{BlockCache, Change, Journal, Replay, StagedFile};
-use crate::store::{upload_file, ObjectStore, OpenUploads, StoreError, MAX_DELETE_BATCH};
+use crate::store::{
+    part_size_for, upload_file, ObjectStore, OpenUploads, StoreError, MAX_DELETE_BATCH,
+};
 
 /// What the queue says about a key while a change to it is pending.
 #[derive(Debug, Clone)]
@@ -147,6 +149,9 @@ pub struct WritebackQueue {
     observer: Mutex<Option<Weak<dyn LandingObserver>>>,
     /// Multipart uploads under way, aborted when an unmount stops waiting for them.
     open_uploads: OpenUploads,
+    /// Uploads resumed from the journal that may have left a multipart upload unfinished
+    /// on the server when the last run ended; it is aborted before they start again.
+    resumed: Mutex<std::collections::HashSet<u64>>,
 }
 
 /// Told of every change that reaches the bucket, before the change leaves the queue, so
@@ -184,6 +189,7 @@ impl WritebackQueue {
             retry_now: Notify::new(),
             observer: Mutex::new(None),
             open_uploads: OpenUploads::default(),
+            resumed: Mutex::default(),
         });
         let mut restored = 0;
         for (seq, change) in replay.pending {
@@ -200,6 +206,11 @@ impl WritebackQueue {
                 },
                 _ => None,
             };
+            if let Change::Upload { size, .. } = &change {
+                if *size > part_size_for(*size, q.opts.part_size) {
+                    q.resumed.lock().insert(seq);
+                }
+            }
             q.insert(seq, change, file);
             restored += 1;
         }
@@ -325,6 +336,12 @@ impl WritebackQueue {
     /// reset (which needs an empty queue) can never erase a record just written.
     fn commit(&self, seq: u64, change: Change, file: Option<Arc<StagedFile>>) -> io::Result<u64> {
         let mut s = self.state.lock();
+        if self.journal.is_broken() {
+            // A journal that could not be cut back after a failed append is rewritten from
+            // what is pending before anything is appended to it again.
+            let pending = s.ops.iter().map(|(seq, op)| (*seq, &op.change));
+            self.journal.compact(pending)?;
+        }
         self.journal.record(seq, &change)?;
         let dropped = Self::insert_locked(&mut s, seq, change, file);
         drop(s);
@@ -339,11 +356,19 @@ impl WritebackQueue {
     /// Journals `change` and queues it; returns its sequence number.
     fn submit(&self, change: Change, file: Option<Arc<StagedFile>>) -> io::Result<u64> {
         let seq = self.next_seq();
-        if let Some(f) = &file {
-            if !f.is_sealed() {
-                f.seal(&self.journal.pending_path(seq))?;
+        let file = match file {
+            // Sealed by an earlier commit whose journal record failed: its data lies under
+            // that commit's number, so this one gets a link under its own, where replay
+            // looks for it.
+            Some(f) if f.is_sealed() => {
+                Some(Arc::new(f.link_sealed(&self.journal.pending_path(seq))?))
             }
-        }
+            Some(f) => {
+                f.seal(&self.journal.pending_path(seq))?;
+                Some(f)
+            }
+            None => None,
+        };
         self.commit(seq, change, file)
     }
 
@@ -935,6 +960,19 @@ impl WritebackQueue {
         self.work.notify_waiters();
     }
 
+    /// Aborts the multipart uploads of `key` a run that ended while uploading it left
+    /// unfinished on the server.
+    async fn abort_leftover_uploads(&self, key: &str) -> Result<(), StoreError> {
+        for id in self.store.unfinished_multipart(key).await? {
+            self.store.abort_multipart(key, &id).await?;
+            tracing::info!(
+                key,
+                "aborted a multipart upload an earlier run left unfinished; the file is uploaded again"
+            );
+        }
+        Ok(())
+    }
+
     /// After a change reached the bucket: the content of an uploaded file moves into the
     /// block cache (small enough files), and a deleted key's last ETag is forgotten.
     async fn keep_uploaded(
@@ -983,6 +1021,24 @@ impl WritebackQueue {
                 // The sealed copy is opened for this attempt only: waiting uploads hold no
                 // descriptor.
                 (Change::Upload { key, size }, Some(f)) => match f.file() {
+                    Ok(file) if self.resumed.lock().contains(&seq) => {
+                        match self.abort_leftover_uploads(key).await {
+                            Ok(()) => {
+                                self.resumed.lock().remove(&seq);
+                                upload_file(
+                                    &self.store,
+                                    key,
+                                    file,
+                                    *size,
+                                    self.opts.part_size,
+                                    self.opts.parts_in_flight,
+                                    &self.open_uploads,
+                                )
+                                .await
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
                     Ok(file) => {
                         upload_file(
                             &self.store,
@@ -1128,6 +1184,62 @@ mod tests {
         };
         assert_eq!(blocks.get(&id, 4).unwrap().as_ref(), b"kept");
         assert_eq!(blocks.known_etag("k"), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resumed_upload_aborts_the_multipart_upload_an_earlier_run_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 3 * WritebackOptions::default().part_size;
+        let data = vec![7u8; size as usize];
+        {
+            let (_mem, q, area, _) = setup(dir.path());
+            q.upload("big", staged(&area, &data), size).unwrap();
+            // The run ends in the middle of the multipart upload.
+        }
+        let (mem, q, _area, _) = setup(dir.path());
+        mem.create_multipart("big").await.unwrap();
+        assert_eq!(mem.open_uploads(), 1);
+        q.start();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mem.object("big").is_none() {
+            assert!(Instant::now() < deadline, "the upload did not land");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            mem.open_uploads(),
+            0,
+            "the earlier run's upload is still open"
+        );
+    }
+
+    #[test]
+    fn a_commit_retried_after_a_failed_journal_record_is_replayed_with_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_mem, q, area, _) = setup(dir.path());
+            let file = staged(&area, b"content");
+            // The copy is sealed, then the journal record fails: the close fails.
+            q.journal.fail_writes(1);
+            assert!(q.upload("k", file.clone(), 7).is_err());
+            assert!(file.is_sealed());
+            // The next close commits the same sealed copy.
+            q.upload("k", file, 7).unwrap();
+            // The process dies before the upload.
+        }
+        let (journal, replay) = Journal::open(dir.path()).unwrap();
+        assert_eq!(replay.pending.len(), 1, "{:?}", replay.pending);
+        let (seq, change) = &replay.pending[0];
+        assert_eq!(
+            change,
+            &Change::Upload {
+                key: "k".into(),
+                size: 7
+            }
+        );
+        assert_eq!(
+            std::fs::read(journal.pending_path(*seq)).unwrap(),
+            b"content"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

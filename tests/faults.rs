@@ -1347,6 +1347,12 @@ fn every_close_that_succeeded_survives_power_cuts_of_the_cache_disk() {
         &format!("{cuts} power cuts of the cache disk while writing, half of them during an outage; restarted after each"),
         &o,
     );
+    if !lost.is_empty() {
+        // The mount's log of every run, for the history of the lost files.
+        let kept = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/power-cut-failure.log");
+        let _ = std::fs::copy(m.log_path(), &kept);
+        eprintln!("the mount's log is kept in {}", kept.display());
+    }
     assert!(
         lost.is_empty(),
         "POWER_CUT_SEED={seed}: {} of {} acknowledged files lost: {:?}",

@@ -339,6 +339,12 @@ impl Journal {
     }
 
     /// Records that change `seq` is in the bucket.
+    /// An append failed and could not be cut back: nothing more is appended until the
+    /// journal is rewritten (`compact`).
+    pub fn is_broken(&self) -> bool {
+        self.file.lock().broken
+    }
+
     pub fn done(&self, seq: u64) -> io::Result<()> {
         self.append(&encode(&Record::Done(seq)))
     }
@@ -414,7 +420,7 @@ impl Journal {
 
     /// The next `n` writes to the file (an append, the cut back after a failed one) fail.
     #[cfg(test)]
-    fn fail_writes(&self, n: u32) {
+    pub(crate) fn fail_writes(&self, n: u32) {
         self.file.lock().failing_writes = n;
     }
 }

@@ -93,6 +93,8 @@ pub struct StagedFile {
     writable: Mutex<Option<Arc<File>>>,
     sealed: AtomicBool,
     done: AtomicBool,
+    /// An fdatasync of it failed.
+    sync_failed: AtomicBool,
     /// Disk space counted for this file in `counter`.
     accounted: AtomicU64,
     counter: Arc<StagedBytes>,
@@ -111,6 +113,7 @@ impl StagedFile {
             writable: Mutex::new(file.map(Arc::new)),
             sealed: AtomicBool::new(sealed),
             done: AtomicBool::new(false),
+            sync_failed: AtomicBool::new(false),
             accounted: AtomicU64::new(0),
             counter,
         }
@@ -202,13 +205,21 @@ impl StagedFile {
 
     /// Makes the content durable under `dest`; from now on it never changes.
     pub fn seal(&self, dest: &Path) -> io::Result<()> {
-        self.writable()?.sync_data()?;
+        if self.sync_failed.load(Ordering::Acquire) {
+            // After a failed fdatasync the kernel may have dropped the dirty pages and a
+            // second one would succeed without them: this copy is never trusted again.
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        if let Err(e) = self.writable()?.sync_data() {
+            self.sync_failed.store(true, Ordering::Release);
+            return Err(e);
+        }
         let mut path = self.path.lock();
         std::fs::rename(&*path, dest)?;
+        *path = dest.to_path_buf();
         if let Some(dir) = dest.parent() {
             sync_dir(dir)?;
         }
-        *path = dest.to_path_buf();
         self.sealed.store(true, Ordering::Release);
         // Readers that hold the descriptor keep it until they are done with it.
         *self.writable.lock() = None;

@@ -247,6 +247,9 @@ impl BucketFs {
         }
         // Backpressure: wait while too many closed files wait for upload.
         self.writeback.reserve().await;
+        // A download of the object happens before the lock, so that commits of other files
+        // on the same stripe never wait for the bucket.
+        self.materialize(h.ino).await?;
         // No commit seals the copy between finding it and writing to it.
         let _changing = self.commit_lock(h.ino).read().await;
         let staged = self.materialize(h.ino).await?;
@@ -257,7 +260,7 @@ impl BucketFs {
         let i = t.get_mut(h.ino).ok_or(FsError::BADF)?;
         i.size = i.size.max(end);
         i.mtime = SystemTime::now();
-        i.written();
+        i.written_to(&staged);
         Ok(data.len() as u32)
     }
 
@@ -366,7 +369,7 @@ impl BucketFs {
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
         i.size = size;
         i.mtime = SystemTime::now();
-        i.written();
+        i.written_to(&staged);
         Ok(())
     }
 
@@ -495,7 +498,7 @@ impl BucketFs {
         Err(error)
     }
 
-    fn commit_lock(&self, ino: u64) -> &tokio::sync::RwLock<()> {
+    pub(super) fn commit_lock(&self, ino: u64) -> &tokio::sync::RwLock<()> {
         &self.commit_locks[(ino % COMMIT_LOCKS) as usize]
     }
 
@@ -503,6 +506,11 @@ impl BucketFs {
     /// journals it and queues its upload. Returns the queued change.
     pub(super) async fn commit_file(&self, ino: u64) -> FsResult<Option<u64>> {
         let _alone = self.commit_lock(ino).write().await;
+        self.commit_locked(ino)
+    }
+
+    /// `commit_file` for a caller that holds the file's commit lock exclusively.
+    pub(super) fn commit_locked(&self, ino: u64) -> FsResult<Option<u64>> {
         let (staged, size, path, version) = {
             let t = self.ns.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;
@@ -514,6 +522,10 @@ impl BucketFs {
             }
         };
         let key = self.ns.keys.file_key(&path)?;
+        if !staged.is_sealed() {
+            // A write that failed part way may have left bytes past the size written.
+            staged.set_len(size)?;
+        }
         let seq = self.queue(self.writeback.upload(&key, staged, size))?;
         self.ns.note_present(
             &path,

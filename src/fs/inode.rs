@@ -151,8 +151,13 @@ impl Inode {
         };
     }
 
-    /// The local copy was changed. An unlinked file's changes are never uploaded.
-    pub fn written(&mut self) {
+    /// `copy` was changed. It is the inode's copy again if a release let go of it meanwhile
+    /// (an open that truncated before it counted as open). An unlinked file's changes are
+    /// never uploaded.
+    pub fn written_to(&mut self, copy: &Arc<StagedFile>) {
+        if !self.copy().is_some_and(|c| Arc::ptr_eq(c, copy)) {
+            self.set_copy(copy.clone());
+        }
         self.version += 1;
         if let State::Clean { copy } = &self.state {
             self.state = State::Dirty { copy: copy.clone() };

@@ -276,6 +276,9 @@ impl BucketFs {
     pub async fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let name = names::component(name)?;
         let ino = self.ns.lookup(parent, name).await?.ok_or(FsError::NOENT)?;
+        // No commit of the file runs meanwhile: one that read its state before the unlink
+        // would upload it after its name is gone.
+        let _alone = self.commit_lock(ino).write().await;
         let (path, in_bucket, needs_copy) = {
             let t = self.ns.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;
@@ -387,9 +390,10 @@ impl BucketFs {
                 return Err(FsError::ISDIR);
             }
         }
-        // The content closed last must exist under one of the names at every moment: changes
-        // not committed yet are committed first, so the new name gets all of it before the
-        // old one is deleted.
+        // No write or commit of the file runs until the rename is done. The content closed
+        // last must exist under one of the names at every moment: changes not committed yet
+        // are committed first, so the new name gets all of it before the old one is deleted.
+        let _alone = self.commit_lock(ino).write().await;
         let uncommitted_over_object = self
             .ns
             .table
@@ -397,7 +401,7 @@ impl BucketFs {
             .get(ino)
             .is_some_and(|i| matches!(i.state(), State::Dirty { .. }));
         if uncommitted_over_object {
-            self.commit_file(ino).await?;
+            self.commit_locked(ino)?;
         }
         let (old_path, in_bucket, dirty, open, size, local) = {
             let t = self.ns.table.lock();
@@ -473,7 +477,7 @@ impl BucketFs {
             self.ns.note_present(&new_path, &remote);
         }
         if dirty && open == 0 {
-            self.commit_file(ino).await?;
+            self.commit_locked(ino)?;
         }
         if parent != new_parent {
             self.keep_dir(parent).await?;

@@ -22,7 +22,9 @@
 //! 4. `ListingCache`, `Namespace::landings`, `offline_until`, and the log state: leaves, under
 //!    which nothing else is taken.
 //!
-//! No lock is held across an await, and no callback runs under a lock: the write-back queue
+//! No lock is held across an await but the commit lock (a tokio lock: writes hold it shared
+//! while they find and change the local copy, commits, unlink and rename exclusively), and
+//! no callback runs under a lock: the write-back queue
 //! reports a landing before it takes its own lock, and the listing cache is handed the time
 //! of the last landing instead of asking for it.
 

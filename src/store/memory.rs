@@ -247,6 +247,17 @@ impl ObjectStore for MemoryStore {
         Ok(())
     }
 
+    async fn unfinished_multipart(&self, key: &str) -> StoreResult<Vec<String>> {
+        // Upload ids here are `<key>#<n>`.
+        Ok(self
+            .uploads
+            .lock()
+            .keys()
+            .filter(|id| id.rsplit_once('#').is_some_and(|(k, _)| k == key))
+            .cloned()
+            .collect())
+    }
+
     async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<String>> {
         let data = self
             .objects

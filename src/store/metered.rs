@@ -138,6 +138,12 @@ impl ObjectStore for MeteredStore {
         r
     }
 
+    async fn unfinished_multipart(&self, key: &str) -> StoreResult<Vec<String>> {
+        let r = self.inner.unfinished_multipart(key).await;
+        self.count("list_uploads", &r);
+        r
+    }
+
     async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<String>> {
         let r = self.inner.copy(from, to).await;
         self.count("copy", &r);

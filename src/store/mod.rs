@@ -145,6 +145,10 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Give up a multipart upload and free its parts.
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()>;
 
+    /// The ids of multipart uploads of exactly `key` begun and neither completed nor
+    /// aborted (one page of ListMultipartUploads).
+    async fn unfinished_multipart(&self, key: &str) -> StoreResult<Vec<String>>;
+
     /// Server-side copy of a whole object; returns the new object's ETag.
     async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<String>>;
 

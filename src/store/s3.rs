@@ -507,16 +507,20 @@ trait Pipe: Sized {
 impl<T> Pipe for T {}
 
 impl S3Store {
-    /// Compares the ETag with the MD5 sent, where the ETag is one (not with SSE-KMS or
-    /// SSE-C, whose ETags are not).
+    /// Compares the ETag with the MD5 sent, where the ETag is one: not for an object
+    /// encrypted with KMS or a customer's key, asked for here or by the bucket's default
+    /// encryption (the answer says which), whose ETags are not MD5s.
     fn check_digest(
         &self,
         digest: &BodyDigest,
         op: &str,
         key: &str,
         etag: Option<&str>,
+        encrypted_with: Option<&aws_sdk_s3::types::ServerSideEncryption>,
+        customer_algorithm: Option<&str>,
     ) -> StoreResult<()> {
-        if self.objects.encryption.etag_is_md5() {
+        let kms = encrypted_with.is_some_and(|e| e.as_str().starts_with("aws:kms"));
+        if self.objects.encryption.etag_is_md5() && !kms && customer_algorithm.is_none() {
             digest.check(op, key, etag)?;
         }
         Ok(())
@@ -772,7 +776,14 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| self.map_err("PUT", key, e))?;
-        self.check_digest(&digest, "PUT", key, r.e_tag())?;
+        self.check_digest(
+            &digest,
+            "PUT",
+            key,
+            r.e_tag(),
+            r.server_side_encryption(),
+            r.sse_customer_algorithm(),
+        )?;
         Ok(r.e_tag().map(str::to_string))
     }
 
@@ -814,7 +825,14 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| self.map_err("UploadPart", key, e))?;
-        self.check_digest(&digest, "UploadPart", key, r.e_tag())?;
+        self.check_digest(
+            &digest,
+            "UploadPart",
+            key,
+            r.e_tag(),
+            r.server_side_encryption(),
+            r.sse_customer_algorithm(),
+        )?;
         r.e_tag()
             .map(str::to_string)
             .ok_or_else(|| StoreError::Other("the store returned no part ETag".into()))
@@ -857,6 +875,22 @@ impl ObjectStore for S3Store {
             .await
             .map_err(|e| self.map_err("AbortMultipartUpload", key, e))?;
         Ok(())
+    }
+
+    async fn unfinished_multipart(&self, key: &str) -> StoreResult<Vec<String>> {
+        let r = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(key)
+            .send()
+            .await
+            .map_err(|e| self.map_err("ListMultipartUploads", key, e))?;
+        Ok(r.uploads()
+            .iter()
+            .filter(|u| u.key() == Some(key))
+            .filter_map(|u| u.upload_id().map(str::to_string))
+            .collect())
     }
 
     async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<String>> {

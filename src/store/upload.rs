@@ -39,13 +39,28 @@ async fn read_part(file: Arc<File>, offset: u64, len: usize) -> StoreResult<Byte
 
 /// Multipart uploads begun and not yet completed or aborted, by upload id: what an unmount
 /// that stops waiting aborts, so no parts are left on the server to bill.
+/// Once closed (`abort_all`), no multipart upload begins, and one begun meanwhile is aborted
+/// at once.
 #[derive(Default)]
-pub struct OpenUploads(parking_lot::Mutex<std::collections::HashMap<String, String>>);
+pub struct OpenUploads {
+    open: parking_lot::Mutex<std::collections::HashMap<String, String>>,
+    closed: std::sync::atomic::AtomicBool,
+}
 
 impl OpenUploads {
-    /// Aborts every multipart upload still open, each within `timeout`; returns how many.
+    fn closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Aborts every multipart upload still open, each within `timeout`, and lets no other
+    /// begin; returns how many were aborted.
     pub async fn abort_all(&self, store: &Arc<dyn ObjectStore>, timeout: Duration) -> usize {
-        let open: Vec<(String, String)> = self.0.lock().drain().collect();
+        let open: Vec<(String, String)> = {
+            let mut open = self.open.lock();
+            self.closed
+                .store(true, std::sync::atomic::Ordering::Release);
+            open.drain().collect()
+        };
         for (id, key) in &open {
             match tokio::time::timeout(timeout, store.abort_multipart(key, id)).await {
                 Ok(Ok(())) => {}
@@ -75,8 +90,20 @@ pub async fn upload_file(
         let body = read_part(file, 0, size as usize).await?;
         return store.put(key, body).await;
     }
+    let shutting_down = || StoreError::Other("the mount is shutting down".into());
+    if open.closed() {
+        return Err(shutting_down());
+    }
     let upload_id = store.create_multipart(key).await?;
-    open.0.lock().insert(upload_id.clone(), key.to_string());
+    {
+        let mut registered = open.open.lock();
+        if open.closed() {
+            drop(registered);
+            let _ = store.abort_multipart(key, &upload_id).await;
+            return Err(shutting_down());
+        }
+        registered.insert(upload_id.clone(), key.to_string());
+    }
     let result = upload_multipart(
         store,
         key,
@@ -87,7 +114,7 @@ pub async fn upload_file(
         parts_in_flight,
     )
     .await;
-    open.0.lock().remove(&upload_id);
+    open.open.lock().remove(&upload_id);
     result
 }
 
