@@ -1195,10 +1195,23 @@ impl PowerCutDisk {
         );
     }
 
-    /// Power comes back: the filesystem is mounted again from what reached the device.
+    /// Power comes back: the filesystem is mounted again from what reached the device. The
+    /// device's content is copied to a new image first: a shut-down filesystem that another
+    /// mount namespace still holds could otherwise write late into the image the new mount
+    /// uses.
     fn restore(&self) {
         run("umount", &[self.dir.to_str().unwrap()]);
         self.detach();
+        let copy = self.image.with_extension("next");
+        run(
+            "cp",
+            &[
+                "--sparse=always",
+                self.image.to_str().unwrap(),
+                copy.to_str().unwrap(),
+            ],
+        );
+        std::fs::rename(&copy, &self.image).unwrap();
         self.mount();
     }
 }
