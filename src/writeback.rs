@@ -960,6 +960,38 @@ impl WritebackQueue {
         self.work.notify_waiters();
     }
 
+    /// One attempt to upload the sealed copy `f` as `key`. The copy is opened for this
+    /// attempt only: waiting uploads hold no descriptor. An upload resumed from the journal
+    /// first aborts the multipart upload the earlier run may have left.
+    async fn upload_attempt(
+        &self,
+        seq: u64,
+        key: &str,
+        size: u64,
+        f: &StagedFile,
+    ) -> Result<Option<String>, StoreError> {
+        let file = f.file().map_err(|e| {
+            StoreError::Other(format!(
+                "cannot open the sealed copy {}: {e}",
+                f.path().display()
+            ))
+        })?;
+        if self.resumed.lock().contains(&seq) {
+            self.abort_leftover_uploads(key).await?;
+            self.resumed.lock().remove(&seq);
+        }
+        upload_file(
+            &self.store,
+            key,
+            file,
+            size,
+            self.opts.part_size,
+            self.opts.parts_in_flight,
+            &self.open_uploads,
+        )
+        .await
+    }
+
     /// Aborts the multipart uploads of `key` a run that ended while uploading it left
     /// unfinished on the server.
     async fn abort_leftover_uploads(&self, key: &str) -> Result<(), StoreError> {
@@ -1020,42 +1052,9 @@ impl WritebackQueue {
             let result = match (change, file) {
                 // The sealed copy is opened for this attempt only: waiting uploads hold no
                 // descriptor.
-                (Change::Upload { key, size }, Some(f)) => match f.file() {
-                    Ok(file) if self.resumed.lock().contains(&seq) => {
-                        match self.abort_leftover_uploads(key).await {
-                            Ok(()) => {
-                                self.resumed.lock().remove(&seq);
-                                upload_file(
-                                    &self.store,
-                                    key,
-                                    file,
-                                    *size,
-                                    self.opts.part_size,
-                                    self.opts.parts_in_flight,
-                                    &self.open_uploads,
-                                )
-                                .await
-                            }
-                            Err(e) => Err(e),
-                        }
-                    }
-                    Ok(file) => {
-                        upload_file(
-                            &self.store,
-                            key,
-                            file,
-                            *size,
-                            self.opts.part_size,
-                            self.opts.parts_in_flight,
-                            &self.open_uploads,
-                        )
-                        .await
-                    }
-                    Err(e) => Err(StoreError::Other(format!(
-                        "cannot open the sealed copy {}: {e}",
-                        f.path().display()
-                    ))),
-                },
+                (Change::Upload { key, size }, Some(f)) => {
+                    self.upload_attempt(seq, key, *size, f).await
+                }
                 (Change::Upload { .. }, None) => Ok(None),
                 (Change::Delete { key }, _) => self.store.delete(key).await.map(|_| None),
                 (Change::Marker { key }, _) => {

@@ -127,11 +127,10 @@ async fn upload_multipart(
     part_size: u64,
     parts_in_flight: usize,
 ) -> StoreResult<Option<String>> {
-    let upload_id = upload_id.to_string();
     let result = upload_parts(
         store,
         key,
-        &upload_id,
+        upload_id,
         file,
         size,
         part_size,
@@ -141,7 +140,7 @@ async fn upload_multipart(
     match result {
         Ok(parts) => {
             let expected = multipart_etag(&parts);
-            match store.complete_multipart(key, &upload_id, parts).await {
+            match store.complete_multipart(key, upload_id, parts).await {
                 Ok(etag) => Ok(etag),
                 Err(e) => {
                     // Some servers complete the upload but answer in a form the client cannot
@@ -154,13 +153,13 @@ async fn upload_multipart(
                             return Ok(meta.etag);
                         }
                     }
-                    let _ = store.abort_multipart(key, &upload_id).await;
+                    let _ = store.abort_multipart(key, upload_id).await;
                     Err(e)
                 }
             }
         }
         Err(e) => {
-            if let Err(abort) = store.abort_multipart(key, &upload_id).await {
+            if let Err(abort) = store.abort_multipart(key, upload_id).await {
                 tracing::warn!(key, error = %abort, "could not abort a failed multipart upload");
             }
             Err(e)
