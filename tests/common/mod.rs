@@ -197,13 +197,12 @@ impl Bucket {
             if meta.size == 0 {
                 return Some(Vec::new());
             }
-            Some(
-                store
-                    .get_range(key, 0..meta.size, None)
-                    .await
-                    .expect("GET")
-                    .to_vec(),
-            )
+            // Deleted between the HEAD and the GET: gone.
+            match store.get_range(key, 0..meta.size, None).await {
+                Ok(data) => Some(data.to_vec()),
+                Err(s3mediafs::store::StoreError::NotFound) => None,
+                Err(e) => panic!("GET {key}: {e}"),
+            }
         }
     }
 
