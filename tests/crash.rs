@@ -4,8 +4,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::fd::IntoRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,20 +37,6 @@ fn media(i: u64) -> (String, usize) {
         i => 1024 + (i as usize * 7919) % (96 << 10),
     };
     (rel, size)
-}
-
-/// Writes a file and closes it; Ok only if every call, close() included, succeeded.
-fn write_closed(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(path.parent().unwrap())?;
-    let mut f = std::fs::File::create(path)?;
-    for chunk in data.chunks(65536) {
-        f.write_all(chunk)?;
-    }
-    let fd = f.into_raw_fd();
-    if unsafe { libc::close(fd) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 #[test]

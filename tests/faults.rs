@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::faults::{policy, Fault, FaultProxy, Policy, RequestInfo};
-use common::{pseudo_random, sha256, statfs, unique_prefix, wait_for, Bucket, S3Env, TestMount};
+use common::{
+    pseudo_random, sha256, statfs, unique_prefix, wait_for, write_closed, Bucket, S3Env, TestMount,
+};
 
 /// What one scenario did and found.
 #[derive(Debug, Default)]
@@ -1377,19 +1379,4 @@ fn every_close_that_succeeded_survives_power_cuts_of_the_cache_disk() {
     let prefix = m.prefix.clone();
     drop(m);
     bucket.delete_prefix(&prefix);
-}
-
-/// Writes a file and closes it; Ok only if every call, close() included, succeeded.
-fn write_closed(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(path.parent().unwrap())?;
-    let mut f = std::fs::File::create(path)?;
-    for chunk in data.chunks(65536) {
-        f.write_all(chunk)?;
-    }
-    let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
-    // SAFETY: the descriptor was just taken out of the File.
-    if unsafe { libc::close(fd) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }

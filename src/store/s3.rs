@@ -410,6 +410,17 @@ impl S3Store {
     /// Keys of the multipart uploads begun under `prefix` and neither completed nor aborted
     /// (first page only, up to 1000).
     pub async fn unfinished_uploads(&self, prefix: &str) -> StoreResult<Vec<String>> {
+        Ok(self
+            .list_uploads(prefix)
+            .await?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect())
+    }
+
+    /// (key, upload id) of the multipart uploads begun under `prefix` and neither
+    /// completed nor aborted (first page only, up to 1000).
+    async fn list_uploads(&self, prefix: &str) -> StoreResult<Vec<(String, String)>> {
         let r = self
             .client
             .list_multipart_uploads()
@@ -420,7 +431,7 @@ impl S3Store {
             .map_err(|e| self.map_err("ListMultipartUploads", prefix, e))?;
         Ok(r.uploads()
             .iter()
-            .filter_map(|u| u.key().map(str::to_string))
+            .filter_map(|u| Some((u.key()?.to_string(), u.upload_id()?.to_string())))
             .collect())
     }
 
@@ -878,18 +889,12 @@ impl ObjectStore for S3Store {
     }
 
     async fn unfinished_multipart(&self, key: &str) -> StoreResult<Vec<String>> {
-        let r = self
-            .client
-            .list_multipart_uploads()
-            .bucket(&self.bucket)
-            .prefix(key)
-            .send()
-            .await
-            .map_err(|e| self.map_err("ListMultipartUploads", key, e))?;
-        Ok(r.uploads()
-            .iter()
-            .filter(|u| u.key() == Some(key))
-            .filter_map(|u| u.upload_id().map(str::to_string))
+        Ok(self
+            .list_uploads(key)
+            .await?
+            .into_iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, id)| id)
             .collect())
     }
 

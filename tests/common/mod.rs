@@ -661,6 +661,23 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// Writes a file and closes it; Ok only if every call, close() included, succeeded.
+#[allow(dead_code)]
+pub fn write_closed(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    let mut f = File::create(path)?;
+    for chunk in data.chunks(65536) {
+        f.write_all(chunk)?;
+    }
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
+    // SAFETY: the descriptor was just taken out of the File.
+    if unsafe { libc::close(fd) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Checks again every 20 ms until `check` gives a value, for up to `timeout`; `check`
 /// says what it is still waiting for, and the last of that is the panic message.
 #[allow(dead_code)]
