@@ -8,7 +8,7 @@ Synapse-shaped tree, in bench_tree.py) and `namespace` (metadata at a distance: 
 through a proxy that adds --rtt to each request, in bench_namespace.py)."""
 import argparse, concurrent.futures, datetime, os, pathlib, shutil, statistics, subprocess, sys, tempfile, time
 
-from bench_common import BUCKET, ENDPOINT, ROOT, CountingProxy, Rclone, S3fs, S3mediafs, fmt, ratio, read_all, s3, timed
+from bench_common import BUCKET, ENDPOINT, ROOT, CountingProxy, Rclone, S3fs, S3mediafs, duration, fmt, ratio, read_all, s3, timed
 
 MIB = 1 << 20
 THREADS = 8
@@ -372,25 +372,6 @@ def namespace_section(a, work, makers):
         commit += f"; target/release/s3mediafs built {built:%Y-%m-%d %H:%M} UTC"
     lines = ns.report(results, tree, a.rtt, commit, datetime.datetime.now(datetime.timezone.utc), check)
     write_result(f"namespace-{a.rtt * 1000:g}ms", lines, lambda png: ns.chart(results, a.rtt, png))
-
-
-def duration(text):
-    """Seconds from `20ms`, `0.02s` or `0`."""
-    t = text.strip().lower()
-    try:
-        if t.endswith("ms"):
-            v = float(t[:-2]) / 1000
-        elif t.endswith("s"):
-            v = float(t[:-1])
-        elif float(t) == 0:
-            v = 0.0
-        else:
-            raise argparse.ArgumentTypeError(f"{text}: give a unit, as in 20ms or 0.02s")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text}: not a duration (20ms, 0.02s, 0)")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text}: negative")
-    return v
 
 
 def write_result(kind, lines, draw):

@@ -1,6 +1,6 @@
 """What the benchmarks share: the S3 client that watches the bucket, and how each FUSE client
 (s3mediafs, s3fs, rclone mount) is mounted, unmounted and measured."""
-import os, pathlib, subprocess, sys, time
+import argparse, os, pathlib, subprocess, sys, time
 import boto3
 from botocore.config import Config
 
@@ -50,6 +50,25 @@ def ratio(ours, theirs, higher_better):
     if ours is None or theirs is None or ours == 0 or theirs == 0:
         return "n/a"
     return f"{(ours / theirs if higher_better else theirs / ours):.2f}x"
+
+def duration(text):
+    """Seconds from `20ms`, `0.02s` or `0`."""
+    t = text.strip().lower()
+    try:
+        if t.endswith("ms"):
+            v = float(t[:-2]) / 1000
+        elif t.endswith("s"):
+            v = float(t[:-1])
+        elif float(t) == 0:
+            v = 0.0
+        else:
+            raise argparse.ArgumentTypeError(f"{text}: give a unit, as in 20ms or 0.02s")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: not a duration (20ms, 0.02s, 0)")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text}: negative")
+    return v
+
 
 def mounted(path):
     p = str(pathlib.Path(path).resolve())

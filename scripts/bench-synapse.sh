@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Synapse on the mount against Synapse on local disk (scripts/bench_synapse.py): one real
+# Synapse from PyPI, the same media workload with the media store first on local disk, then
+# on an s3mediafs mount (release build) of a fresh local Garage reached through a latency
+# proxy, at each round trip of --rtt (default 0,20ms). Prints per-phase figures and ratios
+# and the requests the mount sent, and writes them to bench/results/synapse-<date>.md.
+#
+# Usage: scripts/bench-synapse.sh [--rtt 0,20ms] [--images 30] [--blobs 5] [--video-mib 100]
+#        [--parallel 4]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv="$(scripts/install-deps.sh synapse-venv)"
+scripts/install-deps.sh fuse
+scripts/install-deps.sh garage
+echo "== building s3mediafs (release)" >&2
+cargo build --release --quiet
+
+export S3MEDIAFS_STATE="$PWD/target/bench-server"
+export S3MEDIAFS_GARAGE_PORT="${S3MEDIAFS_GARAGE_PORT:-3910}"
+scripts/s3-server.sh start garage --fresh >/dev/null
+trap 'scripts/s3-server.sh stop garage' EXIT
+set -a
+# shellcheck disable=SC1091
+. "$S3MEDIAFS_STATE/garage/env"
+set +a
+"$venv/bin/python" scripts/bench_synapse.py "$@"

@@ -1,0 +1,263 @@
+"""Synapse on the mount against Synapse on local disk: the same real Synapse, the same media
+workload, media store first in a local directory, then on an s3mediafs mount of the local
+server reached through the counting proxy at each round trip asked for (--rtt 0,20ms).
+
+Phases, each timed: upload (images, blobs and one big video through the client API, with
+--parallel requests at once; Synapse writes the original and its thumbnails), reading the
+stored originals straight from the media directory, download of every media through Synapse
+(sha256 checked), the video alone, thumbnails (five sizes per image), admin deletes, and
+after a Synapse restart, every media downloaded again. Then the requests the mount sent, by
+kind, from its own metrics (all of them landed: fsync of the mount's root waits for that),
+per stored file and per upload, and the LIST + HEAD the upload phase cost per upload (the
+proxy's count for that phase).
+
+Run by scripts/bench-synapse.sh, with the Synapse venv's Python and the S3MEDIAFS_TEST_*
+environment of the bench server."""
+import argparse, concurrent.futures, datetime, hashlib, io, json, os, pathlib, random, re
+import shutil, subprocess, sys, tempfile, time, urllib.request
+
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import BUCKET, ROOT, CountingProxy, S3mediafs, duration, fmt, s3  # noqa: E402
+from synapse_server import SERVER_NAME, Synapse, check, free_port  # noqa: E402
+
+
+def workload(images, blobs, video_mib):
+    """name -> (bytes, content type): photos and graphics of several sizes, random blobs and
+    one big video, the same every run."""
+    rnd = random.Random(7)
+    media = {}
+    for i in range(images):
+        w, h = rnd.choice([(1600, 1200), (1200, 900), (800, 600), (640, 480)])
+        buf = io.BytesIO()
+        if i % 2 == 0:
+            Image.effect_noise((w, h), 32 + i).convert("RGB").save(buf, "JPEG", quality=85)
+            media["photo-%02d.jpg" % i] = (buf.getvalue(), "image/jpeg")
+        else:
+            Image.linear_gradient("L").resize((w, h)).convert("RGB").save(buf, "PNG")
+            media["graphic-%02d.png" % i] = (buf.getvalue(), "image/png")
+    for i in range(blobs):
+        media["file-%d.bin" % i] = (rnd.randbytes(4 << 20), "application/octet-stream")
+    media["video.mp4"] = (rnd.randbytes(video_mib << 20), "video/mp4")
+    return media
+
+
+def seed(prefix, media):
+    """Puts `media` media of an earlier life of the store under `prefix`, in Synapse's layout:
+    each an original and two thumbnails, so that the mount meets a bucket whose directories
+    it cannot list in one request, as a homeserver's store is."""
+    rnd = random.Random(11)
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    keys = []
+    for _ in range(media):
+        mid = "".join(rnd.choice(letters) for _ in range(24))
+        rel = "%s/%s/%s" % (mid[:2], mid[2:4], mid[4:])
+        keys.append(prefix + "local_content/" + rel)
+        keys += [prefix + "local_thumbnails/%s/%s" % (rel, t) for t in ("32-32-image-jpeg-crop", "640-480-image-jpeg-scale")]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: s3.put_object(Bucket=BUCKET, Key=k, Body=b"x" * 1024), keys))
+    return len(keys)
+
+
+def sha(b):
+    return hashlib.sha256(b).hexdigest()
+
+
+THUMBS = [(32, 32, "crop"), (96, 96, "crop"), (320, 240, "scale"), (640, 480, "scale"), (800, 600, "scale")]
+
+
+def metrics(addr):
+    """Requests the mount sent, by operation, from its Prometheus endpoint."""
+    text = urllib.request.urlopen("http://%s/metrics" % addr, timeout=10).read().decode()
+    out = {}
+    for m in re.finditer(r'^s3mediafs_requests_total\{op="([a-z_]+)",outcome="[a-z_]+"\} (\d+)', text, re.M):
+        out[m.group(1)] = out.get(m.group(1), 0) + int(m.group(2))
+    return out
+
+
+def run(target, media_path, media, args, venv_bin, work, proxy=None, mount=None):
+    """Runs every phase on Synapse with its media store at media_path; returns figures."""
+    syn = Synapse(str(work), str(media_path), venv_bin)
+    syn.start()
+    syn.register_admin("admin", "bench-password")
+    out = {"target": target, "phases": []}
+    total = sum(len(d) for d, _ in media.values())
+
+    def phase(name):
+        """Ends a phase: the requests it cost, from the proxy."""
+        if proxy:
+            out["phases"].append((name, proxy.take()))
+
+    phase("Synapse start")
+
+    def upload(item):
+        name, (data, ctype) = item
+        return name, syn.upload(name, data, ctype)
+
+    t = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+        ids = dict(pool.map(upload, media.items()))
+    out["upload"] = total / (1 << 20) / (time.perf_counter() - t)
+    phase("upload")
+
+    originals = [pathlib.Path(media_path, "local_content", i[:2], i[2:4], i[4:]) for i in ids.values()]
+    t = time.perf_counter()
+    n = 0
+    for p in originals:
+        with open(p, "rb", buffering=0) as f:
+            while True:
+                b = f.read(1 << 20)
+                if not b:
+                    break
+                n += len(b)
+    out["read_stored"] = n / (1 << 20) / (time.perf_counter() - t)
+    check(n == total, "%s: the stored originals hold %d bytes, not %d" % (target, n, total))
+    phase("reading the stored files")
+
+    def download_all():
+        t = time.perf_counter()
+        for name, mid in ids.items():
+            got = syn.download(mid)
+            check(sha(got) == sha(media[name][0]), "%s: download of %s differs" % (target, name))
+        return sum(len(media[n][0]) for n in ids) / (1 << 20) / (time.perf_counter() - t)
+
+    out["download"] = download_all()
+    phase("download")
+    t = time.perf_counter()
+    syn.download(ids["video.mp4"])
+    out["video"] = len(media["video.mp4"][0]) / (1 << 20) / (time.perf_counter() - t)
+    phase("the video alone")
+
+    images = [n for n in ids if n.endswith((".jpg", ".png"))]
+    t = time.perf_counter()
+    for name in images:
+        for w, h, m in THUMBS:
+            syn.thumbnail(ids[name], w, h, m)
+    out["thumbnails"] = len(images) * len(THUMBS) / (time.perf_counter() - t)
+    phase("thumbnails")
+    thumb_dirs = [pathlib.Path(media_path, "local_thumbnails", i[:2], i[2:4], i[4:]) for i in ids.values()]
+    out["stored_files"] = len(ids) + sum(len(os.listdir(d)) for d in thumb_dirs if d.exists())
+    phase("counting stored files")
+
+    gone = images[: max(1, len(images) // 3)]
+    t = time.perf_counter()
+    for name in gone:
+        mid = ids.pop(name)
+        body = syn.request("DELETE", "/_synapse/admin/v1/media/%s/%s" % (SERVER_NAME, mid), b"")
+        check(json.loads(body).get("total") == 1, "%s: admin delete answered %r" % (target, body))
+    out["delete"] = len(gone) / (time.perf_counter() - t)
+    phase("admin deletes")
+
+    syn.stop()
+    syn.start()
+    out["restart"] = download_all()
+    syn.stop()
+    phase("restart and download again")
+    out["uploads"] = len(media)
+    if mount:
+        root = os.open(mount.mnt, os.O_RDONLY)
+        try:
+            os.fsync(root)  # returns once every change is in the bucket
+        finally:
+            os.close(root)
+        phase("every change landed")
+        out["requests"] = metrics(mount.metrics_addr)
+        out["peak_rss"] = mount.peak_rss_mib()
+    return out
+
+
+PHASES = [("upload", "upload (MiB/s)"), ("read_stored", "reading the stored files (MiB/s)"),
+          ("download", "download through Synapse (MiB/s)"), ("video", "the video alone (MiB/s)"),
+          ("thumbnails", "thumbnails (/s)"), ("delete", "admin deletes (/s)"),
+          ("restart", "after restart, download again (MiB/s)")]
+
+
+def report(local, mounts, media, commit, date):
+    lines = ["# Synapse on the mount against Synapse on local disk, %s (%s)" % (date, commit), "",
+             "One real Synapse, %d uploads (%d MiB in all, one video of %d MiB), thumbnails of every "
+             "image in five sizes, a third of the images deleted, a restart. Local disk and each mount "
+             "in the same run; the mount reaches the local Garage through a proxy adding the round "
+             "trip shown, and the bucket already holds %d objects of %d earlier media in Synapse's "
+             "layout (an original and two thumbnails each)." % (
+                 len(media), sum(len(d) for d, _ in media.values()) >> 20, len(media["video.mp4"][0]) >> 20,
+                 mounts[0]["seeded"], mounts[0]["seeded"] // 3), ""]
+    head = "| phase | local disk |" + "".join(" mount, rtt %s | ratio |" % m["rtt"] for m in mounts)
+    lines += [head, "|---|---|" + "---|---|" * len(mounts)]
+    for key, label in PHASES:
+        row = "| %s | %s |" % (label, fmt(local[key]))
+        for m in mounts:
+            row += " %s | %.2fx |" % (fmt(m[key]), m[key] / local[key])
+        lines.append(row)
+    lines += ["", "Requests the mount sent (its metrics, after every change landed):", "",
+              "| rtt | stored files | " + " | ".join(k for k in KINDS) + " | per stored file: PUT | "
+              "upload phase: LIST + HEAD per upload | peak RSS (MiB) |",
+              "|---|---|" + "---|" * len(KINDS) + "---|---|---|"]
+    for m in mounts:
+        r = m["requests"]
+        up = dict(m["phases"])["upload"]
+        lines.append("| %s | %d | %s | %.2f | %.2f | %s |" % (
+            m["rtt"], m["stored_files"], " | ".join(str(r.get(k, 0)) for k in KINDS),
+            r.get("put", 0) / m["stored_files"],
+            (up.get("LIST", 0) + up.get("HEAD", 0)) / m["uploads"], fmt(m["peak_rss"])))
+    for m in mounts:
+        lines += ["", "Requests by phase at rtt %s (the proxy's count):" % m["rtt"], "",
+                  "| phase | " + " | ".join(PROXY_KINDS) + " |", "|---|" + "---|" * len(PROXY_KINDS)]
+        for name, counts in m["phases"]:
+            lines.append("| %s | %s |" % (name, " | ".join(str(counts.get(k, 0)) for k in PROXY_KINDS)))
+    return lines
+
+
+PROXY_KINDS = ["PUT", "POST", "GET", "HEAD", "LIST", "DELETE", "DELETE_MULTI"]
+KINDS = ["put", "create_multipart", "upload_part", "get", "head", "list", "delete", "delete_many", "copy"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rtt", default="0,20ms", help="round trips of the mount runs, comma-separated")
+    ap.add_argument("--images", type=int, default=30)
+    ap.add_argument("--blobs", type=int, default=5)
+    ap.add_argument("--video-mib", type=int, default=100)
+    ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--existing", type=int, default=2000,
+                    help="media already in the bucket before Synapse starts (an original and two thumbnails each)")
+    args = ap.parse_args()
+    venv_bin = os.path.dirname(sys.executable)
+    media = workload(args.images, args.blobs, args.video_mib)
+    base = pathlib.Path(tempfile.mkdtemp(prefix="s3mediafs-bench-synapse-"))
+    try:
+        print("== Synapse, media store on local disk", file=sys.stderr)
+        local = run("local disk", base / "local-media", media, args, venv_bin, base / "local")
+        mounts = []
+        for rtt_text in args.rtt.split(","):
+            rtt = duration(rtt_text)
+            print("== Synapse, media store on s3mediafs, rtt %s" % rtt_text, file=sys.stderr)
+            proxy = CountingProxy(rtt)
+            work = base / ("mount-" + rtt_text)
+            mount = S3mediafs("s3mediafs", work, endpoint=proxy.endpoint,
+                              extra=["--metrics-addr", "127.0.0.1:%d" % free_port()])
+            mount.metrics_addr = mount.extra[-1]
+            prefix = "bench-synapse-%s-%d/" % (rtt_text, os.getpid())
+            seeded = seed(prefix, args.existing)
+            mount.mount(prefix)
+            try:
+                out = run("mount", mount.mnt, media, args, venv_bin, work, proxy, mount)
+            finally:
+                mount.unmount()
+            out["rtt"] = rtt_text
+            out["seeded"] = seeded
+            mounts.append(out)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        date = datetime.date.today().isoformat()
+        lines = report(local, mounts, media, commit, date)
+        print("\n".join(lines))
+        dest = ROOT / "bench/results" / ("synapse-%s.md" % date)
+        dest.write_text("\n".join(lines) + "\n")
+        print("bench: wrote %s" % dest.relative_to(ROOT), file=sys.stderr)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
