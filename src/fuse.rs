@@ -304,7 +304,7 @@ impl fuser::Filesystem for FuseAdapter {
             match fs.open(ino.0, flags.0).await {
                 Ok(fh) => {
                     let file = if passthrough.enabled() {
-                        fs.cached_file(fh).await
+                        fs.passthrough_file(fh).await
                     } else {
                         None
                     };

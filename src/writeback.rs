@@ -128,8 +128,9 @@ fn creates(change: &Change) -> bool {
 /// Keys whose last landed change is remembered.
 const LAST_LANDED_KEPT: usize = 65_536;
 
-/// Largest uploaded file whose content is kept in the block cache afterwards.
-const ADOPT_MAX: u64 = 64 << 20;
+/// The share of the block cache an uploaded file may take when its content is kept there
+/// afterwards: a quarter, so one large upload never evicts the whole cache.
+const ADOPT_SHARE: u64 = 4;
 
 pub struct WritebackQueue {
     store: Arc<dyn ObjectStore>,
@@ -1006,7 +1007,8 @@ impl WritebackQueue {
     }
 
     /// After a change reached the bucket: the content of an uploaded file moves into the
-    /// block cache (small enough files), and a deleted key's last ETag is forgotten.
+    /// block cache (a file of up to a quarter of it), so that reading it back needs no
+    /// request and is passed through to the kernel; a deleted key's last ETag is forgotten.
     async fn keep_uploaded(
         &self,
         change: &Change,
@@ -1015,7 +1017,7 @@ impl WritebackQueue {
     ) {
         match (change, etag, file) {
             (Change::Upload { key, size }, Some(etag), Some(file))
-                if *size <= ADOPT_MAX.min(self.blocks.limits().max_bytes / 4) =>
+                if *size <= self.blocks.limits().max_bytes / ADOPT_SHARE =>
             {
                 let Ok(file) = file.file() else {
                     return self.blocks.forget_key(key);

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::faults::{policy, FaultProxy};
 use common::*;
 use sha2::{Digest, Sha256};
 
@@ -397,6 +398,39 @@ fn a_fully_cached_file_is_read_by_the_kernel_from_its_cache_file() {
         assert!(buf[..n] == data[off as usize..end], "at {off}+{len}");
     }
     drop(f);
+    wait_until_released(&m);
+}
+
+#[test]
+fn a_file_written_here_is_read_by_the_kernel_before_during_and_after_its_upload() {
+    let env = S3Env::get();
+    let proxy = FaultProxy::start(env.endpoint.trim_start_matches("http://"), policy::none());
+    let m = TestMount::via("read-passthrough-local", &proxy.endpoint(), &[]);
+    let reads = r#"s3mediafs_fuse_op_seconds_count{op="read"}"#;
+    let opens = "s3mediafs_passthrough_opens_total";
+    let data = pseudo_random(8 << 20 | 7, 44);
+    let expect = (sha256(&data), data.len() as u64);
+    // Waiting for upload: the store is away, the sealed copy is all there is.
+    proxy.down();
+    std::fs::write(m.path("clip.mp4"), &data).unwrap();
+    let before = m.metric(reads);
+    assert_eq!(sha256_of_file(&m.path("clip.mp4"), 16 << 10), expect);
+    assert_eq!(m.metric(opens), 1, "the waiting copy was not passed through");
+    // A second reader joins the first while the upload goes on.
+    let reader = File::open(m.path("clip.mp4")).unwrap();
+    proxy.up();
+    assert_eq!(sha256_of_file(&m.path("clip.mp4"), 16 << 10), expect);
+    m.sync();
+    let mut head = vec![0u8; 4096];
+    reader.read_exact_at(&mut head, 1 << 20).unwrap();
+    assert!(head[..] == data[1 << 20..(1 << 20) + 4096]);
+    drop(reader);
+    wait_until_released(&m);
+    // Landed: read from the cache the upload filled, again by the kernel, with no GET.
+    assert_eq!(sha256_of_file(&m.path("clip.mp4"), 16 << 10), expect);
+    assert_eq!(m.metric(opens), 4);
+    assert_eq!(m.metric(reads), before, "the mount answered reads itself");
+    assert_eq!(m.requests("get"), 0);
     wait_until_released(&m);
 }
 

@@ -159,27 +159,27 @@ impl BucketFs {
         Ok(self.files.add(OpenFile::new(ino, mode.write, etag, size)))
     }
 
-    /// The cache file of the object handle `fh` reads, for the kernel to read directly:
-    /// when the handle is read-only, the object is larger than one block and every block
-    /// of it is cached and intact, and no local change of the file is waiting. The blocks
-    /// stay cached until the handle is released.
-    pub async fn cached_file(&self, fh: u64) -> Option<std::fs::File> {
+    /// The local file the kernel can read the handle `fh` from directly, when the handle is
+    /// read-only and the file larger than one block: the sealed copy of a file this mount
+    /// wrote (just closed, waiting for upload, or kept after it), which never changes; else
+    /// the block cache's file of the object, when every block of it is cached and intact and
+    /// no local change of the file is waiting (its blocks stay cached until the handle is
+    /// released).
+    pub async fn passthrough_file(&self, fh: u64) -> Option<std::fs::File> {
         let h = self.files.get(fh).ok()?;
-        let etag = h.etag.clone()?;
         if h.writable || h.size <= self.blocks().block_size() {
             return None;
         }
-        let key = {
+        let (copy, key) = {
             let t = self.ns.table.lock();
             let i = t.get(h.ino)?;
-            if i.copy().is_some() {
-                return None;
-            }
-            self.ns.keys.file_key(&i.path).ok()?
+            (i.copy().cloned(), self.ns.keys.file_key(&i.path).ok()?)
         };
-        if self.writeback.pending_upload(&key).is_some() {
-            return None;
+        if let Some(local) = copy.or_else(|| self.writeback.pending_upload(&key)) {
+            return self.sealed_copy(&local, h.size).await;
         }
+        // The version this handle opened; or, as `read` takes it, the one this mount uploaded.
+        let etag = h.etag.clone().or_else(|| self.blocks().known_etag(&key))?;
         let blocks = self.blocks().clone();
         let object = ObjectId::new(&key, &etag);
         let size = h.size;
@@ -189,6 +189,22 @@ impl BucketFs {
         let file = whole.file().try_clone().ok()?;
         *h.whole.lock() = Some(whole);
         Some(file)
+    }
+
+    /// A descriptor of `local` for the kernel to read from, if it is sealed (its content
+    /// never changes again) and holds the `size` bytes the handle opened.
+    async fn sealed_copy(&self, local: &Arc<StagedFile>, size: u64) -> Option<std::fs::File> {
+        if !local.is_sealed() {
+            return None;
+        }
+        let local = local.clone();
+        tokio::task::spawn_blocking(move || {
+            let file = local.file().ok()?;
+            let len = file.metadata().ok()?.len();
+            (len == size).then(|| file.try_clone().ok()).flatten()
+        })
+        .await
+        .ok()?
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
