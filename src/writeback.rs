@@ -333,18 +333,24 @@ impl WritebackQueue {
         seq
     }
 
-    /// Journals change `seq` and queues it. Both happen under the state lock, so a journal
-    /// reset (which needs an empty queue) can never erase a record just written.
+    /// Journals change `seq` and queues it. The record is written under the state lock and
+    /// waits to be durable outside it, sharing an fdatasync with the closes that commit at
+    /// the same time; the journal is not rewritten until the change is in the queue.
     fn commit(&self, seq: u64, change: Change, file: Option<Arc<StagedFile>>) -> io::Result<u64> {
+        let written = {
+            let s = self.state.lock();
+            if self.journal.is_broken() {
+                // A journal that could not be cut back after a failed append is rewritten from
+                // what is pending before anything is appended to it again.
+                let pending = s.ops.iter().map(|(seq, op)| (*seq, &op.change));
+                self.journal.compact(pending)?;
+            }
+            self.journal.write_record(seq, &change)?
+        };
+        self.journal.wait_durable(&written)?;
         let mut s = self.state.lock();
-        if self.journal.is_broken() {
-            // A journal that could not be cut back after a failed append is rewritten from
-            // what is pending before anything is appended to it again.
-            let pending = s.ops.iter().map(|(seq, op)| (*seq, &op.change));
-            self.journal.compact(pending)?;
-        }
-        self.journal.record(seq, &change)?;
         let dropped = Self::insert_locked(&mut s, seq, change, file);
+        drop(written);
         drop(s);
         if let Some((seq, file)) = dropped {
             self.finish_record(seq, file.as_deref());

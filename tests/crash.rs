@@ -39,48 +39,58 @@ fn media(i: u64) -> (String, usize) {
     (rel, size)
 }
 
+/// Writers closing files at the same time: their closes share journal fsyncs.
+const WRITERS: u64 = 64;
+
 #[test]
 fn files_closed_before_a_sigkill_are_all_in_the_bucket_after_remount() {
     let mut m = TestMount::new("crash");
     let recorded: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    // The writer says when it has just closed a 20 MiB file past the 520th: its upload is
-    // then surely still running, so the kill leaves work for the journal.
+    // A writer says when it has just closed a 20 MiB file past the 520th acknowledged: its
+    // upload is then surely still running, so the kill leaves work for the journal, and
+    // the other writers are in the middle of their closes.
     let (kill_now, kill_signal) = std::sync::mpsc::channel();
-    let writer = {
-        let (mnt, recorded, stop) = (m.mnt.clone(), recorded.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for i in 1..=2000u64 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let (rel, size) = media(i);
-                let data = pseudo_random(size, i);
-                let sha = sha256(&data);
-                if let Err(e) = write_closed(&mnt.join(&rel), &data) {
-                    if !stop.load(Ordering::Relaxed) {
-                        eprintln!("writing {rel} failed: {e}");
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (mnt, recorded, stop) = (m.mnt.clone(), recorded.clone(), stop.clone());
+            let kill_now = kill_now.clone();
+            std::thread::spawn(move || {
+                for i in (1 + w..=4000u64).step_by(WRITERS as usize) {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
                     }
-                    break;
+                    let (rel, size) = media(i);
+                    let data = pseudo_random(size, i);
+                    let sha = sha256(&data);
+                    if let Err(e) = write_closed(&mnt.join(&rel), &data) {
+                        if !stop.load(Ordering::Relaxed) {
+                            eprintln!("writing {rel} failed: {e}");
+                        }
+                        break;
+                    }
+                    let n = {
+                        let mut r = recorded.lock().unwrap();
+                        r.insert(rel, sha);
+                        r.len()
+                    };
+                    if n >= 520 && size == 20 << 20 {
+                        let _ = kill_now.send(());
+                    }
                 }
-                let n = {
-                    let mut r = recorded.lock().unwrap();
-                    r.insert(rel, sha);
-                    r.len()
-                };
-                if n >= 520 && size == 20 << 20 {
-                    let _ = kill_now.send(());
-                }
-            }
+            })
         })
-    };
+        .collect();
+    drop(kill_now);
     // Kill the mount mid-run.
     kill_signal
         .recv_timeout(Duration::from_secs(600))
         .unwrap_or_else(|_| panic!("the writer did not get far enough:\n{}", m.log()));
     m.kill();
     stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
+    for w in writers {
+        w.join().unwrap();
+    }
     let recorded = recorded.lock().unwrap().clone();
     assert!(recorded.len() >= 520);
 

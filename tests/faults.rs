@@ -1256,6 +1256,9 @@ impl Rng {
     }
 }
 
+/// Writers of the power-cut test.
+const POWER_CUT_WRITERS: u64 = 4;
+
 #[test]
 fn every_close_that_succeeded_survives_power_cuts_of_the_cache_disk() {
     let cuts: u64 = std::env::var("POWER_CUTS")
@@ -1299,33 +1302,37 @@ fn every_close_that_succeeded_survives_power_cuts_of_the_cache_disk() {
             proxy.refuse_for(Duration::from_secs(3600));
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let writer = {
-            let (mnt, recorded, stop) = (m.mnt.clone(), recorded.clone(), stop.clone());
-            let first = next_file;
-            std::thread::spawn(move || {
-                let mut i = first;
-                while !stop.load(Ordering::Relaxed) {
-                    let rel = spread_path(i as usize);
-                    let size = match i % 40 {
-                        0 => 3 << 20,
-                        _ => 1024 + (i as usize * 7919) % (96 << 10),
-                    };
-                    let data = pseudo_random(size, i);
-                    if write_closed(&mnt.join(&rel), &data).is_ok() {
-                        recorded.lock().unwrap().insert(rel, sha256(&data));
+        // Writers close at the same time, so that closes share journal fsyncs when the
+        // power goes.
+        let writers: Vec<_> = (0..POWER_CUT_WRITERS)
+            .map(|w| {
+                let (mnt, recorded, stop) = (m.mnt.clone(), recorded.clone(), stop.clone());
+                let first = next_file + w;
+                std::thread::spawn(move || {
+                    let mut i = first;
+                    while !stop.load(Ordering::Relaxed) {
+                        let rel = spread_path(i as usize);
+                        let size = match i % 40 {
+                            0 => 3 << 20,
+                            _ => 1024 + (i as usize * 7919) % (96 << 10),
+                        };
+                        let data = pseudo_random(size, i);
+                        if write_closed(&mnt.join(&rel), &data).is_ok() {
+                            recorded.lock().unwrap().insert(rel, sha256(&data));
+                        }
+                        i += POWER_CUT_WRITERS;
                     }
-                    i += 1;
-                }
-                i
+                    i
+                })
             })
-        };
+            .collect();
         std::thread::sleep(Duration::from_millis(100 + rng.below(1400)));
         disk.cut();
         stop.store(true, Ordering::Relaxed);
         // The writer's last call fails against the dead mount before it is unmounted, so
         // nothing is written to the bare mountpoint.
         m.kill_process();
-        next_file = writer.join().unwrap();
+        next_file = writers.into_iter().map(|w| w.join().unwrap()).max().unwrap();
         m.kill();
         disk.restore();
         proxy.set_policy(policy::none());

@@ -2,8 +2,12 @@
 //! change acknowledged to a caller but not yet in the bucket, and its completion.
 //!
 //! Each record is `[len: u32][crc32: u32][payload]`, appended and fsynced before the caller
-//! is answered. An append that fails is cut back off, so the file holds only whole records;
-//! if even that fails, the journal refuses every append until it is rewritten. On open the
+//! is answered. Appends share their fsyncs (group commit): a caller writes its record, then
+//! waits until an fdatasync that began after its write has returned, running one itself when
+//! none is under way; callers arriving while one runs are covered by the next. An append
+//! that fails, or whose fsync fails, is cut back off with every record not yet durable, so
+//! the file holds only whole records and each of their callers gets the error; if even that
+//! fails, the journal refuses every append until it is rewritten. On open the
 //! journal is replayed (`decode_all` reads past damaged records, `Journal::open` says which
 //! changes are carried out again) and rewritten with only the changes still to carry out;
 //! while the mount runs it is rewritten the same way whenever it grows past a threshold
@@ -15,7 +19,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 /// One change to carry out in the bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,11 +154,47 @@ pub struct Journal {
     pending_dir: PathBuf,
     /// Appends and rewrites take turns on it.
     file: Mutex<Active>,
+    /// Signalled when an fdatasync of the file has returned.
+    synced: Condvar,
+}
+
+/// A record written to the journal and not yet known durable: `Journal::wait_durable` waits
+/// for it. While one is alive the journal is never rewritten (the write-back queue keeps it
+/// until the change is in its queue, which a rewrite copies).
+pub struct Written<'a> {
+    journal: &'a Journal,
+    /// Where the record ends in the file.
+    end: u64,
+    /// The failures of the file's fsyncs before the record was written.
+    epoch: u64,
+}
+
+impl Drop for Written<'_> {
+    fn drop(&mut self) {
+        let mut a = self.journal.file.lock();
+        a.in_flight -= 1;
+        if a.in_flight == 0 {
+            a.cut_at.clear();
+        }
+    }
 }
 
 /// The journal file appended to, and its condition.
 struct Active {
-    file: File,
+    file: std::sync::Arc<File>,
+    /// Bytes written to it, and of those, made durable by an fdatasync.
+    written: u64,
+    synced: u64,
+    /// An fdatasync runs, outside the lock.
+    syncing: bool,
+    /// fsyncs of the file that failed; each cut the file back to what was durable, at the
+    /// offset `cut_at` gives for the epoch it ended (kept while records are in flight).
+    epoch: u64,
+    cut_at: HashMap<u64, (u64, i32)>,
+    /// Records written and not yet settled (`Written` alive).
+    in_flight: usize,
+    /// fdatasyncs run for appends.
+    syncs: u64,
     /// Its length after the last rewrite: the next is due at twice that.
     compacted: u64,
     /// A failed append left it without a record it should have (a `Done`): the next
@@ -166,30 +206,41 @@ struct Active {
     /// This many of the next writes (an append, the cut back after a failed one) fail.
     #[cfg(test)]
     failing_writes: u32,
+    /// This many of the next fdatasyncs of appends fail.
+    #[cfg(test)]
+    failing_syncs: u32,
 }
 
 impl Active {
     fn new(file: File, len: u64) -> Active {
         Active {
-            file,
+            file: std::sync::Arc::new(file),
+            written: len,
+            synced: len,
+            syncing: false,
+            epoch: 0,
+            cut_at: HashMap::new(),
+            in_flight: 0,
+            syncs: 0,
             compacted: len,
             stale: false,
             broken: false,
             #[cfg(test)]
             failing_writes: 0,
+            #[cfg(test)]
+            failing_syncs: 0,
         }
     }
 
-    /// Appends `bytes` and makes them durable.
-    fn write_synced(&mut self, bytes: &[u8]) -> io::Result<()> {
+    /// Appends `bytes`, not yet durably.
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
         #[cfg(test)]
         if self.fail_now() {
             // A disk that fills up in the middle of the record.
-            self.file.write_all(&bytes[..bytes.len() / 2])?;
+            (&*self.file).write_all(&bytes[..bytes.len() / 2])?;
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        self.file.write_all(bytes)?;
-        self.file.sync_data()
+        (&*self.file).write_all(bytes)
     }
 
     /// Cuts the file back to `len` bytes, durably.
@@ -199,7 +250,10 @@ impl Active {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         self.file.set_len(len)?;
-        self.file.sync_data()
+        self.file.sync_data()?;
+        self.written = len;
+        self.synced = len;
+        Ok(())
     }
 
     #[cfg(test)]
@@ -316,6 +370,7 @@ impl Journal {
                 path,
                 pending_dir,
                 file: Mutex::new(Active::new(file, len)),
+                synced: Condvar::new(),
             },
             replay,
         ))
@@ -332,10 +387,16 @@ impl Journal {
 
     /// Records a change durably.
     pub fn record(&self, seq: u64, change: &Change) -> io::Result<()> {
+        self.wait_durable(&self.write_record(seq, change)?)
+    }
+
+    /// Writes the record of a change, to be made durable with `wait_durable`; the journal is
+    /// not rewritten while the returned `Written` lives.
+    pub fn write_record(&self, seq: u64, change: &Change) -> io::Result<Written<'_>> {
         if change.key().len() > MAX_KEY {
             return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
         }
-        self.append(&encode(&Record::Change(seq, change.clone())))
+        self.write(&encode(&Record::Change(seq, change.clone())))
     }
 
     /// Records that change `seq` is in the bucket.
@@ -369,9 +430,14 @@ impl Journal {
         pending: impl IntoIterator<Item = (u64, &'a Change)>,
     ) -> io::Result<()> {
         let mut a = self.file.lock();
+        if a.in_flight > 0 {
+            // Records written and not yet in the queue would be lost to a rewrite; the
+            // next call does it.
+            return Ok(());
+        }
         let mut pending = pending.into_iter().peekable();
         if !a.stale && !a.broken {
-            let len = a.file.metadata()?.len();
+            let len = a.written;
             if pending.peek().is_none() {
                 if len > 0 {
                     a.cut(0)?;
@@ -396,22 +462,98 @@ impl Journal {
 
     /// Appends `bytes` durably, or leaves the file as it was and fails.
     fn append(&self, bytes: &[u8]) -> io::Result<()> {
+        self.wait_durable(&self.write(bytes)?)
+    }
+
+    /// Writes `bytes` at the end of the file, or leaves the file as it was and fails.
+    fn write(&self, bytes: &[u8]) -> io::Result<Written<'_>> {
         let mut a = self.file.lock();
         if a.broken {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        let before = a.file.metadata()?.len();
-        let Err(e) = a.write_synced(bytes) else {
-            return Ok(());
-        };
-        a.stale = true;
-        if let Err(cut) = a.cut(before) {
-            a.broken = true;
-            tracing::error!(journal = %self.path.display(), error = %e, cut_error = %cut,
-                "a journal append failed and the journal could not be cut back to its last whole record; \
-                 every change is refused with EIO until the journal is rewritten");
+        let before = a.written;
+        if let Err(e) = a.write(bytes) {
+            a.stale = true;
+            // Records before this one stay: their callers wait for them to be durable.
+            if let Err(cut) = a.cut(before) {
+                a.broken = true;
+                tracing::error!(journal = %self.path.display(), error = %e, cut_error = %cut,
+                    "a journal append failed and the journal could not be cut back to its last whole record; \
+                     every change is refused with EIO until the journal is rewritten");
+            }
+            return Err(e);
         }
-        Err(e)
+        a.written = before + bytes.len() as u64;
+        a.in_flight += 1;
+        Ok(Written {
+            journal: self,
+            end: a.written,
+            epoch: a.epoch,
+        })
+    }
+
+    /// Waits until the record `w` is durable: when an fdatasync that began after it was
+    /// written has returned. Runs that fdatasync itself, outside the lock, when none is
+    /// running; records written meanwhile wait for the next. A failed fdatasync cuts the
+    /// file back to what was durable before it and fails every record it was to cover.
+    pub fn wait_durable(&self, w: &Written<'_>) -> io::Result<()> {
+        let mut a = self.file.lock();
+        loop {
+            if w.epoch != a.epoch {
+                // A failed fsync cut the file back since: the record survived if it ended
+                // before the cut.
+                let (at, errno) = a.cut_at[&w.epoch];
+                return if w.end <= at {
+                    Ok(())
+                } else {
+                    Err(io::Error::from_raw_os_error(errno))
+                };
+            }
+            if a.synced >= w.end {
+                return Ok(());
+            }
+            if a.syncing {
+                self.synced.wait(&mut a);
+                continue;
+            }
+            a.syncing = true;
+            a.syncs += 1;
+            let target = a.written;
+            let file = a.file.clone();
+            #[cfg(test)]
+            let fail = a.failing_syncs > 0;
+            #[cfg(test)]
+            {
+                a.failing_syncs = a.failing_syncs.saturating_sub(1);
+            }
+            let result = parking_lot::MutexGuard::unlocked(&mut a, || {
+                #[cfg(test)]
+                if fail {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    return Err(io::Error::from_raw_os_error(libc::EIO));
+                }
+                file.sync_data()
+            });
+            a.syncing = false;
+            match result {
+                Ok(()) => a.synced = a.synced.max(target),
+                Err(e) => {
+                    let at = a.synced;
+                    let epoch = a.epoch;
+                    a.cut_at
+                        .insert(epoch, (at, e.raw_os_error().unwrap_or(libc::EIO)));
+                    a.epoch += 1;
+                    a.stale = true;
+                    if let Err(cut) = a.cut(at) {
+                        a.broken = true;
+                        tracing::error!(journal = %self.path.display(), error = %e, cut_error = %cut,
+                            "a journal fsync failed and the journal could not be cut back to its last durable record; \
+                             every change is refused with EIO until the journal is rewritten");
+                    }
+                }
+            }
+            self.synced.notify_all();
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -422,6 +564,17 @@ impl Journal {
     #[cfg(test)]
     pub(crate) fn fail_writes(&self, n: u32) {
         self.file.lock().failing_writes = n;
+    }
+
+    /// The next `n` fdatasyncs of appends fail, each after 20 ms.
+    #[cfg(test)]
+    pub(crate) fn fail_syncs(&self, n: u32) {
+        self.file.lock().failing_syncs = n;
+    }
+
+    /// fdatasyncs run for appends since the journal was opened.
+    pub fn syncs(&self) -> u64 {
+        self.file.lock().syncs
     }
 }
 
@@ -656,6 +809,79 @@ mod tests {
             vec![(1, delete("a")), (3, delete("c")), (4, delete("d"))]
         );
         assert_eq!((r.skipped_regions, r.torn_bytes), (0, 0));
+    }
+
+    #[test]
+    fn appends_at_the_same_time_share_their_fsyncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path()).unwrap();
+        const WRITERS: u64 = 16;
+        const EACH: u64 = 50;
+        std::thread::scope(|s| {
+            for w in 0..WRITERS {
+                let j = &j;
+                s.spawn(move || {
+                    for i in 0..EACH {
+                        j.record(w * EACH + i + 1, &delete(&format!("k{w}-{i}"))).unwrap();
+                    }
+                });
+            }
+        });
+        let syncs = j.syncs();
+        eprintln!("{} records, {syncs} fdatasyncs", WRITERS * EACH);
+        assert!(
+            syncs < WRITERS * EACH * 3 / 4,
+            "{syncs} fdatasyncs for {} records",
+            WRITERS * EACH
+        );
+        drop(j);
+        let (_, r) = Journal::open(dir.path()).unwrap();
+        assert_eq!(r.pending.len() as u64, WRITERS * EACH);
+    }
+
+    #[test]
+    fn a_failed_fsync_fails_the_records_it_was_to_cover_and_keeps_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (j, _) = Journal::open(dir.path()).unwrap();
+            j.record(1, &delete("a")).unwrap();
+            // Three records written, the fsync covering them fails: each of them fails, and
+            // none is left in the file.
+            j.fail_syncs(1);
+            let w2 = j.write_record(2, &delete("b")).unwrap();
+            let w3 = j.write_record(3, &delete("c")).unwrap();
+            let w4 = j.write_record(4, &delete("d")).unwrap();
+            std::thread::scope(|s| {
+                let waits = [&w3, &w4].map(|w| s.spawn(|| j.wait_durable(w)));
+                assert_eq!(
+                    j.wait_durable(&w2).unwrap_err().raw_os_error(),
+                    Some(libc::EIO)
+                );
+                for wait in waits {
+                    assert_eq!(wait.join().unwrap().unwrap_err().raw_os_error(), Some(libc::EIO));
+                }
+            });
+            drop((w2, w3, w4));
+            j.record(5, &delete("e")).unwrap();
+        }
+        let (_, r) = Journal::open(dir.path()).unwrap();
+        assert_eq!(r.pending, vec![(1, delete("a")), (5, delete("e"))]);
+        assert_eq!((r.skipped_regions, r.torn_bytes), (0, 0));
+    }
+
+    #[test]
+    fn the_journal_is_not_rewritten_while_a_record_waits_to_be_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (j, _) = Journal::open(dir.path()).unwrap();
+            let w = j.write_record(1, &delete("a")).unwrap();
+            j.wait_durable(&w).unwrap();
+            // Nothing is in the queue yet: an empty pending set must not empty the journal.
+            j.compact(std::iter::empty()).unwrap();
+            drop(w);
+        }
+        let (_, r) = Journal::open(dir.path()).unwrap();
+        assert_eq!(r.pending, vec![(1, delete("a"))]);
     }
 
     #[test]
