@@ -19,7 +19,7 @@ use tokio::runtime::Handle;
 
 use crate::fs::{Attr, BucketFs, FsError, Kind};
 use crate::metrics::{FuseMetrics, Metrics};
-use crate::passthrough::Passthrough;
+use crate::passthrough::{Backed, Passthrough};
 
 /// The extended attribute of the mount's root that holds the mount's metrics, for
 /// `s3mediafs status`.
@@ -303,12 +303,14 @@ impl fuser::Filesystem for FuseAdapter {
         self.spawn("open", |fs| async move {
             match fs.open(ino.0, flags.0).await {
                 Ok(fh) => {
-                    let file = if passthrough.enabled() {
-                        fs.passthrough_file(fh).await
+                    let backed = if passthrough.enabled() {
+                        fs.passthrough_file(fh, passthrough.backing_content(ino.0))
+                            .await
                     } else {
-                        None
+                        Backed::No
                     };
-                    if !passthrough.reply_open(reply, ino.0, fh, file) {
+                    let keep_cache = fs.keep_cache(fh);
+                    if !passthrough.reply_open(reply, ino.0, fh, backed, keep_cache) {
                         let _ = fs.release(fh).await;
                     }
                 }

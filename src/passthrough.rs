@@ -32,8 +32,21 @@ enum Mode {
 struct Backing {
     /// Device and inode of the cache file.
     file: (u64, u64),
+    /// What content it holds, as the file system named it (`Backed::File`).
+    content: String,
     id: Arc<BackingId>,
     handles: u32,
+}
+
+/// What an open may be passed through to, as the file system decides.
+pub enum Backed {
+    /// Nothing: it is read through the mount.
+    No,
+    /// The file the inode is passed through to already, whose content the file system knows
+    /// to be the one this open reads.
+    Same,
+    /// This local file, holding the content named by the string.
+    File(File, String),
 }
 
 #[derive(Default)]
@@ -77,56 +90,79 @@ impl Passthrough {
         }
     }
 
-    /// Answers the open of `fh` on inode `ino`: passed through to `cache_file` when one is
-    /// given and the inode allows it, else read through the mount. Returns false when the
-    /// open was refused (ETXTBSY), and `fh` must be released.
+    /// What content inode `ino` is passed through to right now, if it is.
+    pub fn backing_content(&self, ino: u64) -> Option<String> {
+        let files = self.files.lock();
+        Some(files.inodes.get(&ino)?.backing.as_ref()?.content.clone())
+    }
+
+    /// Answers the open of `fh` on inode `ino`: passed through as `backed` says when the
+    /// inode allows it, else read through the mount, keeping the kernel's page cache of the
+    /// file when `keep_cache`. Returns false when the open was refused (ETXTBSY), and `fh`
+    /// must be released.
     pub fn reply_open(
         &self,
         reply: ReplyOpen,
         ino: u64,
         fh: u64,
-        cache_file: Option<File>,
+        backed: Backed,
+        keep_cache: bool,
     ) -> bool {
         let mut files = self.files.lock();
         let inode = files.inodes.entry(ino).or_default();
-        let wanted = cache_file
-            .filter(|_| self.enabled() && inode.cached == 0)
-            .and_then(|f| Some((f.metadata().ok().map(|m| (m.dev(), m.ino()))?, f)));
-        if let Some((identity, file)) = wanted {
-            let id = match &mut inode.backing {
-                Some(b) if b.file == identity => {
-                    b.handles += 1;
-                    Some(b.id.clone())
+        let id = match backed {
+            _ if !self.enabled() || inode.cached > 0 => None,
+            Backed::No => None,
+            Backed::Same => inode.backing.as_mut().map(|b| {
+                b.handles += 1;
+                b.id.clone()
+            }),
+            Backed::File(file, content) => match file.metadata() {
+                Err(_) => None,
+                Ok(m) => {
+                    let identity = (m.dev(), m.ino());
+                    match &mut inode.backing {
+                        Some(b) if b.file == identity => {
+                            b.handles += 1;
+                            Some(b.id.clone())
+                        }
+                        // Passed through to another version of the object.
+                        Some(_) => None,
+                        None => match reply.open_backing(&file) {
+                            Ok(id) => {
+                                let id = Arc::new(id);
+                                inode.backing = Some(Backing {
+                                    file: identity,
+                                    content,
+                                    id: id.clone(),
+                                    handles: 1,
+                                });
+                                Some(id)
+                            }
+                            Err(e) => {
+                                self.disable(&format!("the kernel refused a backing file: {e}"));
+                                None
+                            }
+                        },
+                    }
                 }
-                // Passed through to another version of the object.
-                Some(_) => None,
-                None => match reply.open_backing(&file) {
-                    Ok(id) => {
-                        let id = Arc::new(id);
-                        inode.backing = Some(Backing {
-                            file: identity,
-                            id: id.clone(),
-                            handles: 1,
-                        });
-                        Some(id)
-                    }
-                    Err(e) => {
-                        self.disable(&format!("the kernel refused a backing file: {e}"));
-                        None
-                    }
-                },
-            };
-            if let Some(id) = id {
-                files.handles.insert(fh, (ino, Mode::Passthrough));
-                drop(files);
-                self.opened.fetch_add(1, Ordering::Relaxed);
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
-                return true;
-            }
+            },
+        };
+        if let Some(id) = id {
+            files.handles.insert(fh, (ino, Mode::Passthrough));
+            drop(files);
+            self.opened.fetch_add(1, Ordering::Relaxed);
+            reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+            return true;
         }
         if Self::through_mount(&mut files, ino, fh) {
             drop(files);
-            reply.opened(FileHandle(fh), FopenFlags::empty());
+            let flags = if keep_cache {
+                FopenFlags::FOPEN_KEEP_CACHE
+            } else {
+                FopenFlags::empty()
+            };
+            reply.opened(FileHandle(fh), flags);
             true
         } else {
             drop(files);

@@ -351,6 +351,9 @@ impl WritebackQueue {
         let mut s = self.state.lock();
         let dropped = Self::insert_locked(&mut s, seq, change, file);
         drop(written);
+        // A rewrite a landing put off because records were in flight is done by the
+        // last of them (it costs nothing when none is due).
+        self.reset_journal_if_idle(&s);
         drop(s);
         if let Some((seq, file)) = dropped {
             self.finish_record(seq, file.as_deref());
@@ -819,8 +822,9 @@ impl WritebackQueue {
 
     /// Keeps the journal small at every landing: with nothing pending it starts over, and
     /// past its size threshold it is rewritten with only the pending changes, so that it does
-    /// not depend on the queue ever being idle. `s` is locked, and records are appended only
-    /// under that lock, so the pending set is whole.
+    /// not depend on the queue ever being idle. `s` is locked, and records are written only
+    /// under that lock, so the pending set is whole but for records waiting for their
+    /// fsync, while which the journal puts the rewrite off (the last of them calls this).
     fn reset_journal_if_idle(&self, s: &State) {
         let pending = s.ops.iter().map(|(seq, op)| (*seq, &op.change));
         if let Err(e) = self.journal.compact(pending) {

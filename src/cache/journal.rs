@@ -476,6 +476,10 @@ impl Journal {
             a.stale = true;
             // Records before this one stay: their callers wait for them to be durable.
             if let Err(cut) = a.cut(before) {
+                // The cut's fsync may have taken the error of their pages with it, and a
+                // later fsync would succeed without them: none of them is durable.
+                Self::fail_in_flight(&mut a, cut.raw_os_error().unwrap_or(libc::EIO));
+                self.synced.notify_all();
                 a.broken = true;
                 tracing::error!(journal = %self.path.display(), error = %e, cut_error = %cut,
                     "a journal append failed and the journal could not be cut back to its last whole record; \
@@ -539,11 +543,7 @@ impl Journal {
                 Ok(()) => a.synced = a.synced.max(target),
                 Err(e) => {
                     let at = a.synced;
-                    let epoch = a.epoch;
-                    a.cut_at
-                        .insert(epoch, (at, e.raw_os_error().unwrap_or(libc::EIO)));
-                    a.epoch += 1;
-                    a.stale = true;
+                    Self::fail_in_flight(&mut a, e.raw_os_error().unwrap_or(libc::EIO));
                     if let Err(cut) = a.cut(at) {
                         a.broken = true;
                         tracing::error!(journal = %self.path.display(), error = %e, cut_error = %cut,
@@ -554,6 +554,14 @@ impl Journal {
             }
             self.synced.notify_all();
         }
+    }
+
+    /// Every record written past the last durable offset fails with `errno`.
+    fn fail_in_flight(a: &mut Active, errno: i32) {
+        let (epoch, at) = (a.epoch, a.synced);
+        a.cut_at.insert(epoch, (at, errno));
+        a.epoch += 1;
+        a.stale = true;
     }
 
     pub fn path(&self) -> &Path {

@@ -15,6 +15,7 @@ use super::error::{FsError, FsResult};
 use super::inode::{Kind, Remote, State};
 use super::{names, Attr, BucketFs, COMMIT_LOCKS};
 use crate::cache::{allocated, ObjectId, StagedFile, WholeObject};
+use crate::passthrough::Backed;
 use crate::readahead::{ObjectRef, ReadStream};
 use crate::store::{StoreError, MAX_OBJECT_SIZE};
 
@@ -32,6 +33,8 @@ struct OpenFile {
     stream: OnceLock<Arc<ReadStream>>,
     /// The cached object, held whole while the kernel reads it directly.
     whole: Mutex<Option<WholeObject>>,
+    /// The kernel may keep what it cached of the file: it is the version it was cached from.
+    keep_cache: bool,
 }
 
 impl OpenFile {
@@ -43,6 +46,7 @@ impl OpenFile {
             size,
             stream: OnceLock::new(),
             whole: Mutex::new(None),
+            keep_cache: false,
         }
     }
 }
@@ -146,6 +150,8 @@ impl BucketFs {
         if mode.write && mode.truncate {
             self.truncate_local(ino, 0).await?;
         }
+        let path = self.ns.table.lock().get(ino).ok_or(FsError::NOENT)?.path.clone();
+        let uploaded = self.blocks().known_etag(&self.ns.keys.file_key(&path)?);
         let mut t = self.ns.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
         i.open += 1;
@@ -155,17 +161,36 @@ impl BucketFs {
             None
         };
         let size = i.size;
+        // The kernel keeps the pages it cached at the last open when this open reads the
+        // same version of the object (the one the handle opens, or this mount uploaded).
+        let version = (!mode.write && i.copy().is_none())
+            .then(|| etag.clone().or(uploaded).map(|e| (e, size)))
+            .flatten();
+        let keep_cache = version.is_some() && i.page_cache == version;
+        i.page_cache = version;
         drop(t);
-        Ok(self.files.add(OpenFile::new(ino, mode.write, etag, size)))
+        let mut file = OpenFile::new(ino, mode.write, etag, size);
+        file.keep_cache = keep_cache;
+        Ok(self.files.add(file))
     }
 
-    /// The local file the kernel can read the handle `fh` from directly, when the handle is
-    /// read-only and the file larger than one block: the sealed copy of a file this mount
-    /// wrote (just closed, waiting for upload, or kept after it), which never changes; else
-    /// the block cache's file of the object, when every block of it is cached and intact and
-    /// no local change of the file is waiting (its blocks stay cached until the handle is
-    /// released).
-    pub async fn passthrough_file(&self, fh: u64) -> Option<std::fs::File> {
+    /// Whether the kernel may keep what it cached of the file the handle `fh` reads.
+    pub fn keep_cache(&self, fh: u64) -> bool {
+        self.files.get(fh).is_ok_and(|h| h.keep_cache)
+    }
+
+    /// What the kernel can read the handle `fh` from directly, when the handle is read-only
+    /// and the file larger than one block: the sealed copy of a file this mount wrote (just
+    /// closed, waiting for upload, or kept after it), which never changes; else the block
+    /// cache's file of the object, when every block of it is cached and intact and no local
+    /// change of the file is waiting (its blocks stay cached until the handle is released).
+    /// `backing` names the content the inode is passed through to already, if it is: an
+    /// open that reads the same content joins it, although its upload landed since.
+    pub async fn passthrough_file(&self, fh: u64, backing: Option<String>) -> Backed {
+        self.choose_backing(fh, backing).await.unwrap_or(Backed::No)
+    }
+
+    async fn choose_backing(&self, fh: u64, backing: Option<String>) -> Option<Backed> {
         let h = self.files.get(fh).ok()?;
         if h.writable || h.size <= self.blocks().block_size() {
             return None;
@@ -176,10 +201,23 @@ impl BucketFs {
             (i.copy().cloned(), self.ns.keys.file_key(&i.path).ok()?)
         };
         if let Some(local) = copy.or_else(|| self.writeback.pending_upload(&key)) {
-            return self.sealed_copy(&local, h.size).await;
+            let file = self.sealed_copy(&local, h.size).await?;
+            return Some(Backed::File(file, format!("local:{}", local.path().display())));
         }
         // The version this handle opened; or, as `read` takes it, the one this mount uploaded.
-        let etag = h.etag.clone().or_else(|| self.blocks().known_etag(&key))?;
+        let uploaded = self.blocks().known_etag(&key);
+        let etag = h.etag.clone().or_else(|| uploaded.clone())?;
+        match backing {
+            // Passed through to the copy this mount uploaded, and that is what this reads:
+            // no writer could open the file since (passthrough refuses them).
+            Some(b) if b.starts_with("local:") && uploaded.as_ref() == Some(&etag) => {
+                return Some(Backed::Same)
+            }
+            Some(b) if b.strip_prefix("object:") == Some(etag.as_str()) => {
+                return Some(Backed::Same)
+            }
+            _ => {}
+        }
         let blocks = self.blocks().clone();
         let object = ObjectId::new(&key, &etag);
         let size = h.size;
@@ -188,7 +226,7 @@ impl BucketFs {
             .ok()??;
         let file = whole.file().try_clone().ok()?;
         *h.whole.lock() = Some(whole);
-        Some(file)
+        Some(Backed::File(file, format!("object:{etag}")))
     }
 
     /// A descriptor of `local` for the kernel to read from, if it is sealed (its content

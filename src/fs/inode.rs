@@ -79,6 +79,9 @@ pub struct Inode {
     state: State,
     /// Bumped by every change to the local copy, so a commit knows whether it saw the last.
     pub version: u64,
+    /// The object version (ETag and size) the kernel's page cache of the file was filled
+    /// from, when the last open read it through the mount; None after any other open.
+    pub page_cache: Option<(String, u64)>,
 }
 
 impl Inode {
@@ -216,6 +219,7 @@ impl InodeTable {
             open: 0,
             state: State::Remote,
             version: 0,
+            page_cache: None,
         };
         InodeTable {
             inodes: HashMap::from([(ROOT, root)]),
@@ -280,6 +284,7 @@ impl InodeTable {
                 open: 0,
                 state: State::Remote,
                 version: 0,
+            page_cache: None,
             },
         );
         self.link(parent, name, ino);

@@ -19,8 +19,9 @@
 //! 1. a directory handle's lock (`dir.rs`), a file's commit lock (`file.rs`);
 //! 2. `Namespace::table`;
 //! 3. the write-back queue's state (pending changes);
-//! 4. `ListingCache`, `Namespace::landings`, `offline_until`, and the log state: leaves, under
-//!    which nothing else is taken.
+//! 4. `ListingCache`, `Namespace::landings`, `offline_until`, the log state, and the
+//!    journal's file (`cache/journal.rs`; the fdatasync closes share runs outside it): leaves,
+//!    under which nothing else is taken.
 //!
 //! No lock is held across an await but the commit lock (a tokio lock: writes hold it shared
 //! while they find and change the local copy, commits, unlink and rename exclusively), and
