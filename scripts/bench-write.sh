@@ -2,7 +2,9 @@
 # Write benchmark: Synapse-style creation of 2000 x 64 KiB files and one 1 GiB sequential
 # write, through s3mediafs (write-back and write-through), s3fs and rclone mount
 # (--vfs-cache-mode full), all against the same local Garage. Prints a table with ratios and
-# writes it to bench/results/. Usage: scripts/bench-write.sh [--files N] [--big-mib N]
+# writes it to bench/results/; then close() latency percentiles (64 KiB and 16 MiB files, 1 and
+# 8 writers) on the mount and on local disk. Usage: scripts/bench-write.sh [--files N]
+# [--big-mib N] [--sections write,close]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

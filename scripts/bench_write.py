@@ -51,6 +51,66 @@ def run(client, files, big_mib):
     return small, big
 
 
+def close_latencies(root, size, writers, per_writer):
+    """Milliseconds each close() took: `writers` threads each write `per_writer` files of
+    `size` bytes (open, one write call per MiB, close) in Synapse's layout under `root`."""
+    import concurrent.futures
+    data = os.urandom(size)
+    chunk = 1 << 20
+
+    def writer(w):
+        out = []
+        for i in range(per_writer):
+            mid = f"{w:02d}{i:022d}"
+            d = root / "local_content" / mid[:2] / mid[22:24]
+            os.makedirs(d, exist_ok=True)
+            f = open(d / mid[4:], "wb", buffering=0)
+            for off in range(0, size, chunk):
+                f.write(data[off:off + chunk])
+            t = time.perf_counter()
+            f.close()
+            out.append((time.perf_counter() - t) * 1000)
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(writers) as pool:
+        return [ms for part in pool.map(writer, range(writers)) for ms in part]
+
+
+def percentile(values, p):
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+
+CLOSE_CASES = [(64 << 10, 1, 400), (64 << 10, 8, 100), (16 << 20, 1, 16), (16 << 20, 8, 4)]
+
+
+def close_section(work):
+    """close() latency percentiles on s3mediafs (write-back) and on the local disk of its
+    cache directory, for 64 KiB and 16 MiB files with 1 and 8 writers."""
+    lines = ["", "## close() latency", "",
+             "Each writer writes its files (one write call per MiB) and times close() alone; "
+             "local disk is the filesystem of the mount's cache directory.", "",
+             "| file | writers | files | s3mediafs p50 / p90 / p99 / max (ms) | local disk p50 / p90 / p99 / max (ms) |",
+             "|---|---|---|---|---|"]
+    client = S3mediafs("s3mediafs-close", work / "close", "writeback")
+    client.mount(f"bench/close-{int(time.time())}/")
+    try:
+        rows = []
+        for size, writers, each in CLOSE_CASES:
+            case = f"{size >> 10} KiB" if size < 1 << 20 else f"{size >> 20} MiB"
+            print(f"== close latency, {case}, {writers} writers", file=sys.stderr)
+            ours = close_latencies(client.mnt / f"{size}-{writers}", size, writers, each)
+            local_root = work / "local" / f"{size}-{writers}"
+            local = close_latencies(local_root, size, writers, each)
+
+            def cell(v):
+                return " / ".join(f"{percentile(v, p):.2f}" for p in (50, 90, 99)) + f" / {max(v):.2f}"
+            rows.append(f"| {case} | {writers} | {len(ours)} | {cell(ours)} | {cell(local)} |")
+    finally:
+        client.unmount()
+    return lines + rows
+
+
 def fmt(x, unit=""):
     return "timeout" if x is None else f"{x:.1f}{unit}"
 
@@ -59,8 +119,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--big-mib", type=int, default=1024)
+    ap.add_argument("--sections", default="write,close", help="write (throughput against peers), close (close() latency)")
     a = ap.parse_args()
+    sections = a.sections.split(",")
     work = pathlib.Path(tempfile.mkdtemp(prefix="s3mediafs-bench-"))
+    if "write" not in sections:
+        out = "\n".join([f"# Write benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"]
+                        + close_section(work)) + "\n"
+        print(out)
+        dest = ROOT / "bench/results" / f"close-{datetime.date.today()}.md"
+        dest.write_text(out)
+        print(f"written to {dest.relative_to(ROOT)}", file=sys.stderr)
+        return
     clients = [S3mediafs("s3mediafs-writeback", work / "wb", "writeback"),
                S3mediafs("s3mediafs-writethrough", work / "wt", "writethrough"),
                S3fs("s3fs", work / "s3fs"), Rclone("rclone-full", work / "rclone")]
@@ -84,6 +154,8 @@ def main():
             return f"{(b / a if inverse else a / b):.1f}x"
         lines.append(f"- vs {name}: files/s {ratio(wb[0][0], small[0])}, small files in bucket {ratio(wb[0][2], small[2], True)} sooner, "
                      f"write MB/s {ratio(wb[1][0], big[0])}, big file in bucket {ratio(wb[1][2], big[2], True)} sooner")
+    if "close" in sections:
+        lines += close_section(work)
     out = "\n".join(lines) + "\n"
     print(out)
     dest = ROOT / "bench/results" / f"write-{datetime.date.today()}.md"
