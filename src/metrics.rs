@@ -250,7 +250,7 @@ impl Metrics {
         );
         registry.register(
             "passthrough_opens",
-            "Opens of fully cached files that the kernel reads straight from the cache file",
+            "Opens the kernel reads straight from a local file: the sealed copy of a file written here, or a fully cached object",
             state.passthrough_opens.clone(),
         );
         registry.register(
@@ -261,7 +261,7 @@ impl Metrics {
         );
         registry.register(
             "passthrough_open_files",
-            "Open files the kernel reads straight from their cache file",
+            "Open files the kernel reads straight from a local file",
             state.passthrough_open_files.clone(),
         );
         registry.register(
