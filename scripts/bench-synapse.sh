@@ -16,12 +16,5 @@ scripts/install-deps.sh garage
 echo "== building s3mediafs (release)" >&2
 cargo build --release --quiet
 
-export S3MEDIAFS_STATE="$PWD/target/bench-server"
-export S3MEDIAFS_GARAGE_PORT="${S3MEDIAFS_GARAGE_PORT:-3910}"
-scripts/s3-server.sh start garage --fresh >/dev/null
-trap 'scripts/s3-server.sh stop garage' EXIT
-set -a
-# shellcheck disable=SC1091
-. "$S3MEDIAFS_STATE/garage/env"
-set +a
+. scripts/bench-server.sh bench-server 3910
 "$venv/bin/python" scripts/bench_synapse.py "$@"

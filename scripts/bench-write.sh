@@ -12,11 +12,5 @@ scripts/install-deps.sh bench
 echo "== building s3mediafs (release)" >&2
 cargo build --release --quiet
 
-export S3MEDIAFS_STATE="$PWD/target/bench-server"
-export S3MEDIAFS_GARAGE_PORT="${S3MEDIAFS_GARAGE_PORT:-3910}"
-scripts/s3-server.sh start garage >/dev/null
-trap 'scripts/s3-server.sh stop garage' EXIT
-set -a
-. "$S3MEDIAFS_STATE/garage/env"
-set +a
+. scripts/bench-server.sh bench-server 3910
 "${S3MEDIAFS_TOOLS:-$HOME/.cache/s3mediafs-tools}/bench-venv-1/bin/python" scripts/bench_write.py "$@"

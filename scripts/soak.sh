@@ -26,13 +26,7 @@ done
 
 scripts/install-deps.sh fuse
 scripts/install-deps.sh garage
-export S3MEDIAFS_STATE="$PWD/target/soak-server"
-export S3MEDIAFS_GARAGE_PORT="${S3MEDIAFS_GARAGE_PORT:-3920}"
-scripts/s3-server.sh start garage --fresh >/dev/null
-trap 'scripts/s3-server.sh stop garage' EXIT
-set -a
-. "$S3MEDIAFS_STATE/garage/env"
-set +a
+. scripts/bench-server.sh soak-server 3920
 
 rev="$(git describe --always --dirty)"
 echo "== building (release)" >&2
