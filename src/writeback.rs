@@ -370,11 +370,15 @@ impl WritebackQueue {
             // Sealed by an earlier commit whose journal record failed: its data lies under
             // that commit's number, so this one gets a link under its own, where replay
             // looks for it.
-            Some(f) if f.is_sealed() => {
-                Some(Arc::new(f.link_sealed(&self.journal.pending_path(seq))?))
-            }
+            Some(f) if f.is_sealed() => Some(Arc::new(
+                f.link_sealed(&self.journal.pending_path(seq), || {
+                    self.journal.sync_pending_dir()
+                })?,
+            )),
             Some(f) => {
-                f.seal(&self.journal.pending_path(seq))?;
+                f.seal(&self.journal.pending_path(seq), || {
+                    self.journal.sync_pending_dir()
+                })?;
                 Some(f)
             }
             None => None,
@@ -396,7 +400,9 @@ impl WritebackQueue {
     /// Queues an upload of the content of an already sealed file under another key.
     pub fn upload_copy(&self, key: &str, from: &StagedFile, size: u64) -> io::Result<u64> {
         let seq = self.next_seq();
-        let file = Arc::new(from.link_sealed(&self.journal.pending_path(seq))?);
+        let file = Arc::new(from.link_sealed(&self.journal.pending_path(seq), || {
+            self.journal.sync_pending_dir()
+        })?);
         self.commit(
             seq,
             Change::Upload {

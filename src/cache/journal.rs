@@ -156,6 +156,8 @@ pub struct Journal {
     file: Mutex<Active>,
     /// Signalled when an fdatasync of the file has returned.
     synced: Condvar,
+    /// fsyncs of `pending/` after renames into it, shared by the closes at the same time.
+    pending_dir_sync: super::group_sync::GroupSync,
 }
 
 /// A record written to the journal and not yet known durable: `Journal::wait_durable` waits
@@ -371,6 +373,7 @@ impl Journal {
                 pending_dir,
                 file: Mutex::new(Active::new(file, len)),
                 synced: Condvar::new(),
+                pending_dir_sync: Default::default(),
             },
             replay,
         ))
@@ -383,6 +386,12 @@ impl Journal {
 
     pub fn pending_dir(&self) -> &Path {
         &self.pending_dir
+    }
+
+    /// Makes the renames and links into `pending/` done before this call durable, with an
+    /// fsync of the directory shared with the callers at the same time.
+    pub fn sync_pending_dir(&self) -> io::Result<()> {
+        self.pending_dir_sync.sync(|| sync_dir(&self.pending_dir))
     }
 
     /// Records a change durably.
@@ -830,7 +839,8 @@ mod tests {
                 let j = &j;
                 s.spawn(move || {
                     for i in 0..EACH {
-                        j.record(w * EACH + i + 1, &delete(&format!("k{w}-{i}"))).unwrap();
+                        j.record(w * EACH + i + 1, &delete(&format!("k{w}-{i}")))
+                            .unwrap();
                     }
                 });
             }
@@ -866,7 +876,10 @@ mod tests {
                     Some(libc::EIO)
                 );
                 for wait in waits {
-                    assert_eq!(wait.join().unwrap().unwrap_err().raw_os_error(), Some(libc::EIO));
+                    assert_eq!(
+                        wait.join().unwrap().unwrap_err().raw_os_error(),
+                        Some(libc::EIO)
+                    );
                 }
             });
             drop((w2, w3, w4));

@@ -4,6 +4,7 @@
 
 mod blocks;
 mod direct;
+mod group_sync;
 mod journal;
 mod lock;
 mod staging;

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::blocks::{allocated, StagedBytes};
-use super::journal::sync_dir;
 
 pub struct StagingArea {
     dir: PathBuf,
@@ -203,8 +202,9 @@ impl StagedFile {
         self.sealed.load(Ordering::Acquire)
     }
 
-    /// Makes the content durable under `dest`; from now on it never changes.
-    pub fn seal(&self, dest: &Path) -> io::Result<()> {
+    /// Makes the content durable under `dest`; from now on it never changes. `sync_dir`
+    /// makes the rename into `dest`'s directory durable.
+    pub fn seal(&self, dest: &Path, sync_dir: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
         if self.sync_failed.load(Ordering::Acquire) {
             // After a failed fdatasync the kernel may have dropped the dirty pages and a
             // second one would succeed without them: this copy is never trusted again.
@@ -214,24 +214,27 @@ impl StagedFile {
             self.sync_failed.store(true, Ordering::Release);
             return Err(e);
         }
-        let mut path = self.path.lock();
-        std::fs::rename(&*path, dest)?;
-        *path = dest.to_path_buf();
-        if let Some(dir) = dest.parent() {
-            sync_dir(dir)?;
+        {
+            let mut path = self.path.lock();
+            std::fs::rename(&*path, dest)?;
+            *path = dest.to_path_buf();
         }
+        sync_dir()?;
         self.sealed.store(true, Ordering::Release);
         // Readers that hold the descriptor keep it until they are done with it.
         *self.writable.lock() = None;
         Ok(())
     }
 
-    /// A second sealed file with the same content under `dest` (a hard link).
-    pub fn link_sealed(&self, dest: &Path) -> io::Result<StagedFile> {
+    /// A second sealed file with the same content under `dest` (a hard link); `sync_dir`
+    /// makes the link durable.
+    pub fn link_sealed(
+        &self,
+        dest: &Path,
+        sync_dir: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<StagedFile> {
         std::fs::hard_link(self.path(), dest)?;
-        if let Some(dir) = dest.parent() {
-            sync_dir(dir)?;
-        }
+        sync_dir()?;
         StagedFile::open_sealed(dest, &self.counter)
     }
 

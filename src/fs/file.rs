@@ -150,7 +150,14 @@ impl BucketFs {
         if mode.write && mode.truncate {
             self.truncate_local(ino, 0).await?;
         }
-        let path = self.ns.table.lock().get(ino).ok_or(FsError::NOENT)?.path.clone();
+        let path = self
+            .ns
+            .table
+            .lock()
+            .get(ino)
+            .ok_or(FsError::NOENT)?
+            .path
+            .clone();
         let uploaded = self.blocks().known_etag(&self.ns.keys.file_key(&path)?);
         let mut t = self.ns.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
@@ -202,7 +209,10 @@ impl BucketFs {
         };
         if let Some(local) = copy.or_else(|| self.writeback.pending_upload(&key)) {
             let file = self.sealed_copy(&local, h.size).await?;
-            return Some(Backed::File(file, format!("local:{}", local.path().display())));
+            return Some(Backed::File(
+                file,
+                format!("local:{}", local.path().display()),
+            ));
         }
         // The version this handle opened; or, as `read` takes it, the one this mount uploaded.
         let uploaded = self.blocks().known_etag(&key);

@@ -284,7 +284,7 @@ impl InodeTable {
                 open: 0,
                 state: State::Remote,
                 version: 0,
-            page_cache: None,
+                page_cache: None,
             },
         );
         self.link(parent, name, ino);
