@@ -1119,6 +1119,16 @@ struct PowerCutDisk {
 
 impl PowerCutDisk {
     fn new(tmp: &std::path::Path) -> PowerCutDisk {
+        // The image is sparse: on a host disk close to full, a write the loop device took
+        // could fail later for want of room, which would look like a lost fsync.
+        let st = statfs(tmp);
+        let free = st.f_bavail as u64 * st.f_bsize as u64;
+        assert!(
+            free >= 4 << 30,
+            "the power-cut test needs 4 GiB free beside its sparse disk image ({}); {} MiB are",
+            tmp.display(),
+            free >> 20
+        );
         let image = tmp.join("cache.img");
         let dir = tmp.join("disk");
         std::fs::create_dir(&dir).unwrap();
@@ -1332,7 +1342,11 @@ fn every_close_that_succeeded_survives_power_cuts_of_the_cache_disk() {
         // The writer's last call fails against the dead mount before it is unmounted, so
         // nothing is written to the bare mountpoint.
         m.kill_process();
-        next_file = writers.into_iter().map(|w| w.join().unwrap()).max().unwrap();
+        next_file = writers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .max()
+            .unwrap();
         m.kill();
         disk.restore();
         proxy.set_policy(policy::none());

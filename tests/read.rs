@@ -418,7 +418,11 @@ fn a_file_written_here_is_read_by_the_kernel_before_during_and_after_its_upload(
     std::fs::write(m.path("clip.mp4"), &data).unwrap();
     let before = m.metric(reads);
     assert_eq!(sha256_of_file(&m.path("clip.mp4"), 16 << 10), expect);
-    assert_eq!(m.metric(opens), 1, "the waiting copy was not passed through");
+    assert_eq!(
+        m.metric(opens),
+        1,
+        "the waiting copy was not passed through"
+    );
     // A second reader joins the first while the upload goes on.
     let reader = File::open(m.path("clip.mp4")).unwrap();
     proxy.up();
@@ -456,7 +460,11 @@ fn the_kernel_keeps_its_pages_of_an_unchanged_file_across_opens() {
     for _ in 0..3 {
         assert!(std::fs::read(m.path("thumb.jpg")).unwrap() == old);
     }
-    assert_eq!(m.metric(reads), before, "an unchanged file was read again from the mount");
+    assert_eq!(
+        m.metric(reads),
+        before,
+        "an unchanged file was read again from the mount"
+    );
     // Replaced in the bucket: once the mount sees the new version, the old pages go.
     bucket.put(&format!("{prefix}thumb.jpg"), &new);
     std::thread::sleep(Duration::from_millis(1500));
