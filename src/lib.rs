@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod mount;
 pub mod passthrough;
 pub mod readahead;
+pub mod retry;
 pub mod status;
 pub mod store;
 pub mod writeback;

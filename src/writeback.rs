@@ -22,6 +22,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::cache::{BlockCache, Change, Journal, Replay, StagedFile};
+use crate::retry::Backoff;
 use crate::store::{
     part_size_for, upload_file, ObjectStore, OpenUploads, StoreError, MAX_DELETE_BATCH,
 };
@@ -915,9 +916,8 @@ impl WritebackQueue {
                 s.idle.extend(waiting);
             } else {
                 s.deletes_attempts += 1;
-                let backoff =
-                    Duration::from_millis(200) * 2u32.saturating_pow(s.deletes_attempts.min(8) - 1);
-                s.deletes_retry_at = Some(Instant::now() + backoff.min(Duration::from_secs(30)));
+                s.deletes_retry_at =
+                    Some(Instant::now() + Backoff::CHANGE.delay(s.deletes_attempts));
             }
             s.deletes_attempts
         };
@@ -1054,7 +1054,6 @@ impl WritebackQueue {
         change: &Change,
         file: Option<&StagedFile>,
     ) -> Option<String> {
-        let mut backoff = Duration::from_millis(200);
         let mut first = true;
         loop {
             if !first && self.state.lock().latest.get(change.key()) != Some(&seq) {
@@ -1101,15 +1100,14 @@ impl WritebackQueue {
                         op.attempts
                     };
                     self.progress.notify_waiters();
+                    let wait = Backoff::CHANGE.delay(attempts);
                     if attempts == 1 || attempts % 10 == 0 {
-                        tracing::warn!(key = change.key(), attempts, error = %e, retry_in_ms = backoff.as_millis() as u64,
+                        tracing::warn!(key = change.key(), attempts, error = %e, retry_in_ms = wait.as_millis() as u64,
                             "a change could not be carried out; retrying");
                     }
-                    // Jitter spreads the retries of many changes. A newer change of the key
-                    // cuts the wait short, and so does another change succeeding (the store
-                    // is back); other activity does not.
-                    let jitter = Duration::from_millis((seq * 7919 % 100) + 1);
-                    let deadline = tokio::time::Instant::now() + backoff + jitter;
+                    // A newer change of the key cuts the wait short, and so does another
+                    // change succeeding (the store is back); other activity does not.
+                    let deadline = tokio::time::Instant::now() + wait;
                     let retry_now = self.retry_now.notified();
                     tokio::pin!(retry_now);
                     loop {
@@ -1124,7 +1122,6 @@ impl WritebackQueue {
                             _ = notified => {}
                         }
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
             }
         }

@@ -13,6 +13,8 @@ use aws_sdk_s3::config::interceptors::{
     BeforeSerializationInterceptorContextRef, BeforeTransmitInterceptorContextRef,
 };
 use aws_sdk_s3::config::retry::RetryConfig;
+
+use crate::retry::Backoff;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RequestChecksumCalculation,
@@ -83,18 +85,6 @@ impl Piece {
     fn freeze(self) -> Bytes {
         Bytes::from(self.buf).slice(self.start..)
     }
-}
-
-/// How long to wait before try `attempt + 1`: exponential from 100 ms, at most 2 s, with
-/// jitter so that many readers do not retry in step.
-fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_millis(100) * 2u32.saturating_pow(attempt.saturating_sub(1).min(5));
-    let base = base.min(Duration::from_secs(2));
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    base / 2 + base.mul_f64((nanos % 1000) as f64 / 2000.0)
 }
 
 /// Requests sent and attempts made, counted by the SDK's interceptor hooks; every attempt
@@ -297,8 +287,8 @@ impl S3Store {
             .retry_config(
                 RetryConfig::standard()
                     .with_max_attempts(cfg.max_attempts.max(1))
-                    .with_initial_backoff(Duration::from_millis(100))
-                    .with_max_backoff(Duration::from_secs(5)),
+                    .with_initial_backoff(Backoff::REQUEST.first)
+                    .with_max_backoff(Backoff::REQUEST.max),
             )
             .timeout_config(
                 TimeoutConfig::builder()
@@ -709,7 +699,7 @@ impl ObjectStore for S3Store {
                 Err(BodyError(e)) if attempt < self.max_attempts => {
                     tracing::debug!(key, attempt, handed, error = %e, "the body of a GET broke off; fetching the rest again");
                     self.attempts.note_retry();
-                    let pause = backoff(attempt);
+                    let pause = Backoff::BODY.delay(attempt);
                     if tokio::time::Instant::now() + pause >= deadline {
                         return Err(e);
                     }

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use tokio::task::JoinSet;
 
 use super::{ObjectStore, StoreError, StoreResult};
+use crate::retry::Backoff;
 
 /// S3 allows at most this many parts in one upload.
 pub const MAX_PARTS: u64 = 10_000;
@@ -186,9 +187,6 @@ fn multipart_etag(parts: &[(i32, String)]) -> Option<String> {
     Some(format!("{hex}-{}", parts.len()))
 }
 
-/// Times one part is sent before the whole upload fails.
-const PART_ATTEMPTS: u32 = 4;
-
 async fn upload_parts(
     store: &Arc<dyn ObjectStore>,
     key: &str,
@@ -221,9 +219,9 @@ async fn upload_parts(
                 loop {
                     match store.upload_part(&key, &id, number, body.clone()).await {
                         Ok(etag) => return Ok::<_, StoreError>((number, etag)),
-                        Err(StoreError::Other(e)) if attempt < PART_ATTEMPTS => {
+                        Err(StoreError::Other(e)) if Backoff::PART.tries_again(attempt) => {
                             tracing::debug!(key, part = number, error = %e, "sending the part again");
-                            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                            tokio::time::sleep(Backoff::PART.delay(attempt)).await;
                             attempt += 1;
                         }
                         Err(e) => return Err(e),

@@ -694,6 +694,22 @@ pub fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Result<T, Strin
 
 /// What statfs(2) says of the filesystem holding `path`: its type (`f_type`), name length
 /// limit, and sizes and free space in blocks of `f_frsize` bytes.
+/// Drops the kernel's cached pages of the file at `path`, so that the next read asks the
+/// mount (an unchanged file keeps its pages across opens).
+pub fn drop_pages(path: &Path) {
+    let f = File::open(path).unwrap();
+    // SAFETY: a valid descriptor; the advice only drops clean cached pages.
+    let rc = unsafe {
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+            0,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    assert_eq!(rc, 0, "posix_fadvise: {rc}");
+}
+
 pub fn statfs(path: &Path) -> libc::statfs {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
