@@ -328,6 +328,7 @@ async fn copy_one(
         &f.key,
         Arc::new(file),
         size,
+        None,
         part_size,
         4,
         &OpenUploads::default(),

@@ -196,9 +196,10 @@ impl WritebackQueue {
         let mut restored = 0;
         for (seq, change) in replay.pending {
             let file = match &change {
-                Change::Upload { .. } => match StagedFile::open_sealed(
+                Change::Upload { crc, .. } => match StagedFile::open_sealed(
                     &q.journal.pending_path(seq),
                     q.blocks.staged_bytes(),
+                    *crc,
                 ) {
                     Ok(f) => Some(Arc::new(f)),
                     Err(e) => {
@@ -337,7 +338,17 @@ impl WritebackQueue {
     /// Journals change `seq` and queues it. The record is written under the state lock and
     /// waits to be durable outside it, sharing an fdatasync with the closes that commit at
     /// the same time; the journal is not rewritten until the change is in the queue.
-    fn commit(&self, seq: u64, change: Change, file: Option<Arc<StagedFile>>) -> io::Result<u64> {
+    fn commit(
+        &self,
+        seq: u64,
+        mut change: Change,
+        file: Option<Arc<StagedFile>>,
+    ) -> io::Result<u64> {
+        // The checksum taken when the file was sealed is journaled with it, so that a copy
+        // damaged on disk is found after a restart too.
+        if let (Change::Upload { crc, .. }, Some(f)) = (&mut change, &file) {
+            *crc = f.crc();
+        }
         let written = {
             let s = self.state.lock();
             if self.journal.is_broken() {
@@ -393,6 +404,7 @@ impl WritebackQueue {
             Change::Upload {
                 key: key.to_string(),
                 size,
+                crc: None,
             },
             Some(file),
         )
@@ -409,6 +421,7 @@ impl WritebackQueue {
             Change::Upload {
                 key: key.to_string(),
                 size,
+                crc: None,
             },
             Some(file),
         )
@@ -763,7 +776,7 @@ impl WritebackQueue {
             }
             match self.next_op() {
                 Next::One(seq, change, file) => {
-                    let etag = self.carry_out(seq, &change, file.as_deref()).await;
+                    let etag = self.carry_out(seq, &change, file.as_ref()).await;
                     self.keep_uploaded(&change, etag, file.as_ref()).await;
                     self.landed(seq, &change, file);
                 }
@@ -985,28 +998,43 @@ impl WritebackQueue {
         seq: u64,
         key: &str,
         size: u64,
-        f: &StagedFile,
+        f: &Arc<StagedFile>,
     ) -> Result<Option<String>, StoreError> {
-        let file = f.file().map_err(|e| {
-            StoreError::Other(format!(
-                "cannot open the sealed copy {}: {e}",
-                f.path().display()
-            ))
-        })?;
+        // A copy changed on disk since it was sealed is never uploaded: the change fails
+        // each attempt, and `status` shows why.
+        let checked = {
+            let f = f.clone();
+            tokio::task::spawn_blocking(move || f.checked_file()).await
+        };
+        let file = checked
+            .map_err(io::Error::other)
+            .and_then(|r| r)
+            .map_err(|e| {
+                StoreError::Other(format!(
+                    "cannot read the sealed copy {}: {e}",
+                    f.path().display()
+                ))
+            })?;
         if self.resumed.lock().contains(&seq) {
             self.abort_leftover_uploads(key).await?;
             self.resumed.lock().remove(&seq);
         }
-        upload_file(
+        let uploaded = upload_file(
             &self.store,
             key,
             file,
             size,
+            f.crc(),
             self.opts.part_size,
             self.opts.parts_in_flight,
             &self.open_uploads,
         )
-        .await
+        .await;
+        // Changed after the check above, while it was read for upload.
+        if let Err(StoreError::SourceChanged { expected, found }) = &uploaded {
+            f.found_changed(*expected, *found);
+        }
+        uploaded
     }
 
     /// Aborts the multipart uploads of `key` a run that ended while uploading it left
@@ -1032,15 +1060,20 @@ impl WritebackQueue {
         file: Option<&Arc<StagedFile>>,
     ) {
         match (change, etag, file) {
-            (Change::Upload { key, size }, Some(etag), Some(file))
+            (Change::Upload { key, size, .. }, Some(etag), Some(file))
                 if *size <= self.blocks.limits().max_bytes / ADOPT_SHARE =>
             {
-                let Ok(file) = file.file() else {
+                let (Ok(sealed), crc) = (file.file(), file.crc()) else {
                     return self.blocks.forget_key(key);
                 };
                 let (blocks, key, size) = (self.blocks.clone(), key.clone(), *size);
-                let _ = tokio::task::spawn_blocking(move || blocks.adopt(&key, &etag, &file, size))
-                    .await;
+                let adopted = tokio::task::spawn_blocking(move || {
+                    blocks.adopt(&key, &etag, &sealed, size, crc)
+                })
+                .await;
+                if let (Ok(Err(found)), Some(expected)) = (adopted, crc) {
+                    file.found_changed(expected, found);
+                }
             }
             (change, _, _) => self.blocks.forget_key(change.key()),
         }
@@ -1052,7 +1085,7 @@ impl WritebackQueue {
         &self,
         seq: u64,
         change: &Change,
-        file: Option<&StagedFile>,
+        file: Option<&Arc<StagedFile>>,
     ) -> Option<String> {
         let mut first = true;
         loop {
@@ -1069,7 +1102,7 @@ impl WritebackQueue {
             let result = match (change, file) {
                 // The sealed copy is opened for this attempt only: waiting uploads hold no
                 // descriptor.
-                (Change::Upload { key, size }, Some(f)) => {
+                (Change::Upload { key, size, .. }, Some(f)) => {
                     self.upload_attempt(seq, key, *size, f).await
                 }
                 (Change::Upload { .. }, None) => Ok(None),
@@ -1247,7 +1280,8 @@ mod tests {
             change,
             &Change::Upload {
                 key: "k".into(),
-                size: 7
+                size: 7,
+                crc: Some(crc32fast::hash(b"content")),
             }
         );
         assert_eq!(

@@ -14,6 +14,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -552,6 +553,80 @@ fn cached_blocks(cache: &Path) -> Vec<CachedBlock> {
         }
     }
     out
+}
+
+#[test]
+fn a_local_copy_damaged_while_it_waits_for_upload_is_never_read_nor_uploaded() {
+    use std::os::unix::fs::FileExt;
+    let env = S3Env::get();
+    let proxy = FaultProxy::start(env.endpoint.trim_start_matches("http://"), policy::none());
+    // The damaged changes never land: unmounting does not wait for them.
+    let m = TestMount::via(
+        "damaged-copy",
+        &proxy.endpoint(),
+        &["--drain-timeout", "1s"],
+    );
+    let opens = "s3mediafs_passthrough_opens_total";
+    // One the kernel would read itself, one read through the mount, one left intact.
+    let files = [
+        ("clip.mp4", pseudo_random(8 << 20 | 7, 81)),
+        ("thumb.jpg", pseudo_random(64 << 10, 82)),
+        ("fine.jpg", pseudo_random(96 << 10, 83)),
+    ];
+    proxy.down();
+    for (name, data) in &files {
+        std::fs::write(m.path(name), data).unwrap();
+    }
+    // Their sealed copies wait in pending/; a byte of two of them flips on disk.
+    let pending: Vec<_> = std::fs::read_dir(m.cache.join("pending"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    for (_, data) in &files[..2] {
+        let copy = pending
+            .iter()
+            .find(|p| p.metadata().unwrap().len() == data.len() as u64)
+            .expect("a sealed copy of the file");
+        let f = std::fs::OpenOptions::new().write(true).open(copy).unwrap();
+        let at = data.len() as u64 / 2;
+        f.write_all_at(&[data[at as usize] ^ 0x10], at).unwrap();
+    }
+    let passed = m.metric(opens);
+    for (name, _) in &files[..2] {
+        drop_pages(&m.path(name));
+        let e = std::fs::read(m.path(name))
+            .map(|d| d.len())
+            .expect_err(name);
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{name}: {e}");
+    }
+    assert_eq!(m.metric(opens), passed, "a damaged copy was passed through");
+    assert!(std::fs::read(m.path("fine.jpg")).unwrap() == files[2].1);
+    // Back online: the intact file lands, the damaged ones never do and stay queued.
+    proxy.up();
+    File::open(m.path("fine.jpg")).unwrap().sync_all().unwrap();
+    let bucket = Bucket::new(&env);
+    assert!(bucket.get(&m.key("fine.jpg")).unwrap() == files[2].1);
+    // An fsync has every change tried again at once, and reports the ones that keep
+    // failing after its patience (30 s). An upload sent before the damage (a request the
+    // client kept retrying through the outage) stores what was written; no damaged byte
+    // ever reaches the bucket.
+    let e = File::open(&m.mnt).unwrap().sync_all().unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let mut queued = 0;
+    for (name, data) in &files[..2] {
+        match bucket.get(&m.key(name)) {
+            None => queued += 1,
+            Some(got) => assert!(got == *data, "{name}: a damaged copy was uploaded"),
+        }
+    }
+    assert!(queued > 0, "both damaged copies were uploaded");
+    let log = m.log();
+    assert_eq!(
+        log.matches("changed on disk since it was closed").count(),
+        2,
+        "{log}"
+    );
+    assert_eq!(m.metric("s3mediafs_pending_changes"), queued);
 }
 
 /// Flips a byte in the middle of `b` on disk.
@@ -1126,7 +1201,7 @@ impl PowerCutDisk {
         // The image is sparse: on a host disk close to full, a write the loop device took
         // could fail later for want of room, which would look like a lost fsync.
         let st = statfs(tmp);
-        let free = st.f_bavail as u64 * st.f_bsize as u64;
+        let free = st.f_bavail * st.f_bsize as u64;
         assert!(
             free >= 4 << 30,
             "the power-cut test needs 4 GiB free beside its sparse disk image ({}); {} MiB are",

@@ -128,7 +128,7 @@ struct Entry {
 
 /// What identifies a cache file's state: any write to it changes one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Fingerprint {
+pub(super) struct Fingerprint {
     dev: u64,
     ino: u64,
     size: u64,
@@ -137,7 +137,18 @@ struct Fingerprint {
 }
 
 impl Fingerprint {
-    fn of(f: &File) -> io::Result<Self> {
+    pub(super) fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The same file, not written since: only its change time may differ (a rename or a
+    /// link changes it).
+    pub(super) fn same_content_as(&self, other: &Fingerprint) -> bool {
+        (self.dev, self.ino, self.size, self.mtime)
+            == (other.dev, other.ino, other.size, other.mtime)
+    }
+
+    pub(super) fn of(f: &File) -> io::Result<Self> {
         let m = f.metadata()?;
         Ok(Fingerprint {
             dev: m.dev(),
@@ -967,22 +978,42 @@ impl BlockCache {
 
     /// Caches the content of a file this mount just uploaded as object `key` with `etag`,
     /// so reading it back needs no request.
-    pub fn adopt(&self, key: &str, etag: &str, file: &File, size: u64) {
+    /// With `crc`, the bytes read must have that CRC-32; if they do not, no block of them
+    /// is kept and the CRC found is returned.
+    pub fn adopt(
+        &self,
+        key: &str,
+        etag: &str,
+        file: &File,
+        size: u64,
+        crc: Option<u32>,
+    ) -> Result<(), u32> {
         self.known_etags
             .lock()
             .put(key.to_string(), etag.to_string());
         let object = ObjectId::new(key, etag);
         let bs = self.limits.block_size;
         let mut buf = vec![0u8; bs as usize];
+        let mut read = crc32fast::Hasher::new();
+        let mut storing = true;
         let mut index = 0;
         while index * bs < size {
             let len = bs.min(size - index * bs) as usize;
-            if file.read_exact_at(&mut buf[..len], index * bs).is_err()
-                || !self.put(BlockId { object, index }, &buf[..len])
-            {
-                return;
+            if file.read_exact_at(&mut buf[..len], index * bs).is_err() {
+                self.drop_object(object);
+                return Ok(());
             }
+            read.update(&buf[..len]);
+            // Once the cache turns a block away, the rest is only read for the checksum.
+            storing = storing && self.put(BlockId { object, index }, &buf[..len]);
             index += 1;
+        }
+        match (crc, read.finalize()) {
+            (Some(expected), found) if expected != found => {
+                self.drop_object(object);
+                Err(found)
+            }
+            _ => Ok(()),
         }
     }
 
@@ -1189,6 +1220,33 @@ mod tests {
         assert_eq!(c.get(&id(3), 1).unwrap().as_ref(), b"!");
         assert!(c.get(&id(1), 5).is_none());
         assert!(c.get(&id(2), 5).is_none());
+    }
+
+    #[test]
+    fn an_uploaded_file_is_adopted_only_when_it_still_holds_what_was_sealed() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let c = BlockCache::open(dir.path(), limits(1 << 20), Default::default()).unwrap();
+        let data: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&data).unwrap();
+        let size = data.len() as u64;
+        let crc = crc32fast::hash(&data);
+        let block = |etag: &str, index| BlockId {
+            object: ObjectId::new("k", etag),
+            index,
+        };
+        assert_eq!(c.adopt("k", "good", &f, size, Some(crc)), Ok(()));
+        assert_eq!(
+            c.get(&block("good", 2), 150_000 - 2 * (64 << 10))
+                .unwrap()
+                .as_ref(),
+            &data[2 * (64 << 10)..]
+        );
+        // Changed on disk since it was sealed: no block of it is kept, even the first ones.
+        f.write_all_at(b"X", 140_000).unwrap();
+        assert!(c.adopt("k", "bad", &f, size, Some(crc)).is_err());
+        assert!((0..3).all(|i| !c.contains(&block("bad", i))));
     }
 
     #[test]

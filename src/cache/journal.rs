@@ -24,8 +24,13 @@ use parking_lot::{Condvar, Mutex};
 /// One change to carry out in the bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// Upload the sealed file `pending/<seq>` (of `size` bytes) as `key`.
-    Upload { key: String, size: u64 },
+    /// Upload the sealed file `pending/<seq>` (of `size` bytes, with CRC-32 `crc` when it
+    /// was taken) as `key`.
+    Upload {
+        key: String,
+        size: u64,
+        crc: Option<u32>,
+    },
     /// Delete `key`.
     Delete { key: String },
     /// Store an empty directory marker `key`.
@@ -50,11 +55,22 @@ const UPLOAD: u8 = 1;
 const DELETE: u8 = 2;
 const MARKER: u8 = 3;
 const DONE: u8 = 4;
+/// An upload with the CRC-32 of its sealed file. Journals written before it existed hold
+/// `UPLOAD`; a version that does not know it skips the record, so the queue is emptied
+/// (`s3mediafs status` shows 0 pending) before going back to one.
+const UPLOAD_CHECKED: u8 = 5;
 
 fn encode(r: &Record) -> Vec<u8> {
     let mut p = Vec::with_capacity(64);
     let (kind, seq, size, key) = match r {
-        Record::Change(seq, Change::Upload { key, size }) => (UPLOAD, *seq, *size, key.as_str()),
+        Record::Change(seq, Change::Upload { key, size, crc }) => {
+            let kind = if crc.is_some() {
+                UPLOAD_CHECKED
+            } else {
+                UPLOAD
+            };
+            (kind, *seq, *size, key.as_str())
+        }
         Record::Change(seq, Change::Delete { key }) => (DELETE, *seq, 0, key.as_str()),
         Record::Change(seq, Change::Marker { key }) => (MARKER, *seq, 0, key.as_str()),
         Record::Done(seq) => (DONE, *seq, 0, ""),
@@ -62,6 +78,9 @@ fn encode(r: &Record) -> Vec<u8> {
     p.push(kind);
     p.extend_from_slice(&seq.to_le_bytes());
     p.extend_from_slice(&size.to_le_bytes());
+    if let Record::Change(_, Change::Upload { crc: Some(crc), .. }) = r {
+        p.extend_from_slice(&crc.to_le_bytes());
+    }
     p.extend_from_slice(key.as_bytes());
     let mut out = Vec::with_capacity(p.len() + 8);
     out.extend_from_slice(&(p.len() as u32).to_le_bytes());
@@ -72,7 +91,8 @@ fn encode(r: &Record) -> Vec<u8> {
 
 /// Bytes of a frame's header: the payload's length and checksum.
 const HEADER: usize = 8;
-/// Bytes of a payload before its key: kind, sequence number, size.
+/// Bytes of a payload before its key: kind, sequence number, size (and an upload's CRC-32
+/// after them, in an `UPLOAD_CHECKED` record).
 const FIXED: usize = 17;
 /// Longest key a record holds (S3 allows 1024 bytes): a length field beyond it marks damage.
 const MAX_KEY: usize = 4096;
@@ -84,7 +104,7 @@ fn decode_at(data: &[u8], pos: usize) -> Option<(Record, usize)> {
     let frame = data.get(pos..).filter(|f| f.len() >= HEADER)?;
     let len = u32::from_le_bytes(frame[0..4].try_into().unwrap()) as usize;
     let crc = u32::from_le_bytes(frame[4..8].try_into().unwrap());
-    if !(FIXED..=FIXED + MAX_KEY).contains(&len) || frame.len() - HEADER < len {
+    if !(FIXED..=FIXED + 4 + MAX_KEY).contains(&len) || frame.len() - HEADER < len {
         return None;
     }
     let p = &frame[HEADER..HEADER + len];
@@ -93,9 +113,19 @@ fn decode_at(data: &[u8], pos: usize) -> Option<(Record, usize)> {
     }
     let seq = u64::from_le_bytes(p[1..9].try_into().unwrap());
     let size = u64::from_le_bytes(p[9..17].try_into().unwrap());
-    let key = std::str::from_utf8(&p[FIXED..]).ok()?.to_string();
+    let (crc, key) = match p[0] {
+        UPLOAD_CHECKED => {
+            let crc = p.get(FIXED..FIXED + 4)?;
+            (
+                Some(u32::from_le_bytes(crc.try_into().unwrap())),
+                &p[FIXED + 4..],
+            )
+        }
+        _ => (None, &p[FIXED..]),
+    };
+    let key = std::str::from_utf8(key).ok()?.to_string();
     let record = match p[0] {
-        UPLOAD => Record::Change(seq, Change::Upload { key, size }),
+        UPLOAD | UPLOAD_CHECKED => Record::Change(seq, Change::Upload { key, size, crc }),
         DELETE => Record::Change(seq, Change::Delete { key }),
         MARKER => Record::Change(seq, Change::Marker { key }),
         DONE => Record::Done(seq),
@@ -653,6 +683,7 @@ mod tests {
                 &Change::Upload {
                     key: "k".into(),
                     size: 3,
+                    crc: None,
                 },
             )
             .unwrap();
@@ -690,6 +721,7 @@ mod tests {
                 &Change::Upload {
                     key: "a/b".into(),
                     size: 3,
+                    crc: None,
                 },
             )
             .unwrap();
@@ -723,7 +755,8 @@ mod tests {
                     1,
                     Change::Upload {
                         key: "a/b".into(),
-                        size: 3
+                        size: 3,
+                        crc: None,
                     }
                 ),
                 (3, Change::Marker { key: "d/".into() }),
@@ -754,6 +787,7 @@ mod tests {
         Change::Upload {
             key: key.into(),
             size: 3,
+            crc: None,
         }
     }
 
@@ -787,7 +821,8 @@ mod tests {
                     4,
                     Change::Upload {
                         key: "d".into(),
-                        size: 3
+                        size: 3,
+                        crc: None,
                     }
                 )
             ]
@@ -990,11 +1025,34 @@ mod tests {
                 &Change::Upload {
                     key: "k".into(),
                     size: 100,
+                    crc: None,
                 },
             )
             .unwrap();
         }
         let (_, r) = Journal::open(dir.path()).unwrap();
         assert!(r.pending.is_empty());
+    }
+
+    #[test]
+    fn an_upload_record_keeps_its_checksum_and_one_without_reads_as_before() {
+        for crc in [Some(0xdead_beef), None] {
+            let change = Change::Upload {
+                key: "local_content/ab/cd/efgh".into(),
+                size: 12345,
+                crc,
+            };
+            let frame = encode(&Record::Change(9, change.clone()));
+            assert_eq!(
+                frame[HEADER],
+                if crc.is_some() {
+                    UPLOAD_CHECKED
+                } else {
+                    UPLOAD
+                }
+            );
+            let (record, len) = decode_at(&frame, 0).unwrap();
+            assert_eq!((record, len), (Record::Change(9, change), frame.len()));
+        }
     }
 }

@@ -2,6 +2,12 @@
 //! and appends happen here. When the file is closed its copy is sealed: fsynced, moved
 //! next to the journal and never changed again, until its upload is done.
 //!
+//! A sealed copy is served and uploaded only while it holds what was written: its CRC-32
+//! is taken when it is sealed (as the writes arrive, when they come front to back) and
+//! journaled with its upload. Each use checks the file's fingerprint (inode, size, change
+//! and modification times) against the one it had when it last matched, and checks the
+//! content again when the fingerprint differs; a copy that fails is never read or uploaded.
+//!
 //! Only a copy being written holds a descriptor. A sealed copy is opened for each use (a
 //! read, an upload) and closed after it, so thousands of files waiting for upload cost no
 //! descriptors: the number open follows the uploads and reads in flight, not the backlog.
@@ -16,7 +22,24 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::blocks::{allocated, StagedBytes};
+use super::blocks::{allocated, Fingerprint, StagedBytes};
+
+/// What is known of a staged file's content, to tell a damaged copy from a good one.
+#[derive(Clone)]
+enum Checksum {
+    /// Written front to back so far: the CRC-32 of its first `len` bytes.
+    Running(crc32fast::Hasher, u64),
+    /// Written out of order: the checksum is computed from the file when it is sealed.
+    Unknown,
+    /// Sealed with this CRC-32 (None: journaled by a version that took none), and the
+    /// fingerprint of the file when its content last matched.
+    Sealed {
+        crc: Option<u32>,
+        seen: Option<Fingerprint>,
+    },
+    /// Sealed with this CRC-32, and found not to hold what was written.
+    Damaged { crc: u32 },
+}
 
 pub struct StagingArea {
     dir: PathBuf,
@@ -73,13 +96,37 @@ impl StagingArea {
         self.bytes.get()
     }
 
-    /// A new staged file with the content of `src` (to change a sealed file).
+    /// A new staged file with the content of `src` (to change a sealed file). The bytes
+    /// copied are checked against `src`'s checksum, so a change made to it on disk during
+    /// the copy is not carried into the new file.
     pub fn create_copy(&self, src: &StagedFile) -> io::Result<StagedFile> {
+        use std::os::unix::fs::FileExt;
         let staged = self.create()?;
-        let from = src.file()?;
+        let from = src.checked_file()?;
         let to = staged.file()?;
-        let len = io::copy(&mut &*from, &mut &*to)?;
+        let mut crc = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut len = 0;
+        loop {
+            let n = match from.read_at(&mut buf, len) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            to.write_all_at(&buf[..n], len)?;
+            crc.update(&buf[..n]);
+            len += n as u64;
+        }
+        if let Some(expected) = src.crc() {
+            let found = crc.clone().finalize();
+            if found != expected {
+                src.found_changed(expected, found);
+                return Err(damaged());
+            }
+        }
         staged.grew_to(len);
+        *staged.checksum.lock() = Checksum::Running(crc, len);
         Ok(staged)
     }
 }
@@ -94,6 +141,7 @@ pub struct StagedFile {
     done: AtomicBool,
     /// An fdatasync of it failed.
     sync_failed: AtomicBool,
+    checksum: Mutex<Checksum>,
     /// Disk space counted for this file in `counter`.
     accounted: AtomicU64,
     counter: Arc<StagedBytes>,
@@ -113,14 +161,19 @@ impl StagedFile {
             sealed: AtomicBool::new(sealed),
             done: AtomicBool::new(false),
             sync_failed: AtomicBool::new(false),
+            checksum: Mutex::new(Checksum::Running(crc32fast::Hasher::new(), 0)),
             accounted: AtomicU64::new(0),
             counter,
         }
     }
 
-    /// A sealed file found by the journal's replay. It is not opened: replaying any number
-    /// of changes takes no descriptor.
-    pub fn open_sealed(path: &Path, counter: &Arc<StagedBytes>) -> io::Result<Self> {
+    /// A sealed file found by the journal's replay, with the CRC-32 journaled for it. It is
+    /// not opened: replaying any number of changes takes no descriptor.
+    pub fn open_sealed(
+        path: &Path,
+        counter: &Arc<StagedBytes>,
+        crc: Option<u32>,
+    ) -> io::Result<Self> {
         let meta = std::fs::symlink_metadata(path)?;
         if !meta.is_file() {
             return Err(io::Error::new(
@@ -131,20 +184,48 @@ impl StagedFile {
         let len = meta.len();
         let f = StagedFile::new(path.to_path_buf(), None, true, counter.clone());
         f.set_accounted(len);
+        *f.checksum.lock() = Checksum::Sealed { crc, seen: None };
         Ok(f)
     }
 
     /// Writes `data` at `offset`.
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        self.writable()?.write_all_at(data, offset)?;
-        self.grew_to(offset + data.len() as u64);
+        let file = self.writable()?;
+        let mut checksum = self.checksum.lock();
+        if let Err(e) = file.write_all_at(data, offset) {
+            // Part of it may be written.
+            *checksum = Checksum::Unknown;
+            return Err(e);
+        }
+        let end = offset + data.len() as u64;
+        match &mut *checksum {
+            Checksum::Running(crc, len) if *len == offset => {
+                crc.update(data);
+                *len = end;
+            }
+            c => *c = Checksum::Unknown,
+        }
+        drop(checksum);
+        self.grew_to(end);
         Ok(())
     }
 
     /// Truncates or extends the file to `len` bytes.
     pub fn set_len(&self, len: u64) -> io::Result<()> {
-        self.writable()?.set_len(len)?;
+        let file = self.writable()?;
+        let mut checksum = self.checksum.lock();
+        if let Err(e) = file.set_len(len) {
+            *checksum = Checksum::Unknown;
+            return Err(e);
+        }
+        match &*checksum {
+            _ if len == 0 => *checksum = Checksum::Running(crc32fast::Hasher::new(), 0),
+            // Cut back to exactly what was checksummed: nothing to change.
+            Checksum::Running(_, at) if *at == len => {}
+            _ => *checksum = Checksum::Unknown,
+        }
+        drop(checksum);
         self.set_accounted(len);
         Ok(())
     }
@@ -185,6 +266,62 @@ impl StagedFile {
         Ok(Arc::new(file))
     }
 
+    /// The content, open for reading, as `file`; a sealed copy only while it still holds
+    /// what was written. The first use after its fingerprint changed reads it whole.
+    pub fn checked_file(&self) -> io::Result<Arc<File>> {
+        let file = self.file()?;
+        if !self.is_sealed() {
+            return Ok(file);
+        }
+        let (crc, now) = match &*self.checksum.lock() {
+            Checksum::Damaged { .. } => return Err(damaged()),
+            Checksum::Sealed {
+                crc: Some(crc),
+                seen,
+            } => {
+                let now = Fingerprint::of(&file)?;
+                if *seen == Some(now) {
+                    return Ok(file);
+                }
+                (*crc, now)
+            }
+            _ => return Ok(file),
+        };
+        let found = crc_of(&file)?;
+        if found == crc {
+            if let Checksum::Sealed { seen, .. } = &mut *self.checksum.lock() {
+                *seen = Some(now);
+            }
+            return Ok(file);
+        }
+        self.found_changed(crc, found);
+        Err(damaged())
+    }
+
+    /// The copy was read with CRC-32 `found` where `expected` was sealed: it is never read
+    /// or uploaded again. Logged once.
+    pub fn found_changed(&self, expected: u32, found: u32) {
+        let mut checksum = self.checksum.lock();
+        if !matches!(*checksum, Checksum::Damaged { .. }) {
+            *checksum = Checksum::Damaged { crc: expected };
+            tracing::error!(
+                path = %self.path().display(),
+                expected = format_args!("{expected:08x}"),
+                found = format_args!("{found:08x}"),
+                "a local copy waiting for upload was changed on disk since it was closed: it is neither read nor uploaded; restore it from a backup of the cache directory, or write the file again"
+            );
+        }
+    }
+
+    /// The CRC-32 taken when the copy was sealed, if it was (found damaged since or not).
+    pub fn crc(&self) -> Option<u32> {
+        match &*self.checksum.lock() {
+            Checksum::Sealed { crc, .. } => *crc,
+            Checksum::Damaged { crc } => Some(*crc),
+            _ => None,
+        }
+    }
+
     fn writable(&self) -> io::Result<Arc<File>> {
         self.writable.lock().clone().ok_or_else(|| {
             io::Error::new(
@@ -210,7 +347,14 @@ impl StagedFile {
             // second one would succeed without them: this copy is never trusted again.
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        if let Err(e) = self.writable()?.sync_data() {
+        let file = self.writable()?;
+        let before = Fingerprint::of(&file)?;
+        let len = before.size();
+        let crc = match self.checksum.lock().clone() {
+            Checksum::Running(crc, at) if at == len => crc.finalize(),
+            _ => crc_of(&file)?,
+        };
+        if let Err(e) = file.sync_data() {
             self.sync_failed.store(true, Ordering::Release);
             return Err(e);
         }
@@ -220,6 +364,13 @@ impl StagedFile {
             *path = dest.to_path_buf();
         }
         sync_dir()?;
+        // The rename changes the inode's change time; any other change since the checksum
+        // was taken leaves the copy to be checked at its first use.
+        let after = Fingerprint::of(&file).ok();
+        *self.checksum.lock() = Checksum::Sealed {
+            crc: Some(crc),
+            seen: after.filter(|a| a.same_content_as(&before)),
+        };
         self.sealed.store(true, Ordering::Release);
         // Readers that hold the descriptor keep it until they are done with it.
         *self.writable.lock() = None;
@@ -235,12 +386,38 @@ impl StagedFile {
     ) -> io::Result<StagedFile> {
         std::fs::hard_link(self.path(), dest)?;
         sync_dir()?;
-        StagedFile::open_sealed(dest, &self.counter)
+        StagedFile::open_sealed(dest, &self.counter, self.crc())
     }
 
     /// The change that carried this file is in the bucket: the file may go.
     pub fn finish(&self) {
         self.done.store(true, Ordering::Release);
+    }
+}
+
+fn damaged() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "the local copy was changed on disk since the file was closed",
+    )
+}
+
+/// The CRC-32 of the whole content of `file`.
+fn crc_of(file: &File) -> io::Result<u32> {
+    use std::os::unix::fs::FileExt;
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    loop {
+        match file.read_at(&mut buf, at) {
+            Ok(0) => return Ok(crc.finalize()),
+            Ok(n) => {
+                crc.update(&buf[..n]);
+                at += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -250,5 +427,105 @@ impl Drop for StagedFile {
         if !self.sealed.load(Ordering::Acquire) || self.done.load(Ordering::Acquire) {
             let _ = std::fs::remove_file(self.path.get_mut());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn area() -> (tempfile::TempDir, StagingArea) {
+        let dir = tempfile::tempdir().unwrap();
+        let area = StagingArea::open(dir.path(), Arc::default()).unwrap();
+        (dir, area)
+    }
+
+    fn sealed(area: &StagingArea, dir: &Path, writes: &[(u64, &[u8])], len: u64) -> StagedFile {
+        let f = area.create().unwrap();
+        for (offset, data) in writes {
+            f.write_at(data, *offset).unwrap();
+        }
+        f.set_len(len).unwrap();
+        f.seal(&dir.join("sealed"), || Ok(())).unwrap();
+        f
+    }
+
+    fn damage(path: &Path, at: u64) {
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(b"X", at).unwrap();
+    }
+
+    #[test]
+    fn the_checksum_of_a_sealed_copy_is_the_one_of_what_was_written() {
+        let (dir, area) = area();
+        // The writes (offset, bytes), the length it is cut to, and the content sealed.
+        type Case<'a> = (&'a [(u64, &'a [u8])], u64, &'a [u8]);
+        let cases: [Case; 4] = [
+            (&[(0, b"hello "), (6, b"world")], 11, b"hello world"),
+            (&[(6, b"world"), (0, b"hello ")], 11, b"hello world"),
+            (&[(0, b"hello world"), (0, b"J")], 5, b"Jello"),
+            (&[(0, b"ab"), (4, b"cd")], 8, b"ab\0\0cd\0\0"),
+        ];
+        for (writes, len, content) in cases {
+            let f = sealed(&area, dir.path(), writes, len);
+            assert_eq!(f.crc(), Some(crc32fast::hash(content)), "{content:?}");
+            assert_eq!(std::fs::read(f.path()).unwrap(), content);
+            f.finish();
+        }
+    }
+
+    #[test]
+    fn a_copy_made_to_change_a_sealed_file_keeps_a_running_checksum() {
+        let (dir, area) = area();
+        let f = sealed(&area, dir.path(), &[(0, b"hello")], 5);
+        let copy = area.create_copy(&f).unwrap();
+        copy.write_at(b" world", 5).unwrap();
+        copy.seal(&dir.path().join("copy"), || Ok(())).unwrap();
+        assert_eq!(copy.crc(), Some(crc32fast::hash(b"hello world")));
+        assert!(copy.checked_file().is_ok());
+    }
+
+    #[test]
+    fn a_sealed_copy_changed_on_disk_is_never_read_again() {
+        let (dir, area) = area();
+        let f = sealed(&area, dir.path(), &[(0, &[7u8; 100_000])], 100_000);
+        assert!(f.checked_file().is_ok());
+        // Touched but not changed: its content is read once and found the same.
+        let t = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+        File::options()
+            .write(true)
+            .open(f.path())
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+        assert!(f.checked_file().is_ok());
+        damage(&f.path(), 50_000);
+        let e = f.checked_file().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        // Even put back as it was, a copy once found damaged stays refused.
+        File::options()
+            .write(true)
+            .open(f.path())
+            .unwrap()
+            .write_all_at(&[7], 50_000)
+            .unwrap();
+        assert!(f.checked_file().is_err());
+        // A copy made to change the file is refused too.
+        assert!(area.create_copy(&f).is_err());
+    }
+
+    #[test]
+    fn a_copy_found_by_replay_is_checked_against_its_journaled_checksum() {
+        let (dir, area) = area();
+        let f = sealed(&area, dir.path(), &[(0, b"content")], 7);
+        let counter = Arc::default();
+        let good = StagedFile::open_sealed(&f.path(), &counter, f.crc()).unwrap();
+        assert!(good.checked_file().is_ok());
+        let older = StagedFile::open_sealed(&f.path(), &counter, None).unwrap();
+        assert!(older.checked_file().is_ok());
+        damage(&f.path(), 0);
+        let after = StagedFile::open_sealed(&f.path(), &counter, f.crc()).unwrap();
+        assert!(after.checked_file().is_err());
     }
 }

@@ -247,7 +247,7 @@ impl BucketFs {
         }
         let local = local.clone();
         tokio::task::spawn_blocking(move || {
-            let file = local.file().ok()?;
+            let file = local.checked_file().ok()?;
             let len = file.metadata().ok()?.len();
             (len == size).then(|| file.try_clone().ok()).flatten()
         })
@@ -611,8 +611,10 @@ impl BucketFs {
 }
 
 async fn read_staged(staged: &Arc<StagedFile>, offset: u64, size: u32) -> FsResult<Bytes> {
-    let file = staged.file()?;
+    let staged = staged.clone();
     tokio::task::spawn_blocking(move || {
+        // A sealed copy changed on disk since its close is never served.
+        let file = staged.checked_file()?;
         let mut buf = vec![0u8; size as usize];
         let mut filled = 0;
         while filled < buf.len() {

@@ -61,6 +61,8 @@ pub enum StoreError {
     Unreachable(String),
     #[error("the store answered with a body shorter than announced ({got} of {expected} bytes)")]
     Truncated { expected: u64, got: u64 },
+    #[error("the local copy read for upload is not the one sealed (CRC-32 {found:08x}, sealed as {expected:08x})")]
+    SourceChanged { expected: u32, found: u32 },
     #[error("{0}")]
     Other(String),
 }

@@ -27,15 +27,33 @@ pub fn part_size_for(size: u64, base: u64) -> u64 {
     base.max(needed.div_ceil(MIB) * MIB)
 }
 
-async fn read_part(file: Arc<File>, offset: u64, len: usize) -> StoreResult<Bytes> {
+/// Bytes `offset..offset + len` of `file`, with their CRC-32.
+async fn read_part(
+    file: Arc<File>,
+    offset: u64,
+    len: usize,
+) -> StoreResult<(Bytes, crc32fast::Hasher)> {
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, offset)
-            .map(|_| Bytes::from(buf))
+        file.read_exact_at(&mut buf, offset).map(|_| {
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&buf);
+            (Bytes::from(buf), crc)
+        })
     })
     .await
     .map_err(|e| StoreError::Other(format!("reading the staged file failed: {e}")))?
     .map_err(|e| StoreError::Other(format!("reading the staged file failed: {e}")))
+}
+
+/// The bytes read for upload are the ones sealed: a copy damaged on disk while it waited,
+/// or during its upload, is not sent.
+fn check_content(expected: Option<u32>, read: crc32fast::Hasher) -> StoreResult<()> {
+    let found = read.finalize();
+    match expected {
+        Some(expected) if expected != found => Err(StoreError::SourceChanged { expected, found }),
+        _ => Ok(()),
+    }
 }
 
 /// Multipart uploads begun and not yet completed or aborted, by upload id: what an unmount
@@ -75,20 +93,24 @@ impl OpenUploads {
     }
 }
 
-/// Uploads the first `size` bytes of `file` as `key`; returns the new ETag. A multipart
-/// upload is in `open` from its creation until it is completed or aborted.
+/// Uploads the first `size` bytes of `file` as `key`; returns the new ETag. With `crc`,
+/// the bytes read must have that CRC-32, or nothing is stored (`SourceChanged`). A
+/// multipart upload is in `open` from its creation until it is completed or aborted.
+#[allow(clippy::too_many_arguments)]
 pub async fn upload_file(
     store: &Arc<dyn ObjectStore>,
     key: &str,
     file: Arc<File>,
     size: u64,
+    crc: Option<u32>,
     base_part_size: u64,
     parts_in_flight: usize,
     open: &OpenUploads,
 ) -> StoreResult<Option<String>> {
     let part_size = part_size_for(size, base_part_size);
     if size <= part_size {
-        let body = read_part(file, 0, size as usize).await?;
+        let (body, read) = read_part(file, 0, size as usize).await?;
+        check_content(crc, read)?;
         return store.put(key, body).await;
     }
     let shutting_down = || StoreError::Other("the mount is shutting down".into());
@@ -110,7 +132,7 @@ pub async fn upload_file(
         key,
         &upload_id,
         file,
-        size,
+        (size, crc),
         part_size,
         parts_in_flight,
     )
@@ -124,7 +146,7 @@ async fn upload_multipart(
     key: &str,
     upload_id: &str,
     file: Arc<File>,
-    size: u64,
+    (size, crc): (u64, Option<u32>),
     part_size: u64,
     parts_in_flight: usize,
 ) -> StoreResult<Option<String>> {
@@ -137,7 +159,8 @@ async fn upload_multipart(
         part_size,
         parts_in_flight,
     )
-    .await;
+    .await
+    .and_then(|(parts, read)| check_content(crc, read).map(|_| parts));
     match result {
         Ok(parts) => {
             let expected = multipart_etag(&parts);
@@ -195,7 +218,7 @@ async fn upload_parts(
     size: u64,
     part_size: u64,
     parts_in_flight: usize,
-) -> StoreResult<Vec<(i32, String)>> {
+) -> StoreResult<(Vec<(i32, String)>, crc32fast::Hasher)> {
     let count = size.div_ceil(part_size);
     let mut parts = Vec::with_capacity(count as usize);
     let mut tasks = JoinSet::new();
@@ -212,13 +235,13 @@ async fn upload_parts(
                 file.clone(),
             );
             tasks.spawn(async move {
-                let body = read_part(file, offset, len).await?;
+                let (body, read) = read_part(file, offset, len).await?;
                 // A part the store refused for what it received (a body damaged on the way)
                 // is sent again by itself, rather than the whole upload.
                 let mut attempt = 1;
                 loop {
                     match store.upload_part(&key, &id, number, body.clone()).await {
-                        Ok(etag) => return Ok::<_, StoreError>((number, etag)),
+                        Ok(etag) => return Ok::<_, StoreError>((number, etag, read)),
                         Err(StoreError::Other(e)) if Backoff::PART.tries_again(attempt) => {
                             tracing::debug!(key, part = number, error = %e, "sending the part again");
                             tokio::time::sleep(Backoff::PART.delay(attempt)).await;
@@ -237,8 +260,15 @@ async fn upload_parts(
             None => break,
         }
     }
-    parts.sort_by_key(|(n, _)| *n);
-    Ok(parts)
+    parts.sort_by_key(|(n, _, _)| *n);
+    let mut read = crc32fast::Hasher::new();
+    for (_, _, part) in &parts {
+        read.combine(part);
+    }
+    Ok((
+        parts.into_iter().map(|(n, etag, _)| (n, etag)).collect(),
+        read,
+    ))
 }
 
 #[cfg(test)]
@@ -281,7 +311,7 @@ mod tests {
     }
 
     #[test]
-    fn multipart_upload_reassembles_the_file() {
+    fn an_upload_reassembles_the_file_and_never_stores_bytes_not_sealed() {
         let mem = Arc::new(MemoryStore::new());
         let store: Arc<dyn ObjectStore> = mem.clone();
         let mut f = tempfile::tempfile().unwrap();
@@ -291,17 +321,29 @@ mod tests {
         f.write_all(&data).unwrap();
         let f = Arc::new(f);
         let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(upload_file(
-            &store,
-            "k",
-            f,
-            data.len() as u64,
-            1 << 20,
-            3,
-            &OpenUploads::default(),
-        ))
-        .unwrap();
+        let crc = crc32fast::hash(&data);
+        let upload = |size: u64, crc: u32| {
+            rt.block_on(upload_file(
+                &store,
+                "k",
+                f.clone(),
+                size,
+                Some(crc),
+                1 << 20,
+                3,
+                &OpenUploads::default(),
+            ))
+        };
+        upload(data.len() as u64, crc).unwrap();
         assert_eq!(mem.object("k").unwrap().as_ref(), &data[..]);
         assert_eq!(mem.open_uploads(), 0);
+        // Bytes that are not the ones sealed are never stored, in one PUT or in parts.
+        let small = crc32fast::hash(&data[..1000]);
+        for (size, crc) in [(1000, small ^ 1), (data.len() as u64, crc ^ 1)] {
+            let e = upload(size, crc).unwrap_err();
+            assert!(matches!(e, StoreError::SourceChanged { .. }), "{e}");
+            assert_eq!(mem.object("k").unwrap().as_ref(), &data[..]);
+            assert_eq!(mem.open_uploads(), 0);
+        }
     }
 }

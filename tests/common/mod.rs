@@ -224,6 +224,7 @@ impl Bucket {
                 key,
                 file,
                 data.len() as u64,
+                None,
                 16 << 20,
                 4,
                 &Default::default(),
