@@ -3,8 +3,9 @@
 # write, through s3mediafs (write-back and write-through), s3fs and rclone mount
 # (--vfs-cache-mode full), all against the same local Garage. Prints a table with ratios and
 # writes it to bench/results/; then close() latency percentiles (64 KiB and 16 MiB files, 1 and
-# 8 writers) on the mount and on local disk. Usage: scripts/bench-write.sh [--files N]
-# [--big-mib N] [--sections write,close]
+# 8 writers) on the mount and on local disk; then reading back files just written (16 KiB to
+# 4 MiB) against local disk. Usage: scripts/bench-write.sh [--files N]
+# [--big-mib N] [--sections write,close,readback] [--readback-mib N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

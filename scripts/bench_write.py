@@ -111,6 +111,61 @@ def close_section(work):
     return lines + rows
 
 
+READBACK_SIZES = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
+
+
+def read_files(paths):
+    """Seconds to open, read whole and close each file in turn."""
+    start = time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.read(1 << 20):
+                pass
+    return time.perf_counter() - start
+
+
+def readback_section(work, total_mib):
+    """Reading back files this mount wrote, once their uploads landed (the content is local:
+    adopted into the block cache), against the same files on local disk (in its page cache),
+    file sizes from 16 KiB to 4 MiB."""
+    lines = ["", "## Reading back files just written", "",
+             f"Files of each size (about {total_mib} MiB in all, at most 2000) are written in Synapse's layout, "
+             "then read whole once their uploads landed, twice in a row; local disk is the filesystem "
+             "of the mount's cache directory, its files still in the page cache.", "",
+             "| file | files | s3mediafs first read (files/s, MiB/s) | s3mediafs second read | local disk (files/s, MiB/s) | ratio, first read |",
+             "|---|---|---|---|---|---|"]
+    client = S3mediafs("s3mediafs-readback", work / "readback", "writeback")
+    prefix = f"bench/readback-{int(time.time())}/"
+    client.mount(prefix)
+    try:
+        for size in READBACK_SIZES:
+            n = max(20, min(2000, (total_mib << 20) // size))
+            case = f"{size >> 10} KiB" if size < 1 << 20 else f"{size >> 20} MiB"
+            print(f"== read back, {n} files of {case}", file=sys.stderr)
+            data = os.urandom(size)
+            paths = {}
+            for where, root in (("mount", client.mnt / f"rb-{size}"), ("local", work / "local-rb" / f"{size}")):
+                paths[where] = []
+                for i in range(n):
+                    mid = f"{i:024d}"
+                    d = root / "local_content" / mid[:2] / mid[22:24]
+                    os.makedirs(d, exist_ok=True)
+                    (d / mid[4:]).write_bytes(data)
+                    paths[where].append(d / mid[4:])
+            wait_bucket(lambda: count_objects(f"{prefix}rb-{size}/") >= n)
+            first = read_files(paths["mount"])
+            second = read_files(paths["mount"])
+            local = read_files(paths["local"])
+            mib = n * size / (1 << 20)
+
+            def cell(t):
+                return f"{n / t:.0f}, {mib / t:.0f}"
+            lines.append(f"| {case} | {n} | {cell(first)} | {cell(second)} | {cell(local)} | {local / first:.2f}x |")
+    finally:
+        client.unmount()
+    return lines
+
+
 def fmt(x, unit=""):
     return "timeout" if x is None else f"{x:.1f}{unit}"
 
@@ -119,15 +174,22 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--big-mib", type=int, default=1024)
-    ap.add_argument("--sections", default="write,close", help="write (throughput against peers), close (close() latency)")
+    ap.add_argument("--sections", default="write,close,readback",
+                    help="write (throughput against peers), close (close() latency), readback (reading back files just written)")
+    ap.add_argument("--readback-mib", type=int, default=64, help="MiB written per file size in the readback section")
     a = ap.parse_args()
     sections = a.sections.split(",")
     work = pathlib.Path(tempfile.mkdtemp(prefix="s3mediafs-bench-"))
     if "write" not in sections:
-        out = "\n".join([f"# Write benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"]
-                        + close_section(work)) + "\n"
+        lines = [f"# Write benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"]
+        if "close" in sections:
+            lines += close_section(work)
+        if "readback" in sections:
+            lines += readback_section(work, a.readback_mib)
+        out = "\n".join(lines) + "\n"
         print(out)
-        dest = ROOT / "bench/results" / f"close-{datetime.date.today()}.md"
+        name = "-".join(s for s in sections if s in ("close", "readback"))
+        dest = ROOT / "bench/results" / f"{name}-{datetime.date.today()}.md"
         dest.write_text(out)
         print(f"written to {dest.relative_to(ROOT)}", file=sys.stderr)
         return
@@ -156,6 +218,8 @@ def main():
                      f"write MB/s {ratio(wb[1][0], big[0])}, big file in bucket {ratio(wb[1][2], big[2], True)} sooner")
     if "close" in sections:
         lines += close_section(work)
+    if "readback" in sections:
+        lines += readback_section(work, a.readback_mib)
     out = "\n".join(lines) + "\n"
     print(out)
     dest = ROOT / "bench/results" / f"write-{datetime.date.today()}.md"
