@@ -615,3 +615,18 @@ fn a_writer_refused_because_of_passthrough_readers_never_changes_the_file() {
     eprintln!("{refused} opens for writing refused while readers were passed through");
     m.sync();
 }
+
+#[test]
+fn a_local_file_from_128_kib_is_passed_through_and_a_smaller_one_read_through_the_mount() {
+    let m = TestMount::with_args("read-small-passthrough", &[]);
+    let opens = "s3mediafs_passthrough_opens_total";
+    let small = pseudo_random(64 << 10, 47);
+    let large = pseudo_random(200 << 10, 48);
+    std::fs::write(m.path("thumb.jpg"), &small).unwrap();
+    std::fs::write(m.path("photo.jpg"), &large).unwrap();
+    assert!(std::fs::read(m.path("thumb.jpg")).unwrap() == small);
+    assert_eq!(m.metric(opens), 0, "a 64 KiB file was passed through");
+    assert!(std::fs::read(m.path("photo.jpg")).unwrap() == large);
+    assert_eq!(m.metric(opens), 1, "a 200 KiB file was not passed through");
+    wait_until_released(&m);
+}

@@ -19,6 +19,12 @@ use crate::passthrough::Backed;
 use crate::readahead::{ObjectRef, ReadStream};
 use crate::store::{StoreError, MAX_OBJECT_SIZE};
 
+/// The smallest file whose local content is passed through to the kernel. Below it, one
+/// FUSE read answers the whole file and the kernel's pages are kept across opens, so re-reads
+/// cost no request, where a passthrough open costs a backing-file registration every time
+/// (bench/results/readback-2026-12-02.md).
+const PASSTHROUGH_MIN_SIZE: u64 = 128 << 10;
+
 /// How much of an object one GET fetches while a file is copied to local disk.
 const DOWNLOAD_CHUNK: u64 = 8 << 20;
 
@@ -187,7 +193,7 @@ impl BucketFs {
     }
 
     /// What the kernel can read the handle `fh` from directly, when the handle is read-only
-    /// and the file larger than one block: the sealed copy of a file this mount wrote (just
+    /// and the file at least `PASSTHROUGH_MIN_SIZE`: the sealed copy of a file this mount wrote (just
     /// closed, waiting for upload, or kept after it), which never changes; else the block
     /// cache's file of the object, when every block of it is cached and intact and no local
     /// change of the file is waiting (its blocks stay cached until the handle is released).
@@ -199,7 +205,7 @@ impl BucketFs {
 
     async fn choose_backing(&self, fh: u64, backing: Option<String>) -> Option<Backed> {
         let h = self.files.get(fh).ok()?;
-        if h.writable || h.size <= self.blocks().block_size() {
+        if h.writable || h.size < PASSTHROUGH_MIN_SIZE {
             return None;
         }
         let (copy, key) = {
