@@ -62,23 +62,23 @@ const UPLOAD_CHECKED: u8 = 5;
 
 fn encode(r: &Record) -> Vec<u8> {
     let mut p = Vec::with_capacity(64);
-    let (kind, seq, size, key) = match r {
+    let (kind, seq, size, crc, key) = match r {
         Record::Change(seq, Change::Upload { key, size, crc }) => {
             let kind = if crc.is_some() {
                 UPLOAD_CHECKED
             } else {
                 UPLOAD
             };
-            (kind, *seq, *size, key.as_str())
+            (kind, *seq, *size, *crc, key.as_str())
         }
-        Record::Change(seq, Change::Delete { key }) => (DELETE, *seq, 0, key.as_str()),
-        Record::Change(seq, Change::Marker { key }) => (MARKER, *seq, 0, key.as_str()),
-        Record::Done(seq) => (DONE, *seq, 0, ""),
+        Record::Change(seq, Change::Delete { key }) => (DELETE, *seq, 0, None, key.as_str()),
+        Record::Change(seq, Change::Marker { key }) => (MARKER, *seq, 0, None, key.as_str()),
+        Record::Done(seq) => (DONE, *seq, 0, None, ""),
     };
     p.push(kind);
     p.extend_from_slice(&seq.to_le_bytes());
     p.extend_from_slice(&size.to_le_bytes());
-    if let Record::Change(_, Change::Upload { crc: Some(crc), .. }) = r {
+    if let Some(crc) = crc {
         p.extend_from_slice(&crc.to_le_bytes());
     }
     p.extend_from_slice(key.as_bytes());

@@ -105,19 +105,10 @@ impl StagingArea {
         let from = src.checked_file()?;
         let to = staged.file()?;
         let mut crc = crc32fast::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut len = 0;
-        loop {
-            let n = match from.read_at(&mut buf, len) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            to.write_all_at(&buf[..n], len)?;
-            crc.update(&buf[..n]);
-            len += n as u64;
-        }
+        let len = read_chunks(&from, |chunk, at| {
+            crc.update(chunk);
+            to.write_all_at(chunk, at)
+        })?;
         if let Some(expected) = src.crc() {
             let found = crc.clone().finalize();
             if found != expected {
@@ -404,15 +395,25 @@ fn damaged() -> io::Error {
 
 /// The CRC-32 of the whole content of `file`.
 fn crc_of(file: &File) -> io::Result<u32> {
-    use std::os::unix::fs::FileExt;
     let mut crc = crc32fast::Hasher::new();
+    read_chunks(file, |chunk, _| {
+        crc.update(chunk);
+        Ok(())
+    })?;
+    Ok(crc.finalize())
+}
+
+/// Reads `file` from start to end, handing each chunk and its offset to `each`; returns
+/// the length read.
+fn read_chunks(file: &File, mut each: impl FnMut(&[u8], u64) -> io::Result<()>) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0;
     loop {
         match file.read_at(&mut buf, at) {
-            Ok(0) => return Ok(crc.finalize()),
+            Ok(0) => return Ok(at),
             Ok(n) => {
-                crc.update(&buf[..n]);
+                each(&buf[..n], at)?;
                 at += n as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
