@@ -4,6 +4,8 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -51,9 +53,14 @@ fn files_closed_before_a_sigkill_are_all_in_the_bucket_after_remount() {
     // upload is then surely still running, so the kill leaves work for the journal, and
     // the other writers are in the middle of their closes.
     let (kill_now, kill_signal) = std::sync::mpsc::channel();
+    // The writers reach the mount through a descriptor of its root: once the mount is
+    // killed and lazily unmounted, their paths fail instead of falling through to the
+    // directory underneath (which would then hold files, and the remount would refuse it).
+    let root = File::open(&m.mnt).unwrap();
+    let root_path = std::path::PathBuf::from(format!("/proc/self/fd/{}", root.as_raw_fd()));
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
-            let (mnt, recorded, stop) = (m.mnt.clone(), recorded.clone(), stop.clone());
+            let (mnt, recorded, stop) = (root_path.clone(), recorded.clone(), stop.clone());
             let kill_now = kill_now.clone();
             std::thread::spawn(move || {
                 for i in (1 + w..=4000u64).step_by(WRITERS as usize) {
@@ -91,6 +98,7 @@ fn files_closed_before_a_sigkill_are_all_in_the_bucket_after_remount() {
     for w in writers {
         w.join().unwrap();
     }
+    drop(root);
     let recorded = recorded.lock().unwrap().clone();
     assert!(recorded.len() >= 520);
 
