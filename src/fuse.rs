@@ -70,6 +70,7 @@ impl FuseAdapter {
     {
         let started = Instant::now();
         let latency = self.latency.clone();
+        latency.arrived(op);
         let work = f(self.fs.clone());
         let mut task = Box::pin(async move {
             work.await;

@@ -27,13 +27,20 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 4.0, 9))
 }
 
-/// How long each kind of FUSE request takes, from arrival to reply.
+/// FUSE requests by kind: counted on arrival, before any reply (so a request the kernel
+/// sent during a system call is counted when the call returns), and how long each took
+/// from arrival to reply.
 #[derive(Clone)]
 pub struct FuseMetrics {
+    arrived: Family<Labels, Counter>,
     latency: LatencyFamily,
 }
 
 impl FuseMetrics {
+    pub fn arrived(&self, op: &'static str) {
+        self.arrived.get_or_create(&vec![("op", op)]).inc();
+    }
+
     pub fn observe(&self, op: &'static str, took: std::time::Duration) {
         self.latency
             .get_or_create(&vec![("op", op)])
@@ -270,8 +277,14 @@ impl Metrics {
             state.retries.clone(),
         );
         let fuse = FuseMetrics {
+            arrived: Family::default(),
             latency: LatencyFamily::new_with_constructor(latency_histogram),
         };
+        registry.register(
+            "fuse_requests",
+            "FUSE requests received, by operation, counted on arrival",
+            fuse.arrived.clone(),
+        );
         registry.register(
             "fuse_op_seconds",
             "Time from a FUSE request's arrival to its reply, by operation",

@@ -44,7 +44,7 @@ fn ls_l_of_2000_files_costs_a_few_lists_and_no_head() {
     assert!(dir.is_dir());
 
     let (lists, heads) = (m.requests("list"), m.requests("head"));
-    let fuse_ops = |op: &str| m.metric(&format!("s3mediafs_fuse_op_seconds_count{{op=\"{op}\""));
+    let fuse_ops = |op: &str| m.metric(&format!("s3mediafs_fuse_requests_total{{op=\"{op}\""));
     let (lookups, plus) = (fuse_ops("lookup"), fuse_ops("readdirplus"));
     let text = run(Command::new("ls").arg("-l").arg(&dir));
     // Entries came with their attributes (readdirplus): no lookup per entry either.
