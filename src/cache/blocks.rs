@@ -210,12 +210,16 @@ struct Index {
     bytes: u64,
     /// Bytes reserved for blocks being written: not yet taken from the disk's free space.
     writing: u64,
+    /// Bytes taken out of `bytes` for blocks being punched and files being removed: still
+    /// on the disk until that is done, so room made meanwhile counts them.
+    releasing: u64,
 }
 
-/// Disk work that eviction leaves to be done outside the index lock.
+/// Disk work that eviction leaves to be done outside the index lock, with the bytes it
+/// gives back (counted in `Index::releasing` until it is done).
 enum Eviction {
-    Punch(BlockId, u32),
-    Remove(ObjectId),
+    Punch(BlockId, u32, u64),
+    Remove(ObjectId, u64),
 }
 
 /// Counters for metrics and tests.
@@ -343,6 +347,7 @@ impl BlockCache {
             pinned: 0,
             bytes: 0,
             writing: 0,
+            releasing: 0,
         };
         let mut count = 0;
         for (_, object, sums_len, blocks) in &found {
@@ -579,7 +584,7 @@ impl BlockCache {
                 if abandon {
                     state.removing = true;
                     freed += state.overhead;
-                    evictions.push(Eviction::Remove(id.object));
+                    evictions.push(Eviction::Remove(id.object, 0));
                 }
                 idx.bytes -= freed;
                 drop(idx);
@@ -609,7 +614,8 @@ impl BlockCache {
         // Blocks other readers are writing right now will take their room too.
         let short_of_free = self.free_space_shortfall(cost + idx.writing);
         let staged = self.staged.get();
-        let over_budget = (idx.bytes + staged + cost).saturating_sub(self.limits.max_bytes);
+        let over_budget =
+            (idx.bytes + idx.releasing + staged + cost).saturating_sub(self.limits.max_bytes);
         let need = over_budget.max(short_of_free);
         let (victims, freed) = choose_victims(&idx, need, Some(id.object));
         let mut evictions = Vec::new();
@@ -657,7 +663,7 @@ impl BlockCache {
     fn fit_beside(&self, others: u64) -> bool {
         let (evictions, fits) = {
             let mut idx = self.index.lock();
-            let over = (idx.bytes + others).saturating_sub(self.limits.max_bytes);
+            let over = (idx.bytes + idx.releasing + others).saturating_sub(self.limits.max_bytes);
             let (victims, _) = choose_victims(&idx, over, None);
             let evictions = take_victims(&mut idx, &victims, None);
             (evictions, idx.bytes + others <= self.limits.max_bytes)
@@ -674,7 +680,7 @@ impl BlockCache {
         let mut blocks = 0;
         for e in evictions {
             match e {
-                Eviction::Punch(id, len) => {
+                Eviction::Punch(id, len, cost) => {
                     blocks += 1;
                     let file_lock = self
                         .index
@@ -689,6 +695,7 @@ impl BlockCache {
                     };
                     let mut idx = self.index.lock();
                     idx.evicting.remove(&id);
+                    idx.releasing -= cost;
                     match punched {
                         Ok((before, after)) => {
                             if let Some(o) = idx.objects.get_mut(&id.object) {
@@ -709,9 +716,10 @@ impl BlockCache {
                         }
                     }
                 }
-                Eviction::Remove(object) => {
+                Eviction::Remove(object, bytes) => {
                     remove_files(&self.dir, &object);
                     let mut idx = self.index.lock();
+                    idx.releasing -= bytes;
                     if idx
                         .objects
                         .get(&object)
@@ -1067,6 +1075,7 @@ fn take_victims(idx: &mut Index, victims: &[BlockId], writing: Option<ObjectId>)
     for id in victims {
         let Some(e) = idx.lru.pop(id) else { continue };
         idx.bytes -= e.cost;
+        idx.releasing += e.cost;
         let state = idx
             .objects
             .get_mut(&id.object)
@@ -1077,17 +1086,24 @@ fn take_victims(idx: &mut Index, victims: &[BlockId], writing: Option<ObjectId>)
             state.removing = true;
             let overhead = state.overhead;
             idx.bytes -= overhead;
-            emptied.push(id.object);
+            idx.releasing += overhead;
+            emptied.push((id.object, overhead + e.cost));
         } else {
             idx.evicting.insert(*id);
-            out.push(Eviction::Punch(*id, e.len));
+            out.push(Eviction::Punch(*id, e.len, e.cost));
         }
     }
     // An emptied object's files go whole; its blocks need no punching.
-    for object in &emptied {
-        out.retain(|e| !matches!(e, Eviction::Punch(id, _) if id.object == *object));
-        idx.evicting.retain(|id| id.object != *object);
-        out.push(Eviction::Remove(*object));
+    for (object, mut bytes) in emptied {
+        out.retain(|e| match e {
+            Eviction::Punch(id, _, cost) if id.object == object => {
+                bytes += cost;
+                false
+            }
+            _ => true,
+        });
+        idx.evicting.retain(|id| id.object != object);
+        out.push(Eviction::Remove(object, bytes));
     }
     out
 }
