@@ -3,9 +3,10 @@
 //! the disk, a lock) go on as tasks on the tokio runtime, so one slow request never holds up
 //! the others.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,6 +16,7 @@ use fuser::{
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs,
     ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
+use parking_lot::Mutex;
 use tokio::runtime::Handle;
 
 use crate::fs::{Attr, BucketFs, FsError, Kind};
@@ -85,14 +87,51 @@ impl FuseAdapter {
     }
 }
 
-fn errno(e: FsError) -> Errno {
+/// A failure repeated within this long (the kernel retrying a read, say) is logged once.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Most distinct failures remembered for that.
+const FAILURES_REMEMBERED: usize = 10_000;
+
+/// When each failure was last logged, by what failed.
+static FAILURES_LOGGED: LazyLock<Mutex<HashMap<String, Instant>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// The errno the kernel gets for `e`, which request `op` ends with: the one place a failure
+/// is logged (at most once in `FAILURE_LOG_INTERVAL`, then at debug level). Answers such as
+/// ENOENT are not failures and are not logged.
+fn errno(op: &'static str, e: FsError) -> Errno {
+    if e.is_failure() {
+        let now = Instant::now();
+        let fresh = {
+            let mut logged = FAILURES_LOGGED.lock();
+            if logged.len() >= FAILURES_REMEMBERED {
+                logged.retain(|_, at| now.duration_since(*at) < FAILURE_LOG_INTERVAL);
+            }
+            match logged.get_mut(e.what().as_ref()) {
+                Some(at) if now.duration_since(*at) < FAILURE_LOG_INTERVAL => false,
+                Some(at) => {
+                    *at = now;
+                    true
+                }
+                None => {
+                    logged.insert(e.what().into_owned(), now);
+                    true
+                }
+            }
+        };
+        if fresh {
+            tracing::warn!(op, error = %e, "request failed");
+        } else {
+            tracing::debug!(op, error = %e, "request failed again");
+        }
+    }
     Errno::from_i32(e.errno())
 }
 
-fn reply_empty(reply: ReplyEmpty, result: Result<(), FsError>) {
+fn reply_empty(op: &'static str, reply: ReplyEmpty, result: Result<(), FsError>) {
     match result {
         Ok(()) => reply.ok(),
-        Err(e) => reply.error(errno(e)),
+        Err(e) => reply.error(errno(op, e)),
     }
 }
 
@@ -163,10 +202,10 @@ impl fuser::Filesystem for FuseAdapter {
         self.spawn("lookup", |fs| async move {
             match fs.lookup(parent.0, &name).await {
                 Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
-                Err(FsError::NOENT) if !neg.is_zero() => {
+                Err(e) if e.is(libc::ENOENT) && !neg.is_zero() => {
                     reply.entry(&neg, &negative_attr(), Generation(0))
                 }
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("lookup", e)),
             }
         });
     }
@@ -180,7 +219,7 @@ impl fuser::Filesystem for FuseAdapter {
         self.spawn("getattr", |fs| async move {
             match fs.getattr(ino.0).await {
                 Ok(a) => reply.attr(&ttl, &file_attr(&a)),
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("getattr", e)),
             }
         });
     }
@@ -213,7 +252,7 @@ impl fuser::Filesystem for FuseAdapter {
             };
             match r {
                 Ok(a) => reply.attr(&ttl, &file_attr(&a)),
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("setattr", e)),
             }
         });
     }
@@ -231,7 +270,7 @@ impl fuser::Filesystem for FuseAdapter {
         self.spawn("mkdir", |fs| async move {
             match fs.mkdir(parent.0, &name).await {
                 Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("mkdir", e)),
             }
         });
     }
@@ -239,14 +278,14 @@ impl fuser::Filesystem for FuseAdapter {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
         self.spawn("unlink", |fs| async move {
-            reply_empty(reply, fs.unlink(parent.0, &name).await)
+            reply_empty("unlink", reply, fs.unlink(parent.0, &name).await)
         });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
         self.spawn("rmdir", |fs| async move {
-            reply_empty(reply, fs.rmdir(parent.0, &name).await)
+            reply_empty("rmdir", reply, fs.rmdir(parent.0, &name).await)
         });
     }
 
@@ -270,6 +309,7 @@ impl fuser::Filesystem for FuseAdapter {
         let (name, newname) = (name.to_owned(), newname.to_owned());
         self.spawn("rename", |fs| async move {
             reply_empty(
+                "rename",
                 reply,
                 fs.rename(parent.0, &name, newparent.0, &newname, no_replace)
                     .await,
@@ -295,7 +335,7 @@ impl fuser::Filesystem for FuseAdapter {
                     }
                     Err(e) => {
                         passthrough.cancel_reserved(ino.0);
-                        reply.error(errno(e));
+                        reply.error(errno("open", e));
                     }
                 }
             });
@@ -315,7 +355,7 @@ impl fuser::Filesystem for FuseAdapter {
                         let _ = fs.release(fh).await;
                     }
                 }
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("open", e)),
             }
         });
     }
@@ -334,7 +374,7 @@ impl fuser::Filesystem for FuseAdapter {
         self.spawn("read", |fs| async move {
             match fs.read(fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("read", e)),
             }
         });
     }
@@ -355,7 +395,7 @@ impl fuser::Filesystem for FuseAdapter {
         self.spawn("write", |fs| async move {
             match fs.write(fh.0, offset, &data).await {
                 Ok(n) => reply.written(n),
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("write", e)),
             }
         });
     }
@@ -369,7 +409,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.spawn("flush", |fs| async move {
-            reply_empty(reply, fs.flush(fh.0).await)
+            reply_empty("flush", reply, fs.flush(fh.0).await)
         });
     }
 
@@ -385,7 +425,7 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         self.passthrough.released(fh.0);
         self.spawn("release", |fs| async move {
-            reply_empty(reply, fs.release(fh.0).await)
+            reply_empty("release", reply, fs.release(fh.0).await)
         });
     }
 
@@ -398,14 +438,14 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.spawn("fsync", |fs| async move {
-            reply_empty(reply, fs.fsync(fh.0).await)
+            reply_empty("fsync", reply, fs.fsync(fh.0).await)
         });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno("opendir", e)),
         }
     }
 
@@ -431,7 +471,7 @@ impl fuser::Filesystem for FuseAdapter {
                     }
                     reply.ok()
                 }
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("readdir", e)),
             }
         });
     }
@@ -465,7 +505,7 @@ impl fuser::Filesystem for FuseAdapter {
                     fs.release_entries(&entries[sent..]);
                     reply.ok()
                 }
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("readdirplus", e)),
             }
         });
     }
@@ -491,7 +531,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.spawn("fsyncdir", |fs| async move {
-            reply_empty(reply, fs.fsyncdir(ino.0).await)
+            reply_empty("fsyncdir", reply, fs.fsyncdir(ino.0).await)
         });
     }
 
@@ -555,7 +595,7 @@ impl fuser::Filesystem for FuseAdapter {
                     let _ = fs.release(fh).await;
                     reply.error(Errno::ETXTBSY);
                 }
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("create", e)),
             }
         });
     }

@@ -58,11 +58,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         mountpoint: cfg.mountpoint.display().to_string(),
         cache_dir: cfg.cache_dir.display().to_string(),
         cache_limit: cfg.cache.max_bytes,
-        write_mode: if cfg.fs.write_through {
-            "writethrough"
-        } else {
-            "writeback"
-        },
+        write_mode: cfg.fs.write_mode.name(),
         objects: format!(
             "storage class {}, encryption {}",
             cfg.target

@@ -130,8 +130,9 @@ impl BucketFs {
     pub async fn fsyncdir(&self, ino: u64) -> FsResult<()> {
         let prefix = self.ns.keys.dir_prefix(&self.ns.dir_path(ino)?);
         self.writeback.settle_under(&prefix).await.map_err(|e| {
-            tracing::warn!(prefix, error = %e.0, "changes under this directory are not in the bucket yet; they stay queued");
-            FsError::from(e.0)
+            FsError::from(e.0).context(format!(
+                "changes under {prefix} are not in the bucket yet; they stay queued"
+            ))
         })
     }
 
@@ -202,7 +203,7 @@ impl BucketFs {
         }
         match self.lookup(dir, std::ffi::OsStr::new(&e.name)).await {
             Ok(a) => Ok(Some(a)),
-            Err(FsError::NOENT) => Ok(None),
+            Err(e) if e.is(libc::ENOENT) => Ok(None),
             Err(err) => Err(err),
         }
     }
@@ -298,7 +299,7 @@ impl BucketFs {
             .store
             .list(&prefix, false, d.token.take(), Some(PAGE))
             .await
-            .map_err(|e| self.ns.store_error("LIST", &prefix, e))?;
+            .map_err(|e| FsError::store("LIST", &prefix, e))?;
         d.token = page.next_token.clone();
         d.done = d.token.is_none();
         let mut found: Vec<(String, Remote)> = Vec::new();

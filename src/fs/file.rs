@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 
 use super::error::{FsError, FsResult};
 use super::inode::{Kind, Remote, State};
-use super::{names, Attr, BucketFs, COMMIT_LOCKS};
+use super::{names, Attr, BucketFs, WriteMode, COMMIT_LOCKS};
 use crate::cache::{allocated, ObjectId, StagedFile, WholeObject};
 use crate::passthrough::Backed;
 use crate::readahead::{ObjectRef, ReadStream};
@@ -299,14 +299,11 @@ impl BucketFs {
         match result {
             Ok(b) => Ok(b),
             Err(StoreError::InvalidRange) => Ok(Bytes::new()),
-            Err(StoreError::PreconditionFailed) => {
-                tracing::warn!(
-                    key,
-                    "the object was replaced while open; the read fails rather than mix versions"
-                );
-                Err(FsError::IO)
-            }
-            Err(e) => Err(self.ns.store_error("GET", &key, e)),
+            Err(StoreError::PreconditionFailed) => Err(FsError::new(
+                libc::EIO,
+                format!("reading {key}: the object was replaced while open; the read fails rather than mix versions"),
+            )),
+            Err(e) => Err(FsError::store("GET", &key, e)),
         }
     }
 
@@ -340,7 +337,7 @@ impl BucketFs {
         let h = self.files.get(fh)?;
         if h.writable {
             let seq = self.commit_file(h.ino).await?;
-            if let (Some(seq), true) = (seq, self.opts.write_through) {
+            if let (Some(seq), WriteMode::Writethrough) = (seq, self.opts.write_mode) {
                 self.wait_uploaded(h.ino, seq).await?;
             }
         }
@@ -365,9 +362,16 @@ impl BucketFs {
 
     async fn wait_uploaded(&self, ino: u64, seq: u64) -> FsResult<()> {
         self.writeback.wait(seq).await.map_err(|e| {
-            let path = self.ns.table.lock().get(ino).map(|i| i.path.clone()).unwrap_or_default();
-            tracing::warn!(path, error = %e.0, "the upload is not done yet; it stays queued and is retried");
-            FsError::from(e.0)
+            let path = self
+                .ns
+                .table
+                .lock()
+                .get(ino)
+                .map(|i| i.path.clone())
+                .unwrap_or_default();
+            FsError::from(e.0).context(format!(
+                "waiting for the upload of {path}: it is not done yet, stays queued and is retried"
+            ))
         })
     }
 
@@ -506,10 +510,12 @@ impl BucketFs {
                 .store
                 .get_range(key, offset..end, etag)
                 .await
-                .map_err(|e| self.ns.store_error("GET", key, e))?;
+                .map_err(|e| FsError::store("GET", key, e))?;
             if chunk.len() as u64 != end - offset {
-                tracing::warn!(key, "the object is shorter than its listed size");
-                return Err(FsError::IO);
+                return Err(FsError::new(
+                    libc::EIO,
+                    format!("reading {key}: the object is shorter than its listed size"),
+                ));
             }
             staged.write_at(&chunk, offset)?;
             offset = end;

@@ -39,9 +39,28 @@ pub struct FsOptions {
     pub metadata_ttl: Duration,
     /// How long the kernel may remember that a name does not exist.
     pub negative_ttl: Duration,
-    /// `close()` waits until the file is in the bucket, instead of returning once it is
-    /// journaled on local disk.
-    pub write_through: bool,
+    /// When `close()` returns.
+    pub write_mode: WriteMode,
+}
+
+/// When close() returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WriteMode {
+    /// Once the file is fsynced and journaled in the cache directory; it is uploaded in the
+    /// background.
+    Writeback,
+    /// Once the file is in the bucket.
+    Writethrough,
+}
+
+impl WriteMode {
+    /// The name `--write-mode` takes, for metrics and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            WriteMode::Writeback => "writeback",
+            WriteMode::Writethrough => "writethrough",
+        }
+    }
 }
 
 impl Default for FsOptions {
@@ -53,7 +72,7 @@ impl Default for FsOptions {
             dir_mode: 0o755,
             metadata_ttl: Duration::from_secs(10),
             negative_ttl: Duration::from_secs(2),
-            write_through: false,
+            write_mode: WriteMode::Writeback,
         }
     }
 }
@@ -242,7 +261,7 @@ impl BucketFs {
                 }
                 Err(FsError::NOENT)
             }
-            Err(e) => Err(self.ns.store_error("HEAD", &key, e)),
+            Err(e) => Err(FsError::store("HEAD", &key, e)),
         }
     }
 
@@ -347,10 +366,7 @@ impl BucketFs {
 
     /// Turns a failure to journal a change into an errno, with one log line.
     fn queue(&self, r: std::io::Result<u64>) -> FsResult<u64> {
-        r.map_err(|e| {
-            tracing::error!(error = %e, "cannot journal a change in the cache directory");
-            FsError::from(e)
-        })
+        r.map_err(|e| FsError::from(e).context("journaling a change in the cache directory"))
     }
 
     /// Renames a file: a server-side copy and a delete, or only a local move while the file
@@ -432,13 +448,13 @@ impl BucketFs {
                 self.writeback
                     .settle(key)
                     .await
-                    .map_err(|e| self.ns.store_error("COPY", key, e.0))?;
+                    .map_err(|e| FsError::store("COPY", key, e.0))?;
             }
             let etag = self
                 .store
                 .copy(&old_key, &new_key)
                 .await
-                .map_err(|e| self.ns.store_error("COPY", &old_key, e))?;
+                .map_err(|e| FsError::store("COPY", &old_key, e))?;
             new_etag = etag.map(Some);
         }
         if in_bucket {

@@ -19,9 +19,9 @@
 //! 1. a directory handle's lock (`dir.rs`), a file's commit lock (`file.rs`);
 //! 2. `Namespace::table`;
 //! 3. the write-back queue's state (pending changes);
-//! 4. `ListingCache`, `Namespace::landings`, `offline_until`, the log state, and the
-//!    journal's file (`cache/journal.rs`; the fdatasync closes share runs outside it): leaves,
-//!    under which nothing else is taken.
+//! 4. `ListingCache`, `Namespace::landings`, `offline_until`, the keys warned about, the
+//!    journal's file (`cache/journal.rs`; the fdatasync closes share runs outside it), and the
+//!    failures `fuse.rs` logged: leaves, under which nothing else is taken.
 //!
 //! No lock is held across an await but the commit lock (a tokio lock: writes hold it shared
 //! while they find and change the local copy, commits, unlink and rename exclusively), and
@@ -29,7 +29,7 @@
 //! reports a landing before it takes its own lock, and the listing cache is handed the time
 //! of the last landing instead of asking for it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -61,14 +61,20 @@ enum PendingAnswer {
     Nothing,
 }
 
+/// What asking the bucket about a path told.
+enum Asked {
+    /// What the path is (a file, a directory), or nothing.
+    Known(Option<Remote>),
+    /// The store did not answer: the mount is offline for a while.
+    Offline,
+}
+
 /// Most names remembered from listings (about 160 bytes each) for the metadata TTL.
 pub(super) const LISTED_NAMES: usize = 200_000;
 /// Keys a lookup lists to tell whether a directory exists.
 const DIR_PROBE: i32 = 10;
 /// Most distinct keys warned about once.
 const WARNED_CAPACITY: usize = 10_000;
-/// A failure of the same request is logged at most once in this long.
-const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How long lookups stop asking an unreachable store before trying it again.
 const OFFLINE_GRACE: Duration = Duration::from_secs(5);
 /// A directory listed this recently makes a listing of one of its subdirectories part of a
@@ -88,9 +94,6 @@ pub(super) struct Namespace {
     /// Until when lookups answer from local knowledge because the store is unreachable.
     offline_until: Mutex<Option<Instant>>,
     warned: Mutex<HashSet<String>>,
-    /// When a failed request was last logged, by operation and key: a failure repeated
-    /// within `FAILURE_LOG_INTERVAL` (the kernel retrying a read, say) is logged once.
-    failures_logged: Mutex<HashMap<(String, String), Instant>>,
 }
 
 impl LandingObserver for Namespace {
@@ -119,7 +122,6 @@ impl Namespace {
             landings: Mutex::new(Landings::default()),
             offline_until: Mutex::new(None),
             warned: Mutex::new(HashSet::new()),
-            failures_logged: Mutex::new(HashMap::new()),
         });
         let observer: Arc<dyn LandingObserver> = ns.clone();
         writeback.observe(Arc::downgrade(&observer));
@@ -241,12 +243,12 @@ impl Namespace {
     /// flat LIST of the key as a prefix answers both questions: the key itself is the file,
     /// keys under `path/` make it a directory, and those keys (up to a page) fill the
     /// listings of the directories under it, so a walk that goes on below costs nothing more.
-    async fn ask_bucket(&self, path: &str) -> FsResult<Option<Remote>> {
+    async fn ask_bucket(&self, path: &str) -> FsResult<Asked> {
         let key = self.keys.file_key(path)?;
         let dir_prefix = self.keys.dir_prefix(path);
         let (pending, file_pending, under) = self.pending_changes(&key, &dir_prefix);
         if pending.is_some() {
-            return Ok(pending);
+            return Ok(Asked::Known(pending));
         }
         let deleted: HashSet<String> = under.into_iter().map(|(k, _)| k).collect();
         let file_deleted = matches!(file_pending, Some(Pending::Delete));
@@ -254,9 +256,9 @@ impl Namespace {
         let page = match self.store.list(&key, true, None, Some(dir::PAGE)).await {
             Err(e @ StoreError::Unreachable(_)) => {
                 self.go_offline(&e);
-                return Err(FsError::OFFLINE);
+                return Ok(Asked::Offline);
             }
-            other => other.map_err(|e| self.store_error("LIST", &key, e))?,
+            other => other.map_err(|e| FsError::store("LIST", &key, e))?,
         };
         let file = page
             .objects
@@ -293,7 +295,7 @@ impl Namespace {
                     .store
                     .list(&dir_prefix, true, None, Some(DIR_PROBE))
                     .await
-                    .map_err(|e| self.store_error("LIST", &dir_prefix, e))?;
+                    .map_err(|e| FsError::store("LIST", &dir_prefix, e))?;
                 is_dir = probe.objects.iter().any(|o| !deleted.contains(&o.key))
                     || (probe.next_token.is_some() && !probe.objects.is_empty());
                 marker = probe
@@ -313,18 +315,18 @@ impl Namespace {
             mtime: marker.unwrap_or(self.mount_time),
             etag: None,
         };
-        match file {
+        Ok(Asked::Known(match file {
             Some(_) if is_dir => {
                 self.warn_once(
                     &key,
                     "both a file and a directory have this name; showing the directory",
                 );
-                Ok(Some(dir))
+                Some(dir)
             }
-            Some(meta) => Ok(Some(Remote::file(&meta))),
-            None if is_dir => Ok(Some(dir)),
-            None => Ok(None),
-        }
+            Some(meta) => Some(Remote::file(&meta)),
+            None if is_dir => Some(dir),
+            None => None,
+        }))
     }
 
     /// Records the listings a flat LIST of `prefix` completed, and logs the keys it could not
@@ -417,33 +419,6 @@ impl Namespace {
         *until = Some(Instant::now() + OFFLINE_GRACE);
     }
 
-    /// Logs a store failure once, in one line, and turns it into an errno.
-    pub(super) fn store_error(&self, op: &str, key: &str, e: StoreError) -> FsError {
-        if e != StoreError::NotFound {
-            let now = Instant::now();
-            let fresh = {
-                let mut logged = self.failures_logged.lock();
-                if logged.len() >= WARNED_CAPACITY {
-                    logged.retain(|_, at| now.duration_since(*at) < FAILURE_LOG_INTERVAL);
-                }
-                let k = (op.to_string(), key.to_string());
-                match logged.get(&k) {
-                    Some(at) if now.duration_since(*at) < FAILURE_LOG_INTERVAL => false,
-                    _ => {
-                        logged.insert(k, now);
-                        true
-                    }
-                }
-            };
-            if fresh {
-                tracing::warn!(op, key, error = %e, "request to the object store failed");
-            } else {
-                tracing::debug!(op, key, error = %e, "request to the object store failed again");
-            }
-        }
-        FsError::from(e)
-    }
-
     /// The one lookup: what `name` in directory `parent` is, from the inode table, a fresh
     /// listing and the pending changes when they can tell, else from the bucket (one LIST).
     /// Returns its inode, creating one when needed; takes no kernel reference.
@@ -479,16 +454,16 @@ impl Namespace {
             }
             Answer::Unknown => {}
         }
-        let remote = if self.is_offline() {
-            Err(FsError::OFFLINE)
+        let asked = if self.is_offline() {
+            Asked::Offline
         } else {
-            self.ask_bucket(&path).await
+            self.ask_bucket(&path).await?
         };
-        let remote = match remote {
-            Err(FsError::OFFLINE) => {
+        let remote = match asked {
+            Asked::Offline => {
                 return self.answer_locally(&mut self.table.lock(), parent, name, path, false)
             }
-            other => other?,
+            Asked::Known(remote) => remote,
         };
         // What the bucket just said is newer than the listing of the directory.
         self.listing.saw(&dir, name, remote.as_ref());
@@ -597,7 +572,7 @@ impl Namespace {
                 .store
                 .list(marker, true, token, Some(100))
                 .await
-                .map_err(|e| self.store_error("LIST", marker, e))?;
+                .map_err(|e| FsError::store("LIST", marker, e))?;
             if page
                 .objects
                 .iter()
@@ -659,7 +634,7 @@ impl Namespace {
                 .store
                 .list(&prefix, true, token, Some(dir::PAGE))
                 .await
-                .map_err(|e| self.store_error("LIST", &prefix, e))?;
+                .map_err(|e| FsError::store("LIST", &prefix, e))?;
             keys += page.objects.len();
             tree.feed(&page.objects);
             token = page.next_token;

@@ -67,17 +67,6 @@ pub enum StoreError {
     Other(String),
 }
 
-impl StoreError {
-    /// The errno a filesystem caller should see for this failure.
-    pub fn errno(&self) -> i32 {
-        match self {
-            StoreError::NotFound | StoreError::NoSuchBucket(_) => libc::ENOENT,
-            StoreError::AccessDenied(_) | StoreError::BadCredentials(_) => libc::EACCES,
-            _ => libc::EIO,
-        }
-    }
-}
-
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// The operations the filesystem performs on a bucket. Keys are full object keys (the mount

@@ -33,7 +33,23 @@ pub struct S3Env {
 }
 
 impl S3Env {
+    /// The server the tests run against, from the settings `scripts/s3-server.sh` prints.
+    /// With none set, the integration tests are skipped with a message (`cargo test` alone
+    /// runs the tests that need no server), unless `S3MEDIAFS_TEST_REQUIRE_SERVER` says a
+    /// server must be there (`scripts/test.sh` sets it), when they fail.
     pub fn get() -> S3Env {
+        if std::env::var_os("S3MEDIAFS_TEST_BACKEND").is_none()
+            && std::env::var_os("S3MEDIAFS_TEST_REQUIRE_SERVER").is_none()
+        {
+            let binary = std::env::args().next().unwrap_or_default();
+            eprintln!(
+                "\nskipping the tests of {binary}: they mount the filesystem against a local S3 \
+                 server, and none is set up (S3MEDIAFS_TEST_BACKEND is unset). Run them with \
+                 scripts/test.sh, which starts one, or after `scripts/s3-server.sh start garage` \
+                 with its settings in the environment."
+            );
+            std::process::exit(0);
+        }
         let var = |k: &str| {
             std::env::var(k).unwrap_or_else(|_| {
                 panic!("{k} is not set: run the tests with scripts/test.sh, which starts a local S3 server")
