@@ -8,11 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use s3mediafs::cache::{BlockCache, CacheLimits, Journal, MinFree, StagedBytes, StagingArea};
-use s3mediafs::fs::{BucketFs, FsOptions, Kind, ROOT};
-use s3mediafs::readahead::{Readahead, ReadaheadOptions};
+use s3mediafs::fs::testing::instance;
+use s3mediafs::fs::{BucketFs, Kind, ROOT};
 use s3mediafs::store::{MemoryStore, ObjectStore};
-use s3mediafs::writeback::{WritebackOptions, WritebackQueue};
+use s3mediafs::writeback::WritebackQueue;
+
+/// A small cache, so blocks are evicted.
+const CACHE_BYTES: u64 = 128 << 10;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -221,59 +223,11 @@ struct FsUnderTest {
     ttl: Duration,
 }
 
-/// A filesystem over `store` with its own runtime, so that dropping the runtime stops its
-/// background uploads dead, as a crash would.
-fn instance(
-    store: &Arc<MemoryStore>,
-    cache: &std::path::Path,
-    ttl: Duration,
-) -> (BucketFs, Arc<WritebackQueue>, tokio::runtime::Runtime) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let opts = FsOptions {
-        metadata_ttl: ttl,
-        ..FsOptions::default()
-    };
-    let dyn_store: Arc<dyn ObjectStore> = store.clone();
-    // Tiny blocks and a small cache, so reads cross blocks and blocks are evicted.
-    let staged = Arc::new(StagedBytes::default());
-    let limits = CacheLimits {
-        max_bytes: 128 << 10,
-        min_free: MinFree::Bytes(0),
-        block_size: 8,
-    };
-    let blocks = Arc::new(BlockCache::open(cache, limits, staged.clone()).unwrap());
-    let (journal, replay) = Journal::open(cache).unwrap();
-    let queue = WritebackQueue::new(
-        dyn_store.clone(),
-        journal,
-        replay,
-        WritebackOptions::default(),
-        blocks.clone(),
-    );
-    {
-        let _g = rt.enter();
-        queue.start();
-    }
-    let ra_opts = ReadaheadOptions {
-        initial_window: 8,
-        max_window: 64,
-        max_memory: 64 << 10,
-        blocks_per_request: 3,
-    };
-    let readahead = Readahead::new(dyn_store.clone(), blocks, ra_opts);
-    let staging = StagingArea::open(cache, staged).unwrap();
-    let fs = BucketFs::new(dyn_store, "pre/", staging, queue.clone(), readahead, opts);
-    (fs, queue, rt)
-}
-
 impl FsUnderTest {
     fn new(ttl: Duration) -> Self {
         let store = Arc::new(MemoryStore::new());
         let cache = tempfile::tempdir().unwrap();
-        let (fs, queue, rt) = instance(&store, cache.path(), ttl);
+        let (fs, queue, rt) = instance(&store, cache.path(), ttl, CACHE_BYTES);
         FsUnderTest {
             store,
             fs,
@@ -289,7 +243,7 @@ impl FsUnderTest {
             let left = self.rt.block_on(self.queue.drain(Duration::from_secs(30)));
             assert_eq!(left, 0, "uploads left after a clean unmount");
         }
-        let (fs, queue, rt) = instance(&self.store, self.cache.path(), self.ttl);
+        let (fs, queue, rt) = instance(&self.store, self.cache.path(), self.ttl, CACHE_BYTES);
         // The old runtime goes down with whatever it was doing.
         let old = std::mem::replace(&mut self.rt, rt);
         self.fs = fs;
@@ -599,7 +553,7 @@ fn a_hostile_listing_never_panics_or_shows_a_name_twice() {
     });
     store.list_strays(&["", "p", "pr", "pre", "other/", "zzz/q", "pre/\u{0}"]);
     for ttl in [Duration::ZERO, Duration::from_secs(60)] {
-        let (fs, _queue, rt) = instance(&store, cache.path(), ttl);
+        let (fs, _queue, rt) = instance(&store, cache.path(), ttl, CACHE_BYTES);
         let root = list_names(&rt, &fs, ROOT);
         let mut unique = root.clone();
         unique.sort();

@@ -11,6 +11,10 @@ mod listing;
 pub mod names;
 mod namespace;
 mod subtree;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
+#[cfg(test)]
+mod tests;
 
 use std::ffi::OsStr;
 use std::sync::Arc;

@@ -30,11 +30,27 @@ pub struct MemoryStore {
     piece_gate: Mutex<Option<Arc<Semaphore>>>,
     /// See `list_strays`.
     strays: Mutex<Vec<String>>,
+    /// See `set_unreachable`.
+    unreachable: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// While `down`, every request fails as if the endpoint did not answer.
+    pub fn set_unreachable(&self, down: bool) {
+        self.unreachable.store(down, Ordering::SeqCst);
+    }
+
+    fn answer(&self) -> StoreResult<()> {
+        if self.unreachable.load(Ordering::SeqCst) {
+            return Err(StoreError::Unreachable(
+                "the in-memory store is set unreachable".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// All keys currently stored, in order.
@@ -91,6 +107,7 @@ impl MemoryStore {
 #[async_trait]
 impl ObjectStore for MemoryStore {
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        self.answer()?;
         let objects = self.objects.lock();
         objects
             .get(key)
@@ -104,6 +121,7 @@ impl ObjectStore for MemoryStore {
         range: Range<u64>,
         if_match: Option<&str>,
     ) -> StoreResult<Bytes> {
+        self.answer()?;
         let objects = self.objects.lock();
         let o = objects.get(key).ok_or(StoreError::NotFound)?;
         if if_match.is_some_and(|etag| etag != o.etag) {
@@ -125,6 +143,7 @@ impl ObjectStore for MemoryStore {
         piece: u64,
         sink: &mut (dyn FnMut(Bytes) + Send),
     ) -> StoreResult<u64> {
+        self.answer()?;
         let data = self.get_range(key, range, if_match).await?;
         let gate = self.piece_gate.lock().clone();
         for (i, chunk) in data.chunks(piece.max(1) as usize).enumerate() {
@@ -146,6 +165,7 @@ impl ObjectStore for MemoryStore {
         token: Option<String>,
         max_keys: Option<i32>,
     ) -> StoreResult<ListPage> {
+        self.answer()?;
         use std::ops::Bound;
         let max = max_keys.unwrap_or(1000).clamp(1, 1000) as usize;
         let objects = self.objects.lock();
@@ -199,10 +219,12 @@ impl ObjectStore for MemoryStore {
     }
 
     async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>> {
+        self.answer()?;
         Ok(Some(self.store(key, body)))
     }
 
     async fn create_multipart(&self, key: &str) -> StoreResult<String> {
+        self.answer()?;
         let id = format!("{key}#{}", self.next_etag.fetch_add(1, Ordering::Relaxed));
         self.uploads.lock().insert(id.clone(), BTreeMap::new());
         Ok(id)
@@ -215,6 +237,7 @@ impl ObjectStore for MemoryStore {
         part_number: i32,
         body: Bytes,
     ) -> StoreResult<String> {
+        self.answer()?;
         let mut uploads = self.uploads.lock();
         let parts = uploads.get_mut(upload_id).ok_or(StoreError::NotFound)?;
         parts.insert(part_number, body);
@@ -227,6 +250,7 @@ impl ObjectStore for MemoryStore {
         upload_id: &str,
         parts: Vec<(i32, String)>,
     ) -> StoreResult<Option<String>> {
+        self.answer()?;
         let stored = self
             .uploads
             .lock()
@@ -243,11 +267,13 @@ impl ObjectStore for MemoryStore {
     }
 
     async fn abort_multipart(&self, _key: &str, upload_id: &str) -> StoreResult<()> {
+        self.answer()?;
         self.uploads.lock().remove(upload_id);
         Ok(())
     }
 
     async fn unfinished_multipart(&self, key: &str) -> StoreResult<Vec<String>> {
+        self.answer()?;
         // Upload ids here are `<key>#<n>`.
         Ok(self
             .uploads
@@ -259,6 +285,7 @@ impl ObjectStore for MemoryStore {
     }
 
     async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<String>> {
+        self.answer()?;
         let data = self
             .objects
             .lock()
@@ -269,11 +296,13 @@ impl ObjectStore for MemoryStore {
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.answer()?;
         self.objects.lock().remove(key);
         Ok(())
     }
 
     async fn delete_many(&self, keys: &[String]) -> StoreResult<Vec<String>> {
+        self.answer()?;
         let mut objects = self.objects.lock();
         for key in keys {
             objects.remove(key);

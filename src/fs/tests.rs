@@ -1,0 +1,204 @@
+//! Fast fs-level tests: rules of the filesystem layer (the metadata TTL, offline mode,
+//! which content may be passed through to the kernel) driven against the in-memory store,
+//! with no FUSE, no root and no server. The same rules are proven on a real mount by the
+//! integration tests; these say where a break is, in seconds.
+
+use std::ffi::OsStr;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::testing::instance;
+use super::{BucketFs, FsResult, ROOT};
+use crate::passthrough::Backed;
+use crate::store::{MemoryStore, ObjectStore};
+use crate::writeback::WritebackQueue;
+
+struct Fixture {
+    store: Arc<MemoryStore>,
+    fs: BucketFs,
+    queue: Arc<WritebackQueue>,
+    rt: tokio::runtime::Runtime,
+    cache: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(ttl: Duration, cache_bytes: u64) -> Fixture {
+        let store = Arc::new(MemoryStore::new());
+        let cache = tempfile::tempdir().unwrap();
+        let (fs, queue, rt) = instance(&store, cache.path(), ttl, cache_bytes);
+        Fixture {
+            store,
+            fs,
+            queue,
+            rt,
+            cache,
+        }
+    }
+
+    /// Puts an object under the mount's prefix, as another host would.
+    fn put(&self, name: &str, data: &[u8]) {
+        let body = Bytes::copy_from_slice(data);
+        self.rt
+            .block_on(self.store.put(&format!("pre/{name}"), body))
+            .unwrap();
+    }
+
+    fn size(&self, name: &str) -> FsResult<u64> {
+        self.rt
+            .block_on(self.fs.lookup(ROOT, OsStr::new(name)))
+            .map(|a| a.size)
+    }
+
+    /// Creates `name` with `data`, closed as close() does.
+    fn write(&self, name: &str, data: &[u8]) -> FsResult<u64> {
+        self.rt.block_on(async {
+            let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC;
+            let (attr, fh) = self.fs.create(ROOT, OsStr::new(name), flags).await?;
+            self.fs.write(fh, 0, data).await?;
+            self.fs.flush(fh).await?;
+            self.fs.release(fh).await?;
+            Ok(attr.ino)
+        })
+    }
+
+    /// Opens `ino` read-only: what can be passed through, and what a read of it returns.
+    fn open_and_read(&self, ino: u64, len: u32) -> (Backed, FsResult<Bytes>) {
+        self.rt.block_on(async {
+            let fh = self.fs.open(ino, libc::O_RDONLY).await.unwrap();
+            let backed = self.fs.passthrough_file(fh, None).await;
+            let read = self.fs.read(fh, 0, len).await;
+            self.fs.release(fh).await.unwrap();
+            (backed, read)
+        })
+    }
+
+    fn drain(&self) {
+        let left = self.rt.block_on(self.queue.drain(Duration::from_secs(60)));
+        assert_eq!(left, 0, "changes left after the store came back");
+    }
+}
+
+fn is_passed_through(b: &Backed) -> bool {
+    matches!(b, Backed::File(..))
+}
+
+/// Every regular file under `dir` whose length is `len`.
+fn files_of_length(dir: &Path, len: u64) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let meta = e.metadata().unwrap();
+        if meta.is_dir() {
+            out.extend(files_of_length(&e.path(), len));
+        } else if meta.len() == len {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+#[test]
+fn attributes_are_trusted_for_the_metadata_ttl_and_absence_for_the_negative_ttl() {
+    let f = Fixture::new(Duration::from_millis(300), 1 << 20);
+    let negative_ttl = f.fs.options().negative_ttl;
+    assert!(negative_ttl > Duration::from_millis(500));
+    f.put("a.png", b"old");
+    assert_eq!(f.size("a.png").unwrap(), 3);
+    assert!(f.size("b.png").unwrap_err().is(libc::ENOENT));
+    let absent_since = std::time::Instant::now();
+    // Another host replaces one object and adds another.
+    f.put("a.png", b"newer");
+    f.put("b.png", b"b");
+    assert_eq!(f.size("a.png").unwrap(), 3, "within the TTL, what was seen");
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        f.size("a.png").unwrap(),
+        5,
+        "after the TTL, the bucket's answer"
+    );
+    assert!(
+        f.size("b.png").unwrap_err().is(libc::ENOENT),
+        "within the negative TTL, still absent"
+    );
+    std::thread::sleep(
+        (absent_since + negative_ttl).saturating_duration_since(std::time::Instant::now()),
+    );
+    assert_eq!(f.size("b.png").unwrap(), 1, "after the negative TTL, there");
+}
+
+#[test]
+fn offline_lookups_answer_from_what_is_known_and_writes_wait_for_the_store() {
+    let f = Fixture::new(Duration::ZERO, 1 << 20);
+    f.put("seen.png", b"seen");
+    assert_eq!(f.size("seen.png").unwrap(), 4);
+    f.store.set_unreachable(true);
+    // A name never seen reads as absent, not as an I/O error, so a writer can create it.
+    assert!(f.size("unseen.png").unwrap_err().is(libc::ENOENT));
+    let ino = f.write("new.png", b"written offline").unwrap();
+    assert_eq!(f.size("new.png").unwrap(), 15);
+    let (_, read) = f.open_and_read(ino, 64);
+    assert_eq!(read.unwrap().as_ref(), b"written offline");
+    assert!(f.store.object("pre/new.png").is_none());
+    f.store.set_unreachable(false);
+    f.drain();
+    assert_eq!(
+        f.store.object("pre/new.png").as_deref(),
+        Some(&b"written offline"[..])
+    );
+}
+
+#[test]
+fn only_read_only_opens_of_whole_local_content_from_128_kib_are_passed_through() {
+    let f = Fixture::new(Duration::from_secs(10), 4 << 20);
+    f.store.set_unreachable(true); // the sealed copies stay waiting for upload
+    let big: Vec<u8> = (0..200u32 << 10).map(|i| (i % 251) as u8).collect();
+    let big_ino = f.write("video.mp4", &big).unwrap();
+    let (backed, read) = f.open_and_read(big_ino, 64 << 10);
+    assert!(
+        is_passed_through(&backed),
+        "a closed file waiting for upload"
+    );
+    assert!(read.unwrap().as_ref() == &big[..64 << 10]);
+
+    let small_ino = f.write("thumb.png", &big[..16 << 10]).unwrap();
+    let (backed, _) = f.open_and_read(small_ino, 16 << 10);
+    assert!(
+        !is_passed_through(&backed),
+        "below 128 KiB the kernel's pages do better"
+    );
+
+    let writer = f.rt.block_on(async {
+        let fh = f.fs.open(big_ino, libc::O_RDWR).await.unwrap();
+        let backed = f.fs.passthrough_file(fh, None).await;
+        f.fs.release(fh).await.unwrap();
+        backed
+    });
+    assert!(
+        !is_passed_through(&writer),
+        "a handle that writes is never passed through"
+    );
+}
+
+#[test]
+fn a_sealed_copy_changed_on_disk_is_never_passed_through_or_read() {
+    let f = Fixture::new(Duration::from_secs(10), 4 << 20);
+    f.store.set_unreachable(true);
+    let data: Vec<u8> = (0..(256u32 << 10) + 5).map(|i| (i % 253) as u8).collect();
+    let ino = f.write("clip.mp4", &data).unwrap();
+    let copies = files_of_length(f.cache.path(), data.len() as u64);
+    assert_eq!(copies.len(), 1, "one sealed copy in the cache directory");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&copies[0])
+        .unwrap();
+    file.write_at(b"X", 1000).unwrap();
+    let (backed, read) = f.open_and_read(ino, 4096);
+    assert!(!is_passed_through(&backed));
+    match read {
+        Err(e) => assert!(e.is(libc::EIO), "{e}"),
+        Ok(b) => assert!(b.as_ref() == &data[..4096], "the damaged bytes were served"),
+    }
+}
