@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::config::{ImportArgs, Target};
-use crate::store::{part_size_for, upload_file, ObjectStore, OpenUploads, S3Store};
+use crate::store::{part_size_for, upload_file, ETag, ObjectStore, OpenUploads, S3Store};
 
 /// Part sizes other tools upload with, tried when an object's ETag says it was assembled
 /// from parts: boto3 and synapse-s3-storage-provider (8 MiB), the S3 minimum (5 MiB),
@@ -42,7 +42,7 @@ struct SourceFile {
 #[derive(Debug, Clone)]
 struct Present {
     size: u64,
-    etag: Option<String>,
+    etag: Option<ETag>,
 }
 
 #[derive(Default)]
@@ -309,7 +309,7 @@ async fn copy_one(
     tally: &Tally,
 ) -> Result<(), String> {
     if let Some(p) = present {
-        if p.size == f.size && same_content(&f.path, f.size, p.etag.as_deref(), part_size).await? {
+        if p.size == f.size && same_content(&f.path, f.size, p.etag.as_ref(), part_size).await? {
             tally.skipped.fetch_add(1, Ordering::Relaxed);
             tally.skipped_bytes.fetch_add(f.size, Ordering::Relaxed);
             return Ok(());
@@ -342,7 +342,7 @@ async fn copy_one(
         return Err("the file changed while it was copied; run the import again".into());
     }
     let expected = local_etag(&f.path, size, upload_part_size(size, part_size)).await?;
-    if let Some(etag) = uploaded.as_deref().map(|t| t.trim_matches('"')) {
+    if let Some(etag) = uploaded.as_ref().map(ETag::value) {
         if is_md5_etag(etag) && etag != expected {
             return Err(format!(
                 "the bucket reports ETag {etag} but the file's checksum is {expected}"
@@ -376,10 +376,10 @@ fn is_md5_etag(etag: &str) -> bool {
 async fn same_content(
     path: &Path,
     size: u64,
-    etag: Option<&str>,
+    etag: Option<&ETag>,
     our_part_size: u64,
 ) -> Result<bool, String> {
-    let Some(etag) = etag.map(|t| t.trim_matches('"').to_ascii_lowercase()) else {
+    let Some(etag) = etag.map(|t| t.value().to_ascii_lowercase()) else {
         return Ok(true);
     };
     if !is_md5_etag(&etag) {
@@ -469,7 +469,7 @@ async fn verify_one(store: &Arc<dyn ObjectStore>, f: &SourceFile) -> Result<(), 
     while at < meta.size {
         let end = (at + CHUNK).min(meta.size);
         let bytes = store
-            .get_range(&f.key, at..end, meta.etag.as_deref())
+            .get_range(&f.key, at..end, meta.etag.as_ref())
             .await
             .map_err(|e| format!("reading the object failed: {e}"))?;
         if bytes.len() as u64 != end - at {
@@ -540,13 +540,18 @@ mod tests {
         assert_eq!(parts, format!("{expected}-2"));
         // An object uploaded in 8 MiB parts by another tool is recognised as the same.
         assert!(rt
-            .block_on(same_content(f.path(), size, Some(&parts), 32 << 20))
+            .block_on(same_content(
+                f.path(),
+                size,
+                Some(&ETag::new(parts.clone())),
+                32 << 20
+            ))
             .unwrap());
         assert!(!rt
             .block_on(same_content(
                 f.path(),
                 size,
-                Some("00000000000000000000000000000000-2"),
+                Some(&ETag::new("00000000000000000000000000000000-2")),
                 8 << 20
             ))
             .unwrap());

@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::cache::{BlockCache, BlockId, ObjectId};
-use crate::store::{ObjectStore, StoreError, StoreResult};
+use crate::store::{ETag, ObjectStore, StoreError, StoreResult};
 
 #[derive(Debug, Clone)]
 pub struct ReadaheadOptions {
@@ -53,13 +53,13 @@ impl Default for ReadaheadOptions {
 #[derive(Debug, Clone)]
 pub struct ObjectRef {
     pub key: String,
-    pub etag: String,
+    pub etag: ETag,
     pub size: u64,
     id: ObjectId,
 }
 
 impl ObjectRef {
-    pub fn new(key: String, etag: String, size: u64) -> Self {
+    pub fn new(key: String, etag: ETag, size: u64) -> Self {
         let id = ObjectId::new(&key, &etag);
         ObjectRef {
             key,
@@ -835,7 +835,7 @@ mod tests {
     #[test]
     fn blocks_kept_ahead_are_bounded_and_give_way_when_left_unread() {
         let id = |index| BlockId {
-            object: ObjectId::new("k", "e"),
+            object: ObjectId::new("k", &ETag::new("e")),
             index,
         };
         let mut a = FetchedAhead::new(3);

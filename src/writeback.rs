@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use crate::cache::{BlockCache, Change, Journal, Replay, StagedFile};
 use crate::retry::Backoff;
 use crate::store::{
-    part_size_for, upload_file, ObjectStore, OpenUploads, StoreError, MAX_DELETE_BATCH,
+    part_size_for, upload_file, ETag, ObjectStore, OpenUploads, StoreError, MAX_DELETE_BATCH,
 };
 
 /// What the queue says about a key while a change to it is pending.
@@ -999,7 +999,7 @@ impl WritebackQueue {
         key: &str,
         size: u64,
         f: &Arc<StagedFile>,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<ETag>, StoreError> {
         // A copy changed on disk since it was sealed is never uploaded: the change fails
         // each attempt, and `status` shows why.
         let checked = {
@@ -1056,7 +1056,7 @@ impl WritebackQueue {
     async fn keep_uploaded(
         &self,
         change: &Change,
-        etag: Option<String>,
+        etag: Option<ETag>,
         file: Option<&Arc<StagedFile>>,
     ) {
         match (change, etag, file) {
@@ -1086,7 +1086,7 @@ impl WritebackQueue {
         seq: u64,
         change: &Change,
         file: Option<&Arc<StagedFile>>,
-    ) -> Option<String> {
+    ) -> Option<ETag> {
         let mut first = true;
         loop {
             if !first && self.state.lock().latest.get(change.key()) != Some(&seq) {

@@ -32,6 +32,7 @@ use md5::{Digest, Md5};
 use parking_lot::Mutex;
 
 use super::direct::DirectWrites;
+use crate::store::ETag;
 
 /// The checksum file's header: magic, format version, block size.
 const SUMS_HEADER: u64 = 16;
@@ -49,11 +50,11 @@ const KNOWN_ETAGS: usize = 10_000;
 pub struct ObjectId(u128);
 
 impl ObjectId {
-    pub fn new(key: &str, etag: &str) -> Self {
+    pub fn new(key: &str, etag: &ETag) -> Self {
         let mut h = Md5::new();
         h.update(key.as_bytes());
         h.update([0u8]);
-        h.update(etag.trim_matches('"').as_bytes());
+        h.update(etag.value().as_bytes());
         ObjectId(u128::from_be_bytes(h.finalize().into()))
     }
 }
@@ -244,7 +245,7 @@ pub struct BlockCache {
     limits: CacheLimits,
     index: Mutex<Index>,
     staged: Arc<StagedBytes>,
-    known_etags: Mutex<LruCache<String, String>>,
+    known_etags: Mutex<LruCache<String, ETag>>,
     stats: Mutex<BlockStats>,
     /// Set while the free-space floor keeps new blocks out, so that it is logged once.
     below_floor: AtomicBool,
@@ -991,14 +992,12 @@ impl BlockCache {
     pub fn adopt(
         &self,
         key: &str,
-        etag: &str,
+        etag: &ETag,
         file: &File,
         size: u64,
         crc: Option<u32>,
     ) -> Result<(), u32> {
-        self.known_etags
-            .lock()
-            .put(key.to_string(), etag.to_string());
+        self.known_etags.lock().put(key.to_string(), etag.clone());
         let object = ObjectId::new(key, etag);
         let bs = self.limits.block_size;
         let mut buf = vec![0u8; bs as usize];
@@ -1026,7 +1025,7 @@ impl BlockCache {
     }
 
     /// The ETag of `key` as this mount last uploaded it.
-    pub fn known_etag(&self, key: &str) -> Option<String> {
+    pub fn known_etag(&self, key: &str) -> Option<ETag> {
         self.known_etags.lock().get(key).cloned()
     }
 
@@ -1197,14 +1196,14 @@ mod tests {
 
     fn id(n: u64) -> BlockId {
         BlockId {
-            object: ObjectId::new("k", "e"),
+            object: ObjectId::new("k", &ETag::new("e")),
             index: n,
         }
     }
 
     fn of(object: &str, n: u64) -> BlockId {
         BlockId {
-            object: ObjectId::new(object, "e"),
+            object: ObjectId::new(object, &ETag::new("e")),
             index: n,
         }
     }
@@ -1249,10 +1248,13 @@ mod tests {
         let size = data.len() as u64;
         let crc = crc32fast::hash(&data);
         let block = |etag: &str, index| BlockId {
-            object: ObjectId::new("k", etag),
+            object: ObjectId::new("k", &ETag::new(etag)),
             index,
         };
-        assert_eq!(c.adopt("k", "good", &f, size, Some(crc)), Ok(()));
+        assert_eq!(
+            c.adopt("k", &ETag::new("good"), &f, size, Some(crc)),
+            Ok(())
+        );
         assert_eq!(
             c.get(&block("good", 2), 150_000 - 2 * (64 << 10))
                 .unwrap()
@@ -1261,7 +1263,9 @@ mod tests {
         );
         // Changed on disk since it was sealed: no block of it is kept, even the first ones.
         f.write_all_at(b"X", 140_000).unwrap();
-        assert!(c.adopt("k", "bad", &f, size, Some(crc)).is_err());
+        assert!(c
+            .adopt("k", &ETag::new("bad"), &f, size, Some(crc))
+            .is_err());
         assert!((0..3).all(|i| !c.contains(&block("bad", i))));
     }
 
@@ -1348,7 +1352,7 @@ mod tests {
             Arc::new(BlockCache::open(dir.path(), limits(4 << 20), Default::default()).unwrap());
         let bs = c.block_size() as usize;
         let data: Vec<u8> = (0..bs * 2 + 100).map(|i| (i % 251) as u8).collect();
-        let object = ObjectId::new("k", "e");
+        let object = ObjectId::new("k", &ETag::new("e"));
         assert!(c.put(id(0), &data[..bs]));
         assert!(c.put(id(2), &data[2 * bs..]));
         assert!(
@@ -1395,7 +1399,7 @@ mod tests {
             assert!(c.put(id(n), &data));
         }
         let whole = c
-            .open_whole(ObjectId::new("k", "e"), 4 * (64 << 10))
+            .open_whole(ObjectId::new("k", &ETag::new("e")), 4 * (64 << 10))
             .unwrap();
         for n in 0..20 {
             c.put(of("other", n), &data);
@@ -1410,7 +1414,7 @@ mod tests {
         }
         assert!(!c.contains(&id(0)), "evictable again once closed");
         assert!(
-            c.open_whole(ObjectId::new("more", "e"), 20 * (64 << 10))
+            c.open_whole(ObjectId::new("more", &ETag::new("e")), 20 * (64 << 10))
                 .is_none(),
             "more than half the cache is never held open"
         );
@@ -1418,8 +1422,17 @@ mod tests {
 
     #[test]
     fn another_etag_is_another_object() {
-        assert_ne!(ObjectId::new("k", "\"a\""), ObjectId::new("k", "\"b\""));
-        assert_eq!(ObjectId::new("k", "\"a\""), ObjectId::new("k", "a"));
-        assert_ne!(ObjectId::new("ka", ""), ObjectId::new("k", "a"));
+        assert_ne!(
+            ObjectId::new("k", &ETag::new("\"a\"")),
+            ObjectId::new("k", &ETag::new("\"b\""))
+        );
+        assert_eq!(
+            ObjectId::new("k", &ETag::new("\"a\"")),
+            ObjectId::new("k", &ETag::new("a"))
+        );
+        assert_ne!(
+            ObjectId::new("ka", &ETag::new("")),
+            ObjectId::new("k", &ETag::new("a"))
+        );
     }
 }

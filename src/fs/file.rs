@@ -17,7 +17,7 @@ use super::{names, Attr, BucketFs, WriteMode, COMMIT_LOCKS};
 use crate::cache::{allocated, ObjectId, StagedFile, WholeObject};
 use crate::passthrough::Backed;
 use crate::readahead::{ObjectRef, ReadStream};
-use crate::store::{StoreError, MAX_OBJECT_SIZE};
+use crate::store::{ETag, StoreError, MAX_OBJECT_SIZE};
 
 /// The smallest file whose local content is passed through to the kernel. Below it, one
 /// FUSE read answers the whole file and the kernel's pages are kept across opens, so re-reads
@@ -33,7 +33,7 @@ struct OpenFile {
     writable: bool,
     /// The object version this handle reads, with its size; a changed object fails the
     /// read rather than mix versions.
-    etag: Option<String>,
+    etag: Option<ETag>,
     size: u64,
     /// Access pattern and readahead of reads from the bucket, made at the first one.
     stream: OnceLock<Arc<ReadStream>>,
@@ -44,7 +44,7 @@ struct OpenFile {
 }
 
 impl OpenFile {
-    fn new(ino: u64, writable: bool, etag: Option<String>, size: u64) -> Self {
+    fn new(ino: u64, writable: bool, etag: Option<ETag>, size: u64) -> Self {
         OpenFile {
             ino,
             writable,
@@ -478,7 +478,7 @@ impl BucketFs {
             None => {
                 let staged = self.staging.create()?;
                 self.room_for_download(ino, &staged, size)?;
-                self.download(&staged, &key, size, etag.as_deref()).await?;
+                self.download(&staged, &key, size, etag.as_ref()).await?;
                 staged
             }
         };
@@ -501,7 +501,7 @@ impl BucketFs {
         staged: &StagedFile,
         key: &str,
         size: u64,
-        etag: Option<&str>,
+        etag: Option<&ETag>,
     ) -> FsResult<()> {
         let mut offset = 0;
         while offset < size {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::cache::StagedFile;
-use crate::store::ObjectMeta;
+use crate::store::{ETag, ObjectMeta};
 
 pub const ROOT: u64 = 1;
 
@@ -23,7 +23,7 @@ pub struct Remote {
     pub kind: Kind,
     pub size: u64,
     pub mtime: SystemTime,
-    pub etag: Option<String>,
+    pub etag: Option<ETag>,
 }
 
 impl Remote {
@@ -66,7 +66,7 @@ pub struct Inode {
     pub kind: Kind,
     pub size: u64,
     pub mtime: SystemTime,
-    pub etag: Option<String>,
+    pub etag: Option<ETag>,
     /// When the attributes were last confirmed by the bucket (or made here); None when
     /// they must be asked for again.
     pub validated: Option<Instant>,
@@ -81,7 +81,7 @@ pub struct Inode {
     pub version: u64,
     /// The object version (ETag and size) the kernel's page cache of the file was filled
     /// from, when the last open read it through the mount; None after any other open.
-    pub page_cache: Option<(String, u64)>,
+    pub page_cache: Option<(ETag, u64)>,
 }
 
 impl Inode {

@@ -14,6 +14,7 @@ use lru::LruCache;
 use parking_lot::Mutex;
 
 use super::inode::{Kind, Remote};
+use crate::store::ETag;
 
 /// Most absent paths remembered for the negative TTL.
 const NEGATIVE_CAPACITY: usize = 10_000;
@@ -38,7 +39,7 @@ enum Entry {
         kind: Kind,
         size: u64,
         mtime: SystemTime,
-        etag: Option<Box<str>>,
+        etag: Option<ETag>,
     },
     /// Removed by this mount while the listing was fresh.
     Removed,
@@ -399,7 +400,7 @@ impl Entry {
                 kind: *kind,
                 size: *size,
                 mtime: *mtime,
-                etag: etag.as_deref().map(str::to_string),
+                etag: etag.clone(),
             }),
             Entry::Removed => None,
         }
@@ -412,7 +413,7 @@ impl From<&Remote> for Entry {
             kind: remote.kind,
             size: remote.size,
             mtime: remote.mtime,
-            etag: remote.etag.as_deref().map(Box::from),
+            etag: remote.etag.clone(),
         }
     }
 }
@@ -426,7 +427,7 @@ mod tests {
             kind: Kind::File,
             size,
             mtime: SystemTime::UNIX_EPOCH,
-            etag: Some("\"e\"".into()),
+            etag: Some(ETag::new("\"e\"")),
         }
     }
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::cache::{BlockCache, StagingArea};
 use crate::readahead::Readahead;
-use crate::store::{ObjectStore, StoreError};
+use crate::store::{ETag, ObjectStore, StoreError};
 use crate::writeback::{Pending, WritebackQueue};
 
 pub use dir::DirEntry;
@@ -95,6 +95,16 @@ pub struct Attr {
 
 /// Stripes of the per-file commit lock.
 const COMMIT_LOCKS: u64 = 64;
+
+/// What a renamed file's inode knows of the version its new key holds.
+enum RenamedVersion {
+    /// Its content is local (being written, or a sealed copy on its way up).
+    Local,
+    /// A server-side copy, with the ETag the store gave it.
+    Copied(ETag),
+    /// A server-side copy whose ETag the store did not say: asked for at the next open.
+    Unknown,
+}
 
 pub struct BucketFs {
     store: Arc<dyn ObjectStore>,
@@ -440,8 +450,7 @@ impl BucketFs {
         let sealed = local
             .filter(|s| s.is_sealed())
             .or_else(|| self.writeback.pending_upload(&old_key));
-        // The new object's ETag: Some(..) when known, None when it must be asked for.
-        let mut new_etag: Option<Option<String>> = Some(None);
+        let mut version = RenamedVersion::Local;
         if dirty {
             // The content is still being written: its next commit goes to the new key.
         } else if let Some(file) = &sealed {
@@ -459,12 +468,18 @@ impl BucketFs {
                 .copy(&old_key, &new_key)
                 .await
                 .map_err(|e| FsError::store("COPY", &old_key, e))?;
-            new_etag = etag.map(Some);
+            version = match etag {
+                Some(etag) => RenamedVersion::Copied(etag),
+                None => RenamedVersion::Unknown,
+            };
         }
         if in_bucket {
             self.queue(self.writeback.delete(&old_key))?;
         }
-        let noted_etag = new_etag.clone().flatten();
+        let noted_etag = match &version {
+            RenamedVersion::Copied(etag) => Some(etag.clone()),
+            _ => None,
+        };
         {
             let mut t = self.ns.table.lock();
             t.reparent(ino, new_parent, new_name, new_path.clone());
@@ -472,12 +487,16 @@ impl BucketFs {
                 if dirty {
                     i.renamed_while_dirty();
                 }
-                match new_etag {
-                    Some(etag) => {
-                        i.etag = etag;
+                match version {
+                    RenamedVersion::Local => {
+                        i.etag = None;
                         i.validated = Some(Instant::now());
                     }
-                    None => {
+                    RenamedVersion::Copied(etag) => {
+                        i.etag = Some(etag);
+                        i.validated = Some(Instant::now());
+                    }
+                    RenamedVersion::Unknown => {
                         // A copy whose ETag the store did not say: ask next time.
                         i.etag = None;
                         i.validated = None;

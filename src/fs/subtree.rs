@@ -162,12 +162,13 @@ impl Subtree {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::ETag;
 
     fn meta(key: &str, size: u64) -> ObjectMeta {
         ObjectMeta {
             key: key.to_string(),
             size,
-            etag: Some("\"e\"".into()),
+            etag: Some(ETag::new("\"e\"")),
             last_modified: SystemTime::UNIX_EPOCH,
         }
     }

@@ -12,12 +12,12 @@ use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 
-use super::{ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult};
+use super::{ETag, ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult};
 
 #[derive(Clone)]
 struct Object {
     data: Bytes,
-    etag: String,
+    etag: ETag,
     modified: SystemTime,
 }
 
@@ -83,8 +83,11 @@ impl MemoryStore {
         self.uploads.lock().len()
     }
 
-    fn store(&self, key: &str, data: Bytes) -> String {
-        let etag = format!("\"m{}\"", self.next_etag.fetch_add(1, Ordering::Relaxed));
+    fn store(&self, key: &str, data: Bytes) -> ETag {
+        let etag = ETag::new(format!(
+            "\"m{}\"",
+            self.next_etag.fetch_add(1, Ordering::Relaxed)
+        ));
         let object = Object {
             data,
             etag: etag.clone(),
@@ -119,12 +122,12 @@ impl ObjectStore for MemoryStore {
         &self,
         key: &str,
         range: Range<u64>,
-        if_match: Option<&str>,
+        if_match: Option<&ETag>,
     ) -> StoreResult<Bytes> {
         self.answer()?;
         let objects = self.objects.lock();
         let o = objects.get(key).ok_or(StoreError::NotFound)?;
-        if if_match.is_some_and(|etag| etag != o.etag) {
+        if if_match.is_some_and(|etag| *etag != o.etag) {
             return Err(StoreError::PreconditionFailed);
         }
         let len = o.data.len() as u64;
@@ -139,7 +142,7 @@ impl ObjectStore for MemoryStore {
         &self,
         key: &str,
         range: Range<u64>,
-        if_match: Option<&str>,
+        if_match: Option<&ETag>,
         piece: u64,
         sink: &mut (dyn FnMut(Bytes) + Send),
     ) -> StoreResult<u64> {
@@ -218,7 +221,7 @@ impl ObjectStore for MemoryStore {
         Ok(page)
     }
 
-    async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>> {
+    async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<ETag>> {
         self.answer()?;
         Ok(Some(self.store(key, body)))
     }
@@ -236,20 +239,20 @@ impl ObjectStore for MemoryStore {
         upload_id: &str,
         part_number: i32,
         body: Bytes,
-    ) -> StoreResult<String> {
+    ) -> StoreResult<ETag> {
         self.answer()?;
         let mut uploads = self.uploads.lock();
         let parts = uploads.get_mut(upload_id).ok_or(StoreError::NotFound)?;
         parts.insert(part_number, body);
-        Ok(format!("\"p{part_number}\""))
+        Ok(ETag::new(format!("\"p{part_number}\"")))
     }
 
     async fn complete_multipart(
         &self,
         key: &str,
         upload_id: &str,
-        parts: Vec<(i32, String)>,
-    ) -> StoreResult<Option<String>> {
+        parts: Vec<(i32, ETag)>,
+    ) -> StoreResult<Option<ETag>> {
         self.answer()?;
         let stored = self
             .uploads
@@ -284,7 +287,7 @@ impl ObjectStore for MemoryStore {
             .collect())
     }
 
-    async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<String>> {
+    async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<ETag>> {
         self.answer()?;
         let data = self
             .objects

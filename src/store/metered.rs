@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult};
+use super::{ETag, ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult};
 use crate::metrics::StoreMetrics;
 
 pub struct MeteredStore {
@@ -45,7 +45,7 @@ impl ObjectStore for MeteredStore {
         &self,
         key: &str,
         range: Range<u64>,
-        if_match: Option<&str>,
+        if_match: Option<&ETag>,
     ) -> StoreResult<Bytes> {
         let r = self.inner.get_range(key, range, if_match).await;
         self.count("get", &r);
@@ -59,7 +59,7 @@ impl ObjectStore for MeteredStore {
         &self,
         key: &str,
         range: Range<u64>,
-        if_match: Option<&str>,
+        if_match: Option<&ETag>,
         piece: u64,
         sink: &mut (dyn FnMut(Bytes) + Send),
     ) -> StoreResult<u64> {
@@ -86,7 +86,7 @@ impl ObjectStore for MeteredStore {
         r
     }
 
-    async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>> {
+    async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<ETag>> {
         let len = body.len() as u64;
         let r = self.inner.put(key, body).await;
         self.count("put", &r);
@@ -108,7 +108,7 @@ impl ObjectStore for MeteredStore {
         upload_id: &str,
         part_number: i32,
         body: Bytes,
-    ) -> StoreResult<String> {
+    ) -> StoreResult<ETag> {
         let len = body.len() as u64;
         let r = self
             .inner
@@ -125,8 +125,8 @@ impl ObjectStore for MeteredStore {
         &self,
         key: &str,
         upload_id: &str,
-        parts: Vec<(i32, String)>,
-    ) -> StoreResult<Option<String>> {
+        parts: Vec<(i32, ETag)>,
+    ) -> StoreResult<Option<ETag>> {
         let r = self.inner.complete_multipart(key, upload_id, parts).await;
         self.count("complete_multipart", &r);
         r
@@ -144,7 +144,7 @@ impl ObjectStore for MeteredStore {
         r
     }
 
-    async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<String>> {
+    async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<ETag>> {
         let r = self.inner.copy(from, to).await;
         self.count("copy", &r);
         r

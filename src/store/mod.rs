@@ -4,6 +4,7 @@
 //! for tests: the crate's own, and with the `test-util` feature, which the crate's
 //! integration tests turn on through its dev-dependency on itself).
 
+mod etag;
 #[cfg(any(test, feature = "test-util"))]
 mod memory;
 mod metered;
@@ -16,6 +17,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use etag::ETag;
 #[cfg(any(test, feature = "test-util"))]
 pub use memory::MemoryStore;
 pub use metered::MeteredStore;
@@ -27,7 +29,7 @@ pub use upload::{part_size_for, upload_file, OpenUploads, MAX_OBJECT_SIZE, MAX_P
 pub struct ObjectMeta {
     pub key: String,
     pub size: u64,
-    pub etag: Option<String>,
+    pub etag: Option<ETag>,
     pub last_modified: SystemTime,
 }
 
@@ -82,7 +84,7 @@ pub trait ObjectStore: Send + Sync + 'static {
         &self,
         key: &str,
         range: Range<u64>,
-        if_match: Option<&str>,
+        if_match: Option<&ETag>,
     ) -> StoreResult<Bytes>;
 
     /// Like `get_range`, with the bytes handed to `sink` as they arrive, in order, cut into
@@ -95,7 +97,7 @@ pub trait ObjectStore: Send + Sync + 'static {
         &self,
         key: &str,
         range: Range<u64>,
-        if_match: Option<&str>,
+        if_match: Option<&ETag>,
         piece: u64,
         sink: &mut (dyn FnMut(Bytes) + Send),
     ) -> StoreResult<u64>;
@@ -111,7 +113,7 @@ pub trait ObjectStore: Send + Sync + 'static {
     ) -> StoreResult<ListPage>;
 
     /// Store `body` as the whole object; returns its ETag.
-    async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>>;
+    async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<ETag>>;
 
     /// Start a multipart upload; returns its upload id.
     async fn create_multipart(&self, key: &str) -> StoreResult<String>;
@@ -123,15 +125,15 @@ pub trait ObjectStore: Send + Sync + 'static {
         upload_id: &str,
         part_number: i32,
         body: Bytes,
-    ) -> StoreResult<String>;
+    ) -> StoreResult<ETag>;
 
     /// Assemble the parts, in order; returns the object's ETag.
     async fn complete_multipart(
         &self,
         key: &str,
         upload_id: &str,
-        parts: Vec<(i32, String)>,
-    ) -> StoreResult<Option<String>>;
+        parts: Vec<(i32, ETag)>,
+    ) -> StoreResult<Option<ETag>>;
 
     /// Give up a multipart upload and free its parts.
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()>;
@@ -141,7 +143,7 @@ pub trait ObjectStore: Send + Sync + 'static {
     async fn unfinished_multipart(&self, key: &str) -> StoreResult<Vec<String>>;
 
     /// Server-side copy of a whole object; returns the new object's ETag.
-    async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<String>>;
+    async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<ETag>>;
 
     /// Delete an object; deleting a missing key succeeds.
     async fn delete(&self, key: &str) -> StoreResult<()>;

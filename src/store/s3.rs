@@ -29,7 +29,7 @@ use bytes::Bytes;
 
 use crate::cache::DIRECT_ALIGN;
 
-use super::{ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult};
+use super::{ETag, ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult};
 
 /// Everything needed to talk to one bucket.
 #[derive(Clone)]
@@ -324,7 +324,7 @@ impl S3Store {
         &self,
         key: &str,
         range: Range<u64>,
-        if_match: Option<&str>,
+        if_match: Option<&ETag>,
         piece: u64,
         sink: &mut (dyn FnMut(Bytes) + Send),
     ) -> Result<StoreResult<()>, BodyError> {
@@ -334,7 +334,7 @@ impl S3Store {
             .bucket(&self.bucket)
             .key(key)
             .range(format!("bytes={}-{}", range.start, range.end - 1))
-            .set_if_match(if_match.map(str::to_string))
+            .set_if_match(if_match.map(|e| e.as_str().to_string()))
             .pipe(|b| customer_key!(b, &self.objects.encryption))
             .send()
             .await
@@ -635,7 +635,7 @@ impl ObjectStore for S3Store {
         Ok(ObjectMeta {
             key: key.to_string(),
             size: r.content_length().unwrap_or(0).max(0) as u64,
-            etag: r.e_tag().map(str::to_string),
+            etag: r.e_tag().map(ETag::new),
             last_modified: to_system_time(r.last_modified()),
         })
     }
@@ -644,7 +644,7 @@ impl ObjectStore for S3Store {
         &self,
         key: &str,
         range: Range<u64>,
-        if_match: Option<&str>,
+        if_match: Option<&ETag>,
     ) -> StoreResult<Bytes> {
         let len = range.end.saturating_sub(range.start);
         let mut pieces = Vec::with_capacity(1);
@@ -662,7 +662,7 @@ impl ObjectStore for S3Store {
         &self,
         key: &str,
         range: Range<u64>,
-        if_match: Option<&str>,
+        if_match: Option<&ETag>,
         piece: u64,
         sink: &mut (dyn FnMut(Bytes) + Send),
     ) -> StoreResult<u64> {
@@ -740,7 +740,7 @@ impl ObjectStore for S3Store {
                 Some(ObjectMeta {
                     key: o.key()?.to_string(),
                     size: o.size().unwrap_or(0).max(0) as u64,
-                    etag: o.e_tag().map(str::to_string),
+                    etag: o.e_tag().map(ETag::new),
                     last_modified: to_system_time(o.last_modified()),
                 })
             })
@@ -762,7 +762,7 @@ impl ObjectStore for S3Store {
         })
     }
 
-    async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>> {
+    async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<ETag>> {
         let len = body.len() as i64;
         let digest = BodyDigest::of(&body);
         let r = self
@@ -785,7 +785,7 @@ impl ObjectStore for S3Store {
             r.server_side_encryption(),
             r.sse_customer_algorithm(),
         )?;
-        Ok(r.e_tag().map(str::to_string))
+        Ok(r.e_tag().map(ETag::new))
     }
 
     async fn create_multipart(&self, key: &str) -> StoreResult<String> {
@@ -809,7 +809,7 @@ impl ObjectStore for S3Store {
         upload_id: &str,
         part_number: i32,
         body: Bytes,
-    ) -> StoreResult<String> {
+    ) -> StoreResult<ETag> {
         let len = body.len() as i64;
         let digest = BodyDigest::of(&body);
         let r = self
@@ -835,7 +835,7 @@ impl ObjectStore for S3Store {
             r.sse_customer_algorithm(),
         )?;
         r.e_tag()
-            .map(str::to_string)
+            .map(ETag::new)
             .ok_or_else(|| StoreError::Other("the store returned no part ETag".into()))
     }
 
@@ -843,11 +843,16 @@ impl ObjectStore for S3Store {
         &self,
         key: &str,
         upload_id: &str,
-        parts: Vec<(i32, String)>,
-    ) -> StoreResult<Option<String>> {
+        parts: Vec<(i32, ETag)>,
+    ) -> StoreResult<Option<ETag>> {
         let parts = parts
             .into_iter()
-            .map(|(n, etag)| CompletedPart::builder().part_number(n).e_tag(etag).build())
+            .map(|(n, etag)| {
+                CompletedPart::builder()
+                    .part_number(n)
+                    .e_tag(etag.as_str())
+                    .build()
+            })
             .collect();
         let r = self
             .client
@@ -863,7 +868,7 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| self.map_err("CompleteMultipartUpload", key, e))?;
-        Ok(r.e_tag().map(str::to_string))
+        Ok(r.e_tag().map(ETag::new))
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
@@ -888,7 +893,7 @@ impl ObjectStore for S3Store {
             .collect())
     }
 
-    async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<String>> {
+    async fn copy(&self, from: &str, to: &str) -> StoreResult<Option<ETag>> {
         let r = self
             .client
             .copy_object()
@@ -910,7 +915,7 @@ impl ObjectStore for S3Store {
             .map_err(|e| self.map_err("COPY", from, e))?;
         Ok(r.copy_object_result()
             .and_then(|c| c.e_tag())
-            .map(str::to_string))
+            .map(ETag::new))
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {

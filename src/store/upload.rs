@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::task::JoinSet;
 
-use super::{ObjectStore, StoreError, StoreResult};
+use super::{ETag, ObjectStore, StoreError, StoreResult};
 use crate::retry::Backoff;
 
 /// S3 allows at most this many parts in one upload.
@@ -106,7 +106,7 @@ pub async fn upload_file(
     base_part_size: u64,
     parts_in_flight: usize,
     open: &OpenUploads,
-) -> StoreResult<Option<String>> {
+) -> StoreResult<Option<ETag>> {
     let part_size = part_size_for(size, base_part_size);
     if size <= part_size {
         let (body, read) = read_part(file, 0, size as usize).await?;
@@ -149,7 +149,7 @@ async fn upload_multipart(
     (size, crc): (u64, Option<u32>),
     part_size: u64,
     parts_in_flight: usize,
-) -> StoreResult<Option<String>> {
+) -> StoreResult<Option<ETag>> {
     let result = upload_parts(
         store,
         key,
@@ -170,9 +170,7 @@ async fn upload_multipart(
                     // Some servers complete the upload but answer in a form the client cannot
                     // read: the object itself says whether it is the one just assembled.
                     if let (Some(expected), Ok(meta)) = (expected, store.head(key).await) {
-                        if meta.size == size
-                            && meta.etag.as_deref().map(|t| t.trim_matches('"')) == Some(&expected)
-                        {
+                        if meta.size == size && meta.etag.as_ref() == Some(&expected) {
                             tracing::debug!(key, error = %e, "the upload completed though its answer could not be read");
                             return Ok(meta.etag);
                         }
@@ -193,21 +191,18 @@ async fn upload_multipart(
 
 /// The ETag S3 gives an object assembled from parts with these ETags: the MD5 of the
 /// parts' MD5s, then `-` and the number of parts. None when a part ETag is not an MD5.
-fn multipart_etag(parts: &[(i32, String)]) -> Option<String> {
+fn multipart_etag(parts: &[(i32, ETag)]) -> Option<ETag> {
     use md5::{Digest, Md5};
     let mut h = Md5::new();
     for (_, etag) in parts {
-        let hex = etag.trim_matches('"');
-        if hex.len() != 32 {
-            return None;
-        }
+        let hex = etag.md5_hex()?;
         for i in (0..32).step_by(2) {
             h.update([u8::from_str_radix(&hex[i..i + 2], 16).ok()?]);
         }
     }
     let digest = h.finalize();
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    Some(format!("{hex}-{}", parts.len()))
+    Some(ETag::new(format!("{hex}-{}", parts.len())))
 }
 
 async fn upload_parts(
@@ -218,7 +213,7 @@ async fn upload_parts(
     size: u64,
     part_size: u64,
     parts_in_flight: usize,
-) -> StoreResult<(Vec<(i32, String)>, crc32fast::Hasher)> {
+) -> StoreResult<(Vec<(i32, ETag)>, crc32fast::Hasher)> {
     let count = size.div_ceil(part_size);
     let mut parts = Vec::with_capacity(count as usize);
     let mut tasks = JoinSet::new();
@@ -291,16 +286,16 @@ mod tests {
     fn multipart_etag_follows_s3s_rule() {
         // Two parts whose MD5s are those of "a" and "b".
         let parts = vec![
-            (1, "\"0cc175b9c0f1b6a831c399e269772661\"".to_string()),
-            (2, "\"92eb5ffee6ae2fec3ad71c777531578f\"".to_string()),
+            (1, ETag::new("\"0cc175b9c0f1b6a831c399e269772661\"")),
+            (2, ETag::new("\"92eb5ffee6ae2fec3ad71c777531578f\"")),
         ];
         let mut h = md5::Md5::new();
         use md5::Digest;
         h.update(hex_bytes("0cc175b9c0f1b6a831c399e269772661"));
         h.update(hex_bytes("92eb5ffee6ae2fec3ad71c777531578f"));
         let want: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(multipart_etag(&parts).unwrap(), format!("{want}-2"));
-        assert_eq!(multipart_etag(&[(1, "\"not-md5\"".into())]), None);
+        assert_eq!(multipart_etag(&parts).unwrap().value(), format!("{want}-2"));
+        assert_eq!(multipart_etag(&[(1, ETag::new("\"not-md5\""))]), None);
     }
 
     fn hex_bytes(s: &str) -> Vec<u8> {
