@@ -6,6 +6,7 @@
 pub mod faults;
 
 use std::fs::File;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -41,14 +42,21 @@ impl S3Env {
         if std::env::var_os("S3MEDIAFS_TEST_BACKEND").is_none()
             && std::env::var_os("S3MEDIAFS_TEST_REQUIRE_SERVER").is_none()
         {
-            let binary = std::env::args().next().unwrap_or_default();
-            eprintln!(
-                "\nskipping the tests of {binary}: they mount the filesystem against a local S3 \
-                 server, and none is set up (S3MEDIAFS_TEST_BACKEND is unset). Run them with \
-                 scripts/test.sh, which starts one, or after `scripts/s3-server.sh start garage` \
-                 with its settings in the environment."
-            );
-            std::process::exit(0);
+            // Once: tests running at the same time wait here while the process exits.
+            static SKIP: std::sync::Once = std::sync::Once::new();
+            SKIP.call_once(|| {
+                let binary = std::env::args().next().unwrap_or_default();
+                // Straight to stderr: the harness would keep a test's eprintln! to itself.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "\nskipping the tests of {binary}: they mount the filesystem against a local S3 \
+                     server, and none is set up (S3MEDIAFS_TEST_BACKEND is unset). Run them with \
+                     scripts/test.sh, which starts one, or after `scripts/s3-server.sh start garage` \
+                     with its settings in the environment."
+                );
+                std::process::exit(0);
+            });
+            unreachable!("the process exited");
         }
         let var = |k: &str| {
             std::env::var(k).unwrap_or_else(|_| {
