@@ -96,9 +96,10 @@ impl Passthrough {
         Some(files.inodes.get(&ino)?.backing.as_ref()?.content.clone())
     }
 
-    /// Answers the open of `fh` on inode `ino`: passed through as `backed` says when the
-    /// inode allows it, else read through the mount, keeping the kernel's page cache of the
-    /// file when `keep_cache`. Returns false when the open was refused (ETXTBSY), and `fh`
+    /// Answers the read-only open of `fh` on inode `ino`: passed through as `backed` says
+    /// when the inode allows it, else read through the mount, keeping the kernel's page cache
+    /// of the file when `keep_cache`. The kernel sends no flush at its close(): a handle that
+    /// only reads has nothing to commit, and the close costs no round trip to the mount. Returns false when the open was refused (ETXTBSY), and `fh`
     /// must be released.
     pub fn reply_open(
         &self,
@@ -152,15 +153,15 @@ impl Passthrough {
             files.handles.insert(fh, (ino, Mode::Passthrough));
             drop(files);
             self.opened.fetch_add(1, Ordering::Relaxed);
-            reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+            reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id);
             return true;
         }
         if Self::through_mount(&mut files, ino, fh) {
             drop(files);
             let flags = if keep_cache {
-                FopenFlags::FOPEN_KEEP_CACHE
+                FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_KEEP_CACHE
             } else {
-                FopenFlags::empty()
+                FopenFlags::FOPEN_NOFLUSH
             };
             reply.opened(FileHandle(fh), flags);
             true

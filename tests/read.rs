@@ -475,6 +475,18 @@ fn the_kernel_keeps_its_pages_of_an_unchanged_file_across_opens() {
     for _ in 0..2 {
         assert!(std::fs::read(m.path("thumb.jpg")).unwrap() == old);
     }
+    // A small one (not passed through) is read back from the pages its writes filled.
+    let small = pseudo_random(64 << 10, 47);
+    std::fs::write(m.path("small.jpg"), &small).unwrap();
+    let before = m.metric(reads);
+    for _ in 0..2 {
+        assert!(std::fs::read(m.path("small.jpg")).unwrap() == small);
+    }
+    assert_eq!(
+        m.metric(reads),
+        before,
+        "a file just written here was read again from the mount"
+    );
 }
 
 #[test]

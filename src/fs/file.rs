@@ -12,7 +12,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::error::{FsError, FsResult};
-use super::inode::{Kind, Remote, State};
+use super::inode::{Kind, PageCache, Remote, State};
 use super::{names, Attr, BucketFs, WriteMode, COMMIT_LOCKS};
 use crate::cache::{allocated, ObjectId, StagedFile, WholeObject};
 use crate::passthrough::Backed;
@@ -164,7 +164,9 @@ impl BucketFs {
             .ok_or(FsError::NOENT)?
             .path
             .clone();
-        let uploaded = self.blocks().known_etag(&self.ns.keys.file_key(&path)?);
+        let key = self.ns.keys.file_key(&path)?;
+        let uploaded = self.blocks().known_etag(&key);
+        let pending = self.writeback.pending_upload(&key).is_some();
         let mut t = self.ns.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
         i.open += 1;
@@ -174,11 +176,20 @@ impl BucketFs {
             None
         };
         let size = i.size;
-        // The kernel keeps the pages it cached at the last open when this open reads the
-        // same version of the object (the one the handle opens, or this mount uploaded).
-        let version = (!mode.write && i.copy().is_none())
-            .then(|| etag.clone().or(uploaded).map(|e| (e, size)))
-            .flatten();
+        // The kernel keeps its pages of the file when this open reads what they were filled
+        // from: the content written here (its local copy, its upload waiting or landed, as
+        // long as the bucket has not said otherwise), or the same version of the object.
+        let written_here = i.copy().is_some()
+            || match &i.etag {
+                None => pending || uploaded.is_some(),
+                Some(e) => uploaded.as_ref() == Some(e),
+            };
+        let version = match &etag {
+            _ if mode.write => None,
+            _ if written_here => Some(PageCache::Local(i.version)),
+            Some(e) => Some(PageCache::Object(e.clone(), size)),
+            None => None,
+        };
         let keep_cache = version.is_some() && i.page_cache == version;
         i.page_cache = version;
         drop(t);

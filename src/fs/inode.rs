@@ -79,9 +79,19 @@ pub struct Inode {
     state: State,
     /// Bumped by every change to the local copy, so a commit knows whether it saw the last.
     pub version: u64,
-    /// The object version (ETag and size) the kernel's page cache of the file was filled
-    /// from, when the last open read it through the mount; None after any other open.
-    pub page_cache: Option<(ETag, u64)>,
+    /// What the kernel's page cache of the file holds, when the mount knows; None after
+    /// an open for writing until its first write, and after the local copy is replaced.
+    pub page_cache: Option<PageCache>,
+}
+
+/// The content the kernel's page cache of a file was filled from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageCache {
+    /// The object version (ETag and size) an open read through the mount.
+    Object(ETag, u64),
+    /// The local copy at this `Inode::version`: written through this mount (every write
+    /// goes through the kernel's pages), or read from it.
+    Local(u64),
 }
 
 impl Inode {
@@ -146,6 +156,7 @@ impl Inode {
     /// Replaces the local copy (a writable one instead of a sealed one, or the downloaded
     /// content), keeping what else the state says.
     pub fn set_copy(&mut self, new: Arc<StagedFile>) {
+        self.page_cache = None;
         self.state = match std::mem::replace(&mut self.state, State::Remote) {
             State::Remote | State::Clean { .. } => State::Clean { copy: new },
             State::LocalOnly { .. } => State::LocalOnly { copy: new },
@@ -162,6 +173,7 @@ impl Inode {
             self.set_copy(copy.clone());
         }
         self.version += 1;
+        self.page_cache = Some(PageCache::Local(self.version));
         if let State::Clean { copy } = &self.state {
             self.state = State::Dirty { copy: copy.clone() };
         }
