@@ -1,6 +1,6 @@
 """What the benchmarks share: the S3 client that watches the bucket, and how each FUSE client
 (s3mediafs, s3fs, rclone mount) is mounted, unmounted and measured."""
-import argparse, os, pathlib, subprocess, sys, time
+import argparse, os, pathlib, re, socket, subprocess, sys, time, urllib.request
 import boto3
 from botocore.config import Config
 
@@ -105,6 +105,23 @@ def wait_bucket(check, timeout=900):
             return None
         time.sleep(0.1)
     return time.time()
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 free right now, for a mount's --metrics-addr."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(addr, family="s3mediafs_requests_total"):
+    """Counts by operation from a mount's Prometheus endpoint: by default the requests it
+    sent to the store; with `family="s3mediafs_fuse_requests_total"` the FUSE requests it got."""
+    text = urllib.request.urlopen("http://%s/metrics" % addr, timeout=10).read().decode()
+    out = {}
+    for m in re.finditer(r'^%s\{op="([a-z_]+)"[^}]*\} (\d+)' % family, text, re.M):
+        out[m.group(1)] = out.get(m.group(1), 0) + int(m.group(2))
+    return out
 
 
 class Client:

@@ -13,13 +13,13 @@ proxy's count for that phase).
 
 Run by scripts/bench-synapse.sh, with the Synapse venv's Python and the S3MEDIAFS_TEST_*
 environment of the bench server."""
-import argparse, concurrent.futures, datetime, hashlib, io, json, os, pathlib, random, re
-import shutil, subprocess, sys, tempfile, time, urllib.request
+import argparse, concurrent.futures, datetime, hashlib, io, json, os, pathlib, random
+import shutil, subprocess, sys, tempfile, time
 
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import BUCKET, ROOT, CountingProxy, S3mediafs, duration, fmt, s3  # noqa: E402
+from bench_common import BUCKET, ROOT, CountingProxy, S3mediafs, duration, fmt, metrics, s3  # noqa: E402
 from synapse_server import SERVER_NAME, Synapse, check, free_port  # noqa: E402
 
 
@@ -65,15 +65,6 @@ def sha(b):
 
 
 THUMBS = [(32, 32, "crop"), (96, 96, "crop"), (320, 240, "scale"), (640, 480, "scale"), (800, 600, "scale")]
-
-
-def metrics(addr):
-    """Requests the mount sent, by operation, from its Prometheus endpoint."""
-    text = urllib.request.urlopen("http://%s/metrics" % addr, timeout=10).read().decode()
-    out = {}
-    for m in re.finditer(r'^s3mediafs_requests_total\{op="([a-z_]+)",outcome="[a-z_]+"\} (\d+)', text, re.M):
-        out[m.group(1)] = out.get(m.group(1), 0) + int(m.group(2))
-    return out
 
 
 def run(target, media_path, media, args, venv_bin, work, proxy=None, mount=None):

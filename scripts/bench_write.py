@@ -4,7 +4,8 @@ For each client it mounts a fresh prefix, runs the workloads, and reports when t
 close() calls returned and when the bucket held everything (watched with boto3)."""
 import argparse, datetime, os, pathlib, sys, tempfile, time
 
-from bench_common import BUCKET, ENDPOINT, ROOT, Rclone, S3fs, S3mediafs, count_objects, s3, wait_bucket
+from bench_common import (BUCKET, ENDPOINT, ROOT, Rclone, S3fs, S3mediafs, count_objects, duration, free_port,
+                          metrics, s3, wait_bucket)
 
 
 def synapse_files(mnt, n):
@@ -112,6 +113,8 @@ def close_section(work):
 
 
 READBACK_SIZES = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
+# Short, so the wait for it to run out stays short; what an open costs after it is the same.
+READBACK_TTL = "2s"
 
 
 def read_files(paths):
@@ -125,16 +128,23 @@ def read_files(paths):
 
 
 def readback_section(work, total_mib):
-    """Reading back files this mount wrote, once their uploads landed (the content is local:
-    adopted into the block cache), against the same files on local disk (in its page cache),
-    file sizes from 16 KiB to 4 MiB."""
+    """Reading back files this mount wrote: right after writing them (what Synapse does when
+    it thumbnails an upload), then once their uploads landed and the metadata TTL ran out
+    (the open asks the bucket whether the file changed elsewhere), then again; against the
+    same files on local disk (in its page cache), file sizes from 16 KiB to 4 MiB."""
     lines = ["", "## Reading back files just written", "",
-             f"Files of each size (about {total_mib} MiB in all, at most 2000) are written in Synapse's layout, "
-             "then read whole once their uploads landed, twice in a row; local disk is the filesystem "
-             "of the mount's cache directory, its files still in the page cache.", "",
-             "| file | files | s3mediafs first read (files/s, MiB/s) | s3mediafs second read | local disk (files/s, MiB/s) | ratio, first read |",
-             "|---|---|---|---|---|---|"]
-    client = S3mediafs("s3mediafs-readback", work / "readback", "writeback")
+             f"Files of each size (about {total_mib} MiB in all, at most 2000) are written in Synapse's layout "
+             "and read whole at once (just written); then, once their uploads landed and the metadata TTL "
+             f"({READBACK_TTL}) ran out, read again (after upload: each open asks the bucket whether the "
+             "file changed elsewhere, the requests are counted) and once more right after. Local disk is "
+             "the filesystem of the mount's cache directory, its files in the page cache.", "",
+             "Each cell of the mount gives files/s, MiB/s, then the FUSE requests per file "
+             "(lookups, opens, reads...) and, after upload, the requests to the store per file.", "",
+             "| file | files | just written | after upload | again | local disk (files/s, MiB/s) | just written / local | after upload / local |",
+             "|---|---|---|---|---|---|---|---|"]
+    addr = f"127.0.0.1:{free_port()}"
+    client = S3mediafs("s3mediafs-readback", work / "readback", "writeback",
+                       extra=["--metadata-ttl", READBACK_TTL, "--metrics-addr", addr])
     prefix = f"bench/readback-{int(time.time())}/"
     client.mount(prefix)
     try:
@@ -152,15 +162,35 @@ def readback_section(work, total_mib):
                     os.makedirs(d, exist_ok=True)
                     (d / mid[4:]).write_bytes(data)
                     paths[where].append(d / mid[4:])
+            def timed(family):
+                """Reads every file; seconds, and what it cost per file in `family`."""
+                before = metrics(addr, family)
+                took = read_files(paths["mount"])
+                after = metrics(addr, family)
+                sent = {op: after.get(op, 0) - before.get(op, 0) for op in after}
+                cost = ", ".join(f"{v / n:.2f} {op}" for op, v in sorted(sent.items()) if v) or "none"
+                return took, cost
+
+            fuse = "s3mediafs_fuse_requests_total"
+            fresh, fresh_ops = timed(fuse)
+            landed = time.time()
             wait_bucket(lambda: count_objects(f"{prefix}rb-{size}/") >= n)
-            first = read_files(paths["mount"])
-            second = read_files(paths["mount"])
+            time.sleep(max(0.0, landed + duration(READBACK_TTL) + 1 - time.time()))
+            before = metrics(addr)
+            first, first_ops = timed(fuse)
+            after = metrics(addr)
+            again, again_ops = timed(fuse)
             local = read_files(paths["local"])
             mib = n * size / (1 << 20)
+            sent = {op: after.get(op, 0) - before.get(op, 0) for op in after}
+            store = ", ".join(f"{v / n:.2f} {op.upper()}" for op, v in sorted(sent.items()) if v) or "none"
 
-            def cell(t):
-                return f"{n / t:.0f}, {mib / t:.0f}"
-            lines.append(f"| {case} | {n} | {cell(first)} | {cell(second)} | {cell(local)} | {local / first:.2f}x |")
+            def cell(t, ops, store=None):
+                more = f"; store: {store}" if store else ""
+                return f"{n / t:.0f}, {mib / t:.0f} (FUSE: {ops}{more})"
+            lines.append(f"| {case} | {n} | {cell(fresh, fresh_ops)} | {cell(first, first_ops, store)} | "
+                         f"{cell(again, again_ops)} | {n / local:.0f}, {mib / local:.0f} | "
+                         f"{local / fresh:.2f}x | {local / first:.2f}x |")
     finally:
         client.unmount()
     return lines
