@@ -373,13 +373,7 @@ impl BucketFs {
 
     async fn wait_uploaded(&self, ino: u64, seq: u64) -> FsResult<()> {
         self.writeback.wait(seq).await.map_err(|e| {
-            let path = self
-                .ns
-                .table
-                .lock()
-                .get(ino)
-                .map(|i| i.path.clone())
-                .unwrap_or_default();
+            let path = self.path_of(ino);
             FsError::from(e.0).context(format!(
                 "waiting for the upload of {path}: it is not done yet, stays queued and is retried"
             ))
@@ -552,14 +546,17 @@ impl BucketFs {
 
     /// Logs `problem` with the path of `ino`, once per mount.
     fn warn_once_about(&self, ino: u64, problem: &str) {
-        let path = self
-            .ns
+        self.ns.warn_once(&self.path_of(ino), problem);
+    }
+
+    /// The path of `ino`, for messages ("" once it is forgotten).
+    fn path_of(&self, ino: u64) -> String {
+        self.ns
             .table
             .lock()
             .get(ino)
             .map(|i| i.path.clone())
-            .unwrap_or_default();
-        self.ns.warn_once(&path, problem);
+            .unwrap_or_default()
     }
 
     /// Makes room in the cache directory for `staged` to grow to `len` bytes, evicting
