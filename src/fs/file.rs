@@ -154,6 +154,10 @@ impl BucketFs {
             self.getattr(ino).await?;
         }
         if mode.write && mode.truncate {
+            // Unknown until the open succeeds: then the kernel empties its pages too.
+            if let Some(i) = self.ns.table.lock().get_mut(ino) {
+                i.page_cache = None;
+            }
             self.truncate_local(ino, 0).await?;
         }
         let path = self
@@ -185,12 +189,14 @@ impl BucketFs {
                 Some(e) => uploaded.as_ref() == Some(e),
             };
         let version = match &etag {
+            // The kernel truncates its pages at this open, as the copy just was.
+            _ if mode.write && mode.truncate => Some(PageCache::Local(i.version)),
             _ if mode.write => None,
             _ if written_here => Some(PageCache::Local(i.version)),
             Some(e) => Some(PageCache::Object(e.clone(), size)),
             None => None,
         };
-        let keep_cache = version.is_some() && i.page_cache == version;
+        let keep_cache = !mode.write && version.is_some() && i.page_cache == version;
         i.page_cache = version;
         drop(t);
         let mut file = OpenFile::new(ino, mode.write, etag, size);

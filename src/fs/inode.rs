@@ -79,8 +79,10 @@ pub struct Inode {
     state: State,
     /// Bumped by every change to the local copy, so a commit knows whether it saw the last.
     pub version: u64,
-    /// What the kernel's page cache of the file holds, when the mount knows; None after
-    /// an open for writing until its first write, and after the local copy is replaced.
+    /// What the kernel's page cache of the file holds, when the mount knows: moved forward
+    /// by a write only from a state known to match (the kernel saw that write), None once
+    /// the content changed in a way the kernel's pages may not show (a download, a
+    /// truncation it was not told of, an open for writing that did not truncate).
     pub page_cache: Option<PageCache>,
 }
 
@@ -151,6 +153,8 @@ impl Inode {
     pub fn created(&mut self, copy: Arc<StagedFile>) {
         self.state = State::LocalOnly { copy };
         self.version = 1;
+        // A new inode: the kernel has no pages of it.
+        self.page_cache = Some(PageCache::Local(1));
     }
 
     /// Replaces the local copy (a writable one instead of a sealed one, or the downloaded
@@ -172,8 +176,12 @@ impl Inode {
         if !self.copy().is_some_and(|c| Arc::ptr_eq(c, copy)) {
             self.set_copy(copy.clone());
         }
+        // The kernel's pages follow the write when they matched the copy before it.
+        self.page_cache = match self.page_cache {
+            Some(PageCache::Local(v)) if v == self.version => Some(PageCache::Local(v + 1)),
+            _ => None,
+        };
         self.version += 1;
-        self.page_cache = Some(PageCache::Local(self.version));
         if let State::Clean { copy } = &self.state {
             self.state = State::Dirty { copy: copy.clone() };
         }

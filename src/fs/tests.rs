@@ -202,3 +202,34 @@ fn a_sealed_copy_changed_on_disk_is_never_passed_through_or_read() {
         Ok(b) => assert!(b.as_ref() == &data[..4096], "the damaged bytes were served"),
     }
 }
+
+#[test]
+fn the_kernel_keeps_its_pages_only_of_content_they_were_filled_from() {
+    let f = Fixture::new(Duration::from_millis(100), 1 << 20);
+    let ino = f.write("a.png", b"written here").unwrap();
+    let keeps = |f: &Fixture| {
+        f.rt.block_on(async {
+            let fh = f.fs.open(ino, libc::O_RDONLY).await.unwrap();
+            let keep = f.fs.keep_cache(fh);
+            f.fs.release(fh).await.unwrap();
+            keep
+        })
+    };
+    let ttl = Duration::from_millis(150);
+    assert!(keeps(&f), "the pages of its writes, waiting for upload");
+    f.drain();
+    std::thread::sleep(ttl);
+    assert!(keeps(&f), "the bucket holds what this mount uploaded");
+    // Replaced elsewhere with content of the same size: the pages go, once.
+    f.put("a.png", b"WRITTEN HERE");
+    std::thread::sleep(ttl);
+    assert!(!keeps(&f), "replaced elsewhere");
+    assert!(keeps(&f));
+    // A truncation that changes no size downloads the bucket's version: the kernel never
+    // saw it, so the pages it kept are not that content.
+    f.put("a.png", b"third versio");
+    std::thread::sleep(ttl);
+    f.rt.block_on(f.fs.getattr(ino)).unwrap();
+    f.rt.block_on(f.fs.setattr_size(ino, 12, None)).unwrap();
+    assert!(!keeps(&f), "content downloaded behind the kernel's back");
+}
