@@ -31,7 +31,7 @@ use lru::LruCache;
 use md5::{Digest, Md5};
 use parking_lot::Mutex;
 
-use super::direct::DirectWrites;
+use super::direct::{DirectWrites, DIRECT_ALIGN};
 use crate::store::ETag;
 
 /// The checksum file's header: magic, format version, block size.
@@ -392,7 +392,11 @@ impl BlockCache {
             stats: Mutex::new(BlockStats::default()),
             below_floor: AtomicBool::new(false),
             no_punch: AtomicBool::new(false),
-            direct: DirectWrites::new(limits.block_size, true),
+            // Blocks smaller than a page (tests use them) are written the ordinary way.
+            direct: DirectWrites::new(
+                limits.block_size,
+                limits.block_size % DIRECT_ALIGN as u64 == 0,
+            ),
         };
         if count > 0 {
             tracing::info!(
