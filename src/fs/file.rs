@@ -41,6 +41,10 @@ struct OpenFile {
     whole: Mutex<Option<WholeObject>>,
     /// The kernel may keep what it cached of the file: it is the version it was cached from.
     keep_cache: bool,
+    /// The sealed copy of the file's upload waiting when it was opened, for a handle whose
+    /// inode kept no copy of its own: what it reads even once the name is removed or taken
+    /// by another file.
+    local: Option<Arc<StagedFile>>,
 }
 
 impl OpenFile {
@@ -53,6 +57,7 @@ impl OpenFile {
             stream: OnceLock::new(),
             whole: Mutex::new(None),
             keep_cache: false,
+            local: None,
         }
     }
 }
@@ -170,7 +175,7 @@ impl BucketFs {
             .clone();
         let key = self.ns.keys.file_key(&path)?;
         let uploaded = self.blocks().known_etag(&key);
-        let pending = self.writeback.pending_upload(&key).is_some();
+        let pending = self.writeback.pending_upload(&key);
         let mut t = self.ns.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
         i.open += 1;
@@ -185,7 +190,7 @@ impl BucketFs {
         // long as the bucket has not said otherwise), or the same version of the object.
         let written_here = i.copy().is_some()
             || match &i.etag {
-                None => pending || uploaded.is_some(),
+                None => pending.is_some() || uploaded.is_some(),
                 Some(e) => uploaded.as_ref() == Some(e),
             };
         let version = match &etag {
@@ -198,9 +203,17 @@ impl BucketFs {
         };
         let keep_cache = !mode.write && version.is_some() && i.page_cache == version;
         i.page_cache = version;
+        // Without a copy of its own, the handle reads the upload waiting, or else the
+        // version the bucket or this mount's last upload of it named, as of now.
+        let local = if i.copy().is_none() { pending } else { None };
+        let etag = match &local {
+            Some(_) => None,
+            None => etag.or_else(|| uploaded.filter(|_| i.copy().is_none())),
+        };
         drop(t);
         let mut file = OpenFile::new(ino, mode.write, etag, size);
         file.keep_cache = keep_cache;
+        file.local = local;
         Ok(self.files.add(file))
     }
 
@@ -230,7 +243,7 @@ impl BucketFs {
             let i = t.get(h.ino)?;
             (i.copy().cloned(), self.ns.keys.file_key(&i.path).ok()?)
         };
-        if let Some(local) = copy.or_else(|| self.writeback.pending_upload(&key)) {
+        if let Some(local) = copy.or_else(|| h.local.clone()) {
             let file = self.sealed_copy(&local, h.size).await?;
             return Some(Backed::File(
                 file,
@@ -239,7 +252,7 @@ impl BucketFs {
         }
         // The version this handle opened; or, as `read` takes it, the one this mount uploaded.
         let uploaded = self.blocks().known_etag(&key);
-        let etag = h.etag.clone().or_else(|| uploaded.clone())?;
+        let etag = h.etag.clone()?;
         match backing {
             // Passed through to the copy this mount uploaded, and that is what this reads:
             // no writer could open the file since (passthrough refuses them).
@@ -287,15 +300,12 @@ impl BucketFs {
         };
         let key = self.ns.keys.file_key(&path)?;
         // A file on its way to the bucket is read from its local copy.
-        let local = staged.or_else(|| self.writeback.pending_upload(&key));
+        let local = staged.or_else(|| h.local.clone());
         if let Some(local) = local {
             return read_staged(&local, offset, size).await;
         }
-        // The version this handle opened; or one this mount uploaded since.
-        let version = match &h.etag {
-            Some(etag) => Some((etag.clone(), h.size)),
-            None => self.blocks().known_etag(&key).map(|etag| (etag, file_size)),
-        };
+        // The version this handle opened.
+        let version = h.etag.clone().map(|etag| (etag, h.size));
         let result = match version {
             Some((etag, object_size)) => {
                 let stream = h.stream.get_or_init(|| {

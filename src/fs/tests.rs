@@ -233,3 +233,33 @@ fn the_kernel_keeps_its_pages_only_of_content_they_were_filled_from() {
     f.rt.block_on(f.fs.setattr_size(ino, 12, None)).unwrap();
     assert!(!keeps(&f), "content downloaded behind the kernel's back");
 }
+
+#[test]
+fn a_handle_reads_the_file_it_opened_after_its_name_is_taken_by_another() {
+    let f = Fixture::new(Duration::from_secs(10), 1 << 20);
+    f.store.set_unreachable(true); // the uploads stay waiting
+    let first = f.write("f.png", b"first file").unwrap();
+    let open = |ino| f.rt.block_on(f.fs.open(ino, libc::O_RDONLY)).unwrap();
+    let read = |fh| f.rt.block_on(f.fs.read(fh, 0, 64)).unwrap();
+    // Removed, then created again.
+    let fh = open(first);
+    f.rt.block_on(f.fs.unlink(ROOT, OsStr::new("f.png")))
+        .unwrap();
+    let second = f.write("f.png", b"SECOND FILE!").unwrap();
+    assert_eq!(read(fh).as_ref(), b"first file", "after rm and create");
+    // Renamed over.
+    let fh2 = open(second);
+    f.write("tmp.png", b"third, renamed").unwrap();
+    f.rt.block_on(f.fs.rename(
+        ROOT,
+        OsStr::new("tmp.png"),
+        ROOT,
+        OsStr::new("f.png"),
+        false,
+    ))
+    .unwrap();
+    assert_eq!(read(fh2).as_ref(), b"SECOND FILE!", "after mv over it");
+    for fh in [fh, fh2] {
+        f.rt.block_on(f.fs.release(fh)).unwrap();
+    }
+}
