@@ -174,8 +174,10 @@ impl BucketFs {
             .path
             .clone();
         let key = self.ns.keys.file_key(&path)?;
-        let uploaded = self.blocks().known_etag(&key);
+        // The queue records an upload's ETag before it lets go of the upload: asked in this
+        // order, one of the two is seen.
         let pending = self.writeback.pending_upload(&key);
+        let uploaded = self.blocks().known_etag(&key);
         let mut t = self.ns.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
         i.open += 1;
@@ -299,13 +301,23 @@ impl BucketFs {
             (i.copy().cloned(), i.size, i.path.clone())
         };
         let key = self.ns.keys.file_key(&path)?;
-        // A file on its way to the bucket is read from its local copy.
-        let local = staged.or_else(|| h.local.clone());
+        // A file on its way to the bucket is read from its local copy: the inode's, or the
+        // one the handle opened. A handle that opened neither a copy nor a version (an open
+        // racing a rename, a store without ETags) reads what the path names now.
+        let unpinned = h.local.is_none() && h.etag.is_none();
+        let local = staged.or_else(|| h.local.clone()).or_else(|| {
+            unpinned
+                .then(|| self.writeback.pending_upload(&key))
+                .flatten()
+        });
         if let Some(local) = local {
             return read_staged(&local, offset, size).await;
         }
-        // The version this handle opened.
-        let version = h.etag.clone().map(|etag| (etag, h.size));
+        let version = match &h.etag {
+            Some(etag) => Some((etag.clone(), h.size)),
+            None if unpinned => self.blocks().known_etag(&key).map(|etag| (etag, file_size)),
+            None => None,
+        };
         let result = match version {
             Some((etag, object_size)) => {
                 let stream = h.stream.get_or_init(|| {
