@@ -107,14 +107,15 @@ fn errno(op: &'static str, e: FsError) -> Errno {
             if logged.len() >= FAILURES_REMEMBERED {
                 logged.retain(|_, at| now.duration_since(*at) < FAILURE_LOG_INTERVAL);
             }
-            match logged.get_mut(e.what().as_ref()) {
+            let what = e.what();
+            match logged.get_mut(what.as_ref()) {
                 Some(at) if now.duration_since(*at) < FAILURE_LOG_INTERVAL => false,
                 Some(at) => {
                     *at = now;
                     true
                 }
                 None => {
-                    logged.insert(e.what().into_owned(), now);
+                    logged.insert(what.into_owned(), now);
                     true
                 }
             }

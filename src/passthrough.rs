@@ -99,8 +99,8 @@ impl Passthrough {
     /// Answers the read-only open of `fh` on inode `ino`: passed through as `backed` says
     /// when the inode allows it, else read through the mount, keeping the kernel's page cache
     /// of the file when `keep_cache`. The kernel sends no flush at its close(): a handle that
-    /// only reads has nothing to commit, and the close costs no round trip to the mount. Returns false when the open was refused (ETXTBSY), and `fh`
-    /// must be released.
+    /// only reads has nothing to commit, and the close costs no round trip to the mount.
+    /// Returns false when the open was refused (ETXTBSY), and `fh` must be released.
     pub fn reply_open(
         &self,
         reply: ReplyOpen,

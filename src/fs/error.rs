@@ -18,7 +18,7 @@ pub struct FsError {
 
 /// The failure an error comes from.
 #[derive(Debug, Clone)]
-pub enum Source {
+enum Source {
     Store(StoreError),
     Local(Arc<std::io::Error>),
 }
@@ -94,10 +94,6 @@ impl FsError {
             (None, Some(s)) => Cow::Owned(s.to_string()),
             (None, None) => Cow::Borrowed(""),
         }
-    }
-
-    pub fn source_error(&self) -> Option<&Source> {
-        self.source.as_ref()
     }
 }
 
@@ -184,7 +180,7 @@ mod tests {
         assert!(!FsError::NOENT.is_failure());
         let gone = FsError::store("HEAD", "k", StoreError::NotFound);
         assert!(gone.is(libc::ENOENT) && !gone.is_failure());
-        assert!(FsError::from(StoreError::NotFound).source_error().is_none());
+        assert!(!FsError::from(StoreError::NotFound).is_failure());
         let full = FsError::from(std::io::Error::from_raw_os_error(libc::ENOSPC));
         assert!(full.is(libc::ENOSPC) && full.is_failure());
     }

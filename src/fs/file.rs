@@ -181,36 +181,32 @@ impl BucketFs {
         let mut t = self.ns.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
         i.open += 1;
-        let etag = if i.copy().is_none() {
-            i.etag.clone()
-        } else {
-            None
-        };
         let size = i.size;
+        let has_copy = i.copy().is_some();
         // The kernel keeps its pages of the file when this open reads what they were filled
         // from: the content written here (its local copy, its upload waiting or landed, as
         // long as the bucket has not said otherwise), or the same version of the object.
-        let written_here = i.copy().is_some()
+        let written_here = has_copy
             || match &i.etag {
                 None => pending.is_some() || uploaded.is_some(),
                 Some(e) => uploaded.as_ref() == Some(e),
             };
-        let version = match &etag {
-            // The kernel truncates its pages at this open, as the copy just was.
-            _ if mode.write && mode.truncate => Some(PageCache::Local(i.version)),
-            _ if mode.write => None,
-            _ if written_here => Some(PageCache::Local(i.version)),
-            Some(e) => Some(PageCache::Object(e.clone(), size)),
-            None => None,
+        let version = if mode.write {
+            // An open that truncates empties the kernel's pages, as the copy just was.
+            mode.truncate.then_some(PageCache::Local(i.version))
+        } else if written_here {
+            Some(PageCache::Local(i.version))
+        } else {
+            i.etag.clone().map(|e| PageCache::Object(e, size))
         };
         let keep_cache = !mode.write && version.is_some() && i.page_cache == version;
         i.page_cache = version;
         // Without a copy of its own, the handle reads the upload waiting, or else the
         // version the bucket or this mount's last upload of it named, as of now.
-        let local = if i.copy().is_none() { pending } else { None };
-        let etag = match &local {
-            Some(_) => None,
-            None => etag.or_else(|| uploaded.filter(|_| i.copy().is_none())),
+        let (local, etag) = match pending {
+            _ if has_copy => (None, None),
+            Some(pending) => (Some(pending), None),
+            None => (None, i.etag.clone().or(uploaded)),
         };
         drop(t);
         let mut file = OpenFile::new(ino, mode.write, etag, size);
@@ -252,7 +248,7 @@ impl BucketFs {
                 format!("local:{}", local.path().display()),
             ));
         }
-        // The version this handle opened; or, as `read` takes it, the one this mount uploaded.
+        // The version this handle opened.
         let uploaded = self.blocks().known_etag(&key);
         let etag = h.etag.clone()?;
         match backing {
@@ -313,10 +309,10 @@ impl BucketFs {
         if let Some(local) = local {
             return read_staged(&local, offset, size).await;
         }
+        // The version this handle opened; unpinned, the one this mount uploaded last.
         let version = match &h.etag {
             Some(etag) => Some((etag.clone(), h.size)),
-            None if unpinned => self.blocks().known_etag(&key).map(|etag| (etag, file_size)),
-            None => None,
+            None => self.blocks().known_etag(&key).map(|etag| (etag, file_size)),
         };
         let result = match version {
             Some((etag, object_size)) => {
