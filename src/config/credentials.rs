@@ -62,16 +62,7 @@ pub(super) fn resolve_credentials(
 
 /// The SSE-C key: 32 bytes, raw or in base64, in a file only its owner can read.
 pub(super) fn read_customer_key(path: &Path) -> Result<[u8; 32], String> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| format!("cannot read the SSE-C key file {}: {e}", path.display()))?;
-    if meta.mode() & 0o077 != 0 {
-        return Err(format!(
-            "the SSE-C key file {} can be read by other users (mode {:04o}); run `chmod 600 {}`",
-            path.display(),
-            meta.mode() & 0o7777,
-            path.display()
-        ));
-    }
+    check_private(path, "the SSE-C key file")?;
     let bytes = std::fs::read(path)
         .map_err(|e| format!("cannot read the SSE-C key file {}: {e}", path.display()))?;
     let key = if bytes.len() == 32 {
@@ -115,22 +106,24 @@ fn decode_base64(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn check_private(path: &Path) -> Result<std::fs::Metadata, String> {
+/// Refuses the secrets file `path` (`what` names it in messages) unless only its owner can
+/// read it.
+fn check_private(path: &Path, what: &str) -> Result<(), String> {
     let meta = std::fs::metadata(path)
-        .map_err(|e| format!("cannot read the credentials file {}: {e}", path.display()))?;
+        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
     if meta.mode() & 0o077 != 0 {
         return Err(format!(
-            "the credentials file {} can be read by other users (mode {:04o}); run `chmod 600 {}`",
+            "{what} {} can be read by other users (mode {:04o}); run `chmod 600 {}`",
             path.display(),
             meta.mode() & 0o7777,
             path.display()
         ));
     }
-    Ok(meta)
+    Ok(())
 }
 
 fn read_key_file(path: &Path) -> Result<Credentials, String> {
-    check_private(path)?;
+    check_private(path, "the credentials file")?;
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read the credentials file {}: {e}", path.display()))?;
     let line = text
@@ -152,7 +145,7 @@ fn read_key_file(path: &Path) -> Result<Credentials, String> {
 }
 
 fn read_shared_file(path: &Path, profile: &str) -> Result<Credentials, String> {
-    check_private(path)?;
+    check_private(path, "the credentials file")?;
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut in_profile = false;

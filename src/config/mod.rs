@@ -66,14 +66,7 @@ impl Config {
                 a.block_size
             ));
         }
-        if a.cache_size < 16 * a.block_size {
-            return Err(format!(
-                "--cache-size {} is too small; give at least 16 blocks ({} bytes with --block-size {})",
-                a.cache_size,
-                16 * a.block_size,
-                a.block_size
-            ));
-        }
+        at_least_blocks("--cache-size", a.cache_size, 16, a.block_size)?;
         let max_dirty = a.max_dirty.unwrap_or((a.cache_size / 2).min(1 << 30));
         if max_dirty > a.cache_size {
             return Err(format!(
@@ -81,14 +74,7 @@ impl Config {
                 a.cache_size
             ));
         }
-        if a.max_memory < 8 * a.block_size {
-            return Err(format!(
-                "--max-memory {} is too small; give at least 8 blocks ({} bytes with --block-size {})",
-                a.max_memory,
-                8 * a.block_size,
-                a.block_size
-            ));
-        }
+        at_least_blocks("--max-memory", a.max_memory, 8, a.block_size)?;
         // SAFETY: geteuid/getegid cannot fail.
         let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
         let cache_dir = match a.cache_dir {
@@ -149,6 +135,17 @@ impl Config {
         sc.read_deadline = self.read_timeout;
         sc
     }
+}
+
+/// Refuses `flag`'s `value` when it holds fewer than `blocks` blocks of `block_size`.
+fn at_least_blocks(flag: &str, value: u64, blocks: u64, block_size: u64) -> Result<(), String> {
+    if value < blocks * block_size {
+        return Err(format!(
+            "{flag} {value} is too small; give at least {blocks} blocks ({} bytes with --block-size {block_size})",
+            blocks * block_size
+        ));
+    }
+    Ok(())
 }
 
 /// A bucket (and key prefix) with where it is and the credentials to use it, checked.
