@@ -551,7 +551,7 @@ impl Readahead {
                         let cached = tokio::task::spawn_blocking(move || blocks.get(&id, len))
                             .await
                             .map_err(|e| {
-                                StoreError::Other(format!("reading the block cache failed: {e}"))
+                                StoreError::Local(format!("reading the block cache failed: {e}"))
                             })?;
                         if let Some(data) = cached {
                             self.keep_current(stream, index, data.clone());
@@ -578,7 +578,7 @@ impl Readahead {
                         .clone()
                         .acquire_many_owned(kib(len as u64))
                         .await
-                        .map_err(|_| StoreError::Other("the read budget was closed".into()))?;
+                        .map_err(|_| StoreError::ShuttingDown)?;
                     let mut rx = tx.subscribe();
                     self.fetch_run(object, vec![(index, tx)], permit).await;
                     let data = rx.borrow_and_update().clone().expect("published")?;

@@ -522,7 +522,7 @@ impl WritebackQueue {
                         return Err(WaitError(
                             op.last_error
                                 .clone()
-                                .unwrap_or(StoreError::Other("upload failed".into())),
+                                .unwrap_or(StoreError::Service("the upload failed".into())),
                         ))
                     }
                     Some(_) => {}
@@ -912,14 +912,14 @@ impl WritebackQueue {
                 );
                 self.requeue_failed(
                     &failed,
-                    &StoreError::Other("DeleteObjects refused the key".into()),
+                    &StoreError::Service("DeleteObjects refused the key".into()),
                     true,
                 );
                 return;
             }
             Err(e) => e,
         };
-        let not_implemented = matches!(&e, StoreError::Other(m) if m.contains("NotImplemented") || m.contains("not implemented"));
+        let not_implemented = matches!(e, StoreError::NotImplemented { .. });
         let attempts = {
             let mut s = self.state.lock();
             if not_implemented && !s.single_deletes {
@@ -1010,7 +1010,7 @@ impl WritebackQueue {
             .map_err(io::Error::other)
             .and_then(|r| r)
             .map_err(|e| {
-                StoreError::Other(format!(
+                StoreError::Local(format!(
                     "cannot read the sealed copy {}: {e}",
                     f.path().display()
                 ))
@@ -1231,6 +1231,27 @@ mod tests {
         };
         assert_eq!(blocks.get(&id, 4).unwrap().as_ref(), b"kept");
         assert_eq!(blocks.known_etag("k"), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deletes_go_one_key_per_request_on_a_store_without_delete_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mem, q, area, _) = setup(dir.path());
+        q.start();
+        let keys = ["a", "b", "c", "d"];
+        for k in keys {
+            let s = q.upload(k, staged(&area, b"x"), 1).unwrap();
+            q.wait(s).await.unwrap();
+        }
+        mem.refuse_batch_deletes();
+        let seqs: Vec<u64> = keys.iter().map(|k| q.delete(k).unwrap()).collect();
+        for s in seqs {
+            tokio::time::timeout(Duration::from_secs(10), q.wait(s))
+                .await
+                .expect("the deletes did not land one by one")
+                .unwrap();
+        }
+        assert_eq!(mem.keys(), Vec::<String>::new());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -102,6 +102,7 @@ fn store_errno(e: &StoreError) -> i32 {
     match e {
         StoreError::NotFound | StoreError::NoSuchBucket(_) => libc::ENOENT,
         StoreError::AccessDenied(_) | StoreError::BadCredentials(_) => libc::EACCES,
+        StoreError::NotImplemented { .. } => libc::EOPNOTSUPP,
         _ => libc::EIO,
     }
 }
@@ -173,6 +174,36 @@ mod tests {
         assert!(text.contains("Input/output error"), "{text}");
         let denied = FsError::from(StoreError::AccessDenied("no".into()));
         assert_eq!(denied.errno(), libc::EACCES);
+    }
+
+    #[test]
+    fn each_kind_of_store_failure_has_its_errno() {
+        let s = || String::from("x");
+        let cases = [
+            (StoreError::NotFound, libc::ENOENT),
+            (StoreError::NoSuchBucket(s()), libc::ENOENT),
+            (StoreError::AccessDenied(s()), libc::EACCES),
+            (StoreError::BadCredentials(s()), libc::EACCES),
+            (
+                StoreError::NotImplemented {
+                    op: "CopyObject",
+                    message: s(),
+                },
+                libc::EOPNOTSUPP,
+            ),
+            (StoreError::WrongRegion(s()), libc::EIO),
+            (StoreError::Unreachable(s()), libc::EIO),
+            (StoreError::BrokenOff(s()), libc::EIO),
+            (StoreError::Damaged(s()), libc::EIO),
+            (StoreError::Protocol(s()), libc::EIO),
+            (StoreError::Service(s()), libc::EIO),
+            (StoreError::Local(s()), libc::EIO),
+            (StoreError::ShuttingDown, libc::EIO),
+            (StoreError::PreconditionFailed, libc::EIO),
+        ];
+        for (e, errno) in cases {
+            assert_eq!(FsError::from(e.clone()).errno(), errno, "{e:?}");
+        }
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct MemoryStore {
     strays: Mutex<Vec<String>>,
     /// See `set_unreachable`.
     unreachable: std::sync::atomic::AtomicBool,
+    /// See `refuse_batch_deletes`.
+    no_batch_deletes: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryStore {
@@ -42,6 +44,11 @@ impl MemoryStore {
     /// While `down`, every request fails as if the endpoint did not answer.
     pub fn set_unreachable(&self, down: bool) {
         self.unreachable.store(down, Ordering::SeqCst);
+    }
+
+    /// From now on, DeleteObjects is answered as a store that does not implement it answers.
+    pub fn refuse_batch_deletes(&self) {
+        self.no_batch_deletes.store(true, Ordering::SeqCst);
     }
 
     fn answer(&self) -> StoreResult<()> {
@@ -153,7 +160,7 @@ impl ObjectStore for MemoryStore {
             if let Some(gate) = gate.as_ref().filter(|_| i == 1) {
                 gate.acquire()
                     .await
-                    .map_err(|_| StoreError::Other("the piece gate was closed".into()))?
+                    .map_err(|_| StoreError::ShuttingDown)?
                     .forget();
             }
             sink(Bytes::copy_from_slice(chunk));
@@ -263,7 +270,7 @@ impl ObjectStore for MemoryStore {
         for (n, _) in parts {
             let part = stored
                 .get(&n)
-                .ok_or_else(|| StoreError::Other(format!("part {n} missing")))?;
+                .ok_or_else(|| StoreError::Protocol(format!("part {n} was never uploaded")))?;
             data.extend_from_slice(part);
         }
         Ok(Some(self.store(key, data.freeze())))
@@ -306,6 +313,12 @@ impl ObjectStore for MemoryStore {
 
     async fn delete_many(&self, keys: &[String]) -> StoreResult<Vec<String>> {
         self.answer()?;
+        if self.no_batch_deletes.load(Ordering::SeqCst) {
+            return Err(StoreError::NotImplemented {
+                op: "DeleteObjects",
+                message: "the in-memory store is set to refuse batch deletes".into(),
+            });
+        }
         let mut objects = self.objects.lock();
         for key in keys {
             objects.remove(key);

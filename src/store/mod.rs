@@ -59,14 +59,53 @@ pub enum StoreError {
     AccessDenied(String),
     #[error("the credentials were rejected: {0}")]
     BadCredentials(String),
+    /// The bucket answers only in another region; the sentence says what to set.
+    #[error("the bucket is in another region than the one configured ({0}); set --region (or -o region=) to the bucket's region")]
+    WrongRegion(String),
+    /// The store does not offer this request (S3's `NotImplemented`, HTTP 501).
+    #[error("the store does not implement {op}: {message}")]
+    NotImplemented { op: &'static str, message: String },
     #[error("cannot reach the endpoint: {0}")]
     Unreachable(String),
+    /// The body of an answer broke off on the way.
+    #[error("{0}")]
+    BrokenOff(String),
     #[error("the store answered with a body shorter than announced ({got} of {expected} bytes)")]
     Truncated { expected: u64, got: u64 },
+    /// The store says it holds other bytes than were sent: the body was damaged on the way.
+    #[error("{0}")]
+    Damaged(String),
+    /// An answer the protocol does not allow: a range ignored, an upload id or part ETag
+    /// missing, a part the store never received.
+    #[error("{0}")]
+    Protocol(String),
+    /// The store answered with an error of no kind above: an HTTP 5xx, `SlowDown`,
+    /// `InternalError`, a key refused inside a batch. Worth another try later.
+    #[error("{0}")]
+    Service(String),
     #[error("the local copy read for upload is not the one sealed (CRC-32 {found:08x}, sealed as {expected:08x})")]
     SourceChanged { expected: u32, found: u32 },
+    /// A local step of the request failed: reading the copy to upload or the block cache.
     #[error("{0}")]
-    Other(String),
+    Local(String),
+    /// The mount is shutting down; the request was not sent, or its answer not awaited.
+    #[error("the mount is shutting down")]
+    ShuttingDown,
+}
+
+impl StoreError {
+    /// Whether sending the same part again may succeed where this try failed: the store
+    /// refused what it received, the body broke off, or the store had a passing failure.
+    /// An unreachable store fails the whole upload instead, which write-back retries.
+    pub fn part_worth_resending(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Damaged(_)
+                | StoreError::BrokenOff(_)
+                | StoreError::Protocol(_)
+                | StoreError::Service(_)
+        )
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -353,7 +353,7 @@ impl S3Store {
             None => Some(0),
         };
         if answered_from != Some(range.start) {
-            return Ok(Err(StoreError::Other(format!(
+            return Ok(Err(StoreError::Protocol(format!(
                 "GET {key:?}: asked for bytes {}-{}, the store answered {}; it does not seem to support ranged reads",
                 range.start,
                 range.end - 1,
@@ -370,7 +370,7 @@ impl S3Store {
         let mut body = r.body;
         while let Some(chunk) = body.next().await {
             let mut chunk = chunk.map_err(|e| {
-                BodyError(StoreError::Other(format!(
+                BodyError(StoreError::BrokenOff(format!(
                     "GET {key:?}: the body broke off: {e}"
                 )))
             })?;
@@ -427,7 +427,7 @@ impl S3Store {
 
     fn map_err<E>(
         &self,
-        op: &str,
+        op: &'static str,
         key: &str,
         err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
     ) -> StoreError
@@ -463,10 +463,12 @@ impl S3Store {
                 "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "InvalidToken" | "ExpiredToken",
             ) => StoreError::BadCredentials(if message.is_empty() { code } else { message }),
             (_, "AuthorizationHeaderMalformed" | "PermanentRedirect") | (Some(301), _) => {
-                StoreError::Other(format!(
-                    "the bucket is in another region than the one configured ({code}: {message}); set --region (or -o region=) to the bucket's region"
-                ))
+                StoreError::WrongRegion(format!("{code}: {message}"))
             }
+            (_, "NotImplemented") | (Some(501), _) => StoreError::NotImplemented {
+                op,
+                message: if message.is_empty() { code } else { message },
+            },
             // Some stores (Garage) answer a bad signature or an unknown key with a bare 403.
             (Some(403), _)
                 if message.to_ascii_lowercase().contains("signature")
@@ -479,12 +481,12 @@ impl S3Store {
             } else {
                 message
             }),
-            _ if code.is_empty() && message.is_empty() => StoreError::Other(format!(
+            _ if code.is_empty() && message.is_empty() => StoreError::Service(format!(
                 "{op} {key:?} failed: {}{}",
                 status.map(|s| format!("HTTP {s}: ")).unwrap_or_default(),
                 aws_sdk_s3::error::DisplayErrorContext(&err)
             )),
-            _ => StoreError::Other(format!(
+            _ => StoreError::Service(format!(
                 "{op} {key:?} failed: {}{}{}",
                 status.map(|s| format!("HTTP {s} ")).unwrap_or_default(),
                 code,
@@ -557,7 +559,7 @@ impl BodyDigest {
         };
         let is_md5 = etag.len() == 32 && etag.bytes().all(|b| b.is_ascii_hexdigit());
         if is_md5 && !etag.eq_ignore_ascii_case(&self.hex()) {
-            return Err(StoreError::Other(format!(
+            return Err(StoreError::Damaged(format!(
                 "{op} {key}: the store holds other bytes than were sent (ETag {etag}, MD5 sent {}); the body was damaged on the way and is sent again",
                 self.hex()
             )));
@@ -800,7 +802,7 @@ impl ObjectStore for S3Store {
             .map_err(|e| self.map_err("CreateMultipartUpload", key, e))?;
         r.upload_id()
             .map(str::to_string)
-            .ok_or_else(|| StoreError::Other("the store returned no upload id".into()))
+            .ok_or_else(|| StoreError::Protocol("the store returned no upload id".into()))
     }
 
     async fn upload_part(
@@ -836,7 +838,7 @@ impl ObjectStore for S3Store {
         )?;
         r.e_tag()
             .map(ETag::new)
-            .ok_or_else(|| StoreError::Other("the store returned no part ETag".into()))
+            .ok_or_else(|| StoreError::Protocol("the store returned no part ETag".into()))
     }
 
     async fn complete_multipart(
@@ -944,12 +946,12 @@ impl ObjectStore for S3Store {
             .iter()
             .map(|k| ObjectIdentifier::builder().key(k).build())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| StoreError::Other(e.to_string()))?;
+            .map_err(|e| StoreError::Protocol(format!("DeleteObjects could not be built: {e}")))?;
         let delete = Delete::builder()
             .set_objects(Some(objects))
             .quiet(true)
             .build()
-            .map_err(|e| StoreError::Other(e.to_string()))?;
+            .map_err(|e| StoreError::Protocol(format!("DeleteObjects could not be built: {e}")))?;
         let r = self
             .client
             .delete_objects()

@@ -42,8 +42,8 @@ async fn read_part(
         })
     })
     .await
-    .map_err(|e| StoreError::Other(format!("reading the staged file failed: {e}")))?
-    .map_err(|e| StoreError::Other(format!("reading the staged file failed: {e}")))
+    .map_err(|e| StoreError::Local(format!("reading the staged file failed: {e}")))?
+    .map_err(|e| StoreError::Local(format!("reading the staged file failed: {e}")))
 }
 
 /// The bytes read for upload are the ones sealed: a copy damaged on disk while it waited,
@@ -113,9 +113,8 @@ pub async fn upload_file(
         check_content(crc, read)?;
         return store.put(key, body).await;
     }
-    let shutting_down = || StoreError::Other("the mount is shutting down".into());
     if open.closed() {
-        return Err(shutting_down());
+        return Err(StoreError::ShuttingDown);
     }
     let upload_id = store.create_multipart(key).await?;
     {
@@ -123,7 +122,7 @@ pub async fn upload_file(
         if open.closed() {
             drop(registered);
             let _ = store.abort_multipart(key, &upload_id).await;
-            return Err(shutting_down());
+            return Err(StoreError::ShuttingDown);
         }
         registered.insert(upload_id.clone(), key.to_string());
     }
@@ -237,7 +236,7 @@ async fn upload_parts(
                 loop {
                     match store.upload_part(&key, &id, number, body.clone()).await {
                         Ok(etag) => return Ok::<_, StoreError>((number, etag, read)),
-                        Err(StoreError::Other(e)) if Backoff::PART.tries_again(attempt) => {
+                        Err(e) if e.part_worth_resending() && Backoff::PART.tries_again(attempt) => {
                             tracing::debug!(key, part = number, error = %e, "sending the part again");
                             tokio::time::sleep(Backoff::PART.delay(attempt)).await;
                             attempt += 1;
@@ -251,7 +250,7 @@ async fn upload_parts(
         match tasks.join_next().await {
             Some(Ok(Ok(part))) => parts.push(part),
             Some(Ok(Err(e))) => return Err(e),
-            Some(Err(e)) => return Err(StoreError::Other(format!("part upload task failed: {e}"))),
+            Some(Err(e)) => return Err(StoreError::Local(format!("part upload task failed: {e}"))),
             None => break,
         }
     }
