@@ -19,7 +19,7 @@ use fuser::{
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
 
-use crate::fs::{Attr, BucketFs, FsError, Kind};
+use crate::fs::{Attr, BucketFs, FsError, Kind, OpenMode};
 use crate::metrics::{FuseMetrics, Metrics};
 use crate::passthrough::{Backed, Passthrough};
 
@@ -92,35 +92,54 @@ const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Most distinct failures remembered for that.
 const FAILURES_REMEMBERED: usize = 10_000;
 
-/// When each failure was last logged, by what failed.
-static FAILURES_LOGGED: LazyLock<Mutex<HashMap<String, Instant>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
+/// When each failure was last logged, by what failed; at most `capacity` of them.
+struct FailureLog {
+    logged: Mutex<HashMap<String, Instant>>,
+    interval: Duration,
+    capacity: usize,
+}
+
+impl FailureLog {
+    fn new(interval: Duration, capacity: usize) -> Self {
+        FailureLog {
+            logged: Mutex::new(HashMap::new()),
+            interval,
+            capacity,
+        }
+    }
+
+    /// Whether the failure `what`, seen `now`, is worth a log line: it was not logged within
+    /// the interval. Failures logged longer ago are forgotten when the log is full; if all
+    /// are recent, all are forgotten, so memory stays bounded and no failure goes unlogged.
+    fn fresh(&self, what: &str, now: Instant) -> bool {
+        let mut logged = self.logged.lock();
+        if let Some(at) = logged.get_mut(what) {
+            if now.duration_since(*at) < self.interval {
+                return false;
+            }
+            *at = now;
+            return true;
+        }
+        if logged.len() >= self.capacity {
+            logged.retain(|_, at| now.duration_since(*at) < self.interval);
+            if logged.len() >= self.capacity {
+                logged.clear();
+            }
+        }
+        logged.insert(what.to_string(), now);
+        true
+    }
+}
+
+static FAILURES_LOGGED: LazyLock<FailureLog> =
+    LazyLock::new(|| FailureLog::new(FAILURE_LOG_INTERVAL, FAILURES_REMEMBERED));
 
 /// The errno the kernel gets for `e`, which request `op` ends with: the one place a failure
 /// is logged (at most once in `FAILURE_LOG_INTERVAL`, then at debug level). Answers such as
 /// ENOENT are not failures and are not logged.
 fn errno(op: &'static str, e: FsError) -> Errno {
     if e.is_failure() {
-        let now = Instant::now();
-        let fresh = {
-            let mut logged = FAILURES_LOGGED.lock();
-            if logged.len() >= FAILURES_REMEMBERED {
-                logged.retain(|_, at| now.duration_since(*at) < FAILURE_LOG_INTERVAL);
-            }
-            let what = e.what();
-            match logged.get_mut(what.as_ref()) {
-                Some(at) if now.duration_since(*at) < FAILURE_LOG_INTERVAL => false,
-                Some(at) => {
-                    *at = now;
-                    true
-                }
-                None => {
-                    logged.insert(what.into_owned(), now);
-                    true
-                }
-            }
-        };
-        if fresh {
+        if FAILURES_LOGGED.fresh(&e.what(), Instant::now()) {
             tracing::warn!(op, error = %e, "request failed");
         } else {
             tracing::debug!(op, error = %e, "request failed again");
@@ -320,7 +339,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let passthrough = self.passthrough.clone();
-        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        let write = OpenMode::from_flags(flags.0).write;
         if write {
             // Before the open changes anything (O_TRUNC), readers stop being passed through;
             // with one passed through already, the file is refused untouched.
@@ -646,5 +665,36 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyIoctl,
     ) {
         reply.error(Errno::ENOTTY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_is_logged_once_per_interval_and_distinct_failures_each_once() {
+        let log = FailureLog::new(Duration::from_secs(10), 100);
+        let t0 = Instant::now();
+        assert!(log.fresh("GET of a", t0));
+        assert!(!log.fresh("GET of a", t0 + Duration::from_secs(1)));
+        assert!(!log.fresh("GET of a", t0 + Duration::from_secs(9)));
+        assert!(log.fresh("GET of b", t0 + Duration::from_secs(9)));
+        assert!(log.fresh("GET of a", t0 + Duration::from_secs(10)));
+        assert!(!log.fresh("GET of a", t0 + Duration::from_secs(15)));
+    }
+
+    #[test]
+    fn the_failure_log_stays_bounded_under_a_flood_of_distinct_failures() {
+        let log = FailureLog::new(Duration::from_secs(10), 100);
+        let t0 = Instant::now();
+        for i in 0..10_000 {
+            assert!(log.fresh(&format!("GET of {i}"), t0));
+            assert!(log.logged.lock().len() <= 100);
+        }
+        // Past the interval, old failures make room before anything recent is forgotten.
+        let later = t0 + Duration::from_secs(11);
+        assert!(log.fresh("GET of x", later));
+        assert!(!log.fresh("GET of x", later));
     }
 }

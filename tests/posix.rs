@@ -5,7 +5,7 @@ mod common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 
 use common::*;
 
@@ -148,6 +148,17 @@ fn overwrite_truncate_append_and_random_writes() {
     model.truncate(1000);
     assert_eq!(fs::read(m.path("r")).unwrap(), model);
     assert_eq!(m.object("r").unwrap(), model);
+
+    // O_RDONLY | O_TRUNC: Linux empties the file (given write permission); so does the object.
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_TRUNC)
+        .open(m.path("r"))
+        .unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 0);
+    drop(f);
+    assert_eq!(fs::read(m.path("r")).unwrap(), b"");
+    assert_eq!(m.object("r").unwrap(), b"");
 
     // Append.
     fs::write(m.path("log"), b"one\n").unwrap();

@@ -93,11 +93,14 @@ pub struct OpenMode {
 }
 
 impl OpenMode {
+    /// An `O_RDONLY | O_TRUNC` open changes the file (Linux empties it, given write
+    /// permission), so it is a writing open here: its handle commits the truncation.
     pub fn from_flags(flags: i32) -> Self {
         let acc = flags & libc::O_ACCMODE;
+        let truncate = flags & libc::O_TRUNC != 0;
         OpenMode {
-            write: acc == libc::O_WRONLY || acc == libc::O_RDWR,
-            truncate: flags & libc::O_TRUNC != 0,
+            write: acc == libc::O_WRONLY || acc == libc::O_RDWR || truncate,
+            truncate,
             exclusive: flags & libc::O_EXCL != 0,
         }
     }

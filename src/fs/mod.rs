@@ -27,6 +27,7 @@ use crate::writeback::{Pending, WritebackQueue};
 
 pub use dir::DirEntry;
 pub use error::{FsError, FsResult};
+pub use file::OpenMode;
 pub use inode::{Kind, ROOT};
 use inode::{Remote, State};
 use listing::Answer;

@@ -263,3 +263,23 @@ fn a_handle_reads_the_file_it_opened_after_its_name_is_taken_by_another() {
         f.rt.block_on(f.fs.release(fh)).unwrap();
     }
 }
+
+#[test]
+fn a_read_only_open_with_o_trunc_empties_the_file_in_the_bucket() {
+    // Linux empties a file opened `O_RDONLY | O_TRUNC` (given write permission), and with
+    // atomic O_TRUNC the kernel takes the size 0 from the open: the copy must follow.
+    let f = Fixture::new(Duration::from_secs(1), 1 << 20);
+    let ino = f.write("a.txt", b"some bytes").unwrap();
+    f.rt.block_on(async {
+        let fh =
+            f.fs.open(ino, libc::O_RDONLY | libc::O_TRUNC)
+                .await
+                .unwrap();
+        assert_eq!(f.fs.read(fh, 0, 100).await.unwrap().len(), 0);
+        f.fs.flush(fh).await.unwrap();
+        f.fs.release(fh).await.unwrap();
+    });
+    f.drain();
+    assert_eq!(f.size("a.txt").unwrap(), 0);
+    assert_eq!(f.store.object("pre/a.txt").unwrap().len(), 0);
+}

@@ -495,8 +495,7 @@ impl TestMount {
     /// Unmounts and waits for the mount process to exit; returns its exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
+        let exited = poll(Duration::from_secs(60), || {
             if is_mounted(&self.mnt) {
                 let _ = Command::new("fusermount3")
                     .arg("-u")
@@ -504,18 +503,21 @@ impl TestMount {
                     .stderr(Stdio::null())
                     .status();
             }
-            if let Some(status) = child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
+            child
+                .try_wait()
+                .unwrap()
+                .ok_or_else(|| "the mount process has not exited".to_string())
+        });
+        match exited {
+            Ok(status) => Some(status),
+            Err(_) => {
                 let _ = child.kill();
                 let _ = Command::new("fusermount3")
                     .arg("-uz")
                     .arg(&self.mnt)
                     .status();
-                return child.wait().ok();
+                child.wait().ok()
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -706,14 +708,24 @@ pub fn write_closed(path: &Path, data: &[u8]) -> std::io::Result<()> {
 /// Checks again every 20 ms until `check` gives a value, for up to `timeout`; `check`
 /// says what it is still waiting for, and the last of that is the panic message.
 #[allow(dead_code)]
-pub fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+pub fn wait_for<T>(timeout: Duration, check: impl FnMut() -> Result<T, String>) -> T {
+    poll(timeout, check).unwrap_or_else(|waiting| panic!("{waiting}"))
+}
+
+/// `wait_for` for a caller with something to do when the time runs out: the last thing
+/// `check` was waiting for comes back as the error.
+#[allow(dead_code)]
+pub fn poll<T>(
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
     let deadline = Instant::now() + timeout;
     loop {
         match check() {
-            Ok(v) => return v,
-            Err(waiting) => assert!(Instant::now() < deadline, "{waiting}"),
+            Ok(v) => return Ok(v),
+            Err(waiting) if Instant::now() >= deadline => return Err(waiting),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
