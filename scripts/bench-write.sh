@@ -5,7 +5,7 @@
 # writes it to bench/results/; then close() latency percentiles (64 KiB and 16 MiB files, 1 and
 # 8 writers) on the mount and on local disk; then reading back files just written (16 KiB to
 # 4 MiB) against local disk. Usage: scripts/bench-write.sh [--files N]
-# [--big-mib N] [--sections write,close,readback] [--readback-mib N]
+# [--big-mib N] [--sections write,close,readback] [--readback-mib N] [--rtt 20ms] [--peers]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

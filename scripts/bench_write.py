@@ -4,7 +4,7 @@ For each client it mounts a fresh prefix, runs the workloads, and reports when t
 close() calls returned and when the bucket held everything (watched with boto3)."""
 import argparse, datetime, os, pathlib, sys, tempfile, time
 
-from bench_common import (BUCKET, ENDPOINT, ROOT, Rclone, S3fs, S3mediafs, count_objects, duration, free_port,
+from bench_common import (BUCKET, ENDPOINT, ROOT, CountingProxy, Rclone, S3fs, S3mediafs, count_objects, duration, free_port,
                           metrics, s3, wait_bucket)
 
 
@@ -127,72 +127,93 @@ def read_files(paths):
     return time.perf_counter() - start
 
 
-def readback_section(work, total_mib):
-    """Reading back files this mount wrote: right after writing them (what Synapse does when
-    it thumbnails an upload), then once their uploads landed and the metadata TTL ran out
-    (the open asks the bucket whether the file changed elsewhere), then again; against the
-    same files on local disk (in its page cache), file sizes from 16 KiB to 4 MiB."""
-    lines = ["", "## Reading back files just written", "",
+def readback_section(work, total_mib, rtt, peers):
+    """Reading back files a mount wrote: right after writing them (what Synapse does when it
+    thumbnails an upload), then once their uploads landed and the metadata TTL ran out (the
+    open asks the bucket whether the file changed elsewhere), then again; against the same
+    files on local disk (in its page cache), file sizes from 16 KiB to 4 MiB. Every mount
+    reaches the server through the counting proxy, `rtt` seconds away."""
+    proxy = CountingProxy(rtt)
+    lines = ["", f"## Reading back files just written, {rtt * 1000:g} ms RTT", "",
              f"Files of each size (about {total_mib} MiB in all, at most 2000) are written in Synapse's layout "
-             "and read whole at once (just written); then, once their uploads landed and the metadata TTL "
-             f"({READBACK_TTL}) ran out, read again (after upload: each open asks the bucket whether the "
-             "file changed elsewhere, the requests are counted) and once more right after. Local disk is "
+             "and read whole at once (just written); then, once their uploads landed and s3mediafs's metadata TTL "
+             f"({READBACK_TTL}) ran out, read again (after upload: each open may ask the bucket whether the "
+             "file changed elsewhere) and once more right after. s3fs and rclone run with their defaults "
+             "(s3fs keeps attributes for 900 s, rclone for 5 min), so they do not ask again. Every mount "
+             f"reaches the server through a proxy adding {rtt * 1000:g} ms to each request. Local disk is "
              "the filesystem of the mount's cache directory, its files in the page cache.", "",
-             "Each cell of the mount gives files/s, MiB/s, then the FUSE requests per file "
-             "(lookups, opens, reads...) and, after upload, the requests to the store per file.", "",
-             "| file | files | just written | after upload | again | local disk (files/s, MiB/s) | just written / local | after upload / local |",
+             "Each cell gives files/s and MiB/s; s3mediafs's cells add the FUSE requests per file "
+             "(lookups, opens, reads...); after upload, every mount's requests to the store per file.", "",
+             "| file | files | client | just written | after upload | again | just written / local | after upload / local |",
              "|---|---|---|---|---|---|---|---|"]
     addr = f"127.0.0.1:{free_port()}"
-    client = S3mediafs("s3mediafs-readback", work / "readback", "writeback",
-                       extra=["--metadata-ttl", READBACK_TTL, "--metrics-addr", addr])
-    prefix = f"bench/readback-{int(time.time())}/"
-    client.mount(prefix)
-    try:
-        for size in READBACK_SIZES:
-            n = max(20, min(2000, (total_mib << 20) // size))
-            case = f"{size >> 10} KiB" if size < 1 << 20 else f"{size >> 20} MiB"
-            print(f"== read back, {n} files of {case}", file=sys.stderr)
-            data = os.urandom(size)
-            paths = {}
-            for where, root in (("mount", client.mnt / f"rb-{size}"), ("local", work / "local-rb" / f"{size}")):
-                paths[where] = []
-                for i in range(n):
-                    mid = f"{i:024d}"
-                    d = root / "local_content" / mid[:2] / mid[22:24]
-                    os.makedirs(d, exist_ok=True)
-                    (d / mid[4:]).write_bytes(data)
-                    paths[where].append(d / mid[4:])
-            def timed(family):
-                """Reads every file; seconds, and what it cost per file in `family`."""
-                before = metrics(addr, family)
-                took = read_files(paths["mount"])
-                after = metrics(addr, family)
-                sent = {op: after.get(op, 0) - before.get(op, 0) for op in after}
-                cost = ", ".join(f"{v / n:.2f} {op}" for op, v in sorted(sent.items()) if v) or "none"
-                return took, cost
+    clients = [S3mediafs("s3mediafs", work / "readback", "writeback", endpoint=proxy.endpoint,
+                         extra=["--metadata-ttl", READBACK_TTL, "--metrics-addr", addr])]
+    if peers:
+        clients += [S3fs("s3fs", work / "readback-s3fs", endpoint=proxy.endpoint),
+                    Rclone("rclone-full", work / "readback-rclone", endpoint=proxy.endpoint)]
+    local_rates = {}
+    rows = {size: [] for size in READBACK_SIZES}
+    for client in clients:
+        prefix = f"bench/readback-{client.name}-{int(time.time())}/"
+        client.mount(prefix)
+        ours = client.name == "s3mediafs"
+        try:
+            for size in READBACK_SIZES:
+                n = max(20, min(2000, (total_mib << 20) // size))
+                case = f"{size >> 10} KiB" if size < 1 << 20 else f"{size >> 20} MiB"
+                print(f"== {client.name}: read back, {n} files of {case}", file=sys.stderr)
+                data = os.urandom(size)
+                roots = [("mount", client.mnt / f"rb-{size}")]
+                if size not in local_rates:
+                    roots.append(("local", work / "local-rb" / f"{size}"))
+                paths = {}
+                for where, root in roots:
+                    paths[where] = []
+                    for i in range(n):
+                        mid = f"{i:024d}"
+                        d = root / "local_content" / mid[:2] / mid[22:24]
+                        os.makedirs(d, exist_ok=True)
+                        (d / mid[4:]).write_bytes(data)
+                        paths[where].append(d / mid[4:])
 
-            fuse = "s3mediafs_fuse_requests_total"
-            fresh, fresh_ops = timed(fuse)
-            landed = time.time()
-            wait_bucket(lambda: count_objects(f"{prefix}rb-{size}/") >= n)
-            time.sleep(max(0.0, landed + duration(READBACK_TTL) + 1 - time.time()))
-            before = metrics(addr)
-            first, first_ops = timed(fuse)
-            after = metrics(addr)
-            again, again_ops = timed(fuse)
-            local = read_files(paths["local"])
-            mib = n * size / (1 << 20)
-            sent = {op: after.get(op, 0) - before.get(op, 0) for op in after}
-            store = ", ".join(f"{v / n:.2f} {op.upper()}" for op, v in sorted(sent.items()) if v) or "none"
+                def timed():
+                    """Reads every file; seconds, and the FUSE requests per file."""
+                    fuse = "s3mediafs_fuse_requests_total"
+                    before = metrics(addr, fuse) if ours else {}
+                    took = read_files(paths["mount"])
+                    if not ours:
+                        return took, None
+                    after = metrics(addr, fuse)
+                    sent = {op: after.get(op, 0) - before.get(op, 0) for op in after}
+                    return took, ", ".join(f"{v / n:.2f} {op}" for op, v in sorted(sent.items()) if v) or "none"
 
-            def cell(t, ops, store=None):
-                more = f"; store: {store}" if store else ""
-                return f"{n / t:.0f}, {mib / t:.0f} (FUSE: {ops}{more})"
-            lines.append(f"| {case} | {n} | {cell(fresh, fresh_ops)} | {cell(first, first_ops, store)} | "
-                         f"{cell(again, again_ops)} | {n / local:.0f}, {mib / local:.0f} | "
-                         f"{local / fresh:.2f}x | {local / first:.2f}x |")
-    finally:
-        client.unmount()
+                fresh, fresh_ops = timed()
+                landed = time.time()
+                wait_bucket(lambda: count_objects(f"{prefix}rb-{size}/") >= n)
+                time.sleep(max(0.0, landed + duration(READBACK_TTL) + 1 - time.time()))
+                proxy.take()
+                first, first_ops = timed()
+                sent = proxy.take()
+                again, again_ops = timed()
+                if "local" in paths:
+                    local_rates[size] = read_files(paths["local"])
+                local = local_rates[size]
+                mib = n * size / (1 << 20)
+                store = ", ".join(f"{v / n:.2f} {op}" for op, v in sorted(sent.items()) if v) or "none"
+
+                def cell(t, ops, store=None):
+                    more = [f"FUSE: {ops}"] if ops else []
+                    more += [f"store: {store}"] if store else []
+                    return f"{n / t:.0f}, {mib / t:.0f}" + (f" ({'; '.join(more)})" if more else "")
+                if not rows[size]:
+                    rows[size].append(f"| {case} | {n} | local disk | {n / local:.0f}, {mib / local:.0f} | | | | |")
+                rows[size].append(f"| {case} | {n} | {client.name} | {cell(fresh, fresh_ops)} | {cell(first, first_ops, store)} | "
+                                  f"{cell(again, again_ops)} | {local / fresh:.2f}x | {local / first:.2f}x |")
+        finally:
+            client.unmount()
+    for size in READBACK_SIZES:
+        lines += rows[size]
     return lines
 
 
@@ -207,6 +228,8 @@ def main():
     ap.add_argument("--sections", default="write,close,readback",
                     help="write (throughput against peers), close (close() latency), readback (reading back files just written)")
     ap.add_argument("--readback-mib", type=int, default=64, help="MiB written per file size in the readback section")
+    ap.add_argument("--rtt", default="0", help="round trip added to each request in the readback section (e.g. 20ms)")
+    ap.add_argument("--peers", action="store_true", help="read back through s3fs and rclone too")
     a = ap.parse_args()
     sections = a.sections.split(",")
     work = pathlib.Path(tempfile.mkdtemp(prefix="s3mediafs-bench-"))
@@ -215,10 +238,12 @@ def main():
         if "close" in sections:
             lines += close_section(work)
         if "readback" in sections:
-            lines += readback_section(work, a.readback_mib)
+            lines += readback_section(work, a.readback_mib, duration(a.rtt), a.peers)
         out = "\n".join(lines) + "\n"
         print(out)
         name = "-".join(s for s in sections if s in ("close", "readback"))
+        if "readback" in sections:
+            name += f"-{duration(a.rtt) * 1000:g}ms" + ("-peers" if a.peers else "")
         dest = ROOT / "bench/results" / f"{name}-{datetime.date.today()}.md"
         dest.write_text(out)
         print(f"written to {dest.relative_to(ROOT)}", file=sys.stderr)
