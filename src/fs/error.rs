@@ -102,7 +102,6 @@ fn store_errno(e: &StoreError) -> i32 {
     match e {
         StoreError::NotFound | StoreError::NoSuchBucket(_) => libc::ENOENT,
         StoreError::AccessDenied(_) | StoreError::BadCredentials(_) => libc::EACCES,
-        StoreError::NotImplemented { .. } => libc::EOPNOTSUPP,
         _ => libc::EIO,
     }
 }
@@ -184,12 +183,13 @@ mod tests {
             (StoreError::NoSuchBucket(s()), libc::ENOENT),
             (StoreError::AccessDenied(s()), libc::EACCES),
             (StoreError::BadCredentials(s()), libc::EACCES),
+            // Not EOPNOTSUPP: callers read that from fsync as "nothing to sync here".
             (
                 StoreError::NotImplemented {
-                    op: "CopyObject",
+                    op: "PutObject",
                     message: s(),
                 },
-                libc::EOPNOTSUPP,
+                libc::EIO,
             ),
             (StoreError::WrongRegion(s()), libc::EIO),
             (StoreError::Unreachable(s()), libc::EIO),

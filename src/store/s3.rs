@@ -465,10 +465,18 @@ impl S3Store {
             (_, "AuthorizationHeaderMalformed" | "PermanentRedirect") | (Some(301), _) => {
                 StoreError::WrongRegion(format!("{code}: {message}"))
             }
+            // Some stores answer with another code and say so in words.
             (_, "NotImplemented") | (Some(501), _) => StoreError::NotImplemented {
                 op,
-                message: if message.is_empty() { code } else { message },
+                message: match (message.is_empty(), code.is_empty()) {
+                    (false, _) => message,
+                    (true, false) => code,
+                    (true, true) => format!("HTTP {}", status.unwrap_or(501)),
+                },
             },
+            _ if message.to_ascii_lowercase().contains("not implemented") => {
+                StoreError::NotImplemented { op, message }
+            }
             // Some stores (Garage) answer a bad signature or an unknown key with a bare 403.
             (Some(403), _)
                 if message.to_ascii_lowercase().contains("signature")
