@@ -113,8 +113,9 @@ def close_section(work):
 
 
 READBACK_SIZES = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
-# Short, so the wait for it to run out stays short; what an open costs after it is the same.
-READBACK_TTL = "2s"
+# The default: files just written are read back within it, as a user's are; a shorter TTL
+# makes every lookup of a read that outlasts it ask the bucket again.
+READBACK_TTL = "10s"
 
 
 def read_files(paths):
@@ -228,7 +229,7 @@ def main():
     ap.add_argument("--sections", default="write,close,readback",
                     help="write (throughput against peers), close (close() latency), readback (reading back files just written)")
     ap.add_argument("--readback-mib", type=int, default=64, help="MiB written per file size in the readback section")
-    ap.add_argument("--rtt", default="0", help="round trip added to each request in the readback section (e.g. 20ms)")
+    ap.add_argument("--rtt", type=duration, default=0.0, help="round trip added to each request in the readback section (e.g. 20ms)")
     ap.add_argument("--peers", action="store_true", help="read back through s3fs and rclone too")
     a = ap.parse_args()
     sections = a.sections.split(",")
@@ -238,12 +239,12 @@ def main():
         if "close" in sections:
             lines += close_section(work)
         if "readback" in sections:
-            lines += readback_section(work, a.readback_mib, duration(a.rtt), a.peers)
+            lines += readback_section(work, a.readback_mib, a.rtt, a.peers)
         out = "\n".join(lines) + "\n"
         print(out)
         name = "-".join(s for s in sections if s in ("close", "readback"))
         if "readback" in sections:
-            name += f"-{duration(a.rtt) * 1000:g}ms" + ("-peers" if a.peers else "")
+            name += f"-{a.rtt * 1000:g}ms" + ("-peers" if a.peers else "")
         dest = ROOT / "bench/results" / f"{name}-{datetime.date.today()}.md"
         dest.write_text(out)
         print(f"written to {dest.relative_to(ROOT)}", file=sys.stderr)
