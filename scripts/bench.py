@@ -8,7 +8,8 @@ Synapse-shaped tree, in bench_tree.py) and `namespace` (metadata at a distance: 
 through a proxy that adds --rtt to each request, in bench_namespace.py)."""
 import argparse, concurrent.futures, datetime, os, pathlib, shutil, statistics, subprocess, sys, tempfile, time
 
-from bench_common import BUCKET, ENDPOINT, ROOT, CountingProxy, Rclone, S3fs, S3mediafs, duration, fmt, ratio, read_all, s3, timed
+from bench_common import (BUCKET, ENDPOINT, ROOT, CountingProxy, Rclone, S3fs, S3mediafs, cpu_seconds, duration, fmt,
+                          ratio, read_all, s3, server_pid, timed)
 
 MIB = 1 << 20
 THREADS = 8
@@ -19,19 +20,6 @@ def drop_page_cache():
     pathlib.Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-
-
-def cpu_seconds(pid):
-    """User and system CPU time a process (all its threads) has used so far."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def server_pid():
-    try:
-        return int((pathlib.Path(os.environ["S3MEDIAFS_STATE"]) / "garage" / "pid").read_text())
-    except (KeyError, OSError, ValueError):
-        return None
 
 
 def measure_cold(read, pid=None):

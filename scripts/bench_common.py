@@ -114,6 +114,20 @@ def free_port():
         return s.getsockname()[1]
 
 
+def cpu_seconds(pid):
+    """User and system CPU time a process (all its threads) has used so far."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_pid():
+    """The local Garage the benchmark started, if it did."""
+    try:
+        return int((pathlib.Path(os.environ["S3MEDIAFS_STATE"]) / "garage" / "pid").read_text())
+    except (KeyError, OSError, ValueError):
+        return None
+
+
 def metrics(addr, family="s3mediafs_requests_total"):
     """Counts by operation from a mount's Prometheus endpoint: by default the requests it
     sent to the store; with `family="s3mediafs_fuse_requests_total"` the FUSE requests it got."""

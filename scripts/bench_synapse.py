@@ -14,12 +14,12 @@ proxy's count for that phase).
 Run by scripts/bench-synapse.sh, with the Synapse venv's Python and the S3MEDIAFS_TEST_*
 environment of the bench server."""
 import argparse, concurrent.futures, datetime, hashlib, io, json, os, pathlib, random
-import shutil, subprocess, sys, tempfile, time
+import re, shutil, subprocess, sys, tempfile, time, urllib.request
 
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import BUCKET, ROOT, CountingProxy, S3mediafs, duration, fmt, metrics, s3  # noqa: E402
+from bench_common import BUCKET, ROOT, CountingProxy, S3mediafs, cpu_seconds, duration, fmt, metrics, s3, server_pid  # noqa: E402
 from synapse_server import SERVER_NAME, Synapse, check, free_port  # noqa: E402
 
 
@@ -64,6 +64,18 @@ def sha(b):
     return hashlib.sha256(b).hexdigest()
 
 
+def mount_counts(mount):
+    """The mount's FUSE opens and reads so far and the opens it passed through to the kernel,
+    from its metrics; empty for local disk."""
+    if not mount:
+        return {}
+    fuse = metrics(mount.metrics_addr, "s3mediafs_fuse_requests_total")
+    text = urllib.request.urlopen("http://%s/metrics" % mount.metrics_addr, timeout=10).read().decode()
+    m = re.search(r"^s3mediafs_passthrough_opens_total (\d+)", text, re.M)
+    return {"open": fuse.get("open", 0), "read": fuse.get("read", 0),
+            "passthrough": int(m.group(1)) if m else 0}
+
+
 THUMBS = [(32, 32, "crop"), (96, 96, "crop"), (320, 240, "scale"), (640, 480, "scale"), (800, 600, "scale")]
 
 
@@ -72,13 +84,29 @@ def run(target, media_path, media, args, venv_bin, work, proxy=None, mount=None)
     syn = Synapse(str(work), str(media_path), venv_bin)
     syn.start()
     syn.register_admin("admin", "bench-password")
-    out = {"target": target, "phases": []}
+    out = {"target": target, "phases": [], "cpu": []}
     total = sum(len(d) for d, _ in media.values())
 
+    def cpu_now():
+        """CPU seconds used so far by each process of the run that is alive, by its pid."""
+        now = {}
+        for who, pid in (("Synapse", syn.proc.pid), ("mount", mount.pid() if mount else None),
+                         ("S3 server", server_pid())):
+            try:
+                now[who] = (pid, cpu_seconds(pid))
+            except (OSError, TypeError):
+                pass
+        return now
+
+    cpu_at = [cpu_now()]
+
     def phase(name):
-        """Ends a phase: the requests it cost, from the proxy."""
+        """Ends a phase: the requests it cost, from the proxy, and the CPU time of each process."""
         if proxy:
             out["phases"].append((name, proxy.take()))
+        now, then = cpu_now(), cpu_at[0]
+        out["cpu"].append((name, {w: now[w][1] - then[w][1] for w in now if then.get(w, (None,))[0] == now[w][0]}))
+        cpu_at[0] = now
 
     phase("Synapse start")
 
@@ -93,16 +121,25 @@ def run(target, media_path, media, args, venv_bin, work, proxy=None, mount=None)
     phase("upload")
 
     originals = [pathlib.Path(media_path, "local_content", i[:2], i[2:4], i[4:]) for i in ids.values()]
+    before = mount_counts(mount)
     t = time.perf_counter()
     n = 0
+    slowest = (0.0, 0)
     for p in originals:
+        t_file = time.perf_counter()
+        size = 0
         with open(p, "rb", buffering=0) as f:
             while True:
                 b = f.read(1 << 20)
                 if not b:
                     break
-                n += len(b)
+                size += len(b)
+        slowest = max(slowest, (time.perf_counter() - t_file, size))
+        n += size
     out["read_stored"] = n / (1 << 20) / (time.perf_counter() - t)
+    out["read_slowest"] = slowest
+    after = mount_counts(mount)
+    out["read_counts"] = {k: after[k] - before[k] for k in after}
     check(n == total, "%s: the stored originals hold %d bytes, not %d" % (target, n, total))
     phase("reading the stored files")
 
@@ -180,6 +217,15 @@ def report(local, mounts, media, commit, date):
         for m in mounts:
             row += " %s | %.2fx |" % (fmt(m[key]), m[key] / local[key])
         lines.append(row)
+    lines += ["", "Reading the stored files, file by file: the slowest, and what the mount's FUSE "
+              "requests show (opens passed through to the kernel read no byte through the mount):", ""]
+    for m in [local] + mounts:
+        t_max, size = m["read_slowest"]
+        c = m["read_counts"]
+        lines.append("- %s: slowest file %.1f ms (%.1f MiB)%s" % (
+            "local disk" if m is local else "mount, rtt %s" % m["rtt"], t_max * 1000, size / (1 << 20),
+            "" if not c else "; %d opens, %d passed through, %d FUSE reads" % (
+                c["open"], c["passthrough"], c["read"])))
     lines += ["", "Requests the mount sent (its metrics, after every change landed):", "",
               "| rtt | stored files | " + " | ".join(k for k in KINDS) + " | per stored file: PUT | "
               "upload phase: LIST + HEAD per upload | peak RSS (MiB) |",
@@ -191,6 +237,18 @@ def report(local, mounts, media, commit, date):
             m["rtt"], m["stored_files"], " | ".join(str(r.get(k, 0)) for k in KINDS),
             r.get("put", 0) / m["stored_files"],
             (up.get("LIST", 0) + up.get("HEAD", 0)) / m["uploads"], fmt(m["peak_rss"])))
+    who = ("Synapse", "mount", "S3 server")
+    lines += ["", "CPU seconds each process used in each phase (this machine has %d cores; the local "
+              "S3 server's share is CPU a remote bucket spends elsewhere):" % os.cpu_count(), "",
+              "| phase | " + " | ".join("%s: %s" % (t, w) for t in ["local disk"] + ["rtt %s" % m["rtt"] for m in mounts]
+                                         for w in who) + " |",
+              "|---|" + "---|" * (len(who) * (1 + len(mounts)))]
+    for i, (name, _) in enumerate(local["cpu"]):
+        row = []
+        for m in [local] + mounts:
+            got = m["cpu"][i][1] if i < len(m["cpu"]) else {}
+            row += ["%.2f" % got[w] if w in got else "-" for w in who]
+        lines.append("| %s | %s |" % (name, " | ".join(row)))
     for m in mounts:
         lines += ["", "Requests by phase at rtt %s (the proxy's count):" % m["rtt"], "",
                   "| phase | " + " | ".join(PROXY_KINDS) + " |", "|---|" + "---|" * len(PROXY_KINDS)]

@@ -150,6 +150,8 @@ impl Passthrough {
             },
         };
         if let Some(id) = id {
+            // The kernel takes no FOPEN_KEEP_CACHE with a backing file (it fails the open
+            // with EIO): a passed-through open drops the pages the file's writes filled.
             files.handles.insert(fh, (ino, Mode::Passthrough));
             drop(files);
             self.opened.fetch_add(1, Ordering::Relaxed);

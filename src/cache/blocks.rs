@@ -31,7 +31,7 @@ use lru::LruCache;
 use md5::{Digest, Md5};
 use parking_lot::Mutex;
 
-use super::direct::{DirectWrites, DIRECT_ALIGN};
+use super::direct::{DirectWrites, Pages, DIRECT_ALIGN};
 use crate::store::ETag;
 
 /// The checksum file's header: magic, format version, block size.
@@ -541,6 +541,11 @@ impl BlockCache {
     /// Caches `data` as block `id`, making room first. Returns false when the block could
     /// not be cached (no room, or a write error); nothing is then left behind.
     pub fn put(&self, id: BlockId, data: &[u8]) -> bool {
+        self.put_block(id, data, Pages::Bypass)
+    }
+
+    /// `put`, keeping the block in the page cache or not as `pages` says.
+    fn put_block(&self, id: BlockId, data: &[u8], pages: Pages) -> bool {
         if data.is_empty() || data.len() as u64 > self.limits.block_size {
             return false;
         }
@@ -552,7 +557,7 @@ impl BlockCache {
         // Held until the index has the block, so that `trusted` follows the writes in
         // the order they reached the file.
         let file_guard = file_lock.lock();
-        let written = self.write_block(&id, data, crc);
+        let written = self.write_block(&id, data, crc, pages);
         let mut idx = self.index.lock();
         idx.writing -= cost;
         let state = idx
@@ -789,6 +794,7 @@ impl BlockCache {
         id: &BlockId,
         data: &[u8],
         crc: u32,
+        pages: Pages,
     ) -> io::Result<(Option<Fingerprint>, Fingerprint)> {
         let path = self.data_path(&id.object);
         let open = |p: &Path, new: bool| {
@@ -828,7 +834,7 @@ impl BlockCache {
         // Data first: a checksum entry that outlives its data fails the check, never the
         // other way round.
         self.direct
-            .write_at(&path, &f, data, id.index * self.limits.block_size)?;
+            .write_at(&path, &f, data, id.index * self.limits.block_size, pages)?;
         let mut entry = [0u8; SUMS_ENTRY as usize];
         entry[..4].copy_from_slice(&(data.len() as u32).to_le_bytes());
         entry[4..].copy_from_slice(&crc.to_le_bytes());
@@ -990,7 +996,8 @@ impl BlockCache {
     }
 
     /// Caches the content of a file this mount just uploaded as object `key` with `etag`,
-    /// so reading it back needs no request.
+    /// so reading it back needs no request; written through the page cache, so that reading
+    /// it back right away, as a media server does, needs no disk read either.
     /// With `crc`, the bytes read must have that CRC-32; if they do not, no block of them
     /// is kept and the CRC found is returned.
     pub fn adopt(
@@ -1016,7 +1023,8 @@ impl BlockCache {
             }
             read.update(&buf[..len]);
             // Once the cache turns a block away, the rest is only read for the checksum.
-            storing = storing && self.put(BlockId { object, index }, &buf[..len]);
+            storing =
+                storing && self.put_block(BlockId { object, index }, &buf[..len], Pages::Keep);
             index += 1;
         }
         match (crc, read.finalize()) {
@@ -1271,6 +1279,49 @@ mod tests {
             .adopt("k", &ETag::new("bad"), &f, size, Some(crc))
             .is_err());
         assert!((0..3).all(|i| !c.contains(&block("bad", i))));
+    }
+
+    /// Pages of the file at `path` in the page cache, and pages it has.
+    fn resident_pages(path: &Path) -> (usize, usize) {
+        let f = File::open(path).unwrap();
+        let len = f.metadata().unwrap().len() as usize;
+        let page = 4096;
+        let pages = len.div_ceil(page);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: a shared read-only mapping of an open file, unmapped before return;
+        // mincore writes one byte per page into `vec`, which has that many.
+        unsafe {
+            let addr = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(addr, libc::MAP_FAILED);
+            assert_eq!(libc::mincore(addr, len, vec.as_mut_ptr()), 0);
+            libc::munmap(addr, len);
+        }
+        (vec.iter().filter(|&&b| b & 1 == 1).count(), pages)
+    }
+
+    #[test]
+    fn an_uploaded_file_stays_in_the_page_cache_once_adopted() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let c = BlockCache::open(dir.path(), limits(8 << 20), Default::default()).unwrap();
+        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&data).unwrap();
+        let etag = ETag::new("e");
+        c.adopt("k", &etag, &f, data.len() as u64, None).unwrap();
+        let (resident, pages) = resident_pages(&c.data_path(&ObjectId::new("k", &etag)));
+        assert_eq!(
+            (resident, pages),
+            (256, 256),
+            "every page of the adopted file is in memory"
+        );
     }
 
     #[test]

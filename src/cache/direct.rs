@@ -22,6 +22,17 @@ pub const DIRECT_ALIGN: usize = 4096;
 /// Aligned buffers kept for reuse; more concurrent writes allocate their own.
 const KEPT_BUFFERS: usize = 4;
 
+/// Whether a block written to the cache stays in the page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pages {
+    /// Written around it (O_DIRECT where the filesystem takes it): a block a reader fetched,
+    /// already in the kernel's cache of the mounted file.
+    Bypass,
+    /// Written through it: the content of a file this mount uploaded, which is read next
+    /// through its cache file (passed through to the kernel), not the mounted file's pages.
+    Keep,
+}
+
 pub struct DirectWrites {
     enabled: AtomicBool,
     block_size: usize,
@@ -39,14 +50,21 @@ impl DirectWrites {
 
     /// Writes `data`, at most one block, at the page-aligned `offset` of the file at
     /// `path`, of which `file` is an ordinary open handle.
-    pub fn write_at(&self, path: &Path, file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    pub fn write_at(
+        &self,
+        path: &Path,
+        file: &File,
+        data: &[u8],
+        offset: u64,
+        pages: Pages,
+    ) -> io::Result<()> {
         debug_assert!(
             !self.enabled.load(Ordering::Relaxed)
                 || offset % DIRECT_ALIGN as u64 == 0 && data.len() <= self.block_size
         );
         let aligned = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
         let mut done = 0;
-        if aligned > 0 && self.enabled.load(Ordering::Relaxed) {
+        if aligned > 0 && pages == Pages::Bypass && self.enabled.load(Ordering::Relaxed) {
             match self.write_direct(path, &data[..aligned], offset) {
                 Ok(()) => done = aligned,
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
@@ -112,11 +130,18 @@ mod tests {
         let w = DirectWrites::new(bs as u64, direct);
         let data: Vec<u8> = (0..3 * bs + 1).map(|i| (i * 7 % 251) as u8).collect();
         // Block 0 from an unaligned slice, block 1 whole, block 2 short with a tail.
-        w.write_at(&path, &file, &data[1..bs + 1], 0).unwrap();
-        w.write_at(&path, &file, &data[bs..2 * bs], bs as u64)
+        w.write_at(&path, &file, &data[1..bs + 1], 0, Pages::Bypass)
             .unwrap();
-        w.write_at(&path, &file, &data[2 * bs..2 * bs + 5000], 2 * bs as u64)
+        w.write_at(&path, &file, &data[bs..2 * bs], bs as u64, Pages::Bypass)
             .unwrap();
+        w.write_at(
+            &path,
+            &file,
+            &data[2 * bs..2 * bs + 5000],
+            2 * bs as u64,
+            Pages::Bypass,
+        )
+        .unwrap();
         let mut back = vec![0u8; 2 * bs + 5000];
         file.read_exact_at(&mut back, 0).unwrap();
         assert_eq!(&back[..bs], &data[1..bs + 1]);
