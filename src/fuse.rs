@@ -201,6 +201,10 @@ impl fuser::Filesystem for FuseAdapter {
         // a readdir. The kernel uses it when lookups follow a listing (`ls -l`, `find`).
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        // Lookups and listings of one directory run side by side: without it the kernel
+        // sends them one at a time, and names missing from a directory (each a LIST) queue
+        // behind each other, a round trip each.
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(KERNEL_READ_SIZE);
         if self.passthrough.enabled() {

@@ -1,6 +1,7 @@
 //! Metadata at scale through a real mount: what `ls -l` and `stat` cost in requests, answers
 //! from fresh listings, a directory of 100 000 entries, memory after a walk of a
-//! Synapse-shaped tree, and what one mount sees of another's changes.
+//! Synapse-shaped tree, what one mount sees of another's changes, and lookups of one
+//! directory asking the bucket side by side.
 
 mod common;
 
@@ -110,6 +111,51 @@ fn with_a_zero_ttl_every_stat_asks_the_bucket() {
     // A name created behind the mount's back is seen at once.
     Bucket::new(&m.env).put(&m.key("g"), b"12345");
     assert_eq!(fs::metadata(m.path("g")).unwrap().len(), 5);
+}
+
+#[test]
+fn lookups_of_missing_names_in_one_directory_ask_the_bucket_side_by_side() {
+    // Each LIST is held for a while: names looked up one at a time would reach the proxy
+    // that long apart, side by side all within it.
+    const HOLD: Duration = Duration::from_millis(400);
+    const NAMES: usize = 8;
+    let env = S3Env::get();
+    let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = arrivals.clone();
+    let proxy = common::faults::FaultProxy::start(
+        env.endpoint.trim_start_matches("http://"),
+        std::sync::Arc::new(move |r: &common::faults::RequestInfo| {
+            if r.method == "GET" && r.target.contains("list-type") && r.target.contains("missing") {
+                seen.lock().unwrap().push(Instant::now());
+                return Some(common::faults::Fault::Delay(HOLD));
+            }
+            None
+        }),
+    );
+    // More names than one LIST returns: the directory is never known whole, so each missing
+    // name is asked about.
+    let prefix = unique_prefix("parallel-lookups");
+    let keys: Vec<String> = (0..1100)
+        .map(|i| format!("{prefix}media/a-{i:04}"))
+        .collect();
+    Bucket::new(&env).put_many(&keys, b"x");
+    let m = TestMount::with_prefix_via(prefix, &proxy.endpoint(), &[]);
+    assert!(m.path("media").is_dir());
+    std::thread::scope(|s| {
+        for i in 0..NAMES {
+            let path = m.path(&format!("media/missing-{i}"));
+            s.spawn(move || assert!(fs::metadata(path).is_err()));
+        }
+    });
+    let arrivals = arrivals.lock().unwrap();
+    assert_eq!(arrivals.len(), NAMES, "each missing name costs one LIST");
+    let spread = *arrivals.iter().max().unwrap() - *arrivals.iter().min().unwrap();
+    assert!(
+        spread < HOLD,
+        "the LISTs went out one after another ({spread:?} from the first to the last): the \
+         kernel sends lookups in one directory one at a time unless the mount asks for \
+         parallel directory operations"
+    );
 }
 
 /// Keys of a media store shaped like Synapse's: content under two levels of hash prefix,
