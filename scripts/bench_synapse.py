@@ -14,7 +14,7 @@ proxy's count for that phase).
 Run by scripts/bench-synapse.sh, with the Synapse venv's Python and the S3MEDIAFS_TEST_*
 environment of the bench server."""
 import argparse, concurrent.futures, datetime, hashlib, io, json, os, pathlib, random
-import re, shutil, subprocess, sys, tempfile, time, urllib.request
+import re, shutil, statistics, subprocess, sys, tempfile, time, urllib.request
 
 from PIL import Image
 
@@ -195,6 +195,21 @@ def run(target, media_path, media, args, venv_bin, work, proxy=None, mount=None)
     return out
 
 
+def medians(rounds):
+    """The last round's figures with each phase's speed replaced by its median over the rounds,
+    and each round's ratios to local disk kept for the report."""
+    local, mounts = rounds[-1]
+    local = dict(local)
+    mounts = [dict(m) for m in mounts]
+    for key, _ in PHASES:
+        local[key] = statistics.median(r[0][key] for r in rounds)
+        for i, m in enumerate(mounts):
+            m[key] = statistics.median(r[1][i][key] for r in rounds)
+            m["round_ratios_" + key] = [r[1][i][key] / r[0][key] for r in rounds]
+    local["rounds"] = len(rounds)
+    return local, mounts
+
+
 PHASES = [("upload", "upload (MiB/s)"), ("read_stored", "reading the stored files (MiB/s)"),
           ("download", "download through Synapse (MiB/s)"), ("video", "the video alone (MiB/s)"),
           ("thumbnails", "thumbnails (/s)"), ("delete", "admin deletes (/s)"),
@@ -209,13 +224,18 @@ def report(local, mounts, media, commit, date):
              "trip shown, and the bucket already holds %d objects of %d earlier media in Synapse's "
              "layout (an original and two thumbnails each)." % (
                  len(media), sum(len(d) for d, _ in media.values()) >> 20, len(media["video.mp4"][0]) >> 20,
-                 mounts[0]["seeded"], mounts[0]["seeded"] // 3), ""]
-    head = "| phase | local disk |" + "".join(" mount, rtt %s | ratio |" % m["rtt"] for m in mounts)
-    lines += [head, "|---|---|" + "---|---|" * len(mounts)]
+                 mounts[0]["seeded"], mounts[0]["seeded"] // 3),
+             "",
+             "%d rounds, each running every target in turn; each figure is the median over the rounds, "
+             "and the last column gives each round's ratio (this machine is shared: one round alone "
+             "swings by a third). The other tables are of the last round." % local["rounds"], ""]
+    head = "| phase | local disk |" + "".join(" mount, rtt %s | ratio | ratio by round |" % m["rtt"] for m in mounts)
+    lines += [head, "|---|---|" + "---|---|---|" * len(mounts)]
     for key, label in PHASES:
         row = "| %s | %s |" % (label, fmt(local[key]))
         for m in mounts:
-            row += " %s | %.2fx |" % (fmt(m[key]), m[key] / local[key])
+            row += " %s | %.2fx | %s |" % (fmt(m[key]), m[key] / local[key],
+                                           ", ".join("%.2f" % x for x in m["round_ratios_" + key]))
         lines.append(row)
     lines += ["", "Reading the stored files, file by file: the slowest, and what the mount's FUSE "
               "requests show (opens passed through to the kernel read no byte through the mount):", ""]
@@ -268,6 +288,8 @@ def main():
     ap.add_argument("--blobs", type=int, default=5)
     ap.add_argument("--video-mib", type=int, default=100)
     ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="runs of the whole workload on each target, taken in turn; the tables give medians")
     ap.add_argument("--existing", type=int, default=2000,
                     help="media already in the bucket before Synapse starts (an original and two thumbnails each)")
     args = ap.parse_args()
@@ -275,27 +297,32 @@ def main():
     media = workload(args.images, args.blobs, args.video_mib)
     base = pathlib.Path(tempfile.mkdtemp(prefix="s3mediafs-bench-synapse-"))
     try:
-        print("== Synapse, media store on local disk", file=sys.stderr)
-        local = run("local disk", base / "local-media", media, args, venv_bin, base / "local")
-        mounts = []
-        for rtt_text in args.rtt.split(","):
-            rtt = duration(rtt_text)
-            print("== Synapse, media store on s3mediafs, rtt %s" % rtt_text, file=sys.stderr)
-            proxy = CountingProxy(rtt)
-            work = base / ("mount-" + rtt_text)
-            mount = S3mediafs("s3mediafs", work, endpoint=proxy.endpoint,
-                              extra=["--metrics-addr", "127.0.0.1:%d" % free_port()])
-            mount.metrics_addr = mount.extra[-1]
-            prefix = "bench-synapse-%s-%d/" % (rtt_text, os.getpid())
-            seeded = seed(prefix, args.existing)
-            mount.mount(prefix)
-            try:
-                out = run("mount", mount.mnt, media, args, venv_bin, work, proxy, mount)
-            finally:
-                mount.unmount()
-            out["rtt"] = rtt_text
-            out["seeded"] = seeded
-            mounts.append(out)
+        rounds = []
+        for r in range(1, args.rounds + 1):
+            print("== round %d of %d: Synapse, media store on local disk" % (r, args.rounds), file=sys.stderr)
+            local = run("local disk", base / ("local-media-%d" % r), media, args, venv_bin, base / ("local-%d" % r))
+            mounts = []
+            for rtt_text in args.rtt.split(","):
+                rtt = duration(rtt_text)
+                print("== round %d of %d: Synapse, media store on s3mediafs, rtt %s" % (r, args.rounds, rtt_text),
+                      file=sys.stderr)
+                proxy = CountingProxy(rtt)
+                work = base / ("mount-%s-%d" % (rtt_text, r))
+                mount = S3mediafs("s3mediafs", work, endpoint=proxy.endpoint,
+                                  extra=["--metrics-addr", "127.0.0.1:%d" % free_port()])
+                mount.metrics_addr = mount.extra[-1]
+                prefix = "bench-synapse-%s-%d-%d/" % (rtt_text, os.getpid(), r)
+                seeded = seed(prefix, args.existing)
+                mount.mount(prefix)
+                try:
+                    out = run("mount", mount.mnt, media, args, venv_bin, work, proxy, mount)
+                finally:
+                    mount.unmount()
+                out["rtt"] = rtt_text
+                out["seeded"] = seeded
+                mounts.append(out)
+            rounds.append((local, mounts))
+        local, mounts = medians(rounds)
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip()
         date = datetime.date.today().isoformat()
