@@ -295,6 +295,7 @@ impl BucketFs {
     async fn next_page(&self, d: &mut OpenDir) -> FsResult<()> {
         let prefix = self.ns.keys.dir_prefix(&d.path);
         let (id, began) = *d.recording.get_or_insert_with(|| self.ns.listing.begin());
+        let first_page = d.token.is_none();
         let page = self
             .store
             .list(&prefix, false, d.token.take(), Some(PAGE))
@@ -368,7 +369,13 @@ impl BucketFs {
             }
             clash
         });
-        self.ns.listing.add_page(&d.path, id, began, found.clone());
+        if first_page {
+            self.ns.listing.add_page(&d.path, id, began, found.clone());
+        } else {
+            self.ns
+                .listing
+                .add_later_page(&d.path, id, began, found.clone());
+        }
         if d.done {
             self.ns.listing.finish(&d.path, id);
         }

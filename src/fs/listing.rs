@@ -120,8 +120,25 @@ impl ListingCache {
         (ListingId(generation), Instant::now())
     }
 
-    /// Records one page of listing `id` of `dir`, begun at `at`.
+    /// Records the first page of listing `id` of `dir`, begun at `at`.
     pub fn add_page(&self, dir: &str, id: ListingId, at: Instant, page: Vec<(String, Remote)>) {
+        self.add(dir, id, at, page, true);
+    }
+
+    /// Records a later page of listing `id` of `dir`, while that listing is still the
+    /// directory's: one evicted or replaced since its first page is not recorded again from
+    /// the middle, or it would end complete without the names of its earlier pages.
+    pub fn add_later_page(
+        &self,
+        dir: &str,
+        id: ListingId,
+        at: Instant,
+        page: Vec<(String, Remote)>,
+    ) {
+        self.add(dir, id, at, page, false);
+    }
+
+    fn add(&self, dir: &str, id: ListingId, at: Instant, page: Vec<(String, Remote)>, first: bool) {
         if self.ttl.is_zero() {
             return;
         }
@@ -129,6 +146,9 @@ impl ListingCache {
         let inner = &mut *guard;
         let current = inner.dirs.get(dir).map(|d| d.generation);
         if current != Some(id.0) {
+            if !first {
+                return;
+            }
             if let Some(old) = inner.dirs.peek(dir) {
                 // A newer listing of the same directory is already recording: leave it.
                 if old.generation > id.0 {
@@ -308,15 +328,20 @@ impl ListingCache {
             .is_some_and(|l| matches!(l.names.get(name), Some(Entry::Removed)))
     }
 
-    /// A lookup asked the bucket about `name` in `dir` and found `remote` (None: nothing): a
-    /// fresh listing of `dir` takes the news, unless this mount changed the name itself.
-    pub fn saw(&self, dir: &str, name: &str, remote: Option<&Remote>) {
+    /// A lookup asked the bucket at `asked` about `name` in `dir` and found `remote` (None:
+    /// nothing): a fresh listing of `dir` begun before that takes the news, unless this mount
+    /// changed the name itself. A listing begun after it is newer news.
+    pub fn saw(&self, dir: &str, name: &str, remote: Option<&Remote>, asked: Instant) {
         let mut guard = self.inner.lock();
         let inner = &mut *guard;
         let Some(l) = inner.dirs.peek_mut(dir) else {
             return;
         };
-        if l.at.elapsed() >= self.ttl || l.overflowed || l.pinned.iter().any(|p| **p == *name) {
+        if l.at > asked
+            || l.at.elapsed() >= self.ttl
+            || l.overflowed
+            || l.pinned.iter().any(|p| **p == *name)
+        {
             return;
         }
         match remote {
@@ -534,6 +559,43 @@ mod tests {
         assert_eq!(size_of(c.lookup("d", "x", "d/x", NEVER)), None);
         c.note_present("d", "x", "d/x", &file(4));
         assert!(matches!(c.lookup("d", "x", "d/x", NEVER), Answer::Unknown));
+    }
+
+    #[test]
+    fn a_listing_evicted_between_its_pages_never_ends_complete_without_its_first() {
+        let c = cache();
+        let (id, at) = c.begin();
+        c.add_page("d", id, at, vec![("a".into(), file(1))]);
+        // Listings of other directories push it out before its next page comes.
+        for d in 0..3 {
+            let (other, at) = c.begin();
+            let names = (0..40).map(|i| (format!("n{i}"), file(i))).collect();
+            c.record(&format!("o{d}"), other, at, names);
+        }
+        c.add_later_page("d", id, at, vec![("z".into(), file(2))]);
+        c.finish("d", id);
+        assert!(
+            matches!(c.lookup("d", "a", "d/a", NEVER), Answer::Unknown),
+            "a name of the first page answered as absent"
+        );
+    }
+
+    #[test]
+    fn a_lookup_does_not_undo_a_listing_that_began_after_it_asked() {
+        let c = cache();
+        let asked = Instant::now();
+        // Created elsewhere after the lookup's LIST went out and before the listing's.
+        std::thread::sleep(Duration::from_millis(2));
+        let (id, at) = c.begin();
+        c.record("d", id, at, vec![("new.jpg".into(), file(7))]);
+        c.saw("d", "new.jpg", None, asked);
+        assert_eq!(
+            size_of(c.lookup("d", "new.jpg", "d/new.jpg", NEVER)),
+            Some(7)
+        );
+        // News asked after the listing began is taken.
+        c.saw("d", "new.jpg", None, Instant::now());
+        assert_eq!(size_of(c.lookup("d", "new.jpg", "d/new.jpg", NEVER)), None);
     }
 
     #[test]

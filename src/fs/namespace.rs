@@ -63,8 +63,9 @@ enum PendingAnswer {
 
 /// What asking the bucket about a path told.
 enum Asked {
-    /// What the path is (a file, a directory), or nothing.
-    Known(Option<Remote>),
+    /// What the path is (a file, a directory), or nothing, as of the instant given: when
+    /// the LIST that told went out.
+    Known(Option<Remote>, Instant),
     /// The store did not answer: the mount is offline for a while.
     Offline,
 }
@@ -248,7 +249,7 @@ impl Namespace {
         let dir_prefix = self.keys.dir_prefix(path);
         let (pending, file_pending, under) = self.pending_changes(&key, &dir_prefix);
         if pending.is_some() {
-            return Ok(Asked::Known(pending));
+            return Ok(Asked::Known(pending, Instant::now()));
         }
         let deleted: HashSet<String> = under.into_iter().map(|(k, _)| k).collect();
         let file_deleted = matches!(file_pending, Some(Pending::Delete));
@@ -315,7 +316,7 @@ impl Namespace {
             mtime: marker.unwrap_or(self.mount_time),
             etag: None,
         };
-        Ok(Asked::Known(match file {
+        let remote = match file {
             Some(_) if is_dir => {
                 self.warn_once(
                     &key,
@@ -326,7 +327,8 @@ impl Namespace {
             Some(meta) => Some(Remote::file(&meta)),
             None if is_dir => Some(dir),
             None => None,
-        }))
+        };
+        Ok(Asked::Known(remote, began))
     }
 
     /// Records the listings a flat LIST of `prefix` completed, and logs the keys it could not
@@ -463,10 +465,13 @@ impl Namespace {
             Asked::Offline => {
                 return self.answer_locally(&mut self.table.lock(), parent, name, path, false)
             }
-            Asked::Known(remote) => remote,
+            Asked::Known(remote, asked) => {
+                // What the bucket just said is newer than a listing of the directory that
+                // began before it was asked.
+                self.listing.saw(&dir, name, remote.as_ref(), asked);
+                remote
+            }
         };
-        // What the bucket just said is newer than the listing of the directory.
-        self.listing.saw(&dir, name, remote.as_ref());
         let mut t = self.table.lock();
         // A local file created while the bucket was asked wins over the bucket's answer.
         if let Some(ino) = t.child(parent, name) {
