@@ -84,7 +84,7 @@ def run(target, media_path, media, args, venv_bin, work, proxy=None, mount=None)
     syn = Synapse(str(work), str(media_path), venv_bin)
     syn.start()
     syn.register_admin("admin", "bench-password")
-    out = {"target": target, "phases": [], "cpu": []}
+    out = {"target": target, "phases": [], "cpu": [], "fuse": []}
     total = sum(len(d) for d, _ in media.values())
 
     def cpu_now():
@@ -100,6 +100,16 @@ def run(target, media_path, media, args, venv_bin, work, proxy=None, mount=None)
 
     cpu_at = [cpu_now()]
 
+    def fuse_seconds():
+        """Seconds the mount spent answering FUSE requests so far, by operation."""
+        if not mount:
+            return {}
+        text = urllib.request.urlopen("http://%s/metrics" % mount.metrics_addr, timeout=10).read().decode()
+        return {m.group(1): float(m.group(2))
+                for m in re.finditer(r'^s3mediafs_fuse_op_seconds_sum\{op="([a-z_]+)"\} (\S+)', text, re.M)}
+
+    fuse_at = [fuse_seconds()]
+
     def phase(name):
         """Ends a phase: the requests it cost, from the proxy, and the CPU time of each process."""
         if proxy:
@@ -107,6 +117,9 @@ def run(target, media_path, media, args, venv_bin, work, proxy=None, mount=None)
         now, then = cpu_now(), cpu_at[0]
         out["cpu"].append((name, {w: now[w][1] - then[w][1] for w in now if then.get(w, (None,))[0] == now[w][0]}))
         cpu_at[0] = now
+        fuse_now = fuse_seconds()
+        out["fuse"].append((name, {op: t - fuse_at[0].get(op, 0.0) for op, t in fuse_now.items()}))
+        fuse_at[0] = fuse_now
 
     phase("Synapse start")
 
@@ -270,6 +283,16 @@ def report(local, mounts, media, commit, date):
         for m in [local] + mounts:
             got = m["cpu"][i][1] if i < len(m["cpu"]) else {}
             row += ["%.2f" % got[w] if w in got else "-" for w in who]
+        lines.append("| %s | %s |" % (name, " | ".join(row)))
+    lines += ["", "Time the mount spent answering FUSE requests in each phase, summed over requests "
+              "(requests in parallel each count), the five largest by operation (s):", "",
+              "| phase | " + " | ".join("rtt %s" % m["rtt"] for m in mounts) + " |", "|---|" + "---|" * len(mounts)]
+    for i, (name, _) in enumerate(mounts[0]["fuse"]):
+        row = []
+        for m in mounts:
+            got = m["fuse"][i][1] if i < len(m["fuse"]) else {}
+            top = sorted(got.items(), key=lambda kv: -kv[1])[:5]
+            row.append(", ".join("%s %.2f" % kv for kv in top if kv[1] >= 0.005) or "-")
         lines.append("| %s | %s |" % (name, " | ".join(row)))
     for m in mounts:
         lines += ["", "Requests by phase at rtt %s (the proxy's count):" % m["rtt"], "",

@@ -158,6 +158,16 @@ pub struct S3Store {
     read_deadline: Duration,
     attempts: AttemptCounts,
     objects: ObjectOptions,
+    /// Whether the bodies sent are covered by the request's signature (a SHA-256 of every
+    /// byte): over plain HTTP only. Over TLS, which keeps a body intact on the way, they are
+    /// sent as UNSIGNED-PAYLOAD, as the AWS CLI sends them; the signed Content-MD5 is checked
+    /// by the store either way.
+    sign_bodies: bool,
+}
+
+/// Whether bodies sent to `endpoint` (None: AWS S3, over TLS) are signed: over plain HTTP.
+fn signs_bodies(endpoint: Option<&str>) -> bool {
+    endpoint.is_some_and(|ep| !ep.trim().to_ascii_lowercase().starts_with("https://"))
 }
 
 /// What every object written gets (storage class, server-side encryption), and what reading
@@ -314,6 +324,7 @@ impl S3Store {
             read_deadline: cfg.read_deadline,
             attempts: cfg.attempts.clone(),
             objects: ObjectOptions::default(),
+            sign_bodies: signs_bodies(cfg.endpoint.as_deref()),
         }
     }
 
@@ -796,10 +807,13 @@ impl ObjectStore for S3Store {
             .content_length(len)
             .content_md5(digest.header())
             .body(ByteStream::from(body))
-            .pipe(|b| object_options!(b, &self.objects))
-            .send()
-            .await
-            .map_err(|e| self.map_err("PUT", key, e))?;
+            .pipe(|b| object_options!(b, &self.objects));
+        let r = if self.sign_bodies {
+            r.send().await
+        } else {
+            r.customize().disable_payload_signing().send().await
+        }
+        .map_err(|e| self.map_err("PUT", key, e))?;
         self.check_digest(
             &digest,
             "PUT",
@@ -845,10 +859,13 @@ impl ObjectStore for S3Store {
             .content_length(len)
             .content_md5(digest.header())
             .body(ByteStream::from(body))
-            .pipe(|b| customer_key!(b, &self.objects.encryption))
-            .send()
-            .await
-            .map_err(|e| self.map_err("UploadPart", key, e))?;
+            .pipe(|b| customer_key!(b, &self.objects.encryption));
+        let r = if self.sign_bodies {
+            r.send().await
+        } else {
+            r.customize().disable_payload_signing().send().await
+        }
+        .map_err(|e| self.map_err("UploadPart", key, e))?;
         self.check_digest(
             &digest,
             "UploadPart",
@@ -995,6 +1012,18 @@ impl ObjectStore for S3Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bodies_are_signed_over_plain_http_only() {
+        for (endpoint, signed) in [
+            (None, false),
+            (Some("https://s3.eu-central-003.backblazeb2.com"), false),
+            (Some("HTTPS://minio.example"), false),
+            (Some("http://127.0.0.1:3900"), true),
+        ] {
+            assert_eq!(signs_bodies(endpoint), signed, "{endpoint:?}");
+        }
+    }
 
     #[test]
     fn body_digests_are_checked_against_md5_etags_only() {
