@@ -128,13 +128,16 @@ def server_pid():
         return None
 
 
-def metrics(addr, family="s3mediafs_requests_total"):
-    """Counts by operation from a mount's Prometheus endpoint: by default the requests it
-    sent to the store; with `family="s3mediafs_fuse_requests_total"` the FUSE requests it got."""
+def metrics(addr, family="s3mediafs_requests_total", number=int):
+    """Values by operation from a mount's Prometheus endpoint: by default the requests it
+    sent to the store; with `family="s3mediafs_fuse_requests_total"` the FUSE requests it got,
+    with `"s3mediafs_fuse_op_seconds_sum", float` the seconds it spent answering them. A
+    family without an operation label is given under the empty name."""
     text = urllib.request.urlopen("http://%s/metrics" % addr, timeout=10).read().decode()
     out = {}
-    for m in re.finditer(r'^%s\{op="([a-z_]+)"[^}]*\} (\d+)' % family, text, re.M):
-        out[m.group(1)] = out.get(m.group(1), 0) + int(m.group(2))
+    for m in re.finditer(r'^%s(?:\{op="([a-z_]+)"[^}]*\})? (\S+)' % family, text, re.M):
+        op = m.group(1) or ""
+        out[op] = out.get(op, 0) + number(m.group(2))
     return out
 
 

@@ -14,7 +14,7 @@ proxy's count for that phase).
 Run by scripts/bench-synapse.sh, with the Synapse venv's Python and the S3MEDIAFS_TEST_*
 environment of the bench server."""
 import argparse, concurrent.futures, datetime, hashlib, io, json, os, pathlib, random
-import re, shutil, statistics, subprocess, sys, tempfile, time, urllib.request
+import shutil, statistics, subprocess, sys, tempfile, time
 
 from PIL import Image
 
@@ -70,10 +70,8 @@ def mount_counts(mount):
     if not mount:
         return {}
     fuse = metrics(mount.metrics_addr, "s3mediafs_fuse_requests_total")
-    text = urllib.request.urlopen("http://%s/metrics" % mount.metrics_addr, timeout=10).read().decode()
-    m = re.search(r"^s3mediafs_passthrough_opens_total (\d+)", text, re.M)
-    return {"open": fuse.get("open", 0), "read": fuse.get("read", 0),
-            "passthrough": int(m.group(1)) if m else 0}
+    passed = metrics(mount.metrics_addr, "s3mediafs_passthrough_opens_total")
+    return {"open": fuse.get("open", 0), "read": fuse.get("read", 0), "passthrough": passed.get("", 0)}
 
 
 THUMBS = [(32, 32, "crop"), (96, 96, "crop"), (320, 240, "scale"), (640, 480, "scale"), (800, 600, "scale")]
@@ -102,11 +100,7 @@ def run(target, media_path, media, args, venv_bin, work, proxy=None, mount=None)
 
     def fuse_seconds():
         """Seconds the mount spent answering FUSE requests so far, by operation."""
-        if not mount:
-            return {}
-        text = urllib.request.urlopen("http://%s/metrics" % mount.metrics_addr, timeout=10).read().decode()
-        return {m.group(1): float(m.group(2))
-                for m in re.finditer(r'^s3mediafs_fuse_op_seconds_sum\{op="([a-z_]+)"\} (\S+)', text, re.M)}
+        return metrics(mount.metrics_addr, "s3mediafs_fuse_op_seconds_sum", float) if mount else {}
 
     fuse_at = [fuse_seconds()]
 

@@ -165,6 +165,19 @@ pub struct S3Store {
     sign_bodies: bool,
 }
 
+/// Sends a request that carries a body, the body covered by the signature only when `$sign`
+/// (`S3Store::sign_bodies`).
+macro_rules! send_body {
+    ($request:expr, $sign:expr) => {{
+        let request = $request;
+        if $sign {
+            request.send().await
+        } else {
+            request.customize().disable_payload_signing().send().await
+        }
+    }};
+}
+
 /// Whether bodies sent to `endpoint` (None: AWS S3, over TLS) are signed: over plain HTTP.
 fn signs_bodies(endpoint: Option<&str>) -> bool {
     endpoint.is_some_and(|ep| !ep.trim().to_ascii_lowercase().starts_with("https://"))
@@ -808,12 +821,7 @@ impl ObjectStore for S3Store {
             .content_md5(digest.header())
             .body(ByteStream::from(body))
             .pipe(|b| object_options!(b, &self.objects));
-        let r = if self.sign_bodies {
-            r.send().await
-        } else {
-            r.customize().disable_payload_signing().send().await
-        }
-        .map_err(|e| self.map_err("PUT", key, e))?;
+        let r = send_body!(r, self.sign_bodies).map_err(|e| self.map_err("PUT", key, e))?;
         self.check_digest(
             &digest,
             "PUT",
@@ -860,12 +868,7 @@ impl ObjectStore for S3Store {
             .content_md5(digest.header())
             .body(ByteStream::from(body))
             .pipe(|b| customer_key!(b, &self.objects.encryption));
-        let r = if self.sign_bodies {
-            r.send().await
-        } else {
-            r.customize().disable_payload_signing().send().await
-        }
-        .map_err(|e| self.map_err("UploadPart", key, e))?;
+        let r = send_body!(r, self.sign_bodies).map_err(|e| self.map_err("UploadPart", key, e))?;
         self.check_digest(
             &digest,
             "UploadPart",
