@@ -40,6 +40,10 @@ pub struct FuseAdapter {
     metrics: Arc<Metrics>,
     latency: FuseMetrics,
     passthrough: Arc<Passthrough>,
+    /// Writes through write-only handles bypass the kernel's page cache (see
+    /// `write_handle_flags`); set at init when the kernel invalidates cached pages that
+    /// such a write overlaps.
+    direct_writes: bool,
 }
 
 impl FuseAdapter {
@@ -59,6 +63,20 @@ impl FuseAdapter {
             latency: metrics.fuse(),
             metrics,
             passthrough,
+            direct_writes: false,
+        }
+    }
+
+    /// The open flags of a handle that writes. A write-only handle bypasses the kernel's
+    /// page cache: its writes go to the mount without first being copied into pages that
+    /// nobody reads through it, and the file's first read-only open, passed through to the
+    /// local copy, has no pages to drop (13–19 ms per 100 MiB written otherwise). A handle
+    /// that also reads keeps the page cache, which its reads and shared mmaps need.
+    fn write_handle_flags(&self, flags: i32) -> FopenFlags {
+        if self.direct_writes && flags & libc::O_ACCMODE == libc::O_WRONLY {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::empty()
         }
     }
 
@@ -145,7 +163,18 @@ fn errno(op: &'static str, e: FsError) -> Errno {
             tracing::debug!(op, error = %e, "request failed again");
         }
     }
-    Errno::from_i32(e.errno())
+    Errno::from_i32(reply_errno(op, e.errno()))
+}
+
+/// The errno the kernel is answered for a failed `op`. ENOSYS to a flush or an fsync tells
+/// the kernel the operation is not implemented, and it never sends it again: every later
+/// close() or fsync() on the mount would succeed without making anything durable. A
+/// failure of those (an ENOSYS from the cache directory's filesystem, say) is answered EIO.
+fn reply_errno(op: &str, errno: i32) -> i32 {
+    match op {
+        "flush" | "fsync" | "fsyncdir" if errno == libc::ENOSYS => libc::EIO,
+        _ => errno,
+    }
 }
 
 fn reply_empty(op: &'static str, reply: ReplyEmpty, result: Result<(), FsError>) {
@@ -205,6 +234,13 @@ impl fuser::Filesystem for FuseAdapter {
         // sends them one at a time, and names missing from a directory (each a LIST) queue
         // behind each other, a round trip each.
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // With it the kernel drops the cached pages a direct write overlaps (Linux 6.6 and
+        // later), so readers of other handles see the write: write-only handles may then
+        // bypass the page cache. (Linux 6.18 was seen to drop them without it too;
+        // asking makes it not depend on the kernel's version.)
+        self.direct_writes = config
+            .add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+            .is_ok();
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(KERNEL_READ_SIZE);
         if self.passthrough.enabled() {
@@ -345,6 +381,7 @@ impl fuser::Filesystem for FuseAdapter {
         let passthrough = self.passthrough.clone();
         let write = OpenMode::from_flags(flags.0).write;
         if write {
+            let open_flags = self.write_handle_flags(flags.0);
             // Before the open changes anything (O_TRUNC), readers stop being passed through;
             // with one passed through already, the file is refused untouched.
             if !passthrough.reserve(ino.0) {
@@ -355,7 +392,7 @@ impl fuser::Filesystem for FuseAdapter {
                 match fs.open(ino.0, flags.0).await {
                     Ok(fh) => {
                         passthrough.bind_reserved(ino.0, fh);
-                        reply.opened(FileHandle(fh), FopenFlags::empty());
+                        reply.opened(FileHandle(fh), open_flags);
                     }
                     Err(e) => {
                         passthrough.cancel_reserved(ino.0);
@@ -578,6 +615,7 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         let (name, ttl) = (name.to_owned(), self.ttl);
         let passthrough = self.passthrough.clone();
+        let open_flags = self.write_handle_flags(flags);
         // An existing file is kept from readers passed through before the open can truncate
         // it; one passed through already cannot be opened for writing.
         let existing = self.fs.child(parent.0, &name);
@@ -613,7 +651,7 @@ impl fuser::Filesystem for FuseAdapter {
                     &file_attr(&a),
                     Generation(0),
                     FileHandle(fh),
-                    FopenFlags::empty(),
+                    open_flags,
                 ),
                 Ok((_, fh)) => {
                     let _ = fs.release(fh).await;
@@ -686,6 +724,23 @@ mod tests {
         assert!(log.fresh("GET of b", t0 + Duration::from_secs(9)));
         assert!(log.fresh("GET of a", t0 + Duration::from_secs(10)));
         assert!(!log.fresh("GET of a", t0 + Duration::from_secs(15)));
+    }
+
+    #[test]
+    fn a_flush_or_fsync_is_never_answered_not_implemented() {
+        for (op, errno, answered) in [
+            ("flush", libc::ENOSYS, libc::EIO),
+            ("fsync", libc::ENOSYS, libc::EIO),
+            ("fsyncdir", libc::ENOSYS, libc::EIO),
+            ("flush", libc::ENOSPC, libc::ENOSPC),
+            ("getxattr", libc::ENOSYS, libc::ENOSYS),
+        ] {
+            assert_eq!(
+                reply_errno(op, errno),
+                answered,
+                "{op} failing with {errno}"
+            );
+        }
     }
 
     #[test]

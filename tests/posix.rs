@@ -175,6 +175,41 @@ fn overwrite_truncate_append_and_random_writes() {
 }
 
 #[test]
+fn a_reader_sees_at_once_what_a_write_only_handle_writes() {
+    // A write-only handle's writes go around the kernel's page cache; pages another handle
+    // read before must not hide them.
+    let m = TestMount::new("write-only-coherence");
+    let old = pseudo_random(64 << 10, 8);
+    fs::write(m.path("f"), &old).unwrap();
+    let writer = OpenOptions::new().write(true).open(m.path("f")).unwrap();
+    let reader = File::open(m.path("f")).unwrap();
+    let mut back = vec![0u8; old.len()];
+    reader.read_exact_at(&mut back, 0).unwrap();
+    assert!(back == old);
+    let reads = r#"s3mediafs_fuse_requests_total{op="read"}"#;
+    let before = m.metric(reads);
+    reader.read_exact_at(&mut back, 0).unwrap();
+    assert_eq!(
+        m.metric(reads),
+        before,
+        "the reader's pages were not cached"
+    );
+    for (off, patch) in [(4096u64, &b"PATCH"[..]), (70_000, b"past the old end")] {
+        writer.write_all_at(patch, off).unwrap();
+        let mut got = vec![0u8; patch.len()];
+        reader.read_exact_at(&mut got, off).unwrap();
+        assert_eq!(got, patch, "the reader saw old bytes at {off}");
+    }
+    drop((writer, reader));
+    let mut model = old;
+    model[4096..4101].copy_from_slice(b"PATCH");
+    model.resize(70_000, 0);
+    model.extend_from_slice(b"past the old end");
+    assert!(fs::read(m.path("f")).unwrap() == model);
+    assert!(m.object("f").unwrap() == model);
+}
+
+#[test]
 fn rename_moves_the_object() {
     let m = TestMount::new("rename");
     fs::create_dir_all(m.path("a")).unwrap();
