@@ -360,6 +360,7 @@ impl WritebackQueue {
             self.journal.write_record(seq, &change)?
         };
         self.journal.wait_durable(&written)?;
+        tracing::debug!(seq, key = change.key(), "change journaled");
         let mut s = self.state.lock();
         let dropped = Self::insert_locked(&mut s, seq, change, file);
         drop(written);

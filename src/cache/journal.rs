@@ -344,6 +344,28 @@ impl Journal {
         let mut last: HashMap<String, (u64, Change)> = HashMap::new();
         let mut done = HashSet::new();
         let mut next_seq = 1;
+        // What the file held, for the record of a crash's aftermath.
+        tracing::debug!(
+            bytes = data.len(),
+            records = decoded.records.len(),
+            highest_change = decoded
+                .records
+                .iter()
+                .filter_map(|r| match r {
+                    Record::Change(seq, _) => Some(*seq),
+                    Record::Done(_) => None,
+                })
+                .max(),
+            highest_done = decoded
+                .records
+                .iter()
+                .filter_map(|r| match r {
+                    Record::Done(seq) => Some(*seq),
+                    Record::Change(..) => None,
+                })
+                .max(),
+            "journal read"
+        );
         for r in decoded.records {
             match r {
                 Record::Change(seq, c) => {
