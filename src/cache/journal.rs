@@ -275,7 +275,10 @@ impl Active {
         (&*self.file).write_all(bytes)
     }
 
-    /// Cuts the file back to `len` bytes, durably.
+    /// Cuts the file back to `len` bytes, durably. What was durable stays so, but records
+    /// the cut keeps past it are not vouched for: an fdatasync of them may be running
+    /// meanwhile, and of the two the kernel reports a write error of their pages to one
+    /// only. If it is that one, it fails them; if it is this one, the cut fails.
     fn cut(&mut self, len: u64) -> io::Result<()> {
         #[cfg(test)]
         if self.fail_now() {
@@ -284,7 +287,7 @@ impl Active {
         self.file.set_len(len)?;
         self.file.sync_data()?;
         self.written = len;
-        self.synced = len;
+        self.synced = self.synced.min(len);
         Ok(())
     }
 
@@ -883,6 +886,34 @@ mod tests {
             vec![(1, delete("a")), (3, delete("c")), (4, delete("d"))]
         );
         assert_eq!((r.skipped_regions, r.torn_bytes), (0, 0));
+    }
+
+    #[test]
+    fn an_append_failing_while_an_fsync_runs_does_not_vouch_for_what_that_fsync_covers() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (j, _) = Journal::open(dir.path()).unwrap();
+            j.record(1, &delete("a")).unwrap();
+            j.fail_syncs(1);
+            let w2 = j.write_record(2, &delete("b")).unwrap();
+            std::thread::scope(|s| {
+                let wait = s.spawn(|| j.wait_durable(&w2).map_err(|e| e.raw_os_error()));
+                while !j.file.lock().syncing {
+                    std::thread::yield_now();
+                }
+                // An append fails while the fdatasync covering record 2 runs (and fails).
+                j.fail_writes(1);
+                j.record(3, &delete("c")).unwrap_err();
+                assert_eq!(
+                    wait.join().unwrap(),
+                    Err(Some(libc::EIO)),
+                    "a record was reported durable although the fdatasync covering it failed"
+                );
+            });
+            drop(w2);
+        }
+        let (_, r) = Journal::open(dir.path()).unwrap();
+        assert_eq!(r.pending, vec![(1, delete("a"))]);
     }
 
     #[test]
