@@ -347,28 +347,7 @@ impl Journal {
         let mut last: HashMap<String, (u64, Change)> = HashMap::new();
         let mut done = HashSet::new();
         let mut next_seq = 1;
-        // What the file held, for the record of a crash's aftermath.
-        tracing::debug!(
-            bytes = data.len(),
-            records = decoded.records.len(),
-            highest_change = decoded
-                .records
-                .iter()
-                .filter_map(|r| match r {
-                    Record::Change(seq, _) => Some(*seq),
-                    Record::Done(_) => None,
-                })
-                .max(),
-            highest_done = decoded
-                .records
-                .iter()
-                .filter_map(|r| match r {
-                    Record::Done(seq) => Some(*seq),
-                    Record::Change(..) => None,
-                })
-                .max(),
-            "journal read"
-        );
+        let records = decoded.records.len();
         for r in decoded.records {
             match r {
                 Record::Change(seq, c) => {
@@ -382,6 +361,14 @@ impl Journal {
                 }
             }
         }
+        // What the file held, for the record of a crash's aftermath.
+        tracing::debug!(
+            bytes = data.len(),
+            records,
+            highest_change = next_seq - 1,
+            highest_done = done.iter().max(),
+            "journal read"
+        );
         let changes: BTreeMap<u64, Change> = last
             .into_values()
             .filter(|(seq, _)| !done.contains(seq))
