@@ -4,8 +4,8 @@ For each client it mounts a fresh prefix, runs the workloads, and reports when t
 close() calls returned and when the bucket held everything (watched with boto3)."""
 import argparse, datetime, os, pathlib, sys, tempfile, time
 
-from bench_common import (BUCKET, ENDPOINT, ROOT, CountingProxy, Rclone, S3fs, S3mediafs, count_objects, duration, free_port,
-                          metrics, s3, wait_bucket)
+from bench_common import (BUCKET, ENDPOINT, ROOT, CountingProxy, Rclone, S3fs, S3mediafs, count_objects, cpu_seconds, duration,
+                          free_port, metrics, s3, server_pid, wait_bucket)
 
 
 def synapse_files(mnt, n):
@@ -31,12 +31,24 @@ def big_file(mnt, mib):
 
 
 def run(client, files, big_mib):
+    """Writes the small files, then the big one, each until the bucket holds it all; returns
+    for each (rate, seconds until close returned, seconds until in the bucket, CPU seconds
+    of the client and of the S3 server per GiB written)."""
     prefix = f"bench/{client.name}-{int(time.time())}/"
     client.mount(prefix)
+    pid, spid = client.pid(), server_pid()
+
+    def cpu_now():
+        return cpu_seconds(pid), (cpu_seconds(spid) if spid else None)
+
+    def per_gib(before, after, gib):
+        return tuple(None if a is None or b is None else (b - a) / gib for a, b in zip(before, after))
     try:
+        c0 = cpu_now()
         s, closed = synapse_files(client.mnt, files)
         landed = wait_bucket(lambda: count_objects(prefix + "local_content/") >= files)
-        small = (files / (closed - s), closed - s, (landed - s) if landed else None)
+        c1 = cpu_now()
+        small = (files / (closed - s), closed - s, (landed - s) if landed else None, *per_gib(c0, c1, files * 65536 / (1 << 30)))
         s, closed = big_file(client.mnt, big_mib)
         size = big_mib << 20
 
@@ -46,7 +58,8 @@ def run(client, files, big_mib):
             except Exception:
                 return False
         landed = wait_bucket(big_there)
-        big = (big_mib * 1.048576 / (closed - s), closed - s, (landed - s) if landed else None)
+        c2 = cpu_now()
+        big = (big_mib * 1.048576 / (closed - s), closed - s, (landed - s) if landed else None, *per_gib(c1, c2, big_mib / 1024))
     finally:
         client.unmount()
     return small, big
@@ -222,6 +235,10 @@ def fmt(x, unit=""):
     return "timeout" if x is None else f"{x:.1f}{unit}"
 
 
+def cpu(x):
+    return "-" if x is None else f"{x:.2f}"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=2000)
@@ -259,10 +276,16 @@ def main():
     base = {k: v for k, v in results.items() if not k.startswith("s3mediafs")}
     lines = [f"# Write benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
              "", f"Local Garage at {ENDPOINT}; {a.files} x 64 KiB Synapse-style files; one {a.big_mib} MiB file.", "",
-             "| client | files/s (until close returned) | small files: all in bucket after | 1 GiB write MB/s (close returned) | big file in bucket after |",
-             "|---|---|---|---|---|"]
+             "| client | files/s (until close returned) | small files: all in bucket after | client CPU per GiB of small files (s) | "
+             "big file write MB/s (close returned) | big file in bucket after | client CPU per GiB of the big file (s) | "
+             "S3 server CPU per GiB: small, big (s) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, (small, big) in results.items():
-        lines.append(f"| {name} | {small[0]:.0f} | {fmt(small[2], ' s')} | {big[0]:.0f} | {fmt(big[2], ' s')} |")
+        lines.append(f"| {name} | {small[0]:.0f} | {fmt(small[2], ' s')} | {cpu(small[3])} | {big[0]:.0f} | {fmt(big[2], ' s')} | "
+                     f"{cpu(big[3])} | {cpu(small[4])}, {cpu(big[4])} |")
+    lines += ["", "CPU is user and system time of the process serving the mount and of the local S3 server, from the "
+              "first write until the bucket held every byte, per GiB written. Bodies go over plain HTTP to the local "
+              "server, so the S3 SDK's signature covers them (a SHA-256 of every byte)."]
     lines += ["", "Ratios of s3mediafs (write-back) to each peer:", ""]
     wb = results["s3mediafs-writeback"]
     for name, (small, big) in base.items():
@@ -275,7 +298,7 @@ def main():
     if "close" in sections:
         lines += close_section(work)
     if "readback" in sections:
-        lines += readback_section(work, a.readback_mib)
+        lines += readback_section(work, a.readback_mib, a.rtt, a.peers)
     out = "\n".join(lines) + "\n"
     print(out)
     dest = ROOT / "bench/results" / f"write-{datetime.date.today()}.md"

@@ -11,22 +11,6 @@ use std::os::unix::fs::PermissionsExt;
 
 use common::*;
 
-fn raw_client(env: &S3Env) -> (tokio::runtime::Runtime, aws_sdk_s3::Client) {
-    let creds =
-        aws_sdk_s3::config::Credentials::new(&env.access_key, &env.secret_key, None, None, "test");
-    let conf = aws_sdk_s3::Config::builder()
-        .behavior_version_latest()
-        .region(aws_sdk_s3::config::Region::new(env.region.clone()))
-        .endpoint_url(&env.endpoint)
-        .force_path_style(true)
-        .credentials_provider(creds)
-        .build();
-    (
-        tokio::runtime::Runtime::new().unwrap(),
-        aws_sdk_s3::Client::from_conf(conf),
-    )
-}
-
 /// Writes a small and a multipart file, renames the small one and overwrites the large one.
 fn write_rename_overwrite(m: &TestMount) -> (Vec<u8>, Vec<u8>) {
     let small = pseudo_random(40_000, 1);

@@ -125,6 +125,73 @@ fn files_written_through_the_mount_are_plain_objects() {
     );
 }
 
+/// Every body goes with a checksum the store checks: its CRC-32 where the store confirms
+/// it, else its MD5 (Content-MD5). The objects then carry their CRC-32 for other tools.
+#[test]
+fn uploads_carry_a_checksum_the_store_checks() {
+    let env = S3Env::get();
+    let m = TestMount::with_args("checksums", &["--part-size", "5M"]);
+    let small = pseudo_random(40_000, 1);
+    fs::write(m.path("small"), &small).unwrap();
+    m.sync();
+    // A multipart upload begun once the store's answers have shown what it checks.
+    let large = pseudo_random(11 << 20, 2);
+    fs::write(m.path("large"), &large).unwrap();
+    m.sync();
+    let log = m.log();
+    let confirms = log.contains("the store checks the CRC-32 of each body");
+    let does_not = log.contains("the store does not confirm CRC-32 checksums");
+    assert!(
+        confirms != does_not,
+        "the mount says which checksum bodies carry:\n{log}"
+    );
+    match env.backend.as_str() {
+        "garage" => assert!(confirms, "Garage checks CRC-32 checksums"),
+        "moto" => assert!(does_not, "moto does not check CRC-32 checksums"),
+        _ => {}
+    }
+    if confirms {
+        let (rt, client) = raw_client(&env);
+        let crc32 = |rel: &str| {
+            let head = client
+                .head_object()
+                .bucket(&env.bucket)
+                .key(m.key(rel))
+                .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+                .send();
+            rt.block_on(head)
+                .unwrap()
+                .checksum_crc32()
+                .map(str::to_string)
+        };
+        let be = crc32fast::hash(&small).to_be_bytes();
+        assert_eq!(crc32("small"), Some(base64_of(&be)));
+        // A multipart object's checksum is of its parts' checksums, and counts them.
+        let large_crc = crc32("large").expect("the multipart object has a CRC-32");
+        assert!(large_crc.ends_with("-3"), "{large_crc}");
+    }
+    assert_eq!(m.object("small"), Some(small));
+    assert_eq!(m.object("large"), Some(large));
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            out.push(match i <= chunk.len() {
+                true => ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char,
+                false => '=',
+            });
+        }
+    }
+    out
+}
+
 #[test]
 fn empty_directories_survive_a_remount() {
     let mut m = TestMount::new("remount");

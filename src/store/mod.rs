@@ -4,6 +4,7 @@
 //! for tests: the crate's own, and with the `test-util` feature, which the crate's
 //! integration tests turn on through its dev-dependency on itself).
 
+mod body_check;
 mod etag;
 #[cfg(any(test, feature = "test-util"))]
 mod memory;

@@ -23,7 +23,9 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::BoxError;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+
+use super::body_check::{base64, BodyChecks, BodyDigest};
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 
@@ -160,9 +162,11 @@ pub struct S3Store {
     objects: ObjectOptions,
     /// Whether the bodies sent are covered by the request's signature (a SHA-256 of every
     /// byte): over plain HTTP only. Over TLS, which keeps a body intact on the way, they are
-    /// sent as UNSIGNED-PAYLOAD, as the AWS CLI sends them; the signed Content-MD5 is checked
-    /// by the store either way.
+    /// sent as UNSIGNED-PAYLOAD, as the AWS CLI sends them; the signed checksum (CRC-32 or
+    /// Content-MD5, `body_check.rs`) is checked by the store either way.
     sign_bodies: bool,
+    /// Which checksums bodies carry, as the store's answers showed (`body_check.rs`).
+    body_checks: BodyChecks,
 }
 
 /// Sends a request that carries a body, the body covered by the signature only when `$sign`
@@ -338,6 +342,7 @@ impl S3Store {
             attempts: cfg.attempts.clone(),
             objects: ObjectOptions::default(),
             sign_bodies: signs_bodies(cfg.endpoint.as_deref()),
+            body_checks: BodyChecks::new(),
         }
     }
 
@@ -542,94 +547,17 @@ trait Pipe: Sized {
 impl<T> Pipe for T {}
 
 impl S3Store {
-    /// Compares the ETag with the MD5 sent, where the ETag is one: not for an object
+    /// Whether the ETag of an object just written is the MD5 of its body: not for one
     /// encrypted with KMS or a customer's key, asked for here or by the bucket's default
-    /// encryption (the answer says which), whose ETags are not MD5s.
-    fn check_digest(
+    /// encryption (the answer says which).
+    fn etag_is_md5(
         &self,
-        digest: &BodyDigest,
-        op: &str,
-        key: &str,
-        etag: Option<&str>,
         encrypted_with: Option<&aws_sdk_s3::types::ServerSideEncryption>,
         customer_algorithm: Option<&str>,
-    ) -> StoreResult<()> {
+    ) -> bool {
         let kms = encrypted_with.is_some_and(|e| e.as_str().starts_with("aws:kms"));
-        if self.objects.encryption.etag_is_md5() && !kms && customer_algorithm.is_none() {
-            digest.check(op, key, etag)?;
-        }
-        Ok(())
+        self.objects.encryption.etag_is_md5() && !kms && customer_algorithm.is_none()
     }
-}
-
-/// The MD5 of a body sent to the store. It goes along as Content-MD5, which the store checks
-/// (a body damaged on the way is refused with BadDigest); and a store that does not check
-/// it still answers with the MD5 of what it stored as the ETag, which is compared here, so
-/// a damaged body is never taken for the file (the change is sent again).
-struct BodyDigest([u8; 16]);
-
-impl BodyDigest {
-    fn of(body: &[u8]) -> BodyDigest {
-        use md5::{Digest, Md5};
-        BodyDigest(Md5::digest(body).into())
-    }
-
-    /// The digest of `body`, taken off the runtime's threads when it is large: an 8 MiB part
-    /// costs over 10 ms of MD5, which the FUSE requests waiting behind it would pay.
-    async fn of_body(body: &Bytes) -> StoreResult<BodyDigest> {
-        const INLINE: usize = 64 << 10;
-        if body.len() <= INLINE {
-            return Ok(BodyDigest::of(body));
-        }
-        let body = body.clone();
-        tokio::task::spawn_blocking(move || BodyDigest::of(&body))
-            .await
-            .map_err(|e| StoreError::Local(format!("taking the MD5 of a body failed: {e}")))
-    }
-
-    /// The Content-MD5 header: the digest in base64.
-    fn header(&self) -> String {
-        base64(&self.0)
-    }
-
-    fn hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
-    /// Fails when the store says it stored other bytes: its ETag is an MD5 (32 hex digits)
-    /// other than the one sent.
-    fn check(&self, op: &str, key: &str, etag: Option<&str>) -> StoreResult<()> {
-        let Some(etag) = etag.map(|t| t.trim_matches('"')) else {
-            return Ok(());
-        };
-        let is_md5 = etag.len() == 32 && etag.bytes().all(|b| b.is_ascii_hexdigit());
-        if is_md5 && !etag.eq_ignore_ascii_case(&self.hex()) {
-            return Err(StoreError::Damaged(format!(
-                "{op} {key}: the store holds other bytes than were sent (ETag {etag}, MD5 sent {}); the body was damaged on the way and is sent again",
-                self.hex()
-            )));
-        }
-        Ok(())
-    }
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {
@@ -811,41 +739,49 @@ impl ObjectStore for S3Store {
 
     async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<ETag>> {
         let len = body.len() as i64;
-        let digest = BodyDigest::of_body(&body).await?;
+        let check = self.body_checks.for_put(&body).await?;
         let r = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
             .content_length(len)
-            .content_md5(digest.header())
+            .set_checksum_crc32(check.crc32.clone())
+            .set_content_md5(check.md5.as_ref().map(BodyDigest::header))
             .body(ByteStream::from(body))
             .pipe(|b| object_options!(b, &self.objects));
         let r = send_body!(r, self.sign_bodies).map_err(|e| self.map_err("PUT", key, e))?;
-        self.check_digest(
-            &digest,
+        self.body_checks.confirm(
+            &check,
             "PUT",
             key,
+            r.checksum_crc32(),
             r.e_tag(),
-            r.server_side_encryption(),
-            r.sse_customer_algorithm(),
+            self.etag_is_md5(r.server_side_encryption(), r.sse_customer_algorithm()),
         )?;
         Ok(r.e_tag().map(ETag::new))
     }
 
     async fn create_multipart(&self, key: &str) -> StoreResult<String> {
+        let crc32 = self.body_checks.declares_crc32();
         let r = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
+            .set_checksum_algorithm(crc32.then_some(ChecksumAlgorithm::Crc32))
             .pipe(|b| object_options!(b, &self.objects))
             .send()
             .await
             .map_err(|e| self.map_err("CreateMultipartUpload", key, e))?;
-        r.upload_id()
+        let id = r
+            .upload_id()
             .map(str::to_string)
-            .ok_or_else(|| StoreError::Protocol("the store returned no upload id".into()))
+            .ok_or_else(|| StoreError::Protocol("the store returned no upload id".into()))?;
+        if crc32 {
+            self.body_checks.begun_with_crc32(&id);
+        }
+        Ok(id)
     }
 
     async fn upload_part(
@@ -856,7 +792,7 @@ impl ObjectStore for S3Store {
         body: Bytes,
     ) -> StoreResult<ETag> {
         let len = body.len() as i64;
-        let digest = BodyDigest::of_body(&body).await?;
+        let check = self.body_checks.for_part(upload_id, &body).await?;
         let r = self
             .client
             .upload_part()
@@ -865,18 +801,20 @@ impl ObjectStore for S3Store {
             .upload_id(upload_id)
             .part_number(part_number)
             .content_length(len)
-            .content_md5(digest.header())
+            .set_checksum_crc32(check.crc32.clone())
+            .set_content_md5(check.md5.as_ref().map(BodyDigest::header))
             .body(ByteStream::from(body))
             .pipe(|b| customer_key!(b, &self.objects.encryption));
         let r = send_body!(r, self.sign_bodies).map_err(|e| self.map_err("UploadPart", key, e))?;
-        self.check_digest(
-            &digest,
+        self.body_checks.confirm(
+            &check,
             "UploadPart",
             key,
+            r.checksum_crc32(),
             r.e_tag(),
-            r.server_side_encryption(),
-            r.sse_customer_algorithm(),
+            self.etag_is_md5(r.server_side_encryption(), r.sse_customer_algorithm()),
         )?;
+        self.body_checks.part_taken(upload_id, part_number, &check);
         r.e_tag()
             .map(ETag::new)
             .ok_or_else(|| StoreError::Protocol("the store returned no part ETag".into()))
@@ -888,12 +826,14 @@ impl ObjectStore for S3Store {
         upload_id: &str,
         parts: Vec<(i32, ETag)>,
     ) -> StoreResult<Option<ETag>> {
+        let crc32s = self.body_checks.parts_of(upload_id);
         let parts = parts
             .into_iter()
             .map(|(n, etag)| {
                 CompletedPart::builder()
                     .part_number(n)
                     .e_tag(etag.as_str())
+                    .set_checksum_crc32(crc32s.as_ref().and_then(|c| c.get(&n).cloned()))
                     .build()
             })
             .collect();
@@ -908,9 +848,16 @@ impl ObjectStore for S3Store {
                     .set_parts(Some(parts))
                     .build(),
             )
+            // With checksums, the store checks them against the object's parts, which it
+            // decrypts with the customer's key.
+            .pipe(|b| match crc32s.is_some() {
+                true => customer_key!(b, &self.objects.encryption),
+                false => b,
+            })
             .send()
             .await
             .map_err(|e| self.map_err("CompleteMultipartUpload", key, e))?;
+        self.body_checks.forget(upload_id);
         Ok(r.e_tag().map(ETag::new))
     }
 
@@ -923,6 +870,7 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| self.map_err("AbortMultipartUpload", key, e))?;
+        self.body_checks.forget(upload_id);
         Ok(())
     }
 
@@ -1026,25 +974,6 @@ mod tests {
         ] {
             assert_eq!(signs_bodies(endpoint), signed, "{endpoint:?}");
         }
-    }
-
-    #[test]
-    fn body_digests_are_checked_against_md5_etags_only() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        let d = BodyDigest::of(b"hello");
-        assert_eq!(d.header(), "XUFAKrxLKna5cZ2REBfFkg==");
-        assert!(d
-            .check("PUT", "k", Some("\"5d41402abc4b2a76b9719d911017c592\""))
-            .is_ok());
-        assert!(d
-            .check("PUT", "k", Some("\"5d41402abc4b2a76b9719d911017c593\""))
-            .is_err());
-        // Not an MD5: nothing to compare (an encrypted object, a multipart ETag).
-        assert!(d.check("PUT", "k", Some("\"abc-2\"")).is_ok());
-        assert!(d.check("PUT", "k", None).is_ok());
     }
 
     #[test]

@@ -103,6 +103,24 @@ pub fn unique_prefix(name: &str) -> String {
     )
 }
 
+/// A plain aws-sdk-s3 client of the test bucket's server, for what `Bucket` does not ask.
+#[allow(dead_code)]
+pub fn raw_client(env: &S3Env) -> (tokio::runtime::Runtime, aws_sdk_s3::Client) {
+    let creds =
+        aws_sdk_s3::config::Credentials::new(&env.access_key, &env.secret_key, None, None, "test");
+    let conf = aws_sdk_s3::Config::builder()
+        .behavior_version_latest()
+        .region(aws_sdk_s3::config::Region::new(env.region.clone()))
+        .endpoint_url(&env.endpoint)
+        .force_path_style(true)
+        .credentials_provider(creds)
+        .build();
+    (
+        tokio::runtime::Runtime::new().unwrap(),
+        aws_sdk_s3::Client::from_conf(conf),
+    )
+}
+
 /// Direct access to the test bucket, bypassing the mount.
 pub struct Bucket {
     store: Arc<S3Store>,
