@@ -26,6 +26,7 @@ use common::{
     drop_pages, pseudo_random, sha256, statfs, unique_prefix, wait_for, write_closed, Bucket,
     S3Env, TestMount,
 };
+use s3mediafs::store::{ObjectStore, S3Store, StoreConfig};
 
 /// What one scenario did and found.
 #[derive(Debug, Default)]
@@ -283,6 +284,83 @@ fn upload_bodies_damaged_on_the_way_on_every_third_upload() {
     );
     assert_injected(&o);
     assert_eq!(o.read_errors, 0, "{o:?}");
+}
+
+/// As over HTTPS, where no signature covers a body: its checksum alone (a CRC-32 where the
+/// store confirms them, else its MD5) must keep a body damaged on the way out of the bucket,
+/// in a PUT and in a part.
+#[test]
+fn bodies_damaged_on_the_way_are_refused_by_their_checksum_alone() {
+    let env = S3Env::get();
+    let bucket = Bucket::new(&env);
+    let prefix = unique_prefix("checksum-alone");
+    let key = |name: &str| format!("{prefix}{name}");
+    let proxy = FaultProxy::start(env.endpoint.trim_start_matches("http://"), policy::none());
+    let store = S3Store::new(&StoreConfig {
+        endpoint: Some(proxy.endpoint()),
+        max_attempts: 1,
+        ..bucket.config().clone()
+    })
+    .with_unsigned_bodies();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let body = bytes::Bytes::from(pseudo_random(100_000, 1));
+    // The first answers tell the store's checks.
+    rt.block_on(store.put(&key("first"), body.clone())).unwrap();
+    proxy.set_policy(policy::every_upload(1, Fault::FlipBodyByte));
+    for i in 0..3 {
+        let r = rt.block_on(store.put(&key(&format!("put-{i}")), body.clone()));
+        assert!(r.is_err(), "a damaged body was taken: {r:?}");
+    }
+    let part = bytes::Bytes::from(pseudo_random(5 << 20, 2));
+    let id = rt.block_on(store.create_multipart(&key("parts"))).unwrap();
+    let r = rt.block_on(store.upload_part(&key("parts"), &id, 1, part));
+    assert!(r.is_err(), "a damaged part was taken: {r:?}");
+    proxy.set_policy(policy::none());
+    rt.block_on(store.abort_multipart(&key("parts"), &id))
+        .unwrap();
+    assert!(proxy.injected() >= 4);
+    // A store that checks the checksum refused the bodies; one that does not (moto) stored
+    // them, and the ETag compared with the MD5 failed the PUT, which the write-back queue
+    // sends again.
+    if env.backend == "garage" {
+        for i in 0..3 {
+            let got = bucket.get(&key(&format!("put-{i}")));
+            assert!(got.is_none(), "put-{i}: a damaged body is in the bucket");
+        }
+    }
+    bucket.delete_prefix(&prefix);
+}
+
+/// A store that refuses the CRC-32 header (Backblaze B2 answers 400 InvalidArgument,
+/// "Unsupported header") gets every body with its MD5 instead, single and multipart, and
+/// nothing is lost.
+#[test]
+fn a_store_that_refuses_crc32_headers_gets_md5s() {
+    let env = S3Env::get();
+    let proxy = FaultProxy::start(
+        env.endpoint.trim_start_matches("http://"),
+        Arc::new(|r: &RequestInfo| {
+            r.crc32_header
+                .then_some(Fault::Error(400, "InvalidArgument"))
+        }),
+    );
+    let m = TestMount::via("refuses-crc32", &proxy.endpoint(), &["--part-size", "5M"]);
+    let small = pseudo_random(40_000, 1);
+    std::fs::write(m.path("small"), &small).unwrap();
+    m.sync();
+    let large = pseudo_random(11 << 20, 2);
+    std::fs::write(m.path("large"), &large).unwrap();
+    m.sync();
+    assert!(proxy.injected() >= 1, "no request carried a CRC-32");
+    let log = m.log();
+    assert!(
+        log.contains(
+            "the store does not confirm CRC-32 checksums (it refused a request that carried one"
+        ),
+        "{log}"
+    );
+    assert_eq!(m.object("small"), Some(small));
+    assert_eq!(m.object("large"), Some(large));
 }
 
 #[test]

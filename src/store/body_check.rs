@@ -6,10 +6,17 @@
 //! the rest of the mount's life: an MD5 costs about 1.6 ms of CPU per MiB, most of what an
 //! upload costs the mount when the store is close.
 //!
+//! A store that refuses the header outright (Backblaze B2 answers 400 InvalidArgument,
+//! "Unsupported header") is taken as one that does not check it: the body is sent again with
+//! its MD5. So is a store that answers with another CRC-32 while its ETag is the MD5 sent: it
+//! does not compare the two. An answer with the same value is taken as the store's word that
+//! it checked the body; over HTTPS the body is also kept intact on the way by TLS.
+//!
 //! A multipart upload declares CRC-32 when it begins (S3 refuses a part checksum its upload
 //! did not declare, and a completion that leaves one out), so only an upload begun once the
 //! store is known to check them sends them; the value of each part sent is kept here until
-//! the upload is completed or aborted.
+//! the upload is completed or aborted. A store that refuses a declared upload's requests is
+//! one that does not check them either: the upload fails and is made again without.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -129,19 +136,29 @@ impl BodyChecks {
         etag: Option<&str>,
         etag_is_md5: bool,
     ) -> StoreResult<()> {
-        if let (Some(md5), true) = (&check.md5, etag_is_md5) {
-            md5.check(op, key, etag)?;
-        }
+        let md5_matched = match (&check.md5, etag_is_md5) {
+            (Some(md5), true) => md5.check(op, key, etag)?,
+            _ => false,
+        };
         match (&check.crc32, echoed) {
             (Some(sent), Some(got)) if sent == got => {
-                self.learn(StoreChecks::Crc32);
+                self.learn(StoreChecks::Crc32, "");
+                Ok(())
+            }
+            // The bytes are the ones sent, and the store's CRC-32 is not theirs: it does not
+            // compare the header with the body.
+            (Some(_), Some(got)) if md5_matched => {
+                self.learn(
+                    StoreChecks::Md5Only,
+                    &format!("it answered a body's CRC-32 with another value ({got}) though it stored the bytes sent"),
+                );
                 Ok(())
             }
             (Some(sent), Some(got)) => Err(StoreError::Damaged(format!(
                 "{op} {key}: the store took a body with CRC-32 {got}, and {sent} was sent; the body was damaged on the way and is sent again"
             ))),
             (Some(_), None) => {
-                self.learn(StoreChecks::Md5Only);
+                self.learn(StoreChecks::Md5Only, "it answered without one");
                 match check.md5 {
                     Some(_) => Ok(()),
                     None => Err(StoreError::Damaged(format!(
@@ -153,9 +170,18 @@ impl BodyChecks {
         }
     }
 
+    /// The store refused a request that carried a CRC-32 (`refuses_checksums`): bodies go
+    /// with their MD5 from now on.
+    pub fn refused(&self, what: &str) {
+        self.learn(
+            StoreChecks::Md5Only,
+            &format!("it refused a request that carried one: {what}"),
+        );
+    }
+
     /// Moves on from what was known: from not knowing to either answer, and from CRC-32 to
-    /// MD5, never back.
-    fn learn(&self, to: StoreChecks) {
+    /// MD5, never back. `why` says why the store is taken not to check CRC-32s.
+    fn learn(&self, to: StoreChecks, why: &str) {
         let mut from = self.learned();
         loop {
             let moves = matches!(
@@ -183,10 +209,20 @@ impl BodyChecks {
                 "the store checks the CRC-32 of each body sent: bodies go without their MD5"
             ),
             _ => tracing::info!(
-                "the store does not confirm CRC-32 checksums: bodies go with their MD5 (Content-MD5), which costs CPU"
+                "the store does not confirm CRC-32 checksums ({why}): bodies go with their MD5 (Content-MD5), which costs CPU"
             ),
         }
     }
+}
+
+/// Whether an error answer is the way a store refuses a checksum header it does not take:
+/// a bad request or "not implemented", with none of the codes that say the body was damaged.
+pub(super) fn refuses_checksums(status: Option<u16>, code: Option<&str>) -> bool {
+    matches!(status, Some(400 | 501))
+        && matches!(
+            code,
+            Some("InvalidArgument" | "InvalidRequest" | "NotImplemented" | "UnsupportedHeader")
+        )
 }
 
 impl BodyCheck {
@@ -241,10 +277,10 @@ impl BodyDigest {
     }
 
     /// Fails when the store says it stored other bytes: its ETag is an MD5 (32 hex digits)
-    /// other than the one sent.
-    fn check(&self, op: &str, key: &str, etag: Option<&str>) -> StoreResult<()> {
+    /// other than the one sent. Tells whether the ETag was one to compare.
+    fn check(&self, op: &str, key: &str, etag: Option<&str>) -> StoreResult<bool> {
         let Some(etag) = etag.map(|t| t.trim_matches('"')) else {
-            return Ok(());
+            return Ok(false);
         };
         let is_md5 = etag.len() == 32 && etag.bytes().all(|b| b.is_ascii_hexdigit());
         if is_md5 && !etag.eq_ignore_ascii_case(&self.hex()) {
@@ -253,7 +289,7 @@ impl BodyDigest {
                 self.hex()
             )));
         }
-        Ok(())
+        Ok(is_md5)
     }
 }
 
@@ -290,13 +326,13 @@ mod tests {
         assert_eq!(d.header(), "XUFAKrxLKna5cZ2REBfFkg==");
         assert!(d
             .check("PUT", "k", Some("\"5d41402abc4b2a76b9719d911017c592\""))
-            .is_ok());
+            .unwrap());
         assert!(d
             .check("PUT", "k", Some("\"5d41402abc4b2a76b9719d911017c593\""))
             .is_err());
         // Not an MD5: nothing to compare (an encrypted object, a multipart ETag).
-        assert!(d.check("PUT", "k", Some("\"abc-2\"")).is_ok());
-        assert!(d.check("PUT", "k", None).is_ok());
+        assert!(!d.check("PUT", "k", Some("\"abc-2\"")).unwrap());
+        assert!(!d.check("PUT", "k", None).unwrap());
     }
 
     #[test]
@@ -326,6 +362,8 @@ mod tests {
         /// The store's answers to the bodies before.
         before: &'static [Echo],
         answer: Echo,
+        /// Whether the store's ETag is the MD5 of the body sent.
+        etag_right: bool,
         /// Whether the body carried its CRC-32 and its MD5.
         carried: (bool, bool),
         taken: bool,
@@ -335,6 +373,8 @@ mod tests {
     #[test]
     fn the_store_answers_decide_which_checks_bodies_carry() {
         use StoreChecks::*;
+        const RIGHT: bool = true;
+        const WRONG: bool = false;
         let crc = crc32_base64(b"hello");
         let other = crc32_base64(b"hellp");
         let echoed = |e: &Echo| match e {
@@ -344,15 +384,21 @@ mod tests {
         };
         #[rustfmt::skip]
         let cases = [
-            Case { before: &[], answer: Echo::Sent, carried: (true, true), taken: true, learned: Crc32 },
-            Case { before: &[], answer: Echo::Missing, carried: (true, true), taken: true, learned: Md5Only },
-            Case { before: &[], answer: Echo::Other, carried: (true, true), taken: false, learned: Unknown },
-            Case { before: &[Echo::Sent], answer: Echo::Sent, carried: (true, false), taken: true, learned: Crc32 },
-            Case { before: &[Echo::Sent], answer: Echo::Other, carried: (true, false), taken: false, learned: Crc32 },
+            Case { before: &[], answer: Echo::Sent, etag_right: RIGHT, carried: (true, true), taken: true, learned: Crc32 },
+            Case { before: &[], answer: Echo::Sent, etag_right: WRONG, carried: (true, true), taken: false, learned: Unknown },
+            Case { before: &[], answer: Echo::Missing, etag_right: RIGHT, carried: (true, true), taken: true, learned: Md5Only },
+            Case { before: &[], answer: Echo::Missing, etag_right: WRONG, carried: (true, true), taken: false, learned: Unknown },
+            // The bytes stored are the ones sent, the CRC-32 answered is not theirs: the
+            // store does not compare them.
+            Case { before: &[], answer: Echo::Other, etag_right: RIGHT, carried: (true, true), taken: true, learned: Md5Only },
+            Case { before: &[], answer: Echo::Other, etag_right: WRONG, carried: (true, true), taken: false, learned: Unknown },
+            Case { before: &[Echo::Sent], answer: Echo::Sent, etag_right: WRONG, carried: (true, false), taken: true, learned: Crc32 },
+            Case { before: &[Echo::Sent], answer: Echo::Other, etag_right: RIGHT, carried: (true, false), taken: false, learned: Crc32 },
             // A store that stops confirming: the body, which carried no MD5, is sent again.
-            Case { before: &[Echo::Sent], answer: Echo::Missing, carried: (true, false), taken: false, learned: Md5Only },
-            Case { before: &[Echo::Missing], answer: Echo::Missing, carried: (false, true), taken: true, learned: Md5Only },
-            Case { before: &[Echo::Missing], answer: Echo::Sent, carried: (false, true), taken: true, learned: Md5Only },
+            Case { before: &[Echo::Sent], answer: Echo::Missing, etag_right: RIGHT, carried: (true, false), taken: false, learned: Md5Only },
+            Case { before: &[Echo::Missing], answer: Echo::Missing, etag_right: RIGHT, carried: (false, true), taken: true, learned: Md5Only },
+            Case { before: &[Echo::Missing], answer: Echo::Missing, etag_right: WRONG, carried: (false, true), taken: false, learned: Md5Only },
+            Case { before: &[Echo::Missing], answer: Echo::Sent, etag_right: RIGHT, carried: (false, true), taken: true, learned: Md5Only },
         ];
         for (i, case) in cases.iter().enumerate() {
             let checks = BodyChecks::new();
@@ -373,12 +419,17 @@ mod tests {
                 case.carried,
                 "case {i}"
             );
+            let etag = if case.etag_right {
+                MD5_OF_HELLO
+            } else {
+                "\"5d41402abc4b2a76b9719d911017c593\""
+            };
             let r = checks.confirm(
                 &c,
                 "PUT",
                 "k",
                 echoed(&case.answer).as_deref(),
-                Some(MD5_OF_HELLO),
+                Some(etag),
                 true,
             );
             assert_eq!(r.is_ok(), case.taken, "case {i}: {r:?}");
@@ -386,6 +437,27 @@ mod tests {
                 assert!(e.part_worth_resending(), "case {i}: {e}");
             }
             assert_eq!(checks.learned(), case.learned, "case {i}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_of_the_header_is_told_from_a_damaged_body() {
+        for (status, code, refuses) in [
+            (Some(400), Some("InvalidArgument"), true),
+            (Some(400), Some("InvalidRequest"), true),
+            (Some(501), Some("NotImplemented"), true),
+            (Some(400), Some("BadDigest"), false),
+            (Some(400), Some("InvalidDigest"), false),
+            (Some(400), Some("XAmzContentSHA256Mismatch"), false),
+            (Some(403), Some("InvalidArgument"), false),
+            (Some(500), Some("InternalError"), false),
+            (None, None, false),
+        ] {
+            assert_eq!(
+                refuses_checksums(status, code),
+                refuses,
+                "{status:?} {code:?}"
+            );
         }
     }
 
@@ -411,7 +483,7 @@ mod tests {
         checks.part_taken("u2", 1, &c);
         // The store stops confirming: a part of the declared upload still carries its CRC-32,
         // which the completion lists, and its MD5 now too.
-        checks.learn(StoreChecks::Md5Only);
+        checks.learn(StoreChecks::Md5Only, "a test");
         let c = rt.block_on(checks.for_part("u2", &part)).unwrap();
         assert!(c.crc32.is_some() && c.md5.is_some());
         checks.part_taken("u2", 2, &c);

@@ -25,7 +25,7 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 
-use super::body_check::{base64, BodyChecks, BodyDigest};
+use super::body_check::{base64, refuses_checksums, BodyCheck, BodyChecks, BodyDigest};
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 
@@ -292,6 +292,14 @@ macro_rules! object_options {
 }
 
 impl S3Store {
+    /// The same store, sending bodies unsigned over plain HTTP too, as over HTTPS: for tests
+    /// of what their checksums alone guard.
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn with_unsigned_bodies(mut self) -> Self {
+        self.sign_bodies = false;
+        self
+    }
+
     /// The same store, writing objects with `objects`.
     pub fn with_object_options(mut self, objects: ObjectOptions) -> Self {
         self.objects = objects;
@@ -546,7 +554,30 @@ trait Pipe: Sized {
 
 impl<T> Pipe for T {}
 
+/// An error answer in a few words: its status, code and message.
+fn describe<E: ProvideErrorMetadata>(
+    err: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> String {
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    format!(
+        "HTTP {} {}: {}",
+        status.map(|s| s.to_string()).unwrap_or_default(),
+        err.code().unwrap_or_default(),
+        err.message().unwrap_or_default()
+    )
+}
+
 impl S3Store {
+    /// Whether the store refused a request the way a store does that does not take its
+    /// checksum header.
+    fn refuses_checksums<E: ProvideErrorMetadata>(
+        &self,
+        err: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> bool {
+        let status = err.raw_response().map(|r| r.status().as_u16());
+        refuses_checksums(status, err.code())
+    }
+
     /// Whether the ETag of an object just written is the MD5 of its body: not for one
     /// encrypted with KMS or a customer's key, asked for here or by the bucket's default
     /// encryption (the answer says which).
@@ -739,18 +770,29 @@ impl ObjectStore for S3Store {
 
     async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<ETag>> {
         let len = body.len() as i64;
-        let check = self.body_checks.for_put(&body).await?;
-        let r = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .content_length(len)
-            .set_checksum_crc32(check.crc32.clone())
-            .set_content_md5(check.md5.as_ref().map(BodyDigest::header))
-            .body(ByteStream::from(body))
-            .pipe(|b| object_options!(b, &self.objects));
-        let r = send_body!(r, self.sign_bodies).map_err(|e| self.map_err("PUT", key, e))?;
+        let send = |check: &BodyCheck| {
+            let r = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .content_length(len)
+                .set_checksum_crc32(check.crc32.clone())
+                .set_content_md5(check.md5.as_ref().map(BodyDigest::header))
+                .body(ByteStream::from(body.clone()))
+                .pipe(|b| object_options!(b, &self.objects));
+            async move { send_body!(r, self.sign_bodies) }
+        };
+        let mut check = self.body_checks.for_put(&body).await?;
+        let r = match send(&check).await {
+            Err(e) if check.crc32.is_some() && self.refuses_checksums(&e) => {
+                self.body_checks.refused(&describe(&e));
+                check = self.body_checks.for_put(&body).await?;
+                send(&check).await
+            }
+            r => r,
+        }
+        .map_err(|e| self.map_err("PUT", key, e))?;
         self.body_checks.confirm(
             &check,
             "PUT",
@@ -763,17 +805,25 @@ impl ObjectStore for S3Store {
     }
 
     async fn create_multipart(&self, key: &str) -> StoreResult<String> {
-        let crc32 = self.body_checks.declares_crc32();
-        let r = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(key)
-            .set_checksum_algorithm(crc32.then_some(ChecksumAlgorithm::Crc32))
-            .pipe(|b| object_options!(b, &self.objects))
-            .send()
-            .await
-            .map_err(|e| self.map_err("CreateMultipartUpload", key, e))?;
+        let send = |crc32: bool| {
+            self.client
+                .create_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .set_checksum_algorithm(crc32.then_some(ChecksumAlgorithm::Crc32))
+                .pipe(|b| object_options!(b, &self.objects))
+                .send()
+        };
+        let mut crc32 = self.body_checks.declares_crc32();
+        let r = match send(crc32).await {
+            Err(e) if crc32 && self.refuses_checksums(&e) => {
+                self.body_checks.refused(&describe(&e));
+                crc32 = false;
+                send(crc32).await
+            }
+            r => r,
+        }
+        .map_err(|e| self.map_err("CreateMultipartUpload", key, e))?;
         let id = r
             .upload_id()
             .map(str::to_string)
@@ -805,7 +855,13 @@ impl ObjectStore for S3Store {
             .set_content_md5(check.md5.as_ref().map(BodyDigest::header))
             .body(ByteStream::from(body))
             .pipe(|b| customer_key!(b, &self.objects.encryption));
-        let r = send_body!(r, self.sign_bodies).map_err(|e| self.map_err("UploadPart", key, e))?;
+        let r = send_body!(r, self.sign_bodies).map_err(|e| {
+            // The upload fails, and is made again without checksums.
+            if check.crc32.is_some() && self.refuses_checksums(&e) {
+                self.body_checks.refused(&describe(&e));
+            }
+            self.map_err("UploadPart", key, e)
+        })?;
         self.body_checks.confirm(
             &check,
             "UploadPart",
@@ -855,22 +911,30 @@ impl ObjectStore for S3Store {
                 false => b,
             })
             .send()
-            .await
-            .map_err(|e| self.map_err("CompleteMultipartUpload", key, e))?;
+            .await;
+        // Whatever the answer, the upload is not completed again under this id: it is
+        // found assembled, or aborted and made again.
         self.body_checks.forget(upload_id);
+        let r = r.map_err(|e| {
+            if crc32s.is_some() && self.refuses_checksums(&e) {
+                self.body_checks.refused(&describe(&e));
+            }
+            self.map_err("CompleteMultipartUpload", key, e)
+        })?;
         Ok(r.e_tag().map(ETag::new))
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
-        self.client
+        let r = self
+            .client
             .abort_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
             .upload_id(upload_id)
             .send()
-            .await
-            .map_err(|e| self.map_err("AbortMultipartUpload", key, e))?;
+            .await;
         self.body_checks.forget(upload_id);
+        r.map_err(|e| self.map_err("AbortMultipartUpload", key, e))?;
         Ok(())
     }
 

@@ -44,6 +44,8 @@ pub struct RequestInfo {
     pub target: String,
     /// Requests seen so far, this one included.
     pub n: u64,
+    /// Whether it carries a CRC-32 of its body (`x-amz-checksum-crc32`).
+    pub crc32_header: bool,
 }
 
 impl RequestInfo {
@@ -371,6 +373,7 @@ fn serve(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
             method: parts.next().unwrap_or("").to_string(),
             target: parts.next().unwrap_or("").to_string(),
             n: shared.requests.fetch_add(1, Ordering::Relaxed) + 1,
+            crc32_header: req.header("x-amz-checksum-crc32").is_some(),
         };
         let policy = shared.policy.lock().unwrap().clone();
         let fault = policy(&info);

@@ -124,12 +124,19 @@ pub fn raw_client(env: &S3Env) -> (tokio::runtime::Runtime, aws_sdk_s3::Client) 
 /// Direct access to the test bucket, bypassing the mount.
 pub struct Bucket {
     store: Arc<S3Store>,
+    config: StoreConfig,
     rt: tokio::runtime::Runtime,
 }
 
 impl Bucket {
+    /// How its store is reached.
+    #[allow(dead_code)]
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
     pub fn new(env: &S3Env) -> Bucket {
-        let store = S3Store::new(&StoreConfig {
+        let config = StoreConfig {
             bucket: env.bucket.clone(),
             endpoint: Some(env.endpoint.clone()),
             region: env.region.clone(),
@@ -142,9 +149,11 @@ impl Bucket {
             attempt_timeout: Duration::from_secs(120),
             attempts: Default::default(),
             read_deadline: Duration::from_secs(120),
-        });
+        };
+        let store = S3Store::new(&config);
         Bucket {
             store: Arc::new(store),
+            config,
             rt: tokio::runtime::Runtime::new().unwrap(),
         }
     }
