@@ -96,6 +96,9 @@ const WAIT_PATIENCE: Duration = Duration::from_secs(30);
 struct State {
     next_seq: u64,
     ops: BTreeMap<u64, Op>,
+    /// Changes out of `ops` whose journal record of being done is not yet durable, and
+    /// whose data is not yet released: `wait` still waits for them.
+    finishing: HashSet<u64>,
     /// The newest change of each key with one pending, ordered for prefix scans.
     latest: BTreeMap<String, u64>,
     in_flight: HashSet<String>,
@@ -518,6 +521,7 @@ impl WritebackQueue {
             {
                 let s = self.state.lock();
                 match s.ops.get(&seq) {
+                    None if s.finishing.contains(&seq) => {}
                     None => return Ok(()),
                     Some(op) if op.failing_since.is_some() && asked.elapsed() >= WAIT_PATIENCE => {
                         return Err(WaitError(
@@ -583,7 +587,12 @@ impl WritebackQueue {
         self.wake();
         loop {
             let notified = self.progress.notified();
-            let left = self.pending();
+            // Landed changes whose journal record of being done is being written count: the
+            // next mount would carry them out again.
+            let left = {
+                let s = self.state.lock();
+                s.ops.len() + s.finishing.len()
+            };
             if left == 0 || Instant::now() >= deadline {
                 self.state.lock().closed = true;
                 self.work.notify_waiters();
@@ -769,6 +778,23 @@ impl WritebackQueue {
         }
     }
 
+    /// `finish_record` for changes out of the queue together, with one journal write and
+    /// one fdatasync. Called without the state lock.
+    fn finish_records(&self, finished: Vec<(u64, Option<Arc<StagedFile>>)>) {
+        if finished.is_empty() {
+            return;
+        }
+        let seqs: Vec<u64> = finished.iter().map(|(seq, _)| *seq).collect();
+        if let Err(e) = self.journal.done_all(&seqs) {
+            tracing::error!(error = %e, "cannot record finished changes in the journal; a restart before the journal is next compacted carries them out again, unless newer changes of their keys are journaled");
+        }
+        for (_, file) in finished {
+            if let Some(f) = file {
+                f.finish();
+            }
+        }
+    }
+
     async fn worker(self: Arc<Self>) {
         loop {
             let notified = self.work.notified();
@@ -793,21 +819,44 @@ impl WritebackQueue {
     /// Change `seq` is in the bucket: it leaves the queue and the journal.
     fn landed(&self, seq: u64, change: &Change, file: Option<Arc<StagedFile>>) {
         self.tell_landed([change]);
-        {
+        let mut finished = {
             let mut s = self.state.lock();
             // A file that stays makes the directories above it: unless a newer change of the
             // key (a delete) is on its way.
-            if creates(change) && s.latest.get(change.key()) == Some(&seq) {
-                self.drop_markers_above(&mut s, change.key());
-            }
+            let mut finished = if creates(change) && s.latest.get(change.key()) == Some(&seq) {
+                Self::drop_markers_above(&mut s, change.key())
+            } else {
+                Vec::new()
+            };
             Self::remove_landed(&mut s, seq, change);
-            self.finish_record(seq, file.as_deref());
-            // Release the data before anyone can see the change gone.
-            drop(file);
-            self.reset_journal_if_idle(&s);
-        }
+            finished.push((seq, file));
+            s.finishing.extend(finished.iter().map(|(seq, _)| *seq));
+            finished
+        };
+        self.finish_landed(&mut finished);
         self.progress.notify_waiters();
         self.work.notify_waiters();
+    }
+
+    /// Records landed changes, out of the queue and in `finishing`, as done, and releases
+    /// their data once that record is durable. The journal is written outside the state
+    /// lock, so that the closes committing meanwhile do not wait for its fdatasync: a change
+    /// out of the queue is out of every rewrite of the journal.
+    fn finish_landed(&self, finished: &mut Vec<(u64, Option<Arc<StagedFile>>)>) {
+        /// Takes the changes out of `finishing` however this ends, so that no waiter waits
+        /// for them forever.
+        struct Finished<'a>(&'a WritebackQueue, Vec<u64>);
+        impl Drop for Finished<'_> {
+            fn drop(&mut self) {
+                let mut s = self.0.state.lock();
+                for seq in &self.1 {
+                    s.finishing.remove(seq);
+                }
+                self.0.reset_journal_if_idle(&s);
+            }
+        }
+        let _finished = Finished(self, finished.iter().map(|(seq, _)| *seq).collect());
+        self.finish_records(std::mem::take(finished));
     }
 
     /// Tells the observer that `changes` reached the bucket, before they leave the queue, so
@@ -854,8 +903,9 @@ impl WritebackQueue {
     }
 
     /// A key landed: markers of the directories above it that have not been sent are not
-    /// needed any more.
-    fn drop_markers_above(&self, s: &mut State, key: &str) {
+    /// needed any more. Returns them, to be finished (`finish_records`).
+    fn drop_markers_above(s: &mut State, key: &str) -> Vec<(u64, Option<Arc<StagedFile>>)> {
+        let mut dropped = Vec::new();
         let mut k = key;
         while let Some(i) = k.trim_end_matches('/').rfind('/') {
             k = &k[..=i];
@@ -868,14 +918,14 @@ impl WritebackQueue {
                 .is_some_and(|o| !o.started && matches!(o.change, Change::Marker { .. }));
             if waiting {
                 s.idle.remove(&seq);
-                let (seq, file) = Self::drop_op(s, seq);
+                dropped.push(Self::drop_op(s, seq));
                 tracing::debug!(
                     key = k,
                     "a file under this directory landed; its marker is not needed"
                 );
-                self.finish_record(seq, file.as_deref());
             }
         }
+        dropped
     }
 
     /// Carries out gathered deletes with one DeleteObjects request. Keys the store refused
@@ -976,17 +1026,15 @@ impl WritebackQueue {
     /// one journal write for all.
     fn landed_all(&self, done: Vec<(u64, Change)>) {
         self.tell_landed(done.iter().map(|(_, c)| c));
-        {
+        let mut finished: Vec<(u64, Option<Arc<StagedFile>>)> = {
             let mut s = self.state.lock();
             for (seq, change) in &done {
                 Self::remove_landed(&mut s, *seq, change);
+                s.finishing.insert(*seq);
             }
-            let seqs: Vec<u64> = done.iter().map(|(seq, _)| *seq).collect();
-            if let Err(e) = self.journal.done_all(&seqs) {
-                tracing::error!(error = %e, "cannot write the journal; the changes will be done again after a restart");
-            }
-            self.reset_journal_if_idle(&s);
-        }
+            done.iter().map(|(seq, _)| (*seq, None)).collect()
+        };
+        self.finish_landed(&mut finished);
         self.progress.notify_waiters();
         self.work.notify_waiters();
     }
