@@ -250,8 +250,9 @@ impl BodyCheck {
     }
 }
 
-/// The CRC-32 of `body` as S3 writes it: the big-endian value in base64.
-pub(super) fn crc32_base64(body: &[u8]) -> String {
+/// The CRC-32 of `body` as S3 writes it (`x-amz-checksum-crc32`): the big-endian value in
+/// base64.
+pub fn crc32_base64(body: &[u8]) -> String {
     base64(&crc32fast::hash(body).to_be_bytes())
 }
 

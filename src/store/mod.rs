@@ -18,6 +18,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use body_check::crc32_base64;
 pub use etag::ETag;
 #[cfg(any(test, feature = "test-util"))]
 pub use memory::MemoryStore;
