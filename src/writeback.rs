@@ -354,6 +354,27 @@ impl WritebackQueue {
         }
         let written = {
             let s = self.state.lock();
+            // A newer change of the key already landed (this one was sealed late): it is
+            // never carried out, so it is not journaled either. Journaled, a crash before its
+            // done record could carry it out over the newer one, whose record a compaction
+            // may already have dropped.
+            let landed_newer = s
+                .last_landed
+                .as_ref()
+                .and_then(|l| l.peek(change.key()).copied())
+                .is_some_and(|landed| landed > seq);
+            if landed_newer {
+                drop(s);
+                tracing::debug!(
+                    seq,
+                    key = change.key(),
+                    "a newer change of the key landed first; this one is dropped"
+                );
+                if let Some(f) = file {
+                    f.finish();
+                }
+                return Ok(seq);
+            }
             if self.journal.is_broken() {
                 // A journal that could not be cut back after a failed append is rewritten from
                 // what is pending before anything is appended to it again.
@@ -1382,6 +1403,44 @@ mod tests {
         assert!(
             !matches!(q.lookup("k"), Some(Pending::Delete)),
             "a change older than the last one came back after a restart"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_sealed_after_a_newer_one_of_its_key_landed_is_not_journaled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mem, q, area, _) = setup(dir.path());
+        // The older close takes its number, then seals late.
+        let older = q.next_seq();
+        q.start();
+        let newer = q.upload("k", staged(&area, b"newer"), 5).unwrap();
+        q.wait(newer).await.unwrap();
+        let journal = dir.path().join("journal");
+        let before = std::fs::metadata(&journal).unwrap().len();
+        let f = staged(&area, b"older!");
+        f.seal(&q.journal.pending_path(older), || {
+            q.journal.sync_pending_dir()
+        })
+        .unwrap();
+        let change = Change::Upload {
+            key: "k".into(),
+            size: 6,
+            crc: None,
+        };
+        q.commit(older, change, Some(f)).unwrap();
+        q.wait(older).await.unwrap();
+        assert_eq!(
+            std::fs::metadata(&journal).unwrap().len(),
+            before,
+            "the superseded change was journaled"
+        );
+        assert_eq!(mem.object("k").unwrap().as_ref(), b"newer");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("pending"))
+                .unwrap()
+                .count(),
+            0,
+            "its data was left behind"
         );
     }
 
