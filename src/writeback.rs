@@ -246,11 +246,19 @@ impl WritebackQueue {
         let mut s = self.state.lock();
         let dropped = Self::insert_locked(&mut s, seq, change, file);
         drop(s);
-        if let Some((seq, file)) = dropped {
-            self.finish_record(seq, file.as_deref());
+        if let Some(dropped) = dropped {
+            self.finish_records(vec![dropped]);
             self.progress.notify_waiters();
         }
         self.wake();
+    }
+
+    /// Whether a change of `key` newer than `seq` already landed.
+    fn landed_newer(s: &mut State, key: &str, seq: u64) -> bool {
+        s.last_landed
+            .as_mut()
+            .and_then(|l| l.get(key).copied())
+            .is_some_and(|landed| landed > seq)
     }
 
     /// Queues change `seq`. The newest change of a key decides its final state, whatever
@@ -281,11 +289,7 @@ impl WritebackQueue {
                 urgent: false,
             },
         );
-        let landed_newer = s
-            .last_landed
-            .as_mut()
-            .and_then(|l| l.get(&key).copied())
-            .is_some_and(|l| l > seq);
+        let landed_newer = Self::landed_newer(s, &key, seq);
         match s.latest.get(&key).copied() {
             Some(newer) if newer > seq => Some(Self::drop_op(s, seq)),
             None if landed_newer => Some(Self::drop_op(s, seq)),
@@ -353,17 +357,12 @@ impl WritebackQueue {
             *crc = f.crc();
         }
         let written = {
-            let s = self.state.lock();
+            let mut s = self.state.lock();
             // A newer change of the key already landed (this one was sealed late): it is
             // never carried out, so it is not journaled either. Journaled, a crash before its
             // done record could carry it out over the newer one, whose record a compaction
             // may already have dropped.
-            let landed_newer = s
-                .last_landed
-                .as_ref()
-                .and_then(|l| l.peek(change.key()).copied())
-                .is_some_and(|landed| landed > seq);
-            if landed_newer {
+            if Self::landed_newer(&mut s, change.key(), seq) {
                 drop(s);
                 tracing::debug!(
                     seq,
@@ -392,8 +391,8 @@ impl WritebackQueue {
         // last of them (it costs nothing when none is due).
         self.reset_journal_if_idle(&s);
         drop(s);
-        if let Some((seq, file)) = dropped {
-            self.finish_record(seq, file.as_deref());
+        if let Some(dropped) = dropped {
+            self.finish_records(vec![dropped]);
             self.progress.notify_waiters();
         }
         self.work.notify_one();
@@ -698,9 +697,7 @@ impl WritebackQueue {
                 Next::Wait(wake)
             }
         };
-        for (seq, file) in finished {
-            self.finish_record(seq, file.as_deref());
-        }
+        self.finish_records(finished);
         self.progress.notify_waiters();
         next
     }
@@ -790,17 +787,8 @@ impl WritebackQueue {
         }
     }
 
-    fn finish_record(&self, seq: u64, file: Option<&StagedFile>) {
-        if let Err(e) = self.journal.done(seq) {
-            tracing::error!(error = %e, "cannot record a finished change in the journal; a restart before the journal is next compacted carries it out again, unless a newer change of its key is journaled");
-        }
-        if let Some(f) = file {
-            f.finish();
-        }
-    }
-
-    /// `finish_record` for changes out of the queue together, with one journal write and
-    /// one fdatasync. Called without the state lock.
+    /// Records changes out of the queue as done, with one journal write and one fdatasync,
+    /// then releases their data. Called without the state lock.
     fn finish_records(&self, finished: Vec<(u64, Option<Arc<StagedFile>>)>) {
         if finished.is_empty() {
             return;
@@ -840,7 +828,7 @@ impl WritebackQueue {
     /// Change `seq` is in the bucket: it leaves the queue and the journal.
     fn landed(&self, seq: u64, change: &Change, file: Option<Arc<StagedFile>>) {
         self.tell_landed([change]);
-        let mut finished = {
+        let finished = {
             let mut s = self.state.lock();
             // A file that stays makes the directories above it: unless a newer change of the
             // key (a delete) is on its way.
@@ -854,7 +842,7 @@ impl WritebackQueue {
             s.finishing.extend(finished.iter().map(|(seq, _)| *seq));
             finished
         };
-        self.finish_landed(&mut finished);
+        self.finish_landed(finished);
         self.progress.notify_waiters();
         self.work.notify_waiters();
     }
@@ -863,7 +851,7 @@ impl WritebackQueue {
     /// their data once that record is durable. The journal is written outside the state
     /// lock, so that the closes committing meanwhile do not wait for its fdatasync: a change
     /// out of the queue is out of every rewrite of the journal.
-    fn finish_landed(&self, finished: &mut Vec<(u64, Option<Arc<StagedFile>>)>) {
+    fn finish_landed(&self, finished: Vec<(u64, Option<Arc<StagedFile>>)>) {
         /// Takes the changes out of `finishing` however this ends, so that no waiter waits
         /// for them forever.
         struct Finished<'a>(&'a WritebackQueue, Vec<u64>);
@@ -877,7 +865,7 @@ impl WritebackQueue {
             }
         }
         let _finished = Finished(self, finished.iter().map(|(seq, _)| *seq).collect());
-        self.finish_records(std::mem::take(finished));
+        self.finish_records(finished);
     }
 
     /// Tells the observer that `changes` reached the bucket, before they leave the queue, so
@@ -1036,9 +1024,7 @@ impl WritebackQueue {
                 }
             }
         }
-        for (seq, file) in dropped {
-            self.finish_record(seq, file.as_deref());
-        }
+        self.finish_records(dropped);
         self.progress.notify_waiters();
         self.wake();
     }
@@ -1047,7 +1033,7 @@ impl WritebackQueue {
     /// one journal write for all.
     fn landed_all(&self, done: Vec<(u64, Change)>) {
         self.tell_landed(done.iter().map(|(_, c)| c));
-        let mut finished: Vec<(u64, Option<Arc<StagedFile>>)> = {
+        let finished: Vec<(u64, Option<Arc<StagedFile>>)> = {
             let mut s = self.state.lock();
             for (seq, change) in &done {
                 Self::remove_landed(&mut s, *seq, change);
@@ -1055,7 +1041,7 @@ impl WritebackQueue {
             }
             done.iter().map(|(seq, _)| (*seq, None)).collect()
         };
-        self.finish_landed(&mut finished);
+        self.finish_landed(finished);
         self.progress.notify_waiters();
         self.work.notify_waiters();
     }

@@ -24,10 +24,10 @@ use aws_sdk_s3::error::BoxError;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
-
-use super::body_check::{base64, refuses_checksums, BodyCheck, BodyChecks, BodyDigest};
 use aws_sdk_s3::Client;
 use bytes::Bytes;
+
+use super::body_check::{base64, refuses_checksums, BodyCheck, BodyChecks, BodyDigest};
 
 use crate::cache::DIRECT_ALIGN;
 
