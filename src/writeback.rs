@@ -1119,17 +1119,12 @@ impl WritebackQueue {
             (Change::Upload { key, size, .. }, Some(etag), Some(file))
                 if *size <= self.blocks.limits().max_bytes / ADOPT_SHARE =>
             {
-                let (Ok(sealed), crc) = (file.file(), file.crc()) else {
-                    return self.blocks.forget_key(key);
-                };
-                let (blocks, key, size) = (self.blocks.clone(), key.clone(), *size);
-                let adopted = tokio::task::spawn_blocking(move || {
-                    blocks.adopt(&key, &etag, &sealed, size, crc)
+                let (blocks, key, size, file) =
+                    (self.blocks.clone(), key.clone(), *size, file.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    blocks.adopt_staged(&key, &etag, &file, size)
                 })
                 .await;
-                if let (Ok(Err(found)), Some(expected)) = (adopted, crc) {
-                    file.found_changed(expected, found);
-                }
             }
             (change, _, _) => self.blocks.forget_key(change.key()),
         }

@@ -45,21 +45,27 @@ impl Rng {
     }
 }
 
-/// Disk space used by everything under `dir`, as `du` counts it.
+/// Disk space used by everything under `dir`, as `du` counts it: a file with several
+/// names once.
 fn disk_usage(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    for e in entries.flatten() {
-        let Ok(meta) = e.metadata() else { continue };
-        total += meta.blocks() * 512;
-        if meta.is_dir() {
-            total += disk_usage(&e.path());
+    fn walk(dir: &Path, seen: &mut std::collections::HashSet<(u64, u64)>) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let mut total = 0;
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        for e in entries.flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            if seen.insert((meta.dev(), meta.ino())) {
+                total += meta.blocks() * 512;
+            }
+            if meta.is_dir() {
+                total += walk(&e.path(), seen);
+            }
         }
+        total
     }
-    total
+    walk(dir, &mut Default::default())
 }
 
 #[test]
@@ -415,6 +421,7 @@ fn a_file_written_here_is_read_by_the_kernel_before_during_and_after_its_upload(
     let expect = (sha256(&data), data.len() as u64);
     // Waiting for upload: the store is away, the sealed copy is all there is.
     proxy.down();
+    let disk_before = disk_writes(m.pid());
     std::fs::write(m.path("clip.mp4"), &data).unwrap();
     let before = m.metric(reads);
     assert_eq!(sha256_of_file(&m.path("clip.mp4"), 16 << 10), expect);
@@ -442,6 +449,23 @@ fn a_file_written_here_is_read_by_the_kernel_before_during_and_after_its_upload(
     assert_eq!(m.metric(reads), before, "the mount answered reads itself");
     assert_eq!(m.requests("get"), 0);
     wait_until_released(&m);
+    // The cache keeps the sealed copy itself: the file's bytes went to the cache disk
+    // once, not once more for the cache.
+    let written = disk_writes(m.pid()) - disk_before;
+    assert!(
+        written < data.len() as u64 * 3 / 2,
+        "the mount wrote {written} bytes to disk for a file of {}",
+        data.len()
+    );
+}
+
+/// Bytes process `pid` has had written to disk so far.
+fn disk_writes(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("write_bytes in /proc/PID/io")
 }
 
 #[test]

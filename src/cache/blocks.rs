@@ -14,6 +14,10 @@
 //! first, unless the file is unchanged (inode, size, change time) since this mount last
 //! wrote or checked it; and they are kept from eviction while it is open.
 //!
+//! A file this mount uploaded is kept as it is: its cache file is a hard link to the
+//! write-back's sealed copy, which is never written again. Such an object is never punched,
+//! so that the copy keeps its content; it is removed whole.
+//!
 //! Blocks survive a remount: the index is rebuilt from the checksum files at start.
 
 use std::collections::{HashMap, HashSet};
@@ -32,6 +36,7 @@ use md5::{Digest, Md5};
 use parking_lot::Mutex;
 
 use super::direct::{DirectWrites, Pages, DIRECT_ALIGN};
+use super::staging::StagedFile;
 use crate::store::ETag;
 
 /// The checksum file's header: magic, format version, block size.
@@ -182,6 +187,9 @@ struct ObjectState {
     trusted: Option<Fingerprint>,
     /// Serialises changes to the cache file, so `trusted` follows them.
     file_lock: Arc<Mutex<()>>,
+    /// The cache file is another name of a sealed copy of the write-back (see `adopt`):
+    /// no block is written into it or punched out of it, and it goes whole.
+    shared: bool,
 }
 
 impl ObjectState {
@@ -196,6 +204,7 @@ impl ObjectState {
             removing: false,
             trusted: None,
             file_lock: Arc::new(Mutex::new(())),
+            shared: false,
         }
     }
 }
@@ -358,6 +367,9 @@ impl BlockCache {
                 continue;
             }
             let mut state = ObjectState::new();
+            // Linked to a sealed copy that is still waiting (a crash came before the
+            // write-back let go of it): kept from being punched while the copy is there.
+            state.shared = std::fs::metadata(data_path(&dir, object)).is_ok_and(|m| m.nlink() > 1);
             for (i, (len, crc)) in blocks.iter().enumerate() {
                 if *len == 0 {
                     continue;
@@ -616,7 +628,7 @@ impl BlockCache {
             return None;
         }
         let state = idx.objects.get(&id.object);
-        if state.is_some_and(|o| o.removing) {
+        if state.is_some_and(|o| o.removing || o.shared) {
             return None;
         }
         let overhead = state.map_or(0, |o| o.overhead);
@@ -692,27 +704,43 @@ impl BlockCache {
             match e {
                 Eviction::Punch(id, len, cost) => {
                     blocks += 1;
-                    let file_lock = self
-                        .index
-                        .lock()
-                        .objects
-                        .get(&id.object)
-                        .map(|o| o.file_lock.clone());
+                    let (file_lock, shared) = match self.index.lock().objects.get(&id.object) {
+                        Some(o) => (Some(o.file_lock.clone()), o.shared),
+                        None => (None, false),
+                    };
                     let file_guard = file_lock.as_ref().map(|l| l.lock());
-                    let punched = match &file_guard {
-                        Some(_) => self.punch(&id, len),
-                        None => Ok((None, None)),
+                    // Under its file lock, the object is still the one the block was taken
+                    // from: not removed and made again since (as a link, maybe).
+                    let same = file_lock.as_ref().is_some_and(|l| {
+                        let idx = self.index.lock();
+                        idx.objects
+                            .get(&id.object)
+                            .is_some_and(|o| Arc::ptr_eq(&o.file_lock, l))
+                    });
+                    let punched = if shared || !same {
+                        Ok(None)
+                    } else {
+                        self.punch(&id, len)
                     };
                     let mut idx = self.index.lock();
                     idx.evicting.remove(&id);
                     idx.releasing -= cost;
                     match punched {
-                        Ok((before, after)) => {
+                        Ok(Some((before, after))) => {
                             if let Some(o) = idx.objects.get_mut(&id.object) {
                                 o.trusted = match (before, after, o.trusted) {
                                     (Some(b), Some(a), Some(t)) if b == t => Some(a),
                                     _ => None,
                                 };
+                            }
+                        }
+                        Ok(None) => {
+                            drop(idx);
+                            drop(file_guard);
+                            // Punched, the sealed copy it shares its data with would lose
+                            // it: the object goes whole instead.
+                            if same {
+                                self.drop_object(id.object);
                             }
                         }
                         Err(e) => {
@@ -822,42 +850,48 @@ impl BlockCache {
             }
             other => other?,
         };
+        if f.metadata()?.nlink() > 1 {
+            return Err(io::Error::other(
+                "the cache file is a sealed copy's too; it is never written",
+            ));
+        }
         let before = Fingerprint::of(&f)?;
         let sums = open(&self.sums_path(&id.object), false)?;
         if sums.metadata()?.len() < SUMS_HEADER {
-            let mut header = [0u8; SUMS_HEADER as usize];
-            header[..4].copy_from_slice(SUMS_MAGIC);
-            header[4..8].copy_from_slice(&SUMS_VERSION.to_le_bytes());
-            header[8..16].copy_from_slice(&self.limits.block_size.to_le_bytes());
-            sums.write_all_at(&header, 0)?;
+            sums.write_all_at(&sums_header(self.limits.block_size), 0)?;
         }
         // Data first: a checksum entry that outlives its data fails the check, never the
         // other way round.
         self.direct
             .write_at(&path, &f, data, id.index * self.limits.block_size, pages)?;
-        let mut entry = [0u8; SUMS_ENTRY as usize];
-        entry[..4].copy_from_slice(&(data.len() as u32).to_le_bytes());
-        entry[4..].copy_from_slice(&crc.to_le_bytes());
-        sums.write_all_at(&entry, SUMS_HEADER + SUMS_ENTRY * id.index)?;
+        sums.write_all_at(
+            &sums_entry(data.len() as u32, crc),
+            SUMS_HEADER + SUMS_ENTRY * id.index,
+        )?;
         let after = Fingerprint::of(&f)?;
         Ok((if created { None } else { Some(before) }, after))
     }
 
-    /// Clears block `id`'s checksum entry and releases its range of the data file.
+    /// Clears block `id`'s checksum entry and releases its range of the data file. Returns
+    /// the data file's state before and after, or None when the file has another name (a
+    /// sealed copy's, see `adopt`) and is left as it is.
     #[allow(clippy::type_complexity)]
     fn punch(
         &self,
         id: &BlockId,
         len: u32,
-    ) -> io::Result<(Option<Fingerprint>, Option<Fingerprint>)> {
+    ) -> io::Result<Option<(Option<Fingerprint>, Option<Fingerprint>)>> {
         let f = match OpenOptions::new()
             .write(true)
             .open(self.data_path(&id.object))
         {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((None, None)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Some((None, None))),
             Err(e) => return Err(e),
         };
+        if f.metadata()?.nlink() > 1 {
+            return Ok(None);
+        }
         let before = Fingerprint::of(&f).ok();
         if let Ok(sums) = OpenOptions::new()
             .write(true)
@@ -880,7 +914,7 @@ impl BlockCache {
         if r != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok((before, Fingerprint::of(&f).ok()))
+        Ok(Some((before, Fingerprint::of(&f).ok())))
     }
 
     /// Opens object `object` of `size` bytes as one file, if every block of it is cached
@@ -892,7 +926,7 @@ impl BlockCache {
         if n == 0 {
             return None;
         }
-        let (entries, trusted, file_lock) = {
+        let (entries, trusted, shared, file_lock) = {
             let mut idx = self.index.lock();
             let state = idx.objects.get(&object)?;
             if state.removing || state.blocks < n {
@@ -916,13 +950,13 @@ impl BlockCache {
             }
             let state = idx.objects.get_mut(&object).expect("looked up above");
             state.pins += 1;
-            let trusted = state.trusted;
+            let (trusted, shared) = (state.trusted, state.shared);
             let file_lock = state.file_lock.clone();
             if state.pins == 1 {
                 state.pinned_cost = cost;
                 idx.pinned += cost;
             }
-            (entries, trusted, file_lock)
+            (entries, trusted, shared, file_lock)
         };
         let file = match File::open(self.data_path(&object)) {
             Ok(f) => f,
@@ -938,7 +972,13 @@ impl BlockCache {
             file,
         };
         let seen = Fingerprint::of(&whole.file).ok()?;
-        if Some(seen) == trusted && seen.size == size {
+        // A file shared with a sealed copy changes its change time when the copy's name
+        // goes; nothing else of it may change.
+        let unchanged = match trusted {
+            Some(t) if shared => seen.same_content_as(&t),
+            t => Some(seen) == t,
+        };
+        if unchanged && seen.size == size {
             self.stats.lock().whole_opens += 1;
             return Some(whole);
         }
@@ -986,30 +1026,235 @@ impl BlockCache {
 
     fn unpin(&self, object: ObjectId) {
         let mut idx = self.index.lock();
-        if let Some(o) = idx.objects.get_mut(&object) {
-            o.pins = o.pins.saturating_sub(1);
-            if o.pins == 0 {
-                let cost = std::mem::take(&mut o.pinned_cost);
-                idx.pinned -= cost;
-            }
+        let Some(o) = idx.objects.get_mut(&object) else {
+            return;
+        };
+        o.pins = o.pins.saturating_sub(1);
+        if o.pins > 0 {
+            return;
+        }
+        let cost = std::mem::take(&mut o.pinned_cost);
+        // Its blocks were dropped while it was open: its files go now.
+        let emptied = o.blocks == 0 && o.writers == 0 && !o.removing;
+        let overhead = o.overhead;
+        if emptied {
+            o.removing = true;
+        }
+        idx.pinned -= cost;
+        if emptied {
+            idx.bytes -= overhead;
+            idx.releasing += overhead;
+            drop(idx);
+            self.evict(vec![Eviction::Remove(object, overhead)]);
         }
     }
 
     /// Caches the content of a file this mount just uploaded as object `key` with `etag`,
-    /// so reading it back needs no request; written through the page cache, so that reading
-    /// it back right away, as a media server does, needs no disk read either.
-    /// With `crc`, the bytes read must have that CRC-32; if they do not, no block of them
-    /// is kept and the CRC found is returned.
-    pub fn adopt(
+    /// so that reading it back needs no request. The cache file is another name (a hard
+    /// link) of the sealed copy itself: no byte is written again, and its pages in the page
+    /// cache serve the reader at once. Such an object is never written or punched, only
+    /// removed whole, so the copy keeps its content. Where the link cannot be made (another
+    /// filesystem), the content is copied, through the page cache.
+    /// The copy is read whole first: the bytes must have the CRC-32 it was sealed with, `crc`.
+    /// If they do not, no block is kept and the CRC-32 found is returned; when the file was
+    /// linked, the fingerprints before and after the link are.
+    pub(super) fn adopt(
         &self,
         key: &str,
         etag: &ETag,
         file: &File,
         size: u64,
         crc: Option<u32>,
-    ) -> Result<(), u32> {
+    ) -> Result<Option<(Fingerprint, Fingerprint)>, u32> {
         self.known_etags.lock().put(key.to_string(), etag.clone());
         let object = ObjectId::new(key, etag);
+        let Ok(before) = Fingerprint::of(file) else {
+            return Ok(None);
+        };
+        if before.size != size {
+            return Ok(None);
+        }
+        let bs = self.limits.block_size;
+        let mut buf = vec![0u8; bs.min(size) as usize];
+        let mut whole = crc32fast::Hasher::new();
+        let mut sums = Vec::with_capacity(size.div_ceil(bs) as usize);
+        let mut index = 0;
+        while index * bs < size {
+            let len = bs.min(size - index * bs) as usize;
+            if file.read_exact_at(&mut buf[..len], index * bs).is_err() {
+                return Ok(None);
+            }
+            let mut block = crc32fast::Hasher::new();
+            block.update(&buf[..len]);
+            sums.push((len as u32, block.clone().finalize()));
+            whole.combine(&block);
+            index += 1;
+        }
+        let found = whole.finalize();
+        if crc.is_some_and(|expected| expected != found) {
+            self.drop_object(object);
+            return Err(found);
+        }
+        match self.link_whole(object, file, &sums, &before) {
+            Ok(Some(after)) => return Ok(Some((before, after))),
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot link an uploaded file into the block cache; copying it");
+            }
+        }
+        self.adopt_copy(object, file, size, Some(found))
+            .map(|()| None)
+    }
+
+    /// Makes `file`, whose blocks have the lengths and CRC-32s `sums` and which was as
+    /// `before` when they were read, the cache file of `object`, by a hard link. Returns its
+    /// fingerprint after the link, or None when the cache has no room for it. Fails when
+    /// the object is cached already, the link cannot be made, or the file changed.
+    fn link_whole(
+        &self,
+        object: ObjectId,
+        file: &File,
+        sums: &[(u32, u32)],
+        before: &Fingerprint,
+    ) -> io::Result<Option<Fingerprint>> {
+        let n = sums.len() as u64;
+        if n == 0 {
+            return Ok(None);
+        }
+        let data_cost: u64 = sums.iter().map(|(len, _)| allocated(u64::from(*len))).sum();
+        let overhead = object_overhead(n - 1);
+        let cost = data_cost + overhead;
+        let (evictions, file_lock) = {
+            let mut idx = self.index.lock();
+            if idx.objects.contains_key(&object) {
+                return Err(io::ErrorKind::AlreadyExists.into());
+            }
+            // The link takes no new disk space but for the checksum file, and the copy's
+            // bytes, counted as staged until it goes, are these.
+            let staged = self.staged.get().saturating_sub(data_cost);
+            let need =
+                (idx.bytes + idx.releasing + staged + cost).saturating_sub(self.limits.max_bytes);
+            let (victims, freed) = choose_victims(&idx, need, None);
+            if freed < need {
+                self.stats.lock().skipped += n;
+                return Ok(None);
+            }
+            let evictions = take_victims(&mut idx, &victims, None);
+            let mut state = ObjectState::new();
+            state.shared = true;
+            state.writers = 1;
+            state.overhead = overhead;
+            let file_lock = state.file_lock.clone();
+            idx.objects.insert(object, state);
+            idx.bytes += cost;
+            idx.writing += cost;
+            (evictions, file_lock)
+        };
+        self.evict(evictions);
+        let file_guard = file_lock.lock();
+        let linked = self.link_files(&object, file, sums);
+        let mut idx = self.index.lock();
+        idx.writing -= cost;
+        let state = idx
+            .objects
+            .get_mut(&object)
+            .expect("an object being written stays indexed");
+        state.writers -= 1;
+        match linked {
+            Ok(after) if after.same_content_as(before) => {
+                state.trusted = Some(after);
+                state.blocks = n;
+                state.highest = n - 1;
+                for (index, (len, crc)) in sums.iter().enumerate() {
+                    let entry = Entry {
+                        cost: allocated(u64::from(*len)),
+                        len: *len,
+                        crc: *crc,
+                    };
+                    idx.lru.put(
+                        BlockId {
+                            object,
+                            index: index as u64,
+                        },
+                        entry,
+                    );
+                }
+                drop(idx);
+                drop(file_guard);
+                self.stats.lock().inserted += n;
+                Ok(Some(after))
+            }
+            other => {
+                state.removing = true;
+                idx.bytes -= cost;
+                drop(idx);
+                drop(file_guard);
+                self.evict(vec![Eviction::Remove(object, 0)]);
+                match other {
+                    Err(e) => Err(e),
+                    Ok(_) => Err(io::Error::other("the file changed while it was linked")),
+                }
+            }
+        }
+    }
+
+    /// Links the open `file` as `object`'s cache file, and writes its checksum file.
+    fn link_files(
+        &self,
+        object: &ObjectId,
+        file: &File,
+        sums: &[(u32, u32)],
+    ) -> io::Result<Fingerprint> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = self.data_path(object);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path.parent().expect("cache files have a parent"))?;
+        // The open file itself, not whatever its path names by now.
+        let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .expect("no NUL in a number");
+        let to = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: both paths are NUL-terminated strings that outlive the call.
+        let r = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The data is there before its checksums, as for any block.
+        let mut raw = Vec::with_capacity((SUMS_HEADER + SUMS_ENTRY * sums.len() as u64) as usize);
+        raw.extend_from_slice(&sums_header(self.limits.block_size));
+        for (len, crc) in sums {
+            raw.extend_from_slice(&sums_entry(*len, *crc));
+        }
+        let written = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(self.sums_path(object))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &raw));
+        written?;
+        Fingerprint::of(file)
+    }
+
+    /// `adopt` where the file cannot be linked: its blocks are written to the cache, through
+    /// the page cache, until the cache turns one away; the bytes read must have CRC-32 `crc`.
+    fn adopt_copy(
+        &self,
+        object: ObjectId,
+        file: &File,
+        size: u64,
+        crc: Option<u32>,
+    ) -> Result<(), u32> {
         let bs = self.limits.block_size;
         let mut buf = vec![0u8; bs as usize];
         let mut read = crc32fast::Hasher::new();
@@ -1044,6 +1289,24 @@ impl BlockCache {
                     }
                 }
                 Ok(())
+            }
+        }
+    }
+
+    /// `adopt` for the sealed copy `staged` of a file uploaded as `key` with `etag`: a copy
+    /// found changed since it was sealed is marked so, and one linked stays trusted as it
+    /// was (the link changed its change time only).
+    pub fn adopt_staged(&self, key: &str, etag: &ETag, staged: &StagedFile, size: u64) {
+        let (Ok(file), crc) = (staged.file(), staged.crc()) else {
+            return self.forget_key(key);
+        };
+        match self.adopt(key, etag, &file, size, crc) {
+            Ok(Some((before, after))) => staged.linked(&before, after),
+            Ok(None) => {}
+            Err(found) => {
+                if let Some(expected) = crc {
+                    staged.found_changed(expected, found);
+                }
             }
         }
     }
@@ -1129,6 +1392,23 @@ fn take_victims(idx: &mut Index, victims: &[BlockId], writing: Option<ObjectId>)
         out.push(Eviction::Remove(object, bytes));
     }
     out
+}
+
+/// The checksum file's header, for blocks of `block_size` bytes.
+fn sums_header(block_size: u64) -> [u8; SUMS_HEADER as usize] {
+    let mut header = [0u8; SUMS_HEADER as usize];
+    header[..4].copy_from_slice(SUMS_MAGIC);
+    header[4..8].copy_from_slice(&SUMS_VERSION.to_le_bytes());
+    header[8..16].copy_from_slice(&block_size.to_le_bytes());
+    header
+}
+
+/// A block's entry in the checksum file.
+fn sums_entry(len: u32, crc: u32) -> [u8; SUMS_ENTRY as usize] {
+    let mut entry = [0u8; SUMS_ENTRY as usize];
+    entry[..4].copy_from_slice(&len.to_le_bytes());
+    entry[4..].copy_from_slice(&crc.to_le_bytes());
+    entry
 }
 
 /// Where object `object`'s cache file lives under `dir`.
@@ -1275,10 +1555,9 @@ mod tests {
             object: ObjectId::new("k", &ETag::new(etag)),
             index,
         };
-        assert_eq!(
-            c.adopt("k", &ETag::new("good"), &f, size, Some(crc)),
-            Ok(())
-        );
+        assert!(c
+            .adopt("k", &ETag::new("good"), &f, size, Some(crc))
+            .is_ok());
         assert_eq!(
             c.get(&block("good", 2), 150_000 - 2 * (64 << 10))
                 .unwrap()
@@ -1291,6 +1570,72 @@ mod tests {
             .adopt("k", &ETag::new("bad"), &f, size, Some(crc))
             .is_err());
         assert!((0..3).all(|i| !c.contains(&block("bad", i))));
+    }
+
+    #[test]
+    fn an_uploaded_file_is_linked_and_goes_whole_leaving_the_copy_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let staged = Arc::new(StagedBytes::default());
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let copy = dir.path().join("copy");
+        std::fs::write(&copy, &data).unwrap();
+        let tail = 300_000 - 4 * (64 << 10);
+        // Other blocks fill the cache until the adopted object is the one evicted.
+        let fill = |c: &BlockCache, name: &str| {
+            for i in 0..16 {
+                c.put(of(name, i), &vec![7u8; 64 << 10]);
+            }
+        };
+        for reopened in [false, true] {
+            let c = BlockCache::open(dir.path(), limits(1 << 20), staged.clone()).unwrap();
+            let f = File::open(&copy).unwrap();
+            let etag = ETag::new(if reopened { "after a restart" } else { "e" });
+            let object = ObjectId::new("k", &etag);
+            let adopted = c.adopt("k", &etag, &f, 300_000, Some(crc32fast::hash(&data)));
+            assert!(adopted.unwrap().is_some(), "linked, not copied");
+            let cached = std::fs::metadata(c.data_path(&object)).unwrap();
+            assert_eq!(cached.ino(), f.metadata().unwrap().ino());
+            let c = if reopened {
+                // The copy is still waiting: the object is found shared.
+                drop(c);
+                BlockCache::open(dir.path(), limits(1 << 20), staged.clone()).unwrap()
+            } else {
+                c
+            };
+            let last = BlockId { object, index: 4 };
+            assert_eq!(
+                c.get(&last, tail).unwrap().as_ref(),
+                &data[4 * (64 << 10)..]
+            );
+            fill(&c, if reopened { "b" } else { "a" });
+            assert!((0..5).all(|index| !c.contains(&BlockId { object, index })));
+            assert!(!c.data_path(&object).exists(), "the object went whole");
+            assert_eq!(
+                std::fs::read(&copy).unwrap(),
+                data,
+                "the copy keeps its bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn a_cache_file_with_another_name_is_never_punched_or_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BlockCache::open(dir.path(), limits(1 << 20), Default::default()).unwrap();
+        let block: Vec<u8> = (0..64u32 << 10).map(|i| (i % 251) as u8).collect();
+        for i in 0..3 {
+            assert!(c.put(of("a", i), &block));
+        }
+        // As if the object had been removed and linked again while an eviction of one of
+        // its blocks was under way.
+        let other = dir.path().join("other");
+        std::fs::hard_link(c.data_path(&of("a", 0).object), &other).unwrap();
+        assert!(!c.put(of("a", 3), &block), "no block is written into it");
+        for i in 0..16 {
+            c.put(of("b", i), &vec![7u8; 64 << 10]);
+        }
+        assert!((0..3).all(|i| !c.contains(&of("a", i))));
+        assert_eq!(std::fs::read(&other).unwrap(), block.repeat(3));
     }
 
     /// Pages of the file at `path` in the page cache, and pages it has.

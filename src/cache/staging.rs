@@ -304,6 +304,17 @@ impl StagedFile {
         }
     }
 
+    /// The copy got another name (see `BlockCache::adopt`), which changed its change time:
+    /// read whole at `before` with the CRC-32 it was sealed with, and the same file but for
+    /// that change since, it needs no check at its next use.
+    pub(super) fn linked(&self, before: &Fingerprint, after: Fingerprint) {
+        if let Checksum::Sealed { seen, .. } = &mut *self.checksum.lock() {
+            if after.same_content_as(before) {
+                *seen = Some(after);
+            }
+        }
+    }
+
     /// The CRC-32 taken when the copy was sealed, if it was (found damaged since or not).
     pub fn crc(&self) -> Option<u32> {
         match &*self.checksum.lock() {
