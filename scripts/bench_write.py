@@ -33,13 +33,14 @@ def big_file(mnt, mib):
 def run(client, files, big_mib):
     """Writes the small files, then the big one, each until the bucket holds it all; returns
     for each (rate, seconds until close returned, seconds until in the bucket, CPU seconds
-    of the client and of the S3 server per GiB written)."""
+    of the client and of the S3 server per GiB written, GiB the client had written to its
+    disk per GiB written)."""
     prefix = f"bench/{client.name}-{int(time.time())}/"
     client.mount(prefix)
     pid, spid = client.pid(), server_pid()
 
     def cpu_now():
-        return cpu_seconds(pid), (cpu_seconds(spid) if spid else None)
+        return cpu_seconds(pid), (cpu_seconds(spid) if spid else None), disk_written(pid) / (1 << 30)
 
     def per_gib(before, after, gib):
         return tuple(None if a is None or b is None else (b - a) / gib for a, b in zip(before, after))
@@ -239,6 +240,17 @@ def cpu(x):
     return "-" if x is None else f"{x:.2f}"
 
 
+def disk_written(pid):
+    """Bytes process `pid` has had written to disk so far (its cache), or 0 if not known."""
+    try:
+        for line in open(f"/proc/{pid}/io"):
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=2000)
@@ -278,14 +290,15 @@ def main():
              "", f"Local Garage at {ENDPOINT}; {a.files} x 64 KiB Synapse-style files; one {a.big_mib} MiB file.", "",
              "| client | files/s (until close returned) | small files: all in bucket after | client CPU per GiB of small files (s) | "
              "big file write MB/s (close returned) | big file in bucket after | client CPU per GiB of the big file (s) | "
-             "S3 server CPU per GiB: small, big (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "S3 server CPU per GiB: small, big (s) | client's disk writes per GiB: small, big (GiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, (small, big) in results.items():
         lines.append(f"| {name} | {small[0]:.0f} | {fmt(small[2], ' s')} | {cpu(small[3])} | {big[0]:.0f} | {fmt(big[2], ' s')} | "
-                     f"{cpu(big[3])} | {cpu(small[4])}, {cpu(big[4])} |")
+                     f"{cpu(big[3])} | {cpu(small[4])}, {cpu(big[4])} | {cpu(small[5])}, {cpu(big[5])} |")
     lines += ["", "CPU is user and system time of the process serving the mount and of the local S3 server, from the "
               "first write until the bucket held every byte, per GiB written. Bodies go over plain HTTP to the local "
-              "server, so the S3 SDK's signature covers them (a SHA-256 of every byte)."]
+              "server, so the S3 SDK's signature covers them (a SHA-256 of every byte). Disk writes are what the "
+              "kernel counted for the client process (`write_bytes` in /proc/PID/io): its cache and journal."]
     lines += ["", "Ratios of s3mediafs (write-back) to each peer:", ""]
     wb = results["s3mediafs-writeback"]
     for name, (small, big) in base.items():
