@@ -1245,6 +1245,15 @@ mod tests {
         (mem, q, StagingArea::open(dir, staged).unwrap(), blocks)
     }
 
+    /// Waits until `done` holds, for at most ten seconds.
+    async fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "waited ten seconds for {what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     fn staged(area: &StagingArea, data: &[u8]) -> Arc<StagedFile> {
         let f = area.create().unwrap();
         f.write_at(data, 0).unwrap();
@@ -1285,6 +1294,23 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_drain_ends_once_every_landing_is_journaled_as_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mem, q, area, _) = setup(dir.path());
+        q.upload("k", staged(&area, b"data"), 4).unwrap();
+        // The landing's done record is the next append: it is slow to be written.
+        q.journal.slow_writes(1, Duration::from_millis(300));
+        q.start();
+        // Landed, out of the queue, while its done record is being written: an unmount now.
+        wait_until("the upload to land", || q.pending() == 0).await;
+        assert_eq!(q.drain(Duration::from_secs(10)).await, 0);
+        assert_eq!(mem.object("k").unwrap().as_ref(), b"data");
+        // The next mount finds nothing to carry out again.
+        let (_, replay) = Journal::open(dir.path()).unwrap();
+        assert!(replay.pending.is_empty(), "{:?}", replay.pending);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn deletes_go_one_key_per_request_on_a_store_without_delete_objects() {
         let dir = tempfile::tempdir().unwrap();
         let (mem, q, area, _) = setup(dir.path());
@@ -1319,11 +1345,7 @@ mod tests {
         mem.create_multipart("big").await.unwrap();
         assert_eq!(mem.open_uploads(), 1);
         q.start();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while mem.object("big").is_none() {
-            assert!(Instant::now() < deadline, "the upload did not land");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_until("the upload to land", || mem.object("big").is_some()).await;
         assert_eq!(
             mem.open_uploads(),
             0,
@@ -1371,11 +1393,7 @@ mod tests {
             q.delete("k").unwrap();
             q.upload("k", staged(&area, b"new"), 3).unwrap();
             q.start();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while mem.object("k").is_none() {
-                assert!(Instant::now() < deadline, "the upload did not land");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            wait_until("the upload to land", || mem.object("k").is_some()).await;
             // Dropped here with nothing drained, as if the process died.
         }
         let (_mem, q, _area, _) = setup(dir.path());

@@ -241,6 +241,9 @@ struct Active {
     /// This many of the next fdatasyncs of appends fail.
     #[cfg(test)]
     failing_syncs: u32,
+    /// This many of the next appends wait this long first.
+    #[cfg(test)]
+    slow_writes: (u32, std::time::Duration),
 }
 
 impl Active {
@@ -261,11 +264,18 @@ impl Active {
             failing_writes: 0,
             #[cfg(test)]
             failing_syncs: 0,
+            #[cfg(test)]
+            slow_writes: (0, std::time::Duration::ZERO),
         }
     }
 
     /// Appends `bytes`, not yet durably.
     fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        #[cfg(test)]
+        if self.slow_writes.0 > 0 {
+            self.slow_writes.0 -= 1;
+            std::thread::sleep(self.slow_writes.1);
+        }
         #[cfg(test)]
         if self.fail_now() {
             // A disk that fills up in the middle of the record.
@@ -623,6 +633,12 @@ impl Journal {
     #[cfg(test)]
     pub(crate) fn fail_writes(&self, n: u32) {
         self.file.lock().failing_writes = n;
+    }
+
+    /// The next `n` appends wait `pause` before they write.
+    #[cfg(test)]
+    pub(crate) fn slow_writes(&self, n: u32, pause: std::time::Duration) {
+        self.file.lock().slow_writes = (n, pause);
     }
 
     /// The next `n` fdatasyncs of appends fail, each after 20 ms.
