@@ -1299,7 +1299,7 @@ mod tests {
         let (mem, q, area, _) = setup(dir.path());
         q.upload("k", staged(&area, b"data"), 4).unwrap();
         // The landing's done record is the next append: it is slow to be written.
-        q.journal.slow_writes(1, Duration::from_millis(300));
+        q.journal.slow_writes(1, Duration::from_secs(1));
         q.start();
         // Landed, out of the queue, while its done record is being written: an unmount now.
         wait_until("the upload to land", || q.pending() == 0).await;

@@ -213,7 +213,7 @@ struct Index {
     lru: LruCache<BlockId, Entry>,
     objects: HashMap<ObjectId, ObjectState>,
     /// Blocks whose range is being punched out of their file.
-    evicting: HashSet<BlockId>,
+    evicting: HashMap<BlockId, Arc<Mutex<()>>>,
     /// Bytes of blocks of objects open whole, which cannot be evicted.
     pinned: u64,
     /// Bytes of cached blocks and object overheads, plus blocks being written.
@@ -226,9 +226,11 @@ struct Index {
 }
 
 /// Disk work that eviction leaves to be done outside the index lock, with the bytes it
-/// gives back (counted in `Index::releasing` until it is done).
+/// gives back (counted in `Index::releasing` until it is done). A block to punch carries
+/// its object's file lock, which tells that object from one made again under the same name
+/// meanwhile.
 enum Eviction {
-    Punch(BlockId, u32, u64),
+    Punch(BlockId, u32, u64, Arc<Mutex<()>>),
     Remove(ObjectId, u64),
 }
 
@@ -353,7 +355,7 @@ impl BlockCache {
         let mut index = Index {
             lru: LruCache::unbounded(),
             objects: HashMap::new(),
-            evicting: HashSet::new(),
+            evicting: HashMap::new(),
             pinned: 0,
             bytes: 0,
             writing: 0,
@@ -624,7 +626,7 @@ impl BlockCache {
     /// cached already, or on its way out).
     fn make_room(&self, id: &BlockId, len: u64) -> Option<(u64, Arc<Mutex<()>>)> {
         let mut idx = self.index.lock();
-        if idx.lru.contains(id) || idx.evicting.contains(id) {
+        if idx.lru.contains(id) || idx.evicting.contains_key(id) {
             return None;
         }
         let state = idx.objects.get(&id.object);
@@ -702,28 +704,28 @@ impl BlockCache {
         let mut blocks = 0;
         for e in evictions {
             match e {
-                Eviction::Punch(id, len, cost) => {
+                Eviction::Punch(id, len, cost, file_lock) => {
                     blocks += 1;
-                    let (file_lock, shared) = match self.index.lock().objects.get(&id.object) {
-                        Some(o) => (Some(o.file_lock.clone()), o.shared),
-                        None => (None, false),
+                    let file_guard = file_lock.lock();
+                    // Under its file lock: the object is still the one the block was taken
+                    // from, not removed and made again since (as a link, maybe).
+                    let (same, shared) = match self.index.lock().objects.get(&id.object) {
+                        Some(o) if Arc::ptr_eq(&o.file_lock, &file_lock) => (true, o.shared),
+                        _ => (false, false),
                     };
-                    let file_guard = file_lock.as_ref().map(|l| l.lock());
-                    // Under its file lock, the object is still the one the block was taken
-                    // from: not removed and made again since (as a link, maybe).
-                    let same = file_lock.as_ref().is_some_and(|l| {
-                        let idx = self.index.lock();
-                        idx.objects
-                            .get(&id.object)
-                            .is_some_and(|o| Arc::ptr_eq(&o.file_lock, l))
-                    });
-                    let punched = if shared || !same {
-                        Ok(None)
-                    } else {
+                    let punched = if same && !shared {
                         self.punch(&id, len)
+                    } else {
+                        Ok(None)
                     };
                     let mut idx = self.index.lock();
-                    idx.evicting.remove(&id);
+                    if idx
+                        .evicting
+                        .get(&id)
+                        .is_some_and(|l| Arc::ptr_eq(l, &file_lock))
+                    {
+                        idx.evicting.remove(&id);
+                    }
                     idx.releasing -= cost;
                     match punched {
                         Ok(Some((before, after))) => {
@@ -1339,7 +1341,7 @@ fn choose_victims(idx: &Index, need: u64, writing: Option<ObjectId>) -> (Vec<Blo
         let Some(state) = idx.objects.get(&id.object) else {
             continue;
         };
-        if state.pins > 0 || idx.evicting.contains(id) {
+        if state.pins > 0 || idx.evicting.contains_key(id) {
             continue;
         }
         freed += e.cost;
@@ -1375,20 +1377,20 @@ fn take_victims(idx: &mut Index, victims: &[BlockId], writing: Option<ObjectId>)
             idx.releasing += overhead;
             emptied.push((id.object, overhead + e.cost));
         } else {
-            idx.evicting.insert(*id);
-            out.push(Eviction::Punch(*id, e.len, e.cost));
+            idx.evicting.insert(*id, state.file_lock.clone());
+            out.push(Eviction::Punch(*id, e.len, e.cost, state.file_lock.clone()));
         }
     }
     // An emptied object's files go whole; its blocks need no punching.
     for (object, mut bytes) in emptied {
         out.retain(|e| match e {
-            Eviction::Punch(id, _, cost) if id.object == object => {
+            Eviction::Punch(id, _, cost, _) if id.object == object => {
                 bytes += cost;
                 false
             }
             _ => true,
         });
-        idx.evicting.retain(|id| id.object != object);
+        idx.evicting.retain(|id, _| id.object != object);
         out.push(Eviction::Remove(object, bytes));
     }
     out
@@ -1616,6 +1618,24 @@ mod tests {
                 "the copy keeps its bytes"
             );
         }
+    }
+
+    #[test]
+    fn a_block_punched_late_never_touches_the_object_cached_again_under_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BlockCache::open(dir.path(), limits(1 << 20), Default::default()).unwrap();
+        let block = vec![5u8; 64 << 10];
+        assert!(c.put(of("a", 0), &block) && c.put(of("a", 1), &block));
+        // Block 0 is taken for eviction; its punch is still to be done.
+        let late = take_victims(&mut c.index.lock(), &[of("a", 0)], None);
+        // Meanwhile the object goes whole, and is cached again.
+        c.drop_object(of("a", 0).object);
+        assert!(c.put(of("a", 0), &block));
+        c.evict(late);
+        assert_eq!(
+            c.get(&of("a", 0), block.len()).unwrap().as_ref(),
+            &block[..]
+        );
     }
 
     #[test]
