@@ -262,6 +262,8 @@ pub struct BlockCache {
     below_floor: AtomicBool,
     /// Set once punching holes failed, so that it is logged once.
     no_punch: AtomicBool,
+    /// Set once linking an uploaded file failed, so that it is logged once.
+    no_link: AtomicBool,
     direct: DirectWrites,
 }
 
@@ -406,6 +408,7 @@ impl BlockCache {
             stats: Mutex::new(BlockStats::default()),
             below_floor: AtomicBool::new(false),
             no_punch: AtomicBool::new(false),
+            no_link: AtomicBool::new(false),
             // Blocks smaller than a page (tests use them) are written the ordinary way.
             direct: DirectWrites::new(
                 limits.block_size,
@@ -1100,8 +1103,14 @@ impl BlockCache {
         match self.link_whole(object, file, &sums, &before) {
             Ok(Some(after)) => return Ok(Some((before, after))),
             Ok(None) => return Ok(None),
+            // Cached already: the copy below fills what is missing, if anything.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => {
-                tracing::debug!(error = %e, "cannot link an uploaded file into the block cache; copying it");
+                if !self.no_link.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(dir = %self.dir.display(), error = %e,
+                        "cannot keep an uploaded file in the block cache as a hard link to its local copy; \
+                         copying it instead, which writes its bytes to the cache disk a second time");
+                }
             }
         }
         self.adopt_copy(object, file, size, Some(found))
