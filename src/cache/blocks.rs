@@ -847,10 +847,7 @@ impl BlockCache {
         };
         let (f, created) = match created(&path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(path.parent().expect("cache files have a parent"))?;
+                create_parent(&path)?;
                 created(&path)?
             }
             other => other?,
@@ -1218,10 +1215,7 @@ impl BlockCache {
     ) -> io::Result<Fingerprint> {
         use std::os::unix::ffi::OsStrExt;
         let path = self.data_path(object);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(path.parent().expect("cache files have a parent"))?;
+        create_parent(&path)?;
         // The open file itself, not whatever its path names by now.
         let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
             .expect("no NUL in a number");
@@ -1426,6 +1420,15 @@ fn sums_entry(len: u32, crc: u32) -> [u8; SUMS_ENTRY as usize] {
 fn data_path(dir: &Path, object: &ObjectId) -> PathBuf {
     let name = format!("{:032x}", object.0);
     dir.join(&name[..2]).join(name)
+}
+
+/// Makes the directory of the cache file at `path`, if it is missing (it goes with its
+/// last object).
+fn create_parent(path: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path.parent().expect("cache files have a parent"))
 }
 
 /// Its checksum file, beside it.
