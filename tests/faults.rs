@@ -286,49 +286,65 @@ fn upload_bodies_damaged_on_the_way_on_every_third_upload() {
     assert_eq!(o.read_errors, 0, "{o:?}");
 }
 
-/// As over HTTPS, where no signature covers a body: its checksum alone (a CRC-32 where the
-/// store confirms them, else its MD5) must keep a body damaged on the way out of the bucket,
-/// in a PUT and in a part.
+/// A body damaged on the way never lands, signed or not: where no signature covers it (over
+/// HTTPS, and to this host's loopback, as here) its checksum alone (a CRC-32 where the store
+/// confirms them, else its MD5) must keep it out of the bucket, in a PUT and in a part; where
+/// the signature covers it (plain HTTP to another host), the signature does too.
 #[test]
-fn bodies_damaged_on_the_way_are_refused_by_their_checksum_alone() {
+fn bodies_damaged_on_the_way_are_refused_signed_or_not() {
     let env = S3Env::get();
     let bucket = Bucket::new(&env);
-    let prefix = unique_prefix("checksum-alone");
-    let key = |name: &str| format!("{prefix}{name}");
-    let proxy = FaultProxy::start(env.endpoint.trim_start_matches("http://"), policy::none());
-    let store = S3Store::new(&StoreConfig {
-        endpoint: Some(proxy.endpoint()),
-        max_attempts: 1,
-        ..bucket.config().clone()
-    })
-    .with_unsigned_bodies();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let body = bytes::Bytes::from(pseudo_random(100_000, 1));
-    // The first answers tell the store's checks.
-    rt.block_on(store.put(&key("first"), body.clone())).unwrap();
-    proxy.set_policy(policy::every_upload(1, Fault::FlipBodyByte));
-    for i in 0..3 {
-        let r = rt.block_on(store.put(&key(&format!("put-{i}")), body.clone()));
-        assert!(r.is_err(), "a damaged body was taken: {r:?}");
-    }
-    let part = bytes::Bytes::from(pseudo_random(5 << 20, 2));
-    let id = rt.block_on(store.create_multipart(&key("parts"))).unwrap();
-    let r = rt.block_on(store.upload_part(&key("parts"), &id, 1, part));
-    assert!(r.is_err(), "a damaged part was taken: {r:?}");
-    proxy.set_policy(policy::none());
-    rt.block_on(store.abort_multipart(&key("parts"), &id))
-        .unwrap();
-    assert!(proxy.injected() >= 4);
-    // A store that checks the checksum refused the bodies; one that does not (moto) stored
-    // them, and the ETag compared with the MD5 failed the PUT, which the write-back queue
-    // sends again.
-    if env.backend == "garage" {
+    for signed in [false, true] {
+        let prefix = unique_prefix(if signed { "signed" } else { "checksum-alone" });
+        let key = |name: &str| format!("{prefix}{name}");
+        let proxy = FaultProxy::start(env.endpoint.trim_start_matches("http://"), policy::none());
+        let store = S3Store::new(&StoreConfig {
+            endpoint: Some(proxy.endpoint()),
+            max_attempts: 1,
+            ..bucket.config().clone()
+        });
+        let store = if signed {
+            store.with_signed_bodies()
+        } else {
+            store
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let body = bytes::Bytes::from(pseudo_random(100_000, 1));
+        // The first answers tell the store's checks.
+        rt.block_on(store.put(&key("first"), body.clone())).unwrap();
+        proxy.set_policy(policy::every_upload(1, Fault::FlipBodyByte));
         for i in 0..3 {
-            let got = bucket.get(&key(&format!("put-{i}")));
-            assert!(got.is_none(), "put-{i}: a damaged body is in the bucket");
+            let r = rt.block_on(store.put(&key(&format!("put-{i}")), body.clone()));
+            assert!(
+                r.is_err(),
+                "signed {signed}: a damaged body was taken: {r:?}"
+            );
         }
+        let part = bytes::Bytes::from(pseudo_random(5 << 20, 2));
+        let id = rt.block_on(store.create_multipart(&key("parts"))).unwrap();
+        let r = rt.block_on(store.upload_part(&key("parts"), &id, 1, part));
+        assert!(
+            r.is_err(),
+            "signed {signed}: a damaged part was taken: {r:?}"
+        );
+        proxy.set_policy(policy::none());
+        rt.block_on(store.abort_multipart(&key("parts"), &id))
+            .unwrap();
+        assert!(proxy.injected() >= 4);
+        // A store that checks the checksum or the signature refused the bodies; one that
+        // checks neither (moto) stored them, and the ETag compared with the MD5 failed the
+        // PUT, which the write-back queue sends again.
+        if env.backend == "garage" {
+            for i in 0..3 {
+                let got = bucket.get(&key(&format!("put-{i}")));
+                assert!(
+                    got.is_none(),
+                    "signed {signed}: put-{i}: a damaged body is in the bucket"
+                );
+            }
+        }
+        bucket.delete_prefix(&prefix);
     }
-    bucket.delete_prefix(&prefix);
 }
 
 /// A store that refuses the CRC-32 header (Backblaze B2 answers 400 InvalidArgument,

@@ -161,8 +161,9 @@ pub struct S3Store {
     attempts: AttemptCounts,
     objects: ObjectOptions,
     /// Whether the bodies sent are covered by the request's signature (a SHA-256 of every
-    /// byte): over plain HTTP only. Over TLS, which keeps a body intact on the way, they are
-    /// sent as UNSIGNED-PAYLOAD, as the AWS CLI sends them; the signed checksum (CRC-32 or
+    /// byte): over plain HTTP to another host only (`signs_bodies`). Over TLS, which keeps a
+    /// body intact on the way, and to this host's loopback, they are sent as
+    /// UNSIGNED-PAYLOAD, as the AWS CLI sends them over TLS; the signed checksum (CRC-32 or
     /// Content-MD5, `body_check.rs`) is checked by the store either way.
     sign_bodies: bool,
     /// Which checksums bodies carry, as the store's answers showed (`body_check.rs`).
@@ -182,9 +183,31 @@ macro_rules! send_body {
     }};
 }
 
-/// Whether bodies sent to `endpoint` (None: AWS S3, over TLS) are signed: over plain HTTP.
+/// Whether bodies sent to `endpoint` (None: AWS S3, over TLS) are signed: over plain HTTP to
+/// another host. A body to this host's loopback never crosses a network, and one over TLS
+/// arrives as sent; the signed checksum guards both.
 fn signs_bodies(endpoint: Option<&str>) -> bool {
-    endpoint.is_some_and(|ep| !ep.trim().to_ascii_lowercase().starts_with("https://"))
+    let Some(ep) = endpoint.map(|ep| ep.trim().to_ascii_lowercase()) else {
+        return false;
+    };
+    if ep.starts_with("https://") {
+        return false;
+    }
+    let authority = ep
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let host = authority.rsplit('@').next().unwrap_or("");
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    !loopback
 }
 
 /// What every object written gets (storage class, server-side encryption), and what reading
@@ -292,11 +315,11 @@ macro_rules! object_options {
 }
 
 impl S3Store {
-    /// The same store, sending bodies unsigned over plain HTTP too, as over HTTPS: for tests
-    /// of what their checksums alone guard.
+    /// The same store, signing bodies as over plain HTTP to another host, though it is
+    /// reached on this host's loopback: for tests of what the signature guards.
     #[cfg(any(test, feature = "test-util"))]
-    pub fn with_unsigned_bodies(mut self) -> Self {
-        self.sign_bodies = false;
+    pub fn with_signed_bodies(mut self) -> Self {
+        self.sign_bodies = true;
         self
     }
 
@@ -1029,12 +1052,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bodies_are_signed_over_plain_http_only() {
+    fn bodies_are_signed_over_plain_http_to_another_host_only() {
         for (endpoint, signed) in [
             (None, false),
             (Some("https://s3.eu-central-003.backblazeb2.com"), false),
             (Some("HTTPS://minio.example"), false),
-            (Some("http://127.0.0.1:3900"), true),
+            (Some("http://minio.example:9000"), true),
+            (Some("http://10.0.0.7:3900/"), true),
+            (Some("http://[fd00::7]:3900"), true),
+            (Some("http://127.0.0.1:3900"), false),
+            (Some("http://127.0.1.1"), false),
+            (Some("http://localhost:9000/"), false),
+            (Some("http://[::1]:3900"), false),
+            (Some("http://user@127.0.0.1:3900"), false),
+            (Some("http://localhost.example.com:9000"), true),
         ] {
             assert_eq!(signs_bodies(endpoint), signed, "{endpoint:?}");
         }
