@@ -275,6 +275,16 @@ pub struct WholeObject {
     file: File,
 }
 
+/// An object opened whole whose file must be read and checked before it is handed out
+/// (`BlockCache::check_whole`). Its blocks stay in the cache until this is dropped.
+pub struct UncheckedWhole {
+    whole: WholeObject,
+    entries: Vec<Entry>,
+    seen: Fingerprint,
+    size: u64,
+    file_lock: Arc<Mutex<()>>,
+}
+
 impl WholeObject {
     pub fn file(&self) -> &File {
         &self.file
@@ -923,6 +933,20 @@ impl BlockCache {
     /// and intact. Blocks that fail their checksum are dropped (and None returned), so that
     /// the reader fetches them again.
     pub fn open_whole(self: &Arc<Self>, object: ObjectId, size: u64) -> Option<WholeObject> {
+        match self.open_whole_unread(object, size)? {
+            Ok(whole) => Some(whole),
+            Err(unchecked) => self.check_whole(unchecked),
+        }
+    }
+
+    /// `open_whole` as far as it goes without reading the file: `Ok` when it is as this
+    /// mount last wrote or checked it, which takes an open and a stat; `Err` when its blocks
+    /// must be read and checked first (`check_whole`), which takes as long as the file is big.
+    pub fn open_whole_unread(
+        self: &Arc<Self>,
+        object: ObjectId,
+        size: u64,
+    ) -> Option<Result<WholeObject, UncheckedWhole>> {
         let bs = self.limits.block_size;
         let n = size.div_ceil(bs);
         if n == 0 {
@@ -982,10 +1006,30 @@ impl BlockCache {
         };
         if unchanged && seen.size == size {
             self.stats.lock().whole_opens += 1;
-            return Some(whole);
+            return Some(Ok(whole));
         }
-        // Changed since this mount last wrote or checked it (or never checked since the
-        // mount started): every block is checked before the file is handed out.
+        Some(Err(UncheckedWhole {
+            whole,
+            entries,
+            seen,
+            size,
+            file_lock,
+        }))
+    }
+
+    /// Reads and checks every block of an object `open_whole_unread` found changed since
+    /// this mount last wrote or checked it (or never checked since the mount started), and
+    /// hands it out when all are intact.
+    pub fn check_whole(self: &Arc<Self>, unchecked: UncheckedWhole) -> Option<WholeObject> {
+        let UncheckedWhole {
+            whole,
+            entries,
+            seen,
+            size,
+            file_lock,
+        } = unchecked;
+        let (bs, object) = (self.limits.block_size, whole.object);
+        let n = entries.len() as u64;
         let mut buf = vec![0u8; bs as usize];
         let mut damaged = Vec::new();
         for (index, e) in entries.iter().enumerate() {

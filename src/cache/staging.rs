@@ -144,6 +144,10 @@ impl std::fmt::Debug for StagedFile {
     }
 }
 
+/// A sealed copy to read and check before use: the file, its sealed CRC-32 and its
+/// fingerprint now.
+type ToCheck = (Arc<File>, u32, Fingerprint);
+
 impl StagedFile {
     fn new(path: PathBuf, file: Option<File>, sealed: bool, counter: Arc<StagedBytes>) -> Self {
         StagedFile {
@@ -257,26 +261,18 @@ impl StagedFile {
         Ok(Arc::new(file))
     }
 
+    /// `checked_file` when it needs no read: a sealed copy whose fingerprint is the one it
+    /// was last found intact with (or any copy not sealed). `Ok(None)`: it must be read.
+    pub fn file_if_unchanged(&self) -> io::Result<Option<Arc<File>>> {
+        Ok(self.file_unread()?.ok())
+    }
+
     /// The content, open for reading, as `file`; a sealed copy only while it still holds
     /// what was written. The first use after its fingerprint changed reads it whole.
     pub fn checked_file(&self) -> io::Result<Arc<File>> {
-        let file = self.file()?;
-        if !self.is_sealed() {
-            return Ok(file);
-        }
-        let (crc, now) = match &*self.checksum.lock() {
-            Checksum::Damaged { .. } => return Err(damaged()),
-            Checksum::Sealed {
-                crc: Some(crc),
-                seen,
-            } => {
-                let now = Fingerprint::of(&file)?;
-                if *seen == Some(now) {
-                    return Ok(file);
-                }
-                (*crc, now)
-            }
-            _ => return Ok(file),
+        let (file, crc, now) = match self.file_unread()? {
+            Ok(file) => return Ok(file),
+            Err(to_check) => to_check,
         };
         let found = crc_of(&file)?;
         if found == crc {
@@ -287,6 +283,31 @@ impl StagedFile {
         }
         self.found_changed(crc, found);
         Err(damaged())
+    }
+
+    /// The content open for reading, or, for a sealed copy whose fingerprint changed since
+    /// it was last found intact, the file with its sealed CRC-32 and its fingerprint now,
+    /// to be read and checked.
+    fn file_unread(&self) -> io::Result<Result<Arc<File>, ToCheck>> {
+        let file = self.file()?;
+        if !self.is_sealed() {
+            return Ok(Ok(file));
+        }
+        match &*self.checksum.lock() {
+            Checksum::Damaged { .. } => Err(damaged()),
+            Checksum::Sealed {
+                crc: Some(crc),
+                seen,
+            } => {
+                let now = Fingerprint::of(&file)?;
+                Ok(if *seen == Some(now) {
+                    Ok(file)
+                } else {
+                    Err((file, *crc, now))
+                })
+            }
+            _ => Ok(Ok(file)),
+        }
     }
 
     /// The copy was read with CRC-32 `found` where `expected` was sealed: it is never read

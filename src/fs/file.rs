@@ -267,10 +267,14 @@ impl BucketFs {
         }
         let blocks = self.blocks().clone();
         let object = ObjectId::new(&key, &etag);
-        let size = h.size;
-        let whole = tokio::task::spawn_blocking(move || blocks.open_whole(object, size))
-            .await
-            .ok()??;
+        // Most opens need no read: they are answered here, without a wait on the blocking
+        // pool (a thread switch each way).
+        let whole = match blocks.open_whole_unread(object, h.size)? {
+            Ok(whole) => whole,
+            Err(unchecked) => tokio::task::spawn_blocking(move || blocks.check_whole(unchecked))
+                .await
+                .ok()??,
+        };
         let file = whole.file().try_clone().ok()?;
         *h.whole.lock() = Some(whole);
         Some(Backed::File(file, format!("object:{etag}")))
@@ -282,14 +286,18 @@ impl BucketFs {
         if !local.is_sealed() {
             return None;
         }
-        let local = local.clone();
-        tokio::task::spawn_blocking(move || {
-            let file = local.checked_file().ok()?;
+        let sized = move |file: Arc<std::fs::File>| {
             let len = file.metadata().ok()?.len();
             (len == size).then(|| file.try_clone().ok()).flatten()
-        })
-        .await
-        .ok()?
+        };
+        // Unchanged since it was last found intact: answered here, as in `choose_backing`.
+        if let Some(file) = local.file_if_unchanged().ok()? {
+            return sized(file);
+        }
+        let local = local.clone();
+        tokio::task::spawn_blocking(move || sized(local.checked_file().ok()?))
+            .await
+            .ok()?
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
