@@ -227,117 +227,143 @@ class CountingProxy:
     `Expect: 100-continue`, which the proxy answers itself. With `rtt` (seconds) every
     request pays one more round trip: rtt/2 before it goes upstream and rtt/2 before its answer
     comes back, in the request's own thread, so requests in parallel overlap their waits as
-    they would over a network. Connections are not delayed as they open."""
+    they would over a network. Connections are not delayed as they open.
+
+    It runs in a process of its own: relaying bodies in the benchmark's process would hold
+    the interpreter lock its clients need (the Synapse benchmark's uploaders), and slow
+    them only on the runs that go through it."""
 
     def __init__(self, rtt=0.0):
-        import collections, http.client, http.server, socket, socketserver, threading, urllib.parse
-        upstream = urllib.parse.urlsplit(ENDPOINT)
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")
         self.rtt = rtt
-        counts = self.counts = collections.Counter()
-        lock = self.lock = threading.Lock()
-        local = threading.local()
-        half = rtt / 2
-
-        def quick_ack(conn):
-            """Has the kernel acknowledge what the server sends at once. A server that leaves
-            Nagle's algorithm on (Garage does) holds back a body written after its headers
-            until they are acknowledged, and a delayed ACK makes that 40 ms."""
-            if conn.sock is not None:
-                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            # Headers and body go out in separate writes: with Nagle's algorithm against the
-            # peer's delayed ACK, a small answer would wait 40 ms for its body.
-            disable_nagle_algorithm = True
-
-            def log_message(self, *a):
-                pass
-
-            def forward(self):
-                q = urllib.parse.urlsplit(self.path).query
-                kind = self.command
-                if kind == "GET" and ("list-type" in q or "prefix=" in q or "delimiter" in q):
-                    kind = "LIST"
-                elif kind == "POST" and "delete" in urllib.parse.parse_qs(q, keep_blank_values=True):
-                    kind = "DELETE_MULTI"
-                with lock:
-                    counts[kind] += 1
-                n = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(n) if n else None
-                if half:
-                    time.sleep(half)
-                # The client has had its 100 Continue from here and the body is read: the
-                # server is not asked for another (its interim answer and its final one, two
-                # small writes, would wait on each other), unless the header is signed.
-                auth = self.headers.get("Authorization", "")
-                signed = auth.split("SignedHeaders=", 1)[1].split(",", 1)[0].split(";") if "SignedHeaders=" in auth else ()
-                conn = getattr(local, "conn", None)
-                for attempt in (0, 1):
-                    if conn is None:
-                        conn = local.conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=300)
-                    try:
-                        if conn.sock is None:
-                            conn.connect()
-                            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                        conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-                        for k, v in self.headers.items():
-                            if k.lower() != "expect" or "expect" in signed:
-                                conn.putheader(k, v)
-                        conn.endheaders(body)
-                        quick_ack(conn)
-                        resp = conn.getresponse()
-                        break
-                    except (http.client.HTTPException, OSError):
-                        conn.close()
-                        conn = local.conn = None
-                        if attempt:
-                            raise
-                if half:
-                    time.sleep(half)
-                self.send_response_only(resp.status, resp.reason)
-                # http.client undoes chunked encoding, so a chunked body is sent on whole.
-                chunked = resp.getheader("Transfer-Encoding", "").lower() == "chunked"
-                quick_ack(conn)
-                whole = resp.read() if chunked else None
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("connection", "keep-alive", "transfer-encoding"):
-                        self.send_header(k, v)
-                if chunked:
-                    self.send_header("Content-Length", str(len(whole)))
-                self.end_headers()
-                if whole is not None:
-                    self.wfile.write(whole)
-                elif self.command != "HEAD":
-                    while True:
-                        quick_ack(conn)
-                        chunk = resp.read(1 << 16)
-                        if not chunk:
-                            break
-                        self.wfile.write(chunk)
-                else:
-                    resp.read()
-
-            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = forward
-
-        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-            daemon_threads = True
-            # Clients open many connections at once; the default backlog of 5 drops some.
-            request_queue_size = 256
-
-            def handle_error(self, request, client_address):
-                """A client that hangs up mid-answer (a reader done with a file, a mount going
-                away) is not an error of the proxy's."""
-                if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-                    super().handle_error(request, client_address)
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.lock = ctx.Lock()
+        self.counts = ctx.Array("q", len(PROXY_KINDS), lock=False)
+        ours, theirs = ctx.Pipe()
+        self.process = ctx.Process(target=_proxy_main, args=(rtt, self.counts, self.lock, theirs), daemon=True)
+        self.process.start()
+        self.pid = self.process.pid
+        self.endpoint = f"http://127.0.0.1:{ours.recv()}"
 
     def take(self):
         """The counts so far, and start again from zero."""
         with self.lock:
-            out = dict(self.counts)
-            self.counts.clear()
+            out = {k: self.counts[i] for i, k in enumerate(PROXY_KINDS) if self.counts[i]}
+            for i in range(len(PROXY_KINDS)):
+                self.counts[i] = 0
         return out
+
+    def stop(self):
+        self.process.terminate()
+        self.process.join()
+
+
+# What the proxy counts requests as; anything else is OTHER.
+PROXY_KINDS = ("LIST", "HEAD", "GET", "PUT", "DELETE", "POST", "DELETE_MULTI", "OTHER")
+
+
+def _proxy_main(rtt, counts, lock, ready):
+    """The proxy's process (`CountingProxy`): serves until it is terminated, counting each
+    request in `counts` under `lock`, and sends its port on `ready` once it listens."""
+    import http.client, http.server, socket, socketserver, threading, urllib.parse
+    upstream = urllib.parse.urlsplit(ENDPOINT)
+    local = threading.local()
+    half = rtt / 2
+
+    def quick_ack(conn):
+        """Has the kernel acknowledge what the server sends at once. A server that leaves
+        Nagle's algorithm on (Garage does) holds back a body written after its headers
+        until they are acknowledged, and a delayed ACK makes that 40 ms."""
+        if conn.sock is not None:
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        # Headers and body go out in separate writes: with Nagle's algorithm against the
+        # peer's delayed ACK, a small answer would wait 40 ms for its body.
+        disable_nagle_algorithm = True
+
+        def log_message(self, *a):
+            pass
+
+        def forward(self):
+            q = urllib.parse.urlsplit(self.path).query
+            kind = self.command
+            if kind == "GET" and ("list-type" in q or "prefix=" in q or "delimiter" in q):
+                kind = "LIST"
+            elif kind == "POST" and "delete" in urllib.parse.parse_qs(q, keep_blank_values=True):
+                kind = "DELETE_MULTI"
+            i = PROXY_KINDS.index(kind) if kind in PROXY_KINDS else len(PROXY_KINDS) - 1
+            with lock:
+                counts[i] += 1
+            n = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(n) if n else None
+            if half:
+                time.sleep(half)
+            # The client has had its 100 Continue from here and the body is read: the
+            # server is not asked for another (its interim answer and its final one, two
+            # small writes, would wait on each other), unless the header is signed.
+            auth = self.headers.get("Authorization", "")
+            signed = auth.split("SignedHeaders=", 1)[1].split(",", 1)[0].split(";") if "SignedHeaders=" in auth else ()
+            conn = getattr(local, "conn", None)
+            for attempt in (0, 1):
+                if conn is None:
+                    conn = local.conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=300)
+                try:
+                    if conn.sock is None:
+                        conn.connect()
+                        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                    for k, v in self.headers.items():
+                        if k.lower() != "expect" or "expect" in signed:
+                            conn.putheader(k, v)
+                    conn.endheaders(body)
+                    quick_ack(conn)
+                    resp = conn.getresponse()
+                    break
+                except (http.client.HTTPException, OSError):
+                    conn.close()
+                    conn = local.conn = None
+                    if attempt:
+                        raise
+            if half:
+                time.sleep(half)
+            self.send_response_only(resp.status, resp.reason)
+            # http.client undoes chunked encoding, so a chunked body is sent on whole.
+            chunked = resp.getheader("Transfer-Encoding", "").lower() == "chunked"
+            quick_ack(conn)
+            whole = resp.read() if chunked else None
+            for k, v in resp.getheaders():
+                if k.lower() not in ("connection", "keep-alive", "transfer-encoding"):
+                    self.send_header(k, v)
+            if chunked:
+                self.send_header("Content-Length", str(len(whole)))
+            self.end_headers()
+            if whole is not None:
+                self.wfile.write(whole)
+            elif self.command != "HEAD":
+                while True:
+                    quick_ack(conn)
+                    chunk = resp.read(1 << 16)
+                    if not chunk:
+                        break
+                    self.wfile.write(chunk)
+            else:
+                resp.read()
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = forward
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+        # Clients open many connections at once; the default backlog of 5 drops some.
+        request_queue_size = 256
+
+        def handle_error(self, request, client_address):
+            """A client that hangs up mid-answer (a reader done with a file, a mount going
+            away) is not an error of the proxy's."""
+            if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+                super().handle_error(request, client_address)
+
+    server = Server(("127.0.0.1", 0), Handler)
+    ready.send(server.server_address[1])
+    server.serve_forever()

@@ -19,7 +19,7 @@ import shutil, statistics, subprocess, sys, tempfile, time
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import BUCKET, ROOT, CountingProxy, S3mediafs, cpu_seconds, duration, fmt, metrics, s3, server_pid  # noqa: E402
+from bench_common import BUCKET, PROXY_KINDS, ROOT, CountingProxy, S3mediafs, cpu_seconds, duration, fmt, metrics, s3, server_pid  # noqa: E402
 from synapse_server import SERVER_NAME, Synapse, check, free_port  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def run(target, media_path, media, args, venv_bin, work, proxy=None, mount=None)
         """CPU seconds used so far by each process of the run that is alive, by its pid."""
         now = {}
         for who, pid in (("Synapse", syn.proc.pid), ("mount", mount.pid() if mount else None),
-                         ("S3 server", server_pid())):
+                         ("S3 server", server_pid()), ("proxy", proxy.pid if proxy else None)):
             try:
                 now[who] = (pid, cpu_seconds(pid))
             except (OSError, TypeError):
@@ -266,9 +266,10 @@ def report(local, mounts, media, commit, date):
             m["rtt"], m["stored_files"], " | ".join(str(r.get(k, 0)) for k in KINDS),
             r.get("put", 0) / m["stored_files"],
             (up.get("LIST", 0) + up.get("HEAD", 0)) / m["uploads"], fmt(m["peak_rss"])))
-    who = ("Synapse", "mount", "S3 server")
+    who = ("Synapse", "mount", "S3 server", "proxy")
     lines += ["", "CPU seconds each process used in each phase (this machine has %d cores; the local "
-              "S3 server's share is CPU a remote bucket spends elsewhere):" % os.cpu_count(), "",
+              "S3 server's share, and the latency proxy's, is CPU a remote bucket spends "
+              "elsewhere):" % os.cpu_count(), "",
               "| phase | " + " | ".join("%s: %s" % (t, w) for t in ["local disk"] + ["rtt %s" % m["rtt"] for m in mounts]
                                          for w in who) + " |",
               "|---|" + "---|" * (len(who) * (1 + len(mounts)))]
@@ -296,7 +297,6 @@ def report(local, mounts, media, commit, date):
     return lines
 
 
-PROXY_KINDS = ["PUT", "POST", "GET", "HEAD", "LIST", "DELETE", "DELETE_MULTI"]
 KINDS = ["put", "create_multipart", "upload_part", "get", "head", "list", "delete", "delete_many", "copy"]
 
 
@@ -337,6 +337,7 @@ def main():
                     out = run("mount", mount.mnt, media, args, venv_bin, work, proxy, mount)
                 finally:
                     mount.unmount()
+                    proxy.stop()
                 out["rtt"] = rtt_text
                 out["seeded"] = seeded
                 mounts.append(out)
