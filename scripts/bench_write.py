@@ -297,7 +297,8 @@ def main():
                      f"{cpu(big[3])} | {cpu(small[4])}, {cpu(big[4])} | {cpu(small[5])}, {cpu(big[5])} |")
     lines += ["", "CPU is user and system time of the process serving the mount and of the local S3 server, from the "
               "first write until the bucket held every byte, per GiB written. Bodies go over plain HTTP to the local "
-              "server, so the S3 SDK's signature covers them (a SHA-256 of every byte). Disk writes are what the "
+              "server: s3mediafs sends them unsigned to a loopback endpoint, as over HTTPS (their checksum guards "
+              "them), where a client that signs them spends a SHA-256 of every byte. Disk writes are what the "
               "kernel counted for the client process (`write_bytes` in /proc/PID/io): its cache and journal."]
     lines += ["", "Ratios of s3mediafs (write-back) to each peer:", ""]
     wb = results["s3mediafs-writeback"]

@@ -312,7 +312,18 @@ fn bodies_damaged_on_the_way_are_refused_signed_or_not() {
         let body = bytes::Bytes::from(pseudo_random(100_000, 1));
         // The first answers tell the store's checks.
         rt.block_on(store.put(&key("first"), body.clone())).unwrap();
-        proxy.set_policy(policy::every_upload(1, Fault::FlipBodyByte));
+        // Each upload's body is damaged, and whether its signature covered it is noted.
+        let covered = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (flip, noted) = (
+            policy::every_upload(1, Fault::FlipBodyByte),
+            covered.clone(),
+        );
+        proxy.set_policy(Arc::new(move |r: &RequestInfo| {
+            if r.method == "PUT" {
+                noted.lock().unwrap().push(r.signed_body);
+            }
+            flip(r)
+        }));
         for i in 0..3 {
             let r = rt.block_on(store.put(&key(&format!("put-{i}")), body.clone()));
             assert!(
@@ -331,6 +342,11 @@ fn bodies_damaged_on_the_way_are_refused_signed_or_not() {
         rt.block_on(store.abort_multipart(&key("parts"), &id))
             .unwrap();
         assert!(proxy.injected() >= 4);
+        let covered = covered.lock().unwrap();
+        assert!(
+            covered.len() >= 4 && covered.iter().all(|&c| c == signed),
+            "signed {signed}: the signature covered these bodies: {covered:?}"
+        );
         // A store that checks the checksum or the signature refused the bodies; one that
         // checks neither (moto) stored them, and the ETag compared with the MD5 failed the
         // PUT, which the write-back queue sends again.

@@ -193,9 +193,10 @@ fn signs_bodies(endpoint: Option<&str>) -> bool {
     if ep.starts_with("https://") {
         return false;
     }
+    // The authority ends at the first of these, as a URL parser ends it.
     let authority = ep
         .trim_start_matches("http://")
-        .split('/')
+        .split(['/', '?', '#', '\\'])
         .next()
         .unwrap_or("");
     let host = authority.rsplit('@').next().unwrap_or("");
@@ -1066,6 +1067,12 @@ mod tests {
             (Some("http://[::1]:3900"), false),
             (Some("http://user@127.0.0.1:3900"), false),
             (Some("http://localhost.example.com:9000"), true),
+            (Some("http://127.evil.example"), true),
+            (Some("http://127.0.0.1:3900@store.example"), true),
+            (Some("http://store.example#@127.0.0.1"), true),
+            (Some("http://store.example?@127.0.0.1"), true),
+            (Some("http://store.example\\@127.0.0.1"), true),
+            (Some("http://store.example/@127.0.0.1"), true),
         ] {
             assert_eq!(signs_bodies(endpoint), signed, "{endpoint:?}");
         }

@@ -46,6 +46,9 @@ pub struct RequestInfo {
     pub n: u64,
     /// Whether it carries a CRC-32 of its body (`x-amz-checksum-crc32`).
     pub crc32_header: bool,
+    /// Whether its signature covers its body: `x-amz-content-sha256` is the body's SHA-256,
+    /// not `UNSIGNED-PAYLOAD`.
+    pub signed_body: bool,
 }
 
 impl RequestInfo {
@@ -374,6 +377,9 @@ fn serve(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
             target: parts.next().unwrap_or("").to_string(),
             n: shared.requests.fetch_add(1, Ordering::Relaxed) + 1,
             crc32_header: req.header("x-amz-checksum-crc32").is_some(),
+            signed_body: req
+                .header("x-amz-content-sha256")
+                .is_some_and(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit())),
         };
         let policy = shared.policy.lock().unwrap().clone();
         let fault = policy(&info);
