@@ -1,6 +1,7 @@
 """Synapse on the mount against Synapse on local disk: the same real Synapse, the same media
 workload, media store first in a local directory, then on an s3mediafs mount of the local
-server reached through the counting proxy at each round trip asked for (--rtt 0,20ms).
+server, directly and through the latency proxy at each other round trip asked for
+(--rtt 0,20ms).
 
 Phases, each timed: upload (images, blobs and one big video through the client API, with
 --parallel requests at once; Synapse writes the original and its thumbnails), reading the
@@ -8,8 +9,8 @@ stored originals straight from the media directory, download of every media thro
 (sha256 checked), the video alone, thumbnails (five sizes per image), admin deletes, and
 after a Synapse restart, every media downloaded again. Then the requests the mount sent, by
 kind, from its own metrics (all of them landed: fsync of the mount's root waits for that),
-per stored file and per upload, and the LIST + HEAD the upload phase cost per upload (the
-proxy's count for that phase).
+per stored file and per upload, and the requests each phase cost (the same metrics, read
+between phases).
 
 Run by scripts/bench-synapse.sh, with the Synapse venv's Python and the S3MEDIAFS_TEST_*
 environment of the bench server."""
@@ -19,7 +20,7 @@ import shutil, statistics, subprocess, sys, tempfile, time
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import BUCKET, PROXY_KINDS, ROOT, CountingProxy, S3mediafs, cpu_seconds, duration, fmt, metrics, s3, server_pid  # noqa: E402
+from bench_common import BUCKET, ENDPOINT, ROOT, CountingProxy, S3mediafs, cpu_seconds, duration, fmt, metrics, s3, server_pid  # noqa: E402
 from synapse_server import SERVER_NAME, Synapse, check, free_port  # noqa: E402
 
 
@@ -104,10 +105,15 @@ def run(target, media_path, media, args, venv_bin, work, proxy=None, mount=None)
 
     fuse_at = [fuse_seconds()]
 
+    requests_at = [metrics(mount.metrics_addr) if mount else {}]
+
     def phase(name):
-        """Ends a phase: the requests it cost, from the proxy, and the CPU time of each process."""
-        if proxy:
-            out["phases"].append((name, proxy.take()))
+        """Ends a phase: the requests it cost, from the mount's metrics, and the CPU time of
+        each process."""
+        if mount:
+            now = metrics(mount.metrics_addr)
+            out["phases"].append((name, {k: v - requests_at[0].get(k, 0) for k, v in now.items()}))
+            requests_at[0] = now
         now, then = cpu_now(), cpu_at[0]
         out["cpu"].append((name, {w: now[w][1] - then[w][1] for w in now if then.get(w, (None,))[0] == now[w][0]}))
         cpu_at[0] = now
@@ -228,8 +234,8 @@ def report(local, mounts, media, commit, date):
     lines = ["# Synapse on the mount against Synapse on local disk, %s (%s)" % (date, commit), "",
              "One real Synapse, %d uploads (%d MiB in all, one video of %d MiB), thumbnails of every "
              "image in five sizes, a third of the images deleted, a restart. Local disk and each mount "
-             "in the same run; the mount reaches the local Garage through a proxy adding the round "
-             "trip shown, and the bucket already holds %d objects of %d earlier media in Synapse's "
+             "in the same run; the mount reaches the local Garage directly at rtt 0, and through a "
+             "proxy adding the round trip at any other, and the bucket already holds %d objects of %d earlier media in Synapse's "
              "layout (an original and two thumbnails each)." % (
                  len(media), sum(len(d) for d, _ in media.values()) >> 20, len(media["video.mp4"][0]) >> 20,
                  mounts[0]["seeded"], mounts[0]["seeded"] // 3),
@@ -265,7 +271,7 @@ def report(local, mounts, media, commit, date):
         lines.append("| %s | %d | %s | %.2f | %.2f | %s |" % (
             m["rtt"], m["stored_files"], " | ".join(str(r.get(k, 0)) for k in KINDS),
             r.get("put", 0) / m["stored_files"],
-            (up.get("LIST", 0) + up.get("HEAD", 0)) / m["uploads"], fmt(m["peak_rss"])))
+            (up.get("list", 0) + up.get("head", 0)) / m["uploads"], fmt(m["peak_rss"])))
     who = ("Synapse", "mount", "S3 server", "proxy")
     lines += ["", "CPU seconds each process used in each phase (this machine has %d cores; the local "
               "S3 server's share, and the latency proxy's, is CPU a remote bucket spends "
@@ -290,10 +296,10 @@ def report(local, mounts, media, commit, date):
             row.append(", ".join("%s %.2f" % kv for kv in top if kv[1] >= 0.005) or "-")
         lines.append("| %s | %s |" % (name, " | ".join(row)))
     for m in mounts:
-        lines += ["", "Requests by phase at rtt %s (the proxy's count):" % m["rtt"], "",
-                  "| phase | " + " | ".join(PROXY_KINDS) + " |", "|---|" + "---|" * len(PROXY_KINDS)]
+        lines += ["", "Requests the mount sent in each phase at rtt %s (its metrics):" % m["rtt"], "",
+                  "| phase | " + " | ".join(KINDS) + " |", "|---|" + "---|" * len(KINDS)]
         for name, counts in m["phases"]:
-            lines.append("| %s | %s |" % (name, " | ".join(str(counts.get(k, 0)) for k in PROXY_KINDS)))
+            lines.append("| %s | %s |" % (name, " | ".join(str(counts.get(k, 0)) for k in KINDS)))
     return lines
 
 
@@ -325,9 +331,11 @@ def main():
                 rtt = duration(rtt_text)
                 print("== round %d of %d: Synapse, media store on s3mediafs, rtt %s" % (r, args.rounds, rtt_text),
                       file=sys.stderr)
-                proxy = CountingProxy(rtt)
+                # At rtt 0 no proxy stands between: its relaying would cost CPU a direct
+                # connection does not.
+                proxy = CountingProxy(rtt) if rtt else None
                 work = base / ("mount-%s-%d" % (rtt_text, r))
-                mount = S3mediafs("s3mediafs", work, endpoint=proxy.endpoint,
+                mount = S3mediafs("s3mediafs", work, endpoint=proxy.endpoint if proxy else ENDPOINT,
                                   extra=["--metrics-addr", "127.0.0.1:%d" % free_port()])
                 mount.metrics_addr = mount.extra[-1]
                 prefix = "bench-synapse-%s-%d-%d/" % (rtt_text, os.getpid(), r)
@@ -337,7 +345,8 @@ def main():
                     out = run("mount", mount.mnt, media, args, venv_bin, work, proxy, mount)
                 finally:
                     mount.unmount()
-                    proxy.stop()
+                    if proxy:
+                        proxy.stop()
                 out["rtt"] = rtt_text
                 out["seeded"] = seeded
                 mounts.append(out)
