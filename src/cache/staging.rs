@@ -144,9 +144,9 @@ impl std::fmt::Debug for StagedFile {
     }
 }
 
-/// A sealed copy to read and check before use: the file, its sealed CRC-32 and its
-/// fingerprint now.
-type ToCheck = (Arc<File>, u32, Fingerprint);
+/// A sealed copy to read and check before use (`StagedFile::check`): the file, its sealed
+/// CRC-32 and its fingerprint now.
+pub struct ToCheck(Arc<File>, u32, Fingerprint);
 
 impl StagedFile {
     fn new(path: PathBuf, file: Option<File>, sealed: bool, counter: Arc<StagedBytes>) -> Self {
@@ -261,19 +261,18 @@ impl StagedFile {
         Ok(Arc::new(file))
     }
 
-    /// `checked_file` when it needs no read: a sealed copy whose fingerprint is the one it
-    /// was last found intact with (or any copy not sealed). `Ok(None)`: it must be read.
-    pub fn file_if_unchanged(&self) -> io::Result<Option<Arc<File>>> {
-        Ok(self.file_unread()?.ok())
-    }
-
     /// The content, open for reading, as `file`; a sealed copy only while it still holds
     /// what was written. The first use after its fingerprint changed reads it whole.
     pub fn checked_file(&self) -> io::Result<Arc<File>> {
-        let (file, crc, now) = match self.file_unread()? {
-            Ok(file) => return Ok(file),
-            Err(to_check) => to_check,
-        };
+        match self.file_unread()? {
+            Ok(file) => Ok(file),
+            Err(to_check) => self.check(to_check),
+        }
+    }
+
+    /// Reads a sealed copy `file_unread` could not trust whole: it is handed out if it still
+    /// has its sealed CRC-32, and never read again if not.
+    pub fn check(&self, ToCheck(file, crc, now): ToCheck) -> io::Result<Arc<File>> {
         let found = crc_of(&file)?;
         if found == crc {
             if let Checksum::Sealed { seen, .. } = &mut *self.checksum.lock() {
@@ -285,10 +284,10 @@ impl StagedFile {
         Err(damaged())
     }
 
-    /// The content open for reading, or, for a sealed copy whose fingerprint changed since
-    /// it was last found intact, the file with its sealed CRC-32 and its fingerprint now,
-    /// to be read and checked.
-    fn file_unread(&self) -> io::Result<Result<Arc<File>, ToCheck>> {
+    /// `checked_file` as far as it goes without reading: the content open for reading, or,
+    /// for a sealed copy whose fingerprint changed since it was last found intact, what
+    /// `check` must read first.
+    pub fn file_unread(&self) -> io::Result<Result<Arc<File>, ToCheck>> {
         let file = self.file()?;
         if !self.is_sealed() {
             return Ok(Ok(file));
@@ -303,7 +302,7 @@ impl StagedFile {
                 Ok(if *seen == Some(now) {
                     Ok(file)
                 } else {
-                    Err((file, *crc, now))
+                    Err(ToCheck(file, *crc, now))
                 })
             }
             _ => Ok(Ok(file)),

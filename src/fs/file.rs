@@ -291,13 +291,15 @@ impl BucketFs {
             (len == size).then(|| file.try_clone().ok()).flatten()
         };
         // Unchanged since it was last found intact: answered here, as in `choose_backing`.
-        if let Some(file) = local.file_if_unchanged().ok()? {
-            return sized(file);
+        match local.file_unread().ok()? {
+            Ok(file) => sized(file),
+            Err(to_check) => {
+                let local = local.clone();
+                tokio::task::spawn_blocking(move || sized(local.check(to_check).ok()?))
+                    .await
+                    .ok()?
+            }
         }
-        let local = local.clone();
-        tokio::task::spawn_blocking(move || sized(local.checked_file().ok()?))
-            .await
-            .ok()?
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
