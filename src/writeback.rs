@@ -92,6 +92,11 @@ enum Next {
 /// How long `fsync` waits on a change that keeps failing before it reports the error.
 const WAIT_PATIENCE: Duration = Duration::from_secs(30);
 
+/// How long the done records of landed changes wait for an fdatasync of the journal that
+/// a close runs anyway, before they run their own: while files keep closing, a landing
+/// costs no fdatasync, and closes do not queue behind the landings' ones.
+const DONE_PATIENCE: Duration = Duration::from_millis(10);
+
 #[derive(Default)]
 struct State {
     next_seq: u64,
@@ -157,6 +162,33 @@ pub struct WritebackQueue {
     /// Uploads resumed from the journal that may have left a multipart upload unfinished
     /// on the server when the last run ended; it is aborted before they start again.
     resumed: Mutex<std::collections::HashSet<u64>>,
+    /// Changes out of the queue whose done records the finisher thread writes.
+    to_finish: Arc<ToFinish>,
+}
+
+/// Changes out of the queue (landed, or replaced by newer ones) for the finisher thread
+/// (`WritebackQueue::finisher`): it records them as done in the journal, and once that
+/// record is durable, releases their data and takes them out of `finishing`.
+#[derive(Default)]
+struct ToFinish {
+    list: Mutex<FinishList>,
+    queued: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct FinishList {
+    changes: Vec<(u64, Option<Arc<StagedFile>>)>,
+    /// The queue is gone: the finisher stops.
+    closed: bool,
+}
+
+impl Drop for WritebackQueue {
+    fn drop(&mut self) {
+        // The finisher stops; what it had not recorded is carried out again by the next
+        // mount, from the copies it had not released.
+        self.to_finish.list.lock().closed = true;
+        self.to_finish.queued.notify_all();
+    }
 }
 
 /// Told of every change that reaches the bucket, before the change leaves the queue, so
@@ -195,7 +227,13 @@ impl WritebackQueue {
             observer: Mutex::new(None),
             open_uploads: OpenUploads::default(),
             resumed: Mutex::default(),
+            to_finish: Arc::default(),
         });
+        let (to_finish, queue) = (q.to_finish.clone(), Arc::downgrade(&q));
+        std::thread::Builder::new()
+            .name("journal-done".into())
+            .spawn(move || Self::finisher(&to_finish, &queue))
+            .expect("a thread for the journal's done records");
         let mut restored = 0;
         for (seq, change) in replay.pending {
             let file = match &change {
@@ -765,9 +803,11 @@ impl WritebackQueue {
     }
 
     /// Removes change `seq` from the queue without carrying it out (superseded, or made
-    /// unnecessary); returns what its journal record needs to be finished.
+    /// unnecessary), into `finishing`; returns what its journal record needs to be finished
+    /// (`finish_records`).
     fn drop_op(s: &mut State, seq: u64) -> (u64, Option<Arc<StagedFile>>) {
         let op = s.ops.remove(&seq).expect("queued");
+        s.finishing.insert(seq);
         if let Change::Upload { size, .. } = op.change {
             s.dirty_bytes -= size;
         }
@@ -787,14 +827,50 @@ impl WritebackQueue {
         }
     }
 
-    /// Records changes out of the queue as done, with one journal write and one fdatasync,
-    /// then releases their data. Called without the state lock.
+    /// Changes out of the queue (landed, or replaced by newer ones) are recorded as done,
+    /// and their data released once that record is durable, by the finisher thread. Until
+    /// then they are in `finishing`, where they were put as they left the queue, under the
+    /// same lock (`drop_op`, `remove_landed`): `wait` and `drain` wait for them.
     fn finish_records(&self, finished: Vec<(u64, Option<Arc<StagedFile>>)>) {
         if finished.is_empty() {
             return;
         }
+        self.to_finish.list.lock().changes.extend(finished);
+        self.to_finish.queued.notify_one();
+    }
+
+    /// The finisher thread: takes what `finish_records` queued, all at once, until the
+    /// queue is gone. It holds the queue only while it works, so that dropping the queue
+    /// ends it.
+    fn finisher(to_finish: &ToFinish, queue: &Weak<WritebackQueue>) {
+        loop {
+            let finished = {
+                let mut list = to_finish.list.lock();
+                while list.changes.is_empty() && !list.closed {
+                    to_finish.queued.wait(&mut list);
+                }
+                if list.changes.is_empty() {
+                    return;
+                }
+                std::mem::take(&mut list.changes)
+            };
+            match queue.upgrade() {
+                Some(q) => q.record_done(finished),
+                None => return,
+            }
+        }
+    }
+
+    /// Records `finished` as done with one write, made durable by the next fdatasync of the
+    /// journal (`DONE_PATIENCE`); then releases their data and takes them out of
+    /// `finishing`.
+    fn record_done(&self, finished: Vec<(u64, Option<Arc<StagedFile>>)>) {
         let seqs: Vec<u64> = finished.iter().map(|(seq, _)| *seq).collect();
-        if let Err(e) = self.journal.done_all(&seqs) {
+        let durable = self
+            .journal
+            .write_done(&seqs)
+            .and_then(|written| self.journal.wait_durable_within(&written, DONE_PATIENCE));
+        if let Err(e) = durable {
             tracing::error!(error = %e, "cannot record finished changes in the journal; a restart before the journal is next compacted carries them out again, unless newer changes of their keys are journaled");
         }
         for (_, file) in finished {
@@ -802,6 +878,14 @@ impl WritebackQueue {
                 f.finish();
             }
         }
+        let mut s = self.state.lock();
+        for seq in &seqs {
+            s.finishing.remove(seq);
+        }
+        // A rewrite put off while the record was in flight is done now.
+        self.reset_journal_if_idle(&s);
+        drop(s);
+        self.progress.notify_waiters();
     }
 
     async fn worker(self: Arc<Self>) {
@@ -839,33 +923,11 @@ impl WritebackQueue {
             };
             Self::remove_landed(&mut s, seq, change);
             finished.push((seq, file));
-            s.finishing.extend(finished.iter().map(|(seq, _)| *seq));
             finished
         };
-        self.finish_landed(finished);
+        self.finish_records(finished);
         self.progress.notify_waiters();
         self.work.notify_waiters();
-    }
-
-    /// Records landed changes, out of the queue and in `finishing`, as done, and releases
-    /// their data once that record is durable. The journal is written outside the state
-    /// lock, so that the closes committing meanwhile do not wait for its fdatasync: a change
-    /// out of the queue is out of every rewrite of the journal.
-    fn finish_landed(&self, finished: Vec<(u64, Option<Arc<StagedFile>>)>) {
-        /// Takes the changes out of `finishing` however this ends, so that no waiter waits
-        /// for them forever.
-        struct Finished<'a>(&'a WritebackQueue, Vec<u64>);
-        impl Drop for Finished<'_> {
-            fn drop(&mut self) {
-                let mut s = self.0.state.lock();
-                for seq in &self.1 {
-                    s.finishing.remove(seq);
-                }
-                self.0.reset_journal_if_idle(&s);
-            }
-        }
-        let _finished = Finished(self, finished.iter().map(|(seq, _)| *seq).collect());
-        self.finish_records(finished);
     }
 
     /// Tells the observer that `changes` reached the bucket, before they leave the queue, so
@@ -879,10 +941,11 @@ impl WritebackQueue {
         }
     }
 
-    /// Takes landed change `seq` out of the queue's state, and remembers it as its key's
-    /// last landing.
+    /// Takes landed change `seq` out of the queue's state, into `finishing` (its record is
+    /// finished by `finish_records`), and remembers it as its key's last landing.
     fn remove_landed(s: &mut State, seq: u64, change: &Change) {
         s.in_flight.remove(change.key());
+        s.finishing.insert(seq);
         if let Some(op) = s.ops.remove(&seq) {
             if let Change::Upload { size, .. } = op.change {
                 s.dirty_bytes -= size;
@@ -1037,11 +1100,10 @@ impl WritebackQueue {
             let mut s = self.state.lock();
             for (seq, change) in &done {
                 Self::remove_landed(&mut s, *seq, change);
-                s.finishing.insert(*seq);
             }
             done.iter().map(|(seq, _)| (*seq, None)).collect()
         };
-        self.finish_landed(finished);
+        self.finish_records(finished);
         self.progress.notify_waiters();
         self.work.notify_waiters();
     }
@@ -1254,6 +1316,18 @@ mod tests {
         }
     }
 
+    /// Blocks until the finisher thread has recorded every change out of the queue.
+    fn finished(q: &WritebackQueue) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !q.state.lock().finishing.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "waited ten seconds for done records"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn staged(area: &StagingArea, data: &[u8]) -> Arc<StagedFile> {
         let f = area.create().unwrap();
         f.write_at(data, 0).unwrap();
@@ -1443,6 +1517,35 @@ mod tests {
         );
     }
 
+    /// While files keep closing, a landing's done record is made durable by the fdatasync
+    /// of a close's record: the journal syncs about once a close, not once a close and once
+    /// a landing. And what landed is not carried out again after a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn landings_are_journaled_by_the_fdatasyncs_of_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mem, q, area, _) = setup(dir.path());
+            q.start();
+            let (before, closes) = (q.journal.syncs(), 300u64);
+            for i in 0..closes {
+                let seq = q
+                    .upload(&format!("k{i}"), staged(&area, b"data"), 4)
+                    .unwrap();
+                // Each lands before the next close, as uploads of small files do.
+                wait_until("the landing", || !q.state.lock().ops.contains_key(&seq)).await;
+            }
+            wait_until("every done record", || q.state.lock().finishing.is_empty()).await;
+            let syncs = q.journal.syncs() - before;
+            assert!(
+                syncs < closes * 3 / 2,
+                "{syncs} fdatasyncs for {closes} closes and their landings"
+            );
+            assert_eq!(mem.object("k7").unwrap().as_ref(), b"data");
+        }
+        let (_, replay) = Journal::open(dir.path()).unwrap();
+        assert!(replay.pending.is_empty(), "{:?}", replay.pending);
+    }
+
     #[test]
     fn the_journal_stays_small_while_the_queue_is_never_empty() {
         let dir = tempfile::tempdir().unwrap();
@@ -1467,6 +1570,7 @@ mod tests {
                     held.extend(batch);
                 } else {
                     q.landed_all(batch);
+                    finished(&q);
                 }
                 assert!(std::fs::metadata(&journal).unwrap().len() <= Journal::COMPACT_AT);
             }

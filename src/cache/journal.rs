@@ -18,6 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -471,13 +472,28 @@ impl Journal {
         self.append(&encode(&Record::Done(seq)))
     }
 
-    /// Records that changes `seqs` are in the bucket, with one write.
-    pub fn done_all(&self, seqs: &[u64]) -> io::Result<()> {
+    /// Records that changes `seqs` are in the bucket, with one write, not yet durable:
+    /// `wait_durable` or `wait_durable_within` makes it so.
+    pub fn write_done(&self, seqs: &[u64]) -> io::Result<Written<'_>> {
         let mut bytes = Vec::new();
         for seq in seqs {
             bytes.extend_from_slice(&encode(&Record::Done(*seq)));
         }
-        self.append(&bytes)
+        self.write(&bytes)
+    }
+
+    /// `wait_durable`, after giving an fdatasync someone else runs up to `patience` to make
+    /// `w` durable along with their own record: then `w` costs no fdatasync of its own.
+    pub fn wait_durable_within(&self, w: &Written<'_>, patience: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + patience;
+        {
+            let mut a = self.file.lock();
+            while w.epoch == a.epoch
+                && a.synced < w.end
+                && !self.synced.wait_until(&mut a, deadline).timed_out()
+            {}
+        }
+        self.wait_durable(w)
     }
 
     /// Keeps the journal small while changes keep coming. `pending` must be every change
