@@ -220,6 +220,8 @@ struct Active {
     synced: u64,
     /// An fdatasync runs, outside the lock.
     syncing: bool,
+    /// Someone waits for a record `wait_durable_within` is patient with (`hurry`).
+    hurry: bool,
     /// fsyncs of the file that failed; each cut the file back to what was durable, at the
     /// offset `cut_at` gives for the epoch it ended (kept while records are in flight).
     epoch: u64,
@@ -245,6 +247,9 @@ struct Active {
     /// This many of the next appends wait this long first.
     #[cfg(test)]
     slow_writes: (u32, std::time::Duration),
+    /// This many of the next fdatasyncs wait this long first.
+    #[cfg(test)]
+    slow_syncs: (u32, std::time::Duration),
 }
 
 impl Active {
@@ -254,6 +259,7 @@ impl Active {
             written: len,
             synced: len,
             syncing: false,
+            hurry: false,
             epoch: 0,
             cut_at: HashMap::new(),
             in_flight: 0,
@@ -267,6 +273,8 @@ impl Active {
             failing_syncs: 0,
             #[cfg(test)]
             slow_writes: (0, std::time::Duration::ZERO),
+            #[cfg(test)]
+            slow_syncs: (0, std::time::Duration::ZERO),
         }
     }
 
@@ -482,6 +490,13 @@ impl Journal {
         self.write(&bytes)
     }
 
+    /// Ends the patience of `wait_durable_within` now, or at its next call: someone waits
+    /// for the record.
+    pub fn hurry(&self) {
+        self.file.lock().hurry = true;
+        self.synced.notify_all();
+    }
+
     /// `wait_durable`, after giving an fdatasync someone else runs up to `patience` to make
     /// `w` durable along with their own record: then `w` costs no fdatasync of its own.
     pub fn wait_durable_within(&self, w: &Written<'_>, patience: Duration) -> io::Result<()> {
@@ -490,8 +505,10 @@ impl Journal {
             let mut a = self.file.lock();
             while w.epoch == a.epoch
                 && a.synced < w.end
+                && !a.hurry
                 && !self.synced.wait_until(&mut a, deadline).timed_out()
             {}
+            a.hurry = false;
         }
         self.wait_durable(w)
     }
@@ -604,10 +621,20 @@ impl Journal {
             #[cfg(test)]
             let fail = a.failing_syncs > 0;
             #[cfg(test)]
+            let pause = match &mut a.slow_syncs {
+                (n, pause) if *n > 0 => {
+                    *n -= 1;
+                    *pause
+                }
+                _ => Duration::ZERO,
+            };
+            #[cfg(test)]
             {
                 a.failing_syncs = a.failing_syncs.saturating_sub(1);
             }
             let result = parking_lot::MutexGuard::unlocked(&mut a, || {
+                #[cfg(test)]
+                std::thread::sleep(pause);
                 #[cfg(test)]
                 if fail {
                     std::thread::sleep(std::time::Duration::from_millis(20));
@@ -655,6 +682,12 @@ impl Journal {
     #[cfg(test)]
     pub(crate) fn slow_writes(&self, n: u32, pause: std::time::Duration) {
         self.file.lock().slow_writes = (n, pause);
+    }
+
+    /// The next `n` fdatasyncs of appends wait `pause` before they run.
+    #[cfg(test)]
+    pub(crate) fn slow_syncs(&self, n: u32, pause: Duration) {
+        self.file.lock().slow_syncs = (n, pause);
     }
 
     /// The next `n` fdatasyncs of appends fail, each after 20 ms.
