@@ -2,7 +2,7 @@
 
 For each client it mounts a fresh prefix, runs the workloads, and reports when the writer's
 close() calls returned and when the bucket held everything (watched with boto3)."""
-import argparse, datetime, os, pathlib, sys, tempfile, time
+import argparse, datetime, os, pathlib, shutil, subprocess, sys, tempfile, time
 
 from bench_common import (BUCKET, ENDPOINT, ROOT, CountingProxy, Rclone, S3fs, S3mediafs, count_objects, cpu_seconds, duration,
                           free_port, metrics, s3, server_pid, wait_bucket)
@@ -262,7 +262,28 @@ def main():
     ap.add_argument("--peers", action="store_true", help="read back through s3fs and rclone too")
     a = ap.parse_args()
     sections = a.sections.split(",")
+    # The clients' caches and mountpoints: gigabytes after a full run, removed however it ends.
     work = pathlib.Path(tempfile.mkdtemp(prefix="s3mediafs-bench-"))
+    try:
+        run_sections(a, sections, work)
+    finally:
+        remove_work(work)
+
+
+def remove_work(work):
+    """Removes the bench's directory, and never what is under a mount left in it (a run
+    cut short): such a mount is detached first."""
+    for top, dirs, _ in os.walk(work):
+        for d in list(dirs):
+            if os.path.ismount(os.path.join(top, d)):
+                subprocess.run(["fusermount3", "-uz", os.path.join(top, d)], capture_output=True)
+                dirs.remove(d)
+    if not any(os.path.ismount(os.path.join(top, d)) for top, dirs, _ in os.walk(work) for d in dirs):
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_sections(a, sections, work):
+    """Runs the sections asked for in `work` and writes their report."""
     if "write" not in sections:
         lines = [f"# Write benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"]
         if "close" in sections:
