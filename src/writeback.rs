@@ -865,29 +865,28 @@ impl WritebackQueue {
                 return;
             };
             let seqs: Vec<u64> = finished.iter().map(|(seq, _)| *seq).collect();
-            let recorded =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| q.record_done(finished)));
-            if recorded.is_err() {
-                // Their waiters are let go; their data stays, for the next mount to carry
-                // them out again.
-                let mut s = q.state.lock();
-                for seq in &seqs {
-                    s.finishing.remove(seq);
-                }
-                drop(s);
-                q.progress.notify_waiters();
+            // Should recording panic, their waiters are let go all the same, and their data
+            // stays, for the next mount to carry them out again.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                q.record_done(&seqs, finished)
+            }));
+            let mut s = q.state.lock();
+            for seq in &seqs {
+                s.finishing.remove(seq);
             }
+            // A rewrite put off while the record was in flight is done now.
+            q.reset_journal_if_idle(&s);
+            drop(s);
+            q.progress.notify_waiters();
         }
     }
 
-    /// Records `finished` as done with one write, made durable by the next fdatasync of the
-    /// journal (`DONE_PATIENCE`); then releases their data and takes them out of
-    /// `finishing`.
-    fn record_done(&self, finished: Vec<(u64, Option<Arc<StagedFile>>)>) {
-        let seqs: Vec<u64> = finished.iter().map(|(seq, _)| *seq).collect();
+    /// Records changes `seqs` (`finished`) as done with one write, made durable by the next
+    /// fdatasync of the journal (`DONE_PATIENCE`); then releases their data.
+    fn record_done(&self, seqs: &[u64], finished: Vec<(u64, Option<Arc<StagedFile>>)>) {
         let durable = self
             .journal
-            .write_done(&seqs)
+            .write_done(seqs)
             .and_then(|written| self.journal.wait_durable_within(&written, DONE_PATIENCE));
         if let Err(e) = durable {
             tracing::error!(error = %e, "cannot record finished changes in the journal; a restart before the journal is next compacted carries them out again, unless newer changes of their keys are journaled");
@@ -897,14 +896,6 @@ impl WritebackQueue {
                 f.finish();
             }
         }
-        let mut s = self.state.lock();
-        for seq in &seqs {
-            s.finishing.remove(seq);
-        }
-        // A rewrite put off while the record was in flight is done now.
-        self.reset_journal_if_idle(&s);
-        drop(s);
-        self.progress.notify_waiters();
     }
 
     async fn worker(self: Arc<Self>) {
@@ -1540,7 +1531,7 @@ mod tests {
 
     /// A landed upload's copy is released only once the journal says durably that it is
     /// done: while that fdatasync is held back, the change is still finishing and its copy is
-    /// still there, and someone waiting for it gets it made durable.
+    /// still there; once it runs, a waiter is let go and the copy goes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_landed_copy_is_released_only_once_its_done_record_is_durable() {
         let dir = tempfile::tempdir().unwrap();
@@ -1548,10 +1539,10 @@ mod tests {
         q.start();
         let seq = q.upload("k", staged(&area, b"data"), 4).unwrap();
         let copy = q.journal.pending_path(seq);
-        // The next fdatasync of the journal, the done record's, takes a second.
-        q.journal.slow_syncs(1, Duration::from_secs(1));
+        // The next fdatasync of the journal, the done record's, is held.
+        q.journal.hold_syncs(true);
         wait_until("the landing", || mem.object("k").is_some()).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_until("the done record's fdatasync", || q.journal.is_syncing()).await;
         assert!(
             q.state.lock().finishing.contains(&seq),
             "finished before its done record was durable"
@@ -1560,6 +1551,7 @@ mod tests {
             copy.exists(),
             "the copy went before its done record was durable"
         );
+        q.journal.hold_syncs(false);
         q.wait(seq).await.unwrap();
         assert!(!q.state.lock().finishing.contains(&seq));
         wait_until("the copy's removal", || !copy.exists()).await;

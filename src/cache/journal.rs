@@ -246,10 +246,10 @@ struct Active {
     failing_syncs: u32,
     /// This many of the next appends wait this long first.
     #[cfg(test)]
-    slow_writes: (u32, std::time::Duration),
-    /// This many of the next fdatasyncs wait this long first.
+    slow_writes: (u32, Duration),
+    /// fdatasyncs wait, `syncing`, until this is cleared.
     #[cfg(test)]
-    slow_syncs: (u32, std::time::Duration),
+    hold_syncs: bool,
 }
 
 impl Active {
@@ -272,9 +272,9 @@ impl Active {
             #[cfg(test)]
             failing_syncs: 0,
             #[cfg(test)]
-            slow_writes: (0, std::time::Duration::ZERO),
+            slow_writes: (0, Duration::ZERO),
             #[cfg(test)]
-            slow_syncs: (0, std::time::Duration::ZERO),
+            hold_syncs: false,
         }
     }
 
@@ -616,25 +616,19 @@ impl Journal {
             }
             a.syncing = true;
             a.syncs += 1;
+            #[cfg(test)]
+            while a.hold_syncs {
+                self.synced.wait(&mut a);
+            }
             let target = a.written;
             let file = a.file.clone();
             #[cfg(test)]
             let fail = a.failing_syncs > 0;
             #[cfg(test)]
-            let pause = match &mut a.slow_syncs {
-                (n, pause) if *n > 0 => {
-                    *n -= 1;
-                    *pause
-                }
-                _ => Duration::ZERO,
-            };
-            #[cfg(test)]
             {
                 a.failing_syncs = a.failing_syncs.saturating_sub(1);
             }
             let result = parking_lot::MutexGuard::unlocked(&mut a, || {
-                #[cfg(test)]
-                std::thread::sleep(pause);
                 #[cfg(test)]
                 if fail {
                     std::thread::sleep(std::time::Duration::from_millis(20));
@@ -680,14 +674,21 @@ impl Journal {
 
     /// The next `n` appends wait `pause` before they write.
     #[cfg(test)]
-    pub(crate) fn slow_writes(&self, n: u32, pause: std::time::Duration) {
+    pub(crate) fn slow_writes(&self, n: u32, pause: Duration) {
         self.file.lock().slow_writes = (n, pause);
     }
 
-    /// The next `n` fdatasyncs of appends wait `pause` before they run.
+    /// While `held`, every fdatasync of appends waits before it runs (`is_syncing`).
     #[cfg(test)]
-    pub(crate) fn slow_syncs(&self, n: u32, pause: Duration) {
-        self.file.lock().slow_syncs = (n, pause);
+    pub(crate) fn hold_syncs(&self, held: bool) {
+        self.file.lock().hold_syncs = held;
+        self.synced.notify_all();
+    }
+
+    /// Whether an fdatasync of appends is under way (or held, `hold_syncs`).
+    #[cfg(test)]
+    pub(crate) fn is_syncing(&self) -> bool {
+        self.file.lock().syncing
     }
 
     /// The next `n` fdatasyncs of appends fail, each after 20 ms.
