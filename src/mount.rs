@@ -251,7 +251,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let left = rt.block_on(writeback.drain(cfg.drain_timeout));
     if left > 0 {
         tracing::warn!(left, cache_dir = %cfg.cache_dir.display(),
-            "changes not yet in the bucket stay journaled; the next mount with this cache directory uploads them");
+            "changes not yet recorded as in the bucket stay journaled; the next mount with this cache directory uploads them");
     }
     tracing::info!(mountpoint = %cfg.mountpoint.display(), "unmounted");
     rt.shutdown_timeout(Duration::from_secs(5));

@@ -97,6 +97,19 @@ const WAIT_PATIENCE: Duration = Duration::from_secs(30);
 /// costs no fdatasync, and closes do not queue behind the landings' ones.
 const DONE_PATIENCE: Duration = Duration::from_millis(10);
 
+/// How often the done records of changes in the bucket are tried again after they failed.
+const DONE_RETRY: Duration = Duration::from_secs(1);
+
+/// Lets the copies of changes whose done records are durable go (or that a rewrite of the
+/// journal dropped).
+fn release(finished: Vec<(u64, Option<Arc<StagedFile>>)>) {
+    for (_, file) in finished {
+        if let Some(f) = file {
+            f.finish();
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     next_seq: u64,
@@ -167,8 +180,8 @@ pub struct WritebackQueue {
 }
 
 /// Changes out of the queue (landed, or replaced by newer ones) for the finisher thread
-/// (`WritebackQueue::finisher`): it records them as done in the journal, and once that
-/// record is durable, releases their data and takes them out of `finishing`.
+/// (`WritebackQueue::finisher`): it records them as done in the journal, takes them out of
+/// `finishing`, and once that record is durable, releases their data.
 #[derive(Default)]
 struct ToFinish {
     list: Mutex<FinishList>,
@@ -178,6 +191,9 @@ struct ToFinish {
 #[derive(Default)]
 struct FinishList {
     changes: Vec<(u64, Option<Arc<StagedFile>>)>,
+    /// Changes in the bucket whose done records failed, their copies kept until one is
+    /// written (`WritebackQueue::finisher`).
+    held: usize,
     /// The queue is gone: the finisher stops.
     closed: bool,
 }
@@ -652,12 +668,12 @@ impl WritebackQueue {
         self.wake();
         loop {
             let notified = self.progress.notified();
-            // Landed changes whose journal record of being done is being written count: the
-            // next mount would carry them out again.
+            // Landed changes whose journal record of being done is being written, or failed,
+            // count: the next mount would carry them out again.
             let left = {
                 let s = self.state.lock();
                 s.ops.len() + s.finishing.len()
-            };
+            } + self.to_finish.list.lock().held;
             if left == 0 || Instant::now() >= deadline {
                 self.state.lock().closed = true;
                 self.work.notify_waiters();
@@ -836,8 +852,9 @@ impl WritebackQueue {
 
     /// Changes out of the queue (landed, or replaced by newer ones) are recorded as done,
     /// and their data released once that record is durable, by the finisher thread. Until
-    /// then they are in `finishing`, where they were put as they left the queue, under the
-    /// same lock (`drop_op`, `remove_landed`): `wait` and `drain` wait for them.
+    /// the record is written (or has failed) they are in `finishing`, where they were put as
+    /// they left the queue, under the same lock (`drop_op`, `remove_landed`): `wait` and
+    /// `drain` wait for them.
     fn finish_records(&self, finished: Vec<(u64, Option<Arc<StagedFile>>)>) {
         if finished.is_empty() {
             return;
@@ -849,14 +866,28 @@ impl WritebackQueue {
     /// The finisher thread: takes what `finish_records` queued, all at once, until the
     /// queue is gone. It holds the queue only while it works, so that dropping the queue
     /// ends it.
+    ///
+    /// A copy is released only once nothing can carry its change out again: its done record
+    /// is durable, or the journal was rewritten (or emptied) without its change record
+    /// since it left the queue. Until then a change whose done record failed is held here,
+    /// its copy kept, and its done record tried again every `DONE_RETRY`; should the queue
+    /// go first, its copy stays on disk for the next mount, which carries it out again.
+    /// Its waiters are let go at once all the same: the change is in the bucket.
     fn finisher(to_finish: &ToFinish, queue: &Weak<WritebackQueue>) {
+        let mut held: Vec<(u64, Option<Arc<StagedFile>>)> = Vec::new();
+        // The journal's rewrites when the held changes had all left the queue.
+        let mut held_before = 0;
         loop {
             let finished = {
                 let mut list = to_finish.list.lock();
                 while list.changes.is_empty() && !list.closed {
-                    to_finish.queued.wait(&mut list);
+                    if held.is_empty() {
+                        to_finish.queued.wait(&mut list);
+                    } else if to_finish.queued.wait_for(&mut list, DONE_RETRY).timed_out() {
+                        break;
+                    }
                 }
-                if list.changes.is_empty() {
+                if list.changes.is_empty() && list.closed {
                     return;
                 }
                 std::mem::take(&mut list.changes)
@@ -864,38 +895,68 @@ impl WritebackQueue {
             let Some(q) = queue.upgrade() else {
                 return;
             };
-            let seqs: Vec<u64> = finished.iter().map(|(seq, _)| *seq).collect();
-            // Should recording panic, their waiters are let go all the same, and their data
-            // stays, for the next mount to carry them out again.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                q.record_done(&seqs, finished)
-            }));
+            if !held.is_empty() && q.journal.rewrites() > held_before {
+                Self::release_held(to_finish, &mut held);
+            }
+            let new: Vec<u64> = finished.iter().map(|(seq, _)| *seq).collect();
+            let retrying = !held.is_empty();
+            let rewrites = q.journal.rewrites();
+            let mut batch = std::mem::take(&mut held);
+            batch.extend(finished);
+            let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
+            let recorded =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| q.record_done(&seqs)));
+            match recorded {
+                Ok(Ok(())) => {
+                    if retrying {
+                        tracing::info!(changes = batch.len(), "the done records of changes in the bucket were written at last; their local copies are released");
+                    }
+                    release(batch);
+                    to_finish.list.lock().held = 0;
+                }
+                failed => {
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "recording them panicked".to_string(),
+                    };
+                    if retrying {
+                        tracing::debug!(%error, changes = seqs.len(), "the done records of changes in the bucket failed again; their local copies stay");
+                    } else {
+                        tracing::error!(%error, changes = seqs.len(), "cannot record changes in the bucket as done in the journal; their local copies are kept, and the records are tried again every second, until one is written or the journal is rewritten without them");
+                    }
+                    held = batch;
+                    held_before = rewrites;
+                    to_finish.list.lock().held = held.len();
+                }
+            }
             let mut s = q.state.lock();
-            for seq in &seqs {
+            for seq in &new {
                 s.finishing.remove(seq);
             }
-            // A rewrite put off while the record was in flight is done now.
+            // A rewrite put off while the record was in flight is done now; after a failed
+            // record it drops the held changes' records.
             q.reset_journal_if_idle(&s);
             drop(s);
+            if !held.is_empty() && q.journal.rewrites() > held_before {
+                Self::release_held(to_finish, &mut held);
+            }
             q.progress.notify_waiters();
         }
     }
 
-    /// Records changes `seqs` (`finished`) as done with one write, made durable by the next
-    /// fdatasync of the journal (`DONE_PATIENCE`); then releases their data.
-    fn record_done(&self, seqs: &[u64], finished: Vec<(u64, Option<Arc<StagedFile>>)>) {
-        let durable = self
-            .journal
-            .write_done(seqs)
-            .and_then(|written| self.journal.wait_durable_within(&written, DONE_PATIENCE));
-        if let Err(e) = durable {
-            tracing::error!(error = %e, "cannot record finished changes in the journal; a restart before the journal is next compacted carries them out again, unless newer changes of their keys are journaled");
-        }
-        for (_, file) in finished {
-            if let Some(f) = file {
-                f.finish();
-            }
-        }
+    /// The journal was rewritten without the changes `held` since their done records failed:
+    /// nothing carries them out again, and their copies go.
+    fn release_held(to_finish: &ToFinish, held: &mut Vec<(u64, Option<Arc<StagedFile>>)>) {
+        tracing::info!(changes = held.len(), "the journal was rewritten without the changes whose done records failed; their local copies are released");
+        release(std::mem::take(held));
+        to_finish.list.lock().held = 0;
+    }
+
+    /// Records changes `seqs` as done with one write, made durable by the next fdatasync of
+    /// the journal (`DONE_PATIENCE`).
+    fn record_done(&self, seqs: &[u64]) -> std::io::Result<()> {
+        let written = self.journal.write_done(seqs)?;
+        self.journal.wait_durable_within(&written, DONE_PATIENCE)
     }
 
     async fn worker(self: Arc<Self>) {
@@ -1555,6 +1616,93 @@ mod tests {
         q.wait(seq).await.unwrap();
         assert!(!q.state.lock().finishing.contains(&seq));
         wait_until("the copy's removal", || !copy.exists()).await;
+    }
+
+    /// What a mount would carry out again if the host lost power now, with `durable` bytes
+    /// of the journal made durable: the changes it replays whose copies it still finds.
+    fn replayed_after_power_cut(dir: &std::path::Path, durable: u64) -> Vec<String> {
+        let copy = tempfile::tempdir().unwrap();
+        let journal = std::fs::read(dir.join("journal")).unwrap();
+        let durable = (durable as usize).min(journal.len());
+        std::fs::write(copy.path().join("journal"), &journal[..durable]).unwrap();
+        std::fs::create_dir(copy.path().join("pending")).unwrap();
+        for entry in std::fs::read_dir(dir.join("pending")).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(
+                entry.path(),
+                copy.path().join("pending").join(entry.file_name()),
+            )
+            .unwrap();
+        }
+        let (journal, replay) = Journal::open(copy.path()).unwrap();
+        replay
+            .pending
+            .iter()
+            .filter(|(seq, _)| journal.pending_path(*seq).exists())
+            .map(|(_, change)| change.key().to_string())
+            .collect()
+    }
+
+    /// A landed upload whose done record cannot be made durable keeps its copy: a power
+    /// cut then replays the change with its data, rather than without it. The copy goes
+    /// once the journal is rewritten without the change, even while done records still
+    /// fail; after that nothing is replayed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_landed_copy_stays_while_its_done_record_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mem, q, area, _) = setup(dir.path());
+        let seq = q.upload("k", staged(&area, b"data"), 4).unwrap();
+        let durable = std::fs::metadata(dir.path().join("journal")).unwrap().len();
+        let copy = q.journal.pending_path(seq);
+        // Every fdatasync of an append fails from now on, and so does every rewrite.
+        q.journal.fail_syncs(u32::MAX);
+        let blocker = dir.path().join("journal.new");
+        std::fs::create_dir(&blocker).unwrap();
+        q.start();
+        wait_until("the landing", || mem.object("k").is_some()).await;
+        wait_until("the done record's attempt", || {
+            !q.state.lock().finishing.contains(&seq)
+        })
+        .await;
+        q.wait(seq).await.unwrap();
+        // A retry or two of the done record, which fail too.
+        tokio::time::sleep(DONE_RETRY + DONE_RETRY / 2).await;
+        assert!(
+            copy.exists(),
+            "the copy went though its change is still journaled"
+        );
+        assert_eq!(
+            replayed_after_power_cut(dir.path(), durable),
+            ["k"],
+            "a power cut would replay the upload without its data"
+        );
+        // The next rewrite drops the change's record: then its copy goes.
+        std::fs::remove_dir(&blocker).unwrap();
+        wait_until("the copy's release after the rewrite", || !copy.exists()).await;
+        q.journal.fail_syncs(0);
+        let durable = std::fs::metadata(dir.path().join("journal")).unwrap().len();
+        assert!(replayed_after_power_cut(dir.path(), durable).is_empty());
+    }
+
+    /// A done record that failed is tried again, and once it is durable the copy goes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_done_record_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mem, q, area, _) = setup(dir.path());
+        let seq = q.upload("k", staged(&area, b"data"), 4).unwrap();
+        let copy = q.journal.pending_path(seq);
+        q.journal.fail_syncs(1);
+        // No rewrite can drop the change's record meanwhile.
+        let blocker = dir.path().join("journal.new");
+        std::fs::create_dir(&blocker).unwrap();
+        q.start();
+        wait_until("the landing", || mem.object("k").is_some()).await;
+        q.wait(seq).await.unwrap();
+        assert!(copy.exists(), "the copy went though its done record failed");
+        wait_until("the copy's release after the retry", || !copy.exists()).await;
+        let durable = std::fs::metadata(dir.path().join("journal")).unwrap().len();
+        assert!(replayed_after_power_cut(dir.path(), durable).is_empty());
+        std::fs::remove_dir(&blocker).unwrap();
     }
 
     /// While files keep closing, a landing's done record is made durable by the fdatasync

@@ -18,6 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -189,6 +190,8 @@ pub struct Journal {
     synced: Condvar,
     /// fsyncs of `pending/` after renames into it, shared by the closes at the same time.
     pending_dir_sync: super::group_sync::GroupSync,
+    /// Times `compact` has durably rewritten or emptied the file (`rewrites`).
+    rewrites: std::sync::atomic::AtomicU64,
 }
 
 /// A record written to the journal and not yet known durable: `Journal::wait_durable` waits
@@ -435,6 +438,7 @@ impl Journal {
                 file: Mutex::new(Active::new(file, len)),
                 synced: Condvar::new(),
                 pending_dir_sync: Default::default(),
+                rewrites: Default::default(),
             },
             replay,
         ))
@@ -536,6 +540,7 @@ impl Journal {
                 if len > 0 {
                     a.cut(0)?;
                     a.compacted = 0;
+                    self.rewrites.fetch_add(1, Ordering::Release);
                 }
                 return Ok(());
             }
@@ -544,14 +549,32 @@ impl Journal {
             }
         }
         let (file, len) = rewrite(&self.path, pending)?;
-        *a = Active::new(file, len);
+        let fresh = Active::new(file, len);
+        // Faults a test set up outlast the file they were set on.
+        #[cfg(test)]
+        let fresh = Active {
+            failing_writes: a.failing_writes,
+            failing_syncs: a.failing_syncs,
+            slow_writes: a.slow_writes,
+            hold_syncs: a.hold_syncs,
+            ..fresh
+        };
+        *a = fresh;
         if let Err(e) = sync_dir(&self.dir) {
             // The rename may not survive a crash, and the old file would lack what is
             // appended from now on.
             a.broken = true;
             return Err(e);
         }
+        self.rewrites.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    /// How many times the file has been durably rewritten with only what was pending, or
+    /// emptied, since the journal was opened. A change out of the queue before a rewrite
+    /// counted here is no longer in the file: it needs no done record to be forgotten.
+    pub fn rewrites(&self) -> u64 {
+        self.rewrites.load(Ordering::Acquire)
     }
 
     /// Appends `bytes` durably, or leaves the file as it was and fails.
