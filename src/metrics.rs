@@ -92,6 +92,7 @@ pub struct StateReading {
     pub staged_bytes: u64,
     pub dirty_bytes: u64,
     pub pending_changes: u64,
+    pub unrecorded_changes: u64,
     pub read_memory_bytes: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
@@ -114,6 +115,7 @@ struct StateMetrics {
     staged_bytes: Gauge,
     dirty_bytes: Gauge,
     pending_changes: Gauge,
+    unrecorded_changes: Gauge,
     read_memory_bytes: Gauge,
     inodes: Gauge,
     listed_names: Gauge,
@@ -176,6 +178,7 @@ impl Metrics {
             staged_bytes: Gauge::default(),
             dirty_bytes: Gauge::default(),
             pending_changes: Gauge::default(),
+            unrecorded_changes: Gauge::default(),
             read_memory_bytes: Gauge::default(),
             inodes: Gauge::default(),
             listed_names: Gauge::default(),
@@ -209,6 +212,11 @@ impl Metrics {
             "pending_changes",
             "Changes (uploads, deletes, directories) not yet in the bucket",
             state.pending_changes.clone(),
+        );
+        registry.register(
+            "unrecorded_changes",
+            "Changes in the bucket that the journal could not record as done: their local copies are kept, and a restart now would upload them again",
+            state.unrecorded_changes.clone(),
         );
         registry.register(
             "read_memory_bytes",
@@ -356,6 +364,7 @@ impl Metrics {
             s.staged_bytes.set(r.staged_bytes as i64);
             s.dirty_bytes.set(r.dirty_bytes as i64);
             s.pending_changes.set(r.pending_changes as i64);
+            s.unrecorded_changes.set(r.unrecorded_changes as i64);
             s.read_memory_bytes.set(r.read_memory_bytes as i64);
             s.inodes.set(r.inodes as i64);
             s.listed_names.set(r.listed_names as i64);

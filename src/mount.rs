@@ -141,6 +141,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 staged_bytes: blocks.staged_bytes().get(),
                 dirty_bytes: writeback.dirty_bytes(),
                 pending_changes: writeback.pending() as u64,
+                unrecorded_changes: writeback.unrecorded() as u64,
                 read_memory_bytes: readahead.memory_used(),
                 cache_hits: b.hits,
                 cache_misses: b.misses,

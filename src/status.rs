@@ -227,6 +227,15 @@ pub fn summarize(m: &Samples) -> String {
             )
         }
     );
+    let unrecorded = m.sum("s3mediafs_unrecorded_changes", &[]);
+    if unrecorded > 0.0 {
+        let _ = writeln!(
+            out,
+            "          {unrecorded:.0} changes in the bucket the journal could not record as done \
+             (is the cache disk failing or full?); their copies are kept, and a restart now \
+             uploads them again"
+        );
+    }
     let hits = m.sum("s3mediafs_cache_hits_total", &[]);
     let misses = m.sum("s3mediafs_cache_misses_total", &[]);
     let ratio = if hits + misses > 0.0 {
@@ -309,7 +318,8 @@ mod tests {
             "# HELP x y\ns3mediafs_requests_total{op=\"get\",outcome=\"ok\"} 3\n\
              s3mediafs_requests_total{op=\"get\",outcome=\"error\"} 1\n\
              s3mediafs_mount{source=\"media:a \\\"b\\\"\",endpoint=\"http://x\"} 1\n\
-             s3mediafs_dirty_bytes 2048\ns3mediafs_pending_changes 2\n# EOF\n",
+             s3mediafs_dirty_bytes 2048\ns3mediafs_pending_changes 2\n\
+             s3mediafs_unrecorded_changes 3\n# EOF\n",
         );
         assert_eq!(m.sum("s3mediafs_requests_total", &[("op", "get")]), 4.0);
         assert_eq!(
@@ -325,6 +335,10 @@ mod tests {
         assert!(text.contains("media:a \"b\""), "{text}");
         assert!(
             text.contains("2 changes pending, 2.0 KiB of file data waiting"),
+            "{text}"
+        );
+        assert!(
+            text.contains("3 changes in the bucket the journal could not record as done"),
             "{text}"
         );
         assert!(!text.contains("-0"), "{text}");

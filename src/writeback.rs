@@ -97,8 +97,10 @@ const WAIT_PATIENCE: Duration = Duration::from_secs(30);
 /// costs no fdatasync, and closes do not queue behind the landings' ones.
 const DONE_PATIENCE: Duration = Duration::from_millis(10);
 
-/// How often the done records of changes in the bucket are tried again after they failed.
+/// How soon the done records of changes in the bucket are tried again after they failed,
+/// doubled at each failure up to `DONE_RETRY_MAX`.
 const DONE_RETRY: Duration = Duration::from_secs(1);
+const DONE_RETRY_MAX: Duration = Duration::from_secs(8);
 
 /// Lets the copies of changes whose done records are durable go (or that a rewrite of the
 /// journal dropped).
@@ -523,6 +525,12 @@ impl WritebackQueue {
         )
     }
 
+    /// Changes in the bucket whose done records the journal could not write: their local
+    /// copies are kept, and a restart would carry them out again.
+    pub fn unrecorded(&self) -> usize {
+        self.to_finish.list.lock().held
+    }
+
     /// The pending change of `key`, if any.
     pub fn lookup(&self, key: &str) -> Option<Pending> {
         let s = self.state.lock();
@@ -870,20 +878,21 @@ impl WritebackQueue {
     /// A copy is released only once nothing can carry its change out again: its done record
     /// is durable, or the journal was rewritten (or emptied) without its change record
     /// since it left the queue. Until then a change whose done record failed is held here,
-    /// its copy kept, and its done record tried again every `DONE_RETRY`; should the queue
+    /// its copy kept, and its done record tried again (`DONE_RETRY`); should the queue
     /// go first, its copy stays on disk for the next mount, which carries it out again.
     /// Its waiters are let go at once all the same: the change is in the bucket.
     fn finisher(to_finish: &ToFinish, queue: &Weak<WritebackQueue>) {
         let mut held: Vec<(u64, Option<Arc<StagedFile>>)> = Vec::new();
         // The journal's rewrites when the held changes had all left the queue.
         let mut held_before = 0;
+        let mut retry_in = DONE_RETRY;
         loop {
             let finished = {
                 let mut list = to_finish.list.lock();
                 while list.changes.is_empty() && !list.closed {
                     if held.is_empty() {
                         to_finish.queued.wait(&mut list);
-                    } else if to_finish.queued.wait_for(&mut list, DONE_RETRY).timed_out() {
+                    } else if to_finish.queued.wait_for(&mut list, retry_in).timed_out() {
                         break;
                     }
                 }
@@ -911,8 +920,8 @@ impl WritebackQueue {
                     if retrying {
                         tracing::info!(changes = batch.len(), "the done records of changes in the bucket were written at last; their local copies are released");
                     }
-                    release(batch);
                     to_finish.list.lock().held = 0;
+                    release(batch);
                 }
                 failed => {
                     let error = match failed {
@@ -920,9 +929,11 @@ impl WritebackQueue {
                         _ => "recording them panicked".to_string(),
                     };
                     if retrying {
+                        retry_in = (retry_in * 2).min(DONE_RETRY_MAX);
                         tracing::debug!(%error, changes = seqs.len(), "the done records of changes in the bucket failed again; their local copies stay");
                     } else {
-                        tracing::error!(%error, changes = seqs.len(), "cannot record changes in the bucket as done in the journal; their local copies are kept, and the records are tried again every second, until one is written or the journal is rewritten without them");
+                        retry_in = DONE_RETRY;
+                        tracing::error!(%error, changes = seqs.len(), "cannot record changes in the bucket as done in the journal; their local copies are kept and the records tried again until one is written or the journal is rewritten without them (a restart meanwhile uploads them again)");
                     }
                     held = batch;
                     held_before = rewrites;
@@ -948,8 +959,8 @@ impl WritebackQueue {
     /// nothing carries them out again, and their copies go.
     fn release_held(to_finish: &ToFinish, held: &mut Vec<(u64, Option<Arc<StagedFile>>)>) {
         tracing::info!(changes = held.len(), "the journal was rewritten without the changes whose done records failed; their local copies are released");
-        release(std::mem::take(held));
         to_finish.list.lock().held = 0;
+        release(std::mem::take(held));
     }
 
     /// Records changes `seqs` as done with one write, made durable by the next fdatasync of
@@ -1671,6 +1682,7 @@ mod tests {
             copy.exists(),
             "the copy went though its change is still journaled"
         );
+        assert_eq!(q.unrecorded(), 1);
         assert_eq!(
             replayed_after_power_cut(dir.path(), durable),
             ["k"],
@@ -1679,6 +1691,7 @@ mod tests {
         // The next rewrite drops the change's record: then its copy goes.
         std::fs::remove_dir(&blocker).unwrap();
         wait_until("the copy's release after the rewrite", || !copy.exists()).await;
+        assert_eq!(q.unrecorded(), 0);
         q.journal.fail_syncs(0);
         let durable = std::fs::metadata(dir.path().join("journal")).unwrap().len();
         assert!(replayed_after_power_cut(dir.path(), durable).is_empty());
