@@ -24,7 +24,8 @@ use tokio::sync::Notify;
 use crate::cache::{BlockCache, Change, Journal, Replay, StagedFile};
 use crate::retry::Backoff;
 use crate::store::{
-    part_size_for, upload_file, ETag, ObjectStore, OpenUploads, StoreError, MAX_DELETE_BATCH,
+    part_size_for, upload_file, ETag, ObjectStore, OpenUploads, StoreError, StoreResult,
+    MAX_DELETE_BATCH,
 };
 
 /// What the queue says about a key while a change to it is pending.
@@ -67,6 +68,8 @@ struct Op {
     last_error: Option<StoreError>,
     /// When the change first failed, if it has.
     failing_since: Option<Instant>,
+    /// It failed, and is tried again at this instant (it is in `State::retrying`).
+    retry_at: Option<Instant>,
     /// When the change was queued.
     queued: Instant,
     /// Someone waits for it: it goes without delay.
@@ -128,6 +131,10 @@ struct State {
     idle: BTreeSet<u64>,
     /// Deletes not started, to be gathered into batches.
     idle_deletes: BTreeSet<u64>,
+    /// Changes that failed, by the instant they are tried again; they join `idle` then. A
+    /// change that keeps failing thus holds no worker while it waits, and cannot stop the
+    /// queue however many of them there are.
+    retrying: BTreeSet<(Instant, u64)>,
     /// Someone waits for a gathered delete: the batch goes now.
     urgent_deletes: bool,
     /// A batch of deletes failed because the store is down: no batch before then.
@@ -167,9 +174,6 @@ pub struct WritebackQueue {
     work: Notify,
     /// A change finished or failed an attempt.
     progress: Notify,
-    /// Changes waiting to retry go at once: another change succeeded (the store answers
-    /// again), or someone waits for them (fsync).
-    retry_now: Notify,
     /// Told of every landing (the filesystem's namespace).
     observer: Mutex<Option<Weak<dyn LandingObserver>>>,
     /// Multipart uploads under way, aborted when an unmount stops waiting for them.
@@ -241,7 +245,6 @@ impl WritebackQueue {
             }),
             work: Notify::new(),
             progress: Notify::new(),
-            retry_now: Notify::new(),
             observer: Mutex::new(None),
             open_uploads: OpenUploads::default(),
             resumed: Mutex::default(),
@@ -341,6 +344,7 @@ impl WritebackQueue {
                 attempts: 0,
                 last_error: None,
                 failing_since: None,
+                retry_at: None,
                 queued: Instant::now(),
                 urgent: false,
             },
@@ -587,17 +591,23 @@ impl WritebackQueue {
     pub async fn wait(&self, seq: u64) -> Result<(), WaitError> {
         let asked = tokio::time::Instant::now();
         {
-            let mut s = self.state.lock();
+            let mut guard = self.state.lock();
+            let s = &mut *guard;
             if let Some(op) = s.ops.get_mut(&seq) {
                 op.urgent = true;
+                // A change waiting to retry goes at once.
+                let retry_at = op.retry_at.take();
                 if matches!(op.change, Change::Delete { .. }) {
                     s.urgent_deletes = true;
                     s.deletes_retry_at = None;
                 }
+                if let Some(t) = retry_at {
+                    s.retrying.remove(&(t, seq));
+                    Self::idle(s, seq);
+                }
             }
         }
         self.wake();
-        self.retry_now.notify_waiters();
         let mut hurried = false;
         loop {
             let notified = self.progress.notified();
@@ -714,6 +724,17 @@ impl WritebackQueue {
             let s = &mut *guard;
             let mut wake: Option<Instant> = None;
             let mut later = |t: Instant| wake = Some(wake.map_or(t, |w: Instant| w.min(t)));
+            while let Some(&(t, seq)) = s.retrying.first() {
+                if t > now {
+                    later(t);
+                    break;
+                }
+                s.retrying.pop_first();
+                if let Some(op) = s.ops.get_mut(&seq) {
+                    op.retry_at = None;
+                }
+                Self::idle(s, seq);
+            }
             let mut picked = None;
             let mut dropped = Vec::new();
             for &seq in &s.idle {
@@ -838,6 +859,9 @@ impl WritebackQueue {
     /// (`finish_records`).
     fn drop_op(s: &mut State, seq: u64) -> (u64, Option<Arc<StagedFile>>) {
         let op = s.ops.remove(&seq).expect("queued");
+        if let Some(t) = op.retry_at {
+            s.retrying.remove(&(t, seq));
+        }
         s.finishing.insert(seq);
         if let Change::Upload { size, .. } = op.change {
             s.dirty_bytes -= size;
@@ -848,14 +872,66 @@ impl WritebackQueue {
         (seq, op.file)
     }
 
-    /// Another change succeeded, so the store answers again: gathered deletes that failed
-    /// need not wait out their backoff.
-    fn retry_gathered_now(&self) {
-        let mut s = self.state.lock();
-        if s.deletes_retry_at.take().is_some() {
-            drop(s);
-            self.wake();
+    /// Another change succeeded, so the store answers again: changes that failed need not
+    /// wait out their backoff.
+    fn retry_failed_now(&self) {
+        let mut guard = self.state.lock();
+        let s = &mut *guard;
+        let gathered = s.deletes_retry_at.take().is_some();
+        if !gathered && s.retrying.is_empty() {
+            return;
         }
+        for (_, seq) in std::mem::take(&mut s.retrying) {
+            if let Some(op) = s.ops.get_mut(&seq) {
+                op.retry_at = None;
+            }
+            Self::idle(s, seq);
+        }
+        drop(guard);
+        self.wake();
+    }
+
+    /// Change `seq` failed with `e`: it waits out its backoff in `retrying`, holding no
+    /// worker, unless a newer change of its key came meanwhile: then it is dropped.
+    fn failed(&self, seq: u64, change: &Change, e: StoreError) {
+        let (attempts, wait, dropped) = {
+            let mut guard = self.state.lock();
+            let s = &mut *guard;
+            s.in_flight.remove(change.key());
+            let Some(op) = s.ops.get_mut(&seq) else {
+                return;
+            };
+            op.attempts += 1;
+            op.last_error = Some(e.clone());
+            op.failing_since.get_or_insert_with(Instant::now);
+            op.started = false;
+            let attempts = op.attempts;
+            let wait = Backoff::CHANGE.delay(attempts);
+            let dropped = if s.latest.get(change.key()) != Some(&seq) {
+                tracing::debug!(
+                    key = change.key(),
+                    seq,
+                    "a failing change was superseded; dropping it"
+                );
+                Some(Self::drop_op(s, seq))
+            } else {
+                let at = Instant::now() + wait;
+                op.retry_at = Some(at);
+                s.retrying.insert((at, seq));
+                None
+            };
+            (attempts, wait, dropped)
+        };
+        if attempts == 1 || attempts % 10 == 0 {
+            tracing::warn!(key = change.key(), attempts, error = %e, retry_in_ms = wait.as_millis() as u64,
+                "a change could not be carried out; retrying");
+        }
+        if let Some(d) = dropped {
+            self.finish_records(vec![d]);
+        }
+        self.progress.notify_waiters();
+        // The key is free for a newer change, and the worker for another.
+        self.wake();
     }
 
     /// Changes out of the queue (landed, or replaced by newer ones) are recorded as done,
@@ -978,9 +1054,14 @@ impl WritebackQueue {
             }
             match self.next_op() {
                 Next::One(seq, change, file) => {
-                    let etag = self.carry_out(seq, &change, file.as_ref()).await;
-                    self.keep_uploaded(&change, etag, file.as_ref()).await;
-                    self.landed(seq, &change, file);
+                    match self.carry_out(seq, &change, file.as_ref()).await {
+                        Ok(etag) => {
+                            self.retry_failed_now();
+                            self.keep_uploaded(&change, etag, file.as_ref()).await;
+                            self.landed(seq, &change, file);
+                        }
+                        Err(e) => self.failed(seq, &change, e),
+                    }
                 }
                 Next::Deletes(batch) => self.delete_batch(batch).await,
                 Next::Wait(Some(t)) => {
@@ -1099,7 +1180,7 @@ impl WritebackQueue {
                     "deletes carried out"
                 );
                 self.state.lock().deletes_attempts = 0;
-                self.retry_now.notify_waiters();
+                self.retry_failed_now();
                 let refused: HashSet<String> = refused.into_iter().collect();
                 let (failed, done): (Vec<_>, Vec<_>) = batch
                     .into_iter()
@@ -1276,83 +1357,35 @@ impl WritebackQueue {
 
     /// Carries out one change, retrying until it succeeds. Returns the ETag of an uploaded
     /// object, when the store gave one.
+    /// Tries change `seq` once.
     async fn carry_out(
         &self,
         seq: u64,
         change: &Change,
         file: Option<&Arc<StagedFile>>,
-    ) -> Option<ETag> {
-        let mut first = true;
-        loop {
-            if !first && self.state.lock().latest.get(change.key()) != Some(&seq) {
-                tracing::debug!(
-                    key = change.key(),
-                    seq,
-                    "a failing change was superseded; dropping it"
-                );
-                return None;
+    ) -> StoreResult<Option<ETag>> {
+        let started = Instant::now();
+        let result = match (change, file) {
+            // The sealed copy is opened for this attempt only: waiting uploads hold no
+            // descriptor.
+            (Change::Upload { key, size, .. }, Some(f)) => {
+                self.upload_attempt(seq, key, *size, f).await
             }
-            first = false;
-            let started = Instant::now();
-            let result = match (change, file) {
-                // The sealed copy is opened for this attempt only: waiting uploads hold no
-                // descriptor.
-                (Change::Upload { key, size, .. }, Some(f)) => {
-                    self.upload_attempt(seq, key, *size, f).await
-                }
-                (Change::Upload { .. }, None) => Ok(None),
-                (Change::Delete { key }, _) => self.store.delete(key).await.map(|_| None),
-                (Change::Marker { key }, _) => {
-                    self.store.put(key, bytes::Bytes::new()).await.map(|_| None)
-                }
-            };
-            match result {
-                Ok(etag) => {
-                    self.retry_now.notify_waiters();
-                    self.retry_gathered_now();
-                    tracing::debug!(
-                        key = change.key(),
-                        seq,
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "change carried out"
-                    );
-                    return etag;
-                }
-                Err(e) => {
-                    let attempts = {
-                        let mut s = self.state.lock();
-                        let op = s.ops.get_mut(&seq).expect("in flight");
-                        op.attempts += 1;
-                        op.last_error = Some(e.clone());
-                        op.failing_since.get_or_insert_with(Instant::now);
-                        op.attempts
-                    };
-                    self.progress.notify_waiters();
-                    let wait = Backoff::CHANGE.delay(attempts);
-                    if attempts == 1 || attempts % 10 == 0 {
-                        tracing::warn!(key = change.key(), attempts, error = %e, retry_in_ms = wait.as_millis() as u64,
-                            "a change could not be carried out; retrying");
-                    }
-                    // A newer change of the key cuts the wait short, and so does another
-                    // change succeeding (the store is back); other activity does not.
-                    let deadline = tokio::time::Instant::now() + wait;
-                    let retry_now = self.retry_now.notified();
-                    tokio::pin!(retry_now);
-                    loop {
-                        let notified = self.work.notified();
-                        // A newer change of this key decides its final state.
-                        if self.state.lock().latest.get(change.key()) != Some(&seq) {
-                            break;
-                        }
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(deadline) => break,
-                            _ = &mut retry_now => break,
-                            _ = notified => {}
-                        }
-                    }
-                }
+            (Change::Upload { .. }, None) => Ok(None),
+            (Change::Delete { key }, _) => self.store.delete(key).await.map(|_| None),
+            (Change::Marker { key }, _) => {
+                self.store.put(key, bytes::Bytes::new()).await.map(|_| None)
             }
+        };
+        if result.is_ok() {
+            tracing::debug!(
+                key = change.key(),
+                seq,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "change carried out"
+            );
         }
+        result
     }
 }
 
@@ -1627,6 +1660,37 @@ mod tests {
         q.wait(seq).await.unwrap();
         assert!(!q.state.lock().finishing.contains(&seq));
         wait_until("the copy's removal", || !copy.exists()).await;
+    }
+
+    /// Changes that keep failing hold no worker while they wait: twice as many of them as
+    /// there are workers do not keep a change behind them from landing, and a newer change
+    /// of a failing key replaces it at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_that_keep_failing_do_not_stop_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mem, q, area, _) = setup(dir.path());
+        let failing = 2 * WritebackOptions::default().workers;
+        for i in 0..failing {
+            let f = staged(&area, b"data");
+            q.upload(&format!("bad{i}"), f.clone(), 4).unwrap();
+            // Its copy changed on disk since it was sealed: it is never uploaded.
+            f.found_changed(1, 2);
+        }
+        let good = q.upload("good", staged(&area, b"good"), 4).unwrap();
+        q.start();
+        tokio::time::timeout(Duration::from_secs(10), q.wait(good))
+            .await
+            .expect("a change behind failing ones never landed")
+            .unwrap();
+        assert_eq!(mem.object("good").unwrap().as_ref(), b"good");
+        let fixed = q.upload("bad0", staged(&area, b"fixed"), 5).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), q.wait(fixed))
+            .await
+            .expect("the newer change of a failing key never landed")
+            .unwrap();
+        assert_eq!(mem.object("bad0").unwrap().as_ref(), b"fixed");
+        assert!(mem.object("bad1").is_none());
+        assert_eq!(q.pending(), failing - 1);
     }
 
     /// What a mount would carry out again if the host lost power now, with `durable` bytes
