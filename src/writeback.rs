@@ -590,32 +590,14 @@ impl WritebackQueue {
     /// is returned, and it stays queued and keeps being retried.
     pub async fn wait(&self, seq: u64) -> Result<(), WaitError> {
         let asked = tokio::time::Instant::now();
-        {
-            let mut guard = self.state.lock();
-            let s = &mut *guard;
-            if let Some(op) = s.ops.get_mut(&seq) {
-                op.urgent = true;
-                // A change waiting to retry goes at once.
-                let retry_at = op.retry_at.take();
-                if matches!(op.change, Change::Delete { .. }) {
-                    s.urgent_deletes = true;
-                    s.deletes_retry_at = None;
-                }
-                if let Some(t) = retry_at {
-                    s.retrying.remove(&(t, seq));
-                    Self::idle(s, seq);
-                }
-            }
-        }
-        self.wake();
+        let mut seq = seq;
+        let key = self.hurry_change(seq);
         let mut hurried = false;
         loop {
             let notified = self.progress.notified();
-            let finishing = {
+            let (finishing, replaced_by) = {
                 let s = self.state.lock();
                 match s.ops.get(&seq) {
-                    None if s.finishing.contains(&seq) => true,
-                    None => return Ok(()),
                     Some(op) if op.failing_since.is_some() && asked.elapsed() >= WAIT_PATIENCE => {
                         return Err(WaitError(
                             op.last_error
@@ -623,9 +605,24 @@ impl WritebackQueue {
                                 .unwrap_or(StoreError::Service("the upload failed".into())),
                         ))
                     }
-                    Some(_) => false,
+                    Some(_) => (false, None),
+                    None => (
+                        s.finishing.contains(&seq),
+                        key.as_deref()
+                            .and_then(|key| Self::replaced_by(&s, key, seq)),
+                    ),
                 }
             };
+            if let Some(newer) = replaced_by {
+                // Dropped for a newer change of its key before it landed: the key's content
+                // is in the bucket once that one is.
+                seq = newer;
+                self.hurry_change(seq);
+                continue;
+            }
+            if !finishing && !self.state.lock().ops.contains_key(&seq) {
+                return Ok(());
+            }
             if finishing && !hurried {
                 // In the bucket, and its done record waits for a close's fdatasync: someone
                 // waits, so it runs its own now.
@@ -638,6 +635,40 @@ impl WritebackQueue {
                 notified.await;
             }
         }
+    }
+
+    /// Someone waits for change `seq`: it goes without delay, and a retry it waits for
+    /// goes at once. Returns its key, if it is still queued.
+    fn hurry_change(&self, seq: u64) -> Option<String> {
+        let key = {
+            let mut guard = self.state.lock();
+            let s = &mut *guard;
+            let op = s.ops.get_mut(&seq)?;
+            op.urgent = true;
+            let retry_at = op.retry_at.take();
+            let key = op.change.key().to_string();
+            if matches!(op.change, Change::Delete { .. }) {
+                s.urgent_deletes = true;
+                s.deletes_retry_at = None;
+            }
+            if let Some(t) = retry_at {
+                s.retrying.remove(&(t, seq));
+                Self::idle(s, seq);
+            }
+            key
+        };
+        self.wake();
+        Some(key)
+    }
+
+    /// The newer change of `key` that change `seq`, no longer queued, was dropped for before
+    /// it could land, while that one is still queued.
+    fn replaced_by(s: &State, key: &str, seq: u64) -> Option<u64> {
+        let landed = s.last_landed.as_ref().and_then(|l| l.peek(key)).copied();
+        if landed.is_some_and(|l| l >= seq) {
+            return None;
+        }
+        s.latest.get(key).copied().filter(|newer| *newer > seq)
     }
 
     /// Waits until nothing is pending for `key`.
@@ -1691,6 +1722,49 @@ mod tests {
         assert_eq!(mem.object("bad0").unwrap().as_ref(), b"fixed");
         assert!(mem.object("bad1").is_none());
         assert_eq!(q.pending(), failing - 1);
+    }
+
+    /// A wait for a change (fsync) that a newer change of its key replaced before it
+    /// could land returns once that newer one is in the bucket, not when the older is
+    /// dropped: until then the bucket holds neither.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wait_follows_the_change_that_replaced_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mem, q, area, _) = setup(dir.path());
+        mem.set_unreachable(true);
+        let older = q.upload("k", staged(&area, b"older"), 5).unwrap();
+        q.start();
+        let waiter = {
+            let q = q.clone();
+            tokio::spawn(async move { q.wait(older).await })
+        };
+        wait_until("a failed attempt", || {
+            q.state
+                .lock()
+                .ops
+                .get(&older)
+                .is_some_and(|o| o.attempts > 0)
+        })
+        .await;
+        let newer = q.upload("k", staged(&area, b"newer"), 5).unwrap();
+        wait_until("the older change's drop", || {
+            !q.state.lock().ops.contains_key(&older)
+        })
+        .await;
+        finished(&q);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !waiter.is_finished(),
+            "the wait returned while the bucket held neither change"
+        );
+        mem.set_unreachable(false);
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("the wait never returned")
+            .unwrap()
+            .unwrap();
+        assert_eq!(mem.object("k").unwrap().as_ref(), b"newer");
+        assert!(!q.state.lock().ops.contains_key(&newer));
     }
 
     /// What a mount would carry out again if the host lost power now, with `durable` bytes
