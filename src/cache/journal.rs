@@ -407,6 +407,18 @@ impl Journal {
                 let file = pending_dir.join(pending_name(seq));
                 match std::fs::metadata(&file) {
                     Ok(m) if m.len() == *size => {}
+                    // Not known missing: the journal is left as it is, to be read again.
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(io::Error::new(
+                            e.kind(),
+                            format!(
+                                "cannot look at the data of a journaled upload of {}, {}: {e}; \
+                                 nothing was changed in the cache directory",
+                                c.key(),
+                                file.display()
+                            ),
+                        ));
+                    }
                     other => {
                         tracing::error!(key = c.key(), file = %file.display(), found = ?other.map(|m| m.len()).ok(),
                             expected = size, "a journaled upload's data is missing or damaged; it cannot be uploaded");
@@ -807,6 +819,33 @@ mod tests {
                     key: "other".into()
                 }
             )]
+        );
+    }
+
+    /// Data of a journaled upload that cannot be looked at (here a symlink loop: any error
+    /// but "not found", such as EIO from a failing disk) fails the open and drops nothing:
+    /// neither the record nor the data.
+    #[test]
+    fn replay_drops_nothing_it_cannot_look_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = {
+            let (j, _) = Journal::open(dir.path()).unwrap();
+            let upload = Change::Upload {
+                key: "k".into(),
+                size: 3,
+                crc: None,
+            };
+            j.record(1, &upload).unwrap();
+            j.pending_path(1)
+        };
+        let journal = std::fs::read(dir.path().join("journal")).unwrap();
+        std::os::unix::fs::symlink(&data, &data).unwrap();
+        let e = Journal::open(dir.path()).err().expect("opened");
+        assert!(e.to_string().contains("journaled upload of k"), "{e}");
+        assert_eq!(std::fs::read(dir.path().join("journal")).unwrap(), journal);
+        assert!(
+            std::fs::symlink_metadata(&data).is_ok(),
+            "the data was removed"
         );
     }
 
