@@ -623,6 +623,25 @@ impl BucketFs {
         &self.commit_locks[(ino % COMMIT_LOCKS) as usize]
     }
 
+    /// The commit locks of `ino` and of `other` (the file a rename replaces), exclusively,
+    /// taken in the order of their places in `commit_locks` so that no two callers wait on
+    /// each other; one guard when they share a lock.
+    pub(super) async fn commit_locks_of_both(
+        &self,
+        ino: u64,
+        other: Option<u64>,
+    ) -> Vec<tokio::sync::RwLockWriteGuard<'_, ()>> {
+        let mut places = vec![ino % COMMIT_LOCKS];
+        places.extend(other.map(|o| o % COMMIT_LOCKS));
+        places.sort_unstable();
+        places.dedup();
+        let mut guards = Vec::with_capacity(places.len());
+        for place in places {
+            guards.push(self.commit_locks[place as usize].write().await);
+        }
+        guards
+    }
+
     /// Commits the staged copy of `ino` if it has changes: seals it (fsynced, immutable),
     /// journals it and queues its upload. Returns the queued change.
     pub(super) async fn commit_file(&self, ino: u64) -> FsResult<Option<u64>> {

@@ -424,7 +424,9 @@ impl BucketFs {
         // No write or commit of the file runs until the rename is done. The content closed
         // last must exist under one of the names at every moment: changes not committed yet
         // are committed first, so the new name gets all of it before the old one is deleted.
-        let _alone = self.commit_lock(ino).write().await;
+        // Nor does a commit of the file it replaces: one under way is queued before the
+        // rename's changes of the new name, which then come last.
+        let _alone = self.commit_locks_of_both(ino, target).await;
         let uncommitted_over_object = self
             .ns
             .table

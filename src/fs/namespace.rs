@@ -16,7 +16,8 @@
 //!    the store is unreachable, names not known locally read as absent.
 //!
 //! Lock order: a lock may be taken while holding the ones above it, never the other way.
-//! 1. a directory handle's lock (`dir.rs`), a file's commit lock (`file.rs`);
+//! 1. a directory handle's lock (`dir.rs`), a file's commit lock (`file.rs`; a rename takes
+//!    those of both files, in the order of their places in `commit_locks`);
 //! 2. `Namespace::table`;
 //! 3. the write-back queue's state (pending changes);
 //! 4. `ListingCache`, `Namespace::landings`, `offline_until`, the keys warned about, the

@@ -264,6 +264,37 @@ fn a_handle_reads_the_file_it_opened_after_its_name_is_taken_by_another() {
     }
 }
 
+/// A rename over a file waits for a commit of that file under way (a close), so the
+/// renamed content is the one the new name keeps, not the content the close queued.
+#[test]
+fn a_rename_waits_for_a_commit_of_the_file_it_replaces() {
+    let f = Fixture::new(Duration::from_secs(1), 1 << 20);
+    f.put("b.png", b"from the bucket");
+    let k = f.write("k.png", b"closed here").unwrap();
+    f.rt.block_on(f.queue.settle("pre/k.png")).unwrap();
+    f.rt.block_on(async {
+        // A close of k.png commits: it holds the file's commit lock.
+        let committing = f.fs.commit_lock(k).write().await;
+        let rename =
+            f.fs.rename(ROOT, OsStr::new("b.png"), ROOT, OsStr::new("k.png"), false);
+        tokio::pin!(rename);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut rename)
+                .await
+                .is_err(),
+            "the rename went on while the file it replaces was being committed"
+        );
+        drop(committing);
+        rename.await.unwrap();
+    });
+    f.drain();
+    assert_eq!(
+        f.store.object("pre/k.png").unwrap().as_ref(),
+        b"from the bucket"
+    );
+    assert!(f.store.object("pre/b.png").is_none());
+}
+
 #[test]
 fn a_read_only_open_with_o_trunc_empties_the_file_in_the_bucket() {
     // Linux empties a file opened `O_RDONLY | O_TRUNC` (given write permission), and with
