@@ -70,6 +70,8 @@ struct Op {
     failing_since: Option<Instant>,
     /// It failed, and is tried again at this instant (it is in `State::retrying`).
     retry_at: Option<Instant>,
+    /// A delete deferred until the file's last open handle closes (`State::deferred`).
+    deferred: bool,
     /// When the change was queued.
     queued: Instant,
     /// Someone waits for it: it goes without delay.
@@ -135,6 +137,9 @@ struct State {
     /// change that keeps failing thus holds no worker while it waits, and cannot stop the
     /// queue however many of them there are.
     retrying: BTreeSet<(Instant, u64)>,
+    /// Deletes of files still open for reading (`delete_after_close`): journaled, and not
+    /// started until `release_deferred` lets them go, so readers keep reading the object.
+    deferred: HashSet<u64>,
     /// Someone waits for a gathered delete: the batch goes now.
     urgent_deletes: bool,
     /// A batch of deletes failed because the store is down: no batch before then.
@@ -303,7 +308,7 @@ impl WritebackQueue {
 
     fn insert(&self, seq: u64, change: Change, file: Option<Arc<StagedFile>>) {
         let mut s = self.state.lock();
-        let dropped = Self::insert_locked(&mut s, seq, change, file);
+        let dropped = Self::insert_locked(&mut s, seq, change, file, false);
         drop(s);
         if let Some(dropped) = dropped {
             self.finish_records(vec![dropped]);
@@ -330,6 +335,7 @@ impl WritebackQueue {
         seq: u64,
         change: Change,
         file: Option<Arc<StagedFile>>,
+        deferred: bool,
     ) -> Option<(u64, Option<Arc<StagedFile>>)> {
         if let Change::Upload { size, .. } = &change {
             s.dirty_bytes += size;
@@ -345,6 +351,7 @@ impl WritebackQueue {
                 last_error: None,
                 failing_since: None,
                 retry_at: None,
+                deferred,
                 queued: Instant::now(),
                 urgent: false,
             },
@@ -383,7 +390,9 @@ impl WritebackQueue {
             return;
         };
         op.started = false;
-        if matches!(op.change, Change::Delete { .. }) && !s.single_deletes {
+        if op.deferred {
+            s.deferred.insert(seq);
+        } else if matches!(op.change, Change::Delete { .. }) && !s.single_deletes {
             s.idle_deletes.insert(seq);
         } else {
             s.idle.insert(seq);
@@ -410,6 +419,7 @@ impl WritebackQueue {
         seq: u64,
         mut change: Change,
         file: Option<Arc<StagedFile>>,
+        deferred: bool,
     ) -> io::Result<u64> {
         // The checksum taken when the file was sealed is journaled with it, so that a copy
         // damaged on disk is found after a restart too.
@@ -445,7 +455,7 @@ impl WritebackQueue {
         self.journal.wait_durable(&written)?;
         tracing::debug!(seq, key = change.key(), "change journaled");
         let mut s = self.state.lock();
-        let dropped = Self::insert_locked(&mut s, seq, change, file);
+        let dropped = Self::insert_locked(&mut s, seq, change, file, deferred);
         drop(written);
         // A rewrite a landing put off because records were in flight is done by the
         // last of them (it costs nothing when none is due).
@@ -479,7 +489,7 @@ impl WritebackQueue {
             }
             None => None,
         };
-        self.commit(seq, change, file)
+        self.commit(seq, change, file, false)
     }
 
     /// Queues the upload of a closed file's staged copy, sealing it.
@@ -508,6 +518,7 @@ impl WritebackQueue {
                 crc: None,
             },
             Some(file),
+            false,
         )
     }
 
@@ -518,6 +529,40 @@ impl WritebackQueue {
             },
             None,
         )
+    }
+
+    /// Journals the delete of `key`, a file still open for reading, and defers it until
+    /// `release_deferred(seq)` (its last handle closed) or an unmount: the readers keep
+    /// reading the object meanwhile, and a crash carries the delete out at the next mount.
+    /// A newer change of the key replaces it as usual; `settle` lets it go at once.
+    pub fn delete_after_close(&self, key: &str) -> io::Result<u64> {
+        let seq = self.next_seq();
+        let change = Change::Delete {
+            key: key.to_string(),
+        };
+        self.commit(seq, change, None, true)
+    }
+
+    /// Lets a delete deferred by `delete_after_close` go.
+    pub fn release_deferred(&self, seq: u64) {
+        let released = {
+            let mut guard = self.state.lock();
+            Self::undefer(&mut guard, seq)
+        };
+        if released {
+            self.wake();
+        }
+    }
+
+    fn undefer(s: &mut State, seq: u64) -> bool {
+        if !s.deferred.remove(&seq) {
+            return false;
+        }
+        if let Some(op) = s.ops.get_mut(&seq) {
+            op.deferred = false;
+        }
+        Self::idle(s, seq);
+        true
     }
 
     pub fn marker(&self, key: &str) -> io::Result<u64> {
@@ -605,6 +650,8 @@ impl WritebackQueue {
                                 .unwrap_or(StoreError::Service("the upload failed".into())),
                         ))
                     }
+                    // Journaled, and carried out once the file's last handle closes.
+                    Some(op) if op.deferred => return Ok(()),
                     Some(_) => (false, None),
                     None => (
                         s.finishing.contains(&seq),
@@ -674,6 +721,8 @@ impl WritebackQueue {
     /// Waits until nothing is pending for `key`.
     pub async fn settle(&self, key: &str) -> Result<(), WaitError> {
         while let Some(seq) = self.latest_seq(key) {
+            // A deferred delete goes now: the key is about to change in the bucket anyway.
+            self.release_deferred(seq);
             self.wait(seq).await?;
         }
         Ok(())
@@ -713,7 +762,15 @@ impl WritebackQueue {
     /// left. The workers stop taking new work afterwards.
     pub async fn drain(&self, timeout: Duration) -> usize {
         let deadline = Instant::now() + timeout;
-        self.state.lock().hurry = true;
+        {
+            let mut guard = self.state.lock();
+            let s = &mut *guard;
+            s.hurry = true;
+            // Unmounted: no file is open any more.
+            for seq in s.deferred.clone() {
+                Self::undefer(s, seq);
+            }
+        }
         self.wake();
         loop {
             let notified = self.progress.notified();
@@ -893,6 +950,7 @@ impl WritebackQueue {
         if let Some(t) = op.retry_at {
             s.retrying.remove(&(t, seq));
         }
+        s.deferred.remove(&seq);
         s.finishing.insert(seq);
         if let Change::Upload { size, .. } = op.change {
             s.dirty_bytes -= size;
@@ -1648,7 +1706,7 @@ mod tests {
             size: 6,
             crc: None,
         };
-        q.commit(older, change, Some(f)).unwrap();
+        q.commit(older, change, Some(f), false).unwrap();
         q.wait(older).await.unwrap();
         assert_eq!(
             std::fs::metadata(&journal).unwrap().len(),

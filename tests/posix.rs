@@ -6,6 +6,7 @@ mod common;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::time::Duration;
 
 use common::*;
 
@@ -70,7 +71,13 @@ fn unlinked_file_stays_readable_through_open_handles() {
     let mut rest = Vec::new();
     reader.read_to_end(&mut rest).unwrap();
     assert_eq!([first, rest].concat(), data);
-    assert_eq!(m.object("f"), None);
+    // The reader reads the object: it is deleted once the last handle closes.
+    assert_eq!(m.object("f").as_deref(), Some(&data[..]));
+    drop(reader);
+    wait_for(Duration::from_secs(10), || match m.object("f") {
+        None => Ok(()),
+        Some(_) => Err("the object of a file unlinked while open outlived its last close".into()),
+    });
 
     // The same for a file unlinked while it is still being written.
     let mut w = OpenOptions::new()

@@ -427,6 +427,11 @@ impl BucketFs {
         let mut t = self.ns.table.lock();
         if let Some(i) = t.get_mut(h.ino) {
             i.open = i.open.saturating_sub(1);
+            if i.open == 0 {
+                if let Some(seq) = i.deferred_delete.take() {
+                    self.writeback.release_deferred(seq);
+                }
+            }
             i.drop_clean_copy();
             if i.is_dirty() && i.open == 0 {
                 let local = i.copy().map(|s| s.path().display().to_string());

@@ -84,6 +84,9 @@ pub struct Inode {
     /// the content changed in a way the kernel's pages may not show (a download, a
     /// truncation it was not told of, an open for writing that did not truncate).
     pub page_cache: Option<PageCache>,
+    /// The delete of its object, journaled when it was unlinked while open for reading and
+    /// deferred until its last handle closes (`WritebackQueue::delete_after_close`).
+    pub deferred_delete: Option<u64>,
 }
 
 /// The content the kernel's page cache of a file was filled from.
@@ -240,6 +243,7 @@ impl InodeTable {
             state: State::Remote,
             version: 0,
             page_cache: None,
+            deferred_delete: None,
         };
         InodeTable {
             inodes: HashMap::from([(ROOT, root)]),
@@ -305,6 +309,7 @@ impl InodeTable {
                 state: State::Remote,
                 version: 0,
                 page_cache: None,
+                deferred_delete: None,
             },
         );
         self.link(parent, name, ino);

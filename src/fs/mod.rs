@@ -313,7 +313,7 @@ impl BucketFs {
         // No commit of the file runs meanwhile: one that read its state before the unlink
         // would upload it after its name is gone.
         let _alone = self.commit_lock(ino).write().await;
-        let (path, in_bucket, needs_copy) = {
+        let (path, in_bucket, read_from_bucket) = {
             let t = self.ns.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;
             if i.kind == Kind::Dir {
@@ -325,11 +325,28 @@ impl BucketFs {
                 i.open > 0 && i.copy().is_none() && i.in_bucket(),
             )
         };
-        if needs_copy {
-            // Open handles keep reading the content after the object is gone.
-            self.materialize(ino).await?;
-        }
-        if in_bucket {
+        if read_from_bucket {
+            // Open handles keep reading the object: its delete waits for the last of them
+            // to close, with nothing downloaded (a large file would hold this unlink for as
+            // long as that takes).
+            let seq = self.queue(
+                self.writeback
+                    .delete_after_close(&self.ns.keys.file_key(&path)?),
+            )?;
+            let closed = {
+                let mut t = self.ns.table.lock();
+                match t.get_mut(ino) {
+                    Some(i) if i.open > 0 => {
+                        i.deferred_delete = Some(seq);
+                        false
+                    }
+                    _ => true,
+                }
+            };
+            if closed {
+                self.writeback.release_deferred(seq);
+            }
+        } else if in_bucket {
             self.queue(self.writeback.delete(&self.ns.keys.file_key(&path)?))?;
         }
         self.removed(parent, name, ino, &path).await

@@ -264,6 +264,37 @@ fn a_handle_reads_the_file_it_opened_after_its_name_is_taken_by_another() {
     }
 }
 
+/// Unlinking a file open for reading downloads nothing: the handle reads the object, and
+/// its delete waits for the last close.
+#[test]
+fn unlinking_a_file_open_for_reading_defers_its_delete_to_the_last_close() {
+    let f = Fixture::new(Duration::from_secs(1), 1 << 20);
+    let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    f.put("v.mp4", &data);
+    let ino =
+        f.rt.block_on(f.fs.lookup(ROOT, OsStr::new("v.mp4")))
+            .unwrap()
+            .ino;
+    let fh = f.rt.block_on(f.fs.open(ino, libc::O_RDONLY)).unwrap();
+    f.rt.block_on(f.fs.unlink(ROOT, OsStr::new("v.mp4")))
+        .unwrap();
+    assert!(
+        files_of_length(f.cache.path(), data.len() as u64).is_empty(),
+        "the unlink copied the object"
+    );
+    assert!(f.size("v.mp4").unwrap_err().is(libc::ENOENT));
+    // Longer than deletes wait to be gathered: one not deferred would have gone.
+    f.rt.block_on(async { tokio::time::sleep(Duration::from_millis(600)).await });
+    assert!(f.store.object("pre/v.mp4").is_some(), "deleted while open");
+    assert_eq!(
+        f.rt.block_on(f.fs.read(fh, 0, 8192)).unwrap().as_ref(),
+        &data[..]
+    );
+    f.rt.block_on(f.fs.release(fh)).unwrap();
+    f.drain();
+    assert!(f.store.object("pre/v.mp4").is_none());
+}
+
 /// A rename over a file waits for a commit of that file under way (a close), so the
 /// renamed content is the one the new name keeps, not the content the close queued.
 #[test]
