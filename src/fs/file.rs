@@ -106,6 +106,27 @@ impl OpenMode {
     }
 }
 
+/// An open under way, counted in its inode's `open` until it succeeds (then its handle's
+/// release undoes it) or fails (then this does).
+struct Opening<'a> {
+    fs: &'a BucketFs,
+    ino: u64,
+    done: bool,
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut t = self.fs.ns.table.lock();
+        if let Some(seq) = t.get_mut(self.ino).and_then(|i| i.close_one()) {
+            self.fs.writeback.release_deferred(seq);
+        }
+        t.maybe_drop(self.ino);
+    }
+}
+
 impl BucketFs {
     /// Creates `name` in `parent` (or opens it, if it appeared meanwhile and `O_EXCL` was
     /// not given) and returns its attributes and a handle.
@@ -150,12 +171,19 @@ impl BucketFs {
     pub async fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
         let mode = OpenMode::from_flags(flags);
         let stale = {
-            let t = self.ns.table.lock();
-            let i = t.get(ino).ok_or(FsError::NOENT)?;
+            let mut t = self.ns.table.lock();
+            let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
             if i.kind == Kind::Dir {
                 return Err(FsError::ISDIR);
             }
+            // Counted before anything is awaited: an unlink meanwhile sees the file open.
+            i.open += 1;
             !mode.write && !i.is_fresh(self.opts.metadata_ttl) && i.in_bucket()
+        };
+        let mut opening = Opening {
+            fs: self,
+            ino,
+            done: false,
         };
         if stale {
             // Close-to-open: a file changed elsewhere is seen as it is now.
@@ -183,7 +211,6 @@ impl BucketFs {
         let uploaded = self.blocks().known_etag(&key);
         let mut t = self.ns.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
-        i.open += 1;
         let size = i.size;
         let has_copy = i.copy().is_some();
         // The kernel keeps its pages of the file when this open reads what they were filled
@@ -215,6 +242,7 @@ impl BucketFs {
         let mut file = OpenFile::new(ino, mode.write, etag, size);
         file.keep_cache = keep_cache;
         file.local = local;
+        opening.done = true;
         Ok(self.files.add(file))
     }
 
@@ -426,11 +454,8 @@ impl BucketFs {
         };
         let mut t = self.ns.table.lock();
         if let Some(i) = t.get_mut(h.ino) {
-            i.open = i.open.saturating_sub(1);
-            if i.open == 0 {
-                if let Some(seq) = i.deferred_delete.take() {
-                    self.writeback.release_deferred(seq);
-                }
+            if let Some(seq) = i.close_one() {
+                self.writeback.release_deferred(seq);
             }
             i.drop_clean_copy();
             if i.is_dirty() && i.open == 0 {

@@ -144,6 +144,16 @@ impl Inode {
         matches!(self.state, State::LocalOnly { .. } | State::Dirty { .. })
     }
 
+    /// One open handle fewer; returns the deferred delete to let go when it was the last.
+    pub fn close_one(&mut self) -> Option<u64> {
+        self.open = self.open.saturating_sub(1);
+        if self.open == 0 {
+            self.deferred_delete.take()
+        } else {
+            None
+        }
+    }
+
     pub fn is_unlinked(&self) -> bool {
         matches!(self.state, State::Unlinked { .. })
     }

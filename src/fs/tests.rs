@@ -295,6 +295,41 @@ fn unlinking_a_file_open_for_reading_defers_its_delete_to_the_last_close() {
     assert!(f.store.object("pre/v.mp4").is_none());
 }
 
+/// An open still asking the bucket about the file (revalidating it) counts as open: an
+/// unlink meanwhile defers the delete, and the handle reads the file.
+#[test]
+fn an_unlink_during_an_open_leaves_the_opened_file_readable() {
+    let f = Fixture::new(Duration::from_millis(50), 1 << 20);
+    let data = b"opened before it was unlinked".to_vec();
+    f.put("v.mp4", &data);
+    let ino =
+        f.rt.block_on(f.fs.lookup(ROOT, OsStr::new("v.mp4")))
+            .unwrap()
+            .ino;
+    // Stale: the open asks the bucket, and waits for its answer.
+    std::thread::sleep(Duration::from_millis(100));
+    let heads = f.store.hold_heads();
+    f.rt.block_on(async {
+        let open = f.fs.open(ino, libc::O_RDONLY);
+        tokio::pin!(open);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut open)
+                .await
+                .is_err(),
+            "the open did not ask the bucket"
+        );
+        f.fs.unlink(ROOT, OsStr::new("v.mp4")).await.unwrap();
+        heads.add_permits(1000);
+        let fh = open.await.unwrap();
+        // Longer than deletes wait to be gathered: one not deferred would have gone.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(f.fs.read(fh, 0, 100).await.unwrap().as_ref(), &data[..]);
+        f.fs.release(fh).await.unwrap();
+    });
+    f.drain();
+    assert!(f.store.object("pre/v.mp4").is_none());
+}
+
 /// A rename over a file waits for a commit of that file under way (a close), so the
 /// renamed content is the one the new name keeps, not the content the close queued.
 #[test]

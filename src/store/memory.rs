@@ -28,6 +28,8 @@ pub struct MemoryStore {
     next_etag: AtomicU64,
     /// See `hold_pieces_after_the_first`.
     piece_gate: Mutex<Option<Arc<Semaphore>>>,
+    /// See `hold_heads`.
+    head_gate: Mutex<Option<Arc<Semaphore>>>,
     /// See `list_strays`.
     strays: Mutex<Vec<String>>,
     /// See `set_unreachable`.
@@ -79,6 +81,14 @@ impl MemoryStore {
         gate
     }
 
+    /// From now on, each HEAD waits for a permit of the returned semaphore before it
+    /// answers, as a slow store would: tests see what happens meanwhile.
+    pub fn hold_heads(&self) -> Arc<Semaphore> {
+        let gate = Arc::new(Semaphore::new(0));
+        *self.head_gate.lock() = Some(gate.clone());
+        gate
+    }
+
     /// From now on, every LIST page also carries `keys` as objects and as prefixes, wherever
     /// they sort and whatever prefix was asked for, as a broken or hostile store would.
     pub fn list_strays(&self, keys: &[&str]) {
@@ -117,6 +127,10 @@ impl MemoryStore {
 #[async_trait]
 impl ObjectStore for MemoryStore {
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        let gate = self.head_gate.lock().clone();
+        if let Some(gate) = gate {
+            gate.acquire().await.expect("never closed").forget();
+        }
         self.answer()?;
         let objects = self.objects.lock();
         objects
