@@ -361,6 +361,17 @@ impl StagedFile {
         self.sealed.load(Ordering::Acquire)
     }
 
+    /// An fdatasync of it failed: it can never be sealed, and its content is in doubt.
+    pub fn sync_failed(&self) -> bool {
+        self.sync_failed.load(Ordering::Acquire)
+    }
+
+    /// As if an fdatasync of it had failed.
+    #[cfg(test)]
+    pub(crate) fn fail_sync(&self) {
+        self.sync_failed.store(true, Ordering::Release);
+    }
+
     /// Makes the content durable under `dest`; from now on it never changes. `sync_dir`
     /// makes the rename into `dest`'s directory durable.
     pub fn seal(&self, dest: &Path, sync_dir: impl FnOnce() -> io::Result<()>) -> io::Result<()> {

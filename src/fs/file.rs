@@ -520,11 +520,12 @@ impl BucketFs {
     }
 
     /// The staged copy of `ino`, or a new empty one when there is none (the old content is
-    /// not needed because it is being truncated away).
+    /// not needed because it is being truncated away). A copy whose fdatasync failed can
+    /// never be sealed: it is replaced, so that writing the file anew closes without error.
     fn empty_staged(&self, ino: u64) -> FsResult<Arc<StagedFile>> {
         let mut t = self.ns.table.lock();
         let i = t.get_mut(ino).ok_or(FsError::NOENT)?;
-        if let Some(s) = i.copy().filter(|s| !s.is_sealed()) {
+        if let Some(s) = i.copy().filter(|s| !s.is_sealed() && !s.sync_failed()) {
             return Ok(s.clone());
         }
         let s = Arc::new(self.staging.create()?);

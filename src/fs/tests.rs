@@ -330,6 +330,28 @@ fn an_unlink_during_an_open_leaves_the_opened_file_readable() {
     assert!(f.store.object("pre/v.mp4").is_none());
 }
 
+/// A file whose close failed because the fdatasync of its copy did (EIO, ENOSPC) closes
+/// again once it is written anew: the copy in doubt is replaced, not kept failing.
+#[test]
+fn a_file_whose_fdatasync_failed_can_be_written_anew() {
+    let f = Fixture::new(Duration::from_secs(1), 1 << 20);
+    f.rt.block_on(async {
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC;
+        let (attr, fh) = f.fs.create(ROOT, OsStr::new("t.png"), flags).await.unwrap();
+        f.fs.write(fh, 0, b"first").await.unwrap();
+        let copy = f.fs.ns.table.lock().get(attr.ino).unwrap().copy().cloned();
+        copy.unwrap().fail_sync();
+        assert!(f.fs.flush(fh).await.unwrap_err().is(libc::EIO));
+        let _ = f.fs.release(fh).await;
+    });
+    f.write("t.png", b"written anew").unwrap();
+    f.drain();
+    assert_eq!(
+        f.store.object("pre/t.png").unwrap().as_ref(),
+        b"written anew"
+    );
+}
+
 /// A rename over a file waits for a commit of that file under way (a close), so the
 /// renamed content is the one the new name keeps, not the content the close queued.
 #[test]
