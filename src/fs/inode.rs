@@ -213,10 +213,16 @@ impl Inode {
     }
 
     /// Its changes will be committed under another name: until then, this name exists only
-    /// here.
-    pub fn renamed_while_dirty(&mut self) {
-        if let State::Dirty { copy } = &self.state {
-            self.state = State::LocalOnly { copy: copy.clone() };
+    /// here, unless `over_object`, the object of the file the rename replaced, which the
+    /// bucket holds until the commit replaces it (or an unlink deletes it).
+    pub fn renamed_while_dirty(&mut self, over_object: bool) {
+        if let State::Dirty { copy } | State::LocalOnly { copy } = &self.state {
+            let copy = copy.clone();
+            self.state = if over_object {
+                State::Dirty { copy }
+            } else {
+                State::LocalOnly { copy }
+            };
         }
     }
 

@@ -352,6 +352,37 @@ fn a_file_whose_fdatasync_failed_can_be_written_anew() {
     );
 }
 
+/// A file still being written, renamed over a file in the bucket and unlinked before it
+/// is closed, leaves neither object: the unlink deletes the one the rename replaced.
+#[test]
+fn a_file_renamed_over_another_while_written_then_unlinked_leaves_nothing() {
+    let f = Fixture::new(Duration::from_secs(1), 1 << 20);
+    f.put("j.png", b"the old j");
+    assert_eq!(f.size("j.png").unwrap(), 9);
+    f.rt.block_on(async {
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC;
+        let (_, fh) =
+            f.fs.create(ROOT, OsStr::new("tmp.png"), flags)
+                .await
+                .unwrap();
+        f.fs.write(fh, 0, b"new").await.unwrap();
+        f.fs.rename(
+            ROOT,
+            OsStr::new("tmp.png"),
+            ROOT,
+            OsStr::new("j.png"),
+            false,
+        )
+        .await
+        .unwrap();
+        f.fs.unlink(ROOT, OsStr::new("j.png")).await.unwrap();
+        f.fs.flush(fh).await.unwrap();
+        f.fs.release(fh).await.unwrap();
+    });
+    f.drain();
+    assert_eq!(f.store.keys(), Vec::<String>::new());
+}
+
 /// A rename over a file waits for a commit of that file under way (a close), so the
 /// renamed content is the one the new name keeps, not the content the close queued.
 #[test]
