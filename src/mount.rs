@@ -117,7 +117,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
         replay,
         cfg.writeback.clone(),
         blocks.clone(),
-    );
+    )
+    .map_err(cache_err)?;
     {
         let _rt = rt.enter();
         writeback.start();

@@ -238,7 +238,7 @@ impl WritebackQueue {
         replay: Replay,
         opts: WritebackOptions,
         blocks: Arc<BlockCache>,
-    ) -> Arc<Self> {
+    ) -> io::Result<Arc<Self>> {
         let q = Arc::new(WritebackQueue {
             store,
             journal,
@@ -269,9 +269,20 @@ impl WritebackQueue {
                     *crc,
                 ) {
                     Ok(f) => Some(Arc::new(f)),
-                    Err(e) => {
-                        tracing::error!(key = change.key(), error = %e, "cannot open a journaled upload's data");
+                    // Not a regular file: nothing this mount wrote.
+                    Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                        tracing::error!(key = change.key(), error = %e, "a journaled upload's data is not a regular file; it cannot be uploaded");
                         continue;
+                    }
+                    // Kept for a later mount to read again.
+                    Err(e) => {
+                        return Err(io::Error::new(
+                            e.kind(),
+                            format!(
+                                "cannot open the data of a journaled upload of {}: {e}",
+                                change.key()
+                            ),
+                        ))
                     }
                 },
                 _ => None,
@@ -290,7 +301,7 @@ impl WritebackQueue {
                 "resuming changes journaled by an earlier run"
             );
         }
-        q
+        Ok(q)
     }
 
     /// Tells `observer` of every landing from now on.
@@ -691,6 +702,10 @@ impl WritebackQueue {
             let mut guard = self.state.lock();
             let s = &mut *guard;
             let op = s.ops.get_mut(&seq)?;
+            if op.deferred {
+                // Carried out at the file's last close, not sooner.
+                return Some(op.change.key().to_string());
+            }
             op.urgent = true;
             let retry_at = op.retry_at.take();
             let key = op.change.key().to_string();
@@ -1269,11 +1284,15 @@ impl WritebackQueue {
                     "deletes carried out"
                 );
                 self.state.lock().deletes_attempts = 0;
-                self.retry_failed_now();
                 let refused: HashSet<String> = refused.into_iter().collect();
                 let (failed, done): (Vec<_>, Vec<_>) = batch
                     .into_iter()
                     .partition(|(_, c)| refused.contains(c.key()));
+                // Only a delete carried out says the store is back: keys it refuses
+                // again and again must not call each other out of their backoff.
+                if !done.is_empty() {
+                    self.retry_failed_now();
+                }
                 for (_, change) in &done {
                     self.blocks.forget_key(change.key());
                 }
@@ -1507,7 +1526,8 @@ mod tests {
             replay,
             WritebackOptions::default(),
             blocks.clone(),
-        );
+        )
+        .unwrap();
         (mem, q, StagingArea::open(dir, staged).unwrap(), blocks)
     }
 

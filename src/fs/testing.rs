@@ -44,7 +44,8 @@ pub fn instance(
         replay,
         WritebackOptions::default(),
         blocks.clone(),
-    );
+    )
+    .unwrap();
     {
         let _g = rt.enter();
         queue.start();
