@@ -565,6 +565,32 @@ impl WritebackQueue {
         }
     }
 
+    /// Lets every deferred delete under `prefix` go: the directory is removed, and the
+    /// bucket would show it again while the objects under it stay.
+    pub fn release_deferred_under(&self, prefix: &str) {
+        let released = {
+            let mut guard = self.state.lock();
+            let s = &mut *guard;
+            let under: Vec<u64> = s
+                .deferred
+                .iter()
+                .copied()
+                .filter(|seq| {
+                    s.ops
+                        .get(seq)
+                        .is_some_and(|op| op.change.key().starts_with(prefix))
+                })
+                .collect();
+            under
+                .into_iter()
+                .filter(|seq| Self::undefer(s, *seq))
+                .count()
+        };
+        if released > 0 {
+            self.wake();
+        }
+    }
+
     fn undefer(s: &mut State, seq: u64) -> bool {
         if !s.deferred.remove(&seq) {
             return false;

@@ -369,7 +369,11 @@ impl BucketFs {
         if !self.ns.dir_is_empty(&path).await? {
             return Err(FsError::NOTEMPTY);
         }
-        self.queue(self.writeback.delete(&self.ns.keys.dir_prefix(&path)))?;
+        let prefix = self.ns.keys.dir_prefix(&path);
+        // Files unlinked under it while open wait for their last close to be deleted; the
+        // bucket would list the directory again meanwhile: they go now.
+        self.writeback.release_deferred_under(&prefix);
+        self.queue(self.writeback.delete(&prefix))?;
         self.ns.listing.forget_dir(&path);
         self.removed(parent, name, ino, &path).await
     }

@@ -397,6 +397,34 @@ fn a_file_renamed_over_another_while_written_then_unlinked_leaves_nothing() {
     assert_eq!(f.store.keys(), Vec::<String>::new());
 }
 
+/// A directory removed while a file unlinked in it is still open is not listed again: the
+/// file's deferred delete goes with the rmdir.
+#[test]
+fn a_removed_directory_stays_gone_while_a_file_unlinked_in_it_is_open() {
+    let f = Fixture::new(Duration::from_secs(1), 1 << 20);
+    f.put("d/t.png", b"thumbnail");
+    f.rt.block_on(async {
+        let d = f.fs.lookup(ROOT, OsStr::new("d")).await.unwrap().ino;
+        let t = f.fs.lookup(d, OsStr::new("t.png")).await.unwrap().ino;
+        let fh = f.fs.open(t, libc::O_RDONLY).await.unwrap();
+        f.fs.unlink(d, OsStr::new("t.png")).await.unwrap();
+        f.fs.rmdir(ROOT, OsStr::new("d")).await.unwrap();
+        f.queue.settle_under("pre/").await.unwrap();
+        let dir = f.fs.opendir(ROOT).unwrap();
+        let names: Vec<String> =
+            f.fs.readdir(dir, 0, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.name)
+                .collect();
+        f.fs.releasedir(dir);
+        assert_eq!(names, [".", ".."]);
+        f.fs.release(fh).await.unwrap();
+    });
+    assert!(f.store.keys().is_empty(), "{:?}", f.store.keys());
+}
+
 /// A rename over a file waits for a commit of that file under way (a close), so the
 /// renamed content is the one the new name keeps, not the content the close queued.
 #[test]
