@@ -255,11 +255,6 @@ impl WritebackQueue {
             resumed: Mutex::default(),
             to_finish: Arc::default(),
         });
-        let (to_finish, queue) = (q.to_finish.clone(), Arc::downgrade(&q));
-        std::thread::Builder::new()
-            .name("journal-done".into())
-            .spawn(move || Self::finisher(&to_finish, &queue))
-            .expect("a thread for the journal's done records");
         let mut restored = 0;
         for (seq, change) in replay.pending {
             let file = match &change {
@@ -279,8 +274,9 @@ impl WritebackQueue {
                         return Err(io::Error::new(
                             e.kind(),
                             format!(
-                                "cannot open the data of a journaled upload of {}: {e}",
-                                change.key()
+                                "cannot open the data of a journaled upload of {}, {}: {e}",
+                                change.key(),
+                                q.journal.pending_path(seq).display()
                             ),
                         ))
                     }
@@ -301,6 +297,12 @@ impl WritebackQueue {
                 "resuming changes journaled by an earlier run"
             );
         }
+        // Started once the queue is whole: what the replay dropped is finished first.
+        let (to_finish, queue) = (q.to_finish.clone(), Arc::downgrade(&q));
+        std::thread::Builder::new()
+            .name("journal-done".into())
+            .spawn(move || Self::finisher(&to_finish, &queue))
+            .expect("a thread for the journal's done records");
         Ok(q)
     }
 

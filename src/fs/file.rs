@@ -120,8 +120,11 @@ impl Drop for Opening<'_> {
             return;
         }
         let mut t = self.fs.ns.table.lock();
-        if let Some(seq) = t.get_mut(self.ino).and_then(|i| i.close_one()) {
-            self.fs.writeback.release_deferred(seq);
+        if let Some(i) = t.get_mut(self.ino) {
+            if let Some(seq) = i.close_one() {
+                self.fs.writeback.release_deferred(seq);
+            }
+            i.drop_clean_copy();
         }
         t.maybe_drop(self.ino);
     }

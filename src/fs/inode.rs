@@ -182,9 +182,8 @@ impl Inode {
         };
     }
 
-    /// `copy` was changed. It is the inode's copy again if a release let go of it meanwhile
-    /// (an open that truncated before it counted as open). An unlinked file's changes are
-    /// never uploaded.
+    /// `copy` was changed. It is the inode's copy again if something let go of it meanwhile.
+    /// An unlinked file's changes are never uploaded.
     pub fn written_to(&mut self, copy: &Arc<StagedFile>) {
         if !self.copy().is_some_and(|c| Arc::ptr_eq(c, copy)) {
             self.set_copy(copy.clone());

@@ -442,21 +442,21 @@ impl BucketFs {
                 return Err(FsError::ISDIR);
             }
         }
-        // The object of the file replaced stays in the bucket until the renamed file's
-        // content replaces it, or an unlink deletes it.
-        let over_object = target.is_some_and(|t_ino| {
-            self.ns
-                .table
-                .lock()
-                .get(t_ino)
-                .is_some_and(|i| i.in_bucket())
-        });
         // No write or commit of the file runs until the rename is done. The content closed
         // last must exist under one of the names at every moment: changes not committed yet
         // are committed first, so the new name gets all of it before the old one is deleted.
         // Nor does a commit of the file it replaces: one under way is queued before the
         // rename's changes of the new name, which then come last.
         let _alone = self.commit_locks_of_both(ino, target).await;
+        // The object of the file replaced (as its commits left it: they are done now) stays in the bucket until the renamed file's
+        // content replaces it, or an unlink deletes it.
+        let target_in_bucket = target.is_some_and(|t_ino| {
+            self.ns
+                .table
+                .lock()
+                .get(t_ino)
+                .is_some_and(|i| i.in_bucket())
+        });
         let uncommitted_over_object = self
             .ns
             .table
@@ -518,7 +518,7 @@ impl BucketFs {
             t.reparent(ino, new_parent, new_name, new_path.clone());
             if let Some(i) = t.get_mut(ino) {
                 if dirty {
-                    i.renamed_while_dirty(over_object);
+                    i.renamed_while_dirty(target_in_bucket);
                 }
                 match version {
                     RenamedVersion::Local => {

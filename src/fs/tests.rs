@@ -95,6 +95,14 @@ impl Fixture {
     }
 }
 
+/// Whether `fut` is still waiting after `patience`, for something the test holds back.
+async fn still_waiting<F: std::future::Future>(
+    fut: std::pin::Pin<&mut F>,
+    patience: Duration,
+) -> bool {
+    tokio::time::timeout(patience, fut).await.is_err()
+}
+
 fn is_passed_through(b: &Backed) -> bool {
     matches!(b, Backed::File(..))
 }
@@ -327,9 +335,7 @@ fn an_unlink_during_an_open_leaves_the_opened_file_readable() {
         let open = f.fs.open(ino, libc::O_RDONLY);
         tokio::pin!(open);
         assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut open)
-                .await
-                .is_err(),
+            still_waiting(open.as_mut(), Duration::from_millis(50)).await,
             "the open did not ask the bucket"
         );
         f.fs.unlink(ROOT, OsStr::new("v.mp4")).await.unwrap();
@@ -440,9 +446,7 @@ fn a_rename_waits_for_a_commit_of_the_file_it_replaces() {
             f.fs.rename(ROOT, OsStr::new("b.png"), ROOT, OsStr::new("k.png"), false);
         tokio::pin!(rename);
         assert!(
-            tokio::time::timeout(Duration::from_millis(200), &mut rename)
-                .await
-                .is_err(),
+            still_waiting(rename.as_mut(), Duration::from_millis(200)).await,
             "the rename went on while the file it replaces was being committed"
         );
         drop(committing);
