@@ -405,7 +405,12 @@ impl WritebackQueue {
         op.started = false;
         if op.deferred {
             s.deferred.insert(seq);
-        } else if matches!(op.change, Change::Delete { .. }) && !s.single_deletes {
+        } else if matches!(op.change, Change::Delete { .. })
+            && !s.single_deletes
+            && !op.change.key().bytes().any(|b| b.is_ascii_control())
+        {
+            // Gathered into a DeleteObjects request: XML, which cannot carry a control
+            // character; a key with one (another tool stored it) goes on its own.
             s.idle_deletes.insert(seq);
         } else {
             s.idle.insert(seq);

@@ -187,3 +187,36 @@ fn empty_directories_survive_a_remount() {
     assert_eq!(names(&m.path("a")), ["b", "file"]);
     assert_eq!(fs::read(m.path("a/file")).unwrap(), b"kept");
 }
+
+/// A key with a control character, which the XML of S3's answers cannot carry (another tool
+/// stored it), leaves its directory readable, and so do keys with `+`, spaces and `%`: it is listed, read and deleted like any
+/// other. The mount itself refuses to make such a name.
+#[test]
+fn keys_with_control_characters_are_listed_read_and_deleted() {
+    let m = TestMount::new("control");
+    let bucket = Bucket::new(&S3Env::get());
+    bucket.put(&m.key("d/a\u{1}b"), b"odd");
+    bucket.put(&m.key("d/ok"), b"ok");
+    // Listings come URL-encoded: these must come back as they are.
+    bucket.put(&m.key("d/32-32-image-svg+xml a%20b"), b"plus");
+    assert_eq!(
+        names(&m.path("d")),
+        ["32-32-image-svg+xml a%20b", "a\u{1}b", "ok"]
+    );
+    assert_eq!(
+        fs::read(m.path("d/32-32-image-svg+xml a%20b")).unwrap(),
+        b"plus"
+    );
+    assert_eq!(fs::read(m.path("d/a\u{1}b")).unwrap(), b"odd");
+    fs::remove_file(m.path("d/a\u{1}b")).unwrap();
+    assert_eq!(m.object("d/a\u{1}b"), None);
+    assert_eq!(m.object("d/ok").as_deref(), Some(&b"ok"[..]));
+    for name in ["d/new\u{1}", "d/tab\there", "d/dir\u{7f}"] {
+        assert_eq!(
+            errno(fs::write(m.path(name), b"x")),
+            libc::EINVAL,
+            "{name:?}"
+        );
+    }
+    assert_eq!(errno(fs::create_dir(m.path("d/sub\u{2}"))), libc::EINVAL);
+}

@@ -134,7 +134,7 @@ impl BucketFs {
     /// Creates `name` in `parent` (or opens it, if it appeared meanwhile and `O_EXCL` was
     /// not given) and returns its attributes and a handle.
     pub async fn create(&self, parent: u64, name: &OsStr, flags: i32) -> FsResult<(Attr, u64)> {
-        let name = names::component(name)?;
+        let name = names::new_component(name)?;
         let mode = OpenMode::from_flags(flags);
         let path = names::join(&self.ns.dir_path(parent)?, name);
         self.ns.keys.file_key(&path)?;

@@ -281,7 +281,7 @@ impl BucketFs {
     }
 
     pub async fn mkdir(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
-        let name = names::component(name)?;
+        let name = names::new_component(name)?;
         if self.ns.lookup(parent, name).await?.is_some() {
             return Err(FsError::EXIST);
         }
@@ -416,7 +416,7 @@ impl BucketFs {
         no_replace: bool,
     ) -> FsResult<()> {
         let name = names::component(name)?;
-        let new_name = names::component(new_name)?;
+        let new_name = names::new_component(new_name)?;
         let ino = self.ns.lookup(parent, name).await?.ok_or(FsError::NOENT)?;
         if self
             .ns

@@ -23,8 +23,21 @@ pub fn component(name: &OsStr) -> FsResult<&str> {
     if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
         return Err(FsError::INVAL);
     }
+
     // Object keys are UTF-8; a name that is not cannot be stored.
     std::str::from_utf8(bytes).map_err(|_| FsError::INVAL)
+}
+
+/// `component`, for a name this mount is to create. S3 answers in XML, which cannot carry
+/// control characters: an object named with one breaks multipart uploads, batch deletes,
+/// and other tools' listings, so such a name is refused (one another tool stored is still
+/// listed, read, renamed away and deleted).
+pub fn new_component(name: &OsStr) -> FsResult<&str> {
+    let name = component(name)?;
+    if name.bytes().any(|b| b.is_ascii_control()) {
+        return Err(FsError::INVAL);
+    }
+    Ok(name)
 }
 
 /// The path of `name` inside the directory at `parent` ("" is the root).

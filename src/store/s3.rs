@@ -23,7 +23,7 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::BoxError;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, EncodingType};
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 
@@ -754,6 +754,9 @@ impl ObjectStore for S3Store {
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(prefix)
+            // Keys come URL-encoded: a key with a character XML cannot carry (a control
+            // character another tool stored) would otherwise make the whole page unreadable.
+            .encoding_type(EncodingType::Url)
             .set_continuation_token(token)
             .set_max_keys(max_keys);
         if !recursive {
@@ -768,7 +771,7 @@ impl ObjectStore for S3Store {
             .iter()
             .filter_map(|o| {
                 Some(ObjectMeta {
-                    key: o.key()?.to_string(),
+                    key: url_decoded(o.key()?)?,
                     size: o.size().unwrap_or(0).max(0) as u64,
                     etag: o.e_tag().map(ETag::new),
                     last_modified: to_system_time(o.last_modified()),
@@ -778,7 +781,7 @@ impl ObjectStore for S3Store {
         let prefixes = r
             .common_prefixes()
             .iter()
-            .filter_map(|p| p.prefix().map(str::to_string))
+            .filter_map(|p| url_decoded(p.prefix()?))
             .collect();
         let next_token = if r.is_truncated().unwrap_or(false) {
             r.next_continuation_token().map(str::to_string)
@@ -1048,8 +1051,49 @@ impl ObjectStore for S3Store {
     }
 }
 
+/// A key as a listing with `encoding-type=url` gives it: `%XX` escapes and `+` for a space.
+/// None for one that does not decode to UTF-8 (it is left out of the listing).
+fn url_decoded(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn listed_keys_are_url_decoded() {
+        for (listed, key) in [
+            ("media%2Fa%01b", Some("media/a\u{1}b")),
+            ("a+b%2Bc", Some("a b+c")),
+            ("%C3%A9t%C3%A9", Some("été")),
+            ("plain/key", Some("plain/key")),
+            ("bad%2", None),
+            ("bad%zz", None),
+            ("%FF", None),
+        ] {
+            assert_eq!(url_decoded(listed).as_deref(), key, "{listed}");
+        }
+    }
     use super::*;
 
     #[test]
