@@ -195,7 +195,8 @@ fn progress_bar(show: bool, total: u64, what: &str) -> ProgressBar {
 }
 
 /// Every regular file under `root`, with the key it gets. Symbolic links and special files
-/// are left out with a note; names that are not UTF-8 cannot be keys and are refused.
+/// are left out with a note; names that are not UTF-8, or hold a character S3's XML cannot
+/// carry, are refused.
 fn scan(root: &Path, prefix: &str) -> Result<Vec<SourceFile>, String> {
     let mut out = Vec::new();
     let mut dirs = vec![(root.to_path_buf(), String::new())];
@@ -214,6 +215,12 @@ fn scan(root: &Path, prefix: &str) -> Result<Vec<SourceFile>, String> {
                     path.display()
                 ));
             };
+            if !crate::fs::names::xml_safe(&name) {
+                return Err(format!(
+                    "{} has a control character in its name, which S3's XML cannot carry; rename it and run again",
+                    path.display().to_string().escape_debug()
+                ));
+            }
             let ft = e
                 .file_type()
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -504,6 +511,22 @@ fn human_bytes(n: u64) -> String {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// Names that cannot be keys are refused with the path, before anything is uploaded.
+    #[test]
+    fn names_that_cannot_be_keys_are_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        for (name, says) in [
+            (&b"a\x01b"[..], "control character"),
+            (&b"tab\there"[..], "control character"),
+            (&b"bad\xffname"[..], "not UTF-8"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(std::ffi::OsStr::from_bytes(name)), b"x").unwrap();
+            let e = scan(dir.path(), "media/").expect_err("scanned");
+            assert!(e.contains(says), "{e}");
+        }
+    }
 
     fn md5_hex(b: &[u8]) -> String {
         Md5::digest(b).iter().map(|b| format!("{b:02x}")).collect()

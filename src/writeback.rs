@@ -407,7 +407,7 @@ impl WritebackQueue {
             s.deferred.insert(seq);
         } else if matches!(op.change, Change::Delete { .. })
             && !s.single_deletes
-            && !op.change.key().bytes().any(|b| b.is_ascii_control())
+            && crate::fs::names::xml_safe(op.change.key())
         {
             // Gathered into a DeleteObjects request: XML, which cannot carry a control
             // character; a key with one (another tool stored it) goes on its own.

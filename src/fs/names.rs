@@ -34,10 +34,17 @@ pub fn component(name: &OsStr) -> FsResult<&str> {
 /// listed, read, renamed away and deleted).
 pub fn new_component(name: &OsStr) -> FsResult<&str> {
     let name = component(name)?;
-    if name.bytes().any(|b| b.is_ascii_control()) {
+    if !xml_safe(name) {
         return Err(FsError::INVAL);
     }
     Ok(name)
+}
+
+/// Whether the XML of S3's requests and answers can carry `s` unchanged: no control
+/// character (XML has tab and line ends, but its parsers change them), nor U+FFFE or U+FFFF.
+pub fn xml_safe(s: &str) -> bool {
+    !s.chars()
+        .any(|c| c.is_ascii_control() || c == '\u{FFFE}' || c == '\u{FFFF}')
 }
 
 /// The path of `name` inside the directory at `parent` ("" is the root).

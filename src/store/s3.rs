@@ -477,12 +477,14 @@ impl S3Store {
             .list_multipart_uploads()
             .bucket(&self.bucket)
             .prefix(prefix)
+            .encoding_type(EncodingType::Url)
             .send()
             .await
             .map_err(|e| self.map_err("ListMultipartUploads", prefix, e))?;
+        let encoded = r.encoding_type() == Some(&EncodingType::Url);
         Ok(r.uploads()
             .iter()
-            .filter_map(|u| Some((u.key()?.to_string(), u.upload_id()?.to_string())))
+            .filter_map(|u| Some((listed_key(u.key()?, encoded), u.upload_id()?.to_string())))
             .collect())
     }
 
@@ -766,12 +768,13 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| self.map_err("LIST", prefix, e))?;
+        let encoded = r.encoding_type() == Some(&EncodingType::Url);
         let objects = r
             .contents()
             .iter()
             .filter_map(|o| {
                 Some(ObjectMeta {
-                    key: url_decoded(o.key()?)?,
+                    key: listed_key(o.key()?, encoded),
                     size: o.size().unwrap_or(0).max(0) as u64,
                     etag: o.e_tag().map(ETag::new),
                     last_modified: to_system_time(o.last_modified()),
@@ -781,7 +784,7 @@ impl ObjectStore for S3Store {
         let prefixes = r
             .common_prefixes()
             .iter()
-            .filter_map(|p| url_decoded(p.prefix()?))
+            .filter_map(|p| Some(listed_key(p.prefix()?, encoded)))
             .collect();
         let next_token = if r.is_truncated().unwrap_or(false) {
             r.next_continuation_token().map(str::to_string)
@@ -1051,8 +1054,27 @@ impl ObjectStore for S3Store {
     }
 }
 
+/// A key as a listing gave it: decoded only when the store says it encoded it (one that
+/// ignores `encoding-type=url` sends keys as they are, `%` and `+` included). One that does
+/// not decode to UTF-8 is kept as it came, so a directory holding it is never taken for
+/// empty.
+fn listed_key(s: &str, encoded: bool) -> String {
+    match encoded.then(|| url_decoded(s)).flatten() {
+        Some(key) => key,
+        None => {
+            if encoded {
+                tracing::warn!(
+                    key = s,
+                    "a listed key does not decode to UTF-8; it is shown as listed"
+                );
+            }
+            s.to_string()
+        }
+    }
+}
+
 /// A key as a listing with `encoding-type=url` gives it: `%XX` escapes and `+` for a space.
-/// None for one that does not decode to UTF-8 (it is left out of the listing).
+/// None for one that does not decode to UTF-8.
 fn url_decoded(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -1060,8 +1082,11 @@ fn url_decoded(s: &str) -> Option<String> {
     while i < b.len() {
         match b[i] {
             b'%' => {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
+                let hex = b.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
                 i += 3;
             }
             b'+' => {
@@ -1079,6 +1104,7 @@ fn url_decoded(s: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn listed_keys_are_url_decoded() {
@@ -1089,12 +1115,16 @@ mod tests {
             ("plain/key", Some("plain/key")),
             ("bad%2", None),
             ("bad%zz", None),
+            ("bad%+1", None),
             ("%FF", None),
         ] {
             assert_eq!(url_decoded(listed).as_deref(), key, "{listed}");
         }
+        // A store that did not encode: as it came.
+        assert_eq!(listed_key("a+b%41", false), "a+b%41");
+        assert_eq!(listed_key("a+b%41", true), "a bA");
+        assert_eq!(listed_key("%FF", true), "%FF");
     }
-    use super::*;
 
     #[test]
     fn bodies_are_signed_over_plain_http_to_another_host_only() {
