@@ -384,17 +384,49 @@ impl WritebackQueue {
         }
     }
 
-    /// Change `seq` failed or was refused and waits to be tried again, unless a newer change
-    /// of its key came meanwhile: then it is dropped (returned for its record to be
-    /// finished), so it can never outlive the newer one.
-    fn requeue(s: &mut State, seq: u64) -> Option<(u64, Option<Arc<StagedFile>>)> {
+    /// Records that change `seq` failed with `e`, for `wait`; returns its attempts so far,
+    /// if it is still queued.
+    fn note_failure(s: &mut State, seq: u64, e: &StoreError) -> Option<u32> {
+        let op = s.ops.get_mut(&seq)?;
+        op.attempts += 1;
+        op.last_error = Some(e.clone());
+        op.failing_since.get_or_insert_with(Instant::now);
+        Some(op.attempts)
+    }
+
+    /// Change `seq` failed or was refused and waits to be tried again (at `retry_at`, in
+    /// `retrying`, holding no worker; else at once), unless a newer change of its key came
+    /// meanwhile: then it is dropped (returned for its record to be finished), so it can
+    /// never outlive the newer one.
+    fn requeue(
+        s: &mut State,
+        seq: u64,
+        retry_at: Option<Instant>,
+    ) -> Option<(u64, Option<Arc<StagedFile>>)> {
         let key = s.ops.get(&seq)?.change.key();
         s.in_flight.remove(key);
         if s.latest.get(key) != Some(&seq) {
+            tracing::debug!(key, seq, "a failing change was superseded; dropping it");
             return Some(Self::drop_op(s, seq));
         }
-        Self::idle(s, seq);
+        match retry_at {
+            Some(at) => {
+                let op = s.ops.get_mut(&seq).expect("queued");
+                op.started = false;
+                op.retry_at = Some(at);
+                s.retrying.insert((at, seq));
+            }
+            None => Self::idle(s, seq),
+        }
         None
+    }
+
+    /// Change `seq`, if it waits out its backoff in `retrying`, is tried again at once.
+    fn retry_now(s: &mut State, seq: u64) {
+        if let Some(at) = s.ops.get_mut(&seq).and_then(|op| op.retry_at.take()) {
+            s.retrying.remove(&(at, seq));
+            Self::idle(s, seq);
+        }
     }
 
     /// Change `seq` waits to be started (again).
@@ -735,21 +767,17 @@ impl WritebackQueue {
             let mut guard = self.state.lock();
             let s = &mut *guard;
             let op = s.ops.get_mut(&seq)?;
+            let key = op.change.key().to_string();
             if op.deferred {
                 // Carried out at the file's last close, not sooner.
-                return Some(op.change.key().to_string());
+                return Some(key);
             }
             op.urgent = true;
-            let retry_at = op.retry_at.take();
-            let key = op.change.key().to_string();
             if matches!(op.change, Change::Delete { .. }) {
                 s.urgent_deletes = true;
                 s.deletes_retry_at = None;
             }
-            if let Some(t) = retry_at {
-                s.retrying.remove(&(t, seq));
-                Self::idle(s, seq);
-            }
+            Self::retry_now(s, seq);
             key
         };
         self.wake();
@@ -810,15 +838,9 @@ impl WritebackQueue {
     /// left. The workers stop taking new work afterwards.
     pub async fn drain(&self, timeout: Duration) -> usize {
         let deadline = Instant::now() + timeout;
-        {
-            let mut guard = self.state.lock();
-            let s = &mut *guard;
-            s.hurry = true;
-            // Unmounted: no file is open any more.
-            for seq in s.deferred.clone() {
-                Self::undefer(s, seq);
-            }
-        }
+        // Unmounted: no file is open any more.
+        self.release_deferred_under("");
+        self.state.lock().hurry = true;
         self.wake();
         loop {
             let notified = self.progress.notified();
@@ -866,10 +888,7 @@ impl WritebackQueue {
                     break;
                 }
                 s.retrying.pop_first();
-                if let Some(op) = s.ops.get_mut(&seq) {
-                    op.retry_at = None;
-                }
-                Self::idle(s, seq);
+                Self::retry_now(s, seq);
             }
             let mut picked = None;
             let mut dropped = Vec::new();
@@ -1019,10 +1038,7 @@ impl WritebackQueue {
             return;
         }
         for (_, seq) in std::mem::take(&mut s.retrying) {
-            if let Some(op) = s.ops.get_mut(&seq) {
-                op.retry_at = None;
-            }
-            Self::idle(s, seq);
+            Self::retry_now(s, seq);
         }
         drop(guard);
         self.wake();
@@ -1034,29 +1050,12 @@ impl WritebackQueue {
         let (attempts, wait, dropped) = {
             let mut guard = self.state.lock();
             let s = &mut *guard;
-            s.in_flight.remove(change.key());
-            let Some(op) = s.ops.get_mut(&seq) else {
+            let Some(attempts) = Self::note_failure(s, seq, &e) else {
+                s.in_flight.remove(change.key());
                 return;
             };
-            op.attempts += 1;
-            op.last_error = Some(e.clone());
-            op.failing_since.get_or_insert_with(Instant::now);
-            op.started = false;
-            let attempts = op.attempts;
             let wait = Backoff::CHANGE.delay(attempts);
-            let dropped = if s.latest.get(change.key()) != Some(&seq) {
-                tracing::debug!(
-                    key = change.key(),
-                    seq,
-                    "a failing change was superseded; dropping it"
-                );
-                Some(Self::drop_op(s, seq))
-            } else {
-                let at = Instant::now() + wait;
-                op.retry_at = Some(at);
-                s.retrying.insert((at, seq));
-                None
-            };
+            let dropped = Self::requeue(s, seq, Some(Instant::now() + wait));
             (attempts, wait, dropped)
         };
         if attempts == 1 || attempts % 10 == 0 {
@@ -1376,12 +1375,8 @@ impl WritebackQueue {
             let mut guard = self.state.lock();
             let s = &mut *guard;
             for (seq, _) in failed {
-                if let Some(op) = s.ops.get_mut(seq) {
-                    op.attempts += 1;
-                    op.last_error = Some(e.clone());
-                    op.failing_since.get_or_insert_with(Instant::now);
-                }
-                match Self::requeue(s, *seq) {
+                Self::note_failure(s, *seq, e);
+                match Self::requeue(s, *seq, None) {
                     Some(d) => dropped.push(d),
                     None if single => {
                         s.idle_deletes.remove(seq);
@@ -1496,9 +1491,8 @@ impl WritebackQueue {
         }
     }
 
-    /// Carries out one change, retrying until it succeeds. Returns the ETag of an uploaded
-    /// object, when the store gave one.
-    /// Tries change `seq` once.
+    /// Tries change `seq` once; returns the ETag of an uploaded object, when the store gave
+    /// one.
     async fn carry_out(
         &self,
         seq: u64,

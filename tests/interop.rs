@@ -189,8 +189,8 @@ fn empty_directories_survive_a_remount() {
 }
 
 /// A key with a control character, which the XML of S3's answers cannot carry (another tool
-/// stored it), leaves its directory readable, and so do keys with `+`, spaces and `%`: it is listed, read and deleted like any
-/// other. The mount itself refuses to make such a name.
+/// stored it), leaves its directory readable: it is listed, read and deleted like any other,
+/// and so is a key with `+`, a space and `%`. The mount itself refuses to make such a name.
 #[test]
 fn keys_with_control_characters_are_listed_read_and_deleted() {
     let m = TestMount::new("control");

@@ -448,8 +448,8 @@ impl BucketFs {
         // Nor does a commit of the file it replaces: one under way is queued before the
         // rename's changes of the new name, which then come last.
         let _alone = self.commit_locks_of_both(ino, target).await;
-        // The object of the file replaced (as its commits left it: they are done now) stays in the bucket until the renamed file's
-        // content replaces it, or an unlink deletes it.
+        // The object of the file replaced (as its commits left it: they are done now) stays
+        // in the bucket until the renamed file's content replaces it, or an unlink deletes it.
         let target_in_bucket = target.is_some_and(|t_ino| {
             self.ns
                 .table
