@@ -1302,7 +1302,7 @@ impl WritebackQueue {
     /// Carries out gathered deletes with one DeleteObjects request. Keys the store refused
     /// go back to the queue as single deletes, retried with backoff; a store that is down or
     /// failing has the batch wait and try again; a store that does not implement
-    /// DeleteObjects gets one key a request from then on.
+    /// DeleteObjects, or refuses it as malformed, gets one key a request from then on.
     async fn delete_batch(&self, batch: Vec<(u64, Change)>) {
         let keys: Vec<String> = batch.iter().map(|(_, c)| c.key().to_string()).collect();
         let started = Instant::now();
@@ -1349,7 +1349,7 @@ impl WritebackQueue {
         let attempts = {
             let mut s = self.state.lock();
             if not_implemented && !s.single_deletes {
-                tracing::warn!(error = %e, "the store does not implement DeleteObjects; deleting one key per request from now on");
+                tracing::warn!(error = %e, "the store does not take DeleteObjects as this mount sends it; deleting one key per request from now on");
                 s.single_deletes = true;
                 let waiting = std::mem::take(&mut s.idle_deletes);
                 s.idle.extend(waiting);

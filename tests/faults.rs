@@ -395,6 +395,43 @@ fn a_store_that_refuses_crc32_headers_gets_md5s() {
     assert_eq!(m.object("large"), Some(large));
 }
 
+/// A store that refuses DeleteObjects as malformed (400 `MalformedXML`, as one that wants a
+/// Content-MD5 its SDK no longer sends answers) gets the deletes one key per request: the
+/// files go, instead of their batch being sent again and again.
+#[test]
+fn a_store_that_refuses_delete_batches_gets_single_deletes() {
+    let env = S3Env::get();
+    let proxy = FaultProxy::start(
+        env.endpoint.trim_start_matches("http://"),
+        Arc::new(|r: &RequestInfo| {
+            (r.method == "POST" && r.target.contains("delete"))
+                .then_some(Fault::Error(400, "MalformedXML"))
+        }),
+    );
+    let m = TestMount::via("refuses-delete-batches", &proxy.endpoint(), &[]);
+    for i in 0..20 {
+        std::fs::write(m.path(&format!("f{i}")), b"doomed").unwrap();
+    }
+    std::fs::write(m.path("kept"), b"kept").unwrap();
+    m.sync();
+    for i in 0..20 {
+        std::fs::remove_file(m.path(&format!("f{i}"))).unwrap();
+    }
+    let bucket = Bucket::new(&env);
+    wait_for(Duration::from_secs(20), || {
+        let keys = bucket.keys(&m.key(""));
+        (keys == [m.key("kept")])
+            .then_some(())
+            .ok_or(format!("the bucket still holds {keys:?}"))
+    });
+    assert!(proxy.injected() >= 1, "no DeleteObjects was sent");
+    assert!(
+        m.log().contains("deleting one key per request from now on"),
+        "{}",
+        m.log()
+    );
+}
+
 #[test]
 fn internal_error_500_on_every_fifth_request() {
     let o = run_scenario(

@@ -1042,7 +1042,18 @@ impl ObjectStore for S3Store {
             .delete(delete)
             .send()
             .await
-            .map_err(|e| self.map_err("DeleteObjects", &keys[0], e))?;
+            .map_err(|e| {
+                // A request refused as malformed (400: `MalformedXML`, a checksum header the
+                // store does not take) would be refused again: the keys must go one by one.
+                let malformed = e.raw_response().is_some_and(|r| r.status().as_u16() == 400);
+                match self.map_err("DeleteObjects", &keys[0], e) {
+                    StoreError::Service(message) if malformed => StoreError::NotImplemented {
+                        op: "DeleteObjects",
+                        message,
+                    },
+                    other => other,
+                }
+            })?;
         // A refusal that names no key leaves every key of the batch in doubt.
         if r.errors().iter().any(|e| e.key().is_none()) {
             return Ok(keys.to_vec());
