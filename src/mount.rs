@@ -2,7 +2,6 @@
 //! in the foreground or detaching once the mount is ready, and unmounting on a signal.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -525,16 +524,12 @@ fn unescape_mountinfo(s: &str) -> String {
 /// belong to the mounting user and be writable by nobody else: whoever can write there can
 /// plant files this mount would upload as the user's media.
 fn prepare_cache_dir(dir: &PathBuf) -> Result<CacheLock, String> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| {
-            format!(
-                "cannot create the cache directory {}: {e}; choose another with --cache-dir",
-                dir.display()
-            )
-        })?;
+    crate::cache::create_dir_durably(dir).map_err(|e| {
+        format!(
+            "cannot create the cache directory {}: {e}; choose another with --cache-dir",
+            dir.display()
+        )
+    })?;
     check_cache_dir(dir)?;
     CacheLock::acquire(dir)
 }

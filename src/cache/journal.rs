@@ -780,9 +780,52 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Creates directory `dir` (mode 0700) and its missing parents, and makes each new entry
+/// durable in its parent: on a filesystem that does not order them with the journal's own
+/// syncs (XFS, btrfs), a power cut could otherwise take away the directory whose journal
+/// the mount just acknowledged closes in.
+pub fn create_dir_durably(dir: &Path) -> io::Result<()> {
+    let mut created = Vec::new();
+    let mut d = dir;
+    while std::fs::symlink_metadata(d).is_err() {
+        created.push(d);
+        match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => d = p,
+            _ => break,
+        }
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    for d in created {
+        match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => sync_dir(p)?,
+            _ => sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn directories_are_created_with_their_missing_parents_and_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a/b/c");
+        create_dir_durably(&dir).unwrap();
+        create_dir_durably(&dir).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        for d in ["a", "a/b", "a/b/c"] {
+            let mode = std::fs::metadata(root.path().join(d))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o700, "{d}");
+        }
+    }
 
     #[test]
     fn replay_drops_a_change_older_than_a_finished_one_of_the_same_key() {

@@ -14,6 +14,6 @@ pub use blocks::{
     WholeObject,
 };
 pub use direct::DIRECT_ALIGN;
-pub use journal::{sync_dir, Change, Journal, Replay};
+pub use journal::{create_dir_durably, sync_dir, Change, Journal, Replay};
 pub use lock::CacheLock;
 pub use staging::{StagedFile, StagingArea};
