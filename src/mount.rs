@@ -523,7 +523,7 @@ fn unescape_mountinfo(s: &str) -> String {
 /// Creates the cache directory (mode 0700) and locks it for this mount. An existing one must
 /// belong to the mounting user and be writable by nobody else: whoever can write there can
 /// plant files this mount would upload as the user's media.
-fn prepare_cache_dir(dir: &PathBuf) -> Result<CacheLock, String> {
+fn prepare_cache_dir(dir: &Path) -> Result<CacheLock, String> {
     crate::cache::create_dir_durably(dir).map_err(|e| {
         format!(
             "cannot create the cache directory {}: {e}; choose another with --cache-dir",

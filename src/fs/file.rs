@@ -689,9 +689,9 @@ impl BucketFs {
             let t = self.ns.table.lock();
             let i = t.get(ino).ok_or(FsError::NOENT)?;
             match i.state() {
-                State::LocalOnly { copy } | State::Dirty { copy } => {
-                    (copy.clone(), i.size, i.path.clone(), i.version)
-                }
+                State::LocalOnly { copy }
+                | State::Dirty { copy }
+                | State::OverReplaced { copy } => (copy.clone(), i.size, i.path.clone(), i.version),
                 _ => return Ok(None),
             }
         };

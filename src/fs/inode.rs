@@ -49,6 +49,10 @@ pub enum State {
     /// A local copy with changes not committed yet, over an object the bucket holds (or a
     /// queued upload will give it).
     Dirty { copy: Arc<StagedFile> },
+    /// Written here and not committed yet, under a name a rename gave it over another file:
+    /// the bucket holds that file's object under this name until this file's first commit
+    /// replaces it, or an unlink or another rename deletes it.
+    OverReplaced { copy: Arc<StagedFile> },
     /// A local copy with nothing left to commit, kept while handles are open.
     Clean { copy: Arc<StagedFile> },
     /// Removed from its directory, alive only through open handles and kernel references;
@@ -120,7 +124,10 @@ impl Inode {
     pub fn copy(&self) -> Option<&Arc<StagedFile>> {
         match &self.state {
             State::Remote => None,
-            State::LocalOnly { copy } | State::Dirty { copy } | State::Clean { copy } => Some(copy),
+            State::LocalOnly { copy }
+            | State::Dirty { copy }
+            | State::OverReplaced { copy }
+            | State::Clean { copy } => Some(copy),
             State::Unlinked { copy } => copy.as_ref(),
         }
     }
@@ -135,13 +142,16 @@ impl Inode {
     pub fn in_bucket(&self) -> bool {
         matches!(
             self.state,
-            State::Remote | State::Dirty { .. } | State::Clean { .. }
+            State::Remote | State::Dirty { .. } | State::OverReplaced { .. } | State::Clean { .. }
         )
     }
 
     /// The local copy has changes that are not committed (sealed and queued) yet.
     pub fn is_dirty(&self) -> bool {
-        matches!(self.state, State::LocalOnly { .. } | State::Dirty { .. })
+        matches!(
+            self.state,
+            State::LocalOnly { .. } | State::Dirty { .. } | State::OverReplaced { .. }
+        )
     }
 
     /// One open handle fewer; returns the deferred delete to let go when it was the last.
@@ -178,6 +188,7 @@ impl Inode {
             State::Remote | State::Clean { .. } => State::Clean { copy: new },
             State::LocalOnly { .. } => State::LocalOnly { copy: new },
             State::Dirty { .. } => State::Dirty { copy: new },
+            State::OverReplaced { .. } => State::OverReplaced { copy: new },
             State::Unlinked { .. } => State::Unlinked { copy: Some(new) },
         };
     }
@@ -203,22 +214,29 @@ impl Inode {
     pub fn committed(&mut self, version: u64) {
         let fully = self.version == version;
         self.state = match std::mem::replace(&mut self.state, State::Remote) {
-            State::LocalOnly { copy } | State::Dirty { copy } if !fully => State::Dirty { copy },
-            State::LocalOnly { copy } | State::Dirty { copy } | State::Clean { copy } => {
-                State::Clean { copy }
+            State::LocalOnly { copy } | State::Dirty { copy } | State::OverReplaced { copy }
+                if !fully =>
+            {
+                State::Dirty { copy }
             }
+            State::LocalOnly { copy }
+            | State::Dirty { copy }
+            | State::OverReplaced { copy }
+            | State::Clean { copy } => State::Clean { copy },
             other => other,
         };
     }
 
     /// Its changes will be committed under another name: until then, this name exists only
     /// here, unless `over_object`, the object of the file the rename replaced, which the
-    /// bucket holds until the commit replaces it (or an unlink deletes it).
+    /// bucket holds until the commit replaces it (or an unlink or a rename deletes it).
     pub fn renamed_while_dirty(&mut self, over_object: bool) {
-        if let State::Dirty { copy } | State::LocalOnly { copy } = &self.state {
+        if let State::Dirty { copy } | State::OverReplaced { copy } | State::LocalOnly { copy } =
+            &self.state
+        {
             let copy = copy.clone();
             self.state = if over_object {
-                State::Dirty { copy }
+                State::OverReplaced { copy }
             } else {
                 State::LocalOnly { copy }
             };

@@ -457,13 +457,16 @@ impl BucketFs {
                 .get(t_ino)
                 .is_some_and(|i| i.in_bucket())
         });
-        let uncommitted_over_object = self
+        // Only a file whose closed content the bucket holds has content to keep: one never
+        // closed (`LocalOnly`, or `OverReplaced` under another file's object) commits first
+        // when it is closed, under the name it has then.
+        let closed_content_changed = self
             .ns
             .table
             .lock()
             .get(ino)
             .is_some_and(|i| matches!(i.state(), State::Dirty { .. }));
-        if uncommitted_over_object {
+        if closed_content_changed {
             self.commit_locked(ino)?;
         }
         let (old_path, in_bucket, dirty, open, size, local) = {

@@ -431,6 +431,45 @@ fn a_removed_directory_stays_gone_while_a_file_unlinked_in_it_is_open() {
     assert!(f.store.keys().is_empty(), "{:?}", f.store.keys());
 }
 
+/// A file still being written, renamed over a file in the bucket and then renamed again,
+/// uploads nothing before it is closed: the middle name's object (the replaced file's) is
+/// deleted, and the last name gets the content once it is closed.
+#[test]
+fn a_file_renamed_twice_while_written_uploads_only_its_closed_content() {
+    let f = Fixture::new(Duration::from_secs(1), 1 << 20);
+    f.put("j.png", b"the old j");
+    assert_eq!(f.size("j.png").unwrap(), 9);
+    let fh = f.rt.block_on(async {
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC;
+        let (_, fh) =
+            f.fs.create(ROOT, OsStr::new("tmp.png"), flags)
+                .await
+                .unwrap();
+        f.fs.write(fh, 0, b"half").await.unwrap();
+        for (from, to) in [("tmp.png", "j.png"), ("j.png", "k.png")] {
+            f.fs.rename(ROOT, OsStr::new(from), ROOT, OsStr::new(to), false)
+                .await
+                .unwrap();
+        }
+        fh
+    });
+    f.wait_until(
+        "the middle name's object deleted, and nothing else queued",
+        || f.store.keys().is_empty() && f.queue.under("").is_empty(),
+    );
+    f.rt.block_on(async {
+        f.fs.write(fh, 4, b" and the rest").await.unwrap();
+        f.fs.flush(fh).await.unwrap();
+        f.fs.release(fh).await.unwrap();
+    });
+    f.drain();
+    assert_eq!(f.store.keys(), ["pre/k.png"]);
+    assert_eq!(
+        f.store.object("pre/k.png").as_deref(),
+        Some(&b"half and the rest"[..])
+    );
+}
+
 /// A rename over a file waits for a commit of that file under way (a close), so the
 /// renamed content is the one the new name keeps, not the content the close queued.
 #[test]
