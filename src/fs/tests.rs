@@ -350,6 +350,31 @@ fn an_unlink_during_an_open_leaves_the_opened_file_readable() {
     assert!(f.store.object("pre/v.mp4").is_none());
 }
 
+/// An open for writing that keeps the content sees the file as another host last left it
+/// (close-to-open, as an open for reading): the change lands on that content.
+#[test]
+fn an_open_for_writing_sees_a_file_another_host_replaced() {
+    let f = Fixture::new(Duration::from_millis(50), 1 << 20);
+    f.put("log.txt", b"first");
+    let ino =
+        f.rt.block_on(f.fs.lookup(ROOT, OsStr::new("log.txt")))
+            .unwrap()
+            .ino;
+    f.put("log.txt", b"second version");
+    std::thread::sleep(Duration::from_millis(100));
+    f.rt.block_on(async {
+        let fh = f.fs.open(ino, libc::O_RDWR).await.unwrap();
+        f.fs.write(fh, 0, b"S").await.unwrap();
+        f.fs.flush(fh).await.unwrap();
+        f.fs.release(fh).await.unwrap();
+    });
+    f.drain();
+    assert_eq!(
+        f.store.object("pre/log.txt").as_deref(),
+        Some(&b"Second version"[..])
+    );
+}
+
 /// A file whose close failed because the fdatasync of its copy did (EIO, ENOSPC) closes
 /// again once it is written anew: the copy in doubt is replaced, not kept failing.
 #[test]
