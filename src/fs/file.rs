@@ -182,7 +182,8 @@ impl BucketFs {
             // Counted before anything is awaited: an unlink meanwhile sees the file open.
             i.open += 1;
             // An open that truncates keeps nothing of what the bucket holds.
-            !(mode.write && mode.truncate) && !i.is_fresh(self.opts.metadata_ttl) && i.in_bucket()
+            let keeps_content = !(mode.write && mode.truncate);
+            keeps_content && !i.is_fresh(self.opts.metadata_ttl) && i.in_bucket()
         };
         let mut opening = Opening {
             fs: self,
