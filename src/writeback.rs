@@ -1353,14 +1353,15 @@ impl WritebackQueue {
                 s.single_deletes = true;
                 let waiting = std::mem::take(&mut s.idle_deletes);
                 s.idle.extend(waiting);
+                None
             } else {
                 s.deletes_attempts += 1;
                 s.deletes_retry_at =
                     Some(Instant::now() + Backoff::CHANGE.delay(s.deletes_attempts));
+                Some(s.deletes_attempts)
             }
-            s.deletes_attempts
         };
-        if attempts == 1 || attempts % 10 == 0 {
+        if let Some(attempts) = attempts.filter(|a| *a == 1 || a % 10 == 0) {
             tracing::warn!(keys = keys.len(), attempts, error = %e, "deletes could not be carried out; retrying");
         }
         self.requeue_failed(&batch, &e, false);

@@ -799,9 +799,16 @@ pub fn create_dir_durably(dir: &Path) -> io::Result<()> {
         .mode(0o700)
         .create(dir)?;
     for d in created {
-        match d.parent() {
-            Some(p) if !p.as_os_str().is_empty() => sync_dir(p)?,
-            _ => sync_dir(Path::new("."))?,
+        let parent = match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        match sync_dir(parent) {
+            // A parent the user may write in but not read cannot be opened to be synced.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                tracing::debug!(dir = %parent.display(), "cannot open this directory to sync the cache directory's entry in it");
+            }
+            other => other?,
         }
     }
     Ok(())

@@ -1043,9 +1043,20 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| {
-                // A request refused as malformed (400: `MalformedXML`, a checksum header the
-                // store does not take) would be refused again: the keys must go one by one.
-                let malformed = e.raw_response().is_some_and(|r| r.status().as_u16() == 400);
+                // A request refused for its form (`MalformedXML`, a checksum header the store
+                // does not take) would be refused again: the keys must go one by one. Other
+                // 400s (`RequestTimeout`, a body damaged on the way) pass.
+                let malformed = e.raw_response().is_some_and(|r| r.status().as_u16() == 400)
+                    && matches!(
+                        e.code(),
+                        Some(
+                            "MalformedXML"
+                                | "InvalidRequest"
+                                | "InvalidArgument"
+                                | "InvalidDigest"
+                                | "MissingContentMD5"
+                        )
+                    );
                 match self.map_err("DeleteObjects", &keys[0], e) {
                     StoreError::Service(message) if malformed => StoreError::NotImplemented {
                         op: "DeleteObjects",
