@@ -29,7 +29,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     if !cfg.foreground {
         return detach();
     }
-    check_mountpoint(&cfg.mountpoint, cfg.nonempty)?;
+    check_mountpoint(&cfg.mountpoint, cfg.nonempty, &cfg.target.source())?;
     let _lock = prepare_cache_dir(&cfg.cache_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
@@ -440,8 +440,16 @@ fn mount_error(cfg: &Config, e: std::io::Error) -> String {
 }
 
 /// The mountpoint must exist, be a directory, not be mounted already and, unless
-/// `nonempty`, be empty.
-pub fn check_mountpoint(p: &Path, nonempty: bool) -> Result<(), String> {
+/// `nonempty`, be empty. The dead mount of an s3mediafs process of the same `source` that
+/// ended without unmounting (killed, out of memory) is detached first: what it acknowledged
+/// is in its journal, and a service restarted after the crash must not fail on it forever.
+pub fn check_mountpoint(p: &Path, nonempty: bool, source: &str) -> Result<(), String> {
+    let dead = std::fs::metadata(p).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
+    if dead && dead_mount_is_ours(p, source) {
+        tracing::warn!(mountpoint = %p.display(),
+            "the mountpoint holds the dead mount of an s3mediafs process that ended without unmounting; detaching it (the changes it acknowledged are resumed from its journal)");
+        lazy_unmount(p);
+    }
     let shown = p.display();
     let meta = match std::fs::metadata(p) {
         Ok(m) => m,
@@ -478,6 +486,18 @@ pub fn check_mountpoint(p: &Path, nonempty: bool) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether the mount at `p` (which no process serves) is an s3mediafs mount: its type
+/// says so (mounted through fusermount3), or, mounted by root as plain `fuse`, its source
+/// is `source`.
+fn dead_mount_is_ours(p: &Path, source: &str) -> bool {
+    std::path::absolute(p)
+        .ok()
+        .and_then(|abs| mounted_at(&abs))
+        .is_some_and(|(fstype, from)| {
+            fstype == "fuse.s3mediafs" || fstype == "fuse" && from == source
+        })
 }
 
 /// The type and source of the mount at exactly `path`, if there is one.

@@ -440,7 +440,8 @@ impl TestMount {
         }
         let mut child = cmd.spawn().expect("start s3mediafs");
         wait_for(Duration::from_secs(30), || {
-            if is_mounted(&self.mnt) {
+            // Mounted and answering: a dead mount left by a killed process fails stat.
+            if is_mounted(&self.mnt) && std::fs::metadata(&self.mnt).is_ok() {
                 return Ok(());
             }
             if let Some(status) = child.try_wait().unwrap() {
