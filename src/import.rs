@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{IsTerminal, Read};
+use std::io::{ErrorKind, IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -52,12 +52,21 @@ struct Tally {
     skipped: AtomicU64,
     skipped_bytes: AtomicU64,
     verified: AtomicU64,
+    /// Files removed from the source while the import ran (Synapse expires and deletes
+    /// media all the time): left out, not failures.
+    gone: AtomicU64,
     failures: parking_lot::Mutex<Vec<(String, String)>>,
 }
 
 impl Tally {
-    fn fail(&self, what: &str, why: String) {
-        self.failures.lock().push((what.to_string(), why));
+    /// `what` (the file at `source`, or its object) could not be copied or verified: a
+    /// failure, unless the file is gone.
+    fn fail(&self, what: String, source: &Path, why: String) {
+        if std::fs::symlink_metadata(source).is_err_and(|e| e.kind() == ErrorKind::NotFound) {
+            self.gone.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.failures.lock().push((what, why));
     }
 }
 
@@ -85,8 +94,8 @@ pub fn run(args: ImportArgs) -> Result<ExitCode, String> {
         Arc::new(S3Store::new(&target.store_config()).with_object_options(target.objects.clone()));
 
     let started = Instant::now();
-    let files = scan(src, &target.prefix)?;
     let tally = Arc::new(Tally::default());
+    let files = scan(src, &target.prefix, &tally)?;
     let total_bytes: u64 = files.iter().map(|f| f.size).sum();
     eprintln!(
         "import: {} files ({}) under {} -> {}{}",
@@ -123,7 +132,7 @@ pub fn run(args: ImportArgs) -> Result<ExitCode, String> {
         async move {
             let result = copy_one(&store, &f, present.get(&f.key), part_size, dry_run, &tally);
             if let Err(why) = result.await {
-                tally.fail(&f.path.display().to_string(), why);
+                tally.fail(f.path.display().to_string(), &f.path, why);
             }
         }
     }));
@@ -138,7 +147,7 @@ pub fn run(args: ImportArgs) -> Result<ExitCode, String> {
                     Ok(()) => {
                         tally.verified.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(why) => tally.fail(&f.key, format!("verification failed: {why}")),
+                    Err(why) => tally.fail(f.key, &f.path, format!("verification failed: {why}")),
                 }
             }
         }));
@@ -154,12 +163,16 @@ pub fn run(args: ImportArgs) -> Result<ExitCode, String> {
     }
     let verb = if args.dry_run { "would copy" } else { "copied" };
     println!(
-        "{verb} {} files ({}), skipped {} already in the bucket ({}), failed {}{} in {:.1}s",
+        "{verb} {} files ({}), skipped {} already in the bucket ({}), failed {}{}{} in {:.1}s",
         tally.copied.load(Ordering::Relaxed),
         human_bytes(tally.copied_bytes.load(Ordering::Relaxed)),
         tally.skipped.load(Ordering::Relaxed),
         human_bytes(tally.skipped_bytes.load(Ordering::Relaxed)),
         failures.len(),
+        match tally.gone.load(Ordering::Relaxed) {
+            0 => String::new(),
+            n => format!(", left out {n} removed from the source meanwhile"),
+        },
         if args.verify {
             format!(", verified {}", tally.verified.load(Ordering::Relaxed))
         } else {
@@ -195,14 +208,26 @@ fn progress_bar(show: bool, total: u64, what: &str) -> ProgressBar {
 }
 
 /// Every regular file under `root`, with the key it gets. Symbolic links and special files
-/// are left out with a note; names that are not UTF-8, or hold a character S3's XML cannot
+/// are left out with a note, as are files and directories removed while they are scanned
+/// (counted in `tally`); names that are not UTF-8, or hold a character S3's XML cannot
 /// carry, are refused.
-fn scan(root: &Path, prefix: &str) -> Result<Vec<SourceFile>, String> {
+fn scan(root: &Path, prefix: &str, tally: &Tally) -> Result<Vec<SourceFile>, String> {
     let mut out = Vec::new();
     let mut dirs = vec![(root.to_path_buf(), String::new())];
+    let gone = |e: &std::io::Error| {
+        let gone = e.kind() == ErrorKind::NotFound;
+        if gone {
+            tally.gone.fetch_add(1, Ordering::Relaxed);
+        }
+        gone
+    };
     while let Some((dir, rel)) = dirs.pop() {
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| format!("cannot read the directory {}: {e}", dir.display()))?;
+        let entries = match std::fs::read_dir(&dir) {
+            Err(e) if dir != root && gone(&e) => continue,
+            other => {
+                other.map_err(|e| format!("cannot read the directory {}: {e}", dir.display()))?
+            }
+        };
         let mut entries: Vec<_> = entries
             .collect::<Result<_, _>>()
             .map_err(|e| format!("cannot read the directory {}: {e}", dir.display()))?;
@@ -221,16 +246,18 @@ fn scan(root: &Path, prefix: &str) -> Result<Vec<SourceFile>, String> {
                     path.display().to_string().escape_debug()
                 ));
             }
-            let ft = e
-                .file_type()
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let ft = match e.file_type() {
+                Err(e) if gone(&e) => continue,
+                other => other.map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+            };
             let child_rel = format!("{rel}{name}");
             if ft.is_dir() {
                 dirs.push((path, format!("{child_rel}/")));
             } else if ft.is_file() {
-                let m = e
-                    .metadata()
-                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                let m = match e.metadata() {
+                    Err(e) if gone(&e) => continue,
+                    other => other.map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+                };
                 out.push(SourceFile {
                     path,
                     key: format!("{prefix}{child_rel}"),
@@ -523,7 +550,7 @@ mod tests {
         ] {
             let dir = tempfile::tempdir().unwrap();
             std::fs::write(dir.path().join(std::ffi::OsStr::from_bytes(name)), b"x").unwrap();
-            let e = scan(dir.path(), "media/").expect_err("scanned");
+            let e = scan(dir.path(), "media/", &Tally::default()).expect_err("scanned");
             assert!(e.contains(says), "{e}");
         }
     }

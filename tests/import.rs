@@ -155,6 +155,56 @@ fn import_copies_once_and_leaves_the_source_alone() {
     bucket.delete_prefix(&prefix);
 }
 
+/// Files Synapse deletes while the import runs (expired media) are left out, not failures:
+/// the run succeeds and says how many.
+#[test]
+fn files_removed_from_the_source_while_it_runs_are_left_out() {
+    use std::io::{BufRead, BufReader};
+    let env = S3Env::get();
+    let bucket = Bucket::new(&env);
+    let prefix = unique_prefix("import-removed");
+    let src = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..300).map(|i| format!("f{i:03}")).collect();
+    for n in &names {
+        std::fs::write(src.path().join(n), pseudo_random(2000, n.len() as u64)).unwrap();
+    }
+    let target = format!("{}:{prefix}", env.bucket);
+    let mut child = import_cmd(&env, &env.endpoint, src.path(), &target, &["--jobs", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the scan is done (its line printed), the last half goes, before its turn comes.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.starts_with("import: 300 files"), "{line}");
+    for n in &names[150..] {
+        std::fs::remove_file(src.path().join(n)).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("failed 0"), "{report}");
+    let copied: usize = report
+        .strip_prefix("copied ")
+        .and_then(|r| r.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(
+        report.contains(&format!(
+            "left out {} removed from the source",
+            300 - copied
+        )),
+        "{report}"
+    );
+    assert!(
+        copied < 300,
+        "every file was copied before the deletes: {report}"
+    );
+    assert_eq!(bucket.keys(&prefix).len(), copied);
+    bucket.delete_prefix(&prefix);
+}
+
 #[test]
 fn verify_catches_an_object_whose_content_differs_and_a_new_run_repairs_it() {
     let env = S3Env::get();
