@@ -97,6 +97,14 @@ fn bad_inputs() -> Vec<BadInput> {
             ..Default::default()
         },
         BadInput {
+            what: "an endpoint with the keys in it",
+            command: "{keys} mount {bucket} {mnt} --cache-dir {cache} \
+                      --region {region} --endpoint http://{key}:{secret}@127.0.0.1:9",
+            says: &["the endpoint holds credentials", "--credentials"],
+            code: 1,
+            ..Default::default()
+        },
+        BadInput {
             what: "an invalid bucket name",
             command: "{keys} mount Bad_Bucket! {mnt} --cache-dir {cache} {server}",
             says: &["not a valid bucket name"],
