@@ -264,6 +264,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
 fn detach() -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
     let mut cmd = Command::new(exe);
+    // The name it was called by too: as `mount.s3mediafs`, the arguments mount(8) adds
+    // (-v, -s, -n) are read as a mount helper's.
+    if let Some(name) = std::env::args_os().next() {
+        cmd.arg0(name);
+    }
     cmd.args(std::env::args_os().skip(1))
         .env(DAEMON_ENV, "1")
         .stdin(Stdio::null())

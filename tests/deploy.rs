@@ -115,6 +115,7 @@ fn mount_helper_and_fstab_entry_mount_and_umount_flushes() {
     let bin = d.join("bin");
     std::fs::create_dir(&bin).unwrap();
     std::fs::copy(BIN, bin.join("s3mediafs")).unwrap();
+    std::os::unix::fs::symlink("s3mediafs", bin.join("mount.s3mediafs")).unwrap();
     let mnt = d.join("media");
     std::fs::create_dir(&mnt).unwrap();
     let cred = d.join("media.credentials");
@@ -166,6 +167,14 @@ echo "written through fstab" > "$MNT/from-fstab"
 umount "$MNT"
 wait_for_exit "$pid"
 echo "second mount exited"
+
+# As mount(8) runs the helper for fstab type `s3mediafs`, with its own flags.
+"$D/bin/mount.s3mediafs" "$SOURCE" "$MNT" -v -o "$OPTIONS"
+pid=$(pgrep -f -n -- "s3mediafs $SOURCE $MNT")
+cat "$MNT/from-fstab"
+umount "$MNT"
+wait_for_exit "$pid"
+echo "third mount exited"
 "#;
     let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "bash", "-c", script])
@@ -188,7 +197,9 @@ echo "second mount exited"
             "already here",
             "first mount exited",
             "written by mount -t",
-            "second mount exited"
+            "second mount exited",
+            "written through fstab",
+            "third mount exited"
         ],
         "{stderr}"
     );
