@@ -45,11 +45,16 @@ fn installed_units_pass_systemd_analyze_verify() {
     let units = root.path().join("etc/systemd/system");
     let mount_unit = "var-lib-matrix\\x2dsynapse-media.mount";
     let instance = "s3mediafs@var-lib-matrix\\x2dsynapse-media.service";
-    assert!(units.join(mount_unit).is_file());
+    let dropin = "matrix-synapse.service.d/s3mediafs.conf";
     assert!(units.join("s3mediafs@.service").is_file());
-    assert!(units
-        .join("matrix-synapse.service.d/s3mediafs.conf")
-        .is_file());
+    // Nothing that would take effect before the site's paths are in it: the mount unit
+    // and Synapse's drop-in are examples, copied as README's steps say.
+    let examples = root.path().join("usr/share/doc/s3mediafs/examples");
+    for unit in [mount_unit, dropin] {
+        assert!(!units.join(unit).exists(), "{unit} installed live");
+        std::fs::create_dir_all(units.join(unit).parent().unwrap()).unwrap();
+        std::fs::copy(examples.join(unit), units.join(unit)).unwrap();
+    }
     // The drop-in is checked on a stand-in for Debian's matrix-synapse.service.
     std::fs::write(
         units.join("matrix-synapse.service"),
