@@ -29,6 +29,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     if !cfg.foreground {
         return detach();
     }
+    check_fuse()?;
     check_mountpoint(&cfg.mountpoint, cfg.nonempty, &cfg.target.source())?;
     let _lock = prepare_cache_dir(&cfg.cache_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -423,6 +424,33 @@ fn lazy_unmount(mountpoint: &Path) {
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
     }
+}
+
+/// What mounting needs of the machine: the FUSE device, and for a user other than root the
+/// setuid helper that mounts for it.
+fn check_fuse() -> Result<(), String> {
+    if !Path::new("/dev/fuse").exists() {
+        return Err(
+            "/dev/fuse is missing: the kernel has no FUSE support, or this container was \
+             started without the device; load the module (`modprobe fuse`), or give the \
+             container /dev/fuse"
+                .to_string(),
+        );
+    }
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let on_path = |name: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+    };
+    if !root && !on_path("fusermount3") && !on_path("fusermount") {
+        return Err(
+            "fusermount3 was not found on PATH: a user other than root mounts through \
+             it; install fuse3 (apt-get install fuse3)"
+                .to_string(),
+        );
+    }
+    Ok(())
 }
 
 fn mount_error(cfg: &Config, e: std::io::Error) -> String {

@@ -450,6 +450,71 @@ fn busy_mountpoint_and_shared_cache_dir_are_refused() {
     assert_eq!(std::fs::read(m.path("still")).unwrap(), b"works");
 }
 
+/// A machine that cannot mount FUSE is told what it lacks, in one sentence: a container
+/// started without /dev/fuse (here: a private /dev without it), and, for a user other than
+/// root, no fusermount3 on PATH.
+#[test]
+fn a_machine_without_fuse_is_told_what_it_lacks() {
+    let env = S3Env::get();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let source = format!("{}:t/", env.bucket);
+    let cache = dir.path().join("cache");
+    let mount = [
+        BIN,
+        "mount",
+        &source,
+        mnt.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--endpoint",
+        &env.endpoint,
+        "--region",
+        &env.region,
+    ];
+    let private_dev = "mount -t tmpfs none /dev && exec \"$0\" \"$@\"";
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &[
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                private_dev,
+            ],
+            "/dev/fuse is missing",
+        ),
+        (
+            &[
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "env",
+                "PATH=/nonexistent",
+            ],
+            "fusermount3 was not found on PATH",
+        ),
+    ];
+    for (wrapper, says) in cases {
+        let out = std::process::Command::new(wrapper[0])
+            .args(&wrapper[1..])
+            .args(mount)
+            .env("AWS_ACCESS_KEY_ID", &env.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", &env.secret_key)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{wrapper:?}: {err}");
+        assert!(err.contains(says), "{wrapper:?}: {err}");
+        assert!(!is_mounted(&mnt));
+    }
+}
+
 #[test]
 fn helper_form_detaches_once_mounted_and_help_explains() {
     let env = S3Env::get();
