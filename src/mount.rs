@@ -250,7 +250,19 @@ pub fn run(cfg: Config) -> Result<(), String> {
             "unmounted; uploading what is pending"
         );
     }
-    let left = rt.block_on(writeback.drain(cfg.drain_timeout));
+    // A second signal (Ctrl-C again, with the store down) ends the wait: everything
+    // pending is journaled, and the next mount uploads it.
+    let left = rt.block_on(async {
+        let drain = writeback.drain(cfg.drain_timeout);
+        tokio::pin!(drain);
+        tokio::select! {
+            left = &mut drain => left,
+            reason = wait_for_signal() => {
+                tracing::warn!("{reason} again: not waiting for the uploads any longer");
+                writeback.drain(Duration::ZERO).await
+            }
+        }
+    });
     if left > 0 {
         tracing::warn!(left, cache_dir = %cfg.cache_dir.display(),
             "changes not yet recorded as in the bucket stay journaled; the next mount with this cache directory uploads them");

@@ -1067,6 +1067,48 @@ fn an_aborted_fuse_connection_still_uploads_what_was_closed_and_exits_cleanly() 
     bucket.delete_prefix(&prefix);
 }
 
+/// A second SIGTERM (Ctrl-C again) while the unmounted process waits for a store that is
+/// down ends the wait at once; what was pending stays journaled, and the next mount
+/// uploads it.
+#[test]
+fn a_second_sigterm_ends_the_wait_for_a_store_that_is_down() {
+    let env = S3Env::get();
+    let proxy = FaultProxy::start(env.endpoint.trim_start_matches("http://"), policy::none());
+    let mut m = TestMount::via("second-sigterm", &proxy.endpoint(), &[]);
+    proxy.down();
+    let data = pseudo_random(100_000, 3);
+    std::fs::write(m.path("kept.bin"), &data).unwrap();
+    let pid = m.pid() as i32;
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_for(Duration::from_secs(20), || {
+        (!common::is_mounted(&m.mnt))
+            .then_some(())
+            .ok_or_else(|| "still mounted after SIGTERM".to_string())
+    });
+    // Time to reach the wait for the uploads (minutes long, by default).
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        m.is_running(),
+        "exited before the second signal: {}",
+        m.log()
+    );
+    let second = Instant::now();
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = m.wait_for_exit("the second SIGTERM");
+    assert!(
+        second.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        second.elapsed()
+    );
+    assert!(
+        m.log().contains("again: not waiting for the uploads"),
+        "{status}"
+    );
+    proxy.up();
+    m.start(&[]);
+    assert_eq!(m.object("kept.bin"), Some(data));
+}
+
 #[test]
 fn sigterm_during_heavy_writes() {
     let env = S3Env::get();
