@@ -20,13 +20,18 @@ as_root() {
         echo "install-deps: need root to run: $*" >&2; exit 1; fi
 }
 
-install_fuse() {
+# Whether `cmd` is installed, in /sbin and /usr/sbin too (not on a user's PATH).
+has() { command -v "$1" >/dev/null || [ -x "/sbin/$1" ] || [ -x "/usr/sbin/$1" ]; }
+
+install_test_tools() {
     # The power-cut test puts a cache directory on an ext4 loop device; the durability test
     # reads the mount's syscalls with strace.
-    if ! command -v mkfs.ext4 >/dev/null || ! command -v strace >/dev/null; then
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq e2fsprogs strace >/dev/null
-    fi
+    if has mkfs.ext4 && has strace; then return; fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq e2fsprogs strace >/dev/null
+}
+
+install_fuse() {
     if command -v fusermount3 >/dev/null && [ -e /dev/fuse ]; then return; fi
     echo "install-deps: installing fuse3 from Debian's packages" >&2
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
@@ -38,6 +43,11 @@ install_fuse() {
 }
 
 install_garage() {
+    # scripts/s3-server.sh makes Garage's secrets and checks its ports with python3.
+    if ! command -v python3 >/dev/null; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 >/dev/null
+    fi
     if [ -x "$GARAGE_BIN" ]; then return; fi
     echo "install-deps: building Garage $GARAGE_VERSION from crates.io (takes a while, once)" >&2
     mkdir -p "$TOOLS"
@@ -99,7 +109,7 @@ install_bench() {
 }
 
 case "$what" in
-    all) install_fuse; install_garage; install_moto; install_synapse ;;
+    all) install_fuse; install_test_tools; install_garage; install_moto; install_synapse ;;
     fuse) install_fuse ;;
     garage) install_garage ;;
     moto) install_moto ;;

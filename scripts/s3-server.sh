@@ -67,6 +67,9 @@ start_garage() {
     mkdir -p "$dir"; chmod 700 "$dir"
     local conf="$dir/garage.toml"
     if [ ! -f "$conf" ]; then
+        # Made before the file, so that a failure stops here instead of writing it empty.
+        local rpc_secret
+        rpc_secret="$(random_hex 32)"
         cat >"$conf" <<TOML
 metadata_dir = "$dir/meta"
 data_dir = "$dir/data"
@@ -74,7 +77,7 @@ db_engine = "lmdb"
 replication_factor = 1
 rpc_bind_addr = "127.0.0.1:$((GARAGE_PORT + 1))"
 rpc_public_addr = "127.0.0.1:$((GARAGE_PORT + 1))"
-rpc_secret = "$(random_hex 32)"
+rpc_secret = "$rpc_secret"
 
 [s3_api]
 s3_region = "garage"
