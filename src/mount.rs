@@ -31,7 +31,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     }
     check_fuse()?;
     check_mountpoint(&cfg.mountpoint, cfg.nonempty, &cfg.target.source())?;
-    let _lock = prepare_cache_dir(&cfg.cache_dir)?;
+    let lock = prepare_cache_dir(&cfg.cache_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .thread_name("s3mediafs-worker")
@@ -235,6 +235,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
         r => r,
     };
+    lock.mark_draining();
     let pending = writeback.pending();
     let _ = sd_notify::notify(&[
         sd_notify::NotifyState::Stopping,

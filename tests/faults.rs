@@ -1109,6 +1109,41 @@ fn a_second_sigterm_ends_the_wait_for_a_store_that_is_down() {
     assert_eq!(m.object("kept.bin"), Some(data));
 }
 
+/// A mount of a cache directory whose previous mount, unmounted, still uploads what was
+/// pending (a remount, a restart of the unit) waits for it, where it used to fail; then it
+/// serves the file, which reaches the bucket.
+#[test]
+fn a_remount_waits_for_the_previous_process_to_finish_its_uploads() {
+    let env = S3Env::get();
+    let proxy = FaultProxy::start(env.endpoint.trim_start_matches("http://"), policy::none());
+    let mut m = TestMount::via("remount-waits", &proxy.endpoint(), &[]);
+    proxy.down();
+    let data = pseudo_random(100_000, 5);
+    std::fs::write(m.path("pending.bin"), &data).unwrap();
+    let unmounted = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(&m.mnt)
+        .status()
+        .unwrap();
+    assert!(unmounted.success());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // Long enough for the new mount to find the lock held.
+            std::thread::sleep(Duration::from_secs(2));
+            proxy.up();
+        });
+        m.start(&[]);
+    });
+    assert!(
+        m.log()
+            .contains("the previous mount of this cache directory is still uploading"),
+        "{}",
+        m.log()
+    );
+    assert_eq!(std::fs::read(m.path("pending.bin")).unwrap(), data);
+    assert_eq!(m.object("pending.bin"), Some(data));
+}
+
 #[test]
 fn sigterm_during_heavy_writes() {
     let env = S3Env::get();

@@ -3,16 +3,23 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 pub struct CacheLock {
-    _file: File,
+    file: File,
 }
 
+/// What the lock file says after the holder's pid once its mount is gone and it only
+/// uploads what is pending.
+const DRAINING: &str = "draining";
+
 impl CacheLock {
-    /// Takes the lock, or says which process holds it.
+    /// Takes the lock, or says which process holds it. A process that holds it only to
+    /// finish the uploads of a mount already unmounted (a remount, a restart of the unit)
+    /// is waited for, with a log line.
     pub fn acquire(cache_dir: &Path) -> Result<Self, String> {
         let path = cache_dir.join("lock");
         let mut file = OpenOptions::new()
@@ -24,27 +31,45 @@ impl CacheLock {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| format!("cannot open the lock file {}: {e}", path.display()))?;
-        // SAFETY: flock on a valid, owned file descriptor.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
+        let mut next_log: Option<Instant> = None;
+        loop {
+            // SAFETY: flock on a valid, owned file descriptor.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                break;
+            }
             let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(format!("cannot lock {}: {err}", path.display()));
+            }
             let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                format!(
-                    "the cache directory {} is in use by another s3mediafs mount (pid {}); \
+            let _ = file.rewind().and_then(|_| file.read_to_string(&mut holder));
+            let (pid, state) = holder.trim().split_once(' ').unwrap_or((holder.trim(), ""));
+            if state != DRAINING {
+                return Err(format!(
+                    "the cache directory {} is in use by another s3mediafs mount (pid {pid}); \
                      give each mount its own --cache-dir",
                     cache_dir.display(),
-                    holder.trim()
-                )
-            } else {
-                format!("cannot lock {}: {err}", path.display())
-            });
+                ));
+            }
+            if next_log.is_none_or(|at| Instant::now() >= at) {
+                tracing::warn!(pid, cache_dir = %cache_dir.display(),
+                    "the previous mount of this cache directory is still uploading what was pending when it was unmounted; waiting for it to finish");
+                next_log = Some(Instant::now() + Duration::from_secs(60));
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
         file.set_len(0)
             .and_then(|_| file.rewind())
             .and_then(|_| write!(file, "{}", std::process::id()))
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        Ok(CacheLock { _file: file })
+        Ok(CacheLock { file })
+    }
+
+    /// The mount is gone; the lock is held only while what is pending is uploaded: a new
+    /// mount of this cache directory waits for that instead of failing.
+    pub fn mark_draining(&self) {
+        let said = format!("{} {DRAINING}", std::process::id());
+        let _ = self.file.write_all_at(said.as_bytes(), 0);
     }
 }
