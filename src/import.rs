@@ -22,7 +22,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::config::{ImportArgs, Target};
-use crate::store::{part_size_for, upload_file, ETag, ObjectStore, OpenUploads, S3Store};
+use crate::store::{
+    part_size_for, upload_file, ETag, ObjectStore, OpenUploads, S3Store, UploadLimits,
+};
 
 /// Part sizes other tools upload with, tried when an object's ETag says it was assembled
 /// from parts: boto3 and synapse-s3-storage-provider (8 MiB), the S3 minimum (5 MiB),
@@ -69,6 +71,9 @@ impl Tally {
         self.failures.lock().push((what, why));
     }
 }
+
+/// Memory the bodies of the uploads in flight take together.
+const IMPORT_PART_MEMORY: u64 = 128 << 20;
 
 pub fn run(args: ImportArgs) -> Result<ExitCode, String> {
     let src = &args.source_dir;
@@ -126,11 +131,14 @@ pub fn run(args: ImportArgs) -> Result<ExitCode, String> {
 
     let show = !args.no_progress && std::io::stderr().is_terminal();
     let bar = progress_bar(show, total_bytes, "copying");
-    let (part_size, dry_run) = (args.part_size, args.dry_run);
+    let dry_run = args.dry_run;
+    // Every job's parts in flight share this much memory.
+    let limits = UploadLimits::new(args.part_size, 4, IMPORT_PART_MEMORY);
     rt.block_on(for_each_file(&files, args.jobs, &bar, &stop, |f| {
         let (store, present, tally) = (store.clone(), present.clone(), tally.clone());
+        let limits = limits.clone();
         async move {
-            let result = copy_one(&store, &f, present.get(&f.key), part_size, dry_run, &tally);
+            let result = copy_one(&store, &f, present.get(&f.key), &limits, dry_run, &tally);
             if let Err(why) = result.await {
                 tally.fail(f.path.display().to_string(), &f.path, why);
             }
@@ -338,10 +346,11 @@ async fn copy_one(
     store: &Arc<dyn ObjectStore>,
     f: &SourceFile,
     present: Option<&Present>,
-    part_size: u64,
+    limits: &UploadLimits,
     dry_run: bool,
     tally: &Tally,
 ) -> Result<(), String> {
+    let part_size = limits.part_size;
     if let Some(p) = present {
         if p.size == f.size && same_content(&f.path, f.size, p.etag.as_ref(), part_size).await? {
             tally.skipped.fetch_add(1, Ordering::Relaxed);
@@ -361,10 +370,8 @@ async fn copy_one(
         store,
         &f.key,
         Arc::new(file),
-        size,
-        None,
-        part_size,
-        4,
+        (size, None),
+        limits,
         &OpenUploads::default(),
     )
     .await

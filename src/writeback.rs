@@ -25,7 +25,7 @@ use crate::cache::{BlockCache, Change, Journal, Replay, StagedFile};
 use crate::retry::Backoff;
 use crate::store::{
     part_size_for, upload_file, ETag, ObjectStore, OpenUploads, StoreError, StoreResult,
-    MAX_DELETE_BATCH,
+    UploadLimits, MAX_DELETE_BATCH,
 };
 
 /// What the queue says about a key while a change to it is pending.
@@ -45,6 +45,8 @@ pub struct WritebackOptions {
     pub workers: usize,
     pub part_size: u64,
     pub parts_in_flight: usize,
+    /// Bytes of upload bodies read and not yet sent, across all uploads.
+    pub part_memory: u64,
     /// Bytes of closed files waiting for upload above which writers wait.
     pub max_dirty: u64,
 }
@@ -55,6 +57,7 @@ impl Default for WritebackOptions {
             workers: 8,
             part_size: 8 << 20,
             parts_in_flight: 4,
+            part_memory: 64 << 20,
             max_dirty: 1 << 30,
         }
     }
@@ -183,6 +186,7 @@ pub struct WritebackQueue {
     observer: Mutex<Option<Weak<dyn LandingObserver>>>,
     /// Multipart uploads under way, aborted when an unmount stops waiting for them.
     open_uploads: OpenUploads,
+    upload_limits: UploadLimits,
     /// Uploads resumed from the journal that may have left a multipart upload unfinished
     /// on the server when the last run ended; it is aborted before they start again.
     resumed: Mutex<std::collections::HashSet<u64>>,
@@ -239,6 +243,8 @@ impl WritebackQueue {
         opts: WritebackOptions,
         blocks: Arc<BlockCache>,
     ) -> io::Result<Arc<Self>> {
+        let upload_limits =
+            UploadLimits::new(opts.part_size, opts.parts_in_flight, opts.part_memory);
         let q = Arc::new(WritebackQueue {
             store,
             journal,
@@ -252,6 +258,7 @@ impl WritebackQueue {
             progress: Notify::new(),
             observer: Mutex::new(None),
             open_uploads: OpenUploads::default(),
+            upload_limits,
             resumed: Mutex::default(),
             to_finish: Arc::default(),
         });
@@ -1441,10 +1448,8 @@ impl WritebackQueue {
             &self.store,
             key,
             file,
-            size,
-            f.crc(),
-            self.opts.part_size,
-            self.opts.parts_in_flight,
+            (size, f.crc()),
+            &self.upload_limits,
             &self.open_uploads,
         )
         .await;

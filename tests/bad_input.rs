@@ -155,6 +155,16 @@ fn bad_inputs() -> Vec<BadInput> {
             ..Default::default()
         },
         BadInput {
+            what: "parts larger than the memory they are sent from",
+            command: "{keys} mount {bucket} {mnt} --cache-dir {cache} {server} --part-size 1G",
+            says: &[
+                "--part-size 1073741824 is larger than --max-memory",
+                "raise --max-memory",
+            ],
+            code: 1,
+            ..Default::default()
+        },
+        BadInput {
             what: "no credentials anywhere",
             command: "mount {bucket} {mnt} --endpoint {endpoint}",
             says: &["no credentials found"],

@@ -199,3 +199,47 @@ fn flushes_racing_writes_never_fail_or_lose_a_write() {
     assert_eq!(sha256(&fs::read(m.path("f")).unwrap()), sha256(&data));
     assert_eq!(m.object("f").map(|d| sha256(&d)), Some(sha256(&data)));
 }
+
+/// The bodies of uploads being sent share one memory budget (`--max-memory`), however many
+/// large files upload at once: with the store slow to take them, twelve 30 MiB files
+/// (forty-eight 5 MiB parts in flight without the budget) keep the mount's memory low.
+#[test]
+fn upload_bodies_in_flight_share_one_memory_budget() {
+    use common::faults::{Fault, FaultProxy, RequestInfo};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let env = S3Env::get();
+    let proxy = FaultProxy::start(
+        env.endpoint.trim_start_matches("http://"),
+        Arc::new(|r: &RequestInfo| {
+            r.is_upload()
+                .then_some(Fault::Delay(Duration::from_millis(600)))
+        }),
+    );
+    let m = TestMount::via(
+        "upload-memory",
+        &proxy.endpoint(),
+        &["--part-size", "5M", "--max-memory", "16M"],
+    );
+    let (_, before) = m.memory();
+    let files: Vec<(String, Vec<u8>)> = (0..12)
+        .map(|i| (format!("v{i}.mp4"), pseudo_random(30 << 20, i)))
+        .collect();
+    for (name, data) in &files {
+        fs::write(m.path(name), data).unwrap();
+    }
+    m.sync();
+    let (_, peak) = m.memory();
+    eprintln!("peak RSS {} MiB, {} MiB before", peak >> 20, before >> 20);
+    // 16 MiB of bodies, the copies the client makes of them while it sends, and what the
+    // allocator keeps: about 75 MiB here, against 200 MiB with no shared budget.
+    assert!(
+        peak < before + (100 << 20),
+        "peak RSS {} MiB, {} MiB before the uploads",
+        peak >> 20,
+        before >> 20
+    );
+    for (name, data) in files.iter().step_by(5) {
+        assert_eq!(m.object(name).as_ref(), Some(data), "{name}");
+    }
+}

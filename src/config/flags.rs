@@ -253,7 +253,8 @@ pub struct MountArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 
-    /// Memory for read data in flight and read buffers, shared by all open files.
+    /// Memory for read data in flight and read buffers, shared by all open files; the
+    /// bodies of uploads being sent get as much again.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub max_memory: u64,
 

@@ -75,6 +75,13 @@ impl Config {
             ));
         }
         at_least_blocks("--max-memory", a.max_memory, 8, a.block_size)?;
+        if a.part_size > a.max_memory {
+            return Err(format!(
+                "--part-size {} is larger than --max-memory {}: the parts being uploaded are \
+                 held in memory; raise --max-memory or lower --part-size",
+                a.part_size, a.max_memory
+            ));
+        }
         // SAFETY: geteuid/getegid cannot fail.
         let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
         let cache_dir = match a.cache_dir {
@@ -110,6 +117,7 @@ impl Config {
                 workers: 8,
                 part_size: a.part_size,
                 parts_in_flight: 4,
+                part_memory: a.max_memory,
                 max_dirty,
             },
             cache: CacheLimits {

@@ -24,7 +24,9 @@ pub use etag::ETag;
 pub use memory::MemoryStore;
 pub use metered::MeteredStore;
 pub use s3::{AttemptCounts, Encryption, ObjectOptions, S3Store, StoreConfig};
-pub use upload::{part_size_for, upload_file, OpenUploads, MAX_OBJECT_SIZE, MAX_PARTS};
+pub use upload::{
+    part_size_for, upload_file, OpenUploads, UploadLimits, MAX_OBJECT_SIZE, MAX_PARTS,
+};
 
 /// What the store knows about one object.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::{ETag, ObjectStore, StoreError, StoreResult};
@@ -27,13 +28,53 @@ pub fn part_size_for(size: u64, base: u64) -> u64 {
     base.max(needed.div_ceil(MIB) * MIB)
 }
 
-/// Bytes `offset..offset + len` of `file`, with their CRC-32.
+/// How uploads are cut into parts, and the memory the bodies in flight may take together.
+#[derive(Clone)]
+pub struct UploadLimits {
+    /// Smallest part size; larger objects get larger parts (`part_size_for`).
+    pub part_size: u64,
+    /// Parts of one upload sent at once.
+    pub parts_in_flight: usize,
+    /// Bytes of bodies read and not yet sent, in KiB, shared by every upload: each waits
+    /// for room before it reads (one body larger than the whole still goes, alone).
+    memory: Arc<Semaphore>,
+    memory_kib: u32,
+}
+
+impl UploadLimits {
+    pub fn new(part_size: u64, parts_in_flight: usize, memory: u64) -> Self {
+        let memory_kib = (memory >> 10).clamp(1, u32::MAX as u64) as u32;
+        UploadLimits {
+            part_size,
+            parts_in_flight,
+            memory: Arc::new(Semaphore::new(memory_kib as usize)),
+            memory_kib,
+        }
+    }
+
+    /// Room for a body of `len` bytes, held until it is sent.
+    async fn room_for(&self, len: usize) -> OwnedSemaphorePermit {
+        let kib = (len as u64)
+            .div_ceil(1 << 10)
+            .clamp(1, self.memory_kib as u64) as u32;
+        self.memory
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .expect("never closed")
+    }
+}
+
+/// Bytes `offset..offset + len` of `file`, with their CRC-32, once `limits` has room for
+/// them; the permit goes with the body until it is sent.
 async fn read_part(
     file: Arc<File>,
     offset: u64,
     len: usize,
-) -> StoreResult<(Bytes, crc32fast::Hasher)> {
-    tokio::task::spawn_blocking(move || {
+    limits: &UploadLimits,
+) -> StoreResult<(Bytes, crc32fast::Hasher, OwnedSemaphorePermit)> {
+    let room = limits.room_for(len).await;
+    let (body, crc) = tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len];
         file.read_exact_at(&mut buf, offset).map(|_| {
             let mut crc = crc32fast::Hasher::new();
@@ -43,7 +84,8 @@ async fn read_part(
     })
     .await
     .map_err(|e| StoreError::Local(format!("reading the staged file failed: {e}")))?
-    .map_err(|e| StoreError::Local(format!("reading the staged file failed: {e}")))
+    .map_err(|e| StoreError::Local(format!("reading the staged file failed: {e}")))?;
+    Ok((body, crc, room))
 }
 
 /// The bytes read for upload are the ones sealed: a copy damaged on disk while it waited,
@@ -96,20 +138,17 @@ impl OpenUploads {
 /// Uploads the first `size` bytes of `file` as `key`; returns the new ETag. With `crc`,
 /// the bytes read must have that CRC-32, or nothing is stored (`SourceChanged`). A
 /// multipart upload is in `open` from its creation until it is completed or aborted.
-#[allow(clippy::too_many_arguments)]
 pub async fn upload_file(
     store: &Arc<dyn ObjectStore>,
     key: &str,
     file: Arc<File>,
-    size: u64,
-    crc: Option<u32>,
-    base_part_size: u64,
-    parts_in_flight: usize,
+    (size, crc): (u64, Option<u32>),
+    limits: &UploadLimits,
     open: &OpenUploads,
 ) -> StoreResult<Option<ETag>> {
-    let part_size = part_size_for(size, base_part_size);
+    let part_size = part_size_for(size, limits.part_size);
     if size <= part_size {
-        let (body, read) = read_part(file, 0, size as usize).await?;
+        let (body, read, _room) = read_part(file, 0, size as usize, limits).await?;
         check_content(crc, read)?;
         return store.put(key, body).await;
     }
@@ -126,16 +165,8 @@ pub async fn upload_file(
         }
         registered.insert(upload_id.clone(), key.to_string());
     }
-    let result = upload_multipart(
-        store,
-        key,
-        &upload_id,
-        file,
-        (size, crc),
-        part_size,
-        parts_in_flight,
-    )
-    .await;
+    let result =
+        upload_multipart(store, key, &upload_id, file, (size, crc), part_size, limits).await;
     open.open.lock().remove(&upload_id);
     result
 }
@@ -147,19 +178,11 @@ async fn upload_multipart(
     file: Arc<File>,
     (size, crc): (u64, Option<u32>),
     part_size: u64,
-    parts_in_flight: usize,
+    limits: &UploadLimits,
 ) -> StoreResult<Option<ETag>> {
-    let result = upload_parts(
-        store,
-        key,
-        upload_id,
-        file,
-        size,
-        part_size,
-        parts_in_flight,
-    )
-    .await
-    .and_then(|(parts, read)| check_content(crc, read).map(|_| parts));
+    let result = upload_parts(store, key, upload_id, file, size, part_size, limits)
+        .await
+        .and_then(|(parts, read)| check_content(crc, read).map(|_| parts));
     match result {
         Ok(parts) => {
             let expected = multipart_etag(&parts);
@@ -211,25 +234,26 @@ async fn upload_parts(
     file: Arc<File>,
     size: u64,
     part_size: u64,
-    parts_in_flight: usize,
+    limits: &UploadLimits,
 ) -> StoreResult<(Vec<(i32, ETag)>, crc32fast::Hasher)> {
     let count = size.div_ceil(part_size);
     let mut parts = Vec::with_capacity(count as usize);
     let mut tasks = JoinSet::new();
     let mut next = 0u64;
     loop {
-        while next < count && tasks.len() < parts_in_flight.max(1) {
+        while next < count && tasks.len() < limits.parts_in_flight.max(1) {
             let offset = next * part_size;
             let len = part_size.min(size - offset) as usize;
             let number = next as i32 + 1;
-            let (store, key, id, file) = (
+            let (store, key, id, file, limits) = (
                 store.clone(),
                 key.to_string(),
                 upload_id.to_string(),
                 file.clone(),
+                limits.clone(),
             );
             tasks.spawn(async move {
-                let (body, read) = read_part(file, offset, len).await?;
+                let (body, read, _room) = read_part(file, offset, len, &limits).await?;
                 // A part the store refused for what it received (a body damaged on the way)
                 // is sent again by itself, rather than the whole upload.
                 let mut attempt = 1;
@@ -321,10 +345,9 @@ mod tests {
                 &store,
                 "k",
                 f.clone(),
-                size,
-                Some(crc),
-                1 << 20,
-                3,
+                (size, Some(crc)),
+                // Room for two parts at a time of the three.
+                &UploadLimits::new(1 << 20, 3, 2 << 20),
                 &OpenUploads::default(),
             ))
         };

@@ -274,10 +274,8 @@ impl Bucket {
                 &(self.store.clone() as Arc<dyn ObjectStore>),
                 key,
                 file,
-                data.len() as u64,
-                None,
-                16 << 20,
-                4,
+                (data.len() as u64, None),
+                &s3mediafs::store::UploadLimits::new(16 << 20, 4, 64 << 20),
                 &Default::default(),
             ))
             .unwrap_or_else(|e| panic!("multipart upload of {key}: {e}"));
