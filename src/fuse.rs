@@ -305,11 +305,23 @@ impl fuser::Filesystem for FuseAdapter {
         // Owner, mode and times are mount-wide; changing them succeeds and changes nothing,
         // so `cp -a` and `rsync -a` work.
         let ttl = self.ttl;
+        // truncate(2) by path changes the file as an open for writing would: refused while
+        // it is passed through, and no open is passed through meanwhile. (A handle's
+        // ftruncate comes from an open for writing, which holds such a place already.)
+        let by_path = size.is_some() && fh.is_none();
+        let passthrough = self.passthrough.clone();
+        if by_path && !passthrough.reserve(ino.0) {
+            reply.error(Errno::ETXTBSY);
+            return;
+        }
         self.spawn("setattr", |fs| async move {
             let r = match size {
                 Some(size) => fs.setattr_size(ino.0, size, fh.map(|f| f.0)).await,
                 None => fs.getattr(ino.0).await,
             };
+            if by_path {
+                passthrough.cancel_reserved(ino.0);
+            }
             match r {
                 Ok(a) => reply.attr(&ttl, &file_attr(&a)),
                 Err(e) => reply.error(errno("setattr", e)),

@@ -471,8 +471,13 @@ fn a_machine_without_fuse_is_told_what_it_lacks() {
     std::fs::create_dir(&mnt).unwrap();
     let source = format!("{}:t/", env.bucket);
     let cache = dir.path().join("cache");
+    // A copy another user can run (the build may sit in a private directory).
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = shared.path().join("s3mediafs");
+    std::fs::copy(BIN, &bin).unwrap();
     let mount = [
-        BIN,
+        bin.to_str().unwrap(),
         "mount",
         &source,
         mnt.to_str().unwrap(),

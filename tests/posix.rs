@@ -59,7 +59,7 @@ fn keys_longer_than_s3_allows_are_refused_before_any_request() {
 }
 
 #[test]
-fn unlinked_file_stays_readable_through_open_handles() {
+fn unlinked_or_renamed_file_stays_readable_through_open_handles() {
     let m = TestMount::new("unlinked");
     let data = pseudo_random(300_000, 7);
     fs::write(m.path("f"), &data).unwrap();
@@ -95,6 +95,31 @@ fn unlinked_file_stays_readable_through_open_handles() {
     assert_eq!(s, "written before unlink");
     drop(w);
     assert_eq!(m.object("g"), None, "an unlinked file must not be uploaded");
+
+    // A file renamed while a handle reads it from the bucket: the handle reads on.
+    let big = pseudo_random(40 << 20, 8);
+    Bucket::new(&m.env).put(&m.key("v.mp4"), &big);
+    let mut reader = File::open(m.path("v.mp4")).unwrap();
+    let mut first = vec![0u8; 4096];
+    reader.read_exact(&mut first).unwrap();
+    fs::rename(m.path("v.mp4"), m.path("w.mp4")).unwrap();
+    // Longer than deletes wait to be gathered: a delete of the old key not deferred lands.
+    std::thread::sleep(Duration::from_secs(1));
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).unwrap();
+    assert!(
+        [first, rest].concat() == big,
+        "the renamed file read other bytes"
+    );
+    drop(reader);
+    wait_for(Duration::from_secs(10), || match m.object("v.mp4") {
+        None => Ok(()),
+        Some(_) => Err("the old name's object outlived the reader's close".into()),
+    });
+    assert!(
+        m.object("w.mp4") == Some(big),
+        "the new name lacks the content"
+    );
 }
 
 #[test]

@@ -550,6 +550,15 @@ fn a_file_passed_through_is_written_once_its_readers_close() {
     }
     let err = std::fs::write(m.path("a.bin"), &new).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ETXTBSY), "{err}");
+    // truncate(2) by path too.
+    let path = std::ffi::CString::new(m.path("a.bin").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid C string path.
+    let rc = unsafe { libc::truncate(path.as_ptr(), 0) };
+    let err = std::io::Error::last_os_error();
+    assert!(
+        rc == -1 && err.raw_os_error() == Some(libc::ETXTBSY),
+        "{rc} {err}"
+    );
     let mut got = vec![0u8; old.len()];
     reader.read_exact_at(&mut got, 0).unwrap();
     assert!(got == old);

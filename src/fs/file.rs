@@ -30,6 +30,9 @@ const DOWNLOAD_CHUNK: u64 = 8 << 20;
 
 struct OpenFile {
     ino: u64,
+    /// The file's key when it was opened: what the handle reads from the bucket, even once
+    /// the file is renamed (the rename's delete of this key waits for the last such handle).
+    key: String,
     writable: bool,
     /// The object version this handle reads, with its size; a changed object fails the
     /// read rather than mix versions.
@@ -48,9 +51,10 @@ struct OpenFile {
 }
 
 impl OpenFile {
-    fn new(ino: u64, writable: bool, etag: Option<ETag>, size: u64) -> Self {
+    fn new(ino: u64, key: String, writable: bool, etag: Option<ETag>, size: u64) -> Self {
         OpenFile {
             ino,
+            key,
             writable,
             etag,
             size,
@@ -121,7 +125,7 @@ impl Drop for Opening<'_> {
         }
         let mut t = self.fs.ns.table.lock();
         if let Some(i) = t.get_mut(self.ino) {
-            if let Some(seq) = i.close_one() {
+            for seq in i.close_one() {
                 self.fs.writeback.release_deferred(seq);
             }
             i.drop_clean_copy();
@@ -137,7 +141,7 @@ impl BucketFs {
         let name = names::new_component(name)?;
         let mode = OpenMode::from_flags(flags);
         let path = names::join(&self.ns.dir_path(parent)?, name);
-        self.ns.keys.file_key(&path)?;
+        let key = self.ns.keys.file_key(&path)?;
         let existing = {
             let t = self.ns.table.lock();
             t.child(parent, name)
@@ -167,7 +171,7 @@ impl BucketFs {
                 etag: None,
             },
         );
-        let fh = self.files.add(OpenFile::new(ino, true, None, 0));
+        let fh = self.files.add(OpenFile::new(ino, key, true, None, 0));
         Ok((self.remember(ino)?, fh))
     }
 
@@ -244,7 +248,7 @@ impl BucketFs {
             None => (None, i.etag.clone().or(uploaded)),
         };
         drop(t);
-        let mut file = OpenFile::new(ino, mode.write, etag, size);
+        let mut file = OpenFile::new(ino, key, mode.write, etag, size);
         file.keep_cache = keep_cache;
         file.local = local;
         opening.done = true;
@@ -272,11 +276,8 @@ impl BucketFs {
         if h.writable || h.size < PASSTHROUGH_MIN_SIZE {
             return None;
         }
-        let (copy, key) = {
-            let t = self.ns.table.lock();
-            let i = t.get(h.ino)?;
-            (i.copy().cloned(), self.ns.keys.file_key(&i.path).ok()?)
-        };
+        let copy = self.ns.table.lock().get(h.ino)?.copy().cloned();
+        let key = &h.key;
         if let Some(local) = copy.or_else(|| h.local.clone()) {
             let file = self.sealed_copy(&local, h.size).await?;
             return Some(Backed::File(
@@ -285,7 +286,7 @@ impl BucketFs {
             ));
         }
         // The version this handle opened.
-        let uploaded = self.blocks().known_etag(&key);
+        let uploaded = self.blocks().known_etag(key);
         let etag = h.etag.clone()?;
         match backing {
             // Passed through to the copy this mount uploaded, and that is what this reads:
@@ -299,7 +300,7 @@ impl BucketFs {
             _ => {}
         }
         let blocks = self.blocks().clone();
-        let object = ObjectId::new(&key, &etag);
+        let object = ObjectId::new(key, &etag);
         // Most opens need no read: they are answered here, without a wait on the blocking
         // pool (a thread switch each way).
         let whole = match blocks.open_whole_unread(object, h.size)? {
@@ -337,19 +338,20 @@ impl BucketFs {
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         let h = self.files.get(fh)?;
-        let (staged, file_size, path) = {
+        let (staged, file_size) = {
             let t = self.ns.table.lock();
             let i = t.get(h.ino).ok_or(FsError::BADF)?;
-            (i.copy().cloned(), i.size, i.path.clone())
+            (i.copy().cloned(), i.size)
         };
-        let key = self.ns.keys.file_key(&path)?;
+        // The key the file had when the handle opened it, renamed since or not.
+        let key = &h.key;
         // A file on its way to the bucket is read from its local copy: the inode's, or the
-        // one the handle opened. A handle that opened neither a copy nor a version (an open
-        // racing a rename, a store without ETags) reads what the path names now.
+        // one the handle opened. A handle that opened neither a copy nor a version (a store
+        // without ETags) reads what the key holds now.
         let unpinned = h.local.is_none() && h.etag.is_none();
         let local = staged.or_else(|| h.local.clone()).or_else(|| {
             unpinned
-                .then(|| self.writeback.pending_upload(&key))
+                .then(|| self.writeback.pending_upload(key))
                 .flatten()
         });
         if let Some(local) = local {
@@ -358,7 +360,7 @@ impl BucketFs {
         // The version this handle opened; unpinned, the one this mount uploaded last.
         let version = match &h.etag {
             Some(etag) => Some((etag.clone(), h.size)),
-            None => self.blocks().known_etag(&key).map(|etag| (etag, file_size)),
+            None => self.blocks().known_etag(key).map(|etag| (etag, file_size)),
         };
         let result = match version {
             Some((etag, object_size)) => {
@@ -373,7 +375,7 @@ impl BucketFs {
             }
             None => {
                 self.readahead
-                    .read_uncached(&key, file_size, offset, size)
+                    .read_uncached(key, file_size, offset, size)
                     .await
             }
         };
@@ -384,7 +386,7 @@ impl BucketFs {
                 libc::EIO,
                 format!("reading {key}: the object was replaced while open; the read fails rather than mix versions"),
             )),
-            Err(e) => Err(FsError::store("GET", &key, e)),
+            Err(e) => Err(FsError::store("GET", key, e)),
         }
     }
 
@@ -459,7 +461,7 @@ impl BucketFs {
         };
         let mut t = self.ns.table.lock();
         if let Some(i) = t.get_mut(h.ino) {
-            if let Some(seq) = i.close_one() {
+            for seq in i.close_one() {
                 self.writeback.release_deferred(seq);
             }
             i.drop_clean_copy();

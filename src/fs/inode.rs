@@ -88,9 +88,10 @@ pub struct Inode {
     /// the content changed in a way the kernel's pages may not show (a download, a
     /// truncation it was not told of, an open for writing that did not truncate).
     pub page_cache: Option<PageCache>,
-    /// The delete of its object, journaled when it was unlinked while open for reading and
-    /// deferred until its last handle closes (`WritebackQueue::delete_after_close`).
-    pub deferred_delete: Option<u64>,
+    /// Deletes of objects its handles read, journaled when it was unlinked or renamed
+    /// while open for reading and deferred until its last handle closes
+    /// (`WritebackQueue::delete_after_close`).
+    pub deferred_deletes: Vec<u64>,
 }
 
 /// The content the kernel's page cache of a file was filled from.
@@ -154,13 +155,13 @@ impl Inode {
         )
     }
 
-    /// One open handle fewer; returns the deferred delete to let go when it was the last.
-    pub fn close_one(&mut self) -> Option<u64> {
+    /// One open handle fewer; returns the deferred deletes to let go when it was the last.
+    pub fn close_one(&mut self) -> Vec<u64> {
         self.open = self.open.saturating_sub(1);
         if self.open == 0 {
-            self.deferred_delete.take()
+            std::mem::take(&mut self.deferred_deletes)
         } else {
-            None
+            Vec::new()
         }
     }
 
@@ -276,7 +277,7 @@ impl InodeTable {
             state: State::Remote,
             version: 0,
             page_cache: None,
-            deferred_delete: None,
+            deferred_deletes: Vec::new(),
         };
         InodeTable {
             inodes: HashMap::from([(ROOT, root)]),
@@ -342,7 +343,7 @@ impl InodeTable {
                 state: State::Remote,
                 version: 0,
                 page_cache: None,
-                deferred_delete: None,
+                deferred_deletes: Vec::new(),
             },
         );
         self.link(parent, name, ino);

@@ -325,31 +325,36 @@ impl BucketFs {
                 i.open > 0 && i.copy().is_none() && i.in_bucket(),
             )
         };
-        if read_from_bucket {
-            // Open handles keep reading the object: its delete waits for the last of them
-            // to close, with nothing downloaded (a large file would hold this unlink for as
-            // long as that takes).
-            let seq = self.queue(
-                self.writeback
-                    .delete_after_close(&self.ns.keys.file_key(&path)?),
-            )?;
-            let closed = {
-                let mut t = self.ns.table.lock();
-                match t.get_mut(ino) {
-                    Some(i) if i.open > 0 => {
-                        i.deferred_delete = Some(seq);
-                        false
-                    }
-                    _ => true,
-                }
-            };
-            if closed {
-                self.writeback.release_deferred(seq);
-            }
-        } else if in_bucket {
-            self.queue(self.writeback.delete(&self.ns.keys.file_key(&path)?))?;
+        if in_bucket {
+            self.delete_object_of(ino, &self.ns.keys.file_key(&path)?, read_from_bucket)?;
         }
         self.removed(parent, name, ino, &path).await
+    }
+
+    /// Deletes `key`, the object file `ino` had. When `handles_read_it` (open handles read
+    /// the file from the bucket), the delete waits for the last of them to close, with
+    /// nothing downloaded (a large file would hold the unlink or rename for as long as that
+    /// takes).
+    fn delete_object_of(&self, ino: u64, key: &str, handles_read_it: bool) -> FsResult<()> {
+        if !handles_read_it {
+            self.queue(self.writeback.delete(key))?;
+            return Ok(());
+        }
+        let seq = self.queue(self.writeback.delete_after_close(key))?;
+        let closed = {
+            let mut t = self.ns.table.lock();
+            match t.get_mut(ino) {
+                Some(i) if i.open > 0 => {
+                    i.deferred_deletes.push(seq);
+                    false
+                }
+                _ => true,
+            }
+        };
+        if closed {
+            self.writeback.release_deferred(seq);
+        }
+        Ok(())
     }
 
     pub async fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
@@ -482,6 +487,8 @@ impl BucketFs {
             )
         };
         let old_key = self.ns.keys.file_key(&old_path)?;
+        // Handles opened before the rename read the old key from the bucket until they close.
+        let handles_read_old_key = open > 0 && local.is_none();
         // A sealed copy of the content, in the inode or still waiting in the queue.
         let sealed = local
             .filter(|s| s.is_sealed())
@@ -510,7 +517,7 @@ impl BucketFs {
             };
         }
         if in_bucket {
-            self.queue(self.writeback.delete(&old_key))?;
+            self.delete_object_of(ino, &old_key, handles_read_old_key)?;
         }
         let noted_etag = match &version {
             RenamedVersion::Copied(etag) => Some(etag.clone()),
