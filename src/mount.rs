@@ -193,14 +193,39 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .map_err(|e| mount_error(&cfg, e))?;
     let mut unmounter = session.unmount_callable();
     let mountpoint = cfg.mountpoint.clone();
-    rt.spawn(async move {
-        let reason = wait_for_signal().await;
-        tracing::info!(mountpoint = %mountpoint.display(), "{reason}: unmounting");
-        if let Err(e) = unmounter.unmount() {
-            tracing::warn!(error = %e, "unmount failed (is the mount busy?); detaching it lazily");
-            lazy_unmount(&mountpoint);
-        }
-    });
+    // SIGTERM, SIGINT and SIGHUP, counted for the life of the process: the first unmounts,
+    // the second ends the wait for pending uploads that follows an unmount.
+    let (signals, _) = tokio::sync::watch::channel(0u32);
+    let signals = Arc::new(signals);
+    {
+        let signals = signals.clone();
+        rt.spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let handler = |kind| signal(kind).expect("signal handler");
+            let mut term = handler(SignalKind::terminate());
+            let mut int = handler(SignalKind::interrupt());
+            let mut hup = handler(SignalKind::hangup());
+            let mut unmounted = false;
+            loop {
+                let reason = tokio::select! {
+                    _ = term.recv() => "SIGTERM received",
+                    _ = int.recv() => "SIGINT received",
+                    _ = hup.recv() => "SIGHUP received",
+                };
+                signals.send_modify(|n| *n += 1);
+                if unmounted {
+                    tracing::warn!("{reason} again: not waiting for the uploads any longer");
+                    continue;
+                }
+                unmounted = true;
+                tracing::info!(mountpoint = %mountpoint.display(), "{reason}: unmounting");
+                if let Err(e) = unmounter.unmount() {
+                    tracing::warn!(error = %e, "unmount failed (is the mount busy?); detaching it lazily");
+                    lazy_unmount(&mountpoint);
+                }
+            }
+        });
+    }
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     announce_when_answering(
         cfg.mountpoint.clone(),
@@ -252,16 +277,15 @@ pub fn run(cfg: Config) -> Result<(), String> {
         );
     }
     // A second signal (Ctrl-C again, with the store down) ends the wait: everything
-    // pending is journaled, and the next mount uploads it.
+    // pending is journaled, and the next mount uploads it. (A first one after an unmount
+    // by other means, as systemd sends to what is left of a stopped mount unit, does not.)
     let left = rt.block_on(async {
+        let mut count = signals.subscribe();
         let drain = writeback.drain(cfg.drain_timeout);
         tokio::pin!(drain);
         tokio::select! {
             left = &mut drain => left,
-            reason = wait_for_signal() => {
-                tracing::warn!("{reason} again: not waiting for the uploads any longer");
-                writeback.drain(Duration::ZERO).await
-            }
+            _ = count.wait_for(|n| *n >= 2) => writeback.drain(Duration::ZERO).await,
         }
     });
     if left > 0 {
@@ -414,18 +438,6 @@ fn signal_ready() {
     }
 }
 
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM received",
-        _ = int.recv() => "SIGINT received",
-        _ = hup.recv() => "SIGHUP received",
-    }
-}
-
 fn lazy_unmount(mountpoint: &Path) {
     let status = Command::new("fusermount3")
         .arg("-uz")
@@ -452,13 +464,17 @@ fn check_fuse() -> Result<(), String> {
     }
     // SAFETY: geteuid cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
-    let on_path = |name: &str| {
-        std::env::var_os("PATH")
-            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+    // Where fuser looks: FUSERMOUNT_PATH, PATH, then the usual directories.
+    let found = |name: &str| {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .chain(["/bin", "/usr/bin", "/sbin", "/usr/sbin"].map(PathBuf::from))
+            .any(|d| d.join(name).is_file())
     };
-    if !root && !on_path("fusermount3") && !on_path("fusermount") {
+    let told = std::env::var_os("FUSERMOUNT_PATH").is_some();
+    if !root && !told && !found("fusermount3") && !found("fusermount") {
         return Err(
-            "fusermount3 was not found on PATH: a user other than root mounts through \
+            "fusermount3 was not found: a user other than root mounts through \
              it; install fuse3 (apt-get install fuse3)"
                 .to_string(),
         );
@@ -534,15 +550,24 @@ pub fn check_mountpoint(p: &Path, nonempty: bool, source: &str) -> Result<(), St
     Ok(())
 }
 
-/// Whether the mount at `p` (which no process serves) is an s3mediafs mount: its type
-/// says so (mounted through fusermount3), or, mounted by root as plain `fuse`, its source
-/// is `source`.
+/// Whether the mount at `p` (which no process serves) is an s3mediafs mount of `source`:
+/// of type `fuse.s3mediafs` (mounted through fusermount3) or plain `fuse` (by root).
 fn dead_mount_is_ours(p: &Path, source: &str) -> bool {
-    std::path::absolute(p)
+    // The directory holding it resolved (it can be), the mountpoint itself not (it fails).
+    let resolved = match (p.parent(), p.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        })
+        .map(|d| d.join(name)),
+        _ => std::path::absolute(p),
+    };
+    resolved
         .ok()
         .and_then(|abs| mounted_at(&abs))
         .is_some_and(|(fstype, from)| {
-            fstype == "fuse.s3mediafs" || fstype == "fuse" && from == source
+            (fstype == "fuse.s3mediafs" || fstype == "fuse") && from == source
         })
 }
 

@@ -488,31 +488,26 @@ fn a_machine_without_fuse_is_told_what_it_lacks() {
         "--region",
         &env.region,
     ];
+    // In a private mount namespace: a /dev without fuse; fusermount3 and fusermount
+    // hidden, for a user other than root.
     let private_dev = "mount -t tmpfs none /dev && exec \"$0\" \"$@\"";
-    let cases: [(&[&str], &str); 2] = [
-        (
-            &[
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                private_dev,
-            ],
-            "/dev/fuse is missing",
-        ),
-        (
-            &[
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "env",
-                "PATH=/nonexistent",
-            ],
-            "fusermount3 was not found on PATH",
-        ),
+    let no_fusermount = "for f in /usr/bin/fusermount3 /usr/bin/fusermount /bin/fusermount3 \
+         /bin/fusermount; do [ -e $f ] && mount --bind /dev/null $f; done; \
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups \"$0\" \"$@\"";
+    let in_namespace = |script| {
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+        ]
+    };
+    let cases = [
+        (in_namespace(private_dev), "/dev/fuse is missing"),
+        (in_namespace(no_fusermount), "fusermount3 was not found"),
     ];
     for (wrapper, says) in cases {
         let out = std::process::Command::new(wrapper[0])

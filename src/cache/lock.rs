@@ -1,7 +1,7 @@
 //! An exclusive lock on a cache directory, held for the life of the mount.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, Write};
+use std::io::{self, Read, Seek};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
@@ -15,6 +15,10 @@ pub struct CacheLock {
 /// What the lock file says after the holder's pid once its mount is gone and it only
 /// uploads what is pending.
 const DRAINING: &str = "draining";
+
+/// How long a holder that does not say it drains is given to say so: the time between its
+/// unmount and its note.
+const HANDOVER: Duration = Duration::from_secs(3);
 
 impl CacheLock {
     /// Takes the lock, or says which process holds it. A process that holds it only to
@@ -32,6 +36,7 @@ impl CacheLock {
             .open(&path)
             .map_err(|e| format!("cannot open the lock file {}: {e}", path.display()))?;
         let mut next_log: Option<Instant> = None;
+        let mut first_refused: Option<Instant> = None;
         loop {
             // SAFETY: flock on a valid, owned file descriptor.
             let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
@@ -45,6 +50,12 @@ impl CacheLock {
             let mut holder = String::new();
             let _ = file.rewind().and_then(|_| file.read_to_string(&mut holder));
             let (pid, state) = holder.trim().split_once(' ').unwrap_or((holder.trim(), ""));
+            // A holder just unmounted may not have said it drains yet: given a moment.
+            let refused_since = *first_refused.get_or_insert_with(Instant::now);
+            if state != DRAINING && refused_since.elapsed() < HANDOVER {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
             if state != DRAINING {
                 return Err(format!(
                     "the cache directory {} is in use by another s3mediafs mount (pid {pid}); \
@@ -54,14 +65,15 @@ impl CacheLock {
             }
             if next_log.is_none_or(|at| Instant::now() >= at) {
                 tracing::warn!(pid, cache_dir = %cache_dir.display(),
-                    "the previous mount of this cache directory is still uploading what was pending when it was unmounted; waiting for it to finish");
+                    "the previous mount of this cache directory is still uploading what was pending when it was unmounted; waiting for it to finish (`kill` it twice to stop it at once: what is pending stays journaled and this mount uploads it)");
                 next_log = Some(Instant::now() + Duration::from_secs(60));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        file.set_len(0)
-            .and_then(|_| file.rewind())
-            .and_then(|_| write!(file, "{}", std::process::id()))
+        // Written before the old text is cut off, so a reader never finds it empty.
+        let pid = std::process::id().to_string();
+        file.write_all_at(pid.as_bytes(), 0)
+            .and_then(|_| file.set_len(pid.len() as u64))
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         Ok(CacheLock { file })
     }

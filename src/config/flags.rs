@@ -263,8 +263,9 @@ pub struct MountArgs {
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub read_timeout: Duration,
 
-    /// How long unmounting waits for pending uploads; what is left stays journaled and is
-    /// uploaded by the next mount with the same cache directory.
+    /// How long unmounting waits for pending uploads (a second SIGTERM or Ctrl-C ends the
+    /// wait); what is left stays journaled and is uploaded by the next mount with the same
+    /// cache directory, which waits for this one to finish.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 

@@ -183,6 +183,19 @@ impl Target {
             ));
         }
         if let Some(ep) = &a.endpoint {
+            // Keys in the URL would reach logs, metrics and `ps`; the URL is not repeated.
+            let authority = ep.split_once("://").map_or(ep.as_str(), |(_, rest)| rest);
+            if authority
+                .split(['/', '?', '#'])
+                .next()
+                .is_some_and(|a| a.contains('@'))
+            {
+                return Err(
+                    "the endpoint holds credentials (user:secret@host); give the endpoint \
+                     as https://host and the keys with --credentials or the environment"
+                        .to_string(),
+                );
+            }
             let ok = (ep.starts_with("http://") || ep.starts_with("https://"))
                 && ep
                     .split("://")
@@ -192,15 +205,6 @@ impl Target {
                 return Err(format!(
                     "the endpoint '{ep}' is not a URL; give it as http://host:port or https://host"
                 ));
-            }
-            // Keys in the URL would reach logs, metrics and `ps`; the URL is not repeated.
-            let authority = ep.split("://").nth(1).unwrap_or_default().split('/').next();
-            if authority.is_some_and(|a| a.contains('@')) {
-                return Err(
-                    "the endpoint holds credentials (user:secret@host); give the endpoint \
-                     as https://host and the keys with --credentials or the environment"
-                        .to_string(),
-                );
             }
         }
         let path_style = match a.addressing.as_str() {

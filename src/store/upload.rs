@@ -122,16 +122,26 @@ impl OpenUploads {
                 .store(true, std::sync::atomic::Ordering::Release);
             open.drain().collect()
         };
-        for (id, key) in &open {
-            match tokio::time::timeout(timeout, store.abort_multipart(key, id)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(key, error = %e, "could not abort an unfinished multipart upload")
+        // All at once, within one `timeout`: with the store down, an unmount told to stop
+        // waiting must not wait for each in turn.
+        let count = open.len();
+        let mut aborts = JoinSet::new();
+        for (id, key) in open {
+            let store = store.clone();
+            aborts.spawn(async move {
+                match tokio::time::timeout(timeout, store.abort_multipart(&key, &id)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(key, error = %e, "could not abort an unfinished multipart upload")
+                    }
+                    Err(_) => {
+                        tracing::warn!(key, "aborting an unfinished multipart upload timed out")
+                    }
                 }
-                Err(_) => tracing::warn!(key, "aborting an unfinished multipart upload timed out"),
-            }
+            });
         }
-        open.len()
+        while aborts.join_next().await.is_some() {}
+        count
     }
 }
 
@@ -346,7 +356,7 @@ mod tests {
                 "k",
                 f.clone(),
                 (size, Some(crc)),
-                // Room for two parts at a time of the three.
+                // Room for two parts at a time.
                 &UploadLimits::new(1 << 20, 3, 2 << 20),
                 &OpenUploads::default(),
             ))
