@@ -1493,6 +1493,8 @@ impl WritebackQueue {
                 })
                 .await;
             }
+            // Too large to keep: its version is known all the same.
+            (Change::Upload { key, .. }, Some(etag), _) => self.blocks.note_uploaded(key, &etag),
             (change, _, _) => self.blocks.forget_key(change.key()),
         }
     }

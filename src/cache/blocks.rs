@@ -1366,6 +1366,12 @@ impl BlockCache {
     }
 
     /// Forgets what this mount knew of `key` (it was deleted or replaced here).
+    /// This mount just uploaded `key` as `etag`, without keeping its content: reads of it
+    /// still name that version, and go through readahead and this cache.
+    pub fn note_uploaded(&self, key: &str, etag: &ETag) {
+        self.known_etags.lock().put(key.to_string(), etag.clone());
+    }
+
     pub fn forget_key(&self, key: &str) {
         self.known_etags.lock().pop(key);
     }

@@ -375,6 +375,28 @@ fn an_open_for_writing_sees_a_file_another_host_replaced() {
     );
 }
 
+/// A file uploaded here that is too large to keep in the cache is read as the version this
+/// mount uploaded: replaced by another host meanwhile, the read fails rather than hand
+/// out the other version's bytes as this one's.
+#[test]
+fn a_file_too_large_to_keep_is_read_as_the_version_uploaded() {
+    let f = Fixture::new(Duration::from_secs(60), 1 << 20);
+    let mine = vec![7u8; 400_000];
+    let ino = f.write("big.mp4", &mine).unwrap();
+    f.wait_until("the upload landed", || {
+        f.store.object("pre/big.mp4").is_some() && f.queue.under("").is_empty()
+    });
+    f.put("big.mp4", &vec![9u8; 400_000]);
+    let (_, read) = f.open_and_read(ino, 4096);
+    match read {
+        Ok(b) => panic!(
+            "read {} bytes of another host's version as this mount's",
+            b.len()
+        ),
+        Err(e) => assert_eq!(e.errno(), libc::EIO, "{e:?}"),
+    }
+}
+
 /// A file whose close failed because the fdatasync of its copy did (EIO, ENOSPC) closes
 /// again once it is written anew: the copy in doubt is replaced, not kept failing.
 #[test]
