@@ -21,7 +21,7 @@ use tokio::runtime::Handle;
 
 use crate::fs::{Attr, BucketFs, FsError, Kind, OpenMode};
 use crate::metrics::{FuseMetrics, Metrics};
-use crate::passthrough::{Backed, Passthrough};
+use crate::passthrough::{Backed, Opened, Passthrough};
 
 /// The extended attribute of the mount's root that holds the mount's metrics, for
 /// `s3mediafs status`.
@@ -424,8 +424,14 @@ impl fuser::Filesystem for FuseAdapter {
                         Backed::No
                     };
                     let keep_cache = fs.keep_cache(fh);
-                    if !passthrough.reply_open(reply, ino.0, fh, backed, keep_cache) {
-                        let _ = fs.release(fh).await;
+                    match passthrough.reply_open(reply, ino.0, fh, backed, keep_cache) {
+                        Opened::PassedThrough => {}
+                        // The cached object held for the kernel would only keep its blocks
+                        // from eviction.
+                        Opened::ThroughMount => fs.let_go_of_whole(fh),
+                        Opened::Refused => {
+                            let _ = fs.release(fh).await;
+                        }
                     }
                 }
                 Err(e) => reply.error(errno("open", e)),

@@ -19,6 +19,17 @@ use std::sync::Arc;
 use fuser::{BackingId, Errno, FileHandle, FopenFlags, ReplyOpen};
 use parking_lot::Mutex;
 
+/// How `reply_open` answered an open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    /// The kernel reads the backing file.
+    PassedThrough,
+    /// The kernel reads through the mount.
+    ThroughMount,
+    /// Refused with ETXTBSY: the handle must be released.
+    Refused,
+}
+
 /// How the kernel reads one open file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -100,7 +111,7 @@ impl Passthrough {
     /// when the inode allows it, else read through the mount, keeping the kernel's page cache
     /// of the file when `keep_cache`. The kernel sends no flush at its close(): a handle that
     /// only reads has nothing to commit, and the close costs no round trip to the mount.
-    /// Returns false when the open was refused (ETXTBSY), and `fh` must be released.
+    /// Says how the kernel reads the handle; `Refused` (ETXTBSY) when `fh` must be released.
     pub fn reply_open(
         &self,
         reply: ReplyOpen,
@@ -108,7 +119,7 @@ impl Passthrough {
         fh: u64,
         backed: Backed,
         keep_cache: bool,
-    ) -> bool {
+    ) -> Opened {
         let mut files = self.files.lock();
         let inode = files.inodes.entry(ino).or_default();
         let id = match backed {
@@ -156,7 +167,7 @@ impl Passthrough {
             drop(files);
             self.opened.fetch_add(1, Ordering::Relaxed);
             reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id);
-            return true;
+            return Opened::PassedThrough;
         }
         if Self::through_mount(&mut files, ino, fh) {
             drop(files);
@@ -166,11 +177,11 @@ impl Passthrough {
                 FopenFlags::FOPEN_NOFLUSH
             };
             reply.opened(FileHandle(fh), flags);
-            true
+            Opened::ThroughMount
         } else {
             drop(files);
             reply.error(Errno::ETXTBSY);
-            false
+            Opened::Refused
         }
     }
 

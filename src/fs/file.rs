@@ -314,6 +314,14 @@ impl BucketFs {
         Some(Backed::File(file, format!("object:{etag}")))
     }
 
+    /// The handle `fh` is read through the mount after all: the object `passthrough_file`
+    /// held whole for the kernel is let go.
+    pub fn let_go_of_whole(&self, fh: u64) {
+        if let Ok(h) = self.files.get(fh) {
+            *h.whole.lock() = None;
+        }
+    }
+
     /// A descriptor of `local` for the kernel to read from, if it is sealed (its content
     /// never changes again) and holds the `size` bytes the handle opened.
     async fn sealed_copy(&self, local: &Arc<StagedFile>, size: u64) -> Option<std::fs::File> {
