@@ -42,20 +42,19 @@ if [ "$bin" != "$root/usr/local/bin/s3mediafs" ]; then
     ln -sfn "$bin" "$root/usr/local/bin/s3mediafs"
 fi
 
+# A unit into DIR, naming the installed binary.
+install_unit() { # UNIT DIR
+    sed "s|/usr/local/bin/s3mediafs|$bin|g" "$1" > "$2/$(basename "$1")"
+    chmod 644 "$2/$(basename "$1")"
+}
 units="$root/etc/systemd/system"
 install -d "$units"
-for u in systemd/*.service; do
-    sed "s|/usr/local/bin/s3mediafs|$bin|g" "$u" > "$units/$(basename "$u")"
-    chmod 644 "$units/$(basename "$u")"
-done
+for u in systemd/*.service; do install_unit "$u" "$units"; done
 # The mount unit and Synapse's drop-in name one site's paths and take effect once in
 # /etc/systemd/system: examples to copy and edit, as the package ships them.
 examples="$prefix/share/doc/s3mediafs/examples"
 install -d "$examples/matrix-synapse.service.d"
-for u in systemd/*.mount; do
-    sed "s|/usr/local/bin/s3mediafs|$bin|g" "$u" > "$examples/$(basename "$u")"
-    chmod 644 "$examples/$(basename "$u")"
-done
+for u in systemd/*.mount; do install_unit "$u" "$examples"; done
 install -m 644 systemd/matrix-synapse.service.d/s3mediafs.conf "$examples/matrix-synapse.service.d/"
 
 install -d -m 700 "$root/etc/s3mediafs"

@@ -1067,24 +1067,31 @@ fn an_aborted_fuse_connection_still_uploads_what_was_closed_and_exits_cleanly() 
     bucket.delete_prefix(&prefix);
 }
 
-/// After an unmount, the process waits for a store that is down to take what is pending: a
-/// first SIGTERM (what systemd sends to what is left of a mount unit it stopped) does not
-/// end that wait, a second one (Ctrl-C twice) does, at once; what was pending stays
-/// journaled, and the next mount uploads it.
-#[test]
-fn a_second_signal_ends_the_wait_for_a_store_that_is_down() {
+/// A mount through a proxy, with `pending.bin` closed while the store is down, then
+/// unmounted as `umount` does: its process stays, waiting to upload the file.
+fn unmounted_with_a_file_pending(name: &str) -> (FaultProxy, TestMount, Vec<u8>) {
     let env = S3Env::get();
     let proxy = FaultProxy::start(env.endpoint.trim_start_matches("http://"), policy::none());
-    let mut m = TestMount::via("second-signal", &proxy.endpoint(), &[]);
+    let m = TestMount::via(name, &proxy.endpoint(), &[]);
     proxy.down();
     let data = pseudo_random(100_000, 3);
-    std::fs::write(m.path("kept.bin"), &data).unwrap();
+    std::fs::write(m.path("pending.bin"), &data).unwrap();
     let unmounted = std::process::Command::new("fusermount3")
         .arg("-u")
         .arg(&m.mnt)
         .status()
         .unwrap();
     assert!(unmounted.success());
+    (proxy, m, data)
+}
+
+/// After an unmount, the process waits for a store that is down to take what is pending: a
+/// first SIGTERM (what systemd sends to what is left of a mount unit it stopped) does not
+/// end that wait, a second one (Ctrl-C twice) does, at once; what was pending stays
+/// journaled, and the next mount uploads it.
+#[test]
+fn a_second_signal_ends_the_wait_for_a_store_that_is_down() {
+    let (proxy, mut m, data) = unmounted_with_a_file_pending("second-signal");
     let pid = m.pid() as i32;
     unsafe { libc::kill(pid, libc::SIGTERM) };
     // Time for a wait that the first signal ended to show it.
@@ -1108,7 +1115,7 @@ fn a_second_signal_ends_the_wait_for_a_store_that_is_down() {
     );
     proxy.up();
     m.start(&[]);
-    assert_eq!(m.object("kept.bin"), Some(data));
+    assert_eq!(m.object("pending.bin"), Some(data));
 }
 
 /// A mount of a cache directory whose previous mount, unmounted, still uploads what was
@@ -1116,18 +1123,7 @@ fn a_second_signal_ends_the_wait_for_a_store_that_is_down() {
 /// serves the file, which reaches the bucket.
 #[test]
 fn a_remount_waits_for_the_previous_process_to_finish_its_uploads() {
-    let env = S3Env::get();
-    let proxy = FaultProxy::start(env.endpoint.trim_start_matches("http://"), policy::none());
-    let mut m = TestMount::via("remount-waits", &proxy.endpoint(), &[]);
-    proxy.down();
-    let data = pseudo_random(100_000, 5);
-    std::fs::write(m.path("pending.bin"), &data).unwrap();
-    let unmounted = std::process::Command::new("fusermount3")
-        .arg("-u")
-        .arg(&m.mnt)
-        .status()
-        .unwrap();
-    assert!(unmounted.success());
+    let (proxy, mut m, data) = unmounted_with_a_file_pending("remount-waits");
     std::thread::scope(|s| {
         s.spawn(|| {
             // Long enough for the new mount to find the lock held.

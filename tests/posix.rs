@@ -63,6 +63,8 @@ fn unlinked_or_renamed_file_stays_readable_through_open_handles() {
     let m = TestMount::new("unlinked");
     let data = pseudo_random(300_000, 7);
     fs::write(m.path("f"), &data).unwrap();
+    // In the bucket: an unlink of a file whose upload has not begun drops the upload.
+    m.sync();
     let mut reader = File::open(m.path("f")).unwrap();
     let mut first = vec![0u8; 1000];
     reader.read_exact(&mut first).unwrap();
@@ -119,6 +121,23 @@ fn unlinked_or_renamed_file_stays_readable_through_open_handles() {
     assert!(
         m.object("w.mp4") == Some(big),
         "the new name lacks the content"
+    );
+
+    // Its old name taken by a new file (log rotation: `mv log log.1`, a new `log`): the
+    // handle reads on, from the name the file has now.
+    let old = pseudo_random(40 << 20, 9);
+    Bucket::new(&m.env).put(&m.key("log"), &old);
+    let mut reader = File::open(m.path("log")).unwrap();
+    let mut first = vec![0u8; 4096];
+    reader.read_exact(&mut first).unwrap();
+    fs::rename(m.path("log"), m.path("log.1")).unwrap();
+    fs::write(m.path("log"), b"a new log").unwrap();
+    m.sync();
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).unwrap();
+    assert!(
+        [first, rest].concat() == old,
+        "the rotated file read other bytes"
     );
 }
 

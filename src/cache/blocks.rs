@@ -1365,13 +1365,13 @@ impl BlockCache {
         self.known_etags.lock().get(key).cloned()
     }
 
-    /// Forgets what this mount knew of `key` (it was deleted or replaced here).
     /// This mount just uploaded `key` as `etag`, without keeping its content: reads of it
     /// still name that version, and go through readahead and this cache.
     pub fn note_uploaded(&self, key: &str, etag: &ETag) {
         self.known_etags.lock().put(key.to_string(), etag.clone());
     }
 
+    /// Forgets what this mount knew of `key` (it was deleted or replaced here).
     pub fn forget_key(&self, key: &str) {
         self.known_etags.lock().pop(key);
     }

@@ -288,17 +288,18 @@ impl BucketFs {
         // The version this handle opened.
         let uploaded = self.blocks().known_etag(key);
         let etag = h.etag.clone()?;
-        match backing {
-            // Passed through to the copy this mount uploaded, and that is what this reads:
-            // no writer could open the file since (passthrough refuses them).
-            Some(b) if b.starts_with("local:") && uploaded.as_ref() == Some(&etag) => {
-                return Some(Backed::Same)
-            }
-            Some(b) if b.strip_prefix("object:") == Some(etag.as_str()) => {
-                return Some(Backed::Same)
-            }
-            _ => {}
+        // Passed through to the copy this mount uploaded, and that is what this reads: no
+        // writer could open the file since (passthrough refuses them).
+        if backing
+            .as_deref()
+            .is_some_and(|b| b.starts_with("local:") && uploaded.as_ref() == Some(&etag))
+        {
+            return Some(Backed::Same);
         }
+        // Passed through to this version's cache file already: this handle joins, holding
+        // the object whole too, so that its blocks stay while any handle reads them.
+        let joins =
+            backing.as_deref().and_then(|b| b.strip_prefix("object:")) == Some(etag.as_str());
         let blocks = self.blocks().clone();
         let object = ObjectId::new(key, &etag);
         // Most opens need no read: they are answered here, without a wait on the blocking
@@ -309,6 +310,10 @@ impl BucketFs {
                 .await
                 .ok()??,
         };
+        if joins {
+            *h.whole.lock() = Some(whole);
+            return Some(Backed::Same);
+        }
         let file = whole.file().try_clone().ok()?;
         *h.whole.lock() = Some(whole);
         Some(Backed::File(file, format!("object:{etag}")))
@@ -387,6 +392,22 @@ impl BucketFs {
                     .await
             }
         };
+        // The key it opened is gone or holds another file (its old name was taken, or the
+        // delete a rename deferred went early: an rmdir, a rename back): the same version
+        // under the name the file has now, if the store kept it through the copy.
+        let moved_to = match (&result, &h.etag) {
+            (Err(StoreError::NotFound | StoreError::PreconditionFailed), Some(_)) => {
+                self.key_now(h.ino).filter(|now| now != key)
+            }
+            _ => None,
+        };
+        let result = match (moved_to, &h.etag) {
+            (Some(now), Some(etag)) => {
+                let stream = ReadStream::new(ObjectRef::new(now, etag.clone(), h.size));
+                self.readahead.read(&stream, offset, size).await
+            }
+            _ => result,
+        };
         match result {
             Ok(b) => Ok(b),
             Err(StoreError::InvalidRange) => Ok(Bytes::new()),
@@ -396,6 +417,12 @@ impl BucketFs {
             )),
             Err(e) => Err(FsError::store("GET", key, e)),
         }
+    }
+
+    /// The key of file `ino` under its name now.
+    fn key_now(&self, ino: u64) -> Option<String> {
+        let path = self.ns.table.lock().get(ino)?.path.clone();
+        self.ns.keys.file_key(&path).ok()
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {

@@ -319,11 +319,7 @@ impl BucketFs {
             if i.kind == Kind::Dir {
                 return Err(FsError::ISDIR);
             }
-            (
-                i.path.clone(),
-                i.in_bucket(),
-                i.open > 0 && i.copy().is_none() && i.in_bucket(),
-            )
+            (i.path.clone(), i.in_bucket(), i.copy().is_none())
         };
         if in_bucket {
             self.delete_object_of(ino, &self.ns.keys.file_key(&path)?, read_from_bucket)?;
@@ -331,12 +327,13 @@ impl BucketFs {
         self.removed(parent, name, ino, &path).await
     }
 
-    /// Deletes `key`, the object file `ino` had. When `handles_read_it` (open handles read
-    /// the file from the bucket), the delete waits for the last of them to close, with
-    /// nothing downloaded (a large file would hold the unlink or rename for as long as that
-    /// takes).
-    fn delete_object_of(&self, ino: u64, key: &str, handles_read_it: bool) -> FsResult<()> {
-        if !handles_read_it {
+    /// Deletes `key`, the object file `ino` had. When `read_from_bucket` (it has no local
+    /// copy: its handles read the object), the delete waits for the last handle open now
+    /// to close, with nothing downloaded (a large file would hold the unlink or rename for
+    /// as long as that takes). Called once the name is changed: an open counts itself
+    /// before it reads the name, so one that read the old name counts here.
+    fn delete_object_of(&self, ino: u64, key: &str, read_from_bucket: bool) -> FsResult<()> {
+        if !read_from_bucket {
             self.queue(self.writeback.delete(key))?;
             return Ok(());
         }
@@ -487,8 +484,9 @@ impl BucketFs {
             )
         };
         let old_key = self.ns.keys.file_key(&old_path)?;
-        // Handles opened before the rename read the old key from the bucket until they close.
-        let handles_read_old_key = open > 0 && local.is_none();
+        // Without a local copy, handles opened before the rename read the old key from the
+        // bucket until they close.
+        let read_from_bucket = local.is_none();
         // A sealed copy of the content, in the inode or still waiting in the queue.
         let sealed = local
             .filter(|s| s.is_sealed())
@@ -515,9 +513,6 @@ impl BucketFs {
                 Some(etag) => RenamedVersion::Copied(etag),
                 None => RenamedVersion::Unknown,
             };
-        }
-        if in_bucket {
-            self.delete_object_of(ino, &old_key, handles_read_old_key)?;
         }
         let noted_etag = match &version {
             RenamedVersion::Copied(etag) => Some(etag.clone()),
@@ -546,6 +541,9 @@ impl BucketFs {
                     }
                 }
             }
+        }
+        if in_bucket {
+            self.delete_object_of(ino, &old_key, read_from_bucket)?;
         }
         {
             let (old_dir, old_name) = names::split(&old_path);
