@@ -524,6 +524,27 @@ fn the_kernel_keeps_its_pages_of_an_unchanged_file_across_opens() {
     );
 }
 
+/// A file passed through and renamed is opened again under its new name while its first
+/// reader still reads it: the new open joins the same cache file.
+#[test]
+fn a_file_passed_through_opens_again_under_a_new_name() {
+    let env = S3Env::get();
+    let prefix = unique_prefix("read-passthrough-rename");
+    let data = pseudo_random(2 << 20, 44);
+    Bucket::new(&env).put(&format!("{prefix}a.bin"), &data);
+    let m = TestMount::with_prefix(prefix, &[]);
+    assert!(std::fs::read(m.path("a.bin")).unwrap() == data);
+    wait_until_cached(&m, 2);
+    let reader = File::open(m.path("a.bin")).unwrap();
+    assert_eq!(m.metric("s3mediafs_passthrough_open_files"), 1);
+    std::fs::rename(m.path("a.bin"), m.path("b.bin")).unwrap();
+    let again = std::fs::read(m.path("b.bin")).unwrap();
+    assert!(again == data, "the renamed file read other bytes");
+    let mut got = vec![0u8; data.len()];
+    reader.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == data);
+}
+
 #[test]
 fn a_file_passed_through_is_written_once_its_readers_close() {
     let env = S3Env::get();

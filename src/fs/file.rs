@@ -40,6 +40,8 @@ struct OpenFile {
     size: u64,
     /// Access pattern and readahead of reads from the bucket, made at the first one.
     stream: OnceLock<Arc<ReadStream>>,
+    /// The file's key now and its reads there, once `key` no longer held its version.
+    moved: OnceLock<(String, Arc<ReadStream>)>,
     /// The cached object, held whole while the kernel reads it directly.
     whole: Mutex<Option<WholeObject>>,
     /// The kernel may keep what it cached of the file: it is the version it was cached from.
@@ -59,6 +61,7 @@ impl OpenFile {
             etag,
             size,
             stream: OnceLock::new(),
+            moved: OnceLock::new(),
             whole: Mutex::new(None),
             keep_cache: false,
             local: None,
@@ -304,16 +307,23 @@ impl BucketFs {
         let object = ObjectId::new(key, &etag);
         // Most opens need no read: they are answered here, without a wait on the blocking
         // pool (a thread switch each way).
-        let whole = match blocks.open_whole_unread(object, h.size)? {
-            Ok(whole) => whole,
-            Err(unchecked) => tokio::task::spawn_blocking(move || blocks.check_whole(unchecked))
-                .await
-                .ok()??,
+        let whole = match blocks.open_whole_unread(object, h.size) {
+            Some(Ok(whole)) => Some(whole),
+            Some(Err(unchecked)) => {
+                tokio::task::spawn_blocking(move || blocks.check_whole(unchecked))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            None => None,
         };
         if joins {
-            *h.whole.lock() = Some(whole);
+            // It joins whether or not this key holds the blocks (after a rename they are
+            // under the old one, held by the handle that opened them).
+            *h.whole.lock() = whole;
             return Some(Backed::Same);
         }
+        let whole = whole?;
         let file = whole.file().try_clone().ok()?;
         *h.whole.lock() = Some(whole);
         Some(Backed::File(file, format!("object:{etag}")))
@@ -356,15 +366,17 @@ impl BucketFs {
             let i = t.get(h.ino).ok_or(FsError::BADF)?;
             (i.copy().cloned(), i.size)
         };
-        // The key the file had when the handle opened it, renamed since or not.
-        let key = &h.key;
-        // A file on its way to the bucket is read from its local copy: the inode's, or the
-        // one the handle opened. A handle that opened neither a copy nor a version (a store
-        // without ETags) reads what the key holds now.
+        // The key the file had when the handle opened it, renamed since or not: the version
+        // it pinned is there. A handle that opened neither a copy nor a version (a store
+        // without ETags) reads what the file's name holds now.
         let unpinned = h.local.is_none() && h.etag.is_none();
+        let key = match unpinned {
+            true => self.key_now(h.ino).unwrap_or_else(|| h.key.clone()),
+            false => h.key.clone(),
+        };
         let local = staged.or_else(|| h.local.clone()).or_else(|| {
             unpinned
-                .then(|| self.writeback.pending_upload(key))
+                .then(|| self.writeback.pending_upload(&key))
                 .flatten()
         });
         if let Some(local) = local {
@@ -373,10 +385,11 @@ impl BucketFs {
         // The version this handle opened; unpinned, the one this mount uploaded last.
         let version = match &h.etag {
             Some(etag) => Some((etag.clone(), h.size)),
-            None => self.blocks().known_etag(key).map(|etag| (etag, file_size)),
+            None => self.blocks().known_etag(&key).map(|etag| (etag, file_size)),
         };
-        let result = match version {
-            Some((etag, object_size)) => {
+        let result = match (h.moved.get(), version) {
+            (Some((_, stream)), _) => self.readahead.read(stream, offset, size).await,
+            (None, Some((etag, object_size))) => {
                 let stream = h.stream.get_or_init(|| {
                     Arc::new(ReadStream::new(ObjectRef::new(
                         key.clone(),
@@ -386,28 +399,35 @@ impl BucketFs {
                 });
                 self.readahead.read(stream, offset, size).await
             }
-            None => {
+            (None, None) => {
                 self.readahead
-                    .read_uncached(key, file_size, offset, size)
+                    .read_uncached(&key, file_size, offset, size)
                     .await
             }
         };
         // The key it opened is gone or holds another file (its old name was taken, or the
         // delete a rename deferred went early: an rmdir, a rename back): the same version
-        // under the name the file has now, if the store kept it through the copy.
+        // under the name the file has now, if the store kept it through the copy; the
+        // handle reads there from then on.
         let moved_to = match (&result, &h.etag) {
-            (Err(StoreError::NotFound | StoreError::PreconditionFailed), Some(_)) => {
-                self.key_now(h.ino).filter(|now| now != key)
+            (Err(StoreError::NotFound | StoreError::PreconditionFailed), Some(_))
+                if h.moved.get().is_none() =>
+            {
+                self.key_now(h.ino).filter(|now| *now != key)
             }
             _ => None,
         };
         let result = match (moved_to, &h.etag) {
             (Some(now), Some(etag)) => {
-                let stream = ReadStream::new(ObjectRef::new(now, etag.clone(), h.size));
-                self.readahead.read(&stream, offset, size).await
+                let (_, stream) = h.moved.get_or_init(|| {
+                    let object = ObjectRef::new(now.clone(), etag.clone(), h.size);
+                    (now, Arc::new(ReadStream::new(object)))
+                });
+                self.readahead.read(stream, offset, size).await
             }
             _ => result,
         };
+        let key = h.moved.get().map_or(&key, |(now, _)| now);
         match result {
             Ok(b) => Ok(b),
             Err(StoreError::InvalidRange) => Ok(Bytes::new()),

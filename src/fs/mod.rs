@@ -28,8 +28,8 @@ use crate::writeback::{Pending, WritebackQueue};
 pub use dir::DirEntry;
 pub use error::{FsError, FsResult};
 pub use file::OpenMode;
+use inode::{Inode, Remote, State};
 pub use inode::{Kind, ROOT};
-use inode::{Remote, State};
 use listing::Answer;
 use namespace::Namespace;
 
@@ -321,37 +321,41 @@ impl BucketFs {
             }
             (i.path.clone(), i.in_bucket(), i.copy().is_none())
         };
-        if in_bucket {
-            self.delete_object_of(ino, &self.ns.keys.file_key(&path)?, read_from_bucket)?;
+        let deferred = match in_bucket {
+            true => self.queue_delete(&self.ns.keys.file_key(&path)?, read_from_bucket)?,
+            false => None,
+        };
+        let go_now = Self::wait_for_readers(self.ns.table.lock().get_mut(ino), deferred);
+        if let Some(seq) = go_now {
+            self.writeback.release_deferred(seq);
         }
         self.removed(parent, name, ino, &path).await
     }
 
-    /// Deletes `key`, the object file `ino` had. When `read_from_bucket` (it has no local
-    /// copy: its handles read the object), the delete waits for the last handle open now
-    /// to close, with nothing downloaded (a large file would hold the unlink or rename for
-    /// as long as that takes). Called once the name is changed: an open counts itself
-    /// before it reads the name, so one that read the old name counts here.
-    fn delete_object_of(&self, ino: u64, key: &str, read_from_bucket: bool) -> FsResult<()> {
-        if !read_from_bucket {
-            self.queue(self.writeback.delete(key))?;
-            return Ok(());
+    /// Journals the delete of `key`, the object a file had. When `read_from_bucket` (it has
+    /// no local copy: its handles read the object), the delete is deferred and returned,
+    /// for `wait_for_readers`.
+    fn queue_delete(&self, key: &str, read_from_bucket: bool) -> FsResult<Option<u64>> {
+        if read_from_bucket {
+            return self.queue(self.writeback.delete_after_close(key)).map(Some);
         }
-        let seq = self.queue(self.writeback.delete_after_close(key))?;
-        let closed = {
-            let mut t = self.ns.table.lock();
-            match t.get_mut(ino) {
-                Some(i) if i.open > 0 => {
-                    i.deferred_deletes.push(seq);
-                    false
-                }
-                _ => true,
+        self.queue(self.writeback.delete(key))?;
+        Ok(None)
+    }
+
+    /// The deferred delete `seq` waits for the last handle open on `i` now to close, with
+    /// nothing downloaded (a large file would hold the unlink or rename for as long as that
+    /// takes); with none open, it is returned, to be let go once the table's lock is. Called
+    /// under the lock that changes the name: an open counts itself before it reads the
+    /// name, so one that read the old name counts here.
+    fn wait_for_readers(i: Option<&mut Inode>, seq: Option<u64>) -> Option<u64> {
+        match (i, seq) {
+            (Some(i), Some(seq)) if i.open > 0 => {
+                i.deferred_deletes.push(seq);
+                None
             }
-        };
-        if closed {
-            self.writeback.release_deferred(seq);
+            (_, seq) => seq,
         }
-        Ok(())
     }
 
     pub async fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
@@ -518,9 +522,14 @@ impl BucketFs {
             RenamedVersion::Copied(etag) => Some(etag.clone()),
             _ => None,
         };
-        {
+        let deferred = match in_bucket {
+            true => self.queue_delete(&old_key, read_from_bucket)?,
+            false => None,
+        };
+        let go_now = {
             let mut t = self.ns.table.lock();
             t.reparent(ino, new_parent, new_name, new_path.clone());
+            let go_now = Self::wait_for_readers(t.get_mut(ino), deferred);
             if let Some(i) = t.get_mut(ino) {
                 if dirty {
                     i.renamed_while_dirty(target_in_bucket);
@@ -541,9 +550,10 @@ impl BucketFs {
                     }
                 }
             }
-        }
-        if in_bucket {
-            self.delete_object_of(ino, &old_key, read_from_bucket)?;
+            go_now
+        };
+        if let Some(seq) = go_now {
+            self.writeback.release_deferred(seq);
         }
         {
             let (old_dir, old_name) = names::split(&old_path);
