@@ -345,9 +345,9 @@ impl BucketFs {
 
     /// The deferred delete `seq` waits for the last handle open on `i` now to close, with
     /// nothing downloaded (a large file would hold the unlink or rename for as long as that
-    /// takes); with none open, it is returned, to be let go once the table's lock is. Called
-    /// under the lock that changes the name: an open counts itself before it reads the
-    /// name, so one that read the old name counts here.
+    /// takes); with none open, it is returned, to be let go once the table's lock is. A
+    /// rename calls it under the lock that changes the name: an open counts itself before
+    /// it reads the name, so one that read the old name counts here.
     fn wait_for_readers(i: Option<&mut Inode>, seq: Option<u64>) -> Option<u64> {
         match (i, seq) {
             (Some(i), Some(seq)) if i.open > 0 => {
