@@ -1112,7 +1112,7 @@ impl BlockCache {
         size: u64,
         crc: Option<u32>,
     ) -> Result<Option<(Fingerprint, Fingerprint)>, u32> {
-        self.known_etags.lock().put(key.to_string(), etag.clone());
+        self.note_uploaded(key, etag);
         let object = ObjectId::new(key, etag);
         let Ok(before) = Fingerprint::of(file) else {
             return Ok(None);
@@ -1365,8 +1365,8 @@ impl BlockCache {
         self.known_etags.lock().get(key).cloned()
     }
 
-    /// This mount just uploaded `key` as `etag`, without keeping its content: reads of it
-    /// still name that version, and go through readahead and this cache.
+    /// This mount just uploaded `key` as `etag`: reads of it name that version, whether its
+    /// content is kept here (`adopt`) or read back through readahead and this cache.
     pub fn note_uploaded(&self, key: &str, etag: &ETag) {
         self.known_etags.lock().put(key.to_string(), etag.clone());
     }

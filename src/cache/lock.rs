@@ -52,18 +52,15 @@ impl CacheLock {
             let (pid, state) = holder.trim().split_once(' ').unwrap_or((holder.trim(), ""));
             // A holder just unmounted may not have said it drains yet: given a moment.
             let refused_since = *first_refused.get_or_insert_with(Instant::now);
-            if state != DRAINING && refused_since.elapsed() < HANDOVER {
-                std::thread::sleep(Duration::from_millis(200));
-                continue;
-            }
             if state != DRAINING {
-                return Err(format!(
-                    "the cache directory {} is in use by another s3mediafs mount (pid {pid}); \
-                     give each mount its own --cache-dir",
-                    cache_dir.display(),
-                ));
-            }
-            if next_log.is_none_or(|at| Instant::now() >= at) {
+                if refused_since.elapsed() >= HANDOVER {
+                    return Err(format!(
+                        "the cache directory {} is in use by another s3mediafs mount (pid {pid}); \
+                         give each mount its own --cache-dir",
+                        cache_dir.display(),
+                    ));
+                }
+            } else if next_log.is_none_or(|at| Instant::now() >= at) {
                 tracing::warn!(pid, cache_dir = %cache_dir.display(),
                     "the previous mount of this cache directory is still uploading what was pending when it was unmounted; waiting for it to finish (`kill` it twice to stop it at once: what is pending stays journaled and this mount uploads it)");
                 next_log = Some(Instant::now() + Duration::from_secs(60));

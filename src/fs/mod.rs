@@ -321,9 +321,10 @@ impl BucketFs {
             }
             (i.path.clone(), i.in_bucket(), i.copy().is_none())
         };
-        let deferred = match in_bucket {
-            true => self.queue_delete(&self.ns.keys.file_key(&path)?, read_from_bucket)?,
-            false => None,
+        let deferred = if in_bucket {
+            self.queue_delete(&self.ns.keys.file_key(&path)?, read_from_bucket)?
+        } else {
+            None
         };
         let go_now = Self::wait_for_readers(self.ns.table.lock().get_mut(ino), deferred);
         if let Some(seq) = go_now {
@@ -522,9 +523,10 @@ impl BucketFs {
             RenamedVersion::Copied(etag) => Some(etag.clone()),
             _ => None,
         };
-        let deferred = match in_bucket {
-            true => self.queue_delete(&old_key, read_from_bucket)?,
-            false => None,
+        let deferred = if in_bucket {
+            self.queue_delete(&old_key, read_from_bucket)?
+        } else {
+            None
         };
         let go_now = {
             let mut t = self.ns.table.lock();
