@@ -544,10 +544,44 @@ fn concurrent_writes_of_one_path_from_two_mounts_end_as_one_whole_object() {
     }
 }
 
+/// `os.makedirs(p, exist_ok=True)`: stat of the parent (recursively while missing), mkdir.
+fn makedirs(p: &std::path::Path) {
+    let parent = p.parent().unwrap();
+    if fs::metadata(parent).is_err() {
+        makedirs(parent);
+    }
+    match fs::create_dir(p) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => panic!("mkdir {}: {e}", p.display()),
+    }
+}
+
+/// What Synapse does on the media store for one upload of an image, media `i`: `os.makedirs`
+/// of its content directory, the file, `os.makedirs` of its thumbnail directory and five
+/// thumbnails.
+fn upload_like_synapse(m: &TestMount, i: u64) {
+    let id = &sha256(&i.to_le_bytes())[..24];
+    let (a, b) = (&id[0..1], &id[1..2]);
+    let content = m.path(&format!("local_content/a{a}/b{b}/{id}"));
+    makedirs(content.parent().unwrap());
+    fs::write(&content, pseudo_random(40_000, i)).unwrap();
+    let thumbs = m.path(&format!("local_thumbnails/a{a}/b{b}/{id}"));
+    makedirs(&thumbs);
+    for t in [
+        "32-32-image-png-crop",
+        "96-96-image-png-crop",
+        "320-240-image-jpeg-scale",
+        "640-480-image-jpeg-scale",
+        "800-600-image-jpeg-scale",
+    ] {
+        fs::write(thumbs.join(t), pseudo_random(8_000, i)).unwrap();
+    }
+}
+
 /// What Synapse's write pattern costs in requests once the mount's knowledge has expired
 /// between uploads (uploads arrive minutes apart; here the TTLs are 1 s and uploads 1.2 s
-/// apart): per media, `os.makedirs` of its content directory, the file, `os.makedirs` of its
-/// thumbnail directory and five thumbnails, over a 2000-file store.
+/// apart), over a 2000-file store.
 #[test]
 fn synapse_uploads_cost_one_put_per_file_and_few_listings() {
     const MEDIA: usize = 8;
@@ -565,37 +599,9 @@ fn synapse_uploads_cost_one_put_per_file_and_few_listings() {
     );
     let ops = ["list", "head", "put", "get"];
     let before = ops.map(|op| m.requests(op));
-    let exists = |p: &std::path::Path| fs::metadata(p).is_ok();
-    // os.makedirs(name, exist_ok=True): stat of the parent (recursively while missing), mkdir.
-    fn makedirs(p: &std::path::Path, exists: &dyn Fn(&std::path::Path) -> bool) {
-        let parent = p.parent().unwrap();
-        if !exists(parent) {
-            makedirs(parent, exists);
-        }
-        match fs::create_dir(p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => panic!("mkdir {}: {e}", p.display()),
-        }
-    }
     for i in 0..MEDIA {
         std::thread::sleep(Duration::from_millis(1200));
-        let id = &sha256(&(i as u64).to_le_bytes())[..24];
-        let (a, b) = (&id[0..1], &id[1..2]);
-        let content = m.path(&format!("local_content/a{a}/b{b}/{id}"));
-        makedirs(content.parent().unwrap(), &exists);
-        fs::write(&content, pseudo_random(40_000, i as u64)).unwrap();
-        let thumbs = m.path(&format!("local_thumbnails/a{a}/b{b}/{id}"));
-        makedirs(&thumbs, &exists);
-        for t in [
-            "32-32-image-png-crop",
-            "96-96-image-png-crop",
-            "320-240-image-jpeg-scale",
-            "640-480-image-jpeg-scale",
-            "800-600-image-jpeg-scale",
-        ] {
-            fs::write(thumbs.join(t), pseudo_random(8_000, i as u64)).unwrap();
-        }
+        upload_like_synapse(&m, i as u64);
     }
     m.sync();
     let spent: Vec<u64> = ops
@@ -625,4 +631,29 @@ fn synapse_uploads_cost_one_put_per_file_and_few_listings() {
     );
     drop(m);
     bucket.delete_prefix(&prefix);
+}
+
+/// What a burst of Synapse uploads costs (media arriving within the metadata TTL, here back
+/// to back): each upload looks up a hash prefix in both trees, one LIST each while nothing
+/// is known; after a few, each tree is listed whole in the background, once, and the rest
+/// of the burst asks nothing before its uploads.
+#[test]
+fn a_burst_of_synapse_uploads_lists_each_tree_whole_instead_of_asking_per_upload() {
+    const MEDIA: u64 = 40;
+    let (m, bucket, _) = mount_on_synapse_tree("synapse-burst", 4000);
+    let before = m.requests("list");
+    for i in 0..MEDIA {
+        upload_like_synapse(&m, i);
+    }
+    let list = m.requests("list") - before;
+    eprintln!("{MEDIA} uploads in a burst: {list} LIST");
+    assert!(
+        list <= MEDIA / 2,
+        "{list} LIST requests for {MEDIA} uploads in a burst"
+    );
+    // Every upload landed: the lookups that asked nothing created no file twice.
+    let content = m.keys("local_content/").len();
+    let thumbnails = m.keys("local_thumbnails/").len();
+    assert_eq!((content, thumbnails), (2285 + 40, 1715 + 5 * 40));
+    bucket.delete_prefix(&m.prefix);
 }

@@ -303,72 +303,12 @@ impl BucketFs {
             .map_err(|e| FsError::store("LIST", &prefix, e))?;
         d.token = page.next_token.clone();
         d.done = d.token.is_none();
-        let mut found: Vec<(String, Remote)> = Vec::new();
-        for o in &page.objects {
-            let Some(name) = o.key.strip_prefix(prefix.as_str()) else {
-                self.ns.warn_once(
-                    &o.key,
-                    "the store listed a key outside the directory asked for; it is skipped",
-                );
-                continue;
-            };
-            if name.is_empty() {
-                continue; // the directory's own marker
-            }
-            if !names::listable(name) {
-                self.ns
-                    .warn_once(&o.key, "this key cannot be shown as a path and is skipped");
-                continue;
-            }
-            found.push((name.to_string(), Remote::file(o)));
-        }
-        for p in &page.prefixes {
-            let Some(name) = p
-                .strip_prefix(prefix.as_str())
-                .and_then(|n| n.strip_suffix('/'))
-            else {
-                self.ns.warn_once(
-                    p,
-                    "the store listed a prefix outside the directory asked for; it is skipped",
-                );
-                continue;
-            };
-            if !names::listable(name) {
-                self.ns.warn_once(
-                    p,
-                    "this key prefix cannot be shown as a directory and is skipped",
-                );
-                continue;
-            }
-            found.push((
-                name.to_string(),
-                Remote {
-                    kind: Kind::Dir,
-                    size: 0,
-                    mtime: self.ns.mount_time,
-                    etag: None,
-                },
-            ));
-        }
         // Names being deleted are neither recorded nor listed.
-        found.retain(|(name, r)| !d.is_deleted(name, r.kind));
-        // Objects and prefixes come in two sorted runs: merge them so `a` and `a/` meet, and
-        // keep the directory of the two.
-        found.sort_by(|a, b| {
-            a.0.cmp(&b.0)
-                .then((a.1.kind == Kind::File).cmp(&(b.1.kind == Kind::File)))
-        });
-        found.dedup_by(|file, dir| {
-            let clash = file.0 == dir.0;
-            if clash {
-                let path = names::join(&d.path, &dir.0);
-                self.ns.warn_once(
-                    &path,
-                    "both a file and a directory have this name; showing the directory",
-                );
-            }
-            clash
-        });
+        let found = self
+            .ns
+            .names_in_page(&d.path, &prefix, &page, |name, kind| {
+                !d.is_deleted(name, kind)
+            });
         if first_page {
             self.ns.listing.add_page(&d.path, id, began, found.clone());
         } else {

@@ -15,6 +15,7 @@ mod subtree;
 pub mod testing;
 #[cfg(test)]
 mod tests;
+mod warm;
 
 use std::ffi::OsStr;
 use std::sync::Arc;

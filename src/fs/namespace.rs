@@ -13,16 +13,19 @@
 //! 3. pending changes win over both: an upload or a marker makes the name exist, a delete
 //!    makes a file absent;
 //! 4. else one LIST of the key as a prefix decides, and fills the listings below it; while
-//!    the store is unreachable, names not known locally read as absent.
+//!    the store is unreachable, names not known locally read as absent. A directory whose
+//!    lookups keep asking is listed whole in the background (`warm.rs`), so that rule 2
+//!    answers its next ones.
 //!
 //! Lock order: a lock may be taken while holding the ones above it, never the other way.
 //! 1. a directory handle's lock (`dir.rs`), a file's commit lock (`file.rs`; a rename takes
 //!    those of both files, in the order of their places in `commit_locks`);
 //! 2. `Namespace::table`;
 //! 3. the write-back queue's state (pending changes);
-//! 4. `ListingCache`, `Namespace::landings`, `offline_until`, the keys warned about, the
-//!    journal's file (`cache/journal.rs`; the fdatasync closes share runs outside it), and the
-//!    failures `fuse.rs` logged: leaves, under which nothing else is taken.
+//! 4. `ListingCache`, `Namespace::landings`, `offline_until`, the keys warned about,
+//!    `Namespace::warm`, the journal's file (`cache/journal.rs`; the fdatasync closes share
+//!    runs outside it), and the failures `fuse.rs` logged: leaves, under which nothing else
+//!    is taken.
 //!
 //! No lock is held across an await but the commit lock (a tokio lock: writes hold it shared
 //! while they find and change the local copy, commits, unlink and rename exclusively), and
@@ -31,7 +34,7 @@
 //! of the last landing instead of asking for it.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
@@ -41,6 +44,7 @@ use super::inode::{InodeTable, Kind, Remote, ROOT};
 use super::landings::Landings;
 use super::listing::{self, Answer, ListingCache};
 use super::names::{self, KeyMap};
+use super::warm::{Listed, Reach, WarmDirs};
 use super::{dir, subtree};
 use crate::store::{ObjectStore, StoreError};
 use crate::writeback::{LandingObserver, Pending, WritebackQueue};
@@ -82,6 +86,9 @@ const OFFLINE_GRACE: Duration = Duration::from_secs(5);
 /// A directory listed this recently makes a listing of one of its subdirectories part of a
 /// walk, which lists that subdirectory's whole subtree at once.
 const WALK_WINDOW: Duration = Duration::from_secs(60);
+/// Most keys a warm listing of a subtree, or names of a directory alone, may hold
+/// (`warm.rs`): ten LISTs.
+const WARM_NAMES: usize = 10_000;
 
 pub(super) struct Namespace {
     store: Arc<dyn ObjectStore>,
@@ -96,6 +103,10 @@ pub(super) struct Namespace {
     /// Until when lookups answer from local knowledge because the store is unreachable.
     offline_until: Mutex<Option<Instant>>,
     warned: Mutex<HashSet<String>>,
+    /// Directories whose lookups keep asking the bucket, listed whole in the background.
+    warm: Mutex<WarmDirs>,
+    /// This namespace, for the background listings it starts.
+    me: Weak<Namespace>,
 }
 
 impl LandingObserver for Namespace {
@@ -113,7 +124,7 @@ impl Namespace {
         negative_ttl: Duration,
     ) -> Arc<Self> {
         let mount_time = SystemTime::now();
-        let ns = Arc::new(Namespace {
+        let ns = Arc::new_cyclic(|me| Namespace {
             store,
             keys: KeyMap::new(prefix),
             ttl,
@@ -124,6 +135,8 @@ impl Namespace {
             landings: Mutex::new(Landings::default()),
             offline_until: Mutex::new(None),
             warned: Mutex::new(HashSet::new()),
+            warm: Mutex::new(WarmDirs::default()),
+            me: me.clone(),
         });
         let observer: Arc<dyn LandingObserver> = ns.clone();
         writeback.observe(Arc::downgrade(&observer));
@@ -241,6 +254,81 @@ impl Namespace {
         Ok(i.path.clone())
     }
 
+    /// The names one LIST page by delimiter of directory `dir` (keys under `prefix`) shows,
+    /// sorted, those `keep` refuses left out: keys that cannot be paths, and keys outside
+    /// the prefix a hostile store may list, are logged once and skipped; of a file and a
+    /// directory of the same name, the directory is kept.
+    pub(super) fn names_in_page(
+        &self,
+        dir: &str,
+        prefix: &str,
+        page: &crate::store::ListPage,
+        keep: impl Fn(&str, Kind) -> bool,
+    ) -> Vec<(String, Remote)> {
+        let mut found: Vec<(String, Remote)> = Vec::new();
+        for o in &page.objects {
+            let Some(name) = o.key.strip_prefix(prefix) else {
+                self.warn_once(
+                    &o.key,
+                    "the store listed a key outside the directory asked for; it is skipped",
+                );
+                continue;
+            };
+            if name.is_empty() {
+                continue; // the directory's own marker
+            }
+            if !names::listable(name) {
+                self.warn_once(&o.key, "this key cannot be shown as a path and is skipped");
+                continue;
+            }
+            found.push((name.to_string(), Remote::file(o)));
+        }
+        for p in &page.prefixes {
+            let Some(name) = p.strip_prefix(prefix).and_then(|n| n.strip_suffix('/')) else {
+                self.warn_once(
+                    p,
+                    "the store listed a prefix outside the directory asked for; it is skipped",
+                );
+                continue;
+            };
+            if !names::listable(name) {
+                self.warn_once(
+                    p,
+                    "this key prefix cannot be shown as a directory and is skipped",
+                );
+                continue;
+            }
+            found.push((
+                name.to_string(),
+                Remote {
+                    kind: Kind::Dir,
+                    size: 0,
+                    mtime: self.mount_time,
+                    etag: None,
+                },
+            ));
+        }
+        found.retain(|(name, r)| keep(name, r.kind));
+        // Objects and prefixes come in two sorted runs: merge them so `a` and `a/` meet, and
+        // keep the directory of the two.
+        found.sort_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then((a.1.kind == Kind::File).cmp(&(b.1.kind == Kind::File)))
+        });
+        found.dedup_by(|file, listed_dir| {
+            let clash = file.0 == listed_dir.0;
+            if clash {
+                let path = names::join(dir, &listed_dir.0);
+                self.warn_once(
+                    &path,
+                    "both a file and a directory have this name; showing the directory",
+                );
+            }
+            clash
+        });
+        found
+    }
+
     /// What `path` is: the write-back queue's pending changes first, then the bucket. One
     /// flat LIST of the key as a prefix answers both questions: the key itself is the file,
     /// keys under `path/` make it a directory, and those keys (up to a page) fill the
@@ -356,13 +444,25 @@ impl Namespace {
         for (dir, mut names) in complete {
             if !deleted.is_empty() {
                 let dir_prefix = self.keys.dir_prefix(&dir);
-                names.retain(|(name, r)| {
-                    let slash = if r.kind == Kind::Dir { "/" } else { "" };
-                    !deleted.contains(&format!("{dir_prefix}{name}{slash}"))
-                });
+                names.retain(|(name, r)| !is_deleted(&deleted, &dir_prefix, name, r.kind));
             }
             self.listing.record(&dir, id, began, names);
         }
+    }
+
+    /// `names`, listed in `dir` (keys under `prefix`), without those being deleted: deletes
+    /// pending when the listing began (`deleted_before`: one may have landed while it ran,
+    /// after the LIST saw its key) and those pending now.
+    fn without_deleted(
+        &self,
+        mut names: Vec<(String, Remote)>,
+        prefix: &str,
+        deleted_before: &HashSet<String>,
+    ) -> Vec<(String, Remote)> {
+        let mut deleted = self.pending_deletes(prefix);
+        deleted.extend(deleted_before.iter().cloned());
+        names.retain(|(name, r)| !is_deleted(&deleted, prefix, name, r.kind));
+        names
     }
 
     /// Keys under `prefix` being deleted.
@@ -439,7 +539,11 @@ impl Namespace {
                 }
             }
         }
-        match self.listed_answer(&dir, name, &path) {
+        let answer = self.listed_answer(&dir, name, &path);
+        if !matches!(answer, Answer::Unknown) {
+            self.warm_answered(&dir);
+        }
+        match answer {
             Answer::Present(remote, at) => {
                 let mut t = self.table.lock();
                 return Ok(match self.pending_answer(&path)? {
@@ -460,6 +564,7 @@ impl Namespace {
         let asked = if self.is_offline() {
             Asked::Offline
         } else {
+            self.warm_asked(&dir);
             self.ask_bucket(&path).await?
         };
         let remote = match asked {
@@ -610,7 +715,7 @@ impl Namespace {
         if !self.listing.listed_within(parent, WALK_WINDOW) {
             return Ok(None);
         }
-        if !self.list_subtree(dir).await? {
+        if self.list_subtree(dir, LISTED_NAMES / 4).await?.is_none() {
             return Ok(None);
         }
         Ok(self.trusted_listing(dir))
@@ -625,22 +730,24 @@ impl Namespace {
     }
 
     /// Lists `dir` and everything below it with flat LISTs, recording the listing of every
-    /// directory whose keys have all been seen. Gives up (returning false) when the subtree
-    /// is larger than a share of the listing budget; the directories completed by then stay
-    /// recorded.
-    async fn list_subtree(&self, dir: &str) -> FsResult<bool> {
+    /// directory whose keys have all been seen. Returns the LISTs it took, or gives up
+    /// (returning None) once it has seen `max_keys` keys and more follow; the directories
+    /// completed by then stay recorded.
+    async fn list_subtree(&self, dir: &str, max_keys: usize) -> FsResult<Option<u32>> {
         let prefix = self.keys.dir_prefix(dir);
         let deleted_before = self.pending_deletes(&prefix);
         let (id, began) = self.listing.begin();
         let mut tree = subtree::Subtree::new(dir, &prefix, self.mount_time);
         let mut token = None;
         let mut keys = 0;
+        let mut lists = 0;
         loop {
             let page = self
                 .store
                 .list(&prefix, true, token, Some(dir::PAGE))
                 .await
                 .map_err(|e| FsError::store("LIST", &prefix, e))?;
+            lists += 1;
             keys += page.objects.len();
             tree.feed(&page.objects);
             token = page.next_token;
@@ -649,11 +756,106 @@ impl Namespace {
             }
             self.record_subtree(&mut tree, &prefix, id, began, &deleted_before);
             if token.is_none() {
-                return Ok(true);
+                return Ok(Some(lists));
             }
-            if keys >= LISTED_NAMES / 4 {
-                return Ok(false);
+            if keys >= max_keys {
+                return Ok(None);
             }
         }
     }
+
+    /// Lists directory `dir` alone to its end with LISTs by delimiter and records it, if it
+    /// holds fewer than `max_names` names; returns the LISTs it took.
+    async fn list_directory(&self, dir: &str, max_names: usize) -> FsResult<Option<u32>> {
+        let prefix = self.keys.dir_prefix(dir);
+        let deleted_before = self.pending_deletes(&prefix);
+        let (id, began) = self.listing.begin();
+        let mut names = Vec::new();
+        let mut token = None;
+        let mut lists = 0;
+        loop {
+            let page = self
+                .store
+                .list(&prefix, false, token, Some(dir::PAGE))
+                .await
+                .map_err(|e| FsError::store("LIST", &prefix, e))?;
+            lists += 1;
+            names.extend(self.names_in_page(dir, &prefix, &page, |_, _| true));
+            token = page.next_token;
+            if token.is_none() {
+                break;
+            }
+            if names.len() >= max_names {
+                return Ok(None);
+            }
+        }
+        let names = self.without_deleted(names, &prefix, &deleted_before);
+        self.listing.record(dir, id, began, names);
+        Ok(Some(lists))
+    }
+
+    /// A lookup in `dir` is about to ask the bucket: starts listing `dir` whole in the
+    /// background when its lookups keep asking (`warm.rs`).
+    fn warm_asked(&self, dir: &str) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let reach = self.warm.lock().asked(dir, self.ttl, Instant::now());
+        if let Some(reach) = reach {
+            self.list_whole(dir.to_string(), reach);
+        }
+    }
+
+    /// A lookup in `dir` was answered from a listing: makes the warm listing that answered
+    /// again in the background when it is due (`warm.rs`).
+    fn warm_answered(&self, dir: &str) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let due = self.warm.lock().answered(dir, self.ttl, Instant::now());
+        if let Some((dir, reach)) = due {
+            self.list_whole(dir, reach);
+        }
+    }
+
+    /// Lists `dir` whole in the background, its subtree or itself alone as `reach` says
+    /// (the subtree first, the directory alone when the subtree is too large), and tells
+    /// `warm` how it went.
+    fn list_whole(&self, dir: String, reach: Reach) {
+        let (Some(ns), Ok(rt)) = (self.me.upgrade(), tokio::runtime::Handle::try_current()) else {
+            self.warm.lock().listed(&dir, Listed::Failed);
+            return;
+        };
+        rt.spawn(async move {
+            let began = Instant::now();
+            let listed = async {
+                if reach == Reach::Subtree {
+                    if let Some(lists) = ns.list_subtree(&dir, WARM_NAMES).await? {
+                        return Ok(Listed::Whole { began, lists, reach });
+                    }
+                }
+                Ok::<_, FsError>(match ns.list_directory(&dir, WARM_NAMES).await? {
+                    Some(lists) => Listed::Whole {
+                        began,
+                        lists,
+                        reach: Reach::Directory,
+                    },
+                    None => Listed::TooLarge,
+                })
+            }
+            .await;
+            let listed = listed.unwrap_or_else(|e| {
+                tracing::debug!(dir = %dir, error = %e, "a warm listing failed; lookups ask one name at a time");
+                Listed::Failed
+            });
+            ns.warm.lock().listed(&dir, listed);
+        });
+    }
+}
+
+/// Whether `name` (of `kind`) listed under `prefix` is among the `deleted` keys: a file's
+/// key, or a directory's marker.
+fn is_deleted(deleted: &HashSet<String>, prefix: &str, name: &str, kind: Kind) -> bool {
+    let slash = if kind == Kind::Dir { "/" } else { "" };
+    deleted.contains(&format!("{prefix}{name}{slash}"))
 }

@@ -53,6 +53,20 @@ impl Fixture {
             .map(|a| a.size)
     }
 
+    /// What `path` (a/b/c) is, looked up one component at a time as the kernel does.
+    fn lookup_path(&self, path: &str) -> FsResult<crate::fs::Attr> {
+        self.rt.block_on(async {
+            let mut ino = ROOT;
+            let mut attr = None;
+            for name in path.split('/') {
+                let a = self.fs.lookup(ino, OsStr::new(name)).await?;
+                ino = a.ino;
+                attr = Some(a);
+            }
+            Ok(attr.expect("a path of at least one name"))
+        })
+    }
+
     /// Creates `name` with `data`, closed as close() does.
     fn write(&self, name: &str, data: &[u8]) -> FsResult<u64> {
         self.rt.block_on(async {
@@ -148,6 +162,41 @@ fn attributes_are_trusted_for_the_metadata_ttl_and_absence_for_the_negative_ttl(
         (absent_since + negative_ttl).saturating_duration_since(std::time::Instant::now()),
     );
     assert_eq!(f.size("b.png").unwrap(), 1, "after the negative TTL, there");
+}
+
+#[test]
+fn a_directory_whose_lookups_keep_asking_is_listed_whole_and_asks_no_more() {
+    let f = Fixture::new(Duration::from_secs(60), 1 << 20);
+    // Synapse's fan-out: hash prefixes, each holding media; uploads look up new prefixes.
+    // More keys than one LIST returns, so no lookup alone learns the directory whole.
+    for i in 0..1200 {
+        f.put(&format!("media/p{i:04}/q/file"), b"stored");
+    }
+    assert!(f.lookup_path("media").is_ok());
+    let before = f.store.lists();
+    for i in 0..3 {
+        let missing = f.lookup_path(&format!("media/new-{i}"));
+        assert!(missing.unwrap_err().is(libc::ENOENT));
+    }
+    assert_eq!(f.store.lists() - before, 3, "one LIST per name asked about");
+    // The third ask started a listing of the whole subtree in the background: two LISTs.
+    f.wait_until("the background listing", || f.store.lists() - before >= 5);
+    let after = f.store.lists();
+    for i in 3..100 {
+        let missing = f.lookup_path(&format!("media/new-{i}"));
+        assert!(missing.unwrap_err().is(libc::ENOENT));
+    }
+    for i in (0..1200).step_by(7) {
+        let stored = f.lookup_path(&format!("media/p{i:04}/q/file")).unwrap();
+        assert_eq!(stored.size, 6);
+        let missing = f.lookup_path(&format!("media/p{i:04}/q/new"));
+        assert!(missing.unwrap_err().is(libc::ENOENT));
+    }
+    assert_eq!(
+        f.store.lists(),
+        after,
+        "lookups in a directory listed whole asked the bucket"
+    );
 }
 
 #[test]

@@ -36,6 +36,8 @@ pub struct MemoryStore {
     unreachable: std::sync::atomic::AtomicBool,
     /// See `refuse_batch_deletes`.
     no_batch_deletes: std::sync::atomic::AtomicBool,
+    /// LIST requests answered.
+    lists: AtomicU64,
 }
 
 impl MemoryStore {
@@ -60,6 +62,11 @@ impl MemoryStore {
             ));
         }
         Ok(())
+    }
+
+    /// LIST requests answered so far.
+    pub fn lists(&self) -> u64 {
+        self.lists.load(Ordering::SeqCst)
     }
 
     /// All keys currently stored, in order.
@@ -190,6 +197,7 @@ impl ObjectStore for MemoryStore {
         max_keys: Option<i32>,
     ) -> StoreResult<ListPage> {
         self.answer()?;
+        self.lists.fetch_add(1, Ordering::SeqCst);
         use std::ops::Bound;
         let max = max_keys.unwrap_or(1000).clamp(1, 1000) as usize;
         let objects = self.objects.lock();

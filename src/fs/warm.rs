@@ -1,0 +1,269 @@
+//! Which directories are worth listing whole, and when again: the bookkeeping behind the
+//! namespace's warm listings. A lookup of a name that nothing fresh answers costs one LIST
+//! (the name's own); a directory where that happens three times within the metadata TTL (a
+//! Synapse's `local_content` while media arrive, each upload looking up a new hash prefix),
+//! and more often than its last whole listing took LISTs, is listed whole in the
+//! background, so that its next lookups, of names present or missing, ask nothing.
+//! The listing is of the directory's whole subtree (one flat LIST per 1000 keys) while that
+//! stays small, else of the directory alone (one LIST per 1000 names); a directory larger
+//! than that is left to single lookups. A listing is made again, once half of its TTL has
+//! passed, only when a lookup needs it and it has answered at least as many lookups as it
+//! took LISTs: an idle directory costs nothing, and a busy one never costs more requests
+//! than the single lookups would have.
+
+use std::num::NonZeroUsize;
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+
+use super::names;
+
+/// Most directories whose lookups are counted.
+const DIRS_KEPT: usize = 1024;
+/// Lookups asking the bucket within the metadata TTL that make a directory worth listing
+/// whole, at least: fewer are as likely a few names of one operation (`os.makedirs` looking
+/// up two trees of the root) as a stream of them.
+const ASKS: u32 = 3;
+
+/// How to list a directory whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reach {
+    /// The directory and everything below it, with flat LISTs.
+    Subtree,
+    /// The directory's own names, with LISTs by delimiter.
+    Directory,
+}
+
+/// How a listing of a directory ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Listed {
+    /// Recorded whole, begun at `began`, in `lists` LISTs, with `reach`.
+    Whole {
+        began: Instant,
+        lists: u32,
+        reach: Reach,
+    },
+    /// Larger than a warm listing may be, even of the directory alone.
+    TooLarge,
+    /// The store failed it; single lookups go on.
+    Failed,
+}
+
+#[derive(Debug)]
+struct Warmth {
+    /// Lookups that asked the bucket since `window` began.
+    asks: u32,
+    window: Instant,
+    /// The last listing recorded whole: when it began and the LISTs it took.
+    last: Option<(Instant, u32)>,
+    /// Lookups answered from what is known since that listing.
+    answered: u32,
+    /// A listing is being made.
+    listing: bool,
+    /// The whole subtree is larger than a warm listing may be: list the directory alone.
+    reach: Reach,
+    /// The directory alone is too large too: never listed whole here.
+    too_large: bool,
+}
+
+pub(super) struct WarmDirs {
+    dirs: LruCache<String, Warmth>,
+}
+
+impl Default for WarmDirs {
+    fn default() -> Self {
+        WarmDirs {
+            dirs: LruCache::new(NonZeroUsize::new(DIRS_KEPT).expect("not zero")),
+        }
+    }
+}
+
+impl WarmDirs {
+    /// A lookup in `dir` is asking the bucket. Returns how to list `dir` whole when it is
+    /// time to: the `ASKS`th such lookup within `ttl`, and one more than the LISTs of its last
+    /// whole listing; none being made; not too large.
+    pub fn asked(&mut self, dir: &str, ttl: Duration, now: Instant) -> Option<Reach> {
+        let w = self.dirs.get_or_insert_mut(dir.to_string(), || Warmth {
+            asks: 0,
+            window: now,
+            last: None,
+            answered: 0,
+            listing: false,
+            reach: Reach::Subtree,
+            too_large: false,
+        });
+        if now.saturating_duration_since(w.window) >= ttl {
+            w.asks = 0;
+            w.window = now;
+        }
+        w.asks += 1;
+        let needed = ASKS.max(w.last.map_or(0, |(_, lists)| lists + 1));
+        if w.asks < needed || w.listing || w.too_large {
+            return None;
+        }
+        w.listing = true;
+        Some(w.reach)
+    }
+
+    /// A lookup in `dir` was answered from what is known. Returns the directory (`dir` or
+    /// one above it) whose warm listing answered and is to be made again now: half its
+    /// `ttl` has passed, it answered at least as many lookups as it took LISTs, and none is
+    /// being made.
+    pub fn answered(&mut self, dir: &str, ttl: Duration, now: Instant) -> Option<(String, Reach)> {
+        let mut at = dir;
+        loop {
+            if let Some(w) = self.dirs.get_mut(at) {
+                if let Some((began, lists)) = w.last {
+                    let age = now.saturating_duration_since(began);
+                    if age < ttl && (w.reach == Reach::Subtree || at == dir) {
+                        w.answered += 1;
+                        if age >= ttl / 2 && w.answered >= lists && !w.listing {
+                            w.listing = true;
+                            return Some((at.to_string(), w.reach));
+                        }
+                        return None;
+                    }
+                }
+            }
+            if at.is_empty() {
+                return None;
+            }
+            at = names::split(at).0;
+        }
+    }
+
+    /// The listing of `dir` ended as `how`.
+    pub fn listed(&mut self, dir: &str, how: Listed) {
+        let Some(w) = self.dirs.get_mut(dir) else {
+            return;
+        };
+        w.listing = false;
+        match how {
+            Listed::Whole {
+                began,
+                lists,
+                reach,
+            } => {
+                w.last = Some((began, lists));
+                w.answered = 0;
+                w.reach = reach;
+                w.asks = 0;
+            }
+            Listed::TooLarge => w.too_large = true,
+            Listed::Failed => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(10);
+
+    fn secs(t: Instant, s: u64) -> Instant {
+        t + Duration::from_secs(s)
+    }
+
+    #[test]
+    fn a_directory_is_listed_whole_at_its_third_ask_within_the_ttl() {
+        let mut w = WarmDirs::default();
+        let t = Instant::now();
+        assert_eq!(w.asked("media", TTL, t), None);
+        assert_eq!(w.asked("media", TTL, secs(t, 1)), None);
+        let expired = w.asked("media", TTL, secs(t, 11));
+        assert_eq!(expired, None, "the first asks expired");
+        assert_eq!(w.asked("media", TTL, secs(t, 12)), None);
+        assert_eq!(w.asked("media", TTL, secs(t, 12)), Some(Reach::Subtree));
+        let again = w.asked("media", TTL, secs(t, 12));
+        assert_eq!(again, None, "one is being made");
+        assert_eq!(w.asked("other", TTL, secs(t, 12)), None);
+    }
+
+    #[test]
+    fn a_directory_whose_listing_took_many_lists_needs_more_asks() {
+        let mut w = WarmDirs::default();
+        let t = Instant::now();
+        let asks = |w: &mut WarmDirs, at| (0..).find(|_| w.asked("media", TTL, at).is_some());
+        assert_eq!(asks(&mut w, t), Some(2), "the third ask");
+        let whole = Listed::Whole {
+            began: t,
+            lists: 5,
+            reach: Reach::Subtree,
+        };
+        w.listed("media", whole);
+        assert_eq!(asks(&mut w, secs(t, 20)), Some(5), "the sixth ask");
+    }
+
+    #[test]
+    fn a_listing_is_made_again_past_half_its_ttl_once_it_paid_for_itself() {
+        let mut w = WarmDirs::default();
+        let t = Instant::now();
+        w.asked("media", TTL, t);
+        let whole = Listed::Whole {
+            began: t,
+            lists: 3,
+            reach: Reach::Subtree,
+        };
+        w.listed("media", whole);
+        // Answers below the directory count for its subtree listing.
+        assert_eq!(w.answered("media/ab", TTL, secs(t, 1)), None);
+        assert_eq!(w.answered("media", TTL, secs(t, 6)), None, "two answers");
+        assert_eq!(
+            w.answered("media/ab/cd", TTL, secs(t, 6)),
+            Some(("media".to_string(), Reach::Subtree))
+        );
+        assert_eq!(
+            w.answered("media", TTL, secs(t, 7)),
+            None,
+            "one is being made"
+        );
+        // Unused, it is not made again; expired, it answers nothing.
+        w.listed(
+            "media",
+            Listed::Whole {
+                began: secs(t, 7),
+                lists: 3,
+                reach: Reach::Subtree,
+            },
+        );
+        assert_eq!(w.answered("media", TTL, secs(t, 13)), None);
+        assert_eq!(w.answered("media", TTL, secs(t, 18)), None, "expired");
+    }
+
+    #[test]
+    fn a_directory_too_large_is_listed_alone_then_not_at_all() {
+        let mut w = WarmDirs::default();
+        let t = Instant::now();
+        w.asked("media", TTL, t);
+        w.asked("media", TTL, t);
+        assert_eq!(w.asked("media", TTL, t), Some(Reach::Subtree));
+        let alone = Listed::Whole {
+            began: t,
+            lists: 1,
+            reach: Reach::Directory,
+        };
+        w.listed("media", alone);
+        // A listing of the directory alone answers for its own names only.
+        assert_eq!(w.answered("media/ab", TTL, secs(t, 6)), None);
+        assert_eq!(
+            w.answered("media", TTL, secs(t, 6)),
+            Some(("media".to_string(), Reach::Directory))
+        );
+        w.listed("media", Listed::TooLarge);
+        for _ in 0..10 {
+            assert_eq!(w.asked("media", TTL, secs(t, 20)), None, "too large");
+        }
+    }
+
+    #[test]
+    fn a_failed_listing_is_tried_at_the_next_second_ask() {
+        let mut w = WarmDirs::default();
+        let t = Instant::now();
+        w.asked("media", TTL, t);
+        w.asked("media", TTL, t);
+        assert!(w.asked("media", TTL, t).is_some());
+        w.listed("media", Listed::Failed);
+        assert!(w.asked("media", TTL, t).is_some());
+    }
+}
