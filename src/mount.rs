@@ -501,8 +501,8 @@ fn mount_error(cfg: &Config, e: std::io::Error) -> String {
     }
 }
 
-/// The mountpoint must exist, be a directory, not be mounted already and, unless
-/// `nonempty`, be empty. The dead mount of an s3mediafs process of the same `source` that
+/// The mountpoint must exist, be a directory, not be mounted already (an automount
+/// trigger excepted: this mount goes on top of it) and, unless `nonempty`, be empty. The dead mount of an s3mediafs process of the same `source` that
 /// ended without unmounting (killed, out of memory) is detached first: what it acknowledged
 /// is in its journal, and a service restarted after the crash must not fail on it forever.
 pub fn check_mountpoint(p: &Path, nonempty: bool, source: &str) -> Result<(), String> {
@@ -532,11 +532,18 @@ pub fn check_mountpoint(p: &Path, nonempty: bool, source: &str) -> Result<(), St
         return Err(format!("the mountpoint {shown} is not a directory"));
     }
     let canonical = std::fs::canonicalize(p).map_err(|e| format!("cannot resolve {shown}: {e}"))?;
-    if let Some((fstype, source)) = mounted_at(&canonical) {
-        return Err(format!(
-            "{shown} is already a mount point ({fstype} from {source}); unmount it first or \
-             choose another directory"
-        ));
+    match mounted_at(&canonical) {
+        // systemd's automount (`x-systemd.automount` in fstab) holds the mountpoint with an
+        // autofs trigger until the first access, then runs this mount on top of it. The
+        // trigger's directory is empty, and reading it would wait for this very mount.
+        Some((fstype, _)) if mounts_over(&fstype) => return Ok(()),
+        Some((fstype, source)) => {
+            return Err(format!(
+                "{shown} is already a mount point ({fstype} from {source}); unmount it first or \
+                 choose another directory"
+            ))
+        }
+        None => {}
     }
     if !nonempty {
         let mut entries = std::fs::read_dir(p).map_err(|e| format!("cannot read {shown}: {e}"))?;
@@ -569,6 +576,12 @@ fn dead_mount_is_ours(p: &Path, source: &str) -> bool {
         .is_some_and(|(fstype, from)| {
             (fstype == "fuse.s3mediafs" || fstype == "fuse") && from == source
         })
+}
+
+/// Whether a mount of type `fstype` at the mountpoint is one to mount over: an automount
+/// trigger, which stands for this very mount.
+fn mounts_over(fstype: &str) -> bool {
+    fstype == "autofs"
 }
 
 /// The type and source of the mount at exactly `path`, if there is one.
@@ -786,6 +799,14 @@ pub fn check_bucket(rt: &tokio::runtime::Runtime, cfg: &Target) -> Result<(), Bu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_automount_trigger_is_mounted_over_and_other_mounts_refused() {
+        assert!(mounts_over("autofs"));
+        for other in ["fuse.s3mediafs", "fuse", "tmpfs", "ext4", "nfs4"] {
+            assert!(!mounts_over(other), "{other}");
+        }
+    }
 
     #[test]
     fn mountinfo_escapes_are_decoded() {

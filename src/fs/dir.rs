@@ -303,11 +303,11 @@ impl BucketFs {
             .map_err(|e| FsError::store("LIST", &prefix, e))?;
         d.token = page.next_token.clone();
         d.done = d.token.is_none();
-        // Names being deleted are neither recorded nor listed.
+        // Names being deleted, or changed while the LIST ran, are neither recorded nor listed.
         let found = self
             .ns
             .names_in_page(&d.path, &prefix, &page, |name, kind| {
-                !d.is_deleted(name, kind)
+                !d.is_deleted(name, kind) && !self.ns.landed_since(&prefix, name, kind, began)
             });
         if first_page {
             self.ns.listing.add_page(&d.path, id, began, found.clone());

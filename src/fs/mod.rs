@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::cache::{BlockCache, StagingArea};
 use crate::readahead::Readahead;
 use crate::store::{ETag, ObjectStore, StoreError};
-use crate::writeback::{Pending, WritebackQueue};
+use crate::writeback::{LandingObserver, Pending, WritebackQueue};
 
 pub use dir::DirEntry;
 pub use error::{FsError, FsResult};
@@ -515,6 +515,9 @@ impl BucketFs {
                 .copy(&old_key, &new_key)
                 .await
                 .map_err(|e| FsError::store("COPY", &old_key, e))?;
+            // A change of this mount, as an upload's landing is: listings made while it ran
+            // may lack the new name.
+            self.ns.landed(&new_key, true);
             version = match etag {
                 Some(etag) => RenamedVersion::Copied(etag),
                 None => RenamedVersion::Unknown,

@@ -34,6 +34,7 @@
 //! of the last landing instead of asking for it.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -89,6 +90,8 @@ const WALK_WINDOW: Duration = Duration::from_secs(60);
 /// Most keys a warm listing of a subtree, or names of a directory alone, may hold
 /// (`warm.rs`): ten LISTs.
 const WARM_NAMES: usize = 10_000;
+/// Most warm listings under way at once.
+const WARMING_AT_ONCE: usize = 4;
 
 pub(super) struct Namespace {
     store: Arc<dyn ObjectStore>,
@@ -105,6 +108,8 @@ pub(super) struct Namespace {
     warned: Mutex<HashSet<String>>,
     /// Directories whose lookups keep asking the bucket, listed whole in the background.
     warm: Mutex<WarmDirs>,
+    /// Background listings under way.
+    warming: AtomicUsize,
     /// This namespace, for the background listings it starts.
     me: Weak<Namespace>,
 }
@@ -136,6 +141,7 @@ impl Namespace {
             offline_until: Mutex::new(None),
             warned: Mutex::new(HashSet::new()),
             warm: Mutex::new(WarmDirs::default()),
+            warming: AtomicUsize::new(0),
             me: me.clone(),
         });
         let observer: Arc<dyn LandingObserver> = ns.clone();
@@ -342,6 +348,7 @@ impl Namespace {
         }
         let deleted: HashSet<String> = under.into_iter().map(|(k, _)| k).collect();
         let file_deleted = matches!(file_pending, Some(Pending::Delete));
+        self.warm_asked(names::split(path).0);
         let (id, began) = self.listing.begin();
         let page = match self.store.list(&key, true, None, Some(dir::PAGE)).await {
             Err(e @ StoreError::Unreachable(_)) => {
@@ -442,26 +449,45 @@ impl Namespace {
         let mut deleted = self.pending_deletes(prefix);
         deleted.extend(deleted_before.iter().cloned());
         for (dir, mut names) in complete {
-            if !deleted.is_empty() {
-                let dir_prefix = self.keys.dir_prefix(&dir);
-                names.retain(|(name, r)| !is_deleted(&deleted, &dir_prefix, name, r.kind));
-            }
+            let dir_prefix = self.keys.dir_prefix(&dir);
+            names.retain(|(name, r)| {
+                !is_deleted(&deleted, &dir_prefix, name, r.kind)
+                    && !self.landed_since(&dir_prefix, name, r.kind, began)
+            });
             self.listing.record(&dir, id, began, names);
         }
     }
 
-    /// `names`, listed in `dir` (keys under `prefix`), without those being deleted: deletes
-    /// pending when the listing began (`deleted_before`: one may have landed while it ran,
-    /// after the LIST saw its key) and those pending now.
-    fn without_deleted(
+    /// Whether a change of this mount to `name` (of `kind`) listed under `prefix` reached
+    /// the bucket at or after `since`, while a listing begun then ran: the listing may show
+    /// it as it was before (a file deleted meanwhile still there), so it is left out of
+    /// what is recorded, and lookups ask (`changed_at` makes them).
+    pub(super) fn landed_since(
+        &self,
+        prefix: &str,
+        name: &str,
+        kind: Kind,
+        since: Instant,
+    ) -> bool {
+        let slash = if kind == Kind::Dir { "/" } else { "" };
+        self.landings
+            .lock()
+            .since(&format!("{prefix}{name}{slash}"), since)
+    }
+
+    /// `names`, listed under `prefix` by a listing begun at `began`, without those being
+    /// deleted (pending now) and those this mount changed while it ran.
+    fn as_recorded(
         &self,
         mut names: Vec<(String, Remote)>,
         prefix: &str,
-        deleted_before: &HashSet<String>,
+        began: Instant,
     ) -> Vec<(String, Remote)> {
-        let mut deleted = self.pending_deletes(prefix);
-        deleted.extend(deleted_before.iter().cloned());
-        names.retain(|(name, r)| !is_deleted(&deleted, prefix, name, r.kind));
+        let deleted = self.pending_deletes(prefix);
+        names.retain(|(name, r)| {
+            !is_deleted(&deleted, prefix, name, r.kind)
+                && !self.landed_since(prefix, name, r.kind, began)
+        });
         names
     }
 
@@ -564,7 +590,6 @@ impl Namespace {
         let asked = if self.is_offline() {
             Asked::Offline
         } else {
-            self.warm_asked(&dir);
             self.ask_bucket(&path).await?
         };
         let remote = match asked {
@@ -764,8 +789,8 @@ impl Namespace {
         }
     }
 
-    /// Lists directory `dir` alone to its end with LISTs by delimiter and records it, if it
-    /// holds fewer than `max_names` names; returns the LISTs it took.
+    /// Lists directory `dir` alone to its end with LISTs by delimiter and records it, unless
+    /// more pages follow once `max_names` names were seen; returns the LISTs it took.
     async fn list_directory(&self, dir: &str, max_names: usize) -> FsResult<Option<u32>> {
         let prefix = self.keys.dir_prefix(dir);
         let deleted_before = self.pending_deletes(&prefix);
@@ -780,7 +805,8 @@ impl Namespace {
                 .await
                 .map_err(|e| FsError::store("LIST", &prefix, e))?;
             lists += 1;
-            names.extend(self.names_in_page(dir, &prefix, &page, |_, _| true));
+            let kept = |name: &str, kind| !is_deleted(&deleted_before, &prefix, name, kind);
+            names.extend(self.names_in_page(dir, &prefix, &page, kept));
             token = page.next_token;
             if token.is_none() {
                 break;
@@ -789,7 +815,7 @@ impl Namespace {
                 return Ok(None);
             }
         }
-        let names = self.without_deleted(names, &prefix, &deleted_before);
+        let names = self.as_recorded(names, &prefix, began);
         self.listing.record(dir, id, began, names);
         Ok(Some(lists))
     }
@@ -822,7 +848,10 @@ impl Namespace {
     /// (the subtree first, the directory alone when the subtree is too large), and tells
     /// `warm` how it went.
     fn list_whole(&self, dir: String, reach: Reach) {
-        let (Some(ns), Ok(rt)) = (self.me.upgrade(), tokio::runtime::Handle::try_current()) else {
+        let runtime = tokio::runtime::Handle::try_current();
+        let room = self.warming.fetch_add(1, Ordering::SeqCst) < WARMING_AT_ONCE;
+        let (Some(ns), Ok(rt), true) = (self.me.upgrade(), runtime, room) else {
+            self.warming.fetch_sub(1, Ordering::SeqCst);
             self.warm.lock().listed(&dir, Listed::Failed);
             return;
         };
@@ -849,6 +878,7 @@ impl Namespace {
                 Listed::Failed
             });
             ns.warm.lock().listed(&dir, listed);
+            ns.warming.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }

@@ -200,6 +200,48 @@ fn a_directory_whose_lookups_keep_asking_is_listed_whole_and_asks_no_more() {
 }
 
 #[test]
+fn a_file_deleted_while_its_directory_is_listed_whole_does_not_come_back() {
+    // In the root, which keeps no marker once a file goes, so nothing else dates the change;
+    // named to come in the listing's first page.
+    let f = Fixture::new(Duration::from_secs(60), 1 << 20);
+    for i in 0..1200 {
+        f.put(&format!("p{i:04}/q/file"), b"stored");
+    }
+    f.put("a-victim.png", b"victim");
+    f.lookup_path("a-victim.png").unwrap();
+    assert!(f.lookup_path("new-0").is_err());
+    // The third ask starts the background listing; its first page is taken and held.
+    let gate = f.store.hold_lists();
+    gate.add_permits(1);
+    let before = f.store.lists();
+    assert!(f.lookup_path("new-1").is_err());
+    f.wait_until("the background listing's first LIST", || {
+        f.store.lists() > before + 1
+    });
+    // Meanwhile the file is deleted, and the delete reaches the bucket.
+    f.rt.block_on(f.fs.unlink(ROOT, OsStr::new("a-victim.png")))
+        .unwrap();
+    f.drain();
+    gate.add_permits(100);
+    f.wait_until("the background listing's last LIST", || {
+        f.store.lists() > before + 2
+    });
+    f.rt.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
+    let listed = f.rt.block_on(async {
+        let fh = f.fs.opendir(ROOT).unwrap();
+        let entries = f.fs.readdir(fh, 0, 10_000).await.unwrap();
+        f.fs.releasedir(fh);
+        entries.into_iter().map(|e| e.name).collect::<Vec<_>>()
+    });
+    assert!(
+        !listed.contains(&"a-victim.png".to_string()),
+        "the deleted file is listed"
+    );
+    assert_eq!(listed.len(), 2 + 1200, "., .. and the prefixes");
+    assert!(f.lookup_path("a-victim.png").unwrap_err().is(libc::ENOENT));
+}
+
+#[test]
 fn offline_lookups_answer_from_what_is_known_and_writes_wait_for_the_store() {
     let f = Fixture::new(Duration::ZERO, 1 << 20);
     f.put("seen.png", b"seen");

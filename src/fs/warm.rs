@@ -60,7 +60,7 @@ struct Warmth {
     answered: u32,
     /// A listing is being made.
     listing: bool,
-    /// The whole subtree is larger than a warm listing may be: list the directory alone.
+    /// How to list it: its subtree, until that was found larger than a warm listing may be.
     reach: Reach,
     /// The directory alone is too large too: never listed whole here.
     too_large: bool,
@@ -96,7 +96,7 @@ impl WarmDirs {
             w.asks = 0;
             w.window = now;
         }
-        w.asks += 1;
+        w.asks = w.asks.saturating_add(1);
         let needed = ASKS.max(w.last.map_or(0, |(_, lists)| lists + 1));
         if w.asks < needed || w.listing || w.too_large {
             return None;
@@ -150,7 +150,8 @@ impl WarmDirs {
                 w.asks = 0;
             }
             Listed::TooLarge => w.too_large = true,
-            Listed::Failed => {}
+            // Tried again after as many asks as the first time.
+            Listed::Failed => w.asks = 0,
         }
     }
 }
@@ -257,13 +258,12 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_listing_is_tried_at_the_next_second_ask() {
+    fn a_failed_listing_is_tried_again_after_as_many_asks() {
         let mut w = WarmDirs::default();
         let t = Instant::now();
-        w.asked("media", TTL, t);
-        w.asked("media", TTL, t);
-        assert!(w.asked("media", TTL, t).is_some());
+        let asks = |w: &mut WarmDirs| (0..).find(|_| w.asked("media", TTL, t).is_some());
+        assert_eq!(asks(&mut w), Some(2));
         w.listed("media", Listed::Failed);
-        assert!(w.asked("media", TTL, t).is_some());
+        assert_eq!(asks(&mut w), Some(2));
     }
 }

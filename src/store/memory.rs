@@ -30,6 +30,8 @@ pub struct MemoryStore {
     piece_gate: Mutex<Option<Arc<Semaphore>>>,
     /// See `hold_heads`.
     head_gate: Mutex<Option<Arc<Semaphore>>>,
+    /// See `hold_lists`.
+    list_gate: Mutex<Option<Arc<Semaphore>>>,
     /// See `list_strays`.
     strays: Mutex<Vec<String>>,
     /// See `set_unreachable`.
@@ -96,10 +98,79 @@ impl MemoryStore {
         gate
     }
 
+    /// From now on, each LIST takes its answer, then waits for a permit of the returned
+    /// semaphore before it hands it over, as a slow answer would: changes made meanwhile
+    /// are missing from it.
+    pub fn hold_lists(&self) -> Arc<Semaphore> {
+        let gate = Arc::new(Semaphore::new(0));
+        *self.list_gate.lock() = Some(gate.clone());
+        gate
+    }
+
     /// From now on, every LIST page also carries `keys` as objects and as prefixes, wherever
     /// they sort and whatever prefix was asked for, as a broken or hostile store would.
     pub fn list_strays(&self, keys: &[&str]) {
         *self.strays.lock() = keys.iter().map(|k| k.to_string()).collect();
+    }
+
+    /// The page a LIST asks for, as the store holds its keys now.
+    fn list_now(
+        &self,
+        prefix: &str,
+        recursive: bool,
+        token: Option<String>,
+        max_keys: Option<i32>,
+    ) -> ListPage {
+        use std::ops::Bound;
+        let max = max_keys.unwrap_or(1000).clamp(1, 1000) as usize;
+        let objects = self.objects.lock();
+        let mut page = ListPage::default();
+        // The token is the last entry returned: an object key, or a common prefix whose
+        // keys must all be skipped.
+        let lower = match &token {
+            Some(t) => Bound::Excluded(t.clone()),
+            None => Bound::Included(prefix.to_string()),
+        };
+        let mut skip_prefix: Option<String> = token.filter(|t| t.ends_with('/'));
+        let mut last = None;
+        for (key, o) in objects.range((lower, Bound::Unbounded)) {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if skip_prefix.as_deref().is_some_and(|p| key.starts_with(p)) {
+                continue;
+            }
+            if page.objects.len() + page.prefixes.len() == max {
+                page.next_token = last;
+                break;
+            }
+            let rest = &key[prefix.len()..];
+            match rest.find('/') {
+                Some(i) if !recursive => {
+                    let p = format!("{}{}", prefix, &rest[..=i]);
+                    page.prefixes.push(p.clone());
+                    skip_prefix = Some(p.clone());
+                    last = Some(p);
+                }
+                _ => {
+                    page.objects.push(Self::meta(key, o));
+                    last = Some(key.clone());
+                }
+            }
+        }
+        for stray in self.strays.lock().iter() {
+            page.objects.insert(
+                0,
+                ObjectMeta {
+                    key: stray.clone(),
+                    size: 1,
+                    etag: None,
+                    last_modified: SystemTime::UNIX_EPOCH,
+                },
+            );
+            page.prefixes.push(stray.clone());
+        }
+        page
     }
 
     /// Multipart uploads started and neither completed nor aborted.
@@ -198,54 +269,10 @@ impl ObjectStore for MemoryStore {
     ) -> StoreResult<ListPage> {
         self.answer()?;
         self.lists.fetch_add(1, Ordering::SeqCst);
-        use std::ops::Bound;
-        let max = max_keys.unwrap_or(1000).clamp(1, 1000) as usize;
-        let objects = self.objects.lock();
-        let mut page = ListPage::default();
-        // The token is the last entry returned: an object key, or a common prefix whose
-        // keys must all be skipped.
-        let lower = match &token {
-            Some(t) => Bound::Excluded(t.clone()),
-            None => Bound::Included(prefix.to_string()),
-        };
-        let mut skip_prefix: Option<String> = token.filter(|t| t.ends_with('/'));
-        let mut last = None;
-        for (key, o) in objects.range((lower, Bound::Unbounded)) {
-            if !key.starts_with(prefix) {
-                break;
-            }
-            if skip_prefix.as_deref().is_some_and(|p| key.starts_with(p)) {
-                continue;
-            }
-            if page.objects.len() + page.prefixes.len() == max {
-                page.next_token = last;
-                break;
-            }
-            let rest = &key[prefix.len()..];
-            match rest.find('/') {
-                Some(i) if !recursive => {
-                    let p = format!("{}{}", prefix, &rest[..=i]);
-                    page.prefixes.push(p.clone());
-                    skip_prefix = Some(p.clone());
-                    last = Some(p);
-                }
-                _ => {
-                    page.objects.push(Self::meta(key, o));
-                    last = Some(key.clone());
-                }
-            }
-        }
-        for stray in self.strays.lock().iter() {
-            page.objects.insert(
-                0,
-                ObjectMeta {
-                    key: stray.clone(),
-                    size: 1,
-                    etag: None,
-                    last_modified: SystemTime::UNIX_EPOCH,
-                },
-            );
-            page.prefixes.push(stray.clone());
+        let page = self.list_now(prefix, recursive, token, max_keys);
+        let gate = self.list_gate.lock().clone();
+        if let Some(gate) = gate {
+            gate.acquire().await.expect("never closed").forget();
         }
         Ok(page)
     }
