@@ -303,18 +303,23 @@ impl BucketFs {
             .map_err(|e| FsError::store("LIST", &prefix, e))?;
         d.token = page.next_token.clone();
         d.done = d.token.is_none();
-        // Names being deleted, or changed while the LIST ran, are neither recorded nor listed.
+        // Names being deleted are neither recorded nor listed; names this mount changed
+        // while the listing ran are listed (a file deleted meanwhile, as a readdir racing an
+        // unlink may) but not recorded, so lookups ask about them.
         let found = self
             .ns
             .names_in_page(&d.path, &prefix, &page, |name, kind| {
-                !d.is_deleted(name, kind) && !self.ns.landed_since(&prefix, name, kind, began)
+                !d.is_deleted(name, kind)
             });
+        let recorded: Vec<(String, Remote)> = found
+            .iter()
+            .filter(|(name, r)| !self.ns.landed_since(&prefix, name, r.kind, began))
+            .cloned()
+            .collect();
         if first_page {
-            self.ns.listing.add_page(&d.path, id, began, found.clone());
+            self.ns.listing.add_page(&d.path, id, began, recorded);
         } else {
-            self.ns
-                .listing
-                .add_later_page(&d.path, id, began, found.clone());
+            self.ns.listing.add_later_page(&d.path, id, began, recorded);
         }
         if d.done {
             self.ns.listing.finish(&d.path, id);

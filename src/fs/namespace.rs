@@ -856,14 +856,21 @@ impl Namespace {
             return;
         };
         rt.spawn(async move {
+            // Tells `warm` how it went, and gives its place back, however the task ends.
+            let mut warming = Warming {
+                ns,
+                dir,
+                listed: Listed::Failed,
+            };
+            let (ns, dir) = (&warming.ns, &warming.dir);
             let began = Instant::now();
             let listed = async {
                 if reach == Reach::Subtree {
-                    if let Some(lists) = ns.list_subtree(&dir, WARM_NAMES).await? {
+                    if let Some(lists) = ns.list_subtree(dir, WARM_NAMES).await? {
                         return Ok(Listed::Whole { began, lists, reach });
                     }
                 }
-                Ok::<_, FsError>(match ns.list_directory(&dir, WARM_NAMES).await? {
+                Ok::<_, FsError>(match ns.list_directory(dir, WARM_NAMES).await? {
                     Some(lists) => Listed::Whole {
                         began,
                         lists,
@@ -873,13 +880,25 @@ impl Namespace {
                 })
             }
             .await;
-            let listed = listed.unwrap_or_else(|e| {
-                tracing::debug!(dir = %dir, error = %e, "a warm listing failed; lookups ask one name at a time");
+            warming.listed = listed.unwrap_or_else(|e| {
+                tracing::debug!(dir = %warming.dir, error = %e, "a warm listing failed; lookups ask one name at a time");
                 Listed::Failed
             });
-            ns.warm.lock().listed(&dir, listed);
-            ns.warming.fetch_sub(1, Ordering::SeqCst);
         });
+    }
+}
+
+/// A warm listing under way: when it ends, `warm` learns how, and its place is free.
+struct Warming {
+    ns: Arc<Namespace>,
+    dir: String,
+    listed: Listed,
+}
+
+impl Drop for Warming {
+    fn drop(&mut self) {
+        self.ns.warm.lock().listed(&self.dir, self.listed);
+        self.ns.warming.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
