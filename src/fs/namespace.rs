@@ -754,6 +754,19 @@ impl Namespace {
         (!self.landings.lock().since(&prefix, at)).then_some((names, at))
     }
 
+    /// One page of a LIST of `prefix`: flat when `recursive`, else by delimiter.
+    async fn list_page(
+        &self,
+        prefix: &str,
+        recursive: bool,
+        token: Option<String>,
+    ) -> FsResult<crate::store::ListPage> {
+        self.store
+            .list(prefix, recursive, token, Some(dir::PAGE))
+            .await
+            .map_err(|e| FsError::store("LIST", prefix, e))
+    }
+
     /// Lists `dir` and everything below it with flat LISTs, recording the listing of every
     /// directory whose keys have all been seen. Returns the LISTs it took, or gives up
     /// (returning None) once it has seen `max_keys` keys and more follow; the directories
@@ -767,11 +780,7 @@ impl Namespace {
         let mut keys = 0;
         let mut lists = 0;
         loop {
-            let page = self
-                .store
-                .list(&prefix, true, token, Some(dir::PAGE))
-                .await
-                .map_err(|e| FsError::store("LIST", &prefix, e))?;
+            let page = self.list_page(&prefix, true, token).await?;
             lists += 1;
             keys += page.objects.len();
             tree.feed(&page.objects);
@@ -799,11 +808,7 @@ impl Namespace {
         let mut token = None;
         let mut lists = 0;
         loop {
-            let page = self
-                .store
-                .list(&prefix, false, token, Some(dir::PAGE))
-                .await
-                .map_err(|e| FsError::store("LIST", &prefix, e))?;
+            let page = self.list_page(&prefix, false, token).await?;
             lists += 1;
             let kept = |name: &str, kind| !is_deleted(&deleted_before, &prefix, name, kind);
             names.extend(self.names_in_page(dir, &prefix, &page, kept));
