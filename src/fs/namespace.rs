@@ -566,8 +566,10 @@ impl Namespace {
             }
         }
         let answer = self.listed_answer(&dir, name, &path);
-        if !matches!(answer, Answer::Unknown) {
-            self.warm_answered(&dir);
+        match &answer {
+            Answer::Present(r, _) => self.warm_answered(&dir, r.kind == Kind::File),
+            Answer::Absent => self.warm_answered(&dir, true),
+            Answer::Unknown => {}
         }
         match answer {
             Answer::Present(remote, at) => {
@@ -837,13 +839,17 @@ impl Namespace {
         }
     }
 
-    /// A lookup in `dir` was answered from a listing: makes the warm listing that answered
-    /// again in the background when it is due (`warm.rs`).
-    fn warm_answered(&self, dir: &str) {
+    /// A lookup in `dir` was answered from a listing (`spared`: a file or a missing name):
+    /// makes the warm listing that answered again in the background when it is due
+    /// (`warm.rs`).
+    fn warm_answered(&self, dir: &str, spared: bool) {
         if self.ttl.is_zero() {
             return;
         }
-        let due = self.warm.lock().answered(dir, self.ttl, Instant::now());
+        let due = self
+            .warm
+            .lock()
+            .answered(dir, spared, self.ttl, Instant::now());
         if let Some((dir, reach)) = due {
             self.list_whole(dir, reach);
         }

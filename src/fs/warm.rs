@@ -8,8 +8,10 @@
 //! stays small, else of the directory alone (one LIST per 1000 names); a directory larger
 //! than that is left to single lookups. A listing is made again, once half of its TTL has
 //! passed, only when a lookup needs it and it has answered at least as many lookups as it
-//! took LISTs: an idle directory costs nothing, and a busy one never costs more requests
-//! than the single lookups would have.
+//! took LISTs: an idle directory costs nothing. A listing of the directory alone counts only
+//! the answers that spare a LIST: a name missing, or a file; a subdirectory found is looked
+//! into next, which asks anyway (a Synapse's `local_content` of 20 000 media: every hash
+//! prefix exists). One that expired without paying for itself rests for ten TTLs.
 
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
@@ -20,6 +22,8 @@ use super::names;
 
 /// Most directories whose lookups are counted.
 const DIRS_KEPT: usize = 1024;
+/// How many TTLs a directory whose warm listing did not pay for itself is not listed whole.
+const REST: u32 = 10;
 /// Lookups asking the bucket within the metadata TTL that make a directory worth listing
 /// whole, at least: fewer are as likely a few names of one operation (`os.makedirs` looking
 /// up two trees of the root) as a stream of them.
@@ -56,14 +60,19 @@ struct Warmth {
     window: Instant,
     /// The last listing recorded whole: when it began and the LISTs it took.
     last: Option<(Instant, u32)>,
-    /// Lookups answered from what is known since that listing.
+    /// Lookups that listing answered, of those it counts (see the top of the file).
     answered: u32,
+    /// Whether the last listing, expired, was judged on what it answered.
+    judged: bool,
+    /// Not listed whole again before this: its last listing did not pay for itself.
+    resting_until: Option<Instant>,
     /// A listing is being made.
     listing: bool,
     /// How to list it: its subtree, until that was found larger than a warm listing may be.
     reach: Reach,
-    /// The directory alone is too large too: never listed whole here.
-    too_large: bool,
+    /// Never listed whole here again: the directory alone is too large too, or it rests
+    /// longer than an `Instant` can say.
+    retired: bool,
 }
 
 pub(super) struct WarmDirs {
@@ -88,35 +97,60 @@ impl WarmDirs {
             window: now,
             last: None,
             answered: 0,
+            judged: true,
+            resting_until: None,
             listing: false,
             reach: Reach::Subtree,
-            too_large: false,
+            retired: false,
         });
+        if let Some((began, lists)) = w.last {
+            if !w.judged && now.saturating_duration_since(began) >= ttl {
+                w.judged = true;
+                if w.answered < lists {
+                    match now.checked_add(ttl.saturating_mul(REST)) {
+                        Some(until) => w.resting_until = Some(until),
+                        None => w.retired = true,
+                    }
+                }
+            }
+        }
+        if w.resting_until.is_some_and(|until| now < until) {
+            return None;
+        }
         if now.saturating_duration_since(w.window) >= ttl {
             w.asks = 0;
             w.window = now;
         }
         w.asks = w.asks.saturating_add(1);
         let needed = ASKS.max(w.last.map_or(0, |(_, lists)| lists + 1));
-        if w.asks < needed || w.listing || w.too_large {
+        if w.asks < needed || w.listing || w.retired {
             return None;
         }
         w.listing = true;
         Some(w.reach)
     }
 
-    /// A lookup in `dir` was answered from what is known. Returns the directory (`dir` or
-    /// one above it) whose warm listing answered and is to be made again now: half its
-    /// `ttl` has passed, it answered at least as many lookups as it took LISTs, and none is
-    /// being made.
-    pub fn answered(&mut self, dir: &str, ttl: Duration, now: Instant) -> Option<(String, Reach)> {
+    /// A lookup in `dir` was answered from what is known; `spared` when the answer spares a
+    /// LIST even where only `dir`'s own names are known (the name is missing, or a file).
+    /// Returns the directory (`dir` or one above it) whose warm listing answered and is to
+    /// be made again now: half its `ttl` has passed, it answered at least as many lookups
+    /// as it took LISTs, and none is being made.
+    pub fn answered(
+        &mut self,
+        dir: &str,
+        spared: bool,
+        ttl: Duration,
+        now: Instant,
+    ) -> Option<(String, Reach)> {
         let mut at = dir;
         loop {
             if let Some(w) = self.dirs.get_mut(at) {
                 if let Some((began, lists)) = w.last {
                     let age = now.saturating_duration_since(began);
                     if age < ttl && (w.reach == Reach::Subtree || at == dir) {
-                        w.answered += 1;
+                        if w.reach == Reach::Subtree || spared {
+                            w.answered = w.answered.saturating_add(1);
+                        }
                         if age >= ttl / 2 && w.answered >= lists && !w.listing {
                             w.listing = true;
                             return Some((at.to_string(), w.reach));
@@ -146,10 +180,11 @@ impl WarmDirs {
             } => {
                 w.last = Some((began, lists));
                 w.answered = 0;
+                w.judged = false;
                 w.reach = reach;
                 w.asks = 0;
             }
-            Listed::TooLarge => w.too_large = true,
+            Listed::TooLarge => w.retired = true,
             // Tried again after as many asks as the first time.
             Listed::Failed => w.asks = 0,
         }
@@ -185,7 +220,7 @@ mod tests {
     fn a_directory_whose_listing_took_many_lists_needs_more_asks() {
         let mut w = WarmDirs::default();
         let t = Instant::now();
-        let asks = |w: &mut WarmDirs, at| (0..).find(|_| w.asked("media", TTL, at).is_some());
+        let asks = |w: &mut WarmDirs, at| (0..20).find(|_| w.asked("media", TTL, at).is_some());
         assert_eq!(asks(&mut w, t), Some(2), "the third ask");
         let whole = Listed::Whole {
             began: t,
@@ -193,6 +228,10 @@ mod tests {
             reach: Reach::Subtree,
         };
         w.listed("media", whole);
+        // It paid for itself, before half its TTL.
+        for _ in 0..5 {
+            assert_eq!(w.answered("media/ab", false, TTL, secs(t, 1)), None);
+        }
         assert_eq!(asks(&mut w, secs(t, 20)), Some(5), "the sixth ask");
     }
 
@@ -208,14 +247,18 @@ mod tests {
         };
         w.listed("media", whole);
         // Answers below the directory count for its subtree listing.
-        assert_eq!(w.answered("media/ab", TTL, secs(t, 1)), None);
-        assert_eq!(w.answered("media", TTL, secs(t, 6)), None, "two answers");
+        assert_eq!(w.answered("media/ab", true, TTL, secs(t, 1)), None);
         assert_eq!(
-            w.answered("media/ab/cd", TTL, secs(t, 6)),
+            w.answered("media", true, TTL, secs(t, 6)),
+            None,
+            "two answers"
+        );
+        assert_eq!(
+            w.answered("media/ab/cd", true, TTL, secs(t, 6)),
             Some(("media".to_string(), Reach::Subtree))
         );
         assert_eq!(
-            w.answered("media", TTL, secs(t, 7)),
+            w.answered("media", true, TTL, secs(t, 7)),
             None,
             "one is being made"
         );
@@ -228,8 +271,8 @@ mod tests {
                 reach: Reach::Subtree,
             },
         );
-        assert_eq!(w.answered("media", TTL, secs(t, 13)), None);
-        assert_eq!(w.answered("media", TTL, secs(t, 18)), None, "expired");
+        assert_eq!(w.answered("media", true, TTL, secs(t, 13)), None);
+        assert_eq!(w.answered("media", true, TTL, secs(t, 18)), None, "expired");
     }
 
     #[test]
@@ -246,9 +289,9 @@ mod tests {
         };
         w.listed("media", alone);
         // A listing of the directory alone answers for its own names only.
-        assert_eq!(w.answered("media/ab", TTL, secs(t, 6)), None);
+        assert_eq!(w.answered("media/ab", true, TTL, secs(t, 6)), None);
         assert_eq!(
-            w.answered("media", TTL, secs(t, 6)),
+            w.answered("media", true, TTL, secs(t, 6)),
             Some(("media".to_string(), Reach::Directory))
         );
         w.listed("media", Listed::TooLarge);
@@ -258,10 +301,31 @@ mod tests {
     }
 
     #[test]
+    fn a_listing_of_the_directory_alone_that_spared_nothing_rests() {
+        let mut w = WarmDirs::default();
+        let t = Instant::now();
+        let asks = |w: &mut WarmDirs, at| (0..6).find(|_| w.asked("media", TTL, at).is_some());
+        assert_eq!(asks(&mut w, t), Some(2));
+        let alone = Listed::Whole {
+            began: t,
+            lists: 3,
+            reach: Reach::Directory,
+        };
+        w.listed("media", alone);
+        // Every answer is a subdirectory, looked into next: not made again.
+        for s in 5..10 {
+            assert_eq!(w.answered("media", false, TTL, secs(t, s)), None);
+        }
+        assert_eq!(asks(&mut w, secs(t, 11)), None, "resting");
+        assert_eq!(asks(&mut w, secs(t, 100)), None, "resting");
+        assert_eq!(asks(&mut w, secs(t, 112)), Some(3), "rested");
+    }
+
+    #[test]
     fn a_failed_listing_is_tried_again_after_as_many_asks() {
         let mut w = WarmDirs::default();
         let t = Instant::now();
-        let asks = |w: &mut WarmDirs| (0..).find(|_| w.asked("media", TTL, t).is_some());
+        let asks = |w: &mut WarmDirs| (0..20).find(|_| w.asked("media", TTL, t).is_some());
         assert_eq!(asks(&mut w), Some(2));
         w.listed("media", Listed::Failed);
         assert_eq!(asks(&mut w), Some(2));
