@@ -742,7 +742,7 @@ impl Namespace {
         if !self.listing.listed_within(parent, WALK_WINDOW) {
             return Ok(None);
         }
-        if self.list_subtree(dir, LISTED_NAMES / 4).await?.is_none() {
+        if !self.list_subtree(dir, LISTED_NAMES / 4).await?.1 {
             return Ok(None);
         }
         Ok(self.trusted_listing(dir))
@@ -770,10 +770,10 @@ impl Namespace {
     }
 
     /// Lists `dir` and everything below it with flat LISTs, recording the listing of every
-    /// directory whose keys have all been seen. Returns the LISTs it took, or gives up
-    /// (returning None) once it has seen `max_keys` keys and more follow; the directories
-    /// completed by then stay recorded.
-    async fn list_subtree(&self, dir: &str, max_keys: usize) -> FsResult<Option<u32>> {
+    /// directory whose keys have all been seen. Returns the LISTs it took, and whether it
+    /// reached the end: it gives up once it has seen `max_keys` keys and more follow; the
+    /// directories completed by then stay recorded.
+    async fn list_subtree(&self, dir: &str, max_keys: usize) -> FsResult<(u32, bool)> {
         let prefix = self.keys.dir_prefix(dir);
         let deleted_before = self.pending_deletes(&prefix);
         let (id, began) = self.listing.begin();
@@ -792,10 +792,10 @@ impl Namespace {
             }
             self.record_subtree(&mut tree, &prefix, id, began, &deleted_before);
             if token.is_none() {
-                return Ok(Some(lists));
+                return Ok((lists, true));
             }
             if keys >= max_keys {
-                return Ok(None);
+                return Ok((lists, false));
             }
         }
     }
@@ -876,15 +876,19 @@ impl Namespace {
             let (ns, dir) = (&warming.ns, &warming.dir);
             let began = Instant::now();
             let listed = async {
+                // LISTs spent on a subtree found too large count as this listing's.
+                let mut spent = 0;
                 if reach == Reach::Subtree {
-                    if let Some(lists) = ns.list_subtree(dir, WARM_NAMES).await? {
+                    let (lists, whole) = ns.list_subtree(dir, WARM_NAMES).await?;
+                    if whole {
                         return Ok(Listed::Whole { began, lists, reach });
                     }
+                    spent = lists;
                 }
                 Ok::<_, FsError>(match ns.list_directory(dir, WARM_NAMES).await? {
                     Some(lists) => Listed::Whole {
                         began,
-                        lists,
+                        lists: spent + lists,
                         reach: Reach::Directory,
                     },
                     None => Listed::TooLarge,

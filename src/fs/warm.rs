@@ -22,7 +22,8 @@ use super::names;
 
 /// Most directories whose lookups are counted.
 const DIRS_KEPT: usize = 1024;
-/// How many TTLs a directory whose warm listing did not pay for itself is not listed whole.
+/// How many TTLs after its expiry a directory whose warm listing did not pay for itself is
+/// not listed whole.
 const REST: u32 = 10;
 /// Lookups asking the bucket within the metadata TTL that make a directory worth listing
 /// whole, at least: fewer are as likely a few names of one operation (`os.makedirs` looking
@@ -90,7 +91,8 @@ impl Default for WarmDirs {
 impl WarmDirs {
     /// A lookup in `dir` is asking the bucket. Returns how to list `dir` whole when it is
     /// time to: the `ASKS`th such lookup within `ttl`, and one more than the LISTs of its last
-    /// whole listing; none being made; not too large.
+    /// whole listing; none being made; not too large; not resting (its last listing expired
+    /// without paying for itself less than `REST` TTLs ago).
     pub fn asked(&mut self, dir: &str, ttl: Duration, now: Instant) -> Option<Reach> {
         let w = self.dirs.get_or_insert_mut(dir.to_string(), || Warmth {
             asks: 0,
@@ -107,7 +109,7 @@ impl WarmDirs {
             if !w.judged && now.saturating_duration_since(began) >= ttl {
                 w.judged = true;
                 if w.answered < lists {
-                    match now.checked_add(ttl.saturating_mul(REST)) {
+                    match began.checked_add(ttl.saturating_mul(REST + 1)) {
                         Some(until) => w.resting_until = Some(until),
                         None => w.retired = true,
                     }
@@ -185,8 +187,12 @@ impl WarmDirs {
                 w.asks = 0;
             }
             Listed::TooLarge => w.retired = true,
-            // Tried again after as many asks as the first time.
-            Listed::Failed => w.asks = 0,
+            // Tried again after as many asks as the first time, and a refresh only once
+            // the listing in place answered as many lookups again.
+            Listed::Failed => {
+                w.asks = 0;
+                w.answered = 0;
+            }
         }
     }
 }
@@ -318,7 +324,33 @@ mod tests {
         }
         assert_eq!(asks(&mut w, secs(t, 11)), None, "resting");
         assert_eq!(asks(&mut w, secs(t, 100)), None, "resting");
-        assert_eq!(asks(&mut w, secs(t, 112)), Some(3), "rested");
+        assert_eq!(
+            asks(&mut w, secs(t, 111)),
+            Some(3),
+            "rested, ten TTLs after it expired"
+        );
+    }
+
+    #[test]
+    fn a_failed_refresh_is_tried_again_once_the_listing_paid_again() {
+        let mut w = WarmDirs::default();
+        let t = Instant::now();
+        w.asked("media", TTL, t);
+        let whole = Listed::Whole {
+            began: t,
+            lists: 2,
+            reach: Reach::Subtree,
+        };
+        w.listed("media", whole);
+        assert_eq!(w.answered("media", true, TTL, secs(t, 6)), None);
+        assert!(w.answered("media", true, TTL, secs(t, 6)).is_some());
+        w.listed("media", Listed::Failed);
+        assert_eq!(
+            w.answered("media", true, TTL, secs(t, 7)),
+            None,
+            "not at once"
+        );
+        assert!(w.answered("media", true, TTL, secs(t, 7)).is_some());
     }
 
     #[test]
