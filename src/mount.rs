@@ -502,9 +502,10 @@ fn mount_error(cfg: &Config, e: std::io::Error) -> String {
 }
 
 /// The mountpoint must exist, be a directory, not be mounted already (an automount
-/// trigger excepted: this mount goes on top of it) and, unless `nonempty`, be empty. The dead mount of an s3mediafs process of the same `source` that
-/// ended without unmounting (killed, out of memory) is detached first: what it acknowledged
-/// is in its journal, and a service restarted after the crash must not fail on it forever.
+/// trigger excepted: this mount goes on top of it) and, unless `nonempty`, be empty. The
+/// dead mount of an s3mediafs process of the same `source` that ended without unmounting
+/// (killed, out of memory) is detached first: what it acknowledged is in its journal, and a
+/// service restarted after the crash must not fail on it forever.
 pub fn check_mountpoint(p: &Path, nonempty: bool, source: &str) -> Result<(), String> {
     let dead = std::fs::metadata(p).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
     if dead && dead_mount_is_ours(p, source) {

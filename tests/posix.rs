@@ -98,12 +98,18 @@ fn unlinked_or_renamed_file_stays_readable_through_open_handles() {
     drop(w);
     assert_eq!(m.object("g"), None, "an unlinked file must not be uploaded");
 
+    // An object of 40 MiB another host put, opened, and its first page read from the bucket.
+    let open_reading = |name: &str, seed: u64| {
+        let data = pseudo_random(40 << 20, seed);
+        Bucket::new(&m.env).put(&m.key(name), &data);
+        let mut reader = File::open(m.path(name)).unwrap();
+        let mut first = vec![0u8; 4096];
+        reader.read_exact(&mut first).unwrap();
+        (data, reader, first)
+    };
+
     // A file renamed while a handle reads it from the bucket: the handle reads on.
-    let big = pseudo_random(40 << 20, 8);
-    Bucket::new(&m.env).put(&m.key("v.mp4"), &big);
-    let mut reader = File::open(m.path("v.mp4")).unwrap();
-    let mut first = vec![0u8; 4096];
-    reader.read_exact(&mut first).unwrap();
+    let (big, mut reader, first) = open_reading("v.mp4", 8);
     fs::rename(m.path("v.mp4"), m.path("w.mp4")).unwrap();
     // Longer than deletes wait to be gathered: a delete of the old key not deferred lands.
     std::thread::sleep(Duration::from_secs(1));
@@ -125,11 +131,7 @@ fn unlinked_or_renamed_file_stays_readable_through_open_handles() {
 
     // Its old name taken by a new file (log rotation: `mv log log.1`, a new `log`): the
     // handle reads on, from the name the file has now.
-    let old = pseudo_random(40 << 20, 9);
-    Bucket::new(&m.env).put(&m.key("log"), &old);
-    let mut reader = File::open(m.path("log")).unwrap();
-    let mut first = vec![0u8; 4096];
-    reader.read_exact(&mut first).unwrap();
+    let (old, mut reader, first) = open_reading("log", 9);
     fs::rename(m.path("log"), m.path("log.1")).unwrap();
     fs::write(m.path("log"), b"a new log").unwrap();
     m.sync();

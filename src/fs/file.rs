@@ -370,9 +370,10 @@ impl BucketFs {
         // it pinned is there. A handle that opened neither a copy nor a version (a store
         // without ETags) reads what the file's name holds now.
         let unpinned = h.local.is_none() && h.etag.is_none();
-        let key = match unpinned {
-            true => self.key_now(h.ino).unwrap_or_else(|| h.key.clone()),
-            false => h.key.clone(),
+        let key = if unpinned {
+            self.key_now(h.ino).unwrap_or_else(|| h.key.clone())
+        } else {
+            h.key.clone()
         };
         let local = staged.or_else(|| h.local.clone()).or_else(|| {
             unpinned

@@ -448,12 +448,8 @@ impl Namespace {
         // the LIST saw its key) and those pending now.
         let mut deleted = self.pending_deletes(prefix);
         deleted.extend(deleted_before.iter().cloned());
-        for (dir, mut names) in complete {
-            let dir_prefix = self.keys.dir_prefix(&dir);
-            names.retain(|(name, r)| {
-                !is_deleted(&deleted, &dir_prefix, name, r.kind)
-                    && !self.landed_since(&dir_prefix, name, r.kind, began)
-            });
+        for (dir, names) in complete {
+            let names = self.as_recorded(names, &self.keys.dir_prefix(&dir), &deleted, began);
             self.listing.record(&dir, id, began, names);
         }
     }
@@ -475,17 +471,17 @@ impl Namespace {
             .since(&format!("{prefix}{name}{slash}"), since)
     }
 
-    /// `names`, listed under `prefix` by a listing begun at `began`, without those being
-    /// deleted (pending now) and those this mount changed while it ran.
+    /// `names`, listed under `prefix` by a listing begun at `began`, without those among
+    /// the `deleted` keys and those this mount changed while it ran.
     fn as_recorded(
         &self,
         mut names: Vec<(String, Remote)>,
         prefix: &str,
+        deleted: &HashSet<String>,
         began: Instant,
     ) -> Vec<(String, Remote)> {
-        let deleted = self.pending_deletes(prefix);
         names.retain(|(name, r)| {
-            !is_deleted(&deleted, prefix, name, r.kind)
+            !is_deleted(deleted, prefix, name, r.kind)
                 && !self.landed_since(prefix, name, r.kind, began)
         });
         names
@@ -822,7 +818,7 @@ impl Namespace {
                 return Ok(None);
             }
         }
-        let names = self.as_recorded(names, &prefix, began);
+        let names = self.as_recorded(names, &prefix, &self.pending_deletes(&prefix), began);
         self.listing.record(dir, id, began, names);
         Ok(Some(lists))
     }

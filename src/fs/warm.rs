@@ -207,6 +207,14 @@ mod tests {
         t + Duration::from_secs(s)
     }
 
+    fn whole(began: Instant, lists: u32, reach: Reach) -> Listed {
+        Listed::Whole {
+            began,
+            lists,
+            reach,
+        }
+    }
+
     #[test]
     fn a_directory_is_listed_whole_at_its_third_ask_within_the_ttl() {
         let mut w = WarmDirs::default();
@@ -228,12 +236,7 @@ mod tests {
         let t = Instant::now();
         let asks = |w: &mut WarmDirs, at| (0..20).find(|_| w.asked("media", TTL, at).is_some());
         assert_eq!(asks(&mut w, t), Some(2), "the third ask");
-        let whole = Listed::Whole {
-            began: t,
-            lists: 5,
-            reach: Reach::Subtree,
-        };
-        w.listed("media", whole);
+        w.listed("media", whole(t, 5, Reach::Subtree));
         // It paid for itself, before half its TTL.
         for _ in 0..5 {
             assert_eq!(w.answered("media/ab", false, TTL, secs(t, 1)), None);
@@ -246,12 +249,7 @@ mod tests {
         let mut w = WarmDirs::default();
         let t = Instant::now();
         w.asked("media", TTL, t);
-        let whole = Listed::Whole {
-            began: t,
-            lists: 3,
-            reach: Reach::Subtree,
-        };
-        w.listed("media", whole);
+        w.listed("media", whole(t, 3, Reach::Subtree));
         // Answers below the directory count for its subtree listing.
         assert_eq!(w.answered("media/ab", true, TTL, secs(t, 1)), None);
         assert_eq!(
@@ -288,12 +286,7 @@ mod tests {
         w.asked("media", TTL, t);
         w.asked("media", TTL, t);
         assert_eq!(w.asked("media", TTL, t), Some(Reach::Subtree));
-        let alone = Listed::Whole {
-            began: t,
-            lists: 1,
-            reach: Reach::Directory,
-        };
-        w.listed("media", alone);
+        w.listed("media", whole(t, 1, Reach::Directory));
         // A listing of the directory alone answers for its own names only.
         assert_eq!(w.answered("media/ab", true, TTL, secs(t, 6)), None);
         assert_eq!(
@@ -312,12 +305,7 @@ mod tests {
         let t = Instant::now();
         let asks = |w: &mut WarmDirs, at| (0..6).find(|_| w.asked("media", TTL, at).is_some());
         assert_eq!(asks(&mut w, t), Some(2));
-        let alone = Listed::Whole {
-            began: t,
-            lists: 3,
-            reach: Reach::Directory,
-        };
-        w.listed("media", alone);
+        w.listed("media", whole(t, 3, Reach::Directory));
         // Every answer is a subdirectory, looked into next: not made again.
         for s in 5..10 {
             assert_eq!(w.answered("media", false, TTL, secs(t, s)), None);
@@ -336,12 +324,7 @@ mod tests {
         let mut w = WarmDirs::default();
         let t = Instant::now();
         w.asked("media", TTL, t);
-        let whole = Listed::Whole {
-            began: t,
-            lists: 2,
-            reach: Reach::Subtree,
-        };
-        w.listed("media", whole);
+        w.listed("media", whole(t, 2, Reach::Subtree));
         assert_eq!(w.answered("media", true, TTL, secs(t, 6)), None);
         assert!(w.answered("media", true, TTL, secs(t, 6)).is_some());
         w.listed("media", Listed::Failed);
