@@ -201,6 +201,8 @@ pub struct WritebackQueue {
 struct ToFinish {
     list: Mutex<FinishList>,
     queued: parking_lot::Condvar,
+    /// Told when the finisher has ended (`FinishList::ended`).
+    ended: parking_lot::Condvar,
 }
 
 #[derive(Default)]
@@ -211,6 +213,8 @@ struct FinishList {
     held: usize,
     /// The queue is gone: the finisher stops.
     closed: bool,
+    /// The finisher has stopped.
+    ended: bool,
 }
 
 impl Drop for WritebackQueue {
@@ -308,9 +312,26 @@ impl WritebackQueue {
         let (to_finish, queue) = (q.to_finish.clone(), Arc::downgrade(&q));
         std::thread::Builder::new()
             .name("journal-done".into())
-            .spawn(move || Self::finisher(&to_finish, &queue))
+            .spawn(move || {
+                Self::finisher(&to_finish, &queue);
+                to_finish.list.lock().ended = true;
+                to_finish.ended.notify_all();
+            })
             .expect("a thread for the journal's done records");
         Ok(q)
+    }
+
+    /// Stops the finisher thread and waits until it has: a test that stops an instance
+    /// dead, as a crash would, and opens its cache again in the same process, must not
+    /// have the old instance's thread release copies the new one has made since.
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn halt(&self) {
+        let mut list = self.to_finish.list.lock();
+        list.closed = true;
+        self.to_finish.queued.notify_all();
+        while !list.ended {
+            self.to_finish.ended.wait(&mut list);
+        }
     }
 
     /// Tells `observer` of every landing from now on.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use s3mediafs::fs::testing::instance;
+use s3mediafs::fs::testing::{instance, stop};
 use s3mediafs::fs::{BucketFs, Kind, ROOT};
 use s3mediafs::store::{MemoryStore, ObjectStore};
 use s3mediafs::writeback::WritebackQueue;
@@ -238,24 +238,44 @@ impl FsUnderTest {
         }
     }
 
-    fn restart(&mut self, clean: bool) {
+    /// The same cache and bucket mounted again: after a clean unmount (pending uploads
+    /// drain), or after the process stopped dead, as on SIGKILL (they stay in the journal).
+    /// The old instance is gone before the new one opens the cache, as a process is.
+    fn restarted(self, clean: bool) -> Self {
         if clean {
             let left = self.rt.block_on(self.queue.drain(Duration::from_secs(30)));
             assert_eq!(left, 0, "uploads left after a clean unmount");
         }
-        let (fs, queue, rt) = instance(&self.store, self.cache.path(), self.ttl, CACHE_BYTES);
-        // The old runtime goes down with whatever it was doing.
-        let old = std::mem::replace(&mut self.rt, rt);
-        self.fs = fs;
-        self.queue = queue;
-        drop(old);
+        let FsUnderTest {
+            store,
+            fs,
+            queue,
+            rt,
+            cache,
+            ttl,
+        } = self;
+        stop(fs, queue, rt);
+        let (fs, queue, rt) = instance(&store, cache.path(), ttl, CACHE_BYTES);
+        FsUnderTest {
+            store,
+            fs,
+            queue,
+            rt,
+            cache,
+            ttl,
+        }
     }
 
     /// Uploads everything pending.
     fn settle(&self) {
+        let left = self.rt.block_on(self.queue.drain(Duration::from_secs(30)));
         assert_eq!(
-            self.rt.block_on(self.queue.drain(Duration::from_secs(30))),
-            0
+            left,
+            0,
+            "changes left after 30 s: pending {:?}, queued {}, unrecorded {}",
+            self.queue.under(""),
+            self.queue.pending(),
+            self.queue.unrecorded()
         );
     }
 
@@ -308,18 +328,7 @@ impl FsUnderTest {
         Ok(out)
     }
 
-    fn apply(&mut self, op: &Op) -> Outcome {
-        match op {
-            Op::Remount => {
-                self.restart(true);
-                return Ok(vec![]);
-            }
-            Op::Crash => {
-                self.restart(false);
-                return Ok(vec![]);
-            }
-            _ => {}
-        }
+    fn apply(&self, op: &Op) -> Outcome {
         let fs = &self.fs;
         self.rt.block_on(async move {
             let e = |e: s3mediafs::fs::FsError| e.errno();
@@ -473,7 +482,13 @@ fn run(ops: Vec<Op>, ttl: Duration) -> Result<(), TestCaseError> {
     let local = tempfile::tempdir().unwrap();
     for (i, op) in ops.iter().enumerate() {
         let want = model.apply(op);
-        let got = fs.apply(op);
+        let got = match op {
+            Op::Remount | Op::Crash => {
+                fs = fs.restarted(matches!(op, Op::Remount));
+                Ok(vec![])
+            }
+            _ => fs.apply(op),
+        };
         prop_assert_eq!(&got, &want, "step {}: {:?}", i, op);
         if let Some(local_got) = local_apply(local.path(), op) {
             // A local filesystem allows renaming a dir onto an empty one etc.; only

@@ -61,3 +61,11 @@ pub fn instance(
     let fs = BucketFs::new(dyn_store, "pre/", staging, queue.clone(), readahead, opts);
     (fs, queue, rt)
 }
+
+/// Stops an instance as the end of its process would, before its cache is opened again:
+/// its runtime goes down with whatever it was doing, and its journal thread stops.
+pub fn stop(fs: BucketFs, queue: Arc<WritebackQueue>, rt: tokio::runtime::Runtime) {
+    drop(rt);
+    queue.halt();
+    drop(fs);
+}
