@@ -233,14 +233,14 @@ class CountingProxy:
     the interpreter lock its clients need (the Synapse benchmark's uploaders), and slow
     them only on the runs that go through it."""
 
-    def __init__(self, rtt=0.0):
+    def __init__(self, rtt=0.0, nice=0):
         import multiprocessing
         ctx = multiprocessing.get_context("spawn")
         self.rtt = rtt
         self.lock = ctx.Lock()
         self.counts = ctx.Array("q", len(PROXY_KINDS), lock=False)
         ours, theirs = ctx.Pipe()
-        self.process = ctx.Process(target=_proxy_main, args=(rtt, self.counts, self.lock, theirs), daemon=True)
+        self.process = ctx.Process(target=_proxy_main, args=(rtt, nice, self.counts, self.lock, theirs), daemon=True)
         self.process.start()
         self.pid = self.process.pid
         self.endpoint = f"http://127.0.0.1:{ours.recv()}"
@@ -262,9 +262,11 @@ class CountingProxy:
 PROXY_KINDS = ("LIST", "HEAD", "GET", "PUT", "DELETE", "POST", "DELETE_MULTI", "OTHER")
 
 
-def _proxy_main(rtt, counts, lock, ready):
+def _proxy_main(rtt, nice, counts, lock, ready):
     """The proxy's process (`CountingProxy`): serves until it is terminated, counting each
-    request in `counts` under `lock`, and sends its port on `ready` once it listens."""
+    request in `counts` under `lock`, and sends its port on `ready` once it listens. Runs
+    `nice` steps below normal priority."""
+    os.nice(nice)
     import http.client, http.server, socket, socketserver, threading, urllib.parse
     upstream = urllib.parse.urlsplit(ENDPOINT)
     local = threading.local()

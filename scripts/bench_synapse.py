@@ -230,7 +230,7 @@ PHASES = [("upload", "upload (MiB/s)"), ("read_stored", "reading the stored file
           ("restart", "after restart, download again (MiB/s)")]
 
 
-def report(local, mounts, media, commit, date):
+def report(local, mounts, media, commit, date, server_nice):
     lines = ["# Synapse on the mount against Synapse on local disk, %s (%s)" % (date, commit), "",
              "One real Synapse, %d uploads (%d MiB in all, one video of %d MiB), thumbnails of every "
              "image in five sizes, a third of the images deleted, a restart. Local disk and each mount "
@@ -239,6 +239,12 @@ def report(local, mounts, media, commit, date):
              "layout (an original and two thumbnails each)." % (
                  len(media), sum(len(d) for d, _ in media.values()) >> 20, len(media["video.mp4"][0]) >> 20,
                  mounts[0]["seeded"], mounts[0]["seeded"] // 3),
+             "",
+             ("The local Garage and the proxy run at nice %d: they stand in for a bucket and a network on "
+              "other machines, whose CPU is not this host's, so Synapse and the mount come first on its two "
+              "cores (the CPU table still counts theirs)." % server_nice) if server_nice else
+             ("The local Garage and the proxy share this host's two cores with Synapse and the mount at the "
+              "same priority."),
              "",
              "%d rounds, each running every target in turn; each figure is the median over the rounds, "
              "and the last column gives each round's ratio (this machine is shared: one round alone "
@@ -315,6 +321,9 @@ def main():
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3,
                     help="runs of the whole workload on each target, taken in turn; the tables give medians")
+    ap.add_argument("--server-nice", type=int, default=int(os.environ.get("S3MEDIAFS_SERVER_NICE", "0")),
+                    help="how far below normal priority the local S3 server and the latency proxy run "
+                         "(scripts/bench-synapse.sh: 19)")
     ap.add_argument("--existing", type=int, default=2000,
                     help="media already in the bucket before Synapse starts (an original and two thumbnails each)")
     args = ap.parse_args()
@@ -333,7 +342,7 @@ def main():
                       file=sys.stderr)
                 # At rtt 0 no proxy stands between: its relaying would cost CPU a direct
                 # connection does not.
-                proxy = CountingProxy(rtt) if rtt else None
+                proxy = CountingProxy(rtt, nice=args.server_nice) if rtt else None
                 work = base / ("mount-%s-%d" % (rtt_text, r))
                 mount = S3mediafs("s3mediafs", work, endpoint=proxy.endpoint if proxy else ENDPOINT,
                                   extra=["--metrics-addr", "127.0.0.1:%d" % free_port()])
@@ -355,7 +364,7 @@ def main():
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip()
         date = datetime.date.today().isoformat()
-        lines = report(local, mounts, media, commit, date)
+        lines = report(local, mounts, media, commit, date, args.server_nice)
         print("\n".join(lines))
         dest = ROOT / "bench/results" / ("synapse-%s.md" % date)
         dest.write_text("\n".join(lines) + "\n")

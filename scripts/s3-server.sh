@@ -8,7 +8,8 @@
 #
 # Settings are printed as KEY=VALUE lines and kept in $STATE/<server>/env, ready for
 # `set -a; . FILE; set +a`. Data lives in $STATE/<server>/ and survives stop/start;
-# `start --fresh` wipes it first.
+# `start --fresh` wipes it first. S3MEDIAFS_SERVER_NICE runs Garage that many steps below
+# normal priority (benchmarks: it stands in for a bucket whose CPU is on other machines).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -101,7 +102,7 @@ TOML
         if [ -f "$dir/env" ]; then
             sed -i "s|^S3MEDIAFS_TEST_ENDPOINT=.*|S3MEDIAFS_TEST_ENDPOINT=http://127.0.0.1:$GARAGE_PORT|" "$dir/env"
         fi
-        nohup "$GARAGE" -c "$conf" server >>"$dir/server.log" 2>&1 &
+        nohup nice -n "${S3MEDIAFS_SERVER_NICE:-0}" "$GARAGE" -c "$conf" server >>"$dir/server.log" 2>&1 &
         echo $! >"$dir/pid"
     fi
     wait_for 60 "Garage" "$GARAGE" -c "$conf" status

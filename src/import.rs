@@ -7,7 +7,7 @@
 //! so a second pass copies only what is new or changed. The source is only ever read.
 //! `--verify` reads every object back and compares it with its file.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{ErrorKind, IsTerminal, Read};
 use std::path::{Path, PathBuf};
@@ -57,19 +57,45 @@ struct Tally {
     /// Files removed from the source while the import ran (Synapse expires and deletes
     /// media all the time): left out, not failures.
     gone: AtomicU64,
+    /// The keys of the files left out of the copy that way, which verification passes over.
+    left_out: parking_lot::Mutex<HashSet<String>>,
+    /// Files copied (or already in the bucket), then removed from the source before their
+    /// verification: not verified, not failures either.
+    gone_unverified: AtomicU64,
     failures: parking_lot::Mutex<Vec<(String, String)>>,
 }
 
 impl Tally {
-    /// `what` (the file at `source`, or its object) could not be copied or verified: a
-    /// failure, unless the file is gone.
-    fn fail(&self, what: String, source: &Path, why: String) {
-        if std::fs::symlink_metadata(source).is_err_and(|e| e.kind() == ErrorKind::NotFound) {
+    /// The file at `source`, of object `key`, could not be copied: a failure, unless the
+    /// file is gone.
+    fn copy_failed(&self, key: &str, source: &Path, why: String) {
+        if is_gone(source) {
             self.gone.fetch_add(1, Ordering::Relaxed);
+            self.left_out.lock().insert(key.to_string());
             return;
         }
-        self.failures.lock().push((what, why));
+        self.failures
+            .lock()
+            .push((source.display().to_string(), why));
     }
+
+    /// The object `key` could not be verified against the file at `source`: a failure,
+    /// unless the file is gone.
+    fn verify_failed(&self, key: String, source: &Path, why: String) {
+        if is_gone(source) {
+            if !self.left_out.lock().contains(&key) {
+                self.gone_unverified.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        self.failures
+            .lock()
+            .push((key, format!("verification failed: {why}")));
+    }
+}
+
+fn is_gone(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == ErrorKind::NotFound)
 }
 
 /// Memory the bodies of the uploads in flight take together.
@@ -140,7 +166,7 @@ pub fn run(args: ImportArgs) -> Result<ExitCode, String> {
         async move {
             let result = copy_one(&store, &f, present.get(&f.key), &limits, dry_run, &tally);
             if let Err(why) = result.await {
-                tally.fail(f.path.display().to_string(), &f.path, why);
+                tally.copy_failed(&f.key, &f.path, why);
             }
         }
     }));
@@ -155,7 +181,7 @@ pub fn run(args: ImportArgs) -> Result<ExitCode, String> {
                     Ok(()) => {
                         tally.verified.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(why) => tally.fail(f.key, &f.path, format!("verification failed: {why}")),
+                    Err(why) => tally.verify_failed(f.key, &f.path, why),
                 }
             }
         }));
@@ -182,7 +208,14 @@ pub fn run(args: ImportArgs) -> Result<ExitCode, String> {
             n => format!(", left out {n} removed from the source meanwhile"),
         },
         if args.verify {
-            format!(", verified {}", tally.verified.load(Ordering::Relaxed))
+            format!(
+                ", verified {}{}",
+                tally.verified.load(Ordering::Relaxed),
+                match tally.gone_unverified.load(Ordering::Relaxed) {
+                    0 => String::new(),
+                    n => format!(" ({n} more removed from the source before their turn)"),
+                }
+            )
         } else {
             String::new()
         },

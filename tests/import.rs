@@ -156,7 +156,7 @@ fn import_copies_once_and_leaves_the_source_alone() {
 }
 
 /// Files Synapse deletes while the import runs (expired media) are left out, not failures:
-/// the run succeeds and says how many.
+/// the run succeeds and says how many, once each, verification included.
 #[test]
 fn files_removed_from_the_source_while_it_runs_are_left_out() {
     use std::io::{BufRead, BufReader};
@@ -169,7 +169,8 @@ fn files_removed_from_the_source_while_it_runs_are_left_out() {
         std::fs::write(src.path().join(n), pseudo_random(2000, n.len() as u64)).unwrap();
     }
     let target = format!("{}:{prefix}", env.bucket);
-    let mut child = import_cmd(&env, &env.endpoint, src.path(), &target, &["--jobs", "1"])
+    let args = ["--jobs", "1", "--verify"];
+    let mut child = import_cmd(&env, &env.endpoint, src.path(), &target, &args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -195,6 +196,10 @@ fn files_removed_from_the_source_while_it_runs_are_left_out() {
             "left out {} removed from the source",
             300 - copied
         )),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("verified {copied} in")),
         "{report}"
     );
     assert!(

@@ -11,7 +11,9 @@
 //! took LISTs: an idle directory costs nothing. A listing of the directory alone counts only
 //! the answers that spare a LIST: a name missing, or a file; a subdirectory found is looked
 //! into next, which asks anyway (a Synapse's `local_content` of 20 000 media: every hash
-//! prefix exists). One that expired without paying for itself rests for ten TTLs.
+//! prefix exists). One that expired without paying for itself rests for ten TTLs. What
+//! listings learned (too large, resting) outlives the counts of the many directories asked
+//! about.
 
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
@@ -22,6 +24,8 @@ use super::names;
 
 /// Most directories whose lookups are counted.
 const DIRS_KEPT: usize = 1024;
+/// Most directories whose cost is remembered apart (`WarmDirs::learned`).
+const DIRS_LEARNED: usize = 256;
 /// How many TTLs after its expiry a directory whose warm listing did not pay for itself is
 /// not listed whole.
 const REST: u32 = 10;
@@ -76,14 +80,28 @@ struct Warmth {
     retired: bool,
 }
 
+/// What a directory's listings showed that took LISTs to learn: that its subtree, or the
+/// directory itself, is too large, or that its last listing did not pay for itself.
+#[derive(Debug, Clone, Copy)]
+struct Learned {
+    reach: Reach,
+    retired: bool,
+    resting_until: Option<Instant>,
+}
+
 pub(super) struct WarmDirs {
     dirs: LruCache<String, Warmth>,
+    /// What listings learned, kept apart from `dirs`, which every directory asked about
+    /// passes through: a busy tree's many small directories would push a large one out,
+    /// and its next asks would pay again to find it large.
+    learned: LruCache<String, Learned>,
 }
 
 impl Default for WarmDirs {
     fn default() -> Self {
         WarmDirs {
             dirs: LruCache::new(NonZeroUsize::new(DIRS_KEPT).expect("not zero")),
+            learned: LruCache::new(NonZeroUsize::new(DIRS_LEARNED).expect("not zero")),
         }
     }
 }
@@ -94,16 +112,17 @@ impl WarmDirs {
     /// whole listing; none being made; not too large; not resting (its last listing expired
     /// without paying for itself less than `REST` TTLs ago).
     pub fn asked(&mut self, dir: &str, ttl: Duration, now: Instant) -> Option<Reach> {
+        let learned = self.learned.get(dir).copied();
         let w = self.dirs.get_or_insert_mut(dir.to_string(), || Warmth {
             asks: 0,
             window: now,
             last: None,
             answered: 0,
             judged: true,
-            resting_until: None,
+            resting_until: learned.and_then(|l| l.resting_until),
             listing: false,
-            reach: Reach::Subtree,
-            retired: false,
+            reach: learned.map_or(Reach::Subtree, |l| l.reach),
+            retired: learned.is_some_and(|l| l.retired),
         });
         if let Some((began, lists)) = w.last {
             if !w.judged && now.saturating_duration_since(began) >= ttl {
@@ -113,6 +132,7 @@ impl WarmDirs {
                         Some(until) => w.resting_until = Some(until),
                         None => w.retired = true,
                     }
+                    Self::learn(&mut self.learned, dir, w);
                 }
             }
         }
@@ -193,6 +213,21 @@ impl WarmDirs {
                 w.asks = 0;
                 w.answered = 0;
             }
+        }
+        Self::learn(&mut self.learned, dir, w);
+    }
+
+    /// Keeps in `learned` what `w` says that cost LISTs to find out, if anything.
+    fn learn(learned: &mut LruCache<String, Learned>, dir: &str, w: &Warmth) {
+        if w.retired || w.reach != Reach::Subtree || w.resting_until.is_some() {
+            let what = Learned {
+                reach: w.reach,
+                retired: w.retired,
+                resting_until: w.resting_until,
+            };
+            learned.put(dir.to_string(), what);
+        } else {
+            learned.pop(dir);
         }
     }
 }
@@ -296,6 +331,13 @@ mod tests {
         w.listed("media", Listed::TooLarge);
         for _ in 0..10 {
             assert_eq!(w.asked("media", TTL, secs(t, 20)), None, "too large");
+        }
+        // Asks in as many other directories as are counted do not make it forget.
+        for i in 0..2 * DIRS_KEPT {
+            w.asked(&format!("media/{i:04x}"), TTL, secs(t, 21));
+        }
+        for _ in 0..10 {
+            assert_eq!(w.asked("media", TTL, secs(t, 22)), None, "still too large");
         }
     }
 
