@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
@@ -785,17 +784,7 @@ async fn read_staged(staged: &Arc<StagedFile>, offset: u64, size: u32) -> FsResu
     tokio::task::spawn_blocking(move || {
         // A sealed copy changed on disk since its close is never served.
         let file = staged.checked_file()?;
-        let mut buf = vec![0u8; size as usize];
-        let mut filled = 0;
-        while filled < buf.len() {
-            match file.read_at(&mut buf[filled..], offset + filled as u64) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(FsError::from(e)),
-            }
-        }
-        buf.truncate(filled);
+        let buf = crate::cache::read_at_most(&file, offset, size as usize)?;
         Ok(Bytes::from(buf))
     })
     .await

@@ -3,7 +3,6 @@
 //! orphaned parts are left to bill.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,12 +74,16 @@ async fn read_part(
 ) -> StoreResult<(Bytes, crc32fast::Hasher, OwnedSemaphorePermit)> {
     let room = limits.room_for(len).await;
     let (body, crc) = tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, offset).map(|_| {
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(&buf);
-            (Bytes::from(buf), crc)
-        })
+        let buf = crate::cache::read_at_most(&file, offset, len)?;
+        if buf.len() < len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("{} bytes where {len} were sealed", buf.len()),
+            ));
+        }
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&buf);
+        Ok((Bytes::from(buf), crc))
     })
     .await
     .map_err(|e| StoreError::Local(format!("reading the staged file failed: {e}")))?
