@@ -57,8 +57,9 @@ struct Tally {
     /// Files removed from the source while the import ran (Synapse expires and deletes
     /// media all the time): left out, not failures.
     gone: AtomicU64,
-    /// The keys of the files left out of the copy that way, which verification passes over.
-    left_out: parking_lot::Mutex<HashSet<String>>,
+    /// The keys of the files not copied (left out, or failed), which verification passes
+    /// over.
+    not_copied: parking_lot::Mutex<HashSet<String>>,
     /// Files copied (or already in the bucket), then removed from the source before their
     /// verification: not verified, not failures either.
     gone_unverified: AtomicU64,
@@ -69,9 +70,9 @@ impl Tally {
     /// The file at `source`, of object `key`, could not be copied: a failure, unless the
     /// file is gone.
     fn copy_failed(&self, key: &str, source: &Path, why: String) {
+        self.not_copied.lock().insert(key.to_string());
         if is_gone(source) {
             self.gone.fetch_add(1, Ordering::Relaxed);
-            self.left_out.lock().insert(key.to_string());
             return;
         }
         self.failures
@@ -79,13 +80,16 @@ impl Tally {
             .push((source.display().to_string(), why));
     }
 
+    /// Whether the file of object `key` was copied, or found in the bucket already.
+    fn copied(&self, key: &str) -> bool {
+        !self.not_copied.lock().contains(key)
+    }
+
     /// The object `key` could not be verified against the file at `source`: a failure,
     /// unless the file is gone.
     fn verify_failed(&self, key: String, source: &Path, why: String) {
         if is_gone(source) {
-            if !self.left_out.lock().contains(&key) {
-                self.gone_unverified.fetch_add(1, Ordering::Relaxed);
-            }
+            self.gone_unverified.fetch_add(1, Ordering::Relaxed);
             return;
         }
         self.failures
@@ -177,6 +181,9 @@ pub fn run(args: ImportArgs) -> Result<ExitCode, String> {
         rt.block_on(for_each_file(&files, args.jobs, &bar, &stop, |f| {
             let (store, tally) = (store.clone(), tally.clone());
             async move {
+                if !tally.copied(&f.key) {
+                    return;
+                }
                 match verify_one(&store, &f).await {
                     Ok(()) => {
                         tally.verified.fetch_add(1, Ordering::Relaxed);

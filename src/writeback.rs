@@ -313,9 +313,16 @@ impl WritebackQueue {
         std::thread::Builder::new()
             .name("journal-done".into())
             .spawn(move || {
+                // Told however the thread ends.
+                struct Ended<'a>(&'a ToFinish);
+                impl Drop for Ended<'_> {
+                    fn drop(&mut self) {
+                        self.0.list.lock().ended = true;
+                        self.0.ended.notify_all();
+                    }
+                }
+                let _ended = Ended(&to_finish);
                 Self::finisher(&to_finish, &queue);
-                to_finish.list.lock().ended = true;
-                to_finish.ended.notify_all();
             })
             .expect("a thread for the journal's done records");
         Ok(q)
@@ -323,7 +330,9 @@ impl WritebackQueue {
 
     /// Stops the finisher thread and waits until it has: a test that stops an instance
     /// dead, as a crash would, and opens its cache again in the same process, must not
-    /// have the old instance's thread release copies the new one has made since.
+    /// have the old instance's thread release copies the new one has made since. The
+    /// queue's runtime must be gone first: what its workers finished later would never be
+    /// recorded, and `wait` and `drain` would wait for it for ever.
     #[cfg(any(test, feature = "test-util"))]
     pub fn halt(&self) {
         let mut list = self.to_finish.list.lock();

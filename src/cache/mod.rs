@@ -28,7 +28,8 @@ pub fn read_at_most(file: &std::fs::File, offset: u64, len: usize) -> std::io::R
         let at = offset + buf.len() as u64;
         let at = libc::off_t::try_from(at)
             .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-        let spare = buf.spare_capacity_mut();
+        let want = len - buf.len();
+        let spare = &mut buf.spare_capacity_mut()[..want];
         // SAFETY: pread writes at most `spare.len()` bytes into the vector's spare capacity,
         // which is valid for writes; only the bytes it reports written are taken in.
         let n =

@@ -887,7 +887,7 @@ impl Namespace {
                         lists: spent + lists,
                         reach: Reach::Directory,
                     },
-                    None => Listed::TooLarge,
+                    None => Listed::TooLarge { began },
                 })
             }
             .await;

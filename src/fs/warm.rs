@@ -12,8 +12,8 @@
 //! the answers that spare a LIST: a name missing, or a file; a subdirectory found is looked
 //! into next, which asks anyway (a Synapse's `local_content` of 20 000 media: every hash
 //! prefix exists). One that expired without paying for itself rests for ten TTLs. What
-//! listings learned (too large, resting) outlives the counts of the many directories asked
-//! about.
+//! listings found about a directory's size outlives the counts of the many directories
+//! asked about, for sixty TTLs.
 
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
@@ -24,8 +24,11 @@ use super::names;
 
 /// Most directories whose lookups are counted.
 const DIRS_KEPT: usize = 1024;
-/// Most directories whose cost is remembered apart (`WarmDirs::learned`).
+/// Most directories whose size is remembered apart (`WarmDirs::learned`).
 const DIRS_LEARNED: usize = 256;
+/// How many TTLs what a listing found about a directory's size is believed, once the
+/// directory's counts are gone: a directory purged since is found small again.
+const RELEARN: u32 = 60;
 /// How many TTLs after its expiry a directory whose warm listing did not pay for itself is
 /// not listed whole.
 const REST: u32 = 10;
@@ -52,8 +55,8 @@ pub(super) enum Listed {
         lists: u32,
         reach: Reach,
     },
-    /// Larger than a warm listing may be, even of the directory alone.
-    TooLarge,
+    /// Larger than a warm listing may be, even of the directory alone; begun at `began`.
+    TooLarge { began: Instant },
     /// The store failed it; single lookups go on.
     Failed,
 }
@@ -80,20 +83,19 @@ struct Warmth {
     retired: bool,
 }
 
-/// What a directory's listings showed that took LISTs to learn: that its subtree, or the
-/// directory itself, is too large, or that its last listing did not pay for itself.
+/// What a listing begun `at` found, at the cost of many LISTs: the directory's subtree is
+/// too large for a warm listing, and if `retired`, the directory alone too.
 #[derive(Debug, Clone, Copy)]
 struct Learned {
-    reach: Reach,
     retired: bool,
-    resting_until: Option<Instant>,
+    at: Instant,
 }
 
 pub(super) struct WarmDirs {
     dirs: LruCache<String, Warmth>,
-    /// What listings learned, kept apart from `dirs`, which every directory asked about
-    /// passes through: a busy tree's many small directories would push a large one out,
-    /// and its next asks would pay again to find it large.
+    /// What listings found about directories' sizes, kept apart from `dirs`, which every
+    /// directory asked about passes through: a busy tree's many small directories would
+    /// push a large one out, and its next asks would pay again to find it large.
     learned: LruCache<String, Learned>,
 }
 
@@ -112,16 +114,23 @@ impl WarmDirs {
     /// whole listing; none being made; not too large; not resting (its last listing expired
     /// without paying for itself less than `REST` TTLs ago).
     pub fn asked(&mut self, dir: &str, ttl: Duration, now: Instant) -> Option<Reach> {
-        let learned = self.learned.get(dir).copied();
+        let learned = self
+            .learned
+            .get(dir)
+            .filter(|l| now.saturating_duration_since(l.at) < ttl.saturating_mul(RELEARN))
+            .copied();
         let w = self.dirs.get_or_insert_mut(dir.to_string(), || Warmth {
             asks: 0,
             window: now,
             last: None,
             answered: 0,
             judged: true,
-            resting_until: learned.and_then(|l| l.resting_until),
+            resting_until: None,
             listing: false,
-            reach: learned.map_or(Reach::Subtree, |l| l.reach),
+            reach: match learned {
+                Some(_) => Reach::Directory,
+                None => Reach::Subtree,
+            },
             retired: learned.is_some_and(|l| l.retired),
         });
         if let Some((began, lists)) = w.last {
@@ -132,7 +141,6 @@ impl WarmDirs {
                         Some(until) => w.resting_until = Some(until),
                         None => w.retired = true,
                     }
-                    Self::learn(&mut self.learned, dir, w);
                 }
             }
         }
@@ -190,6 +198,30 @@ impl WarmDirs {
 
     /// The listing of `dir` ended as `how`.
     pub fn listed(&mut self, dir: &str, how: Listed) {
+        // Learned even if `dir`'s counts were pushed out while it was listed.
+        match how {
+            Listed::Whole {
+                reach: Reach::Subtree,
+                ..
+            } => {
+                self.learned.pop(dir);
+            }
+            Listed::Whole { began, .. } => {
+                let alone = Learned {
+                    retired: false,
+                    at: began,
+                };
+                self.learned.put(dir.to_string(), alone);
+            }
+            Listed::TooLarge { began } => {
+                let too_large = Learned {
+                    retired: true,
+                    at: began,
+                };
+                self.learned.put(dir.to_string(), too_large);
+            }
+            Listed::Failed => {}
+        }
         let Some(w) = self.dirs.get_mut(dir) else {
             return;
         };
@@ -206,28 +238,13 @@ impl WarmDirs {
                 w.reach = reach;
                 w.asks = 0;
             }
-            Listed::TooLarge => w.retired = true,
+            Listed::TooLarge { .. } => w.retired = true,
             // Tried again after as many asks as the first time, and a refresh only once
             // the listing in place answered as many lookups again.
             Listed::Failed => {
                 w.asks = 0;
                 w.answered = 0;
             }
-        }
-        Self::learn(&mut self.learned, dir, w);
-    }
-
-    /// Keeps in `learned` what `w` says that cost LISTs to find out, if anything.
-    fn learn(learned: &mut LruCache<String, Learned>, dir: &str, w: &Warmth) {
-        if w.retired || w.reach != Reach::Subtree || w.resting_until.is_some() {
-            let what = Learned {
-                reach: w.reach,
-                retired: w.retired,
-                resting_until: w.resting_until,
-            };
-            learned.put(dir.to_string(), what);
-        } else {
-            learned.pop(dir);
         }
     }
 }
@@ -328,17 +345,27 @@ mod tests {
             w.answered("media", true, TTL, secs(t, 6)),
             Some(("media".to_string(), Reach::Directory))
         );
-        w.listed("media", Listed::TooLarge);
+        w.listed("media", Listed::TooLarge { began: secs(t, 7) });
         for _ in 0..10 {
             assert_eq!(w.asked("media", TTL, secs(t, 20)), None, "too large");
         }
-        // Asks in as many other directories as are counted do not make it forget.
-        for i in 0..2 * DIRS_KEPT {
-            w.asked(&format!("media/{i:04x}"), TTL, secs(t, 21));
-        }
+        // Asks in as many other directories as are counted do not make it forget...
+        let others = |w: &mut WarmDirs, at| {
+            for i in 0..2 * DIRS_KEPT {
+                w.asked(&format!("media/{i:04x}"), TTL, at);
+            }
+        };
+        others(&mut w, secs(t, 21));
         for _ in 0..10 {
             assert_eq!(w.asked("media", TTL, secs(t, 22)), None, "still too large");
         }
+        // ...for a while: then it is tried again, from its subtree.
+        let later = secs(t, 7 + 10 * u64::from(RELEARN));
+        others(&mut w, later);
+        let asks = (0..3)
+            .map(|_| w.asked("media", TTL, later))
+            .collect::<Vec<_>>();
+        assert_eq!(asks, [None, None, Some(Reach::Subtree)]);
     }
 
     #[test]
