@@ -225,8 +225,12 @@ struct FsUnderTest {
 
 impl FsUnderTest {
     fn new(ttl: Duration) -> Self {
-        let store = Arc::new(MemoryStore::new());
         let cache = tempfile::tempdir().unwrap();
+        Self::mounted(Arc::new(MemoryStore::new()), cache, ttl)
+    }
+
+    /// An instance over `store` with its cache directory `cache`.
+    fn mounted(store: Arc<MemoryStore>, cache: tempfile::TempDir, ttl: Duration) -> Self {
         let (fs, queue, rt) = instance(&store, cache.path(), ttl, CACHE_BYTES);
         FsUnderTest {
             store,
@@ -255,15 +259,7 @@ impl FsUnderTest {
             ttl,
         } = self;
         stop(fs, queue, rt);
-        let (fs, queue, rt) = instance(&store, cache.path(), ttl, CACHE_BYTES);
-        FsUnderTest {
-            store,
-            fs,
-            queue,
-            rt,
-            cache,
-            ttl,
-        }
+        Self::mounted(store, cache, ttl)
     }
 
     /// Uploads everything pending.
