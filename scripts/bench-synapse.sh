@@ -6,7 +6,9 @@
 # and the requests the mount sent, and writes them to bench/results/synapse-<date>.md.
 #
 # Usage: scripts/bench-synapse.sh [--rtt 0,20ms] [--images 30] [--blobs 5] [--video-mib 100]
-#        [--parallel 4] [--rounds 3] [--existing 2000] [--server-nice 19]
+#        [--parallel 4] [--rounds 3] [--existing 2000]
+# S3MEDIAFS_SERVER_NICE (default 19) is how far below normal priority the local Garage and
+# the latency proxy run; 0 shares the CPU with Synapse and the mount evenly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

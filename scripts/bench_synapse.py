@@ -321,12 +321,12 @@ def main():
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3,
                     help="runs of the whole workload on each target, taken in turn; the tables give medians")
-    ap.add_argument("--server-nice", type=int, default=int(os.environ.get("S3MEDIAFS_SERVER_NICE", "0")),
-                    help="how far below normal priority the local S3 server and the latency proxy run "
-                         "(scripts/bench-synapse.sh: 19)")
     ap.add_argument("--existing", type=int, default=2000,
                     help="media already in the bucket before Synapse starts (an original and two thumbnails each)")
     args = ap.parse_args()
+    # How far below normal priority the local S3 server runs (scripts/bench-synapse.sh
+    # started it so), and the latency proxy with it.
+    args.server_nice = int(os.environ.get("S3MEDIAFS_SERVER_NICE", "0"))
     venv_bin = os.path.dirname(sys.executable)
     media = workload(args.images, args.blobs, args.video_mib)
     base = pathlib.Path(tempfile.mkdtemp(prefix="s3mediafs-bench-synapse-"))
