@@ -136,7 +136,15 @@ pub struct StagedFile {
     /// Disk space counted for this file in `counter`.
     accounted: AtomicU64,
     counter: Arc<StagedBytes>,
+    /// Where the write-out of what was written in order began last (`write_at`).
+    written_out: AtomicU64,
 }
+
+/// Written this far past the last write-out, a copy being written starts the write-out of
+/// those bytes to disk, without waiting for it: the fdatasync at its close then finds little
+/// left to write (100 MiB take some 55 ms here, during which close() waits, and Synapse with
+/// it, on its one thread for file operations).
+const WRITE_OUT_EVERY: u64 = 8 << 20;
 
 impl std::fmt::Debug for StagedFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -159,6 +167,7 @@ impl StagedFile {
             checksum: Mutex::new(Checksum::Running(crc32fast::Hasher::new(), 0)),
             accounted: AtomicU64::new(0),
             counter,
+            written_out: AtomicU64::new(0),
         }
     }
 
@@ -203,7 +212,31 @@ impl StagedFile {
         }
         drop(checksum);
         self.grew_to(end);
+        self.write_out_before(&file, end);
         Ok(())
+    }
+
+    /// Starts writing bytes up to `end` out to disk once `WRITE_OUT_EVERY` of them are
+    /// waiting since the last time. Durability is still the fdatasync's at the seal: this
+    /// only starts early what it would write.
+    fn write_out_before(&self, file: &File, end: u64) {
+        use std::os::fd::AsRawFd;
+        let from = self.written_out.load(Ordering::Relaxed);
+        if end < from.saturating_add(WRITE_OUT_EVERY) {
+            return;
+        }
+        self.written_out.store(end, Ordering::Relaxed);
+        let (Ok(at), Ok(len)) = (
+            libc::off64_t::try_from(from),
+            libc::off64_t::try_from(end - from),
+        ) else {
+            return;
+        };
+        // SAFETY: a plain system call on a descriptor this file owns; it touches no memory.
+        // Its failure costs only the head start.
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), at, len, libc::SYNC_FILE_RANGE_WRITE);
+        }
     }
 
     /// Truncates or extends the file to `len` bytes.
@@ -482,6 +515,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let area = StagingArea::open(dir.path(), Arc::default()).unwrap();
         (dir, area)
+    }
+
+    #[test]
+    fn a_copy_being_written_starts_its_write_out_every_few_mib() {
+        let (_dir, area) = area();
+        let f = area.create().unwrap();
+        let mib = vec![7u8; 1 << 20];
+        let written_out = || f.written_out.load(Ordering::Relaxed);
+        for i in 0..7 {
+            f.write_at(&mib, i << 20).unwrap();
+        }
+        assert_eq!(
+            written_out(),
+            0,
+            "less than WRITE_OUT_EVERY waits for the seal"
+        );
+        f.write_at(&mib, 7 << 20).unwrap();
+        assert_eq!(written_out(), WRITE_OUT_EVERY);
+        for i in 8..20 {
+            f.write_at(&mib, i << 20).unwrap();
+        }
+        assert_eq!(written_out(), 2 * WRITE_OUT_EVERY);
     }
 
     fn sealed(area: &StagingArea, dir: &Path, writes: &[(u64, &[u8])], len: u64) -> StagedFile {
