@@ -118,6 +118,8 @@ impl StagingArea {
         }
         staged.grew_to(len);
         *staged.checksum.lock() = Checksum::Running(crc, len);
+        // Left to the seal's fdatasync: written out here, a large copy would be all at once.
+        staged.written_out.store(len, Ordering::Relaxed);
         Ok(staged)
     }
 }
@@ -225,7 +227,15 @@ impl StagedFile {
         if end < from.saturating_add(WRITE_OUT_EVERY) {
             return;
         }
-        self.written_out.store(end, Ordering::Relaxed);
+        // One writer starts each stretch; a write far past the last one starts only the
+        // stretch before it, not everything since.
+        let moved =
+            self.written_out
+                .compare_exchange(from, end, Ordering::Relaxed, Ordering::Relaxed);
+        if moved.is_err() {
+            return;
+        }
+        let from = from.max(end.saturating_sub(2 * WRITE_OUT_EVERY));
         let (Ok(at), Ok(len)) = (
             libc::off64_t::try_from(from),
             libc::off64_t::try_from(end - from),
@@ -255,6 +265,8 @@ impl StagedFile {
         }
         drop(checksum);
         self.set_accounted(len);
+        // Written again after a cut, the file is written out again as it grows.
+        self.written_out.fetch_min(len, Ordering::Relaxed);
         Ok(())
     }
 
@@ -537,6 +549,13 @@ mod tests {
             f.write_at(&mib, i << 20).unwrap();
         }
         assert_eq!(written_out(), 2 * WRITE_OUT_EVERY);
+        // Cut and written again, it is written out again as it grows.
+        f.set_len(0).unwrap();
+        assert_eq!(written_out(), 0);
+        for i in 0..8 {
+            f.write_at(&mib, i << 20).unwrap();
+        }
+        assert_eq!(written_out(), WRITE_OUT_EVERY);
     }
 
     fn sealed(area: &StagingArea, dir: &Path, writes: &[(u64, &[u8])], len: u64) -> StagedFile {
