@@ -250,16 +250,8 @@ impl FsUnderTest {
             let left = self.rt.block_on(self.queue.drain(Duration::from_secs(30)));
             assert_eq!(left, 0, "uploads left after a clean unmount");
         }
-        let FsUnderTest {
-            store,
-            fs,
-            queue,
-            rt,
-            cache,
-            ttl,
-        } = self;
-        stop(fs, queue, rt);
-        Self::mounted(store, cache, ttl)
+        stop(self.fs, self.queue, self.rt);
+        Self::mounted(self.store, self.cache, self.ttl)
     }
 
     /// Uploads everything pending.

@@ -296,11 +296,7 @@ impl BucketFs {
         let prefix = self.ns.keys.dir_prefix(&d.path);
         let (id, began) = *d.recording.get_or_insert_with(|| self.ns.listing.begin());
         let first_page = d.token.is_none();
-        let page = self
-            .store
-            .list(&prefix, false, d.token.take(), Some(PAGE))
-            .await
-            .map_err(|e| FsError::store("LIST", &prefix, e))?;
+        let page = self.ns.list_page(&prefix, false, d.token.take()).await?;
         d.token = page.next_token.clone();
         d.done = d.token.is_none();
         // Names being deleted are neither recorded nor listed; names this mount changed

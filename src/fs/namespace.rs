@@ -753,7 +753,7 @@ impl Namespace {
     }
 
     /// One page of a LIST of `prefix`: flat when `recursive`, else by delimiter.
-    async fn list_page(
+    pub(super) async fn list_page(
         &self,
         prefix: &str,
         recursive: bool,
