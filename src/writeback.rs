@@ -21,12 +21,13 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::cache::{BlockCache, Change, Journal, Replay, StagedFile};
+use crate::cache::{BlockCache, Change, Journal, Replay, StagedFile, CARRIED_MAX};
 use crate::retry::Backoff;
 use crate::store::{
     part_size_for, upload_file, ETag, ObjectStore, OpenUploads, StoreError, StoreResult,
     UploadLimits, MAX_DELETE_BATCH,
 };
+use std::path::Path;
 
 /// What the queue says about a key while a change to it is pending.
 #[derive(Debug, Clone)]
@@ -500,12 +501,14 @@ impl WritebackQueue {
 
     /// Journals change `seq` and queues it. The record is written under the state lock and
     /// waits to be durable outside it, sharing an fdatasync with the closes that commit at
-    /// the same time; the journal is not rewritten until the change is in the queue.
+    /// the same time; the journal is not rewritten until the change is in the queue. An
+    /// upload's record carries `content` when its file is not durable by itself.
     fn commit(
         &self,
         seq: u64,
         mut change: Change,
         file: Option<Arc<StagedFile>>,
+        content: Option<Vec<u8>>,
         deferred: bool,
     ) -> io::Result<u64> {
         // The checksum taken when the file was sealed is journaled with it, so that a copy
@@ -537,7 +540,8 @@ impl WritebackQueue {
                 let pending = s.ops.iter().map(|(seq, op)| (*seq, &op.change));
                 self.journal.compact(pending)?;
             }
-            self.journal.write_record(seq, &change)?
+            self.journal
+                .write_record(seq, &change, content.as_deref())?
         };
         self.journal.wait_durable(&written)?;
         tracing::debug!(seq, key = change.key(), "change journaled");
@@ -556,27 +560,46 @@ impl WritebackQueue {
         Ok(seq)
     }
 
-    /// Journals `change` and queues it; returns its sequence number.
+    /// Journals `change` and queues it; returns its sequence number. A small file's upload
+    /// is made durable by its record alone, which carries its content (`CARRIED_MAX`); a
+    /// larger file is made durable in `pending/` before its record is written.
     fn submit(&self, change: Change, file: Option<Arc<StagedFile>>) -> io::Result<u64> {
         let seq = self.next_seq();
-        let file = match file {
+        let Some(f) = file else {
+            return self.commit(seq, change, None, None, false);
+        };
+        let dest = self.journal.pending_path(seq);
+        let carried = matches!(change, Change::Upload { size, .. } if size <= CARRIED_MAX);
+        let f = if f.is_sealed() {
             // Sealed by an earlier commit whose journal record failed: its data lies under
             // that commit's number, so this one gets a link under its own, where replay
             // looks for it.
-            Some(f) if f.is_sealed() => Some(Arc::new(
-                f.link_sealed(&self.journal.pending_path(seq), || {
-                    self.journal.sync_pending_dir()
-                })?,
-            )),
-            Some(f) => {
-                f.seal(&self.journal.pending_path(seq), || {
-                    self.journal.sync_pending_dir()
-                })?;
-                Some(f)
-            }
-            None => None,
+            Arc::new(self.link_sealed(&f, &dest, carried)?)
+        } else if carried {
+            f.seal_unsynced(&dest)?;
+            f
+        } else {
+            f.seal(&dest, || self.journal.sync_pending_dir())?;
+            f
         };
-        self.commit(seq, change, file, false)
+        let content = if carried {
+            Some(f.sealed_content()?)
+        } else {
+            None
+        };
+        self.commit(seq, change, Some(f), content, false)
+    }
+
+    /// A link of sealed `from` at `dest`, made durable unless its record is to carry its
+    /// content.
+    fn link_sealed(&self, from: &StagedFile, dest: &Path, carried: bool) -> io::Result<StagedFile> {
+        from.link_sealed(dest, || {
+            if carried {
+                Ok(())
+            } else {
+                self.journal.sync_pending_dir()
+            }
+        })
     }
 
     /// Queues the upload of a closed file's staged copy, sealing it.
@@ -594,9 +617,14 @@ impl WritebackQueue {
     /// Queues an upload of the content of an already sealed file under another key.
     pub fn upload_copy(&self, key: &str, from: &StagedFile, size: u64) -> io::Result<u64> {
         let seq = self.next_seq();
-        let file = Arc::new(from.link_sealed(&self.journal.pending_path(seq), || {
-            self.journal.sync_pending_dir()
-        })?);
+        let carried = size <= CARRIED_MAX;
+        let file = Arc::new(self.link_sealed(from, &self.journal.pending_path(seq), carried)?);
+        // The copy linked may be durable only by the content its own record carries.
+        let content = if carried {
+            Some(file.sealed_content()?)
+        } else {
+            None
+        };
         self.commit(
             seq,
             Change::Upload {
@@ -605,6 +633,7 @@ impl WritebackQueue {
                 crc: None,
             },
             Some(file),
+            content,
             false,
         )
     }
@@ -627,7 +656,7 @@ impl WritebackQueue {
         let change = Change::Delete {
             key: key.to_string(),
         };
-        self.commit(seq, change, None, true)
+        self.commit(seq, change, None, None, true)
     }
 
     /// Lets a delete deferred by `delete_after_close` go.
@@ -1791,7 +1820,7 @@ mod tests {
             size: 6,
             crc: None,
         };
-        q.commit(older, change, Some(f), false).unwrap();
+        q.commit(older, change, Some(f), None, false).unwrap();
         q.wait(older).await.unwrap();
         assert_eq!(
             std::fs::metadata(&journal).unwrap().len(),

@@ -14,7 +14,7 @@ pub use blocks::{
     WholeObject,
 };
 pub use direct::DIRECT_ALIGN;
-pub use journal::{create_dir_durably, sync_dir, Change, Journal, Replay};
+pub use journal::{create_dir_durably, sync_dir, Change, Journal, Replay, CARRIED_MAX};
 pub use lock::CacheLock;
 pub use staging::{StagedFile, StagingArea};
 

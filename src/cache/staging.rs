@@ -222,7 +222,6 @@ impl StagedFile {
     /// waiting since the last time. Durability is still the fdatasync's at the seal: this
     /// only starts early what it would write.
     fn write_out_before(&self, file: &File, end: u64) {
-        use std::os::fd::AsRawFd;
         let from = self.written_out.load(Ordering::Relaxed);
         if end < from.saturating_add(WRITE_OUT_EVERY) {
             return;
@@ -236,17 +235,7 @@ impl StagedFile {
             return;
         }
         let from = from.max(end.saturating_sub(2 * WRITE_OUT_EVERY));
-        let (Ok(at), Ok(len)) = (
-            libc::off64_t::try_from(from),
-            libc::off64_t::try_from(end - from),
-        ) else {
-            return;
-        };
-        // SAFETY: a plain system call on a descriptor this file owns; it touches no memory.
-        // Its failure costs only the head start.
-        unsafe {
-            libc::sync_file_range(file.as_raw_fd(), at, len, libc::SYNC_FILE_RANGE_WRITE);
-        }
+        start_write_out(file, from, end - from);
     }
 
     /// Truncates or extends the file to `len` bytes.
@@ -420,6 +409,20 @@ impl StagedFile {
     /// Makes the content durable under `dest`; from now on it never changes. `sync_dir`
     /// makes the rename into `dest`'s directory durable.
     pub fn seal(&self, dest: &Path, sync_dir: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        self.seal_as(dest, Some(sync_dir))
+    }
+
+    /// Moves the content to `dest`, where from now on it never changes, without making it
+    /// durable there: for a copy whose journal record carries its content (`sealed_content`).
+    pub fn seal_unsynced(&self, dest: &Path) -> io::Result<()> {
+        self.seal_as(dest, None::<fn() -> io::Result<()>>)
+    }
+
+    fn seal_as(
+        &self,
+        dest: &Path,
+        sync_dir: Option<impl FnOnce() -> io::Result<()>>,
+    ) -> io::Result<()> {
         if self.sync_failed.load(Ordering::Acquire) {
             // After a failed fdatasync the kernel may have dropped the dirty pages and a
             // second one would succeed without them: this copy is never trusted again.
@@ -432,16 +435,20 @@ impl StagedFile {
             Checksum::Running(crc, at) if at == len => crc.finalize(),
             _ => crc_of(&file)?,
         };
-        if let Err(e) = file.sync_data() {
-            self.sync_failed.store(true, Ordering::Release);
-            return Err(e);
+        if sync_dir.is_some() {
+            if let Err(e) = file.sync_data() {
+                self.sync_failed.store(true, Ordering::Release);
+                return Err(e);
+            }
         }
         {
             let mut path = self.path.lock();
             std::fs::rename(&*path, dest)?;
             *path = dest.to_path_buf();
         }
-        sync_dir()?;
+        if let Some(sync_dir) = sync_dir {
+            sync_dir()?;
+        }
         // The rename changes the inode's change time; any other change since the checksum
         // was taken leaves the copy to be checked at its first use.
         let after = Fingerprint::of(&file).ok();
@@ -467,9 +474,40 @@ impl StagedFile {
         StagedFile::open_sealed(dest, &self.counter, self.crc())
     }
 
+    /// The whole content of a sealed copy, checked against its sealed CRC-32 when it has
+    /// one: what a journal record carries in place of the copy's own durability.
+    pub fn sealed_content(&self) -> io::Result<Vec<u8>> {
+        let file = self.file()?;
+        let len = usize::try_from(file.metadata()?.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let content = super::read_at_most(&file, 0, len)?;
+        if let Some(crc) = self.crc() {
+            let found = crc32fast::hash(&content);
+            if found != crc || content.len() != len {
+                self.found_changed(crc, found);
+                return Err(damaged());
+            }
+        }
+        Ok(content)
+    }
+
     /// The change that carried this file is in the bucket: the file may go.
     pub fn finish(&self) {
         self.done.store(true, Ordering::Release);
+    }
+}
+
+/// Starts writing `len` bytes of `file` from `at` (all from `at` when `len` is 0) out to
+/// disk, without waiting for it: an fdatasync after it finds less to write. Its failure
+/// costs only the head start.
+pub fn start_write_out(file: &File, at: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(at), Ok(len)) = (libc::off64_t::try_from(at), libc::off64_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: a plain system call on a descriptor the caller holds; it touches no memory.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), at, len, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 
