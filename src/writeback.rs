@@ -569,7 +569,8 @@ impl WritebackQueue {
             return self.commit(seq, change, None, None, false);
         };
         let dest = self.journal.pending_path(seq);
-        let carried = matches!(change, Change::Upload { size, .. } if size <= CARRIED_MAX);
+        // Decided by what the copy holds: only a copy that small is ever left unsynced.
+        let carried = f.size_on_disk()? <= CARRIED_MAX;
         let f = if f.is_sealed() {
             // Sealed by an earlier commit whose journal record failed: its data lies under
             // that commit's number, so this one gets a link under its own, where replay
@@ -617,7 +618,7 @@ impl WritebackQueue {
     /// Queues an upload of the content of an already sealed file under another key.
     pub fn upload_copy(&self, key: &str, from: &StagedFile, size: u64) -> io::Result<u64> {
         let seq = self.next_seq();
-        let carried = size <= CARRIED_MAX;
+        let carried = from.size_on_disk()? <= CARRIED_MAX;
         let file = Arc::new(self.link_sealed(from, &self.journal.pending_path(seq), carried)?);
         // The copy linked may be durable only by the content its own record carries.
         let content = if carried {

@@ -74,6 +74,9 @@ const UPLOAD_CARRYING: u8 = 6;
 /// short. Synapse's thumbnails and most of its small images fall under it.
 pub const CARRIED_MAX: u64 = 256 << 10;
 
+/// Copies `Journal::harden` holds open at once.
+const HARDEN_BATCH: usize = 128;
+
 /// A journal written since records could carry content starts with `PREAMBLE` bytes: this
 /// tag and a random salt that every frame's checksum covers. File content in a record is
 /// anyone's (a remote user's upload): a frame hidden in it must never pass for a record
@@ -131,7 +134,6 @@ fn encode_change(salt: u64, seq: u64, change: &Change, content: Option<&[u8]>) -
     p.extend_from_slice(&seq.to_le_bytes());
     p.extend_from_slice(&size.to_le_bytes());
     if let Some(content) = content {
-        debug_assert_eq!(content.len() as u64, size);
         p.extend_from_slice(
             &crc.unwrap_or_else(|| crc32fast::hash(content))
                 .to_le_bytes(),
@@ -192,11 +194,22 @@ fn decode_at(data: &[u8], pos: usize, salt: Option<u64>) -> Option<(Record, usiz
         return None;
     }
     let p = &frame[HEADER..HEADER + len];
-    if frame_crc(salt, p) != crc {
-        return None;
-    }
     let seq = u64::from_le_bytes(p[1..9].try_into().unwrap());
     let size = u64::from_le_bytes(p[9..17].try_into().unwrap());
+    // What a valid frame's length must be, checked before its checksum: a resync past a
+    // torn record tries every offset, and content made of lengths in range would otherwise
+    // cost a checksum of up to `max_payload` bytes at each.
+    let fits = match p[0] {
+        UPLOAD_CARRYING if salt.is_some() => p.get(FIXED + 4..FIXED + 6).is_some_and(|k| {
+            let key_len = u16::from_le_bytes(k.try_into().unwrap()) as u64;
+            key_len <= MAX_KEY as u64 && len as u64 == (FIXED + 6) as u64 + key_len + size
+        }),
+        UPLOAD | UPLOAD_CHECKED | DELETE | MARKER | DONE => len <= FIXED + 4 + MAX_KEY,
+        _ => false,
+    };
+    if !fits || frame_crc(salt, p) != crc {
+        return None;
+    }
     let (crc, key, content) = match p[0] {
         UPLOAD_CHECKED => {
             let crc = p.get(FIXED..FIXED + 4)?;
@@ -352,6 +365,8 @@ struct Active {
     /// `pending/` have not been made durable: a rewrite syncs them before it drops the
     /// content (`harden`).
     carried: BTreeSet<u64>,
+    /// A copy of those could not be made durable: the content stays in the file.
+    harden_failed: bool,
     /// fdatasyncs run for appends.
     syncs: u64,
     /// Its length after the last rewrite: the next is due at twice that.
@@ -388,6 +403,7 @@ impl Active {
             cut_at: HashMap::new(),
             in_flight: 0,
             carried: BTreeSet::new(),
+            harden_failed: false,
             syncs: 0,
             compacted: len,
             stale: false,
@@ -639,8 +655,17 @@ impl Journal {
         if change.key().len() > MAX_KEY {
             return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
         }
-        if content.is_some_and(|c| c.len() as u64 > CARRIED_MAX) {
-            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        if let Some(content) = content {
+            let size = match change {
+                Change::Upload { size, .. } => Some(*size),
+                _ => None,
+            };
+            if content.len() as u64 > CARRIED_MAX || size != Some(content.len() as u64) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a journal record can carry only the whole content of a small upload",
+                ));
+            }
         }
         let bytes = encode_change(self.salt, seq, change, content);
         self.write(&bytes, content.map(|_| seq))
@@ -723,7 +748,7 @@ impl Journal {
             }
         }
         let pending: Vec<(u64, &Change)> = pending.collect();
-        self.harden(&a.carried, &pending)?;
+        self.harden(&mut a, &pending)?;
         let (file, len) = rewrite(&self.path, self.salt, pending.into_iter())?;
         let fresh = Active::new(file, len);
         // Faults a test set up outlast the file they were set on.
@@ -747,28 +772,44 @@ impl Journal {
     }
 
     /// Makes durable the copies of the `pending` uploads whose records carry their content,
-    /// so that a rewrite may leave the content out: starts the write-out of all of them,
-    /// then waits for each, then syncs their directory.
-    fn harden(&self, carried: &BTreeSet<u64>, pending: &[(u64, &Change)]) -> io::Result<()> {
-        let mut files = Vec::new();
-        for (seq, _) in pending.iter().filter(|(seq, _)| carried.contains(seq)) {
-            match File::open(self.pending_path(*seq)) {
-                Ok(f) => {
-                    super::staging::start_write_out(&f, 0, 0);
-                    files.push(f);
-                }
-                // Landed and released since the queue was read: nothing left to keep.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
+    /// so that a rewrite may leave the content out: starts the write-out of a batch of them,
+    /// then waits for each, then syncs their directory. A copy that cannot be made durable
+    /// (a write-back error the kernel reports once, to one fsync) leaves its record the only
+    /// trustworthy copy of the data: from then on the journal is never rewritten while this
+    /// mount runs, and the next one restores the copy from the record.
+    fn harden(&self, a: &mut Active, pending: &[(u64, &Change)]) -> io::Result<()> {
+        if a.harden_failed {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        if files.is_empty() {
+        let seqs: Vec<u64> = pending
+            .iter()
+            .map(|(seq, _)| *seq)
+            .filter(|seq| a.carried.contains(seq))
+            .collect();
+        if seqs.is_empty() {
             return Ok(());
         }
-        for f in &files {
-            f.sync_data()?;
+        let synced = seqs
+            .chunks(HARDEN_BATCH)
+            .try_for_each(|batch| {
+                let files = batch
+                    .iter()
+                    .map(|seq| {
+                        let f = File::open(self.pending_path(*seq))?;
+                        super::staging::start_write_out(&f, 0, 0);
+                        Ok(f)
+                    })
+                    .collect::<io::Result<Vec<File>>>()?;
+                files.iter().try_for_each(File::sync_data)
+            })
+            .and_then(|()| sync_dir(&self.pending_dir));
+        if let Err(e) = &synced {
+            a.harden_failed = true;
+            tracing::error!(error = %e, dir = %self.pending_dir.display(),
+                "a small file's copy waiting for upload could not be made durable; the journal keeps its content \
+                 and is no longer compacted while this mount runs; the next mount restores the copy from it");
         }
-        sync_dir(&self.pending_dir)
+        synced
     }
 
     /// How many times the file has been durably rewritten with only what was pending, or
@@ -976,10 +1017,23 @@ fn rewrite<'a>(
     Ok((f, buf.len() as u64))
 }
 
-/// Writes `content` durably as the data of upload `seq` in `pending_dir`, in place of what
-/// is there (the directory is synced by the caller). A crash meanwhile leaves the journal
-/// record it comes from, and the next replay does it again.
+/// Makes `content` durable as the data of upload `seq` in `pending_dir` (the directory is
+/// synced by the caller): a copy that holds it already is synced (a full disk does not stop
+/// it), any other is replaced. A crash meanwhile leaves the journal record it comes from,
+/// and the next replay does it again.
 fn restore(pending_dir: &Path, seq: u64, content: &[u8]) -> io::Result<()> {
+    let path = pending_dir.join(pending_name(seq));
+    let found = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path);
+    if let Ok(f) = found {
+        if f.metadata()?.len() == content.len() as u64
+            && super::read_at_most(&f, 0, content.len())? == content
+        {
+            return f.sync_data();
+        }
+    }
     let tmp = pending_dir.join(format!("{}.restored", pending_name(seq)));
     let mut f = OpenOptions::new()
         .write(true)
@@ -990,7 +1044,7 @@ fn restore(pending_dir: &Path, seq: u64, content: &[u8]) -> io::Result<()> {
         .open(&tmp)?;
     f.write_all(content)?;
     f.sync_data()?;
-    std::fs::rename(&tmp, pending_dir.join(pending_name(seq)))
+    std::fs::rename(&tmp, path)
 }
 
 fn pending_name(seq: u64) -> String {
@@ -1556,6 +1610,35 @@ mod tests {
             }
             assert!(j.rewrites() > 0);
             assert!(std::fs::metadata(j.path()).unwrap().len() < content.len() as u64);
+        }
+        let (j, r) = Journal::open(dir.path()).unwrap();
+        assert_eq!(r.pending, vec![(1, kept)]);
+        assert_eq!(std::fs::read(j.pending_path(1)).unwrap(), content);
+    }
+
+    /// A copy that cannot be made durable before a compaction (here: gone, as a page the
+    /// kernel failed to write back would be) leaves the content in the journal: the journal
+    /// is not rewritten, and the next open restores the copy from the record.
+    #[test]
+    fn a_copy_that_cannot_be_made_durable_keeps_its_content_in_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = pseudo(60_000, 4);
+        let kept = carried_upload("kept", &content);
+        {
+            let (j, _) = Journal::open(dir.path()).unwrap();
+            std::fs::write(j.pending_path(1), &content).unwrap();
+            let w = j.write_record(1, &kept, Some(&content)).unwrap();
+            j.wait_durable(&w).unwrap();
+            drop(w);
+            std::fs::remove_file(j.pending_path(1)).unwrap();
+            let mut refused = 0;
+            for seq in 2..400 {
+                j.record(seq, &delete("gone")).unwrap();
+                j.done(seq).unwrap();
+                refused += j.compact([(1, &kept)]).is_err() as u32;
+            }
+            assert!(refused > 0);
+            assert_eq!(j.rewrites(), 0);
         }
         let (j, r) = Journal::open(dir.path()).unwrap();
         assert_eq!(r.pending, vec![(1, kept)]);

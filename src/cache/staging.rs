@@ -391,6 +391,11 @@ impl StagedFile {
         self.path.lock().clone()
     }
 
+    /// The length of the file on disk now.
+    pub fn size_on_disk(&self) -> io::Result<u64> {
+        Ok(std::fs::symlink_metadata(&*self.path.lock())?.len())
+    }
+
     pub fn is_sealed(&self) -> bool {
         self.sealed.load(Ordering::Acquire)
     }
