@@ -365,6 +365,8 @@ struct Active {
     /// `pending/` have not been made durable: a rewrite syncs them before it drops the
     /// content (`harden`).
     carried: BTreeSet<u64>,
+    /// Bytes of content those records carry.
+    carried_bytes: u64,
     /// A copy of those could not be made durable: the content stays in the file.
     harden_failed: bool,
     /// fdatasyncs run for appends.
@@ -403,6 +405,7 @@ impl Active {
             cut_at: HashMap::new(),
             in_flight: 0,
             carried: BTreeSet::new(),
+            carried_bytes: 0,
             harden_failed: false,
             syncs: 0,
             compacted: len,
@@ -479,6 +482,11 @@ impl Journal {
     /// after the last rewrite if that is more, so that a large pending set is not rewritten at
     /// every landing. Small under test, so that tests pass it quickly.
     pub const COMPACT_AT: u64 = if cfg!(test) { 16 << 10 } else { 4 << 20 };
+
+    /// Content that records may carry on top of that before a rewrite is due: while the
+    /// bucket is away, small files' closes would otherwise make every few dozen of them pay
+    /// for a rewrite of the whole pending set. It bounds what a replay reads and restores.
+    pub const CARRIED_BUDGET: u64 = if cfg!(test) { 256 << 10 } else { 64 << 20 };
 
     /// Opens (or creates) the journal in `cache_dir`, replays it and compacts it.
     pub fn open(cache_dir: &Path) -> io::Result<(Journal, Replay)> {
@@ -668,7 +676,7 @@ impl Journal {
             }
         }
         let bytes = encode_change(self.salt, seq, change, content);
-        self.write(&bytes, content.map(|_| seq))
+        self.write(&bytes, content.map(|c| (seq, c.len() as u64)))
     }
 
     /// An append failed and could not be cut back: nothing more is appended until the
@@ -739,11 +747,13 @@ impl Journal {
                     a.cut(0)?;
                     a.compacted = 0;
                     a.carried.clear();
+                    a.carried_bytes = 0;
                     self.rewrites.fetch_add(1, Ordering::Release);
                 }
                 return Ok(());
             }
-            if len <= Self::COMPACT_AT.max(2 * a.compacted) {
+            let carried = a.carried_bytes.min(Self::CARRIED_BUDGET);
+            if len <= Self::COMPACT_AT.max(2 * a.compacted) + carried {
                 return Ok(());
             }
         }
@@ -825,9 +835,9 @@ impl Journal {
     }
 
     /// Writes `bytes` at the end of the file, or leaves the file as it was and fails;
-    /// `carrying` is the upload whose record carries its content. An empty file gets its
-    /// preamble first.
-    fn write(&self, bytes: &[u8], carrying: Option<u64>) -> io::Result<Written<'_>> {
+    /// `carrying` is the upload whose record carries its content, and the content's length.
+    /// An empty file gets its preamble first.
+    fn write(&self, bytes: &[u8], carrying: Option<(u64, u64)>) -> io::Result<Written<'_>> {
         let mut a = self.file.lock();
         if a.broken {
             return Err(io::Error::from_raw_os_error(libc::EIO));
@@ -857,8 +867,9 @@ impl Journal {
         }
         a.written = before + bytes.len() as u64;
         a.in_flight += 1;
-        if let Some(seq) = carrying {
+        if let Some((seq, bytes)) = carrying {
             a.carried.insert(seq);
+            a.carried_bytes += bytes;
         }
         Ok(Written {
             journal: self,
@@ -1614,6 +1625,34 @@ mod tests {
         let (j, r) = Journal::open(dir.path()).unwrap();
         assert_eq!(r.pending, vec![(1, kept)]);
         assert_eq!(std::fs::read(j.pending_path(1)).unwrap(), content);
+    }
+
+    /// Content carried by pending uploads' records waits for a rewrite until it passes its
+    /// budget; then one rewrite drops it, and the journal never holds much more than that.
+    #[test]
+    fn carried_content_is_rewritten_only_past_its_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path()).unwrap();
+        let content = pseudo(30_000, 5);
+        let mut pending = Vec::new();
+        for seq in 1..=20u64 {
+            std::fs::write(j.pending_path(seq), &content).unwrap();
+            let change = carried_upload(&format!("k{seq}"), &content);
+            let w = j.write_record(seq, &change, Some(&content)).unwrap();
+            j.wait_durable(&w).unwrap();
+            drop(w);
+            pending.push((seq, change));
+            j.compact(pending.iter().map(|(seq, c)| (*seq, c))).unwrap();
+            let len = std::fs::metadata(j.path()).unwrap().len();
+            assert!(
+                len <= Journal::COMPACT_AT + Journal::CARRIED_BUDGET + content.len() as u64,
+                "{len} bytes"
+            );
+            if seq * content.len() as u64 <= Journal::CARRIED_BUDGET {
+                assert_eq!(j.rewrites(), 0, "rewritten after {seq} records");
+            }
+        }
+        assert!(j.rewrites() > 0);
     }
 
     /// A copy that cannot be made durable before a compaction (here: gone, as a page the
