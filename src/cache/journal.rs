@@ -1569,6 +1569,15 @@ mod tests {
         }
     }
 
+    /// Upload `seq` of `key`, its copy in place and its record, durable, carrying `content`.
+    fn carry(j: &Journal, seq: u64, key: &str, content: &[u8]) -> Change {
+        std::fs::write(j.pending_path(seq), content).unwrap();
+        let change = carried_upload(key, content);
+        let w = j.write_record(seq, &change, Some(content)).unwrap();
+        j.wait_durable(&w).unwrap();
+        change
+    }
+
     /// The power went before a small file's copy reached the disk (missing, or short): its
     /// record carries the content acknowledged, and the replay puts it back.
     #[test]
@@ -1577,13 +1586,8 @@ mod tests {
         let (a, b) = (pseudo(5000, 1), pseudo(CARRIED_MAX as usize, 2));
         {
             let (j, _) = Journal::open(dir.path()).unwrap();
-            for (seq, key, content) in [(1, "a", &a), (2, "b", &b)] {
-                std::fs::write(j.pending_path(seq), content).unwrap();
-                let w = j
-                    .write_record(seq, &carried_upload(key, content), Some(content))
-                    .unwrap();
-                j.wait_durable(&w).unwrap();
-            }
+            carry(&j, 1, "a", &a);
+            carry(&j, 2, "b", &b);
             std::fs::remove_file(j.pending_path(1)).unwrap();
             std::fs::write(j.pending_path(2), &b[..100]).unwrap();
         }
@@ -1610,10 +1614,7 @@ mod tests {
         let kept = carried_upload("kept", &content);
         {
             let (j, _) = Journal::open(dir.path()).unwrap();
-            std::fs::write(j.pending_path(1), &content).unwrap();
-            let w = j.write_record(1, &kept, Some(&content)).unwrap();
-            j.wait_durable(&w).unwrap();
-            drop(w);
+            carry(&j, 1, "kept", &content);
             for seq in 2..400 {
                 j.record(seq, &delete("gone")).unwrap();
                 j.done(seq).unwrap();
@@ -1636,12 +1637,7 @@ mod tests {
         let content = pseudo(30_000, 5);
         let mut pending = Vec::new();
         for seq in 1..=20u64 {
-            std::fs::write(j.pending_path(seq), &content).unwrap();
-            let change = carried_upload(&format!("k{seq}"), &content);
-            let w = j.write_record(seq, &change, Some(&content)).unwrap();
-            j.wait_durable(&w).unwrap();
-            drop(w);
-            pending.push((seq, change));
+            pending.push((seq, carry(&j, seq, &format!("k{seq}"), &content)));
             j.compact(pending.iter().map(|(seq, c)| (*seq, c))).unwrap();
             let len = std::fs::metadata(j.path()).unwrap().len();
             assert!(
@@ -1665,10 +1661,7 @@ mod tests {
         let kept = carried_upload("kept", &content);
         {
             let (j, _) = Journal::open(dir.path()).unwrap();
-            std::fs::write(j.pending_path(1), &content).unwrap();
-            let w = j.write_record(1, &kept, Some(&content)).unwrap();
-            j.wait_durable(&w).unwrap();
-            drop(w);
+            carry(&j, 1, "kept", &content);
             std::fs::remove_file(j.pending_path(1)).unwrap();
             let mut refused = 0;
             for seq in 2..400 {
@@ -1703,11 +1696,7 @@ mod tests {
         {
             let (j, _) = Journal::open(dir.path()).unwrap();
             j.record(1, &delete("a")).unwrap();
-            std::fs::write(j.pending_path(2), &content).unwrap();
-            let w = j
-                .write_record(2, &carried_upload("up", &content), Some(&content))
-                .unwrap();
-            j.wait_durable(&w).unwrap();
+            carry(&j, 2, "up", &content);
         }
         // Torn at the end: the record carrying the content fails its checksum.
         let path = dir.path().join("journal");
