@@ -144,9 +144,9 @@ pub struct StagedFile {
 
 /// Written this far past the last write-out, a copy being written starts the write-out of
 /// those bytes to disk, without waiting for it: the fdatasync at its close then finds little
-/// left to write (100 MiB take some 55 ms here, during which close() waits, and Synapse with
-/// it, on its one thread for file operations).
-const WRITE_OUT_EVERY: u64 = 8 << 20;
+/// left to write (100 MiB take some 55 ms here, and a 4 MiB upload 10–20 ms, during which
+/// close() waits, and Synapse with it, on its one thread for file operations).
+const WRITE_OUT_EVERY: u64 = 1 << 20;
 
 impl std::fmt::Debug for StagedFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -576,27 +576,29 @@ mod tests {
     fn a_copy_being_written_starts_its_write_out_every_few_mib() {
         let (_dir, area) = area();
         let f = area.create().unwrap();
-        let mib = vec![7u8; 1 << 20];
+        // Writes of an eighth of the stretch each.
+        let step = WRITE_OUT_EVERY / 8;
+        let chunk = vec![7u8; step as usize];
         let written_out = || f.written_out.load(Ordering::Relaxed);
         for i in 0..7 {
-            f.write_at(&mib, i << 20).unwrap();
+            f.write_at(&chunk, i * step).unwrap();
         }
         assert_eq!(
             written_out(),
             0,
             "less than WRITE_OUT_EVERY waits for the seal"
         );
-        f.write_at(&mib, 7 << 20).unwrap();
+        f.write_at(&chunk, 7 * step).unwrap();
         assert_eq!(written_out(), WRITE_OUT_EVERY);
         for i in 8..20 {
-            f.write_at(&mib, i << 20).unwrap();
+            f.write_at(&chunk, i * step).unwrap();
         }
         assert_eq!(written_out(), 2 * WRITE_OUT_EVERY);
         // Cut and written again, it is written out again as it grows.
         f.set_len(0).unwrap();
         assert_eq!(written_out(), 0);
         for i in 0..8 {
-            f.write_at(&mib, i << 20).unwrap();
+            f.write_at(&chunk, i * step).unwrap();
         }
         assert_eq!(written_out(), WRITE_OUT_EVERY);
     }

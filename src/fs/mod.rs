@@ -291,7 +291,7 @@ impl BucketFs {
         if marker.len() > names::MAX_KEY {
             return Err(FsError::NAMETOOLONG);
         }
-        self.queue(self.writeback.marker(&marker))?;
+        self.queue(self.writeback.new_dir_marker(&marker))?;
         // `find` just said nothing had this name: the directory starts out empty.
         self.ns.listing.created_dir(&path);
         let remote = Remote {
