@@ -29,17 +29,6 @@ use crate::store::{
     UploadLimits, MAX_DELETE_BATCH,
 };
 
-/// How `commit` queues a change.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Queued {
-    /// Durable before the call returns; carried out when due.
-    Durable,
-    /// Durable before the call returns; held until `release_deferred`.
-    DurableHeld,
-    /// Durable with the next fdatasync of the journal; carried out when due.
-    WithNextSync,
-}
-
 /// What the queue says about a key while a change to it is pending.
 #[derive(Debug, Clone)]
 pub enum Pending {
@@ -520,7 +509,7 @@ impl WritebackQueue {
         mut change: Change,
         file: Option<Arc<StagedFile>>,
         content: Option<Vec<u8>>,
-        how: Queued,
+        deferred: bool,
     ) -> io::Result<u64> {
         // The checksum taken when the file was sealed is journaled with it, so that a copy
         // damaged on disk is found after a restart too.
@@ -554,12 +543,9 @@ impl WritebackQueue {
             self.journal
                 .write_record(seq, &change, content.as_deref())?
         };
-        if how != Queued::WithNextSync {
-            self.journal.wait_durable(&written)?;
-        }
+        self.journal.wait_durable(&written)?;
         tracing::debug!(seq, key = change.key(), "change journaled");
         let mut s = self.state.lock();
-        let deferred = how == Queued::DurableHeld;
         let dropped = Self::insert_locked(&mut s, seq, change, file, deferred);
         drop(written);
         // A rewrite a landing put off because records were in flight is done by the
@@ -580,7 +566,7 @@ impl WritebackQueue {
     fn submit(&self, change: Change, file: Option<Arc<StagedFile>>) -> io::Result<u64> {
         let seq = self.next_seq();
         let Some(f) = file else {
-            return self.commit(seq, change, None, None, Queued::Durable);
+            return self.commit(seq, change, None, None, false);
         };
         let dest = self.journal.pending_path(seq);
         // Decided by what the copy holds: only a copy that small is ever left unsynced.
@@ -602,7 +588,7 @@ impl WritebackQueue {
         } else {
             None
         };
-        self.commit(seq, change, Some(f), content, Queued::Durable)
+        self.commit(seq, change, Some(f), content, false)
     }
 
     /// A link of sealed `from` at `dest`, made durable unless its record is to carry its
@@ -649,7 +635,7 @@ impl WritebackQueue {
             },
             Some(file),
             content,
-            Queued::Durable,
+            false,
         )
     }
 
@@ -671,7 +657,7 @@ impl WritebackQueue {
         let change = Change::Delete {
             key: key.to_string(),
         };
-        self.commit(seq, change, None, None, Queued::DurableHeld)
+        self.commit(seq, change, None, None, true)
     }
 
     /// Lets a delete deferred by `delete_after_close` go.
@@ -722,7 +708,6 @@ impl WritebackQueue {
         true
     }
 
-    /// Queues the marker of a directory that must stay (its last entry went away), durably.
     pub fn marker(&self, key: &str) -> io::Result<u64> {
         self.submit(
             Change::Marker {
@@ -730,19 +715,6 @@ impl WritebackQueue {
             },
             None,
         )
-    }
-
-    /// Queues the marker of a directory just made, journaled but durable only with the next
-    /// fdatasync of the journal anyone runs (a close's, most often at once): as on a local
-    /// filesystem, a directory is made durable by an fsync (here of it or its parent, which
-    /// waits for its marker to land), and `mkdir`, which Synapse calls on its one thread for
-    /// file operations before each upload, need not wait for the disk.
-    pub fn new_dir_marker(&self, key: &str) -> io::Result<u64> {
-        let seq = self.next_seq();
-        let change = Change::Marker {
-            key: key.to_string(),
-        };
-        self.commit(seq, change, None, None, Queued::WithNextSync)
     }
 
     /// Changes in the bucket whose done records the journal could not write: their local
@@ -1849,8 +1821,7 @@ mod tests {
             size: 6,
             crc: None,
         };
-        q.commit(older, change, Some(f), None, Queued::Durable)
-            .unwrap();
+        q.commit(older, change, Some(f), None, false).unwrap();
         q.wait(older).await.unwrap();
         assert_eq!(
             std::fs::metadata(&journal).unwrap().len(),
@@ -2145,24 +2116,5 @@ mod tests {
         // The file makes directory a; the empty directory c needs its marker.
         assert_eq!(mem.object("a/"), None);
         assert_eq!(mem.object("c/").unwrap().len(), 0);
-    }
-
-    /// `mkdir` does not wait for the disk: a new directory's marker is journaled without an
-    /// fdatasync of its own, and the next close's makes it durable with its own record.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_new_directory_marker_waits_for_no_fdatasync() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let (_mem, q, area, _) = setup(dir.path());
-            let syncs = q.journal.syncs();
-            q.new_dir_marker("d/").unwrap();
-            assert_eq!(q.journal.syncs(), syncs);
-            assert!(q.lookup("d/").is_some());
-            q.upload("d/f", staged(&area, b"x"), 1).unwrap();
-            assert_eq!(q.journal.syncs(), syncs + 1);
-        }
-        let (_, replay) = Journal::open(dir.path()).unwrap();
-        let keys: Vec<&str> = replay.pending.iter().map(|(_, c)| c.key()).collect();
-        assert_eq!(keys, ["d/", "d/f"]);
     }
 }

@@ -1,8 +1,11 @@
 //! The write-back journal: an append-only file in the cache directory that records every
 //! change acknowledged to a caller but not yet in the bucket, and its completion.
 //!
-//! Each record is `[len: u32][crc32: u32][payload]`, appended and fsynced before the caller
-//! is answered. Appends share their fsyncs (group commit): a caller writes its record, then
+//! The file starts with a preamble (a tag and a random salt, `MAGIC`); each record is
+//! `[len: u32][crc32: u32][payload]`, its checksum salted, appended and fsynced before the
+//! caller is answered. A small upload's record carries the file's content (`CARRIED_MAX`),
+//! so that its fsync alone makes the close durable; the copy is synced before a rewrite
+//! drops the content, and a replay restores it from the record. Appends share their fsyncs (group commit): a caller writes its record, then
 //! waits until an fdatasync that began after its write has returned, running one itself when
 //! none is under way; callers arriving while one runs are covered by the next. An append
 //! that fails, or whose fsync fails, is cut back off with every record not yet durable, so
@@ -202,7 +205,8 @@ fn decode_at(data: &[u8], pos: usize, salt: Option<u64>) -> Option<(Record, usiz
     let fits = match p[0] {
         UPLOAD_CARRYING if salt.is_some() => p.get(FIXED + 4..FIXED + 6).is_some_and(|k| {
             let key_len = u16::from_le_bytes(k.try_into().unwrap()) as u64;
-            key_len <= MAX_KEY as u64 && len as u64 == (FIXED + 6) as u64 + key_len + size
+            key_len <= MAX_KEY as u64
+                && (len as u64).checked_sub((FIXED + 6) as u64 + key_len) == Some(size)
         }),
         UPLOAD | UPLOAD_CHECKED | DELETE | MARKER | DONE => len <= FIXED + 4 + MAX_KEY,
         _ => false,
@@ -367,8 +371,9 @@ struct Active {
     carried: BTreeSet<u64>,
     /// Bytes of content those records carry.
     carried_bytes: u64,
-    /// A copy of those could not be made durable: the content stays in the file.
-    harden_failed: bool,
+    /// Those whose copies could not be made durable: while one is pending, the file keeps
+    /// its content and is not rewritten.
+    unhardened: BTreeSet<u64>,
     /// fdatasyncs run for appends.
     syncs: u64,
     /// Its length after the last rewrite: the next is due at twice that.
@@ -406,7 +411,7 @@ impl Active {
             in_flight: 0,
             carried: BTreeSet::new(),
             carried_bytes: 0,
-            harden_failed: false,
+            unhardened: BTreeSet::new(),
             syncs: 0,
             compacted: len,
             stale: false,
@@ -487,6 +492,10 @@ impl Journal {
     /// bucket is away, small files' closes would otherwise make every few dozen of them pay
     /// for a rewrite of the whole pending set. It bounds what a replay reads and restores.
     pub const CARRIED_BUDGET: u64 = if cfg!(test) { 256 << 10 } else { 64 << 20 };
+
+    /// Records carrying content past which that content counts toward the threshold again:
+    /// a rewrite syncs their copies under the queue's lock, and this bounds how many.
+    pub const CARRIED_RECORDS: usize = 2048;
 
     /// Opens (or creates) the journal in `cache_dir`, replays it and compacts it.
     pub fn open(cache_dir: &Path) -> io::Result<(Journal, Replay)> {
@@ -748,11 +757,16 @@ impl Journal {
                     a.compacted = 0;
                     a.carried.clear();
                     a.carried_bytes = 0;
+                    a.unhardened.clear();
                     self.rewrites.fetch_add(1, Ordering::Release);
                 }
                 return Ok(());
             }
-            let carried = a.carried_bytes.min(Self::CARRIED_BUDGET);
+            let carried = if a.carried.len() > Self::CARRIED_RECORDS {
+                0
+            } else {
+                a.carried_bytes.min(Self::CARRIED_BUDGET)
+            };
             if len <= Self::COMPACT_AT.max(2 * a.compacted) + carried {
                 return Ok(());
             }
@@ -788,38 +802,51 @@ impl Journal {
     /// trustworthy copy of the data: from then on the journal is never rewritten while this
     /// mount runs, and the next one restores the copy from the record.
     fn harden(&self, a: &mut Active, pending: &[(u64, &Change)]) -> io::Result<()> {
-        if a.harden_failed {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
         let seqs: Vec<u64> = pending
             .iter()
             .map(|(seq, _)| *seq)
             .filter(|seq| a.carried.contains(seq))
             .collect();
+        // Once their changes are done, the copies that failed matter no more.
+        a.unhardened.retain(|seq| seqs.contains(seq));
+        if !a.unhardened.is_empty() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        for batch in seqs.chunks(HARDEN_BATCH) {
+            let mut files = Vec::with_capacity(batch.len());
+            for seq in batch {
+                match File::open(self.pending_path(*seq)) {
+                    Ok(f) => {
+                        super::staging::start_write_out(&f, 0, 0);
+                        files.push((*seq, f));
+                    }
+                    // Gone: its record holds the only copy of the data.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        return Err(self.unhardened(a, *seq, e))
+                    }
+                    // Out of descriptors, say: the next compaction tries again.
+                    Err(e) => return Err(e),
+                }
+            }
+            for (seq, f) in files {
+                f.sync_data().map_err(|e| self.unhardened(a, seq, e))?;
+            }
+        }
         if seqs.is_empty() {
             return Ok(());
         }
-        let synced = seqs
-            .chunks(HARDEN_BATCH)
-            .try_for_each(|batch| {
-                let files = batch
-                    .iter()
-                    .map(|seq| {
-                        let f = File::open(self.pending_path(*seq))?;
-                        super::staging::start_write_out(&f, 0, 0);
-                        Ok(f)
-                    })
-                    .collect::<io::Result<Vec<File>>>()?;
-                files.iter().try_for_each(File::sync_data)
-            })
-            .and_then(|()| sync_dir(&self.pending_dir));
-        if let Err(e) = &synced {
-            a.harden_failed = true;
-            tracing::error!(error = %e, dir = %self.pending_dir.display(),
-                "a small file's copy waiting for upload could not be made durable; the journal keeps its content \
-                 and is no longer compacted while this mount runs; the next mount restores the copy from it");
-        }
-        synced
+        sync_dir(&self.pending_dir)
+    }
+
+    /// The copy of carried upload `seq` cannot be made durable (its write-back failed, which
+    /// the kernel reports once, to one fsync): its record keeps the only trustworthy copy of
+    /// the data, and the journal is not rewritten while the upload is pending.
+    fn unhardened(&self, a: &mut Active, seq: u64, e: io::Error) -> io::Error {
+        a.unhardened.insert(seq);
+        tracing::error!(error = %e, file = %self.pending_path(seq).display(),
+            "a small file's copy waiting for upload could not be made durable; the journal keeps its content \
+             and is not compacted until it is uploaded; a restart restores the copy from the journal");
+        e
     }
 
     /// How many times the file has been durably rewritten with only what was pending, or
@@ -1675,6 +1702,37 @@ mod tests {
         let (j, r) = Journal::open(dir.path()).unwrap();
         assert_eq!(r.pending, vec![(1, kept)]);
         assert_eq!(std::fs::read(j.pending_path(1)).unwrap(), content);
+    }
+
+    /// A copy that could not be made durable holds rewrites back only while its upload is
+    /// pending: once it is done, the journal is compacted again.
+    #[test]
+    fn a_copy_that_could_not_be_made_durable_holds_rewrites_back_only_while_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path()).unwrap();
+        let content = pseudo(60_000, 6);
+        let lost = carry(&j, 1, "lost", &content);
+        let kept = carry(&j, 2, "kept", &content);
+        std::fs::remove_file(j.pending_path(1)).unwrap();
+        let mut seq = 3;
+        let mut churn = |j: &Journal, pending: &[(u64, &Change)]| {
+            let mut refused = 0;
+            for _ in 0..400 {
+                j.record(seq, &delete("gone")).unwrap();
+                j.done(seq).unwrap();
+                seq += 1;
+                refused += j.compact(pending.iter().copied()).is_err() as u32;
+            }
+            refused
+        };
+        assert!(churn(&j, &[(1, &lost), (2, &kept)]) > 0);
+        assert_eq!(j.rewrites(), 0);
+        // Upload 1 landed (its copy had been read while it was still there).
+        assert_eq!(churn(&j, &[(2, &kept)]), 0);
+        assert!(j.rewrites() > 0);
+        drop(j);
+        let (_, r) = Journal::open(dir.path()).unwrap();
+        assert_eq!(r.pending, vec![(2, kept)]);
     }
 
     /// Content carried in a record is anyone's: a frame hidden in it, plain as journals

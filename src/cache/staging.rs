@@ -1,6 +1,7 @@
 //! Staged files: the local copy of a file while it is written. Random writes, truncation
-//! and appends happen here. When the file is closed its copy is sealed: fsynced, moved
-//! next to the journal and never changed again, until its upload is done.
+//! and appends happen here. When the file is closed its copy is sealed: fsynced (or, for a
+//! small file, left to the journal record that carries its content), moved next to the
+//! journal and never changed again, until its upload is done.
 //!
 //! A sealed copy is served and uploaded only while it holds what was written: its CRC-32
 //! is taken when it is sealed (as the writes arrive, when they come front to back) and
@@ -573,7 +574,7 @@ mod tests {
     }
 
     #[test]
-    fn a_copy_being_written_starts_its_write_out_every_few_mib() {
+    fn a_copy_being_written_starts_its_write_out_as_it_grows() {
         let (_dir, area) = area();
         let f = area.create().unwrap();
         // Writes of an eighth of the stretch each.

@@ -735,8 +735,9 @@ impl BucketFs {
         guards
     }
 
-    /// Commits the staged copy of `ino` if it has changes: seals it (fsynced, immutable),
-    /// journals it and queues its upload. Returns the queued change.
+    /// Commits the staged copy of `ino` if it has changes: seals it (immutable, and durable
+    /// by itself or by the journal record that carries it), journals it and queues its
+    /// upload. Returns the queued change.
     pub(super) async fn commit_file(&self, ino: u64) -> FsResult<Option<u64>> {
         let _alone = self.commit_lock(ino).write().await;
         self.commit_locked(ino)

@@ -52,8 +52,8 @@ pub struct FsOptions {
 /// When close() returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum WriteMode {
-    /// Once the file is fsynced and journaled in the cache directory; it is uploaded in the
-    /// background.
+    /// Once the file is durable and journaled in the cache directory; it is uploaded in
+    /// the background.
     Writeback,
     /// Once the file is in the bucket.
     Writethrough,
@@ -291,7 +291,7 @@ impl BucketFs {
         if marker.len() > names::MAX_KEY {
             return Err(FsError::NAMETOOLONG);
         }
-        self.queue(self.writeback.new_dir_marker(&marker))?;
+        self.queue(self.writeback.marker(&marker))?;
         // `find` just said nothing had this name: the directory starts out empty.
         self.ns.listing.created_dir(&path);
         let remote = Remote {
