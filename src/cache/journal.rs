@@ -1596,6 +1596,26 @@ mod tests {
         }
     }
 
+    /// `n` deletes from `seq` on, each done and followed by a compaction that leaves
+    /// `pending`: how many of those compactions failed.
+    fn churn(j: &Journal, seq: u64, n: u64, pending: &[(u64, &Change)]) -> usize {
+        (seq..seq + n)
+            .filter(|&seq| {
+                j.record(seq, &delete("gone")).unwrap();
+                j.done(seq).unwrap();
+                j.compact(pending.iter().copied()).is_err()
+            })
+            .count()
+    }
+
+    /// Opening the journal in `dir` again finds `upload` (number 1) alone pending, its copy
+    /// holding `content`.
+    fn reopens_with_upload_1(dir: &Path, upload: Change, content: &[u8]) {
+        let (j, r) = Journal::open(dir).unwrap();
+        assert_eq!(r.pending, vec![(1, upload)]);
+        assert_eq!(std::fs::read(j.pending_path(1)).unwrap(), content);
+    }
+
     /// Upload `seq` of `key`, its copy in place and its record, durable, carrying `content`.
     fn carry(j: &Journal, seq: u64, key: &str, content: &[u8]) -> Change {
         std::fs::write(j.pending_path(seq), content).unwrap();
@@ -1642,17 +1662,11 @@ mod tests {
         {
             let (j, _) = Journal::open(dir.path()).unwrap();
             carry(&j, 1, "kept", &content);
-            for seq in 2..400 {
-                j.record(seq, &delete("gone")).unwrap();
-                j.done(seq).unwrap();
-                j.compact([(1, &kept)]).unwrap();
-            }
+            assert_eq!(churn(&j, 2, 400, &[(1, &kept)]), 0);
             assert!(j.rewrites() > 0);
             assert!(std::fs::metadata(j.path()).unwrap().len() < content.len() as u64);
         }
-        let (j, r) = Journal::open(dir.path()).unwrap();
-        assert_eq!(r.pending, vec![(1, kept)]);
-        assert_eq!(std::fs::read(j.pending_path(1)).unwrap(), content);
+        reopens_with_upload_1(dir.path(), kept, &content);
     }
 
     /// Content carried by pending uploads' records waits for a rewrite until it passes its
@@ -1690,18 +1704,10 @@ mod tests {
             let (j, _) = Journal::open(dir.path()).unwrap();
             carry(&j, 1, "kept", &content);
             std::fs::remove_file(j.pending_path(1)).unwrap();
-            let mut refused = 0;
-            for seq in 2..400 {
-                j.record(seq, &delete("gone")).unwrap();
-                j.done(seq).unwrap();
-                refused += j.compact([(1, &kept)]).is_err() as u32;
-            }
-            assert!(refused > 0);
+            assert!(churn(&j, 2, 400, &[(1, &kept)]) > 0);
             assert_eq!(j.rewrites(), 0);
         }
-        let (j, r) = Journal::open(dir.path()).unwrap();
-        assert_eq!(r.pending, vec![(1, kept)]);
-        assert_eq!(std::fs::read(j.pending_path(1)).unwrap(), content);
+        reopens_with_upload_1(dir.path(), kept, &content);
     }
 
     /// A copy that could not be made durable holds rewrites back only while its upload is
@@ -1714,21 +1720,10 @@ mod tests {
         let lost = carry(&j, 1, "lost", &content);
         let kept = carry(&j, 2, "kept", &content);
         std::fs::remove_file(j.pending_path(1)).unwrap();
-        let mut seq = 3;
-        let mut churn = |j: &Journal, pending: &[(u64, &Change)]| {
-            let mut refused = 0;
-            for _ in 0..400 {
-                j.record(seq, &delete("gone")).unwrap();
-                j.done(seq).unwrap();
-                seq += 1;
-                refused += j.compact(pending.iter().copied()).is_err() as u32;
-            }
-            refused
-        };
-        assert!(churn(&j, &[(1, &lost), (2, &kept)]) > 0);
+        assert!(churn(&j, 3, 400, &[(1, &lost), (2, &kept)]) > 0);
         assert_eq!(j.rewrites(), 0);
         // Upload 1 landed (its copy had been read while it was still there).
-        assert_eq!(churn(&j, &[(2, &kept)]), 0);
+        assert_eq!(churn(&j, 403, 400, &[(2, &kept)]), 0);
         assert!(j.rewrites() > 0);
         drop(j);
         let (_, r) = Journal::open(dir.path()).unwrap();
