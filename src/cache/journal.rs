@@ -74,7 +74,8 @@ const UPLOAD_CARRYING: u8 = 6;
 /// three in turn (its copy's, the rename of the copy into `pending/`, the journal's). The
 /// copy itself is made durable later, before a compaction drops the record
 /// (`Journal::compact`), and restored from the record by a replay that finds it missing or
-/// short. Synapse's thumbnails and most of its small images fall under it.
+/// different (an intact one is only synced). Synapse's thumbnails and most of its small
+/// images fall under it.
 pub const CARRIED_MAX: u64 = 256 << 10;
 
 /// Copies `Journal::harden` holds open at once.
