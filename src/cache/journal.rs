@@ -198,56 +198,65 @@ fn decode_at(data: &[u8], pos: usize, salt: Option<u64>) -> Option<(Record, usiz
         return None;
     }
     let p = &frame[HEADER..HEADER + len];
+    let kind = p[0];
     let seq = u64::from_le_bytes(p[1..9].try_into().unwrap());
     let size = u64::from_le_bytes(p[9..17].try_into().unwrap());
-    // What a valid frame's length must be, checked before its checksum: a resync past a
-    // torn record tries every offset, and content made of lengths in range would otherwise
-    // cost a checksum of up to `max_payload` bytes at each.
-    let fits = match p[0] {
-        UPLOAD_CARRYING if salt.is_some() => p.get(FIXED + 4..FIXED + 6).is_some_and(|k| {
-            let key_len = u16::from_le_bytes(k.try_into().unwrap()) as u64;
-            key_len <= MAX_KEY as u64
-                && (len as u64).checked_sub((FIXED + 6) as u64 + key_len) == Some(size)
-        }),
-        UPLOAD | UPLOAD_CHECKED | DELETE | MARKER | DONE => len <= FIXED + 4 + MAX_KEY,
-        _ => false,
+    // Where the fields lie and that the lengths agree, found before the checksum: a resync
+    // past a torn record tries every offset, and content made of lengths in range would
+    // otherwise cost a checksum of up to `max_payload` bytes at each.
+    let (file_crc, key, content) = if kind == UPLOAD_CARRYING && salt.is_some() {
+        let file_crc = u32::from_le_bytes(p.get(FIXED..FIXED + 4)?.try_into().unwrap());
+        let key_len = u16::from_le_bytes(p.get(FIXED + 4..FIXED + 6)?.try_into().unwrap()) as usize;
+        if key_len > MAX_KEY {
+            return None;
+        }
+        let (key, content) = p.get(FIXED + 6..)?.split_at_checked(key_len)?;
+        if content.len() as u64 != size {
+            return None;
+        }
+        (Some(file_crc), key, Some(content))
+    } else {
+        if len > FIXED + 4 + MAX_KEY {
+            return None;
+        }
+        match kind {
+            UPLOAD_CHECKED => {
+                let file_crc = p.get(FIXED..FIXED + 4)?;
+                (
+                    Some(u32::from_le_bytes(file_crc.try_into().unwrap())),
+                    &p[FIXED + 4..],
+                    None,
+                )
+            }
+            UPLOAD | DELETE | MARKER | DONE => (None, &p[FIXED..], None),
+            _ => return None,
+        }
     };
-    if !fits || frame_crc(salt, p) != crc {
+    if frame_crc(salt, p) != crc {
         return None;
     }
-    let (crc, key, content) = match p[0] {
-        UPLOAD_CHECKED => {
-            let crc = p.get(FIXED..FIXED + 4)?;
-            (
-                Some(u32::from_le_bytes(crc.try_into().unwrap())),
-                &p[FIXED + 4..],
-                None,
-            )
-        }
-        UPLOAD_CARRYING if salt.is_some() => {
-            let crc = u32::from_le_bytes(p.get(FIXED..FIXED + 4)?.try_into().unwrap());
-            let key_len =
-                u16::from_le_bytes(p.get(FIXED + 4..FIXED + 6)?.try_into().unwrap()) as usize;
-            let key = p.get(FIXED + 6..FIXED + 6 + key_len)?;
-            let content = &p[FIXED + 6 + key_len..];
-            if content.len() as u64 != size {
-                return None;
-            }
-            (Some(crc), key, Some(content))
-        }
-        _ => (None, &p[FIXED..], None),
-    };
     let key = std::str::from_utf8(key).ok()?.to_string();
-    let record = match p[0] {
-        UPLOAD_CARRYING if salt.is_some() => Record::Carrying(
+    let record = match (kind, content) {
+        (_, Some(content)) => Record::Carrying(
             seq,
-            Change::Upload { key, size, crc },
-            content.unwrap_or_default().to_vec(),
+            Change::Upload {
+                key,
+                size,
+                crc: file_crc,
+            },
+            content.to_vec(),
         ),
-        UPLOAD | UPLOAD_CHECKED => Record::Change(seq, Change::Upload { key, size, crc }),
-        DELETE => Record::Change(seq, Change::Delete { key }),
-        MARKER => Record::Change(seq, Change::Marker { key }),
-        DONE => Record::Done(seq),
+        (UPLOAD | UPLOAD_CHECKED, None) => Record::Change(
+            seq,
+            Change::Upload {
+                key,
+                size,
+                crc: file_crc,
+            },
+        ),
+        (DELETE, None) => Record::Change(seq, Change::Delete { key }),
+        (MARKER, None) => Record::Change(seq, Change::Marker { key }),
+        (DONE, None) => Record::Done(seq),
         _ => return None,
     };
     Some((record, HEADER + len))
@@ -1242,14 +1251,7 @@ mod tests {
             j.record(4, &Change::Delete { key: "torn".into() }).unwrap();
         }
         // A crash in the middle of the last append.
-        let path = dir.path().join("journal");
-        let len = std::fs::metadata(&path).unwrap().len();
-        OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len - 3)
-            .unwrap();
+        tear(dir.path(), 3);
         std::fs::write(dir.path().join("pending").join(pending_name(99)), b"orphan").unwrap();
 
         let (j, r) = Journal::open(dir.path()).unwrap();
@@ -1280,6 +1282,18 @@ mod tests {
         let (_, again) = Journal::open(dir.path()).unwrap();
         assert_eq!(again.pending, r.pending);
         assert_eq!(again.torn_bytes, 0);
+    }
+
+    /// Cuts the last `bytes` off the journal in `dir`, as a crash in an append would.
+    fn tear(dir: &Path, bytes: u64) {
+        let path = dir.join("journal");
+        let len = std::fs::metadata(&path).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - bytes)
+            .unwrap();
     }
 
     fn delete(key: &str) -> Change {
@@ -1653,21 +1667,33 @@ mod tests {
         assert_eq!(Journal::open(dir.path()).unwrap().1.pending, r.pending);
     }
 
-    /// A compaction leaves the content out of the records it rewrites: the copies they stood
-    /// for are still there, and a replay takes them as they are.
+    /// A compaction leaves the content out of the records it rewrites once their copies are
+    /// durable: a replay then takes the copies as they are. A copy that cannot be made
+    /// durable (here: gone, as a page the kernel failed to write back would be) leaves the
+    /// content in the journal: it is not rewritten, and the next open restores the copy from
+    /// the record.
     #[test]
-    fn compaction_drops_carried_content_and_keeps_the_copies() {
-        let dir = tempfile::tempdir().unwrap();
-        let content = pseudo(60_000, 3);
-        let kept = carried_upload("kept", &content);
-        {
-            let (j, _) = Journal::open(dir.path()).unwrap();
-            carry(&j, 1, "kept", &content);
-            assert_eq!(churn(&j, 2, 400, &[(1, &kept)]), 0);
-            assert!(j.rewrites() > 0);
-            assert!(std::fs::metadata(j.path()).unwrap().len() < content.len() as u64);
+    fn compaction_drops_carried_content_only_once_the_copy_is_durable() {
+        for (seed, copy_lost) in [(3, false), (4, true)] {
+            let dir = tempfile::tempdir().unwrap();
+            let content = pseudo(60_000, seed);
+            let kept = carried_upload("kept", &content);
+            {
+                let (j, _) = Journal::open(dir.path()).unwrap();
+                carry(&j, 1, "kept", &content);
+                if copy_lost {
+                    std::fs::remove_file(j.pending_path(1)).unwrap();
+                    assert!(churn(&j, 2, 400, &[(1, &kept)]) > 0);
+                    assert_eq!(j.rewrites(), 0);
+                } else {
+                    assert_eq!(churn(&j, 2, 400, &[(1, &kept)]), 0);
+                    assert!(j.rewrites() > 0);
+                    let len = std::fs::metadata(j.path()).unwrap().len();
+                    assert!(len < content.len() as u64);
+                }
+            }
+            reopens_with_upload_1(dir.path(), kept, &content);
         }
-        reopens_with_upload_1(dir.path(), kept, &content);
     }
 
     /// Content carried by pending uploads' records waits for a rewrite until it passes its
@@ -1691,24 +1717,6 @@ mod tests {
             }
         }
         assert!(j.rewrites() > 0);
-    }
-
-    /// A copy that cannot be made durable before a compaction (here: gone, as a page the
-    /// kernel failed to write back would be) leaves the content in the journal: the journal
-    /// is not rewritten, and the next open restores the copy from the record.
-    #[test]
-    fn a_copy_that_cannot_be_made_durable_keeps_its_content_in_the_journal() {
-        let dir = tempfile::tempdir().unwrap();
-        let content = pseudo(60_000, 4);
-        let kept = carried_upload("kept", &content);
-        {
-            let (j, _) = Journal::open(dir.path()).unwrap();
-            carry(&j, 1, "kept", &content);
-            std::fs::remove_file(j.pending_path(1)).unwrap();
-            assert!(churn(&j, 2, 400, &[(1, &kept)]) > 0);
-            assert_eq!(j.rewrites(), 0);
-        }
-        reopens_with_upload_1(dir.path(), kept, &content);
     }
 
     /// A copy that could not be made durable holds rewrites back only while its upload is
@@ -1753,14 +1761,7 @@ mod tests {
             carry(&j, 2, "up", &content);
         }
         // Torn at the end: the record carrying the content fails its checksum.
-        let path = dir.path().join("journal");
-        let len = std::fs::metadata(&path).unwrap().len();
-        OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len - 10)
-            .unwrap();
+        tear(dir.path(), 10);
         let (_, r) = Journal::open(dir.path()).unwrap();
         assert_eq!(r.pending, vec![(1, delete("a"))]);
         assert!(r.torn_bytes > 0);
